@@ -1,0 +1,196 @@
+//! The command line: `serve`, `check-config` and the `queue` commands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::delivery::dsn::{self, FailedRecipient};
+use crate::queue::sqlite::SqliteQueue;
+use crate::queue::{Outcome, Queue, RecipientResult, RecipientState};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A mail transfer agent whose policy lives in WebAssembly plugins"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the mail router.
+    Serve {
+        /// Configuration file; without one, the built-in default (127.0.0.1:2525, ./switchyard-data).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig { file: PathBuf },
+    /// Inspect and act on the queue (works while `serve` runs).
+    Queue {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QueueAction {
+    /// One line per queued message.
+    List,
+    /// A message's envelope, recipients and content.
+    Show { id: String },
+    /// Try a message (or every message with --all) again now.
+    Retry {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Remove a message without delivering or bouncing it.
+    Delete { id: String },
+    /// Fail a message's remaining recipients and return it to its sender with a DSN.
+    Bounce { id: String },
+}
+
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None => Ok(Config::default()),
+    }
+}
+
+pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Result<()> {
+    let path = config.queue_path();
+    if !path.exists() {
+        bail!(
+            "no queue at {} (has `switchyard serve` run with this configuration?)",
+            path.display()
+        );
+    }
+    let queue = SqliteQueue::open(&path, config.queue.commit_window)
+        .await
+        .with_context(|| format!("opening the queue {}", path.display()))?;
+    match action {
+        QueueAction::List => {
+            let messages = queue.list().await?;
+            for message in &messages {
+                let meta = &message.meta;
+                let arrived = chrono::DateTime::from_timestamp_millis(meta.received_at)
+                    .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default();
+                let sender = if meta.sender.is_empty() {
+                    "<>"
+                } else {
+                    &meta.sender
+                };
+                println!("{}  {:>8}  {}  {}", meta.id, meta.size, arrived, sender);
+                for recipient in message
+                    .recipients
+                    .iter()
+                    .filter(|r| r.state == RecipientState::Queued)
+                {
+                    let reason = recipient
+                        .last_reply
+                        .as_deref()
+                        .map(|r| format!("  ({r})"))
+                        .unwrap_or_default();
+                    println!(
+                        "    {}  attempts={}{}",
+                        recipient.address, recipient.attempts, reason
+                    );
+                }
+            }
+            println!("-- {} message(s) in queue", messages.len());
+        }
+        QueueAction::Show { id } => {
+            let Some(message) = queue.get(&id).await? else {
+                bail!("no message {id} in the queue");
+            };
+            let meta = &message.meta;
+            println!("queue id: {}", meta.id);
+            println!("sender: <{}>", meta.sender);
+            println!("size: {}", meta.size);
+            println!("smtputf8: {}  8bit: {}", meta.smtputf8, meta.eight_bit);
+            for recipient in &message.recipients {
+                let next = chrono::DateTime::from_timestamp_millis(recipient.next_attempt)
+                    .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "recipient: <{}> state={} attempts={} next={} last={}",
+                    recipient.address,
+                    recipient.state.name(),
+                    recipient.attempts,
+                    next,
+                    recipient.last_reply.as_deref().unwrap_or("-")
+                );
+            }
+            if let Some(content) = queue.content(&id).await? {
+                println!();
+                print!("{}", String::from_utf8_lossy(&content));
+            }
+        }
+        QueueAction::Retry { id, all } => {
+            if id.is_none() && !all {
+                bail!("give a queue id or --all");
+            }
+            let count = queue.retry_now(id.as_deref()).await?;
+            println!("{count} recipient(s) scheduled for immediate retry");
+        }
+        QueueAction::Delete { id } => {
+            if !queue.delete(&id).await? {
+                bail!("no message {id} in the queue");
+            }
+            println!("deleted {id}");
+        }
+        QueueAction::Bounce { id } => {
+            let Some(message) = queue.get(&id).await? else {
+                bail!("no message {id} in the queue");
+            };
+            let content = queue.content(&id).await?.unwrap_or_default();
+            let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
+            let pending: Vec<_> = message
+                .recipients
+                .iter()
+                .filter(|r| r.state == RecipientState::Queued)
+                .collect();
+            let failed: Vec<FailedRecipient> = pending
+                .iter()
+                .map(|recipient| FailedRecipient {
+                    address: recipient.address.clone(),
+                    status: "5.0.0".to_string(),
+                    diagnostic: diagnostic.clone(),
+                    remote_mta: None,
+                })
+                .collect();
+            let results = pending
+                .iter()
+                .map(|recipient| RecipientResult {
+                    message_id: id.clone(),
+                    index: recipient.index,
+                    attempts: recipient.attempts,
+                    outcome: Outcome::Failed,
+                    reply: diagnostic.clone(),
+                })
+                .collect();
+            let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed);
+            let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
+            queue.record(results, bounce.into_iter().collect()).await?;
+            match dsn_id {
+                Some(dsn_id) => {
+                    println!("bounced {id}: {} recipient(s), DSN {dsn_id}", failed.len())
+                }
+                None => println!(
+                    "bounced {id}: {} recipient(s), no DSN (null sender)",
+                    failed.len()
+                ),
+            }
+        }
+    }
+    Ok(())
+}

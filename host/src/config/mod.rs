@@ -1,0 +1,430 @@
+//! The configuration file: TOML, deserialised with serde into typed sections.
+//!
+//! Every value that can be wrong on its own (an address, a duration, a network) is parsed while
+//! deserialising, so the TOML parser reports it with the line and column it came from. Checks that
+//! span several values (two listeners on one address, TLS asked for without a certificate) run after,
+//! in [`validate`], and also point at a line.
+
+mod types;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+pub use types::{HostPort, ListenerRole, TlsPolicy};
+
+/// A configuration problem, with the place in the file where it was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The whole configuration. Every field has a default, so an empty file is a valid configuration
+/// (the same one `switchyard serve` uses when given no file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The name this server uses in its greeting, EHLO, Received headers and Message-IDs.
+    pub hostname: String,
+    /// Where the queue and other state live. Relative paths are relative to the working directory.
+    pub data_dir: PathBuf,
+    /// Where to listen for SMTP.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Limits applied to every SMTP session.
+    pub smtp: SmtpLimits,
+    /// Certificate for STARTTLS on the listeners. Without it STARTTLS is not offered.
+    pub tls: Option<TlsFiles>,
+    /// Which recipients are accepted, and for whom the server relays.
+    pub relay: RelayConfig,
+    pub queue: QueueConfig,
+    pub retry: RetryConfig,
+    pub dns: DnsConfig,
+    pub delivery: DeliveryConfig,
+    /// Per-domain next hops that override MX lookup.
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: default_hostname(),
+            data_dir: PathBuf::from("./switchyard-data"),
+            listeners: vec![ListenerConfig::default()],
+            smtp: SmtpLimits::default(),
+            tls: None,
+            relay: RelayConfig::default(),
+            queue: QueueConfig::default(),
+            retry: RetryConfig::default(),
+            dns: DnsConfig::default(),
+            delivery: DeliveryConfig::default(),
+            routes: Vec::new(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// Socket address, for example "0.0.0.0:25".
+    pub address: toml::Spanned<String>,
+    /// `inbound` (mail from the internet: MX role) or `submission` (mail from your users).
+    pub role: ListenerRole,
+    /// How long to wait before the greeting; a client that talks first is refused.
+    #[serde(with = "humantime_serde")]
+    pub greeting_delay: Duration,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: "inbound".to_string(),
+            address: toml::Spanned::new(0..0, "127.0.0.1:2525".to_string()),
+            role: ListenerRole::Inbound,
+            greeting_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpLimits {
+    /// Largest message accepted, in bytes (advertised with SIZE).
+    pub max_message_size: u64,
+    /// Recipients per message; more get 452 4.5.3.
+    pub max_recipients: usize,
+    /// Concurrent sessions over all listeners; more get 421 4.3.2.
+    pub max_sessions: usize,
+    /// Concurrent sessions from one client IP address; more get 421 4.7.0.
+    pub max_sessions_per_ip: usize,
+    /// Longest command line, in bytes including CRLF.
+    pub max_command_line: usize,
+    /// Longest line of message content, in bytes excluding CRLF (RFC 5321: 998).
+    pub max_data_line: usize,
+    /// How long to wait for the next command before closing with 421 4.4.2.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How long the whole DATA or BDAT transfer may take.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Protocol errors tolerated before the session is closed.
+    pub max_errors: u32,
+    /// More Received headers than this is a mail loop: 554 5.4.6.
+    pub max_received_headers: usize,
+}
+
+impl Default for SmtpLimits {
+    fn default() -> Self {
+        SmtpLimits {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_sessions: 1000,
+            max_sessions_per_ip: 50,
+            max_command_line: 2048,
+            max_data_line: 998,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_errors: 20,
+            max_received_headers: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM file with the certificate chain.
+    pub certificate: PathBuf,
+    /// PEM file with the private key.
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Domains this server is a final or backup destination for: anyone may send mail to them.
+    pub domains: Vec<String>,
+    /// Client networks allowed to relay to any domain.
+    pub networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            domains: Vec::new(),
+            networks: vec![
+                "127.0.0.0/8".parse().expect("literal network"),
+                "::1/128".parse().expect("literal network"),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// The SQLite file, relative to `data_dir`.
+    pub path: PathBuf,
+    /// How often the queue is scanned for messages due for another attempt.
+    #[serde(with = "humantime_serde")]
+    pub scan_interval: Duration,
+    /// How long a claim on a message lasts before another worker may take it over.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Longest time to wait to group concurrent commits into one transaction.
+    #[serde(with = "humantime_serde")]
+    pub commit_window: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            path: PathBuf::from("queue.db"),
+            scan_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(600),
+            commit_window: Duration::from_millis(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Waits between attempts; the last one repeats.
+    #[serde(with = "types::duration_list")]
+    pub intervals: Vec<Duration>,
+    /// A message still undelivered this long after it arrived is bounced.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        // Postfix: minimal_backoff_time 300s doubling to maximal_backoff_time 4000s; 5 days lifetime.
+        RetryConfig {
+            intervals: [300, 600, 1200, 2400, 4000]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            max_lifetime: Duration::from_secs(5 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers ("ip" or "ip:port"); empty means the system's /etc/resolv.conf.
+    pub nameservers: Vec<HostPort>,
+    /// Time allowed for one query.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// The port of MX hosts (25 on the internet; tests use others).
+    pub port: u16,
+    /// The name sent in EHLO; defaults to `hostname`.
+    pub helo_name: Option<String>,
+    /// Send everything through this host instead of looking up MX records.
+    pub smarthost: Option<HostPort>,
+    /// STARTTLS towards MX hosts and the smarthost.
+    pub tls: TlsPolicy,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for each reply of the remote server.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Outbound connections open at once, over all destinations.
+    pub max_connections: usize,
+    /// Outbound connections open at once to one destination (domain or smarthost).
+    pub max_connections_per_destination: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            helo_name: None,
+            smarthost: None,
+            tls: TlsPolicy::Opportunistic,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            max_connections: 200,
+            max_connections_per_destination: 20,
+            max_messages_per_connection: 100,
+        }
+    }
+}
+
+/// A next hop chosen by recipient domain instead of its MX records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The recipient domain; "*.example.com" also matches every subdomain.
+    pub domain: String,
+    /// Where to send its mail.
+    pub smarthost: HostPort,
+    /// STARTTLS policy towards that host; defaults to `delivery.tls`.
+    pub tls: Option<TlsPolicy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "debug", "switchyard=debug,sqlx=warn", ...
+    /// The RUST_LOG environment variable overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| {
+            let offset = error.span().map(|span| span.start).unwrap_or(0);
+            let (line, column) = line_and_column(text, offset);
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                message: error.message().to_string(),
+            }
+        })?;
+        validate::validate(&config, text).map_err(|problem| {
+            let (line, column) = line_and_column(text, problem.offset);
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                message: problem.message,
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// The effective configuration, every default filled in, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+    }
+
+    pub fn queue_path(&self) -> PathBuf {
+        self.data_dir.join(&self.queue.path)
+    }
+
+    pub fn helo_name(&self) -> &str {
+        self.delivery.helo_name.as_deref().unwrap_or(&self.hostname)
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|at| at + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let config = Config::parse("", "test.toml").expect("empty config is valid");
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].address.get_ref(), "127.0.0.1:2525");
+        assert_eq!(config.retry.max_lifetime, Duration::from_secs(432000));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let text = "hostname = \"mx.example\"\n\n[smtp]\nmax_sizes = 10\n";
+        let error = Config::parse(text, "test.toml").expect_err("unknown key");
+        let message = error.to_string();
+        assert!(
+            message.starts_with("test.toml:4:1: unknown field `max_sizes`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_its_line() {
+        let text = "[retry]\nmax_lifetime = \"five days\"\n";
+        let message = Config::parse(text, "c.toml")
+            .expect_err("bad duration")
+            .to_string();
+        assert!(message.starts_with("c.toml:2:"), "{message}");
+    }
+
+    #[test]
+    fn bad_network_names_its_line() {
+        let text = "[relay]\nnetworks = [\"10.0.0.0/33\"]\n";
+        let message = Config::parse(text, "c.toml")
+            .expect_err("bad network")
+            .to_string();
+        assert!(message.starts_with("c.toml:2:"), "{message}");
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let config = Config::parse("[delivery]\nport = 2526\n", "c.toml").expect("valid");
+        let again = Config::parse(&config.to_toml(), "effective").expect("effective config parses");
+        assert_eq!(again.delivery.port, 2526);
+    }
+}

@@ -1,0 +1,160 @@
+//! Small configuration value types that validate themselves while being deserialised.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A host name or IP address with an optional port: "mail.example.com", "10.0.0.5:2525",
+/// "[2001:db8::1]:25".
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl HostPort {
+    pub fn port_or(&self, default: u16) -> u16 {
+        self.port.unwrap_or(default)
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("empty host".to_string());
+        }
+        if let Ok(address) = text.parse::<std::net::SocketAddr>() {
+            return Ok(HostPort {
+                host: address.ip().to_string(),
+                port: Some(address.port()),
+            });
+        }
+        if let Ok(ip) = text.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            return Ok(HostPort {
+                host: ip.to_string(),
+                port: None,
+            });
+        }
+        let (host, port) = match text.rsplit_once(':') {
+            Some((host, port)) => {
+                let port = port
+                    .parse::<u16>()
+                    .map_err(|_| format!("invalid port `{port}` in `{text}`"))?;
+                (host, Some(port))
+            }
+            None => (text, None),
+        };
+        let valid_label = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if host.len() > 253 || !host.trim_end_matches('.').split('.').all(valid_label) {
+            return Err(format!("invalid host name `{host}`"));
+        }
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            Some(port) => write!(f, "{host}:{port}"),
+            None => write!(f, "{host}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerRole {
+    /// Mail from other servers: accepted for `relay.domains`, relayed only for `relay.networks`.
+    Inbound,
+    /// Mail from the organisation's own users and applications.
+    Submission,
+}
+
+/// How hard to insist on STARTTLS when delivering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsPolicy {
+    /// Never use TLS.
+    None,
+    /// Use STARTTLS when offered, without verifying the certificate; fall back to plain text if the
+    /// handshake fails (Postfix's `may`).
+    Opportunistic,
+    /// Refuse to deliver without STARTTLS, certificate not verified (Postfix's `encrypt`).
+    Require,
+}
+
+/// A list of durations written the humantime way: `["5m", "1h 10m"]`.
+pub mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(list: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            list.iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?
+            .iter()
+            .map(|text| {
+                humantime::parse_duration(text)
+                    .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e}")))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        let plain: HostPort = "mx.example.com".parse().expect("host");
+        assert_eq!((plain.host.as_str(), plain.port), ("mx.example.com", None));
+        let with_port: HostPort = "mx.example.com:2525".parse().expect("host:port");
+        assert_eq!(with_port.port, Some(2525));
+        let v6: HostPort = "[::1]:25".parse().expect("v6");
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", Some(25)));
+        assert_eq!(v6.to_string(), "[::1]:25");
+        assert!("mx..example".parse::<HostPort>().is_err());
+        assert!("mx.example:99999".parse::<HostPort>().is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! Checks that involve more than one value of the configuration.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::Config;
+
+/// A problem found after parsing, with the byte offset in the file it refers to.
+pub struct Problem {
+    pub offset: usize,
+    pub message: String,
+}
+
+/// Offset of the first line that sets `key` (for errors about values that carry no span).
+fn offset_of_key(text: &str, key: &str) -> usize {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let sets_key = trimmed.starts_with(key)
+            && (key.starts_with('[') || trimmed[key.len()..].trim_start().starts_with('='));
+        if sets_key {
+            return offset + (line.len() - trimmed.len());
+        }
+        offset += line.len();
+    }
+    0
+}
+
+pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
+    let problem = |key: &str, message: String| Problem {
+        offset: offset_of_key(text, key),
+        message,
+    };
+    if config.hostname.trim().is_empty() || config.hostname.contains(char::is_whitespace) {
+        return Err(problem(
+            "hostname",
+            format!("invalid hostname `{}`", config.hostname),
+        ));
+    }
+    if config.listeners.is_empty() {
+        return Err(problem(
+            "listener",
+            "at least one [[listener]] is needed".to_string(),
+        ));
+    }
+    let mut addresses = HashSet::new();
+    for listener in &config.listeners {
+        let span = listener.address.span();
+        let address: SocketAddr = listener.address.get_ref().parse().map_err(|_| Problem {
+            offset: span.start,
+            message: format!(
+                "listener `{}`: invalid address `{}` (expected ip:port)",
+                listener.name,
+                listener.address.get_ref()
+            ),
+        })?;
+        if !addresses.insert(address) {
+            return Err(Problem {
+                offset: span.start,
+                message: format!("two listeners on {address}"),
+            });
+        }
+    }
+    let limits = &config.smtp;
+    if limits.max_recipients == 0 || limits.max_sessions == 0 || limits.max_sessions_per_ip == 0 {
+        return Err(problem(
+            "[smtp]",
+            "smtp limits must be at least 1".to_string(),
+        ));
+    }
+    if limits.max_command_line < 512 {
+        return Err(problem(
+            "max_command_line",
+            "max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)".to_string(),
+        ));
+    }
+    if limits.max_data_line < 998 {
+        return Err(problem(
+            "max_data_line",
+            "max_data_line must be at least 998 (RFC 5321 4.5.3.1.6)".to_string(),
+        ));
+    }
+    if config.retry.intervals.is_empty() || config.retry.intervals.iter().any(|i| i.is_zero()) {
+        return Err(problem(
+            "intervals",
+            "retry.intervals needs at least one non-zero wait".to_string(),
+        ));
+    }
+    let delivery = &config.delivery;
+    if delivery.max_connections == 0
+        || delivery.max_connections_per_destination == 0
+        || delivery.max_messages_per_connection == 0
+    {
+        return Err(problem(
+            "[delivery]",
+            "delivery limits must be at least 1".to_string(),
+        ));
+    }
+    if let Some(tls) = &config.tls {
+        for (key, path) in [
+            ("certificate", &tls.certificate),
+            ("private_key", &tls.private_key),
+        ] {
+            if !path.is_file() {
+                return Err(problem(
+                    key,
+                    format!("tls.{key}: no such file `{}`", path.display()),
+                ));
+            }
+        }
+    }
+    for route in &config.routes {
+        let domain = route.domain.trim_start_matches("*.");
+        if domain.is_empty() || domain.contains(['@', ' ', '*']) {
+            return Err(problem(
+                "domain",
+                format!("route: invalid domain `{}`", route.domain),
+            ));
+        }
+    }
+    for domain in &config.relay.domains {
+        if domain.is_empty() || domain.contains(['@', ' ']) {
+            return Err(problem(
+                "domains",
+                format!("relay.domains: invalid domain `{domain}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn duplicate_listener_names_the_second() {
+        let text = "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:25\"\n\n[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:25\"\n";
+        let message = Config::parse(text, "c.toml")
+            .expect_err("duplicate")
+            .to_string();
+        assert!(message.starts_with("c.toml:7:"), "{message}");
+        assert!(
+            message.contains("two listeners on 127.0.0.1:25"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn bad_listener_address() {
+        let text = "[[listener]]\naddress = \"localhost\"\n";
+        let message = Config::parse(text, "c.toml")
+            .expect_err("address")
+            .to_string();
+        assert!(
+            message.starts_with("c.toml:2:11: listener `inbound`: invalid address"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_certificate_file() {
+        let text = "[tls]\ncertificate = \"/nonexistent/cert.pem\"\nprivate_key = \"/nonexistent/key.pem\"\n";
+        let message = Config::parse(text, "c.toml").expect_err("cert").to_string();
+        assert!(
+            message.starts_with("c.toml:2:1: tls.certificate: no such file"),
+            "{message}"
+        );
+    }
+}

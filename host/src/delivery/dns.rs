@@ -1,0 +1,182 @@
+//! Finding the hosts for a next hop: MX records in preference order, the implicit MX (the domain's
+//! own address records) and null MX (RFC 7505), through hickory's resolver.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
+
+use super::route::NextHop;
+use crate::config::DnsConfig;
+use crate::smtp::reply::Reply;
+
+/// One host to try, with its addresses.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+}
+
+pub struct Dns {
+    resolver: TokioResolver,
+}
+
+impl Dns {
+    pub fn new(config: &DnsConfig) -> anyhow::Result<Dns> {
+        let mut options = ResolverOpts::default();
+        options.timeout = config.timeout;
+        options.attempts = 2;
+        let builder = if config.nameservers.is_empty() {
+            TokioResolver::builder_tokio()?
+        } else {
+            let mut servers = Vec::new();
+            for server in &config.nameservers {
+                let ip: IpAddr = server.host.parse().map_err(|_| {
+                    anyhow::anyhow!("dns.nameservers: `{server}` is not an IP address")
+                })?;
+                let mut name_server = NameServerConfig::udp_and_tcp(ip);
+                for connection in &mut name_server.connections {
+                    connection.port = server.port_or(53);
+                }
+                servers.push(name_server);
+            }
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let resolver = builder.with_options(options).build()?;
+        Ok(Dns { resolver })
+    }
+
+    /// The hosts to try for a next hop, best first. An `Err` is the reply to record for every
+    /// recipient behind it: 5xx when the domain cannot receive mail, 4xx when DNS failed.
+    pub async fn targets(&self, hop: &NextHop, mx_port: u16) -> Result<Vec<Target>, Reply> {
+        match hop {
+            NextHop::Relay { host, .. } => {
+                let port = host.port_or(25);
+                let addresses = self.addresses(&host.host, port).await?;
+                Ok(vec![Target {
+                    name: host.host.clone(),
+                    addresses,
+                }])
+            }
+            NextHop::Mx { domain } => self.mx_targets(domain, mx_port).await,
+        }
+    }
+
+    async fn mx_targets(&self, domain: &str, port: u16) -> Result<Vec<Target>, Reply> {
+        if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            let ip: IpAddr = literal.trim_start_matches("IPv6:").parse().map_err(|_| {
+                Reply::new(550, "5.1.2", format!("invalid address literal {domain}"))
+            })?;
+            return Ok(vec![Target {
+                name: domain.to_string(),
+                addresses: vec![SocketAddr::new(ip, port)],
+            }]);
+        }
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        let mut exchanges: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::MX(mx) => Some((mx.preference, mx.exchange.to_string())),
+                    _ => None,
+                })
+                .collect(),
+            Err(error) if error.is_nx_domain() => {
+                return Err(Reply::new(
+                    550,
+                    "5.1.2",
+                    format!("Host or domain name not found: {domain} (NXDOMAIN)"),
+                ));
+            }
+            Err(error) if error.is_no_records_found() => Vec::new(),
+            Err(error) => {
+                return Err(Reply::new(
+                    451,
+                    "4.4.3",
+                    format!("DNS lookup of MX for {domain} failed: {error}"),
+                ));
+            }
+        };
+        if exchanges.is_empty() {
+            // No MX: the domain itself is the implicit MX (RFC 5321 5.1).
+            let addresses = self.addresses(&fqdn, port).await?;
+            return Ok(vec![Target {
+                name: domain.to_string(),
+                addresses,
+            }]);
+        }
+        if exchanges.iter().all(|(_, exchange)| exchange == ".") {
+            return Err(Reply::new(
+                556,
+                "5.1.10",
+                format!("Domain {domain} does not accept mail (null MX)"),
+            ));
+        }
+        exchanges.retain(|(_, exchange)| exchange != ".");
+        // Equal preferences are shuffled to spread load (RFC 5321 5.1), then sorted stably.
+        fastrand::shuffle(&mut exchanges);
+        exchanges.sort_by_key(|(preference, _)| *preference);
+        let mut targets = Vec::new();
+        let mut last_error = None;
+        for (_, exchange) in exchanges {
+            match self.addresses(&exchange, port).await {
+                Ok(addresses) => targets.push(Target {
+                    name: exchange.trim_end_matches('.').to_string(),
+                    addresses,
+                }),
+                Err(reply) => last_error = Some(reply),
+            }
+        }
+        if targets.is_empty() {
+            let reason = last_error.map(|reply| reply.one_line()).unwrap_or_default();
+            return Err(Reply::new(
+                451,
+                "4.4.3",
+                format!("No MX host of {domain} has an address: {reason}"),
+            ));
+        }
+        Ok(targets)
+    }
+
+    async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Reply> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let name = if host.ends_with('.') {
+            host.to_string()
+        } else {
+            format!("{host}.")
+        };
+        match self.resolver.lookup_ip(name.as_str()).await {
+            Ok(lookup) => {
+                let addresses: Vec<SocketAddr> =
+                    lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                if addresses.is_empty() {
+                    Err(Reply::new(
+                        550,
+                        "5.1.2",
+                        format!("Host {host} has no address"),
+                    ))
+                } else {
+                    Ok(addresses)
+                }
+            }
+            Err(error) if error.is_nx_domain() || error.is_no_records_found() => Err(Reply::new(
+                550,
+                "5.1.2",
+                format!("Host or domain name not found: {host}"),
+            )),
+            Err(error) => Err(Reply::new(
+                451,
+                "4.4.3",
+                format!("DNS lookup of {host} failed: {error}"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Delivery: the dispatcher groups queued recipients by next hop, runs a bounded number of
+//! connections per destination, sends several messages per connection, and records each
+//! recipient's outcome (delivered, deferred with a retry time, or failed with a DSN).
+
+pub mod dns;
+pub mod dsn;
+pub mod retry;
+pub mod route;
+mod scanner;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, TlsPolicy};
+use crate::queue::{
+    now_millis, MessageMeta, Outcome, Queue, QueuedMessage, RecipientResult, RecipientRow,
+};
+use crate::smtp::address::Mailbox;
+use crate::smtp::client::{Client, ConnectOptions, Envelope};
+use crate::smtp::reply::Reply;
+use dns::Dns;
+use dsn::FailedRecipient;
+use route::NextHop;
+
+pub use scanner::run_scanner;
+
+/// Recipients of one message that go to one destination.
+struct Job {
+    meta: Arc<MessageMeta>,
+    content: Option<Bytes>,
+    recipients: Vec<RecipientRow>,
+}
+
+struct Destination {
+    hop: NextHop,
+    jobs: VecDeque<Job>,
+    workers: usize,
+}
+
+#[derive(Default)]
+struct State {
+    destinations: HashMap<String, Destination>,
+    /// (message id, recipient index) of every recipient held in memory, so a scan never hands out
+    /// one that is already being worked on.
+    in_flight: HashSet<(String, i64)>,
+}
+
+pub struct Dispatcher {
+    config: Arc<Config>,
+    queue: Arc<dyn Queue>,
+    dns: Dns,
+    tls_config: Arc<rustls::ClientConfig>,
+    connections: Arc<Semaphore>,
+    state: Mutex<State>,
+}
+
+/// The fate of one recipient in one attempt.
+struct Attempt {
+    recipient: RecipientRow,
+    reply: Reply,
+    relay: String,
+}
+
+impl Dispatcher {
+    pub fn new(config: Arc<Config>, queue: Arc<dyn Queue>) -> anyhow::Result<Arc<Dispatcher>> {
+        let dns = Dns::new(&config.dns)?;
+        Ok(Arc::new(Dispatcher {
+            connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
+            config,
+            queue,
+            dns,
+            tls_config: crate::net::tls::unverified_client_config(),
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands a claimed message to delivery. `content` saves a read when the caller has it.
+    pub fn submit(self: &Arc<Self>, message: QueuedMessage, content: Option<Bytes>) {
+        let meta = Arc::new(message.meta);
+        let mut by_hop: HashMap<String, (NextHop, Vec<RecipientRow>)> = HashMap::new();
+        let mut state = self.state();
+        for recipient in message.recipients {
+            if !state.in_flight.insert((meta.id.clone(), recipient.index)) {
+                continue;
+            }
+            let domain = Mailbox::from_stored(&recipient.address)
+                .map(|mailbox| mailbox.domain)
+                .unwrap_or_default();
+            let hop = route::next_hop(&self.config, &domain);
+            by_hop
+                .entry(hop.key())
+                .or_insert_with(|| (hop, Vec::new()))
+                .1
+                .push(recipient);
+        }
+        let limit = self.config.delivery.max_connections_per_destination;
+        let mut spawn = Vec::new();
+        for (key, (hop, recipients)) in by_hop {
+            let destination =
+                state
+                    .destinations
+                    .entry(key.clone())
+                    .or_insert_with(|| Destination {
+                        hop,
+                        jobs: VecDeque::new(),
+                        workers: 0,
+                    });
+            destination.jobs.push_back(Job {
+                meta: meta.clone(),
+                content: content.clone(),
+                recipients,
+            });
+            if destination.workers < limit && destination.workers < destination.jobs.len() {
+                destination.workers += 1;
+                spawn.push(key);
+            }
+        }
+        drop(state);
+        for key in spawn {
+            let dispatcher = self.clone();
+            tokio::spawn(async move { dispatcher.work(key).await });
+        }
+    }
+
+    /// The next job for a destination; when there is none the calling worker is no longer counted.
+    fn next_job(&self, key: &str) -> Option<(NextHop, Job)> {
+        let mut state = self.state();
+        let destination = state.destinations.get_mut(key)?;
+        match destination.jobs.pop_front() {
+            Some(job) => Some((destination.hop.clone(), job)),
+            None => {
+                destination.workers -= 1;
+                if destination.workers == 0 {
+                    state.destinations.remove(key);
+                }
+                None
+            }
+        }
+    }
+
+    /// Every job still waiting for a destination (used when the destination is unreachable).
+    fn take_waiting(&self, key: &str) -> Vec<Job> {
+        let mut state = self.state();
+        state
+            .destinations
+            .get_mut(key)
+            .map(|destination| destination.jobs.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// One connection worker: opens a connection to the destination and sends jobs over it until
+    /// none is left.
+    async fn work(self: Arc<Self>, key: String) {
+        loop {
+            let Ok(permit) = self.connections.clone().acquire_owned().await else {
+                return;
+            };
+            let Some((hop, job)) = self.next_job(&key) else {
+                return;
+            };
+            let mut job = Some(job);
+            match self.open(&hop).await {
+                Err(reply) => {
+                    // The destination is unreachable now: every job waiting for it shares the fate.
+                    let relay = "none".to_string();
+                    let mut jobs: Vec<Job> = job.take().into_iter().collect();
+                    jobs.extend(self.take_waiting(&key));
+                    for job in jobs {
+                        let attempts = job
+                            .recipients
+                            .iter()
+                            .map(|recipient| Attempt {
+                                recipient: recipient.clone(),
+                                reply: reply.clone(),
+                                relay: relay.clone(),
+                            })
+                            .collect();
+                        self.finish(job, attempts).await;
+                    }
+                }
+                Ok(mut client) => {
+                    let max_messages = self.config.delivery.max_messages_per_connection;
+                    let mut broken = false;
+                    while let Some(current) = job.take() {
+                        broken = !self.deliver(&mut client, current).await;
+                        if broken || client.transactions >= max_messages {
+                            break;
+                        }
+                        job = self.next_job(&key).map(|(_, job)| job);
+                        if job.is_none() {
+                            // This worker is no longer counted: close and stop.
+                            client.quit().await;
+                            return;
+                        }
+                    }
+                    if !broken {
+                        client.quit().await;
+                    }
+                }
+            }
+            drop(permit);
+        }
+    }
+
+    /// Connects to the first reachable host of a next hop. An `Err` is the reply for every
+    /// recipient that was to go there.
+    async fn open(&self, hop: &NextHop) -> Result<Client, Reply> {
+        let delivery = &self.config.delivery;
+        let targets = self.dns.targets(hop, delivery.port).await?;
+        let tls = match hop {
+            NextHop::Relay { tls, .. } => *tls,
+            NextHop::Mx { .. } => delivery.tls,
+        };
+        let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
+        for target in &targets {
+            for address in &target.addresses {
+                let mut options = ConnectOptions {
+                    helo_name: self.config.helo_name(),
+                    tls,
+                    tls_config: self.tls_config.clone(),
+                    server_name: &target.name,
+                    connect_timeout: delivery.connect_timeout,
+                    command_timeout: delivery.command_timeout,
+                };
+                let mut result = Client::connect(*address, &options).await;
+                if let Err(crate::smtp::client::ClientError::Tls { .. }) = &result {
+                    if tls == TlsPolicy::Opportunistic {
+                        // Opportunistic TLS that fails is retried in plain text, as Postfix does.
+                        tracing::info!(host = %target.name, %address, "TLS handshake failed; retrying without TLS");
+                        options.tls = TlsPolicy::None;
+                        result = Client::connect(*address, &options).await;
+                    }
+                }
+                match result {
+                    Ok(client) => return Ok(client),
+                    Err(error) => {
+                        tracing::info!(%error, "connection attempt failed; trying the next host");
+                        last_error = error.reply();
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Sends one job over an open connection and records the results. Returns false when the
+    /// connection broke.
+    async fn deliver(&self, client: &mut Client, mut job: Job) -> bool {
+        let content = match job.content.take() {
+            Some(content) => content,
+            None => match self.queue.content(&job.meta.id).await {
+                Ok(Some(content)) => content,
+                Ok(None) => {
+                    tracing::info!(queue_id = %job.meta.id, "message left the queue before delivery");
+                    self.forget(&job);
+                    return true;
+                }
+                Err(error) => {
+                    tracing::error!(queue_id = %job.meta.id, %error, "cannot read message content");
+                    self.forget(&job);
+                    return true;
+                }
+            },
+        };
+        let addresses: Vec<String> = job.recipients.iter().map(|r| r.address.clone()).collect();
+        let envelope = Envelope {
+            sender: &job.meta.sender,
+            recipients: &addresses,
+            smtputf8: job.meta.smtputf8,
+            eight_bit: job.meta.eight_bit,
+            size: job.meta.size,
+        };
+        let relay = client.peer.clone();
+        let (replies, intact) = match client.send(&envelope, &content).await {
+            Ok(replies) => (replies, true),
+            Err(error) => (vec![error.reply(); addresses.len()], false),
+        };
+        let attempts = job
+            .recipients
+            .iter()
+            .zip(replies)
+            .map(|(recipient, reply)| Attempt {
+                recipient: recipient.clone(),
+                reply,
+                relay: relay.clone(),
+            })
+            .collect();
+        job.content = Some(content);
+        self.finish(job, attempts).await;
+        intact
+    }
+
+    /// Drops a job's recipients from the in-flight set without recording anything.
+    fn forget(&self, job: &Job) {
+        let mut state = self.state();
+        for recipient in &job.recipients {
+            state
+                .in_flight
+                .remove(&(job.meta.id.clone(), recipient.index));
+        }
+    }
+
+    /// Turns replies into outcomes, logs one line per recipient, queues a DSN for failures and
+    /// records it all in one transaction.
+    async fn finish(&self, mut job: Job, attempts: Vec<Attempt>) {
+        let now = now_millis();
+        let meta = job.meta.clone();
+        let delay = (now - meta.received_at).max(0) as f64 / 1000.0;
+        let mut results = Vec::with_capacity(attempts.len());
+        let mut failed = Vec::new();
+        for attempt in attempts {
+            let count = attempt.recipient.attempts + 1;
+            let reply_text = attempt.reply.one_line();
+            let (outcome, status, diagnostic) = if attempt.reply.is_positive() {
+                (Outcome::Delivered, "sent", reply_text.clone())
+            } else if attempt.reply.is_permanent() {
+                (Outcome::Failed, "bounced", reply_text.clone())
+            } else {
+                match retry::next_attempt(&self.config.retry, count, meta.received_at, now) {
+                    Some(next_attempt) => (Outcome::Deferred { next_attempt }, "deferred", reply_text.clone()),
+                    None => (
+                        Outcome::Failed,
+                        "expired",
+                        format!("message expired after {delay:.0}s in the queue; last reply: {reply_text}"),
+                    ),
+                }
+            };
+            tracing::info!(
+                queue_id = %meta.id,
+                "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",
+                attempt.recipient.address,
+                attempt.relay,
+                delay,
+                count,
+                status,
+                diagnostic
+            );
+            if matches!(outcome, Outcome::Failed) {
+                let dsn_status = if status == "expired" {
+                    "4.4.7".to_string()
+                } else {
+                    dsn::status_of(attempt.reply.code, &attempt.reply.enhanced)
+                };
+                failed.push(FailedRecipient {
+                    address: attempt.recipient.address.clone(),
+                    status: dsn_status,
+                    diagnostic: diagnostic.clone(),
+                    remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
+                });
+            }
+            results.push(RecipientResult {
+                message_id: meta.id.clone(),
+                index: attempt.recipient.index,
+                attempts: count,
+                outcome,
+                reply: diagnostic,
+            });
+        }
+        let mut bounces = Vec::new();
+        if !failed.is_empty() {
+            let content = match job.content.take() {
+                Some(content) => Some(content),
+                None => self.queue.content(&meta.id).await.ok().flatten(),
+            };
+            let content = content.unwrap_or_default();
+            match dsn::build(&self.config.hostname, &meta, &content, &failed) {
+                Some(bounce) => {
+                    tracing::info!(queue_id = %meta.id, dsn = %bounce.meta.id, "sender non-delivery notification");
+                    bounces.push(bounce);
+                }
+                None if meta.sender.is_empty() => {
+                    tracing::info!(queue_id = %meta.id, "undeliverable bounce discarded (null sender)");
+                }
+                None => {}
+            }
+        }
+        if let Err(error) = self.queue.record(results, bounces).await {
+            // The recipients stay leased and are tried again once the lease expires.
+            tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results");
+        }
+        self.forget(&job);
+    }
+}

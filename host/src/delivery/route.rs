@@ -1,0 +1,80 @@
+//! The next hop of a recipient domain: a configured route, the global smarthost, or its MX records.
+
+use crate::config::{Config, HostPort, TlsPolicy};
+use crate::smtp::address::domain_key;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextHop {
+    /// Look up the domain's MX records (or its address records if it has none).
+    Mx { domain: String },
+    /// Send to this host, whatever the domain.
+    Relay { host: HostPort, tls: TlsPolicy },
+}
+
+impl NextHop {
+    /// Messages with the same key share connections and the per-destination limits.
+    pub fn key(&self) -> String {
+        match self {
+            NextHop::Mx { domain } => domain.clone(),
+            NextHop::Relay { host, .. } => format!("[{host}]"),
+        }
+    }
+}
+
+/// Chooses the next hop for a recipient domain: the most specific `[[route]]`, then
+/// `delivery.smarthost`, then MX.
+pub fn next_hop(config: &Config, domain: &str) -> NextHop {
+    let domain = domain_key(domain);
+    let matching = config
+        .routes
+        .iter()
+        .filter(|route| {
+            let pattern = domain_key(&route.domain);
+            match pattern.strip_prefix("*.") {
+                Some(parent) => domain == parent || domain.ends_with(&format!(".{parent}")),
+                None => domain == pattern,
+            }
+        })
+        .max_by_key(|route| (!route.domain.starts_with("*."), route.domain.len()));
+    if let Some(route) = matching {
+        return NextHop::Relay {
+            host: route.smarthost.clone(),
+            tls: route.tls.unwrap_or(config.delivery.tls),
+        };
+    }
+    if let Some(smarthost) = &config.delivery.smarthost {
+        return NextHop::Relay {
+            host: smarthost.clone(),
+            tls: config.delivery.tls,
+        };
+    }
+    NextHop::Mx { domain }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_then_smarthost_then_mx() {
+        let config = Config::parse(
+            "[[route]]\ndomain = \"*.corp.test\"\nsmarthost = \"10.0.0.1:25\"\n\n[[route]]\ndomain = \"eu.corp.test\"\nsmarthost = \"10.0.0.2\"\ntls = \"require\"\n",
+            "t",
+        )
+        .expect("config");
+        assert_eq!(
+            next_hop(&config, "Example.COM."),
+            NextHop::Mx {
+                domain: "example.com".into()
+            }
+        );
+        let NextHop::Relay { host, tls } = next_hop(&config, "eu.corp.test") else {
+            panic!("route")
+        };
+        assert_eq!((host.host.as_str(), tls), ("10.0.0.2", TlsPolicy::Require));
+        let NextHop::Relay { host, .. } = next_hop(&config, "x.corp.test") else {
+            panic!("wildcard")
+        };
+        assert_eq!(host.host, "10.0.0.1");
+    }
+}

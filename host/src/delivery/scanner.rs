@@ -1,0 +1,38 @@
+//! The queue scan: claims recipients that are due (retries, bounces, messages left over from a
+//! previous run) and hands them to the dispatcher.
+
+use std::sync::Arc;
+
+use super::Dispatcher;
+use crate::queue::now_millis;
+
+/// Most messages claimed per scan; a full batch is followed by another scan at once.
+const CLAIM_BATCH: i64 = 500;
+
+pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
+    let interval = dispatcher.config.queue.scan_interval;
+    let lease = dispatcher.config.queue.lease.as_millis() as i64;
+    loop {
+        let now = now_millis();
+        match dispatcher
+            .queue
+            .claim_due(&node_id, now, now + lease, CLAIM_BATCH)
+            .await
+        {
+            Ok(messages) => {
+                let full = messages.len() as i64 == CLAIM_BATCH;
+                if !messages.is_empty() {
+                    tracing::debug!(messages = messages.len(), "claimed due messages");
+                }
+                for message in messages {
+                    dispatcher.submit(message, None);
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(error) => tracing::error!(%error, "queue scan failed"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

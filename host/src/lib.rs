@@ -1,0 +1,13 @@
+//! Switchyard: a mail transfer agent whose policy lives in WebAssembly plugins.
+//!
+//! The pipeline, in the order a message travels: [`smtp::server`] accepts it, [`queue`] makes it
+//! durable, [`delivery`] routes and sends it with [`smtp::client`], retrying or bouncing.
+
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod net;
+pub mod queue;
+pub mod serve;
+pub mod services;
+pub mod smtp;

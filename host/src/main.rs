@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchyard::cli::{load_config, queue_command, Cli, Command};
+use switchyard::config::Config;
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            print!("{}", config.to_toml());
+            eprintln!("{}: configuration is valid", file.display());
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = load_config(config.as_ref())?;
+            init_logging(&config.log.level);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(switchyard::serve::serve(config))
+        }
+        Command::Queue { config, action } => {
+            let config = load_config(config.as_ref())?;
+            init_logging("warn");
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(queue_command(&config, action))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Byte streams shared by the SMTP server and client: plain or TLS sockets, read line by line
+//! with bounds.
+
+pub mod conn;
+pub mod stream;
+pub mod tls;

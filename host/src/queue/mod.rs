@@ -1,0 +1,165 @@
+//! The durable queue: messages and their recipients, each recipient with its own state, attempts,
+//! next attempt time and last reply.
+//!
+//! One interface ([`Queue`]) and, for now, one engine: SQLite ([`sqlite::SqliteQueue`]). A PostgreSQL
+//! engine for several nodes implements the same trait; that is why claims carry a lease owner.
+
+pub mod sqlite;
+mod writer;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Milliseconds since the Unix epoch: the queue's clock.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("queue writer has stopped")]
+    WriterGone,
+}
+
+/// Facts about a queued message that delivery needs, without its content.
+#[derive(Debug, Clone)]
+pub struct MessageMeta {
+    pub id: String,
+    /// Envelope sender; empty for the null sender (bounces).
+    pub sender: String,
+    pub received_at: Millis,
+    pub size: u64,
+    /// The envelope used SMTPUTF8 (addresses or headers may be UTF-8).
+    pub smtputf8: bool,
+    /// The content has 8-bit bytes (BODY=8BITMIME).
+    pub eight_bit: bool,
+}
+
+/// A message ready to be written to the queue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub meta: MessageMeta,
+    pub recipients: Vec<String>,
+    /// The whole message, headers and body, with CRLF line endings.
+    pub content: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientState {
+    Queued,
+    Delivered,
+    Failed,
+}
+
+impl RecipientState {
+    pub fn as_i64(self) -> i64 {
+        match self {
+            RecipientState::Queued => 0,
+            RecipientState::Delivered => 1,
+            RecipientState::Failed => 2,
+        }
+    }
+
+    pub fn from_i64(value: i64) -> RecipientState {
+        match value {
+            1 => RecipientState::Delivered,
+            2 => RecipientState::Failed,
+            _ => RecipientState::Queued,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RecipientState::Queued => "queued",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RecipientRow {
+    pub index: i64,
+    pub address: String,
+    pub state: RecipientState,
+    pub attempts: i64,
+    pub next_attempt: Millis,
+    pub last_reply: Option<String>,
+}
+
+/// A message with the recipients a claim handed over (or all of them, for listings).
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub meta: MessageMeta,
+    pub recipients: Vec<RecipientRow>,
+}
+
+/// What happened to one recipient in one attempt.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Delivered,
+    Deferred { next_attempt: Millis },
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecipientResult {
+    pub message_id: String,
+    pub index: i64,
+    /// Attempts made so far, this one included.
+    pub attempts: i64,
+    pub outcome: Outcome,
+    pub reply: String,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Writes a message; returns only once it is durable. With a lease (owner, until), the message
+    /// is claimed by that owner at once (the accepting node delivers it without a scan).
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        lease: Option<(String, Millis)>,
+    ) -> Result<(), QueueError>;
+
+    /// Claims up to `limit` messages with recipients due at `now` and not leased by anyone, leasing
+    /// those recipients to `owner` until `lease_until`.
+    async fn claim_due(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, QueueError>;
+
+    /// The content of a message.
+    async fn content(&self, id: &str) -> Result<Option<Bytes>, QueueError>;
+
+    /// Records attempt results and, in the same transaction, queues `bounces` (DSNs). A message
+    /// none of whose recipients is still queued is removed.
+    async fn record(
+        &self,
+        results: Vec<RecipientResult>,
+        bounces: Vec<NewMessage>,
+    ) -> Result<(), QueueError>;
+
+    /// Every message in the queue with all its recipients, oldest first.
+    async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError>;
+
+    /// One message with all its recipients.
+    async fn get(&self, id: &str) -> Result<Option<QueuedMessage>, QueueError>;
+
+    /// Makes queued recipients due now (one message, or all with `None`); returns how many.
+    async fn retry_now(&self, id: Option<&str>) -> Result<u64, QueueError>;
+
+    /// Removes a message without delivering or bouncing it; false if there was none.
+    async fn delete(&self, id: &str) -> Result<bool, QueueError>;
+
+    /// Drops every lease (held by `owner`, or by anyone with `None`): used at start-up by the node
+    /// that owns an embedded queue, whose earlier process can no longer be delivering.
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, QueueError>;
+}

@@ -1,0 +1,80 @@
+//! `switchyard serve`: opens the queue, binds the listeners and runs sessions, the queue scan and
+//! delivery until told to stop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::delivery::{run_scanner, Dispatcher};
+use crate::queue::sqlite::SqliteQueue;
+use crate::queue::Queue;
+use crate::services::Services;
+use crate::smtp::server::{self, SessionLimits};
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let queue_path = config.queue_path();
+    let queue = SqliteQueue::open(&queue_path, config.queue.commit_window)
+        .await
+        .with_context(|| format!("opening the queue {}", queue_path.display()))?;
+    // The embedded queue belongs to this process alone: leases left by an earlier run (a crash)
+    // are void, and their messages are due again at once.
+    let released = queue.release_leases(None).await?;
+    if released > 0 {
+        tracing::info!(
+            recipients = released,
+            "recovered recipients claimed by an earlier run"
+        );
+    }
+    let queue: Arc<dyn Queue> = Arc::new(queue);
+    let dispatcher = Dispatcher::new(config.clone(), queue.clone())?;
+    let tls_acceptor = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::net::tls::server_config(&files.certificate, &files.private_key)?,
+        )),
+        None => None,
+    };
+    let node_id = format!("{}:{}", config.hostname, std::process::id());
+    let services = Arc::new(Services {
+        config: config.clone(),
+        queue,
+        dispatcher: dispatcher.clone(),
+        node_id: node_id.clone(),
+        tls_acceptor,
+    });
+    let mut sockets = Vec::new();
+    for listener in &config.listeners {
+        sockets.push((server::bind(listener).await?, listener.clone()));
+    }
+    let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
+    for (socket, listener) in sockets {
+        tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
+        tokio::spawn(server::serve(
+            socket,
+            listener,
+            services.clone(),
+            limits.clone(),
+        ));
+    }
+    tokio::spawn(run_scanner(dispatcher, node_id));
+    tracing::info!(queue = %queue_path.display(), hostname = %config.hostname, "switchyard ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down; queued mail stays in the queue");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,17 @@
+//! What every SMTP session and delivery worker shares.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::delivery::Dispatcher;
+use crate::queue::Queue;
+
+pub struct Services {
+    pub config: Arc<Config>,
+    pub queue: Arc<dyn Queue>,
+    pub dispatcher: Arc<Dispatcher>,
+    /// This process's name for queue leases.
+    pub node_id: String,
+    /// Present when a certificate is configured: STARTTLS is offered.
+    pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+}

@@ -1,0 +1,476 @@
+//! The SMTP client used for delivery: greeting, EHLO (HELO fallback), opportunistic or mandatory
+//! STARTTLS, and mail transactions with PIPELINING, several per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::config::TlsPolicy;
+use crate::net::conn::{Conn, LineEnd};
+use crate::net::stream::Stream;
+use crate::smtp::reply::Reply;
+
+/// Why a connection could not be used. Each carries the reply to record for the recipients.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect to {peer}: {message}")]
+    Connect { peer: String, message: String },
+    #[error("{peer}: {reply}")]
+    Refused { peer: String, reply: Reply },
+    #[error("{peer}: TLS handshake failed: {message}")]
+    Tls { peer: String, message: String },
+    #[error("{peer}: STARTTLS required by policy but not offered")]
+    TlsRequired { peer: String },
+    #[error("{peer}: lost connection: {message}")]
+    Lost { peer: String, message: String },
+}
+
+impl ClientError {
+    /// The SMTP reply to record for recipients that could not be delivered because of this.
+    pub fn reply(&self) -> Reply {
+        match self {
+            ClientError::Refused { reply, .. } if reply.is_permanent() => reply.clone(),
+            ClientError::Refused { reply, .. } => reply.clone(),
+            ClientError::TlsRequired { .. } => Reply::new(451, "4.7.4", self.to_string()),
+            ClientError::Tls { .. } => Reply::new(451, "4.7.5", self.to_string()),
+            _ => Reply::new(451, "4.4.1", self.to_string()),
+        }
+    }
+}
+
+/// What the remote server advertised in its EHLO reply.
+#[derive(Debug, Default, Clone)]
+pub struct Capabilities {
+    pub pipelining: bool,
+    pub starttls: bool,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub size: Option<u64>,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut capabilities = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let keyword = words.next().unwrap_or_default().to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => capabilities.pipelining = true,
+                "STARTTLS" => capabilities.starttls = true,
+                "8BITMIME" => capabilities.eight_bit_mime = true,
+                "SMTPUTF8" => capabilities.smtputf8 = true,
+                "SIZE" => {
+                    capabilities.size = words
+                        .next()
+                        .and_then(|size| size.parse().ok())
+                        .filter(|&size| size > 0)
+                }
+                _ => {}
+            }
+        }
+        capabilities
+    }
+}
+
+/// Settings for one connection.
+pub struct ConnectOptions<'a> {
+    pub helo_name: &'a str,
+    pub tls: TlsPolicy,
+    pub tls_config: Arc<rustls::ClientConfig>,
+    /// The name for SNI and logs.
+    pub server_name: &'a str,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// One mail transaction's envelope.
+pub struct Envelope<'a> {
+    pub sender: &'a str,
+    pub recipients: &'a [String],
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub size: u64,
+}
+
+/// An open, greeted connection ready for transactions.
+pub struct Client {
+    conn: Conn,
+    capabilities: Capabilities,
+    command_timeout: Duration,
+    /// "mx.example.com[192.0.2.1]:25", for logs and DSNs.
+    pub peer: String,
+    /// Transactions since the connection opened.
+    pub transactions: usize,
+}
+
+impl Client {
+    /// Connects, reads the greeting, says EHLO and negotiates TLS as the policy says.
+    pub async fn connect(
+        address: SocketAddr,
+        options: &ConnectOptions<'_>,
+    ) -> Result<Client, ClientError> {
+        let peer = format!(
+            "{}[{}]:{}",
+            options.server_name,
+            address.ip(),
+            address.port()
+        );
+        let tcp = match tokio::time::timeout(options.connect_timeout, TcpStream::connect(address))
+            .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => {
+                return Err(ClientError::Connect {
+                    peer,
+                    message: error.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    peer,
+                    message: "connection timed out".to_string(),
+                })
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut client = Client {
+            conn: Conn::new(Stream::Plain(tcp)),
+            capabilities: Capabilities::default(),
+            command_timeout: options.command_timeout,
+            peer,
+            transactions: 0,
+        };
+        let greeting = client.read_reply().await?;
+        if !greeting.is_positive() {
+            return Err(client.refused(greeting));
+        }
+        client.hello(options.helo_name).await?;
+        let wants_tls = options.tls != TlsPolicy::None;
+        if wants_tls && client.capabilities.starttls {
+            client.send_line("STARTTLS").await?;
+            let reply = client.read_reply().await?;
+            if reply.code != 220 {
+                if options.tls == TlsPolicy::Require {
+                    return Err(client.refused(reply));
+                }
+            } else {
+                client = client.start_tls(options).await?;
+                client.hello(options.helo_name).await?;
+            }
+        } else if options.tls == TlsPolicy::Require {
+            return Err(ClientError::TlsRequired {
+                peer: client.peer.clone(),
+            });
+        }
+        Ok(client)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.conn.stream().is_tls()
+    }
+
+    fn refused(&self, reply: Reply) -> ClientError {
+        ClientError::Refused {
+            peer: self.peer.clone(),
+            reply,
+        }
+    }
+
+    fn lost(&self, message: impl ToString) -> ClientError {
+        ClientError::Lost {
+            peer: self.peer.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn hello(&mut self, helo_name: &str) -> Result<(), ClientError> {
+        self.send_line(&format!("EHLO {helo_name}")).await?;
+        let reply = self.read_reply().await?;
+        if reply.is_positive() {
+            self.capabilities = Capabilities::from_ehlo(&reply);
+            return Ok(());
+        }
+        // An old server: fall back to HELO and plain SMTP.
+        self.send_line(&format!("HELO {helo_name}")).await?;
+        let reply = self.read_reply().await?;
+        if !reply.is_positive() {
+            return Err(self.refused(reply));
+        }
+        self.capabilities = Capabilities::default();
+        Ok(())
+    }
+
+    async fn start_tls(self, options: &ConnectOptions<'_>) -> Result<Client, ClientError> {
+        let peer = self.peer.clone();
+        let Stream::Plain(tcp) = self.conn.into_stream() else {
+            return Err(ClientError::Tls {
+                peer,
+                message: "not a plain stream".to_string(),
+            });
+        };
+        let name = rustls::pki_types::ServerName::try_from(
+            options.server_name.trim_end_matches('.').to_string(),
+        )
+        .unwrap_or_else(|_| {
+            rustls::pki_types::ServerName::try_from("invalid.invalid".to_string())
+                .expect("static name")
+        });
+        let connector = tokio_rustls::TlsConnector::from(options.tls_config.clone());
+        let handshake =
+            tokio::time::timeout(options.command_timeout, connector.connect(name, tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                return Err(ClientError::Tls {
+                    peer,
+                    message: error.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ClientError::Tls {
+                    peer,
+                    message: "handshake timed out".to_string(),
+                })
+            }
+        };
+        Ok(Client {
+            conn: Conn::new(Stream::ClientTls(Box::new(tls))),
+            capabilities: Capabilities::default(),
+            command_timeout: self.command_timeout,
+            peer: self.peer,
+            transactions: 0,
+        })
+    }
+
+    async fn send_line(&mut self, line: &str) -> Result<(), ClientError> {
+        self.conn.queue(line.as_bytes());
+        self.conn.queue(b"\r\n");
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        match tokio::time::timeout(self.command_timeout, self.conn.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(self.lost(error)),
+            Err(_) => Err(self.lost("timeout while sending")),
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    async fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        let mut lines = Vec::new();
+        loop {
+            let line =
+                match tokio::time::timeout(self.command_timeout, self.conn.read_line(4096)).await {
+                    Ok(Ok(line)) => line,
+                    Ok(Err(error)) => return Err(self.lost(error)),
+                    Err(_) => return Err(self.lost("timeout waiting for a reply")),
+                };
+            if line.end == LineEnd::Eof {
+                return Err(self.lost("connection closed by server"));
+            }
+            let text = String::from_utf8_lossy(&line.bytes).into_owned();
+            let code = text
+                .get(..3)
+                .and_then(|code| code.parse::<u16>().ok())
+                .filter(|code| (200..600).contains(code));
+            let Some(code) = code else {
+                return Err(self.lost(format!("malformed reply `{text}`")));
+            };
+            let separator = text.as_bytes().get(3).copied().unwrap_or(b' ');
+            lines.push(text.get(4..).unwrap_or_default().to_string());
+            if separator != b'-' {
+                return Ok(Reply::parse_lines(code, lines));
+            }
+        }
+    }
+
+    /// Sends one message. Returns the final reply for each recipient (in envelope order); an
+    /// error means the connection is unusable and no recipient's fate is known.
+    pub async fn send(
+        &mut self,
+        envelope: &Envelope<'_>,
+        content: &[u8],
+    ) -> Result<Vec<Reply>, ClientError> {
+        self.transactions += 1;
+        if envelope.smtputf8 && !self.capabilities.smtputf8 {
+            // RFC 6531 3.4: a message that needs SMTPUTF8 must not be downgraded silently.
+            let reply = Reply::new(
+                553,
+                "5.6.7",
+                format!("{} does not support SMTPUTF8", self.peer),
+            );
+            return Ok(vec![reply; envelope.recipients.len()]);
+        }
+        if let Some(limit) = self.capabilities.size {
+            if envelope.size > limit {
+                let reply = Reply::new(
+                    552,
+                    "5.3.4",
+                    format!(
+                        "message size {} exceeds {}'s limit of {limit}",
+                        envelope.size, self.peer
+                    ),
+                );
+                return Ok(vec![reply; envelope.recipients.len()]);
+            }
+        }
+        let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
+        if self.capabilities.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", envelope.size));
+        }
+        if envelope.eight_bit && self.capabilities.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if envelope.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let commands: Vec<String> = std::iter::once(mail)
+            .chain(
+                envelope
+                    .recipients
+                    .iter()
+                    .map(|recipient| format!("RCPT TO:<{recipient}>")),
+            )
+            .chain(std::iter::once("DATA".to_string()))
+            .collect();
+        let mut replies = Vec::with_capacity(commands.len());
+        if self.capabilities.pipelining {
+            for command in &commands {
+                self.conn.queue(command.as_bytes());
+                self.conn.queue(b"\r\n");
+            }
+            self.flush().await?;
+            for _ in &commands {
+                replies.push(self.read_reply().await?);
+            }
+        } else {
+            for command in &commands {
+                self.send_line(command).await?;
+                let reply = self.read_reply().await?;
+                let stop = (replies.is_empty() && !reply.is_positive()) || command == "DATA";
+                replies.push(reply);
+                if stop {
+                    break;
+                }
+                let accepted = replies.iter().skip(1).any(Reply::is_positive);
+                if replies.len() == commands.len() - 1 && !accepted {
+                    break;
+                }
+            }
+        }
+        let mail_reply = replies[0].clone();
+        if !mail_reply.is_positive() {
+            self.reset().await?;
+            return Ok(vec![mail_reply; envelope.recipients.len()]);
+        }
+        let rcpt_replies: Vec<Reply> = (0..envelope.recipients.len())
+            .map(|index| {
+                replies
+                    .get(index + 1)
+                    .cloned()
+                    .unwrap_or_else(|| Reply::new(451, "4.4.0", "no reply to RCPT"))
+            })
+            .collect();
+        let data_reply = replies.get(envelope.recipients.len() + 1).cloned();
+        let any_accepted = rcpt_replies.iter().any(Reply::is_positive);
+        let final_data = match data_reply {
+            Some(reply) if reply.code == 354 => {
+                if any_accepted {
+                    let stuffed = dot_stuff(content);
+                    self.conn.queue(&stuffed);
+                    self.conn.queue(b".\r\n");
+                } else {
+                    // A server that said 354 with no recipient gets an empty message it will refuse.
+                    self.conn.queue(b".\r\n");
+                }
+                self.flush().await?;
+                self.read_reply().await?
+            }
+            Some(reply) => {
+                self.reset().await?;
+                reply
+            }
+            None => {
+                self.reset().await?;
+                Reply::new(554, "5.5.1", "no valid recipients")
+            }
+        };
+        Ok(rcpt_replies
+            .into_iter()
+            .map(|rcpt| {
+                if rcpt.is_positive() {
+                    final_data.clone()
+                } else {
+                    rcpt
+                }
+            })
+            .collect())
+    }
+
+    async fn reset(&mut self) -> Result<(), ClientError> {
+        self.send_line("RSET").await?;
+        self.read_reply().await.map(|_| ())
+    }
+
+    /// Ends the session politely.
+    pub async fn quit(mut self) {
+        if self.send_line("QUIT").await.is_ok() {
+            let _ = self.read_reply().await;
+        }
+        self.conn.shutdown().await;
+    }
+}
+
+/// Doubles a leading dot on every line (RFC 5321 4.5.2). `content` ends with CRLF.
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + 64);
+    let mut start = 0;
+    if content.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    for position in memchr::memmem::find_iter(content, b"\n.") {
+        out.extend_from_slice(&content[start..=position]);
+        out.push(b'.');
+        start = position + 1;
+    }
+    out.extend_from_slice(&content[start..]);
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffing() {
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n.\r\n..c\r\n"),
+            b"..a\r\nb\r\n..\r\n...c\r\n"
+        );
+        assert_eq!(dot_stuff(b"plain\r\n"), b"plain\r\n");
+    }
+
+    #[test]
+    fn capabilities() {
+        let reply = Reply::multiline(
+            250,
+            vec![
+                "mx".into(),
+                "PIPELINING".into(),
+                "SIZE 1000".into(),
+                "STARTTLS".into(),
+                "SMTPUTF8".into(),
+            ],
+        );
+        let capabilities = Capabilities::from_ehlo(&reply);
+        assert!(capabilities.pipelining && capabilities.starttls && capabilities.smtputf8);
+        assert!(!capabilities.eight_bit_mime);
+        assert_eq!(capabilities.size, Some(1000));
+    }
+}

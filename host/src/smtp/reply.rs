@@ -1,0 +1,143 @@
+//! SMTP replies: a three-digit code, an RFC 3463 enhanced status code and text.
+
+use std::fmt;
+
+/// One reply, possibly multi-line (one entry of `lines` per line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code such as "5.7.1"; empty when not applicable (greeting, EHLO).
+    pub enhanced: String,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn new(code: u16, enhanced: &str, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            enhanced: enhanced.to_string(),
+            lines: vec![text.into()],
+        }
+    }
+
+    /// A reply without an enhanced status code.
+    pub fn plain(code: u16, text: impl Into<String>) -> Reply {
+        Reply::new(code, "", text)
+    }
+
+    pub fn multiline(code: u16, lines: Vec<String>) -> Reply {
+        Reply {
+            code,
+            enhanced: String::new(),
+            lines,
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// The reply as it goes on the wire, CRLF terminated.
+    pub fn to_wire(&self) -> String {
+        let mut out = String::new();
+        let last = self.lines.len().saturating_sub(1);
+        for (index, line) in self.lines.iter().enumerate() {
+            let separator = if index == last { ' ' } else { '-' };
+            out.push_str(&self.code.to_string());
+            out.push(separator);
+            if !self.enhanced.is_empty() {
+                out.push_str(&self.enhanced);
+                out.push(' ');
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+        if self.lines.is_empty() {
+            out.push_str(&format!("{}\r\n", self.code));
+        }
+        out
+    }
+
+    /// Parses the lines of a reply received from a server. `enhanced` is taken from the first
+    /// line when `with_enhanced` (the server advertised ENHANCEDSTATUSCODES or the text looks
+    /// like one).
+    pub fn parse_lines(code: u16, lines: Vec<String>) -> Reply {
+        let enhanced = lines
+            .first()
+            .and_then(|line| line.split_whitespace().next())
+            .filter(|word| is_enhanced_code(word))
+            .map(str::to_string)
+            .unwrap_or_default();
+        let lines = lines
+            .into_iter()
+            .map(|line| {
+                if !enhanced.is_empty() {
+                    line.strip_prefix(enhanced.as_str())
+                        .map(|rest| rest.trim_start().to_string())
+                        .unwrap_or(line)
+                } else {
+                    line
+                }
+            })
+            .collect();
+        Reply {
+            code,
+            enhanced,
+            lines,
+        }
+    }
+
+    /// The text on one line, for logs and the queue's `last_reply`.
+    pub fn one_line(&self) -> String {
+        let text = self.lines.join(" ");
+        if self.enhanced.is_empty() {
+            format!("{} {}", self.code, text)
+        } else {
+            format!("{} {} {}", self.code, self.enhanced, text)
+        }
+    }
+}
+
+fn is_enhanced_code(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && matches!(parts[0], "2" | "4" | "5")
+        && parts[1..].iter().all(|part| {
+            !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.one_line())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(Reply::new(250, "2.1.0", "Ok").to_wire(), "250 2.1.0 Ok\r\n");
+        let ehlo = Reply::multiline(250, vec!["mx".into(), "PIPELINING".into()]);
+        assert_eq!(ehlo.to_wire(), "250-mx\r\n250 PIPELINING\r\n");
+    }
+
+    #[test]
+    fn parse_enhanced() {
+        let reply = Reply::parse_lines(550, vec!["5.1.1 no such user".into()]);
+        assert_eq!(reply.enhanced, "5.1.1");
+        assert_eq!(reply.one_line(), "550 5.1.1 no such user");
+        let plain = Reply::parse_lines(220, vec!["mx ESMTP".into()]);
+        assert_eq!(plain.enhanced, "");
+    }
+}

@@ -1,0 +1,220 @@
+//! Message content as received: reading DATA (dot-unstuffing, strict line endings, size and line
+//! limits), checking BDAT chunks the same way, and the host's own headers.
+
+use std::io;
+
+use crate::net::conn::{Conn, LineEnd};
+use crate::smtp::reply::Reply;
+
+/// What was wrong with received content. Reading goes on to the end of the data either way, so the
+/// session stays in step with the client.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Faults {
+    /// A LF without CR or a CR without LF: the SMTP smuggling family (CVE-2023-51764 and kin).
+    pub bare_newline: bool,
+    pub long_line: bool,
+    pub too_big: bool,
+}
+
+impl Faults {
+    /// The reply for the first fault found, if any.
+    pub fn reply(&self, max_size: u64, max_line: usize) -> Option<Reply> {
+        if self.bare_newline {
+            Some(Reply::new(
+                550,
+                "5.5.2",
+                "Bare LF or CR in message content is not allowed; lines must end with CRLF",
+            ))
+        } else if self.too_big {
+            Some(Reply::new(
+                552,
+                "5.3.4",
+                format!("Message size exceeds fixed maximum message size of {max_size} bytes"),
+            ))
+        } else if self.long_line {
+            Some(Reply::new(
+                550,
+                "5.6.0",
+                format!("Message content has a line longer than {max_line} characters"),
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Reads DATA content up to the `<CRLF>.<CRLF>` terminator, undoing dot-stuffing. Only a
+/// terminator with strict CRLFs ends the data, so `<LF>.<LF>` tricks stay inside the (rejected)
+/// content. Returns `None` if the client disconnects first.
+pub async fn read_data(
+    conn: &mut Conn,
+    max_size: u64,
+    max_line: usize,
+) -> io::Result<Option<(Vec<u8>, Faults)>> {
+    let mut content = Vec::with_capacity(8 * 1024);
+    let mut faults = Faults::default();
+    loop {
+        let line = conn.read_line(max_line).await?;
+        match line.end {
+            LineEnd::Eof => return Ok(None),
+            LineEnd::BareLf => faults.bare_newline = true,
+            LineEnd::Crlf => {
+                if line.bytes == b"." {
+                    return Ok(Some((content, faults)));
+                }
+            }
+        }
+        if line.has_bare_cr() {
+            faults.bare_newline = true;
+        }
+        if line.too_long {
+            faults.long_line = true;
+        }
+        let text = line.bytes.strip_prefix(b".").unwrap_or(&line.bytes);
+        if faults.too_big || (content.len() + text.len() + 2) as u64 > max_size {
+            faults.too_big = true;
+            continue;
+        }
+        content.extend_from_slice(text);
+        content.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Checks BDAT content, which arrives unstuffed in raw chunks, for the faults DATA detects while
+/// reading.
+pub fn check_raw(content: &[u8], max_line: usize) -> Faults {
+    let mut faults = Faults::default();
+    let mut line_start = 0;
+    for position in memchr::memchr2_iter(b'\r', b'\n', content) {
+        match content[position] {
+            b'\r' if content.get(position + 1) != Some(&b'\n') => faults.bare_newline = true,
+            b'\n' if position == 0 || content[position - 1] != b'\r' => faults.bare_newline = true,
+            b'\n' => {
+                if position - 1 - line_start > max_line {
+                    faults.long_line = true;
+                }
+                line_start = position + 1;
+            }
+            _ => {}
+        }
+    }
+    if content.len() - line_start > max_line {
+        faults.long_line = true;
+    }
+    faults
+}
+
+/// The header section: everything before the first empty line.
+fn header_section(content: &[u8]) -> &[u8] {
+    if content.starts_with(b"\r\n") {
+        return &[];
+    }
+    match memchr::memmem::find(content, b"\r\n\r\n") {
+        Some(end) => &content[..end + 2],
+        None => content,
+    }
+}
+
+/// Names of the header fields, in order (continuation lines skipped).
+fn header_names(content: &[u8]) -> impl Iterator<Item = &[u8]> {
+    header_section(content)
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty() && !line.starts_with(b" ") && !line.starts_with(b"\t"))
+        .filter_map(|line| {
+            line.iter()
+                .position(|&b| b == b':')
+                .map(|colon| line[..colon].trim_ascii())
+        })
+}
+
+pub fn count_headers(content: &[u8], name: &str) -> usize {
+    header_names(content)
+        .filter(|found| found.eq_ignore_ascii_case(name.as_bytes()))
+        .count()
+}
+
+/// Facts for the Received header the host prepends.
+pub struct Trace<'a> {
+    pub helo: &'a str,
+    pub client_ip: std::net::IpAddr,
+    pub hostname: &'a str,
+    pub protocol: &'a str,
+    pub tls: Option<String>,
+    pub queue_id: &'a str,
+    pub single_recipient: Option<String>,
+}
+
+/// The content as queued: a Received header first, and a Message-ID added if the message has none
+/// (RFC 5321 4.4; RFC 5322 3.6.4 says it SHOULD be there).
+pub fn stamp(content: Vec<u8>, trace: &Trace<'_>) -> Vec<u8> {
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S +0000");
+    let mut header = format!(
+        "Received: from {} ([{}])\r\n\tby {} (Switchyard)",
+        trace.helo, trace.client_ip, trace.hostname
+    );
+    if let Some(tls) = &trace.tls {
+        header.push_str(&format!(" ({tls})"));
+    }
+    header.push_str(&format!(
+        "\r\n\twith {} id {}",
+        trace.protocol, trace.queue_id
+    ));
+    if let Some(recipient) = &trace.single_recipient {
+        header.push_str(&format!("\r\n\tfor <{recipient}>"));
+    }
+    header.push_str(&format!("; {date}\r\n"));
+    if count_headers(&content, "Message-ID") == 0 {
+        header.push_str(&format!(
+            "Message-ID: <{}@{}>\r\n",
+            trace.queue_id, trace.hostname
+        ));
+    }
+    let mut stamped = Vec::with_capacity(header.len() + content.len());
+    stamped.extend_from_slice(header.as_bytes());
+    stamped.extend_from_slice(&content);
+    stamped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_checks() {
+        assert!(!check_raw(b"a: b\r\n\r\nbody\r\n", 998).bare_newline);
+        assert!(check_raw(b"a: b\r\n\nbody\r\n", 998).bare_newline);
+        assert!(check_raw(b"a: b\r\n\rbody\r\n", 998).bare_newline);
+        assert!(check_raw(b"\nx", 998).bare_newline);
+        let long = format!("{}\r\n", "x".repeat(999));
+        assert!(check_raw(long.as_bytes(), 998).long_line);
+        let fits = format!("{}\r\n", "x".repeat(998));
+        assert!(!check_raw(fits.as_bytes(), 998).long_line);
+    }
+
+    #[test]
+    fn header_counting() {
+        let content =
+            b"Received: a\r\n\tb\r\nreceived: c\r\nSubject: x\r\n\r\nReceived: not a header\r\n";
+        assert_eq!(count_headers(content, "Received"), 2);
+        assert_eq!(count_headers(content, "Message-ID"), 0);
+    }
+
+    #[test]
+    fn stamping_adds_message_id_once() {
+        let trace = Trace {
+            helo: "client.test",
+            client_ip: "127.0.0.1".parse().expect("ip"),
+            hostname: "mx.test",
+            protocol: "ESMTP",
+            tls: None,
+            queue_id: "Q1",
+            single_recipient: Some("b@example.com".into()),
+        };
+        let stamped = stamp(b"Subject: x\r\n\r\nhi\r\n".to_vec(), &trace);
+        let text = String::from_utf8(stamped.clone()).expect("utf8");
+        assert!(text.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.test (Switchyard)\r\n\twith ESMTP id Q1\r\n\tfor <b@example.com>; "));
+        assert!(text.contains("Message-ID: <Q1@mx.test>\r\n"));
+        let again = stamp(stamped, &trace);
+        assert_eq!(count_headers(&again, "Message-ID"), 1);
+    }
+}

@@ -1,0 +1,675 @@
+//! One SMTP session: the RFC 5321 state machine with ESMTP extensions (PIPELINING, SIZE,
+//! 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, STARTTLS).
+//!
+//! The decisions taken here (relay control, recipient limits) are the seams where plugin hooks
+//! plug in: connect, helo, mail-from, rcpt-to and data each have one method below.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use super::content::{self, Faults, Trace};
+use super::limits::canonical;
+use crate::config::ListenerConfig;
+use crate::net::conn::{Conn, LineEnd};
+use crate::net::stream::Stream;
+use crate::queue::{
+    now_millis, MessageMeta, NewMessage, QueuedMessage, RecipientRow, RecipientState,
+};
+use crate::services::Services;
+use crate::smtp::address::{domain_key, parse_path_argument, Mailbox};
+use crate::smtp::reply::Reply;
+
+/// The mail transaction under way (between MAIL and the end of DATA/BDAT LAST).
+#[derive(Default)]
+struct Transaction {
+    /// `Some(None)` is the null sender `<>`.
+    sender: Option<Option<Mailbox>>,
+    recipients: Vec<Mailbox>,
+    smtputf8: bool,
+    eight_bit_mime: bool,
+    /// Content received so far by BDAT chunks; `Some` once the first chunk came.
+    chunks: Option<Vec<u8>>,
+    chunks_too_big: bool,
+}
+
+enum Greeting {
+    None,
+    Helo(String),
+    Ehlo(String),
+}
+
+/// What the command loop does after a command.
+enum Flow {
+    Continue,
+    Close,
+    StartTls,
+}
+
+pub struct Session {
+    conn: Conn,
+    client_ip: IpAddr,
+    listener: Arc<ListenerConfig>,
+    services: Arc<Services>,
+    greeting: Greeting,
+    transaction: Transaction,
+    errors: u32,
+}
+
+impl Session {
+    pub async fn run(
+        stream: TcpStream,
+        peer: SocketAddr,
+        listener: Arc<ListenerConfig>,
+        services: Arc<Services>,
+    ) {
+        let span = tracing::info_span!("smtp", client = %peer, listener = %listener.name);
+        async move {
+            tracing::debug!("connected");
+            if !listener.greeting_delay.is_zero()
+                && talks_first(&stream, listener.greeting_delay).await
+            {
+                tracing::info!("refused: client talked before the greeting");
+                let mut conn = Conn::new(Stream::Plain(stream));
+                conn.queue(
+                    Reply::new(
+                        554,
+                        "5.5.1",
+                        "Protocol error: client talked before the greeting",
+                    )
+                    .to_wire()
+                    .as_bytes(),
+                );
+                conn.shutdown().await;
+                return;
+            }
+            let mut session = Session {
+                conn: Conn::new(Stream::Plain(stream)),
+                client_ip: canonical(peer.ip()),
+                listener,
+                services,
+                greeting: Greeting::None,
+                transaction: Transaction::default(),
+                errors: 0,
+            };
+            if let Err(error) = session.serve().await {
+                tracing::debug!(%error, "session ended with an I/O error");
+            }
+            session.conn.shutdown().await;
+            tracing::debug!("disconnected");
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn config(&self) -> &crate::config::Config {
+        &self.services.config
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.conn.queue(reply.to_wire().as_bytes());
+    }
+
+    async fn serve(&mut self) -> std::io::Result<()> {
+        let greeting = Reply::plain(220, format!("{} ESMTP Switchyard", self.config().hostname));
+        self.reply(greeting);
+        self.conn.flush().await?;
+        loop {
+            let limits = &self.services.config.smtp;
+            let (timeout, max_line) = (limits.command_timeout, limits.max_command_line);
+            let line = match tokio::time::timeout(
+                timeout,
+                self.conn.read_line(max_line.saturating_sub(2)),
+            )
+            .await
+            {
+                Ok(line) => line?,
+                Err(_) => {
+                    tracing::info!("command timeout");
+                    self.reply(Reply::new(
+                        421,
+                        "4.4.2",
+                        "Timeout exceeded, closing connection",
+                    ));
+                    return self.conn.flush().await;
+                }
+            };
+            let flow = match line.end {
+                LineEnd::Eof => return Ok(()),
+                LineEnd::BareLf => self.error(Reply::new(
+                    500,
+                    "5.5.2",
+                    "Bare LF in command; lines must end with CRLF",
+                )),
+                LineEnd::Crlf if line.too_long => {
+                    self.error(Reply::new(500, "5.5.2", "Command line too long"))
+                }
+                LineEnd::Crlf if line.has_bare_cr() => {
+                    self.error(Reply::new(500, "5.5.2", "Bare CR in command"))
+                }
+                LineEnd::Crlf => match std::str::from_utf8(&line.bytes) {
+                    Ok(text) => {
+                        let text = text.to_string();
+                        self.command(&text).await?
+                    }
+                    Err(_) => self.error(Reply::new(500, "5.5.2", "Command is not valid UTF-8")),
+                },
+            };
+            if self.errors >= self.config().smtp.max_errors {
+                self.reply(Reply::new(
+                    421,
+                    "4.7.0",
+                    "Too many errors, closing connection",
+                ));
+                return self.conn.flush().await;
+            }
+            match flow {
+                Flow::Continue => self.conn.flush_if_idle().await?,
+                Flow::Close => return self.conn.flush().await,
+                Flow::StartTls => {
+                    self.conn.flush().await?;
+                    self.start_tls().await?;
+                }
+            }
+        }
+    }
+
+    /// Counts a protocol error and queues its reply.
+    fn error(&mut self, reply: Reply) -> Flow {
+        self.errors += 1;
+        self.reply(reply);
+        Flow::Continue
+    }
+
+    async fn command(&mut self, line: &str) -> std::io::Result<Flow> {
+        let (verb, argument) = match line.split_once(' ') {
+            Some((verb, argument)) => (verb, argument),
+            None => (line, ""),
+        };
+        let verb = verb.to_ascii_uppercase();
+        tracing::trace!(command = %verb, "command");
+        Ok(match verb.as_str() {
+            "EHLO" => self.helo(argument, true),
+            "HELO" => self.helo(argument, false),
+            "MAIL" => self.mail(argument),
+            "RCPT" => self.rcpt(argument),
+            "DATA" => return self.data(argument).await,
+            "BDAT" => return self.bdat(argument).await,
+            "RSET" => {
+                self.transaction = Transaction::default();
+                self.reply(Reply::new(250, "2.0.0", "Ok"));
+                Flow::Continue
+            }
+            "NOOP" => {
+                self.reply(Reply::new(250, "2.0.0", "Ok"));
+                Flow::Continue
+            }
+            "QUIT" => {
+                self.reply(Reply::new(221, "2.0.0", "Bye"));
+                Flow::Close
+            }
+            "HELP" => {
+                self.reply(Reply::new(
+                    214,
+                    "2.0.0",
+                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS",
+                ));
+                Flow::Continue
+            }
+            "VRFY" | "EXPN" => {
+                self.reply(Reply::new(
+                    252,
+                    "2.5.0",
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                ));
+                Flow::Continue
+            }
+            "STARTTLS" => self.starttls_command(argument),
+            _ => self.error(Reply::new(500, "5.5.2", "Command not recognized")),
+        })
+    }
+
+    fn helo(&mut self, argument: &str, extended: bool) -> Flow {
+        let name = argument.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            let verb = if extended { "EHLO" } else { "HELO" };
+            return self.error(Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname")));
+        }
+        self.transaction = Transaction::default();
+        let hostname = self.config().hostname.clone();
+        if !extended {
+            self.greeting = Greeting::Helo(name.to_string());
+            self.reply(Reply::plain(250, hostname));
+            return Flow::Continue;
+        }
+        self.greeting = Greeting::Ehlo(name.to_string());
+        let mut lines = vec![
+            hostname,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config().smtp.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+        ];
+        if self.services.tls_acceptor.is_some() && !self.conn.stream().is_tls() {
+            lines.push("STARTTLS".to_string());
+        }
+        lines.push("HELP".to_string());
+        self.reply(Reply::multiline(250, lines));
+        Flow::Continue
+    }
+
+    fn mail(&mut self, argument: &str) -> Flow {
+        if matches!(self.greeting, Greeting::None) {
+            return self.error(Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
+        }
+        if self.transaction.sender.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Error: nested MAIL command"));
+        }
+        let Some(path) = argument
+            .get(..5)
+            .filter(|from| from.eq_ignore_ascii_case("FROM:"))
+            .map(|_| &argument[5..])
+        else {
+            return self.error(Reply::new(501, "5.5.4", "Syntax: MAIL FROM:<address>"));
+        };
+        let parsed = match parse_path_argument(path) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.error(reply),
+        };
+        let extended = matches!(self.greeting, Greeting::Ehlo(_));
+        let mut transaction = Transaction::default();
+        for (keyword, value) in &parsed.params {
+            if !extended {
+                return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
+            }
+            match (keyword.as_str(), value.as_deref()) {
+                ("SIZE", Some(size)) => {
+                    let Ok(size) = size.parse::<u64>() else {
+                        return self.error(Reply::new(501, "5.5.4", "Bad SIZE parameter"));
+                    };
+                    let max = self.config().smtp.max_message_size;
+                    if size > max {
+                        self.reply(Reply::new(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds fixed maximum message size of {max} bytes"
+                            ),
+                        ));
+                        return Flow::Continue;
+                    }
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("8BITMIME") => {
+                    transaction.eight_bit_mime = true
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => transaction.smtputf8 = true,
+                _ => {
+                    return self.error(Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {keyword}"),
+                    ))
+                }
+            }
+        }
+        if let Some(mailbox) = &parsed.mailbox {
+            if !mailbox.is_ascii() && !transaction.smtputf8 {
+                return self.error(Reply::new(
+                    553,
+                    "5.6.7",
+                    "Non-ASCII sender address needs SMTPUTF8",
+                ));
+            }
+        }
+        let shown = parsed
+            .mailbox
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        transaction.sender = Some(parsed.mailbox);
+        self.transaction = transaction;
+        tracing::debug!(from = %shown, "MAIL accepted");
+        self.reply(Reply::new(250, "2.1.0", "Ok"));
+        Flow::Continue
+    }
+
+    fn rcpt(&mut self, argument: &str) -> Flow {
+        if self.transaction.sender.is_none() {
+            return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        }
+        let Some(path) = argument
+            .get(..3)
+            .filter(|to| to.eq_ignore_ascii_case("TO:"))
+            .map(|_| &argument[3..])
+        else {
+            return self.error(Reply::new(501, "5.5.4", "Syntax: RCPT TO:<address>"));
+        };
+        let parsed = match parse_path_argument(path) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.error(reply),
+        };
+        if let Some((keyword, _)) = parsed.params.first() {
+            return self.error(Reply::new(
+                555,
+                "5.5.4",
+                format!("Unsupported parameter {keyword}"),
+            ));
+        }
+        let Some(recipient) = parsed.mailbox else {
+            return self.error(Reply::new(
+                501,
+                "5.1.3",
+                "Bad recipient address syntax: empty path",
+            ));
+        };
+        if !recipient.is_ascii() && !self.transaction.smtputf8 {
+            return self.error(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII recipient address needs SMTPUTF8",
+            ));
+        }
+        if self.transaction.recipients.len() >= self.config().smtp.max_recipients {
+            self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
+            return Flow::Continue;
+        }
+        if !self.may_send_to(&recipient) {
+            tracing::info!(to = %recipient, "relay denied");
+            self.reply(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{recipient}>: Relay access denied"),
+            ));
+            return Flow::Continue;
+        }
+        self.transaction.recipients.push(recipient);
+        self.reply(Reply::new(250, "2.1.5", "Ok"));
+        Flow::Continue
+    }
+
+    /// No open relay: anyone may send to the domains we accept; only listed networks elsewhere.
+    fn may_send_to(&self, recipient: &Mailbox) -> bool {
+        let relay = &self.config().relay;
+        let domain = recipient.domain_key();
+        relay
+            .domains
+            .iter()
+            .any(|accepted| domain_key(accepted) == domain)
+            || relay
+                .networks
+                .iter()
+                .any(|network| network.contains(&self.client_ip))
+    }
+
+    async fn data(&mut self, argument: &str) -> std::io::Result<Flow> {
+        if !argument.trim().is_empty() {
+            return Ok(self.error(Reply::new(501, "5.5.4", "Syntax: DATA")));
+        }
+        if self.transaction.sender.is_none() {
+            return Ok(self.error(Reply::new(503, "5.5.1", "Error: need MAIL command")));
+        }
+        if self.transaction.chunks.is_some() {
+            return Ok(self.error(Reply::new(503, "5.5.1", "Error: DATA after BDAT")));
+        }
+        if self.transaction.recipients.is_empty() {
+            return Ok(self.error(Reply::new(554, "5.5.1", "Error: no valid recipients")));
+        }
+        self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+        self.conn.flush().await?;
+        let limits = &self.services.config.smtp;
+        let (max_size, max_line, timeout) = (
+            limits.max_message_size,
+            limits.max_data_line,
+            limits.data_timeout,
+        );
+        let read = tokio::time::timeout(
+            timeout,
+            content::read_data(&mut self.conn, max_size, max_line),
+        )
+        .await;
+        let (message, faults) = match read {
+            Err(_) => {
+                tracing::info!("data timeout");
+                self.reply(Reply::new(
+                    421,
+                    "4.4.2",
+                    "Timeout exceeded during DATA, closing connection",
+                ));
+                return Ok(Flow::Close);
+            }
+            Ok(result) => match result? {
+                Some(received) => received,
+                None => {
+                    tracing::info!("client disconnected during DATA; nothing queued");
+                    return Ok(Flow::Close);
+                }
+            },
+        };
+        let reply = self.finish_message(message, faults).await;
+        self.reply(reply);
+        Ok(Flow::Continue)
+    }
+
+    async fn bdat(&mut self, argument: &str) -> std::io::Result<Flow> {
+        let mut words = argument.split_whitespace();
+        let size = words.next().and_then(|size| size.parse::<u64>().ok());
+        let last = match words.next() {
+            None => false,
+            Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+            Some(_) => false,
+        };
+        let Some(size) =
+            size.filter(|_| words.next().is_none() && argument.split_whitespace().count() <= 2)
+        else {
+            // Without a size we cannot tell where the chunk ends: the session cannot go on.
+            self.reply(Reply::new(
+                501,
+                "5.5.4",
+                "Syntax: BDAT size [LAST]; closing connection",
+            ));
+            return Ok(Flow::Close);
+        };
+        let max_size = self.config().smtp.max_message_size;
+        let ready = self.transaction.sender.is_some() && !self.transaction.recipients.is_empty();
+        let mut chunks = self.transaction.chunks.take().unwrap_or_default();
+        let keep = if ready {
+            (max_size + 1).saturating_sub(chunks.len() as u64)
+        } else {
+            0
+        };
+        let timeout = self.config().smtp.data_timeout;
+        match tokio::time::timeout(timeout, self.conn.read_chunk(size, &mut chunks, keep)).await {
+            Err(_) => {
+                self.reply(Reply::new(
+                    421,
+                    "4.4.2",
+                    "Timeout exceeded during BDAT, closing connection",
+                ));
+                return Ok(Flow::Close);
+            }
+            Ok(result) => result?,
+        }
+        if !ready {
+            let reply = if self.transaction.sender.is_none() {
+                Reply::new(503, "5.5.1", "Error: need MAIL command")
+            } else {
+                Reply::new(554, "5.5.1", "Error: no valid recipients")
+            };
+            return Ok(self.error(reply));
+        }
+        if chunks.len() as u64 > max_size {
+            self.transaction.chunks_too_big = true;
+            chunks.clear();
+        }
+        if !last {
+            self.transaction.chunks = Some(chunks);
+            self.reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+            return Ok(Flow::Continue);
+        }
+        let mut faults = content::check_raw(&chunks, self.config().smtp.max_data_line);
+        faults.too_big = self.transaction.chunks_too_big;
+        if !chunks.is_empty() && !chunks.ends_with(b"\r\n") {
+            chunks.extend_from_slice(b"\r\n");
+        }
+        let reply = self.finish_message(chunks, faults).await;
+        self.reply(reply);
+        Ok(Flow::Continue)
+    }
+
+    /// Ends the transaction: checks the content, stamps it and queues it. The reply is 250 only
+    /// once the queue has committed the message.
+    async fn finish_message(&mut self, message: Vec<u8>, faults: Faults) -> Reply {
+        let transaction = std::mem::take(&mut self.transaction);
+        let limits = &self.services.config.smtp;
+        if let Some(reply) = faults.reply(limits.max_message_size, limits.max_data_line) {
+            tracing::info!(reply = %reply, "message refused");
+            return reply;
+        }
+        if content::count_headers(&message, "Received") > limits.max_received_headers {
+            return Reply::new(
+                554,
+                "5.4.6",
+                "Too many hops: Received headers suggest a mail loop",
+            );
+        }
+        let queue_id = ulid::Ulid::new().to_string();
+        let tls = self.conn.stream().tls_description();
+        let protocol = match (&self.greeting, transaction.smtputf8, tls.is_some()) {
+            (Greeting::Ehlo(_), true, true) => "UTF8SMTPS",
+            (Greeting::Ehlo(_), true, false) => "UTF8SMTP",
+            (Greeting::Ehlo(_), false, true) => "ESMTPS",
+            (Greeting::Ehlo(_), false, false) => "ESMTP",
+            _ => "SMTP",
+        };
+        let helo = match &self.greeting {
+            Greeting::Ehlo(name) | Greeting::Helo(name) => name.as_str(),
+            Greeting::None => "unknown",
+        };
+        let trace = Trace {
+            helo,
+            client_ip: self.client_ip,
+            hostname: &self.services.config.hostname,
+            protocol,
+            tls,
+            queue_id: &queue_id,
+            single_recipient: (transaction.recipients.len() == 1)
+                .then(|| transaction.recipients[0].to_string()),
+        };
+        let stamped = content::stamp(message, &trace);
+        let eight_bit = transaction.eight_bit_mime || stamped.iter().any(|&b| b >= 0x80);
+        let sender = transaction
+            .sender
+            .flatten()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let received_at = now_millis();
+        let meta = MessageMeta {
+            id: queue_id.clone(),
+            sender: sender.clone(),
+            received_at,
+            size: stamped.len() as u64,
+            smtputf8: transaction.smtputf8,
+            eight_bit,
+        };
+        let recipients: Vec<String> = transaction
+            .recipients
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        let content = Bytes::from(stamped);
+        let lease_until = received_at + self.services.config.queue.lease.as_millis() as i64;
+        let new = NewMessage {
+            meta: meta.clone(),
+            recipients: recipients.clone(),
+            content: content.clone(),
+        };
+        if let Err(error) = self
+            .services
+            .queue
+            .enqueue(new, Some((self.services.node_id.clone(), lease_until)))
+            .await
+        {
+            tracing::error!(queue_id = %queue_id, %error, "cannot queue message");
+            return Reply::new(
+                451,
+                "4.3.0",
+                "Temporary queue failure, please try again later",
+            );
+        }
+        tracing::info!(
+            queue_id = %queue_id,
+            listener = %self.listener.name,
+            from = %sender,
+            recipients = recipients.len(),
+            size = meta.size,
+            "queued"
+        );
+        let queued = QueuedMessage {
+            meta,
+            recipients: recipients
+                .into_iter()
+                .enumerate()
+                .map(|(index, address)| RecipientRow {
+                    index: index as i64,
+                    address,
+                    state: RecipientState::Queued,
+                    attempts: 0,
+                    next_attempt: received_at,
+                    last_reply: None,
+                })
+                .collect(),
+        };
+        self.services.dispatcher.submit(queued, Some(content));
+        Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
+    }
+
+    fn starttls_command(&mut self, argument: &str) -> Flow {
+        if !argument.trim().is_empty() {
+            return self.error(Reply::new(501, "5.5.4", "Syntax: STARTTLS"));
+        }
+        if self.services.tls_acceptor.is_none() || self.conn.stream().is_tls() {
+            return self.error(Reply::new(454, "4.7.0", "TLS not available"));
+        }
+        if self.conn.has_buffered_input() {
+            // Commands pipelined after STARTTLS would cross into the TLS session (CVE-2011-0411).
+            self.reply(Reply::new(
+                554,
+                "5.5.1",
+                "Error: commands pipelined after STARTTLS",
+            ));
+            return Flow::Close;
+        }
+        self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        Flow::StartTls
+    }
+
+    async fn start_tls(&mut self) -> std::io::Result<()> {
+        let Some(acceptor) = self.services.tls_acceptor.clone() else {
+            return Ok(());
+        };
+        let conn = std::mem::replace(&mut self.conn, Conn::new(Stream::Detached));
+        let Stream::Plain(tcp) = conn.into_stream() else {
+            return Err(std::io::Error::other("STARTTLS on a TLS stream"));
+        };
+        let tls = acceptor.accept(tcp).await?;
+        self.conn = Conn::new(Stream::ServerTls(Box::new(tls)));
+        // RFC 3207 4.2: forget everything learnt before TLS.
+        self.greeting = Greeting::None;
+        self.transaction = Transaction::default();
+        tracing::debug!(tls = ?self.conn.stream().tls_description(), "TLS established");
+        Ok(())
+    }
+}
+
+/// Waits up to `delay` for the client to send anything before our greeting.
+async fn talks_first(stream: &TcpStream, delay: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(delay, stream.peek(&mut byte)).await, Ok(Ok(n)) if n > 0)
+}
