@@ -1,1 +1,8 @@
-fn main() {}
+//! End-to-end tests: the real `switchyard` binary, real TCP, a real DNS server and receiving SMTP
+//! servers on loopback addresses.
+
+mod harness;
+
+mod crash;
+mod delivery;
+mod smtp_in;

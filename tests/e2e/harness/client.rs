@@ -1,0 +1,122 @@
+//! A plain SMTP client for tests: sends exact bytes and reads exact replies.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+pub struct TestClient {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+/// A reply: its code and its full text (all lines, CRLF-joined).
+#[derive(Debug)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl TestClient {
+    /// Connects without reading the greeting.
+    pub async fn connect_raw(port: u16) -> TestClient {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (read, write) = stream.into_split();
+        TestClient {
+            reader: BufReader::new(read),
+            writer: write,
+        }
+    }
+
+    /// Connects, reads the greeting and says EHLO.
+    pub async fn connect(port: u16) -> TestClient {
+        let mut client = TestClient::connect_raw(port).await;
+        let greeting = client.reply().await;
+        assert_eq!(greeting.code, 220, "{greeting:?}");
+        let ehlo = client.command("EHLO client.test").await;
+        assert_eq!(ehlo.code, 250, "{ehlo:?}");
+        client
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("send");
+    }
+
+    pub async fn reply(&mut self) -> Reply {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+                    .await
+                    .expect("reply within 30s")
+                    .expect("read reply");
+            assert!(read > 0, "connection closed; got so far: {text:?}");
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                let code = text[..3].parse().expect("reply code");
+                return Reply {
+                    code,
+                    text: text.trim_end().to_string(),
+                };
+            }
+        }
+    }
+
+    /// Like [`TestClient::reply`], but `None` instead of a panic when the connection is gone.
+    pub async fn reply_checked(&mut self) -> Option<Reply> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                let code = text.get(..3)?.parse().ok()?;
+                return Some(Reply {
+                    code,
+                    text: text.trim_end().to_string(),
+                });
+            }
+        }
+    }
+
+    pub async fn command(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// MAIL, RCPTs and DATA with `content` (CRLF, not yet dot-stuffed); returns the final reply.
+    pub async fn send_mail(&mut self, from: &str, to: &[&str], content: &str) -> Reply {
+        let reply = self.command(&format!("MAIL FROM:<{from}>")).await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+        for recipient in to {
+            let reply = self.command(&format!("RCPT TO:<{recipient}>")).await;
+            assert_eq!(reply.code, 250, "{reply:?}");
+        }
+        let reply = self.command("DATA").await;
+        assert_eq!(reply.code, 354, "{reply:?}");
+        let stuffed = content.replace("\r\n.", "\r\n..");
+        self.send(stuffed.as_bytes()).await;
+        self.send(b".\r\n").await;
+        self.reply().await
+    }
+
+    /// True when the server has closed the connection.
+    pub async fn is_closed(&mut self) -> bool {
+        let mut line = String::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut line)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+pub fn message(subject: &str) -> String {
+    format!("From: a@sender.test\r\nTo: b@switchyard.test\r\nSubject: {subject}\r\n\r\nHello.\r\n")
+}

@@ -1,0 +1,4 @@
+pub mod client;
+pub mod dns;
+pub mod router;
+pub mod sink;

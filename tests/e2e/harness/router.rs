@@ -1,0 +1,141 @@
+//! Runs the real `switchyard` binary with a generated configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct RouterOptions {
+    pub dns: Option<SocketAddr>,
+    pub delivery_port: u16,
+    pub greeting_delay: &'static str,
+    /// Lines for the [smtp] section.
+    pub smtp: String,
+    /// Lines for the [relay] section.
+    pub relay: String,
+    /// Lines for the [delivery] section (port is set already).
+    pub delivery: String,
+    /// Anything else ([[route]] tables...).
+    pub extra: String,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions {
+            dns: None,
+            delivery_port: 25,
+            greeting_delay: "0s",
+            smtp: String::new(),
+            relay: "domains = [\"switchyard.test\"]\nnetworks = [\"127.0.0.0/8\"]\n".to_string(),
+            delivery: String::new(),
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Router {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port")
+}
+
+impl Router {
+    pub async fn start(options: RouterOptions) -> Router {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let nameservers = options
+            .dns
+            .map(|dns| format!("nameservers = [\"{dns}\"]\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "hostname = \"mx.switchyard.test\"\ndata_dir = \"{dir}\"\n\n\
+             [[listener]]\nname = \"inbound\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
+             [smtp]\n{smtp}\n[relay]\n{relay}\n\
+             [queue]\nscan_interval = \"200ms\"\n\n[retry]\nintervals = [\"1s\"]\n\n\
+             [dns]\n{nameservers}timeout = \"2s\"\n\n\
+             [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
+            dir = dir.path().display(),
+            delay = options.greeting_delay,
+            smtp = options.smtp,
+            relay = options.relay,
+            delivery_port = options.delivery_port,
+            delivery = options.delivery,
+            extra = options.extra,
+        );
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut router = Router {
+            dir,
+            port,
+            config_path,
+            child: None,
+        };
+        router.spawn().await;
+        router
+    }
+
+    /// Starts the process and waits until it accepts connections.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("switchyard.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn switchyard");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("switchyard did not start; log:\n{}", self.log());
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("switchyard.log")).unwrap_or_default()
+    }
+
+    /// Runs `switchyard queue ...` against this router's queue.
+    pub fn queue(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("queue")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run queue command")
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,382 @@
+//! The SMTP server side: extensions and every kind of bad input, each with its exact reply.
+
+use std::time::Duration;
+
+use crate::harness::client::{message, TestClient};
+use crate::harness::router::{Router, RouterOptions};
+use crate::harness::sink::Sink;
+
+/// A router that relays everything to a sink on 127.0.0.1.
+async fn router_with_sink(smtp: &str) -> (Router, Sink) {
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        smtp: smtp.to_string(),
+        delivery: format!("smarthost = \"{}\"\n", sink.address),
+        ..RouterOptions::default()
+    })
+    .await;
+    (router, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_transaction_is_queued_stamped_and_delivered() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect_raw(router.port).await;
+    assert_eq!(client.reply().await.code, 220);
+    let ehlo = client.command("EHLO client.test").await;
+    for extension in [
+        "PIPELINING",
+        "SIZE 26214400",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+    ] {
+        assert!(
+            ehlo.text.contains(extension),
+            "{extension} missing from {}",
+            ehlo.text
+        );
+    }
+    client
+        .send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@switchyard.test>\r\nRCPT TO:<c@elsewhere.test>\r\nDATA\r\n")
+        .await;
+    assert_eq!(client.reply().await.text, "250 2.1.0 Ok");
+    assert_eq!(client.reply().await.text, "250 2.1.5 Ok");
+    assert_eq!(client.reply().await.text, "250 2.1.5 Ok");
+    assert_eq!(client.reply().await.code, 354);
+    client
+        .send(b"Subject: pipelined\r\n\r\n..leading dot\r\nbody\r\n.\r\n")
+        .await;
+    let queued = client.reply().await;
+    assert!(
+        queued.text.starts_with("250 2.0.0 Ok: queued as "),
+        "{queued:?}"
+    );
+    let queue_id = queued.text.rsplit(' ').next().expect("id").to_string();
+    assert_eq!(client.command("QUIT").await.text, "221 2.0.0 Bye");
+
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    let message = &received[0];
+    assert_eq!(message.mail_from, "a@sender.test");
+    assert_eq!(
+        message.rcpt_to,
+        vec!["b@switchyard.test", "c@elsewhere.test"]
+    );
+    assert!(
+        message.data.starts_with(
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.switchyard.test (Switchyard)"
+        ),
+        "{}",
+        message.data
+    );
+    assert!(message.data.contains(&format!("with ESMTP id {queue_id}")));
+    assert!(message
+        .data
+        .contains(&format!("Message-ID: <{queue_id}@mx.switchyard.test>\r\n")));
+    assert!(
+        message.data.ends_with("\r\n.leading dot\r\nbody\r\n"),
+        "dot-stuffing survives the round trip"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_chunks_make_one_message() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.code,
+        250
+    );
+    let first = "Subject: chunked\r\n\r\nfirst ";
+    client
+        .send(format!("BDAT {}\r\n{first}", first.len()).as_bytes())
+        .await;
+    assert_eq!(
+        client.reply().await.text,
+        format!("250 2.0.0 {} octets received", first.len())
+    );
+    let last = "part\r\n";
+    client
+        .send(format!("BDAT {} LAST\r\n{last}", last.len()).as_bytes())
+        .await;
+    let reply = client.reply().await;
+    assert!(
+        reply.text.starts_with("250 2.0.0 Ok: queued as"),
+        "{reply:?}"
+    );
+    // DATA after BDAT in one transaction is refused; BDAT without MAIL is read and refused.
+    client.send(b"BDAT 5 LAST\r\nhello").await;
+    assert_eq!(
+        client.reply().await.text,
+        "503 5.5.1 Error: need MAIL command"
+    );
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        received[0]
+            .data
+            .ends_with("Subject: chunked\r\n\r\nfirst part\r\n"),
+        "{}",
+        received[0].data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn utf8_addresses_need_smtputf8_and_arrive_intact() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client.command("MAIL FROM:<jøran@bücher.test>").await.text,
+        "553 5.6.7 Non-ASCII sender address needs SMTPUTF8"
+    );
+    assert_eq!(
+        client
+            .command("MAIL FROM:<jøran@bücher.test> SMTPUTF8 BODY=8BITMIME")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(
+        client
+            .command("RCPT TO:<δοκιμή@switchyard.test>")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(client.command("DATA").await.code, 354);
+    client
+        .send("Subject: grüße\r\n\r\n8-bit body: ÆØÅ\r\n.\r\n".as_bytes())
+        .await;
+    assert_eq!(client.reply().await.code, 250);
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received[0].mail_from, "jøran@bücher.test");
+    assert_eq!(received[0].rcpt_to, vec!["δοκιμή@switchyard.test"]);
+    assert!(received[0].data.contains("with UTF8SMTP id"));
+    assert!(received[0].data.ends_with("8-bit body: ÆØÅ\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lf_and_bare_cr_in_data_are_refused() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    let expected =
+        "550 5.5.2 Bare LF or CR in message content is not allowed; lines must end with CRLF";
+    for content in [
+        "Subject: x\r\n\r\nbare\nlf\r\n",
+        // The smuggling shape: a fake end of data with bare LFs, then a second message.
+        "Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@sender.test>\r\n",
+        "Subject: x\r\n\r\nbare\rcr\r\n",
+    ] {
+        assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+        assert_eq!(
+            client.command("RCPT TO:<b@switchyard.test>").await.code,
+            250
+        );
+        assert_eq!(client.command("DATA").await.code, 354);
+        client.send(content.as_bytes()).await;
+        client.send(b".\r\n").await;
+        assert_eq!(client.reply().await.text, expected, "content {content:?}");
+    }
+    // Still in step: a clean message goes through.
+    assert_eq!(
+        client
+            .send_mail("a@sender.test", &["b@switchyard.test"], &message("clean"))
+            .await
+            .code,
+        250
+    );
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "only the clean message was relayed"
+    );
+    assert!(received[0].data.contains("Subject: clean"));
+    // A bare LF ending a command is refused too.
+    assert_eq!(
+        client
+            .command("NOOP\n")
+            .await
+            .text
+            .lines()
+            .next()
+            .map(str::to_string),
+        Some("500 5.5.2 Bare LF in command; lines must end with CRLF".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlong_lines_are_refused() {
+    let (router, _sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client
+            .command(&format!("NOOP {}", "x".repeat(3000)))
+            .await
+            .text,
+        "500 5.5.2 Command line too long"
+    );
+    assert_eq!(
+        client.command("NOOP").await.code,
+        250,
+        "in step after the long command"
+    );
+    let content = format!("Subject: long\r\n\r\n{}\r\n", "y".repeat(999));
+    let reply = client
+        .send_mail("a@sender.test", &["b@switchyard.test"], &content)
+        .await;
+    assert_eq!(
+        reply.text,
+        "550 5.6.0 Message content has a line longer than 998 characters"
+    );
+    let fits = format!("Subject: long\r\n\r\n{}\r\n", "y".repeat(998));
+    assert_eq!(
+        client
+            .send_mail("a@sender.test", &["b@switchyard.test"], &fits)
+            .await
+            .code,
+        250
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_big_messages_are_refused() {
+    let (router, _sink) = router_with_sink("max_message_size = 2000\n").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client
+            .command("MAIL FROM:<a@sender.test> SIZE=5000")
+            .await
+            .text,
+        "552 5.3.4 Message size exceeds fixed maximum message size of 2000 bytes"
+    );
+    let body = "z".repeat(100) + "\r\n";
+    let content = format!("Subject: big\r\n\r\n{}", body.repeat(30));
+    let reply = client
+        .send_mail("a@sender.test", &["b@switchyard.test"], &content)
+        .await;
+    assert_eq!(
+        reply.text,
+        "552 5.3.4 Message size exceeds fixed maximum message size of 2000 bytes"
+    );
+    // BDAT over the limit too.
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.code,
+        250
+    );
+    client
+        .send(format!("BDAT {} LAST\r\n{content}", content.len()).as_bytes())
+        .await;
+    assert_eq!(
+        client.reply().await.text,
+        "552 5.3.4 Message size exceeds fixed maximum message size of 2000 bytes"
+    );
+    assert_eq!(client.command("NOOP").await.code, 250);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_recipients() {
+    let (router, _sink) = router_with_sink("max_recipients = 2\n").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b1@switchyard.test>").await.code,
+        250
+    );
+    assert_eq!(
+        client.command("RCPT TO:<b2@switchyard.test>").await.code,
+        250
+    );
+    assert_eq!(
+        client.command("RCPT TO:<b3@switchyard.test>").await.text,
+        "452 4.5.3 Too many recipients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_attempt_from_outside_is_refused() {
+    let router = Router::start(RouterOptions {
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<victim@elsewhere.test>").await.text,
+        "550 5.7.1 <victim@elsewhere.test>: Relay access denied"
+    );
+    assert_eq!(
+        client.command("RCPT TO:<b@SwitchYard.Test>").await.code,
+        250,
+        "accepted domain, any case"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors() {
+    let (router, _sink) = router_with_sink("max_errors = 5\n").await;
+    let mut client = TestClient::connect_raw(router.port).await;
+    assert_eq!(client.reply().await.code, 220);
+    assert_eq!(
+        client.command("MAIL FROM:<a@sender.test>").await.text,
+        "503 5.5.1 Error: send HELO/EHLO first"
+    );
+    assert_eq!(client.command("EHLO client.test").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.text,
+        "503 5.5.1 Error: need MAIL command"
+    );
+    assert_eq!(
+        client.command("MAIL FROM:a@sender.test").await.text,
+        "501 5.5.4 Syntax: address must be enclosed in <>"
+    );
+    assert_eq!(client.command("VRFY b").await.code, 252);
+    assert_eq!(
+        client.command("MAIL FROM:<a@sender.test> FOO=1").await.text,
+        "555 5.5.4 Unsupported parameter FOO"
+    );
+    assert_eq!(
+        client.command("BOGUS").await.text,
+        "500 5.5.2 Command not recognized"
+    );
+    // The fifth error also ends the session.
+    assert_eq!(
+        client.reply().await.text,
+        "421 4.7.0 Too many errors, closing connection"
+    );
+    assert!(client.is_closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_talker_is_refused() {
+    let router = Router::start(RouterOptions {
+        greeting_delay: "700ms",
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect_raw(router.port).await;
+    client.send(b"EHLO hasty.test\r\n").await;
+    assert_eq!(
+        client.reply().await.text,
+        "554 5.5.1 Protocol error: client talked before the greeting"
+    );
+    assert!(client.is_closed().await);
+    let mut patient = TestClient::connect_raw(router.port).await;
+    assert_eq!(patient.reply().await.code, 220);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_ip_are_limited() {
+    let (router, _sink) = router_with_sink("max_sessions_per_ip = 2\n").await;
+    let _first = TestClient::connect(router.port).await;
+    let _second = TestClient::connect(router.port).await;
+    let mut third = TestClient::connect_raw(router.port).await;
+    assert_eq!(
+        third.reply().await.text,
+        "421 4.7.0 Too many connections from 127.0.0.1, try again later"
+    );
+}
