@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod check_config;
 mod crash;
 mod delivery;
 mod smtp_in;
