@@ -7,3 +7,4 @@ mod check_config;
 mod crash;
 mod delivery;
 mod smtp_in;
+mod tls;

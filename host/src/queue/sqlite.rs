@@ -560,6 +560,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commits_are_durable_wal_with_full_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), Duration::ZERO)
+            .await
+            .expect("open");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&queue.pool)
+            .await
+            .expect("pragma");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&queue.pool)
+            .await
+            .expect("pragma");
+        assert_eq!(
+            (mode.as_str(), sync),
+            ("wal", 2),
+            "WAL with synchronous=FULL (2)"
+        );
+    }
+
+    #[tokio::test]
     async fn concurrent_enqueues_share_commits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let queue = SqliteQueue::open(&dir.path().join("q.db"), Duration::ZERO)

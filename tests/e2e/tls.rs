@@ -1,0 +1,154 @@
+//! STARTTLS in (the listener) and out (opportunistic and mandatory delivery), with a certificate
+//! generated for the test.
+
+use std::time::Duration;
+
+use switchyard::config::TlsPolicy;
+use switchyard::smtp::client::{Client, ConnectOptions, Envelope};
+
+use crate::harness::client::TestClient;
+use crate::harness::router::{Router, RouterOptions};
+use crate::harness::sink::Sink;
+
+/// Writes a self-signed certificate and key into `dir`; returns the `[tls]` section.
+fn tls_section(dir: &std::path::Path) -> String {
+    let generated = rcgen::generate_simple_self_signed(vec!["mx.switchyard.test".to_string()])
+        .expect("certificate");
+    let certificate = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
+    format!(
+        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+        certificate.display(),
+        key.display()
+    )
+}
+
+async fn tls_router(delivery: String) -> (Router, tempfile::TempDir) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let router = Router::start(RouterOptions {
+        delivery,
+        extra: tls_section(certs.path()),
+        ..RouterOptions::default()
+    })
+    .await;
+    (router, certs)
+}
+
+fn options(tls: TlsPolicy) -> ConnectOptions<'static> {
+    ConnectOptions {
+        helo_name: "client.test",
+        tls,
+        tls_config: switchyard::net::tls::unverified_client_config(),
+        server_name: "mx.switchyard.test",
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_inbound_then_a_transaction() {
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let (router, _certs) = tls_router(format!("smarthost = \"{}\"\n", sink.address)).await;
+    let address = format!("127.0.0.1:{}", router.port)
+        .parse()
+        .expect("address");
+    let mut client = Client::connect(address, &options(TlsPolicy::Require))
+        .await
+        .expect("STARTTLS works");
+    assert!(client.is_tls());
+    let recipients = vec!["b@switchyard.test".to_string()];
+    let envelope = Envelope {
+        sender: "a@sender.test",
+        recipients: &recipients,
+        smtputf8: false,
+        eight_bit: false,
+        size: 30,
+    };
+    let replies = client
+        .send(&envelope, b"Subject: over TLS\r\n\r\nsecret\r\n")
+        .await
+        .expect("send");
+    assert_eq!(replies[0].code, 250, "{replies:?}");
+    client.quit().await;
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        received[0].data.contains("with ESMTPS id"),
+        "{}",
+        received[0].data
+    );
+    assert!(
+        received[0].data.contains("(TLSv1_3 "),
+        "{}",
+        received[0].data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pipelined_after_starttls_are_refused() {
+    let (router, _certs) = tls_router(String::new()).await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send(b"STARTTLS\r\nMAIL FROM:<injected@sender.test>\r\n")
+        .await;
+    assert_eq!(
+        client.reply().await.text,
+        "554 5.5.1 Error: commands pipelined after STARTTLS"
+    );
+    assert!(client.is_closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_uses_starttls_when_offered_and_requires_it_when_told() {
+    // Router B offers STARTTLS and relays to the sink; router A relays to B opportunistically.
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let (b, _certs) = tls_router(format!("smarthost = \"{}\"\n", sink.address)).await;
+    let a = Router::start(RouterOptions {
+        delivery: format!(
+            "smarthost = \"127.0.0.1:{}\"\ntls = \"opportunistic\"\n",
+            b.port
+        ),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(a.port).await;
+    let content = crate::harness::client::message("hop");
+    assert_eq!(
+        client
+            .send_mail("a@sender.test", &["b@switchyard.test"], &content)
+            .await
+            .code,
+        250
+    );
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        received[0]
+            .data
+            .contains("by mx.switchyard.test (Switchyard) (TLSv1_3"),
+        "{}",
+        received[0].data
+    );
+
+    // Mandatory TLS towards the plain sink defers instead of sending in clear text.
+    let strict = Router::start(RouterOptions {
+        delivery: format!("smarthost = \"{}\"\ntls = \"require\"\n", sink.address),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(strict.port).await;
+    assert_eq!(
+        client
+            .send_mail("a@sender.test", &["b@switchyard.test"], &content)
+            .await
+            .code,
+        250
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        strict.log().contains("status=deferred (451 4.7.4"),
+        "{}",
+        strict.log()
+    );
+    assert_eq!(sink.received().len(), 1);
+}
