@@ -13,11 +13,7 @@ const PER_CLIENT: usize = 400;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_accepted_message_is_lost_when_killed() {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
-    let mut router = Router::start(RouterOptions {
-        delivery: format!("smarthost = \"{}\"\n", sink.address),
-        ..RouterOptions::default()
-    })
-    .await;
+    let mut router = Router::start(RouterOptions::relaying_to(sink.address, "")).await;
     let port = router.port;
     let mut senders = Vec::new();
     for client_number in 0..CLIENTS {

@@ -266,3 +266,76 @@ async fn queue_commands_work_while_serving() {
     let missing = router.queue(&["delete", &id]);
     assert!(!missing.status.success(), "already gone after the bounce");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_reused_within_the_per_destination_limit() {
+    let receiver = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions::relaying_to(
+        receiver.address,
+        "max_connections_per_destination = 1\nmax_messages_per_connection = 100\n",
+    ))
+    .await;
+    let port = router.port;
+    let mut clients = Vec::new();
+    for client_number in 0..5 {
+        clients.push(tokio::spawn(async move {
+            let mut client = TestClient::connect(port).await;
+            for n in 0..10 {
+                client
+                    .send_accepted(
+                        "s@sender.test",
+                        &["r@dest.test"],
+                        &message(&format!("reuse {client_number}-{n}")),
+                    )
+                    .await;
+            }
+        }));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    receiver.wait_for(50, Duration::from_secs(20)).await;
+    let connections = receiver.connections();
+    assert_eq!(
+        connections.most_open, 1,
+        "never more than the per-destination limit: {connections:?}"
+    );
+    assert!(
+        connections.total < 50,
+        "several messages per connection: {connections:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_outlives_its_lifetime_is_returned() {
+    let (dns, port) = setup().await;
+    dns.mx("busy.test", 10, "mx.busy.test");
+    dns.a("mx.busy.test", ip(61));
+    dns.mx("sender.test", 10, "mx.sender.test");
+    dns.a("mx.sender.test", ip(62));
+    let rule: Rule = Arc::new(|_, _| Some("421 4.3.2 busy, come back later".to_string()));
+    let _busy = sink(61, port, Some(rule)).await;
+    let sender = sink(62, port, None).await;
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: port,
+        retry: "intervals = [\"300ms\"]\nmax_lifetime = \"2s\"\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("s@sender.test", &["r@busy.test"], &message("expires"))
+        .await;
+    let dsn = sender.wait_for(1, Duration::from_secs(15)).await;
+    let (status, recipient, text) = parse_dsn(&dsn[0].data);
+    assert_eq!(
+        (status.as_str(), recipient.as_str()),
+        ("4.4.7", "rfc822; r@busy.test")
+    );
+    assert!(
+        text.contains("last reply: 421 4.3.2 busy, come back later"),
+        "{text}"
+    );
+    assert!(router.log().contains("status=expired"));
+}

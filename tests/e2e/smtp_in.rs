@@ -11,8 +11,7 @@ async fn router_with_sink(smtp: &str) -> (Router, Sink) {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
     let router = Router::start(RouterOptions {
         smtp: smtp.to_string(),
-        delivery: format!("smarthost = \"{}\"\n", sink.address),
-        ..RouterOptions::default()
+        ..RouterOptions::relaying_to(sink.address, "")
     })
     .await;
     (router, sink)
@@ -379,4 +378,15 @@ async fn sessions_per_ip_are_limited() {
         third.reply().await.text,
         "421 4.7.0 Too many connections from 127.0.0.1, try again later"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_is_timed_out() {
+    let (router, _sink) = router_with_sink("command_timeout = \"1s\"\n").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client.reply().await.text,
+        "421 4.4.2 Timeout exceeded, closing connection"
+    );
+    assert!(client.is_closed().await);
 }

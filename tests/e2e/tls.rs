@@ -104,23 +104,16 @@ async fn delivery_uses_starttls_when_offered_and_requires_it_when_told() {
     // Router B offers STARTTLS and relays to the sink; router A relays to B opportunistically.
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
     let (b, _certs) = tls_router(format!("smarthost = \"{}\"\n", sink.address)).await;
-    let a = Router::start(RouterOptions {
-        delivery: format!(
-            "smarthost = \"127.0.0.1:{}\"\ntls = \"opportunistic\"\n",
-            b.port
-        ),
-        ..RouterOptions::default()
-    })
+    let a = Router::start(RouterOptions::relaying_to(
+        format!("127.0.0.1:{}", b.port),
+        "tls = \"opportunistic\"\n",
+    ))
     .await;
     let mut client = TestClient::connect(a.port).await;
     let content = crate::harness::client::message("hop");
-    assert_eq!(
-        client
-            .send_mail("a@sender.test", &["b@switchyard.test"], &content)
-            .await
-            .code,
-        250
-    );
+    client
+        .send_accepted("a@sender.test", &["b@switchyard.test"], &content)
+        .await;
     let received = sink.wait_for(1, Duration::from_secs(15)).await;
     assert!(
         received[0]
@@ -131,19 +124,15 @@ async fn delivery_uses_starttls_when_offered_and_requires_it_when_told() {
     );
 
     // Mandatory TLS towards the plain sink defers instead of sending in clear text.
-    let strict = Router::start(RouterOptions {
-        delivery: format!("smarthost = \"{}\"\ntls = \"require\"\n", sink.address),
-        ..RouterOptions::default()
-    })
+    let strict = Router::start(RouterOptions::relaying_to(
+        sink.address,
+        "tls = \"require\"\n",
+    ))
     .await;
     let mut client = TestClient::connect(strict.port).await;
-    assert_eq!(
-        client
-            .send_mail("a@sender.test", &["b@switchyard.test"], &content)
-            .await
-            .code,
-        250
-    );
+    client
+        .send_accepted("a@sender.test", &["b@switchyard.test"], &content)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         strict.log().contains("status=deferred (451 4.7.4"),

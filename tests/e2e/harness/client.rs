@@ -107,6 +107,18 @@ impl TestClient {
         self.reply().await
     }
 
+    /// Sends a message that must be accepted; returns its queue id.
+    pub async fn send_accepted(&mut self, from: &str, to: &[&str], content: &str) -> String {
+        let reply = self.send_mail(from, to, content).await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+        reply
+            .text
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// True when the server has closed the connection.
     pub async fn is_closed(&mut self) -> bool {
         let mut line = String::new();

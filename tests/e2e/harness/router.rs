@@ -15,6 +15,8 @@ pub struct RouterOptions {
     pub relay: String,
     /// Lines for the [delivery] section (port is set already).
     pub delivery: String,
+    /// Lines for the [retry] section.
+    pub retry: String,
     /// Anything else ([[route]] tables...).
     pub extra: String,
 }
@@ -28,7 +30,18 @@ impl Default for RouterOptions {
             smtp: String::new(),
             relay: "domains = [\"switchyard.test\"]\nnetworks = [\"127.0.0.0/8\"]\n".to_string(),
             delivery: String::new(),
+            retry: "intervals = [\"1s\"]\n".to_string(),
             extra: String::new(),
+        }
+    }
+}
+
+impl RouterOptions {
+    /// Options for a router that sends everything to `smarthost` with these `[delivery]` lines.
+    pub fn relaying_to(smarthost: impl std::fmt::Display, delivery: &str) -> RouterOptions {
+        RouterOptions {
+            delivery: format!("smarthost = \"{smarthost}\"\n{delivery}"),
+            ..RouterOptions::default()
         }
     }
 }
@@ -59,13 +72,14 @@ impl Router {
             "hostname = \"mx.switchyard.test\"\ndata_dir = \"{dir}\"\n\n\
              [[listener]]\nname = \"inbound\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
-             [queue]\nscan_interval = \"200ms\"\n\n[retry]\nintervals = [\"1s\"]\n\n\
+             [queue]\nscan_interval = \"200ms\"\n\n[retry]\n{retry}\n\
              [dns]\n{nameservers}timeout = \"2s\"\n\n\
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
             dir = dir.path().display(),
             delay = options.greeting_delay,
             smtp = options.smtp,
             relay = options.relay,
+            retry = options.retry,
             delivery_port = options.delivery_port,
             delivery = options.delivery,
             extra = options.extra,

@@ -24,6 +24,15 @@ pub struct Sink {
     pub address: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     rcpt_attempts: Arc<Mutex<usize>>,
+    connections: Arc<Mutex<Connections>>,
+}
+
+/// Connection counts, to check reuse and per-destination limits.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Connections {
+    pub total: usize,
+    pub open: usize,
+    pub most_open: usize,
 }
 
 impl Sink {
@@ -38,6 +47,7 @@ impl Sink {
             address,
             received: Arc::new(Mutex::new(Vec::new())),
             rcpt_attempts: Arc::new(Mutex::new(0)),
+            connections: Arc::new(Mutex::new(Connections::default())),
         };
         let served = sink.clone();
         tokio::spawn(async move {
@@ -47,7 +57,11 @@ impl Sink {
                 };
                 let sink = served.clone();
                 let rule = rcpt_rule.clone();
-                tokio::spawn(async move { sink.session(stream, rule).await });
+                tokio::spawn(async move {
+                    sink.count_connection(1);
+                    sink.session(stream, rule).await;
+                    sink.count_connection(-1);
+                });
             }
         });
         sink
@@ -137,6 +151,21 @@ impl Sink {
                 return;
             }
         }
+    }
+
+    fn count_connection(&self, change: isize) {
+        let mut connections = self.connections.lock().expect("connections");
+        if change > 0 {
+            connections.total += 1;
+            connections.open += 1;
+            connections.most_open = connections.most_open.max(connections.open);
+        } else {
+            connections.open -= 1;
+        }
+    }
+
+    pub fn connections(&self) -> Connections {
+        *self.connections.lock().expect("connections")
     }
 
     pub fn received(&self) -> Vec<Received> {
