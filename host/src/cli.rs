@@ -178,7 +178,7 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
                     reply: diagnostic.clone(),
                 })
                 .collect();
-            let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed);
+            let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed, None);
             let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
             queue.record(results, bounce.into_iter().collect()).await?;
             match dsn_id {

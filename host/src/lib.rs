@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod net;
+pub mod plugins;
 pub mod queue;
 pub mod serve;
 pub mod services;

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::delivery::dns::Dns;
 use crate::delivery::{run_scanner, Dispatcher};
+use crate::plugins::kv::KvStore;
+use crate::plugins::{PluginManager, PluginServices};
 use crate::queue::sqlite::SqliteQueue;
 use crate::queue::Queue;
 use crate::services::Services;
@@ -27,8 +30,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "recovered recipients claimed by an earlier run"
         );
     }
+    let kv: Arc<dyn KvStore> = Arc::new(queue.clone());
     let queue: Arc<dyn Queue> = Arc::new(queue);
-    let dispatcher = Dispatcher::new(config.clone(), queue.clone())?;
+    let dns = Arc::new(Dns::new(&config.dns)?);
+    let engine = crate::plugins::engine::new_engine(&config.data_dir.join("plugin-cache"))?;
+    let plugin_services = PluginServices {
+        kv: Some(kv),
+        resolver: Some(dns.clone()),
+    };
+    let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
+    let dispatcher = Dispatcher::new(config.clone(), queue.clone(), dns, plugins.clone());
     let tls_acceptor = match &config.tls {
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(
             crate::net::tls::server_config(&files.certificate, &files.private_key)?,
@@ -40,6 +51,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         queue,
         dispatcher: dispatcher.clone(),
+        plugins,
         node_id: node_id.clone(),
         tls_acceptor,
     });

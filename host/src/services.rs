@@ -4,12 +4,15 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::delivery::Dispatcher;
+use crate::plugins::PluginManager;
 use crate::queue::Queue;
 
 pub struct Services {
     pub config: Arc<Config>,
     pub queue: Arc<dyn Queue>,
     pub dispatcher: Arc<Dispatcher>,
+    /// The plugin chain; its generation changes on reload.
+    pub plugins: Arc<PluginManager>,
     /// This process's name for queue leases.
     pub node_id: String,
     /// Present when a certificate is configured: STARTTLS is offered.

@@ -6,5 +6,6 @@ mod harness;
 mod check_config;
 mod crash;
 mod delivery;
+mod plugins;
 mod smtp_in;
 mod tls;

@@ -5,12 +5,14 @@
 //! span several values (two listeners on one address, TLS asked for without a certificate) run after,
 //! in [`validate`], and also point at a line.
 
+mod plugin;
 mod types;
 mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use plugin::{FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
 pub use types::{HostPort, ListenerRole, TlsPolicy};
 
@@ -56,6 +58,9 @@ pub struct Config {
     /// Per-domain next hops that override MX lookup.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// The plugin chain, in order.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginManifest>,
     pub log: LogConfig,
 }
 
@@ -73,6 +78,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
             routes: Vec::new(),
+            plugins: Vec::new(),
             log: LogConfig::default(),
         }
     }
@@ -330,7 +336,15 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        // Plugin paths are relative to the configuration file, like an include.
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for plugin in &mut config.plugins {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.

@@ -118,6 +118,27 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             ));
         }
     }
+    let mut names = HashSet::new();
+    for plugin in &config.plugins {
+        if plugin.name.is_empty() || !names.insert(plugin.name.as_str()) {
+            return Err(problem(
+                "name",
+                format!(
+                    "plugin names must be unique and not empty: `{}`",
+                    plugin.name
+                ),
+            ));
+        }
+        if plugin.time_limit.is_zero() || plugin.memory_limit < 1024 * 1024 {
+            return Err(problem(
+                "time_limit",
+                format!(
+                    "plugin `{}`: time_limit must be above 0 and memory_limit at least 1 MiB",
+                    plugin.name
+                ),
+            ));
+        }
+    }
     for domain in &config.relay.domains {
         if domain.is_empty() || domain.contains(['@', ' ']) {
             return Err(problem(

@@ -144,6 +144,41 @@ impl Dns {
         Ok(targets)
     }
 
+    /// TXT records of a name, for plugins granted `dns`.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        let fqdn = if name.ends_with('.') {
+            name.to_string()
+        } else {
+            format!("{name}.")
+        };
+        match self.resolver.txt_lookup(fqdn.as_str()).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TXT(txt) => Some(txt.to_string()),
+                    _ => None,
+                })
+                .collect()),
+            Err(error) if error.is_nx_domain() || error.is_no_records_found() => Ok(Vec::new()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// A and AAAA records of a name as text, for plugins granted `dns`.
+    pub async fn ips(&self, name: &str) -> Result<Vec<String>, String> {
+        let fqdn = if name.ends_with('.') {
+            name.to_string()
+        } else {
+            format!("{name}.")
+        };
+        match self.resolver.lookup_ip(fqdn.as_str()).await {
+            Ok(lookup) => Ok(lookup.iter().map(|ip| ip.to_string()).collect()),
+            Err(error) if error.is_nx_domain() || error.is_no_records_found() => Ok(Vec::new()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Reply> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 
+use crate::plugins::bindings::types::BounceText;
 use crate::queue::{now_millis, MessageMeta, NewMessage};
 
 /// One recipient that failed, and why.
@@ -19,12 +20,14 @@ pub struct FailedRecipient {
 }
 
 /// Builds the DSN for `failed` recipients of a message. `None` when the message came from the
-/// null sender: a bounce is never bounced (RFC 5321 4.5.5).
+/// null sender: a bounce is never bounced (RFC 5321 4.5.5). `custom` replaces the subject and
+/// the human-readable part (the bounce hook's answer).
 pub fn build(
     hostname: &str,
     original: &MessageMeta,
     content: &[u8],
     failed: &[FailedRecipient],
+    custom: Option<&BounceText>,
 ) -> Option<NewMessage> {
     if original.sender.is_empty() || failed.is_empty() {
         return None;
@@ -42,7 +45,10 @@ pub fn build(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
     ));
     text.push_str(&format!("To: <{}>\r\n", original.sender));
-    text.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    let subject = custom
+        .map(|custom| custom.subject.replace(['\r', '\n'], " "))
+        .unwrap_or_else(|| "Undelivered Mail Returned to Sender".to_string());
+    text.push_str(&format!("Subject: {subject}\r\n"));
     text.push_str(&format!("Date: {date}\r\n"));
     text.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
     text.push_str("Auto-Submitted: auto-replied\r\n");
@@ -118,6 +124,7 @@ pub fn build(
         },
         recipients: vec![original.sender.clone()],
         content: Bytes::from(message),
+        quarantine: None,
     })
 }
 
@@ -163,12 +170,20 @@ mod tests {
             diagnostic: "550 5.1.1 no".into(),
             remote_mta: None,
         }];
-        assert!(build("mx.test", &meta(""), b"Subject: x\r\n\r\nbody\r\n", &failed).is_none());
+        assert!(build(
+            "mx.test",
+            &meta(""),
+            b"Subject: x\r\n\r\nbody\r\n",
+            &failed,
+            None
+        )
+        .is_none());
         let dsn = build(
             "mx.test",
             &meta("a@y.test"),
             b"Subject: x\r\n\r\nbody\r\n",
             &failed,
+            None,
         )
         .expect("dsn");
         assert_eq!(dsn.meta.sender, "");

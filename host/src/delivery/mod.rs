@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod dsn;
+mod observe;
 pub mod retry;
 pub mod route;
 mod scanner;
@@ -14,11 +15,15 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, TlsPolicy};
+use crate::config::{Config, HostPort, TlsPolicy};
+use crate::plugins::bindings::types as wit;
+use crate::plugins::chain::RouteDecision;
+use crate::plugins::hooks::HookKind;
+use crate::plugins::{PluginManager, PluginRun, PluginSet, RunContext};
 use crate::queue::{
     now_millis, MessageMeta, Outcome, Queue, QueuedMessage, RecipientResult, RecipientRow,
 };
-use crate::smtp::address::Mailbox;
+use crate::smtp::address::{domain_key, Mailbox};
 use crate::smtp::client::{Client, ConnectOptions, Envelope};
 use crate::smtp::reply::Reply;
 use dns::Dns;
@@ -51,10 +56,21 @@ struct State {
 pub struct Dispatcher {
     config: Arc<Config>,
     queue: Arc<dyn Queue>,
-    dns: Dns,
+    dns: Arc<Dns>,
+    plugins: Arc<PluginManager>,
     tls_config: Arc<rustls::ClientConfig>,
     connections: Arc<Semaphore>,
     state: Mutex<State>,
+}
+
+/// The message facts plugins see.
+fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {
+    wit::MessageFacts {
+        id: meta.id.clone(),
+        sender: meta.sender.clone(),
+        size: meta.size,
+        tenant: String::new(),
+    }
 }
 
 /// The fate of one recipient in one attempt.
@@ -65,16 +81,21 @@ struct Attempt {
 }
 
 impl Dispatcher {
-    pub fn new(config: Arc<Config>, queue: Arc<dyn Queue>) -> anyhow::Result<Arc<Dispatcher>> {
-        let dns = Dns::new(&config.dns)?;
-        Ok(Arc::new(Dispatcher {
+    pub fn new(
+        config: Arc<Config>,
+        queue: Arc<dyn Queue>,
+        dns: Arc<Dns>,
+        plugins: Arc<PluginManager>,
+    ) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
             config,
             queue,
             dns,
+            plugins,
             tls_config: crate::net::tls::unverified_client_config(),
             state: Mutex::new(State::default()),
-        }))
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -86,16 +107,147 @@ impl Dispatcher {
     /// Hands a claimed message to delivery. `content` saves a read when the caller has it.
     pub fn submit(self: &Arc<Self>, message: QueuedMessage, content: Option<Bytes>) {
         let meta = Arc::new(message.meta);
-        let mut by_hop: HashMap<String, (NextHop, Vec<RecipientRow>)> = HashMap::new();
+        let recipients = self.take_in_flight(&meta.id, message.recipients);
+        if recipients.is_empty() {
+            return;
+        }
+        let set = self.plugins.current();
+        if set
+            .plugins
+            .iter()
+            .any(|plugin| plugin.hooks.contains(HookKind::Route))
+        {
+            let dispatcher = self.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .route_with_plugins(set, meta, recipients, content)
+                    .await
+            });
+        } else {
+            let routed = recipients
+                .into_iter()
+                .map(|recipient| (self.static_hop(&recipient.address), recipient))
+                .collect();
+            self.queue_jobs(meta, content, routed);
+        }
+    }
+
+    /// Marks recipients as in flight, dropping those that already are.
+    fn take_in_flight(&self, id: &str, recipients: Vec<RecipientRow>) -> Vec<RecipientRow> {
         let mut state = self.state();
-        for recipient in message.recipients {
-            if !state.in_flight.insert((meta.id.clone(), recipient.index)) {
-                continue;
+        recipients
+            .into_iter()
+            .filter(|recipient| state.in_flight.insert((id.to_string(), recipient.index)))
+            .collect()
+    }
+
+    /// The next hop from the configuration alone: routes, smarthost, MX.
+    fn static_hop(&self, address: &str) -> NextHop {
+        let domain = Mailbox::from_stored(address)
+            .map(|mailbox| mailbox.domain)
+            .unwrap_or_default();
+        route::next_hop(&self.config, &domain)
+    }
+
+    /// Asks the route hooks for each recipient; settles at once the recipients they discard or
+    /// fail, and queues the rest.
+    async fn route_with_plugins(
+        self: Arc<Self>,
+        set: Arc<PluginSet>,
+        meta: Arc<MessageMeta>,
+        recipients: Vec<RecipientRow>,
+        content: Option<Bytes>,
+    ) {
+        let mut run = PluginRun::new(
+            set,
+            RunContext {
+                tenant: String::new(),
+                queue_id: Some(meta.id.clone()),
+            },
+        );
+        let facts = plugin_facts(&meta);
+        let mut routed = Vec::new();
+        let mut settled = Vec::new();
+        for recipient in recipients {
+            let settle = |reply: Reply| Attempt {
+                recipient: recipient.clone(),
+                reply,
+                relay: "plugin".to_string(),
+            };
+            match run.route(&facts, &recipient.address).await {
+                RouteDecision::Continue | RouteDecision::Hop(wit::NextHop::Continue) => {
+                    routed.push((self.static_hop(&recipient.address), recipient));
+                }
+                RouteDecision::Hop(wit::NextHop::Mx(domain)) => {
+                    routed.push((
+                        NextHop::Mx {
+                            domain: domain_key(&domain),
+                        },
+                        recipient,
+                    ));
+                }
+                RouteDecision::Hop(wit::NextHop::Smarthost(smarthost)) => {
+                    let host = HostPort {
+                        host: smarthost.host,
+                        port: Some(smarthost.port),
+                    };
+                    let tls = match smarthost.tls {
+                        wit::TlsPolicy::None => TlsPolicy::None,
+                        wit::TlsPolicy::Opportunistic => TlsPolicy::Opportunistic,
+                        wit::TlsPolicy::Require => TlsPolicy::Require,
+                    };
+                    routed.push((NextHop::Relay { host, tls }, recipient));
+                }
+                RouteDecision::Hop(wit::NextHop::Mailbox(name)) => {
+                    // Until local delivery exists, keep the mail rather than lose it.
+                    settled.push(settle(Reply::new(
+                        451,
+                        "4.3.5",
+                        format!("mailbox `{name}`: local delivery is not available"),
+                    )));
+                }
+                RouteDecision::Hop(wit::NextHop::Discard) => {
+                    settled.push(settle(Reply::new(
+                        250,
+                        "2.0.0",
+                        "discarded by a routing plugin",
+                    )));
+                }
+                RouteDecision::Hop(wit::NextHop::Fail(reply)) => {
+                    let code = if (400..600).contains(&reply.code) {
+                        reply.code
+                    } else {
+                        550
+                    };
+                    settled.push(settle(Reply::new(code, &reply.enhanced, reply.text)));
+                }
+                RouteDecision::Failed(reply) => settled.push(settle(reply)),
             }
-            let domain = Mailbox::from_stored(&recipient.address)
-                .map(|mailbox| mailbox.domain)
-                .unwrap_or_default();
-            let hop = route::next_hop(&self.config, &domain);
+        }
+        drop(run);
+        if !settled.is_empty() {
+            let job = Job {
+                meta: meta.clone(),
+                content: content.clone(),
+                recipients: settled
+                    .iter()
+                    .map(|attempt| attempt.recipient.clone())
+                    .collect(),
+            };
+            self.finish(job, settled).await;
+        }
+        self.queue_jobs(meta, content, routed);
+    }
+
+    /// Queues one job per next hop and starts connection workers within the limits.
+    fn queue_jobs(
+        self: &Arc<Self>,
+        meta: Arc<MessageMeta>,
+        content: Option<Bytes>,
+        routed: Vec<(NextHop, RecipientRow)>,
+    ) {
+        let mut by_hop: HashMap<String, (NextHop, Vec<RecipientRow>)> = HashMap::new();
+        for (hop, recipient) in routed {
             by_hop
                 .entry(hop.key())
                 .or_insert_with(|| (hop, Vec::new()))
@@ -104,6 +256,7 @@ impl Dispatcher {
         }
         let limit = self.config.delivery.max_connections_per_destination;
         let mut spawn = Vec::new();
+        let mut state = self.state();
         for (key, (hop, recipients)) in by_hop {
             let destination =
                 state
@@ -317,6 +470,7 @@ impl Dispatcher {
         let delay = (now - meta.received_at).max(0) as f64 / 1000.0;
         let mut results = Vec::with_capacity(attempts.len());
         let mut failed = Vec::new();
+        let mut reports = Vec::new();
         for attempt in attempts {
             let count = attempt.recipient.attempts + 1;
             let reply_text = attempt.reply.one_line();
@@ -357,6 +511,14 @@ impl Dispatcher {
                     remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
                 });
             }
+            reports.push(observe::report(
+                &meta,
+                &attempt.recipient.address,
+                &outcome,
+                &attempt.relay,
+                &diagnostic,
+                count,
+            ));
             results.push(RecipientResult {
                 message_id: meta.id.clone(),
                 index: attempt.recipient.index,
@@ -365,6 +527,8 @@ impl Dispatcher {
                 reply: diagnostic,
             });
         }
+        let set = self.plugins.current();
+        observe::delivery_results(&set, &meta, &reports).await;
         let mut bounces = Vec::new();
         if !failed.is_empty() {
             let content = match job.content.take() {
@@ -372,7 +536,14 @@ impl Dispatcher {
                 None => self.queue.content(&meta.id).await.ok().flatten(),
             };
             let content = content.unwrap_or_default();
-            match dsn::build(&self.config.hostname, &meta, &content, &failed) {
+            let text = observe::bounce_text(&set, &meta, &failed, &content).await;
+            match dsn::build(
+                &self.config.hostname,
+                &meta,
+                &content,
+                &failed,
+                text.as_ref(),
+            ) {
                 Some(bounce) => {
                     tracing::info!(queue_id = %meta.id, dsn = %bounce.meta.id, "sender non-delivery notification");
                     bounces.push(bounce);

@@ -46,6 +46,8 @@ pub struct NewMessage {
     pub recipients: Vec<String>,
     /// The whole message, headers and body, with CRLF line endings.
     pub content: Bytes,
+    /// Held instead of delivered, for this reason (a data hook said so).
+    pub quarantine: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub enum RecipientState {
     Queued,
     Delivered,
     Failed,
+    /// Held by a plugin's quarantine verdict; `queue retry` releases it.
+    Quarantined,
 }
 
 impl RecipientState {
@@ -61,6 +65,7 @@ impl RecipientState {
             RecipientState::Queued => 0,
             RecipientState::Delivered => 1,
             RecipientState::Failed => 2,
+            RecipientState::Quarantined => 3,
         }
     }
 
@@ -68,6 +73,7 @@ impl RecipientState {
         match value {
             1 => RecipientState::Delivered,
             2 => RecipientState::Failed,
+            3 => RecipientState::Quarantined,
             _ => RecipientState::Queued,
         }
     }
@@ -77,6 +83,7 @@ impl RecipientState {
             RecipientState::Queued => "queued",
             RecipientState::Delivered => "delivered",
             RecipientState::Failed => "failed",
+            RecipientState::Quarantined => "quarantined",
         }
     }
 }
@@ -153,7 +160,8 @@ pub trait Queue: Send + Sync {
     /// One message with all its recipients.
     async fn get(&self, id: &str) -> Result<Option<QueuedMessage>, QueueError>;
 
-    /// Makes queued recipients due now (one message, or all with `None`); returns how many.
+    /// Makes queued recipients due now and releases quarantined ones (one message, or all with
+    /// `None`); returns how many.
     async fn retry_now(&self, id: Option<&str>) -> Result<u64, QueueError>;
 
     /// Removes a message without delivering or bouncing it; false if there was none.

@@ -40,6 +40,14 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (message_id, idx)
     )",
     "CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt)",
+    "CREATE TABLE IF NOT EXISTS kv (
+        tenant TEXT NOT NULL,
+        plugin TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        expires_at INTEGER,
+        PRIMARY KEY (tenant, plugin, key)
+    )",
 ];
 
 /// The SQLite queue. Cheap to clone.
@@ -125,6 +133,23 @@ pub(crate) enum WriteOp {
         lease_until: Millis,
         limit: i64,
     },
+    KvSet {
+        scope: (String, String),
+        key: String,
+        value: Vec<u8>,
+        expires_at: Option<Millis>,
+    },
+    KvIncrement {
+        scope: (String, String),
+        key: String,
+        delta: i64,
+        now: Millis,
+        expires_at: Millis,
+    },
+    KvDelete {
+        scope: (String, String),
+        key: String,
+    },
 }
 
 pub(crate) struct SqliteWriter {
@@ -151,15 +176,22 @@ impl SqliteWriter {
         .bind(message.content.as_ref())
         .execute(&mut self.connection)
         .await?;
+        let state = if message.quarantine.is_some() {
+            RecipientState::Quarantined.as_i64()
+        } else {
+            RecipientState::Queued.as_i64()
+        };
         for (index, address) in message.recipients.iter().enumerate() {
             sqlx::query(
-                "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, lease_owner, lease_until)
-                 VALUES (?, ?, ?, 0, 0, ?, ?, ?)",
+                "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_reply, lease_owner, lease_until)
+                 VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
             )
             .bind(&meta.id)
             .bind(index as i64)
             .bind(address)
+            .bind(state)
             .bind(meta.received_at)
+            .bind(message.quarantine.as_deref())
             .bind(lease.map(|(owner, _)| owner.as_str()))
             .bind(lease.map(|(_, until)| *until))
             .execute(&mut self.connection)
@@ -200,7 +232,7 @@ impl SqliteWriter {
         for id in touched {
             sqlx::query(
                 "DELETE FROM recipients WHERE message_id = ?1
-                 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state = 0)",
+                 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
             )
             .bind(id)
             .execute(&mut self.connection)
@@ -214,6 +246,69 @@ impl SqliteWriter {
             self.insert(bounce, None).await?;
         }
         Ok(())
+    }
+
+    /// The plugins' key-value operations.
+    async fn apply_kv(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+        match op {
+            WriteOp::KvSet {
+                scope,
+                key,
+                value,
+                expires_at,
+            } => {
+                sqlx::query(
+                    "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (tenant, plugin, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                )
+                .bind(&scope.0)
+                .bind(&scope.1)
+                .bind(key)
+                .bind(value)
+                .bind(expires_at)
+                .execute(&mut self.connection)
+                .await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::KvIncrement {
+                scope,
+                key,
+                delta,
+                now,
+                expires_at,
+            } => {
+                // Counters are stored as decimal text; an expired one starts again from zero.
+                let value: i64 = sqlx::query_scalar(
+                    "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?1, ?2, ?3, CAST(?4 AS TEXT), ?5)
+                     ON CONFLICT (tenant, plugin, key) DO UPDATE SET
+                       value = CASE WHEN kv.expires_at IS NOT NULL AND kv.expires_at <= ?6
+                                    THEN CAST(?4 AS TEXT)
+                                    ELSE CAST(CAST(CAST(kv.value AS TEXT) AS INTEGER) + ?4 AS TEXT) END,
+                       expires_at = CASE WHEN kv.expires_at IS NOT NULL AND kv.expires_at <= ?6
+                                    THEN ?5 ELSE kv.expires_at END
+                     RETURNING CAST(CAST(value AS TEXT) AS INTEGER)",
+                )
+                .bind(&scope.0)
+                .bind(&scope.1)
+                .bind(key)
+                .bind(delta)
+                .bind(expires_at)
+                .bind(now)
+                .fetch_one(&mut self.connection)
+                .await?;
+                Ok(WriteOutput::Counter(value))
+            }
+            WriteOp::KvDelete { scope, key } => {
+                sqlx::query("DELETE FROM kv WHERE tenant = ? AND plugin = ? AND key = ?")
+                    .bind(&scope.0)
+                    .bind(&scope.1)
+                    .bind(key)
+                    .execute(&mut self.connection)
+                    .await?;
+                Ok(WriteOutput::Done)
+            }
+            _ => Ok(WriteOutput::Done),
+        }
     }
 
     async fn claim(
@@ -275,6 +370,7 @@ impl SqliteWriter {
 pub(crate) enum WriteOutput {
     Done,
     Claimed(Vec<QueuedMessage>),
+    Counter(i64),
 }
 
 #[async_trait]
@@ -307,6 +403,7 @@ impl Apply for SqliteWriter {
             } => Ok(WriteOutput::Claimed(
                 self.claim(owner, *now, *lease_until, *limit).await?,
             )),
+            kv => self.apply_kv(kv).await,
         }
     }
 
@@ -353,7 +450,7 @@ impl Queue for SqliteQueue {
             .await?;
         Ok(match output {
             WriteOutput::Claimed(messages) => messages,
-            WriteOutput::Done => Vec::new(),
+            _ => Vec::new(),
         })
     }
 
@@ -411,7 +508,7 @@ impl Queue for SqliteQueue {
         let result = match id {
             Some(id) => {
                 sqlx::query(
-                    "UPDATE recipients SET next_attempt = ? WHERE state = 0 AND message_id = ?",
+                    "UPDATE recipients SET next_attempt = ?, state = 0 WHERE state IN (0, 3) AND message_id = ?",
                 )
                 .bind(now)
                 .bind(id)
@@ -419,7 +516,7 @@ impl Queue for SqliteQueue {
                 .await?
             }
             None => {
-                sqlx::query("UPDATE recipients SET next_attempt = ? WHERE state = 0")
+                sqlx::query("UPDATE recipients SET next_attempt = ?, state = 0 WHERE state IN (0, 3)")
                     .bind(now)
                     .execute(&self.pool)
                     .await?
@@ -461,10 +558,132 @@ impl Queue for SqliteQueue {
     }
 }
 
+fn scope(tenant: &str, plugin: &str) -> (String, String) {
+    (tenant.to_string(), plugin.to_string())
+}
+
+/// The plugins' key-value store lives beside the queue, so it is as durable and as shared.
+#[async_trait]
+impl crate::plugins::kv::KvStore for SqliteQueue {
+    async fn get(
+        &self,
+        tenant: &str,
+        plugin: &str,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let value = sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT CAST(value AS BLOB) FROM kv WHERE tenant = ? AND plugin = ? AND key = ?
+             AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(tenant)
+        .bind(plugin)
+        .bind(key)
+        .bind(super::now_millis())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(value)
+    }
+
+    async fn set(
+        &self,
+        tenant: &str,
+        plugin: &str,
+        key: &str,
+        value: &[u8],
+        ttl_seconds: Option<u32>,
+    ) -> Result<(), QueueError> {
+        let expires_at = ttl_seconds.map(|ttl| super::now_millis() + i64::from(ttl) * 1000);
+        self.writer
+            .submit(WriteOp::KvSet {
+                scope: scope(tenant, plugin),
+                key: key.to_string(),
+                value: value.to_vec(),
+                expires_at,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn increment(
+        &self,
+        tenant: &str,
+        plugin: &str,
+        key: &str,
+        delta: i64,
+        ttl_seconds: u32,
+    ) -> Result<i64, QueueError> {
+        let now = super::now_millis();
+        let output = self
+            .writer
+            .submit(WriteOp::KvIncrement {
+                scope: scope(tenant, plugin),
+                key: key.to_string(),
+                delta,
+                now,
+                expires_at: now + i64::from(ttl_seconds) * 1000,
+            })
+            .await?;
+        Ok(match output {
+            WriteOutput::Counter(value) => value,
+            _ => 0,
+        })
+    }
+
+    async fn delete(&self, tenant: &str, plugin: &str, key: &str) -> Result<(), QueueError> {
+        self.writer
+            .submit(WriteOp::KvDelete {
+                scope: scope(tenant, plugin),
+                key: key.to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::queue::now_millis;
+
+    #[tokio::test]
+    async fn kv_counters_expire_and_are_scoped() {
+        use crate::plugins::kv::KvStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = SqliteQueue::open(&dir.path().join("q.db"), Duration::ZERO)
+            .await
+            .expect("open");
+        let queue: &dyn KvStore = &queue;
+        assert_eq!(queue.increment("t", "p", "k", 1, 60).await.expect("inc"), 1);
+        assert_eq!(queue.increment("t", "p", "k", 2, 60).await.expect("inc"), 3);
+        assert_eq!(
+            queue
+                .increment("t", "other", "k", 1, 60)
+                .await
+                .expect("inc"),
+            1,
+            "per plugin"
+        );
+        assert_eq!(
+            queue.get("t", "p", "k").await.expect("get"),
+            Some(b"3".to_vec())
+        );
+        queue
+            .set("t", "p", "gone", b"x", Some(0))
+            .await
+            .expect("set");
+        assert_eq!(
+            queue.get("t", "p", "gone").await.expect("get"),
+            None,
+            "expired"
+        );
+        assert_eq!(
+            queue.increment("t", "p", "gone", 5, 60).await.expect("inc"),
+            5,
+            "expired counter restarts"
+        );
+        queue.delete("t", "p", "k").await.expect("delete");
+        assert_eq!(queue.get("t", "p", "k").await.expect("get"), None);
+    }
 
     fn message(id: &str, recipients: &[&str]) -> NewMessage {
         NewMessage {
@@ -478,6 +697,7 @@ mod tests {
             },
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             content: Bytes::from_static(b"x\r\n"),
+            quarantine: None,
         }
     }
 

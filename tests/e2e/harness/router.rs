@@ -53,6 +53,22 @@ pub struct Router {
     child: Option<Child>,
 }
 
+/// A plugin built by `scripts/build-plugins`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SWITCHYARD_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin")
+        });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-plugins",
+        path.display()
+    );
+    path
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -62,6 +78,13 @@ pub fn free_port() -> u16 {
 
 impl Router {
     pub async fn start(options: RouterOptions) -> Router {
+        let mut router = Router::start_stopped(options);
+        router.spawn().await;
+        router
+    }
+
+    /// Writes the configuration without starting the process.
+    fn start_stopped(options: RouterOptions) -> Router {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let nameservers = options
@@ -86,18 +109,28 @@ impl Router {
         );
         let config_path = dir.path().join("switchyard.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut router = Router {
+        Router {
             dir,
             port,
             config_path,
             child: None,
-        };
-        router.spawn().await;
-        router
+        }
+    }
+
+    /// Like [`Router::start`], but a router that fails to start is an `Err` with its log.
+    pub async fn try_start(options: RouterOptions) -> Result<Router, String> {
+        let mut router = Router::start_stopped(options);
+        router.try_spawn().await.map(|()| router)
     }
 
     /// Starts the process and waits until it accepts connections.
     pub async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("switchyard did not start; log:\n{log}");
+        }
+    }
+
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,16 +145,22 @@ impl Router {
             .spawn()
             .expect("spawn switchyard");
         self.child = Some(child);
-        for _ in 0..200 {
+        for _ in 0..400 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(format!("exited with {status}; log:\n{}", self.log()));
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("switchyard did not start; log:\n{}", self.log());
+        Err(format!("not listening after 20s; log:\n{}", self.log()))
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -4,6 +4,7 @@
 use std::io;
 
 use crate::net::conn::{Conn, LineEnd};
+use crate::plugins::bindings::types::Edit;
 use crate::smtp::reply::Reply;
 
 /// What was wrong with received content. Reading goes on to the end of the data either way, so the
@@ -175,6 +176,97 @@ pub fn stamp(content: Vec<u8>, trace: &Trace<'_>) -> Vec<u8> {
     stamped
 }
 
+/// Applies the data hooks' header edits in chain order: additions go to the top of the header
+/// section (in the order made), removals drop every field of that name, replacements do both.
+/// Edits with a malformed name or a value containing CR or LF are ignored.
+pub fn edit_headers(content: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let touches_headers = edits.iter().any(|edit| {
+        matches!(
+            edit,
+            Edit::AddHeader(_) | Edit::RemoveHeader(_) | Edit::ReplaceHeader(_)
+        )
+    });
+    if !touches_headers {
+        return content.to_vec();
+    }
+    let header_end = if content.starts_with(b"\r\n") {
+        0
+    } else {
+        memchr::memmem::find(content, b"\r\n\r\n")
+            .map(|end| end + 2)
+            .unwrap_or(content.len())
+    };
+    // (lower-case name, raw field with its continuation lines and CRLFs, added by an edit)
+    let mut fields: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    for line in content[..header_end].split_inclusive(|&b| b == b'\n') {
+        let continuation = line.starts_with(b" ") || line.starts_with(b"\t");
+        match fields.last_mut() {
+            Some((_, raw, _)) if continuation => raw.extend_from_slice(line),
+            _ => {
+                let name = line.split(|&b| b == b':').next().unwrap_or_default();
+                fields.push((
+                    String::from_utf8_lossy(name).trim().to_ascii_lowercase(),
+                    line.to_vec(),
+                    false,
+                ));
+            }
+        }
+    }
+    for edit in edits {
+        let (remove, add) = match edit {
+            Edit::AddHeader(header) => (None, Some(header)),
+            Edit::RemoveHeader(name) => (Some(name.to_ascii_lowercase()), None),
+            Edit::ReplaceHeader(header) => (Some(header.name.to_ascii_lowercase()), Some(header)),
+            Edit::AddRecipient(_) | Edit::RemoveRecipient(_) => continue,
+        };
+        if let Some(name) = remove {
+            fields.retain(|(field, _, _)| *field != name);
+        }
+        if let Some(header) = add {
+            let valid_name = !header.name.is_empty()
+                && header
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b':');
+            if !valid_name || header.value.contains(['\r', '\n']) {
+                tracing::warn!(header = %header.name, "plugin header edit ignored: invalid name or value");
+                continue;
+            }
+            let raw = format!("{}: {}\r\n", header.name, header.value).into_bytes();
+            let top = fields.iter().take_while(|(_, _, added)| *added).count();
+            fields.insert(top, (header.name.to_ascii_lowercase(), raw, true));
+        }
+    }
+    let mut edited = Vec::with_capacity(content.len() + 256);
+    for (_, raw, _) in fields {
+        edited.extend_from_slice(&raw);
+    }
+    edited.extend_from_slice(&content[header_end..]);
+    edited
+}
+
+/// Applies the data hooks' recipient edits in chain order.
+pub fn edit_recipients(recipients: &mut Vec<String>, edits: &[Edit]) {
+    for edit in edits {
+        match edit {
+            Edit::AddRecipient(address) => {
+                let valid = crate::smtp::address::parse_path_argument(&format!("<{address}>"))
+                    .map(|parsed| parsed.mailbox.is_some())
+                    .unwrap_or(false);
+                if valid && !recipients.contains(address) {
+                    recipients.push(address.clone());
+                } else if !valid {
+                    tracing::warn!(recipient = %address, "plugin added an invalid recipient; ignored");
+                }
+            }
+            Edit::RemoveRecipient(address) => {
+                recipients.retain(|recipient| !recipient.eq_ignore_ascii_case(address))
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +289,27 @@ mod tests {
             b"Received: a\r\n\tb\r\nreceived: c\r\nSubject: x\r\n\r\nReceived: not a header\r\n";
         assert_eq!(count_headers(content, "Received"), 2);
         assert_eq!(count_headers(content, "Message-ID"), 0);
+    }
+
+    #[test]
+    fn header_edits_in_chain_order() {
+        use crate::plugins::bindings::types::Header;
+        let header = |name: &str, value: &str| Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        let content = b"Received: x\r\nSubject: old\r\nX-Spam: yes\r\n\tcontinued\r\n\r\nbody\r\n";
+        let edits = vec![
+            Edit::AddHeader(header("X-First", "1")),
+            Edit::RemoveHeader("x-spam".into()),
+            Edit::ReplaceHeader(header("Subject", "new")),
+            Edit::AddHeader(header("Bad", "a\r\nInjected: yes")),
+        ];
+        let edited = String::from_utf8(edit_headers(content, &edits)).expect("utf8");
+        assert_eq!(
+            edited,
+            "X-First: 1\r\nSubject: new\r\nReceived: x\r\n\r\nbody\r\n"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod content;
 mod limits;
+mod policy;
 mod session;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 pub use limits::SessionLimits;
+pub use policy::parsed_headers;
 
 use crate::config::ListenerConfig;
 use crate::services::Services;

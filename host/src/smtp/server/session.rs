@@ -17,6 +17,8 @@ use super::limits::canonical;
 use crate::config::ListenerConfig;
 use crate::net::conn::{Conn, LineEnd};
 use crate::net::stream::Stream;
+use crate::plugins::chain::DataDecision;
+use crate::plugins::PluginRun;
 use crate::queue::{
     now_millis, MessageMeta, NewMessage, QueuedMessage, RecipientRow, RecipientState,
 };
@@ -26,18 +28,18 @@ use crate::smtp::reply::Reply;
 
 /// The mail transaction under way (between MAIL and the end of DATA/BDAT LAST).
 #[derive(Default)]
-struct Transaction {
+pub(super) struct Transaction {
     /// `Some(None)` is the null sender `<>`.
-    sender: Option<Option<Mailbox>>,
-    recipients: Vec<Mailbox>,
-    smtputf8: bool,
-    eight_bit_mime: bool,
+    pub(super) sender: Option<Option<Mailbox>>,
+    pub(super) recipients: Vec<Mailbox>,
+    pub(super) smtputf8: bool,
+    pub(super) eight_bit_mime: bool,
     /// Content received so far by BDAT chunks; `Some` once the first chunk came.
-    chunks: Option<Vec<u8>>,
-    chunks_too_big: bool,
+    pub(super) chunks: Option<Vec<u8>>,
+    pub(super) chunks_too_big: bool,
 }
 
-enum Greeting {
+pub(super) enum Greeting {
     None,
     Helo(String),
     Ehlo(String),
@@ -51,13 +53,15 @@ enum Flow {
 }
 
 pub struct Session {
-    conn: Conn,
-    client_ip: IpAddr,
-    listener: Arc<ListenerConfig>,
-    services: Arc<Services>,
-    greeting: Greeting,
-    transaction: Transaction,
+    pub(super) conn: Conn,
+    pub(super) client_ip: IpAddr,
+    pub(super) listener: Arc<ListenerConfig>,
+    pub(super) services: Arc<Services>,
+    pub(super) greeting: Greeting,
+    pub(super) transaction: Transaction,
     errors: u32,
+    /// Plugin instances of the transaction under way (see `policy.rs`).
+    pub(super) run: Option<PluginRun>,
 }
 
 impl Session {
@@ -95,6 +99,7 @@ impl Session {
                 greeting: Greeting::None,
                 transaction: Transaction::default(),
                 errors: 0,
+                run: None,
             };
             if let Err(error) = session.serve().await {
                 tracing::debug!(%error, "session ended with an I/O error");
@@ -115,6 +120,11 @@ impl Session {
     }
 
     async fn serve(&mut self) -> std::io::Result<()> {
+        if let Some(refusal) = self.ask_connect().await {
+            tracing::info!(reply = %refusal, "connection refused by plugin");
+            self.reply(refusal);
+            return self.conn.flush().await;
+        }
         let greeting = Reply::plain(220, format!("{} ESMTP Switchyard", self.config().hostname));
         self.reply(greeting);
         self.conn.flush().await?;
@@ -193,14 +203,15 @@ impl Session {
         let verb = verb.to_ascii_uppercase();
         tracing::trace!(command = %verb, "command");
         Ok(match verb.as_str() {
-            "EHLO" => self.helo(argument, true),
-            "HELO" => self.helo(argument, false),
-            "MAIL" => self.mail(argument),
-            "RCPT" => self.rcpt(argument),
+            "EHLO" => self.helo(argument, true).await,
+            "HELO" => self.helo(argument, false).await,
+            "MAIL" => self.mail(argument).await,
+            "RCPT" => self.rcpt(argument).await,
             "DATA" => return self.data(argument).await,
             "BDAT" => return self.bdat(argument).await,
             "RSET" => {
                 self.transaction = Transaction::default();
+                self.end_plugin_run();
                 self.reply(Reply::new(250, "2.0.0", "Ok"));
                 Flow::Continue
             }
@@ -233,13 +244,17 @@ impl Session {
         })
     }
 
-    fn helo(&mut self, argument: &str, extended: bool) -> Flow {
+    async fn helo(&mut self, argument: &str, extended: bool) -> Flow {
         let name = argument.trim();
         if name.is_empty() || name.contains(char::is_whitespace) {
             let verb = if extended { "EHLO" } else { "HELO" };
             return self.error(Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname")));
         }
         self.transaction = Transaction::default();
+        if let Some(refusal) = self.ask_helo(name).await {
+            self.reply(refusal);
+            return Flow::Continue;
+        }
         let hostname = self.config().hostname.clone();
         if !extended {
             self.greeting = Greeting::Helo(name.to_string());
@@ -264,7 +279,7 @@ impl Session {
         Flow::Continue
     }
 
-    fn mail(&mut self, argument: &str) -> Flow {
+    async fn mail(&mut self, argument: &str) -> Flow {
         if matches!(self.greeting, Greeting::None) {
             return self.error(Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
         }
@@ -328,19 +343,22 @@ impl Session {
                 ));
             }
         }
-        let shown = parsed
-            .mailbox
-            .as_ref()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
-        transaction.sender = Some(parsed.mailbox);
+        let sender = match self.ask_mail_from(&parsed).await {
+            Ok(sender) => sender,
+            Err(refusal) => {
+                self.reply(refusal);
+                return Flow::Continue;
+            }
+        };
+        let shown = sender.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        transaction.sender = Some(sender);
         self.transaction = transaction;
         tracing::debug!(from = %shown, "MAIL accepted");
         self.reply(Reply::new(250, "2.1.0", "Ok"));
         Flow::Continue
     }
 
-    fn rcpt(&mut self, argument: &str) -> Flow {
+    async fn rcpt(&mut self, argument: &str) -> Flow {
         if self.transaction.sender.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         }
@@ -362,7 +380,7 @@ impl Session {
                 format!("Unsupported parameter {keyword}"),
             ));
         }
-        let Some(recipient) = parsed.mailbox else {
+        let Some(recipient) = parsed.mailbox.clone() else {
             return self.error(Reply::new(
                 501,
                 "5.1.3",
@@ -380,7 +398,14 @@ impl Session {
             self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
             return Flow::Continue;
         }
-        if !self.may_send_to(&recipient) {
+        let (recipient, accepted_by_plugin) = match self.ask_rcpt_to(&recipient, &parsed).await {
+            Ok(answer) => answer,
+            Err(refusal) => {
+                self.reply(refusal);
+                return Flow::Continue;
+            }
+        };
+        if !accepted_by_plugin && !self.may_send_to(&recipient) {
             tracing::info!(to = %recipient, "relay denied");
             self.reply(Reply::new(
                 550,
@@ -523,9 +548,16 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// Ends the transaction: checks the content, stamps it and queues it. The reply is 250 only
-    /// once the queue has committed the message.
+    /// Ends the transaction: checks the content, stamps it, asks the data hooks and queues it.
+    /// The reply is 250 only once the queue has committed the message.
     async fn finish_message(&mut self, message: Vec<u8>, faults: Faults) -> Reply {
+        let reply = self.accept_message(message, faults).await;
+        self.end_plugin_run();
+        reply
+    }
+
+    async fn accept_message(&mut self, message: Vec<u8>, faults: Faults) -> Reply {
+        let envelope = self.wit_envelope();
         let transaction = std::mem::take(&mut self.transaction);
         let limits = &self.services.config.smtp;
         if let Some(reply) = faults.reply(limits.max_message_size, limits.max_data_line) {
@@ -540,6 +572,90 @@ impl Session {
             );
         }
         let queue_id = ulid::Ulid::new().to_string();
+        let stamped = self.stamp(message, &transaction, &queue_id);
+        let sender = envelope.sender.clone();
+        let mut recipients = envelope.recipients.clone();
+        let mut content = Bytes::from(stamped);
+        let mut quarantine = None;
+        if let Some((decision, edits)) = self.ask_data(&queue_id, envelope, &content).await {
+            match decision {
+                DataDecision::Reject(reply) | DataDecision::Tempfail(reply) => {
+                    tracing::info!(queue_id = %queue_id, reply = %reply, "message refused by plugin");
+                    return reply;
+                }
+                DataDecision::Discard => {
+                    tracing::info!(queue_id = %queue_id, "message discarded by plugin");
+                    return Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"));
+                }
+                DataDecision::Quarantine(reason) => quarantine = Some(reason),
+                DataDecision::Accept | DataDecision::Continue => {}
+            }
+            content = Bytes::from(content::edit_headers(&content, &edits));
+            content::edit_recipients(&mut recipients, &edits);
+            if recipients.is_empty() {
+                tracing::info!(queue_id = %queue_id, "plugins removed every recipient; message dropped");
+                return Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"));
+            }
+        }
+        let received_at = now_millis();
+        let meta = MessageMeta {
+            id: queue_id.clone(),
+            sender: sender.clone(),
+            received_at,
+            size: content.len() as u64,
+            smtputf8: transaction.smtputf8,
+            eight_bit: transaction.eight_bit_mime || content.iter().any(|&b| b >= 0x80),
+        };
+        let lease_until = received_at + self.services.config.queue.lease.as_millis() as i64;
+        let new = NewMessage {
+            meta: meta.clone(),
+            recipients: recipients.clone(),
+            content: content.clone(),
+            quarantine: quarantine.clone(),
+        };
+        let lease = quarantine
+            .is_none()
+            .then(|| (self.services.node_id.clone(), lease_until));
+        if let Err(error) = self.services.queue.enqueue(new, lease).await {
+            tracing::error!(queue_id = %queue_id, %error, "cannot queue message");
+            return Reply::new(
+                451,
+                "4.3.0",
+                "Temporary queue failure, please try again later",
+            );
+        }
+        tracing::info!(
+            queue_id = %queue_id,
+            listener = %self.listener.name,
+            from = %sender,
+            recipients = recipients.len(),
+            size = meta.size,
+            quarantine = quarantine.as_deref().unwrap_or("-"),
+            "queued"
+        );
+        if quarantine.is_none() {
+            let queued = QueuedMessage {
+                meta,
+                recipients: recipients
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, address)| RecipientRow {
+                        index: index as i64,
+                        address,
+                        state: RecipientState::Queued,
+                        attempts: 0,
+                        next_attempt: received_at,
+                        last_reply: None,
+                    })
+                    .collect(),
+            };
+            self.services.dispatcher.submit(queued, Some(content));
+        }
+        Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
+    }
+
+    /// Prepends the Received header (and a Message-ID if missing).
+    fn stamp(&self, message: Vec<u8>, transaction: &Transaction, queue_id: &str) -> Vec<u8> {
         let tls = self.conn.stream().tls_description();
         let protocol = match (&self.greeting, transaction.smtputf8, tls.is_some()) {
             (Greeting::Ehlo(_), true, true) => "UTF8SMTPS",
@@ -558,76 +674,11 @@ impl Session {
             hostname: &self.services.config.hostname,
             protocol,
             tls,
-            queue_id: &queue_id,
+            queue_id,
             single_recipient: (transaction.recipients.len() == 1)
                 .then(|| transaction.recipients[0].to_string()),
         };
-        let stamped = content::stamp(message, &trace);
-        let eight_bit = transaction.eight_bit_mime || stamped.iter().any(|&b| b >= 0x80);
-        let sender = transaction
-            .sender
-            .flatten()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
-        let received_at = now_millis();
-        let meta = MessageMeta {
-            id: queue_id.clone(),
-            sender: sender.clone(),
-            received_at,
-            size: stamped.len() as u64,
-            smtputf8: transaction.smtputf8,
-            eight_bit,
-        };
-        let recipients: Vec<String> = transaction
-            .recipients
-            .iter()
-            .map(|r| r.to_string())
-            .collect();
-        let content = Bytes::from(stamped);
-        let lease_until = received_at + self.services.config.queue.lease.as_millis() as i64;
-        let new = NewMessage {
-            meta: meta.clone(),
-            recipients: recipients.clone(),
-            content: content.clone(),
-        };
-        if let Err(error) = self
-            .services
-            .queue
-            .enqueue(new, Some((self.services.node_id.clone(), lease_until)))
-            .await
-        {
-            tracing::error!(queue_id = %queue_id, %error, "cannot queue message");
-            return Reply::new(
-                451,
-                "4.3.0",
-                "Temporary queue failure, please try again later",
-            );
-        }
-        tracing::info!(
-            queue_id = %queue_id,
-            listener = %self.listener.name,
-            from = %sender,
-            recipients = recipients.len(),
-            size = meta.size,
-            "queued"
-        );
-        let queued = QueuedMessage {
-            meta,
-            recipients: recipients
-                .into_iter()
-                .enumerate()
-                .map(|(index, address)| RecipientRow {
-                    index: index as i64,
-                    address,
-                    state: RecipientState::Queued,
-                    attempts: 0,
-                    next_attempt: received_at,
-                    last_reply: None,
-                })
-                .collect(),
-        };
-        self.services.dispatcher.submit(queued, Some(content));
-        Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
+        content::stamp(message, &trace)
     }
 
     fn starttls_command(&mut self, argument: &str) -> Flow {

@@ -1,0 +1,89 @@
+//! The delivery-side hooks that observe or decorate: delivery-result (after every attempt) and
+//! bounce (the human-readable part of a DSN).
+
+use super::dsn::FailedRecipient;
+use super::plugin_facts;
+use crate::plugins::bindings::types as wit;
+use crate::plugins::hooks::HookKind;
+use crate::plugins::{PluginRun, PluginSet, RunContext};
+use crate::queue::{MessageMeta, Outcome};
+
+fn implements(set: &PluginSet, hook: HookKind) -> bool {
+    set.plugins.iter().any(|plugin| plugin.hooks.contains(hook))
+}
+
+fn run(set: &std::sync::Arc<PluginSet>, meta: &MessageMeta) -> PluginRun {
+    PluginRun::new(
+        set.clone(),
+        RunContext {
+            tenant: String::new(),
+            queue_id: Some(meta.id.clone()),
+        },
+    )
+}
+
+/// What the delivery-result hook is told about one recipient's attempt.
+pub fn report(
+    meta: &MessageMeta,
+    recipient: &str,
+    outcome: &Outcome,
+    relay: &str,
+    reply: &str,
+    attempt: i64,
+) -> wit::DeliveryReport {
+    wit::DeliveryReport {
+        message: plugin_facts(meta),
+        recipient: recipient.to_string(),
+        status: match outcome {
+            Outcome::Delivered => wit::DeliveryStatus::Delivered,
+            Outcome::Deferred { .. } => wit::DeliveryStatus::Deferred,
+            Outcome::Failed => wit::DeliveryStatus::Failed,
+        },
+        relay: if relay == "none" {
+            String::new()
+        } else {
+            relay.to_string()
+        },
+        reply: reply.to_string(),
+        attempt: attempt.clamp(0, u32::MAX as i64) as u32,
+    }
+}
+
+pub async fn delivery_results(
+    set: &std::sync::Arc<PluginSet>,
+    meta: &MessageMeta,
+    reports: &[wit::DeliveryReport],
+) {
+    if !implements(set, HookKind::DeliveryResult) {
+        return;
+    }
+    let mut run = run(set, meta);
+    for report in reports {
+        run.delivery_result(report).await;
+    }
+}
+
+/// The bounce hook's subject and text for a DSN, if a plugin offers one.
+pub async fn bounce_text(
+    set: &std::sync::Arc<PluginSet>,
+    meta: &MessageMeta,
+    failed: &[FailedRecipient],
+    content: &[u8],
+) -> Option<wit::BounceText> {
+    if !implements(set, HookKind::Bounce) || meta.sender.is_empty() {
+        return None;
+    }
+    let report = wit::BounceReport {
+        message: plugin_facts(meta),
+        failed: failed
+            .iter()
+            .map(|recipient| wit::FailedRecipient {
+                address: recipient.address.clone(),
+                status: recipient.status.clone(),
+                diagnostic: recipient.diagnostic.clone(),
+            })
+            .collect(),
+        headers: crate::smtp::server::parsed_headers(content),
+    };
+    run(set, meta).bounce(&report).await
+}

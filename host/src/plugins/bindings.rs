@@ -1,0 +1,13 @@
+//! Host-side bindings of the WIT package in `wit/`.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+    imports: { default: async },
+    exports: { default: async },
+    with: {
+        "switchyard:plugin/message.body": super::host::BodyHandle,
+    },
+});
+
+pub use switchyard::plugin::types;

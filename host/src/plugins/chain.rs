@@ -1,0 +1,337 @@
+//! Chain semantics, the same at every stage: plugins are asked in configuration order; the first
+//! answer other than `continue` decides and the rest are not asked; rewrites and edits
+//! accumulate (each plugin sees the envelope as earlier plugins left it). A plugin that fails
+//! answers with its failure policy: `tempfail` (451 4.3.0, the default) or `reject` (550 5.3.0)
+//! decide; `continue` skips it. A plugin never makes the host accept or drop mail by failing.
+
+use bytes::Bytes;
+use wasmtime::component::Resource;
+
+use super::bindings::types::{
+    AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict, DeliveryReport, Edit,
+    Envelope, Header, MessageFacts, NextHop, Param, Session, Verdict,
+};
+use super::hooks::HookKind;
+use super::host::BodyHandle;
+use super::run::{arm, PluginFailure, PluginRun};
+use crate::config::FailurePolicy;
+use crate::smtp::reply::Reply;
+
+/// A stage's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nobody decided: the host's own rules apply.
+    Continue,
+    Accept,
+    Reject(Reply),
+    Tempfail(Reply),
+}
+
+/// The data stage's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDecision {
+    Continue,
+    Accept,
+    Reject(Reply),
+    Tempfail(Reply),
+    Quarantine(String),
+    Discard,
+}
+
+/// The route stage's decision for one recipient.
+#[derive(Debug, Clone)]
+pub enum RouteDecision {
+    /// Nobody decided: configured routes and MX apply.
+    Continue,
+    Hop(NextHop),
+    /// A plugin failed: defer or fail the recipient with this reply.
+    Failed(Reply),
+}
+
+fn failure_reply(failure: &PluginFailure) -> Option<Decision> {
+    let text = format!("plugin {} failed", failure.plugin);
+    match failure.policy {
+        FailurePolicy::Tempfail => Some(Decision::Tempfail(Reply::new(
+            451,
+            "4.3.0",
+            format!("{text}, try again later"),
+        ))),
+        FailurePolicy::Reject => Some(Decision::Reject(Reply::new(550, "5.3.0", text))),
+        FailurePolicy::Continue => None,
+    }
+}
+
+fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
+    let valid = if permanent {
+        (500..600).contains(&reply.code)
+    } else {
+        (400..500).contains(&reply.code)
+    };
+    let code = if valid {
+        reply.code
+    } else if permanent {
+        550
+    } else {
+        451
+    };
+    let enhanced = if reply.enhanced.is_empty() || !valid {
+        if permanent { "5.7.1" } else { "4.7.1" }.to_string()
+    } else {
+        reply.enhanced
+    };
+    Reply::new(code, &enhanced, reply.text)
+}
+
+fn decision_of(verdict: Verdict) -> Option<Decision> {
+    match verdict {
+        Verdict::Continue => None,
+        Verdict::Accept => Some(Decision::Accept),
+        Verdict::Reject(reply) => Some(Decision::Reject(reply_of(reply, true))),
+        Verdict::Tempfail(reply) => Some(Decision::Tempfail(reply_of(reply, false))),
+    }
+}
+
+/// Calls one hook on plugin `$index` with its time limit armed, accounting for the result.
+macro_rules! call {
+    ($run:expr, $index:expr, $method:ident ( $($arg:expr),* )) => {{
+        let limit = $run.set.plugins[$index].manifest.time_limit;
+        match $run.instance($index).await {
+            Err(failure) => Err(failure),
+            Ok(instance) => {
+                arm(&mut instance.store, limit);
+                let result = instance.bindings.switchyard_plugin_hooks().$method(&mut instance.store, $($arg),*).await;
+                $run.finish($index, result)
+            }
+        }
+    }};
+}
+
+impl PluginRun {
+    pub fn has(&self, hook: HookKind) -> bool {
+        self.set
+            .plugins
+            .iter()
+            .any(|plugin| plugin.hooks.contains(hook))
+    }
+
+    pub async fn connect(&mut self, session: &Session) -> Decision {
+        for index in self.implementing(HookKind::Connect) {
+            match call!(self, index, call_connect(session)) {
+                Ok(verdict) => {
+                    if let Some(decision) = decision_of(verdict) {
+                        return decision;
+                    }
+                }
+                Err(failure) => {
+                    if let Some(decision) = failure_reply(&failure) {
+                        return decision;
+                    }
+                }
+            }
+        }
+        Decision::Continue
+    }
+
+    pub async fn helo(&mut self, session: &Session, name: &str) -> Decision {
+        for index in self.implementing(HookKind::Helo) {
+            match call!(self, index, call_helo(session, name)) {
+                Ok(verdict) => {
+                    if let Some(decision) = decision_of(verdict) {
+                        return decision;
+                    }
+                }
+                Err(failure) => {
+                    if let Some(decision) = failure_reply(&failure) {
+                        return decision;
+                    }
+                }
+            }
+        }
+        Decision::Continue
+    }
+
+    /// Returns the decision and the sender after every rewrite.
+    pub async fn mail_from(
+        &mut self,
+        session: &Session,
+        sender: &str,
+        params: &[Param],
+    ) -> (Decision, String) {
+        let mut sender = sender.to_string();
+        for index in self.implementing(HookKind::MailFrom) {
+            match call!(self, index, call_mail_from(session, &sender, params)) {
+                Ok(AddressDecision { verdict, rewrite }) => {
+                    if let Some(rewritten) = rewrite {
+                        sender = rewritten;
+                    }
+                    if let Some(decision) = decision_of(verdict) {
+                        return (decision, sender);
+                    }
+                }
+                Err(failure) => {
+                    if let Some(decision) = failure_reply(&failure) {
+                        return (decision, sender);
+                    }
+                }
+            }
+        }
+        (Decision::Continue, sender)
+    }
+
+    /// Returns the decision and the recipient after every rewrite.
+    pub async fn rcpt_to(
+        &mut self,
+        session: &Session,
+        envelope: &Envelope,
+        recipient: &str,
+        params: &[Param],
+    ) -> (Decision, String) {
+        let mut recipient = recipient.to_string();
+        for index in self.implementing(HookKind::RcptTo) {
+            match call!(
+                self,
+                index,
+                call_rcpt_to(session, envelope, &recipient, params)
+            ) {
+                Ok(AddressDecision { verdict, rewrite }) => {
+                    if let Some(rewritten) = rewrite {
+                        recipient = rewritten;
+                    }
+                    if let Some(decision) = decision_of(verdict) {
+                        return (decision, recipient);
+                    }
+                }
+                Err(failure) => {
+                    if let Some(decision) = failure_reply(&failure) {
+                        return (decision, recipient);
+                    }
+                }
+            }
+        }
+        (Decision::Continue, recipient)
+    }
+
+    /// Asks the data hooks; returns the decision and the edits of every plugin asked, in order.
+    pub async fn data(
+        &mut self,
+        session: &Session,
+        envelope: &Envelope,
+        headers: &[Header],
+        auth: &AuthResults,
+        content: &Bytes,
+    ) -> (DataDecision, Vec<Edit>) {
+        let mut edits = Vec::new();
+        for index in self.implementing(HookKind::Data) {
+            let limit = self.set.plugins[index].manifest.time_limit;
+            let instance = match self.instance(index).await {
+                Ok(instance) => instance,
+                Err(failure) => match failure_reply(&failure) {
+                    Some(decision) => return (data_decision(decision), edits),
+                    None => continue,
+                },
+            };
+            let body = match instance.store.data_mut().table.push(BodyHandle {
+                content: content.clone(),
+            }) {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::error!(%error, "cannot hand the body to a plugin");
+                    return (
+                        DataDecision::Tempfail(Reply::new(
+                            451,
+                            "4.3.0",
+                            "temporary plugin failure",
+                        )),
+                        edits,
+                    );
+                }
+            };
+            let rep = body.rep();
+            arm(&mut instance.store, limit);
+            let result = instance
+                .bindings
+                .switchyard_plugin_hooks()
+                .call_data(
+                    &mut instance.store,
+                    session,
+                    envelope,
+                    headers,
+                    auth,
+                    Resource::new_borrow(rep),
+                )
+                .await;
+            if let Some(instance) = self.instances[index].as_mut() {
+                let _ = instance.store.data_mut().table.delete(body);
+            }
+            match self.finish(index, result) {
+                Ok(answer) => {
+                    let decision = match answer.verdict {
+                        DataVerdict::Continue => None,
+                        DataVerdict::Accept => Some(DataDecision::Accept),
+                        DataVerdict::Reject(reply) => {
+                            Some(DataDecision::Reject(reply_of(reply, true)))
+                        }
+                        DataVerdict::Tempfail(reply) => {
+                            Some(DataDecision::Tempfail(reply_of(reply, false)))
+                        }
+                        DataVerdict::Quarantine(reason) => Some(DataDecision::Quarantine(reason)),
+                        DataVerdict::Discard => Some(DataDecision::Discard),
+                    };
+                    edits.extend(answer.edits);
+                    if let Some(decision) = decision {
+                        return (decision, edits);
+                    }
+                }
+                Err(failure) => {
+                    if let Some(decision) = failure_reply(&failure) {
+                        return (data_decision(decision), edits);
+                    }
+                }
+            }
+        }
+        (DataDecision::Continue, edits)
+    }
+
+    pub async fn route(&mut self, message: &MessageFacts, recipient: &str) -> RouteDecision {
+        for index in self.implementing(HookKind::Route) {
+            match call!(self, index, call_route(message, recipient)) {
+                Ok(NextHop::Continue) => {}
+                Ok(hop) => return RouteDecision::Hop(hop),
+                Err(failure) => match failure_reply(&failure) {
+                    Some(Decision::Tempfail(reply)) | Some(Decision::Reject(reply)) => {
+                        return RouteDecision::Failed(reply)
+                    }
+                    _ => {}
+                },
+            }
+        }
+        RouteDecision::Continue
+    }
+
+    /// Tells every delivery-result plugin; failures are logged and otherwise ignored (observation
+    /// only).
+    pub async fn delivery_result(&mut self, report: &DeliveryReport) {
+        for index in self.implementing(HookKind::DeliveryResult) {
+            let _ = call!(self, index, call_delivery_result(report));
+        }
+    }
+
+    /// The first bounce text a plugin offers.
+    pub async fn bounce(&mut self, report: &BounceReport) -> Option<BounceText> {
+        for index in self.implementing(HookKind::Bounce) {
+            if let Ok(Some(text)) = call!(self, index, call_bounce(report)) {
+                return Some(text);
+            }
+        }
+        None
+    }
+}
+
+fn data_decision(decision: Decision) -> DataDecision {
+    match decision {
+        Decision::Continue => DataDecision::Continue,
+        Decision::Accept => DataDecision::Accept,
+        Decision::Reject(reply) => DataDecision::Reject(reply),
+        Decision::Tempfail(reply) => DataDecision::Tempfail(reply),
+    }
+}

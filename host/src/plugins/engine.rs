@@ -1,0 +1,59 @@
+//! The wasmtime engine shared by every plugin generation: component model, async calls, the
+//! pooling allocator, epoch interruption for time limits, and the on-disk compilation cache.
+
+use std::path::Path;
+use std::time::Duration;
+
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
+
+/// The largest linear memory any plugin may be given; `memory_limit` above it is refused.
+pub const MEMORY_CAP: u64 = 128 * 1024 * 1024;
+/// How often the epoch advances: the granularity of time limits.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Instances that may exist at once, over every plugin and transaction.
+const POOL_INSTANCES: u32 = 1000;
+
+pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let mut pooling = PoolingAllocationConfig::default();
+    pooling
+        .total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * 4)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(POOL_INSTANCES * 2)
+        .total_stacks(POOL_INSTANCES)
+        .max_memory_size(MEMORY_CAP as usize);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    config.memory_reservation(MEMORY_CAP);
+    config.memory_guard_size(64 * 1024);
+    config.memory_reservation_for_growth(0);
+    std::fs::create_dir_all(cache_dir)?;
+    let mut cache = CacheConfig::new();
+    cache.with_directory(cache_dir);
+    config.cache(Some(
+        Cache::new(cache).map_err(|e| anyhow::anyhow!("plugin cache: {e}"))?,
+    ));
+    let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("plugin engine: {e}"))?;
+    start_epoch_ticker(&engine)?;
+    Ok(engine)
+}
+
+/// Advances the engine's epoch every tick until the engine is gone.
+fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("plugin-epoch".to_string())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })
+        .map(|_| ())
+}

@@ -1,0 +1,186 @@
+//! What a plugin instance's store holds, and the host functions it may call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::StoreLimits;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::switchyard::plugin::{bag, clock, dns, kv, log, message, metrics, types};
+use crate::plugins::kv::KvStore;
+
+/// The message content handed to the data hook, read in chunks through `body.read`.
+pub struct BodyHandle {
+    pub content: Bytes,
+}
+
+/// Most bytes one `body.read` returns.
+const MAX_READ: u32 = 64 * 1024;
+/// Limits of the transaction bag.
+const BAG_ENTRIES: usize = 64;
+const BAG_ITEM: usize = 4096;
+
+/// Per-instance state: one per plugin per transaction.
+pub struct HostState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limits: StoreLimits,
+    /// When the current call must end.
+    pub deadline: Instant,
+    pub plugin: Arc<str>,
+    pub tenant: String,
+    pub queue_id: Option<String>,
+    pub bag: HashMap<String, String>,
+    pub kv: Option<Arc<dyn KvStore>>,
+    pub resolver: Option<Arc<crate::delivery::dns::Dns>>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+impl message::Host for HostState {}
+
+impl message::HostBody for HostState {
+    async fn size(&mut self, body: Resource<BodyHandle>) -> u64 {
+        self.table
+            .get(&body)
+            .map(|b| b.content.len() as u64)
+            .unwrap_or(0)
+    }
+
+    async fn read(&mut self, body: Resource<BodyHandle>, offset: u64, length: u32) -> Vec<u8> {
+        let Ok(handle) = self.table.get(&body) else {
+            return Vec::new();
+        };
+        let content = &handle.content;
+        let start = (offset.min(content.len() as u64)) as usize;
+        let end = start
+            .saturating_add(length.min(MAX_READ) as usize)
+            .min(content.len());
+        content[start..end].to_vec()
+    }
+
+    async fn drop(&mut self, body: Resource<BodyHandle>) -> wasmtime::Result<()> {
+        self.table.delete(body)?;
+        Ok(())
+    }
+}
+
+impl bag::Host for HostState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.bag.get(&key).cloned()
+    }
+
+    async fn set(&mut self, key: String, value: String) {
+        if key.len() > BAG_ITEM || value.len() > BAG_ITEM {
+            tracing::warn!(plugin = %self.plugin, "bag entry over {BAG_ITEM} bytes ignored");
+            return;
+        }
+        if self.bag.len() >= BAG_ENTRIES && !self.bag.contains_key(&key) {
+            tracing::warn!(plugin = %self.plugin, "bag full ({BAG_ENTRIES} entries); entry ignored");
+            return;
+        }
+        self.bag.insert(key, value);
+    }
+}
+
+impl log::Host for HostState {
+    async fn write(&mut self, level: types::Level, message: String) {
+        let plugin = &*self.plugin;
+        let queue_id = self.queue_id.as_deref().unwrap_or("-");
+        match level {
+            types::Level::Trace => tracing::trace!(plugin, queue_id, "{message}"),
+            types::Level::Debug => tracing::debug!(plugin, queue_id, "{message}"),
+            types::Level::Info => tracing::info!(plugin, queue_id, "{message}"),
+            types::Level::Warn => tracing::warn!(plugin, queue_id, "{message}"),
+            types::Level::Error => tracing::error!(plugin, queue_id, "{message}"),
+        }
+    }
+}
+
+impl metrics::Host for HostState {
+    async fn counter_add(&mut self, name: String, value: u64) {
+        tracing::debug!(plugin = %self.plugin, metric = %name, value, "plugin counter");
+    }
+
+    async fn histogram_record(&mut self, name: String, value: f64) {
+        tracing::debug!(plugin = %self.plugin, metric = %name, value, "plugin histogram");
+    }
+}
+
+impl kv::Host for HostState {
+    async fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        let store = self.kv.clone()?;
+        store
+            .get(&self.tenant, &self.plugin, &key)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(plugin = %self.plugin, %error, "kv get failed");
+                None
+            })
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) {
+        if let Some(store) = self.kv.clone() {
+            if let Err(error) = store
+                .set(&self.tenant, &self.plugin, &key, &value, ttl_seconds)
+                .await
+            {
+                tracing::warn!(plugin = %self.plugin, %error, "kv set failed");
+            }
+        }
+    }
+
+    async fn increment(&mut self, key: String, delta: i64, ttl_seconds: u32) -> i64 {
+        let Some(store) = self.kv.clone() else {
+            return 0;
+        };
+        store
+            .increment(&self.tenant, &self.plugin, &key, delta, ttl_seconds)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(plugin = %self.plugin, %error, "kv increment failed");
+                0
+            })
+    }
+
+    async fn delete(&mut self, key: String) {
+        if let Some(store) = self.kv.clone() {
+            if let Err(error) = store.delete(&self.tenant, &self.plugin, &key).await {
+                tracing::warn!(plugin = %self.plugin, %error, "kv delete failed");
+            }
+        }
+    }
+}
+
+impl dns::Host for HostState {
+    async fn txt(&mut self, name: String) -> Result<Vec<String>, String> {
+        match &self.resolver {
+            Some(resolver) => resolver.txt(&name).await,
+            None => Err("no resolver".to_string()),
+        }
+    }
+
+    async fn ip(&mut self, name: String) -> Result<Vec<String>, String> {
+        match &self.resolver {
+            Some(resolver) => resolver.ips(&name).await,
+            None => Err("no resolver".to_string()),
+        }
+    }
+}
+
+impl clock::Host for HostState {
+    async fn now_millis(&mut self) -> u64 {
+        crate::queue::now_millis().max(0) as u64
+    }
+}

@@ -1,0 +1,207 @@
+//! Loading one plugin: read and compile the component (off the async workers, through the disk
+//! cache), check its imports against its grants, link it, pre-instantiate it, and run its `init`
+//! once to validate its configuration.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::Engine;
+
+use super::bindings::{self, PluginPre};
+use super::engine::MEMORY_CAP;
+use super::hooks::HookSet;
+use super::host::HostState;
+use super::run::{PluginRun, RunContext};
+use super::PluginServices;
+use crate::config::{Grant, PluginManifest};
+
+/// Why a plugin did not load. Shown in logs and by `switchyard plugins list`.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin `{plugin}`: cannot read {path}: {message}")]
+    Read {
+        plugin: String,
+        path: String,
+        message: String,
+    },
+    #[error("plugin `{plugin}`: not a valid component: {message}")]
+    Compile { plugin: String, message: String },
+    #[error("plugin `{plugin}` imports `{import}`, which its manifest does not grant; add \"{grant}\" to its grants if it should have it")]
+    NotGranted {
+        plugin: String,
+        import: String,
+        grant: String,
+    },
+    #[error("plugin `{plugin}` imports `{import}`, which this host does not provide (the plugin may target a newer API)")]
+    UnknownImport { plugin: String, import: String },
+    #[error("plugin `{plugin}`: cannot link: {message}")]
+    Link { plugin: String, message: String },
+    #[error("plugin `{plugin}`: memory_limit {limit} is above the host's cap of {cap} bytes")]
+    MemoryCap {
+        plugin: String,
+        limit: u64,
+        cap: u64,
+    },
+    #[error("plugin `{plugin}`: init failed: {message}")]
+    Init { plugin: String, message: String },
+}
+
+/// Calls and failures of one plugin, for `plugins list` and metrics.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub out_of_memory: AtomicU64,
+}
+
+/// A compiled, linked and validated plugin.
+pub struct LoadedPlugin {
+    pub manifest: PluginManifest,
+    pub name: Arc<str>,
+    pub pre: PluginPre<HostState>,
+    pub hooks: HookSet,
+    /// The manifest's `config`, as JSON for `init`.
+    pub config_json: String,
+    pub stats: PluginStats,
+}
+
+const PACKAGE: &str = "switchyard:plugin/";
+/// Interfaces every plugin may import.
+const ALWAYS: [&str; 3] = ["types", "message", "bag"];
+
+pub async fn load(
+    engine: &Engine,
+    manifest: &PluginManifest,
+    services: &PluginServices,
+) -> Result<Arc<LoadedPlugin>, LoadError> {
+    let plugin = manifest.name.clone();
+    if manifest.memory_limit > MEMORY_CAP {
+        return Err(LoadError::MemoryCap {
+            plugin,
+            limit: manifest.memory_limit,
+            cap: MEMORY_CAP,
+        });
+    }
+    let bytes = tokio::fs::read(&manifest.path)
+        .await
+        .map_err(|error| LoadError::Read {
+            plugin: plugin.clone(),
+            path: manifest.path.display().to_string(),
+            message: error.to_string(),
+        })?;
+    // Compilation is CPU-heavy (cached on disk after the first time): keep it off the workers.
+    let compile_engine = engine.clone();
+    let component = tokio::task::spawn_blocking(move || Component::new(&compile_engine, &bytes))
+        .await
+        .map_err(|error| LoadError::Compile {
+            plugin: plugin.clone(),
+            message: error.to_string(),
+        })?
+        .map_err(|error| LoadError::Compile {
+            plugin: plugin.clone(),
+            message: format!("{error:#}"),
+        })?;
+    check_imports(engine, &component, manifest)?;
+    let linker = linker(engine, &manifest.grants).map_err(|error| LoadError::Link {
+        plugin: plugin.clone(),
+        message: format!("{error:#}"),
+    })?;
+    let instance_pre = linker
+        .instantiate_pre(&component)
+        .map_err(|error| LoadError::Link {
+            plugin: plugin.clone(),
+            message: format!("{error:#}"),
+        })?;
+    let pre = PluginPre::new(instance_pre).map_err(|error| LoadError::Link {
+        plugin: plugin.clone(),
+        message: format!("{error:#}"),
+    })?;
+    let config_json = serde_json::to_string(&manifest.config).unwrap_or_else(|_| "{}".to_string());
+    let mut loaded = LoadedPlugin {
+        manifest: manifest.clone(),
+        name: Arc::from(plugin.as_str()),
+        pre,
+        hooks: HookSet::default(),
+        config_json,
+        stats: PluginStats::default(),
+    };
+    // Run init once now, so a bad configuration is refused before the plugin takes traffic.
+    let hooks = PluginRun::validate(&loaded, services, RunContext::default())
+        .await
+        .map_err(|message| LoadError::Init {
+            plugin: plugin.clone(),
+            message,
+        })?;
+    loaded.hooks = hooks;
+    Ok(Arc::new(loaded))
+}
+
+/// Refuses a component that imports a host interface it was not granted, naming the interface.
+fn check_imports(
+    engine: &Engine,
+    component: &Component,
+    manifest: &PluginManifest,
+) -> Result<(), LoadError> {
+    for (name, _) in component.component_type().imports(engine) {
+        let Some(rest) = name.strip_prefix(PACKAGE) else {
+            continue; // wasi:* and friends: provided, with nothing granted behind them.
+        };
+        let interface = rest.split('@').next().unwrap_or(rest);
+        if ALWAYS.contains(&interface) {
+            continue;
+        }
+        match Grant::ALL
+            .into_iter()
+            .find(|grant| grant.interface() == interface)
+        {
+            Some(grant) if manifest.grants.contains(&grant) => {}
+            Some(grant) => {
+                return Err(LoadError::NotGranted {
+                    plugin: manifest.name.clone(),
+                    import: name.to_string(),
+                    grant: grant.interface().to_string(),
+                })
+            }
+            None => {
+                return Err(LoadError::UnknownImport {
+                    plugin: manifest.name.clone(),
+                    import: name.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A linker with WASI (no files, no network: nothing is preopened or allowed), the always-present
+/// interfaces, and the granted ones only.
+fn linker(engine: &Engine, grants: &[Grant]) -> wasmtime::Result<Linker<HostState>> {
+    use bindings::switchyard::plugin as api;
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    api::types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
+    api::message::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
+    api::bag::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
+    for grant in grants {
+        match grant {
+            Grant::Log => {
+                api::log::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
+            }
+            Grant::Metrics => {
+                api::metrics::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
+            }
+            Grant::Kv => {
+                api::kv::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
+            }
+            Grant::Dns => {
+                api::dns::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
+            }
+            Grant::Clock => {
+                api::clock::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
+            }
+        }
+    }
+    Ok(linker)
+}

@@ -1,0 +1,172 @@
+//! The plugin system: WebAssembly components (WIT package `switchyard:plugin`, in `wit/`) asked
+//! for a decision at every stage of the mail path.
+//!
+//! - [`engine`]: the shared wasmtime engine (pooling allocator, epoch time limits, disk cache).
+//! - [`loader`]: compile, check grants, link, pre-instantiate and validate one plugin.
+//! - [`run`]: per-transaction instances and limited calls; [`chain`]: the chain semantics.
+//! - [`PluginManager`]: the current generation, swapped atomically on reload.
+
+pub mod bindings;
+pub mod chain;
+pub mod engine;
+pub mod hooks;
+pub mod host;
+pub mod kv;
+pub mod loader;
+pub mod run;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use wasmtime::Engine;
+
+use crate::config::PluginManifest;
+use kv::KvStore;
+use loader::{LoadError, LoadedPlugin};
+pub use run::{PluginRun, RunContext};
+
+/// What host functions reach: the kv store and the resolver.
+#[derive(Clone, Default)]
+pub struct PluginServices {
+    pub kv: Option<Arc<dyn KvStore>>,
+    pub resolver: Option<Arc<crate::delivery::dns::Dns>>,
+}
+
+/// One generation: the chain as loaded at one moment. Transactions keep the generation they
+/// started with until they end.
+pub struct PluginSet {
+    pub generation: u64,
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    pub services: PluginServices,
+}
+
+impl PluginSet {
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+}
+
+/// The outcome of the last reload, for `plugins list`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_error: Option<String>,
+}
+
+pub struct PluginManager {
+    engine: Engine,
+    services: PluginServices,
+    current: ArcSwap<PluginSet>,
+    status: Mutex<ReloadStatus>,
+    /// Serialises reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl PluginManager {
+    /// Loads the first generation. Any plugin failing to load is an error: a router must not
+    /// start without the policy it was configured with.
+    pub async fn start(
+        engine: Engine,
+        manifests: &[PluginManifest],
+        services: PluginServices,
+    ) -> Result<Arc<PluginManager>, LoadError> {
+        let set = load_set(&engine, manifests, &services, 1).await?;
+        log_generation(&set);
+        Ok(Arc::new(PluginManager {
+            engine,
+            services,
+            current: ArcSwap::from_pointee(set),
+            status: Mutex::new(ReloadStatus::default()),
+            reloading: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The generation new transactions use.
+    pub fn current(&self) -> Arc<PluginSet> {
+        self.current.load_full()
+    }
+
+    /// Starts a run for a new transaction on the current generation.
+    pub fn run(&self, context: RunContext) -> PluginRun {
+        PluginRun::new(self.current(), context)
+    }
+
+    /// Compiles and initialises `manifests` beside the running generation and swaps it in. On
+    /// any error the running generation stays and the error is kept for `plugins list`.
+    pub async fn reload(&self, manifests: &[PluginManifest]) -> Result<u64, LoadError> {
+        let _guard = self.reloading.lock().await;
+        let next = self.current().generation + 1;
+        match load_set(&self.engine, manifests, &self.services, next).await {
+            Ok(set) => {
+                log_generation(&set);
+                self.current.store(Arc::new(set));
+                self.status_mut().last_error = None;
+                Ok(next)
+            }
+            Err(error) => {
+                tracing::error!(%error, "plugin reload failed; generation {} stays", next - 1);
+                self.status_mut().last_error = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A human-readable table of the running generation and the last reload error.
+    pub fn describe(&self) -> String {
+        let set = self.current();
+        let mut out = format!("generation {}\n", set.generation);
+        for plugin in &set.plugins {
+            let stats = &plugin.stats;
+            out.push_str(&format!(
+                "{}  hooks=[{}]  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
+                plugin.name,
+                plugin.hooks.names().join(","),
+                plugin.manifest.time_limit,
+                plugin.manifest.memory_limit,
+                plugin.manifest.failure_policy,
+                stats.calls.load(Ordering::Relaxed),
+                stats.failures.load(Ordering::Relaxed),
+                stats.timeouts.load(Ordering::Relaxed),
+                stats.out_of_memory.load(Ordering::Relaxed),
+            ));
+        }
+        if let Some(error) = &self.status_mut().last_error {
+            out.push_str(&format!("last reload failed: {error}\n"));
+        }
+        out
+    }
+}
+
+async fn load_set(
+    engine: &Engine,
+    manifests: &[PluginManifest],
+    services: &PluginServices,
+    generation: u64,
+) -> Result<PluginSet, LoadError> {
+    let mut plugins = Vec::with_capacity(manifests.len());
+    for manifest in manifests {
+        plugins.push(loader::load(engine, manifest, services).await?);
+    }
+    Ok(PluginSet {
+        generation,
+        plugins,
+        services: services.clone(),
+    })
+}
+
+fn log_generation(set: &PluginSet) {
+    for plugin in &set.plugins {
+        tracing::info!(
+            generation = set.generation,
+            plugin = %plugin.name,
+            hooks = %plugin.hooks.names().join(","),
+            "plugin loaded"
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! The session's questions to the plugin chain: one method per stage, each turning the chain's
+//! decision into what the session does. Without plugins every answer is "continue".
+
+use bytes::Bytes;
+
+use super::session::{Greeting, Session};
+use crate::plugins::bindings::types as wit;
+use crate::plugins::chain::{DataDecision, Decision};
+use crate::plugins::{PluginRun, RunContext};
+use crate::smtp::address::{parse_path_argument, Mailbox, PathArgument};
+use crate::smtp::reply::Reply;
+
+/// A refusal to send instead of the normal reply.
+pub type Refusal = Reply;
+
+impl Session {
+    /// The plugin run of the current transaction, started on the current generation if there is
+    /// none yet. `None` when no plugin is configured.
+    fn plugins(&mut self) -> Option<&mut PluginRun> {
+        if self.run.is_none() {
+            let set = self.services.plugins.current();
+            if set.is_empty() {
+                return None;
+            }
+            self.run = Some(PluginRun::new(set, RunContext::default()));
+        }
+        self.run.as_mut()
+    }
+
+    /// Ends the plugin run with the transaction: the next one gets fresh instances, on the
+    /// generation current by then.
+    pub(super) fn end_plugin_run(&mut self) {
+        self.run = None;
+    }
+
+    fn wit_session(&self) -> wit::Session {
+        let helo = match &self.greeting {
+            Greeting::Ehlo(name) | Greeting::Helo(name) => Some(name.clone()),
+            Greeting::None => None,
+        };
+        wit::Session {
+            client_ip: self.client_ip.to_string(),
+            listener: self.listener.name.clone(),
+            submission: self.listener.role == crate::config::ListenerRole::Submission,
+            helo,
+            tls: self.conn.stream().is_tls(),
+            auth_identity: None,
+            tenant: String::new(),
+        }
+    }
+
+    /// The connect hook: `Some(reply)` refuses the session.
+    pub(super) async fn ask_connect(&mut self) -> Option<Refusal> {
+        let session = self.wit_session();
+        let run = self.plugins()?;
+        refusal(run.connect(&session).await)
+    }
+
+    pub(super) async fn ask_helo(&mut self, name: &str) -> Option<Refusal> {
+        let session = self.wit_session();
+        let run = self.plugins()?;
+        refusal(run.helo(&session, name).await)
+    }
+
+    /// The mail-from hook: the sender to use (possibly rewritten), or a refusal.
+    pub(super) async fn ask_mail_from(
+        &mut self,
+        parsed: &PathArgument,
+    ) -> Result<Option<Mailbox>, Refusal> {
+        let session = self.wit_session();
+        let sender = parsed
+            .mailbox
+            .as_ref()
+            .map(Mailbox::to_string)
+            .unwrap_or_default();
+        let params = wit_params(parsed);
+        let Some(run) = self.plugins() else {
+            return Ok(parsed.mailbox.clone());
+        };
+        let (decision, rewritten) = run.mail_from(&session, &sender, &params).await;
+        if let Some(reply) = refusal(decision) {
+            return Err(reply);
+        }
+        if rewritten == sender {
+            return Ok(parsed.mailbox.clone());
+        }
+        if rewritten.is_empty() {
+            return Ok(None);
+        }
+        reparse(&rewritten).map(Some)
+    }
+
+    /// The rcpt-to hook: the recipient to use and whether a plugin accepted it outright (which
+    /// skips the host's relay check), or a refusal.
+    pub(super) async fn ask_rcpt_to(
+        &mut self,
+        recipient: &Mailbox,
+        parsed: &PathArgument,
+    ) -> Result<(Mailbox, bool), Refusal> {
+        let session = self.wit_session();
+        let envelope = self.wit_envelope();
+        let params = wit_params(parsed);
+        let address = recipient.to_string();
+        let Some(run) = self.plugins() else {
+            return Ok((recipient.clone(), false));
+        };
+        let (decision, rewritten) = run.rcpt_to(&session, &envelope, &address, &params).await;
+        let accepted = decision == Decision::Accept;
+        if let Some(reply) = refusal(decision) {
+            return Err(reply);
+        }
+        let mailbox = if rewritten == address {
+            recipient.clone()
+        } else {
+            reparse(&rewritten)?
+        };
+        Ok((mailbox, accepted))
+    }
+
+    pub(super) fn wit_envelope(&self) -> wit::Envelope {
+        wit::Envelope {
+            sender: self
+                .transaction
+                .sender
+                .clone()
+                .flatten()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+            recipients: self
+                .transaction
+                .recipients
+                .iter()
+                .map(Mailbox::to_string)
+                .collect(),
+        }
+    }
+
+    /// The data hook, with the message as it will be queued.
+    pub(super) async fn ask_data(
+        &mut self,
+        queue_id: &str,
+        envelope: wit::Envelope,
+        content: &Bytes,
+    ) -> Option<(DataDecision, Vec<wit::Edit>)> {
+        let session = self.wit_session();
+        let headers = parsed_headers(content);
+        // SPF/DKIM/DMARC checks are not run yet: the results say so.
+        let auth = wit::AuthResults {
+            spf: String::new(),
+            dkim: String::new(),
+            dmarc: String::new(),
+        };
+        let run = self.plugins()?;
+        run.set_queue_id(queue_id);
+        Some(
+            run.data(&session, &envelope, &headers, &auth, content)
+                .await,
+        )
+    }
+}
+
+fn refusal(decision: Decision) -> Option<Refusal> {
+    match decision {
+        Decision::Reject(reply) | Decision::Tempfail(reply) => Some(reply),
+        Decision::Continue | Decision::Accept => None,
+    }
+}
+
+fn wit_params(parsed: &PathArgument) -> Vec<wit::Param> {
+    parsed
+        .params
+        .iter()
+        .map(|(key, value)| wit::Param {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+/// A rewritten address must be as valid as one a client sends.
+fn reparse(address: &str) -> Result<Mailbox, Refusal> {
+    parse_path_argument(&format!("<{address}>"))
+        .ok()
+        .and_then(|parsed| parsed.mailbox)
+        .ok_or_else(|| {
+            tracing::error!(rewrite = %address, "a plugin rewrote an address into an invalid one");
+            Reply::new(451, "4.3.0", "Temporary policy failure, try again later")
+        })
+}
+
+/// The header fields as mail-parser reads them: name and unfolded raw value.
+pub fn parsed_headers(content: &[u8]) -> Vec<wit::Header> {
+    let Some(message) = mail_parser::MessageParser::default().parse_headers(content) else {
+        return Vec::new();
+    };
+    message
+        .headers()
+        .iter()
+        .map(|header| {
+            let raw = content
+                .get(header.offset_start as usize..header.offset_end as usize)
+                .unwrap_or_default();
+            let value = String::from_utf8_lossy(raw)
+                .replace("\r\n", "")
+                .trim()
+                .to_string();
+            wit::Header {
+                name: header.name().to_string(),
+                value,
+            }
+        })
+        .collect()
+}

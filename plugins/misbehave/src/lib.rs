@@ -1,0 +1,53 @@
+//! A plugin for the host's sandbox tests. At RCPT TO it does what `mode` says to any recipient
+//! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, or count in
+//! the kv store (so the component imports `kv`, which a manifest may not grant).
+
+use serde::Deserialize;
+use switchyard_plugin_sdk::host::kv;
+use switchyard_plugin_sdk::*;
+
+#[derive(Deserialize)]
+pub struct Config {
+    pub mode: String,
+}
+
+pub struct Misbehave {
+    mode: String,
+}
+
+impl Plugin for Misbehave {
+    type Config = Config;
+    const HOOKS: &'static [Hook] = &[Hook::RcptTo];
+
+    fn new(config: Config) -> Result<Self, String> {
+        Ok(Misbehave { mode: config.mode })
+    }
+
+    fn rcpt_to(&self, _: &Session, _: &Envelope, recipient: &str, _: &[Param]) -> AddressDecision {
+        if !recipient.starts_with("victim@") {
+            return AddressDecision::next();
+        }
+        match self.mode.as_str() {
+            "loop" => {
+                let mut counter: u64 = 0;
+                loop {
+                    counter = std::hint::black_box(counter.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "trap" => panic!("misbehave: trapping on purpose"),
+            _ => {
+                let seen = kv::increment("victims", 1, 60);
+                AddressDecision::reject(550, "5.7.1", format!("victim number {seen}"))
+            }
+        }
+    }
+}
+
+export_plugin!(Misbehave);

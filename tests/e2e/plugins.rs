@@ -1,0 +1,176 @@
+//! The plugin system through the real binary: hooks changing outcomes, and the sandbox holding
+//! against plugins that loop, hoard memory, trap or import what they were not granted.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::client::{message, TestClient};
+use crate::harness::router::{plugin_path, Router, RouterOptions};
+use crate::harness::sink::Sink;
+
+fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
+    format!(
+        "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{settings}\n",
+        plugin_path(crate_name).display()
+    )
+}
+
+/// A router relaying to a sink, with these [[plugin]] tables.
+async fn router_with(plugins: &str) -> (Router, Sink) {
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        extra: plugins.to_string(),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    (router, sink)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_hook_sends_a_domain_to_its_smarthost() {
+    let special = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let routes = format!(
+        "[plugin.config]\nroutes = [\n  {{ domain = \"routed.test\", smarthost = \"{}\", tls = \"none\" }},\n  {{ domain = \"gone.test\", reject = \"550 5.1.2 this domain is gone\" }},\n  {{ domain = \"void.test\", discard = true }},\n]\n",
+        special.address
+    );
+    let (router, default_sink) = router_with(&plugin("routes", "static-routes", &routes)).await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["a@routed.test", "b@other.test"],
+            &message("routes"),
+        )
+        .await;
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["c@void.test", "d@gone.test"],
+            &message("void"),
+        )
+        .await;
+    let routed = special.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(routed[0].rcpt_to, vec!["a@routed.test"]);
+    let others = default_sink.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(
+        others[0].rcpt_to,
+        vec!["b@other.test"],
+        "unrouted recipients take the configured path"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = router.log();
+    assert!(
+        log.contains("to=<c@void.test>, relay=plugin")
+            && log.contains("status=sent (250 2.0.0 discarded by a routing plugin)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("to=<d@gone.test>, relay=plugin")
+            && log.contains("status=bounced (550 5.1.2 this domain is gone)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("plugin loaded generation=1 plugin=routes hooks=route"),
+        "{log}"
+    );
+}
+
+/// A router with the misbehaving plugin in `mode`, and the time it took to refuse a victim.
+async fn misbehave(mode: &str, limits: &str) -> (Router, String, Duration) {
+    let settings = format!("grants = [\"kv\"]\n{limits}\n[plugin.config]\nmode = \"{mode}\"\n");
+    let (router, _sink) = router_with(&plugin("misbehave", "misbehave", &settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    let started = Instant::now();
+    let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+    let elapsed = started.elapsed();
+    // The session goes on: a harmless recipient is still accepted.
+    assert_eq!(
+        client
+            .command("RCPT TO:<friend@switchyard.test>")
+            .await
+            .code,
+        250
+    );
+    (router, reply.text, elapsed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_loops_forever_gets_451_within_its_deadline_and_others_go_on() {
+    let settings = "grants = [\"kv\"]\ntime_limit = \"300ms\"\n[plugin.config]\nmode = \"loop\"\n";
+    let (router, _sink) = router_with(&plugin("misbehave", "misbehave", settings)).await;
+    let port = router.port;
+    let mut looping = TestClient::connect(port).await;
+    assert_eq!(looping.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    looping.send(b"RCPT TO:<victim@switchyard.test>\r\n").await;
+    // While that plugin call spins, another session is served promptly.
+    let started = Instant::now();
+    let mut other = TestClient::connect(port).await;
+    other
+        .send_accepted(
+            "s@sender.test",
+            &["someone@switchyard.test"],
+            &message("meanwhile"),
+        )
+        .await;
+    let other_elapsed = started.elapsed();
+    let reply = looping.reply().await;
+    let loop_elapsed = started.elapsed();
+    assert_eq!(
+        reply.text,
+        "451 4.3.0 plugin misbehave failed, try again later"
+    );
+    assert!(
+        loop_elapsed < Duration::from_secs(3),
+        "refused within the deadline, took {loop_elapsed:?}"
+    );
+    assert!(
+        other_elapsed < Duration::from_secs(2),
+        "other sessions unaffected, took {other_elapsed:?}"
+    );
+    let log = router.log();
+    assert!(
+        log.contains("plugin failed")
+            && log.contains("plugin=misbehave")
+            && log.contains("kind=Timeout"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_allocates_without_bound_is_stopped_at_its_memory_cap() {
+    let (router, reply, _) = misbehave("alloc", "memory_limit = 8388608").await;
+    assert_eq!(reply, "451 4.3.0 plugin misbehave failed, try again later");
+    assert!(
+        router.log().contains("kind=OutOfMemory"),
+        "{}",
+        router.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_traps_fails_with_its_policy() {
+    let (router, reply, _) = misbehave("trap", "").await;
+    assert_eq!(reply, "451 4.3.0 plugin misbehave failed, try again later");
+    assert!(router.log().contains("kind=Trap"), "{}", router.log());
+    // With failure_policy = "reject" the same trap refuses permanently.
+    let (_, reply, _) = misbehave("trap", "failure_policy = \"reject\"").await;
+    assert_eq!(reply, "550 5.3.0 plugin misbehave failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
+    let (_router, reply, _) = misbehave("kv", "").await;
+    assert_eq!(reply, "550 5.7.1 victim number 1");
+    let refused = Router::try_start(RouterOptions {
+        extra: plugin("misbehave", "misbehave", "[plugin.config]\nmode = \"kv\"\n"),
+        ..RouterOptions::default()
+    })
+    .await;
+    let log = refused
+        .err()
+        .expect("a plugin importing an ungranted interface must not load");
+    assert!(
+        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.1.0`, which its manifest does not grant; add \"kv\" to its grants"),
+        "{log}"
+    );
+}
