@@ -46,7 +46,7 @@ pub enum QueueAction {
     List,
     /// A message's envelope, recipients and content.
     Show { id: String },
-    /// Try a message (or every message with --all) again now.
+    /// Try a message (or every message with --all) again now; releases quarantined ones too.
     Retry {
         id: Option<String>,
         #[arg(long, conflicts_with = "id")]
@@ -90,19 +90,26 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
                     &meta.sender
                 };
                 println!("{}  {:>8}  {}  {}", meta.id, meta.size, arrived, sender);
-                for recipient in message
-                    .recipients
-                    .iter()
-                    .filter(|r| r.state == RecipientState::Queued)
-                {
+                let pending = message.recipients.iter().filter(|r| {
+                    matches!(
+                        r.state,
+                        RecipientState::Queued | RecipientState::Quarantined
+                    )
+                });
+                for recipient in pending {
                     let reason = recipient
                         .last_reply
                         .as_deref()
                         .map(|r| format!("  ({r})"))
                         .unwrap_or_default();
+                    let held = if recipient.state == RecipientState::Quarantined {
+                        "  QUARANTINED"
+                    } else {
+                        ""
+                    };
                     println!(
-                        "    {}  attempts={}{}",
-                        recipient.address, recipient.attempts, reason
+                        "    {}  attempts={}{held}{reason}",
+                        recipient.address, recipient.attempts
                     );
                 }
             }

@@ -174,3 +174,68 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_hook_rejects_quarantines_and_edits_headers() {
+    let rules = "[plugin.config]\nrules = [\n\
+        { header = \"Subject\", contains = \"[spam]\", action = \"reject\", reply = \"550 5.7.1 Looks like spam\" },\n\
+        { attachment = [\"exe\"], action = \"reject\", reply = \"552 5.7.0 Executables are not accepted\" },\n\
+        { header = \"Subject\", contains = \"[review]\", action = \"quarantine\", reason = \"held for review\" },\n\
+        { always = true, action = \"add-header\", name = \"X-Filtered\", value = \"switchyard\" },\n\
+        { always = true, action = \"remove-header\", name = \"X-Internal\" },\n\
+    ]\n";
+    let (router, sink) = router_with(&plugin("filter", "content-filter", rules)).await;
+    let mut client = TestClient::connect(router.port).await;
+    let spam = client
+        .send_mail(
+            "s@sender.test",
+            &["b@switchyard.test"],
+            &message("[spam] buy now"),
+        )
+        .await;
+    assert_eq!(spam.text, "550 5.7.1 Looks like spam");
+    let executable = "From: a@sender.test\r\nSubject: tool\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"setup.exe\"\r\n\r\nTVqQ\r\n--b--\r\n";
+    assert_eq!(
+        client
+            .send_mail("s@sender.test", &["b@switchyard.test"], executable)
+            .await
+            .text,
+        "552 5.7.0 Executables are not accepted"
+    );
+    let held = client
+        .send_accepted(
+            "s@sender.test",
+            &["b@switchyard.test"],
+            &message("[review] contract"),
+        )
+        .await;
+    let clean = "From: a@sender.test\r\nX-Internal: secret\r\nSubject: hello\r\n\r\nHi.\r\n";
+    client
+        .send_accepted("s@sender.test", &["b@switchyard.test"], clean)
+        .await;
+
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        received[0].data.contains("X-Filtered: switchyard\r\n"),
+        "{}",
+        received[0].data
+    );
+    assert!(
+        !received[0].data.contains("X-Internal"),
+        "{}",
+        received[0].data
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sink.received().len(), 1, "the quarantined message is held");
+    let listing = String::from_utf8_lossy(&router.queue(&["list"]).stdout).to_string();
+    assert!(
+        listing.contains(&held) && listing.contains("QUARANTINED  (held for review)"),
+        "{listing}"
+    );
+    assert!(router.queue(&["retry", &held]).status.success());
+    let released = sink.wait_for(2, Duration::from_secs(15)).await;
+    assert!(
+        released[1].data.contains("Subject: [review] contract"),
+        "released after review"
+    );
+}

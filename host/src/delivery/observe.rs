@@ -8,10 +8,6 @@ use crate::plugins::hooks::HookKind;
 use crate::plugins::{PluginRun, PluginSet, RunContext};
 use crate::queue::{MessageMeta, Outcome};
 
-fn implements(set: &PluginSet, hook: HookKind) -> bool {
-    set.plugins.iter().any(|plugin| plugin.hooks.contains(hook))
-}
-
 fn run(set: &std::sync::Arc<PluginSet>, meta: &MessageMeta) -> PluginRun {
     PluginRun::new(
         set.clone(),
@@ -54,7 +50,7 @@ pub async fn delivery_results(
     meta: &MessageMeta,
     reports: &[wit::DeliveryReport],
 ) {
-    if !implements(set, HookKind::DeliveryResult) {
+    if !set.implements(HookKind::DeliveryResult) {
         return;
     }
     let mut run = run(set, meta);
@@ -70,7 +66,7 @@ pub async fn bounce_text(
     failed: &[FailedRecipient],
     content: &[u8],
 ) -> Option<wit::BounceText> {
-    if !implements(set, HookKind::Bounce) || meta.sender.is_empty() {
+    if !set.implements(HookKind::Bounce) || meta.sender.is_empty() {
         return None;
     }
     let report = wit::BounceReport {

@@ -82,6 +82,30 @@ fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
     Reply::new(code, &enhanced, reply.text)
 }
 
+/// A verdict hook's answer, or its failure policy: `Some` decides the stage.
+fn settle(answer: Result<Verdict, PluginFailure>) -> Option<Decision> {
+    match answer {
+        Ok(verdict) => decision_of(verdict),
+        Err(failure) => failure_reply(&failure),
+    }
+}
+
+/// Like [`settle`] for address hooks, applying the rewrite to `address` first.
+fn settle_address(
+    answer: Result<AddressDecision, PluginFailure>,
+    address: &mut String,
+) -> Option<Decision> {
+    match answer {
+        Ok(AddressDecision { verdict, rewrite }) => {
+            if let Some(rewritten) = rewrite {
+                *address = rewritten;
+            }
+            decision_of(verdict)
+        }
+        Err(failure) => failure_reply(&failure),
+    }
+}
+
 fn decision_of(verdict: Verdict) -> Option<Decision> {
     match verdict {
         Verdict::Continue => None,
@@ -107,26 +131,10 @@ macro_rules! call {
 }
 
 impl PluginRun {
-    pub fn has(&self, hook: HookKind) -> bool {
-        self.set
-            .plugins
-            .iter()
-            .any(|plugin| plugin.hooks.contains(hook))
-    }
-
     pub async fn connect(&mut self, session: &Session) -> Decision {
         for index in self.implementing(HookKind::Connect) {
-            match call!(self, index, call_connect(session)) {
-                Ok(verdict) => {
-                    if let Some(decision) = decision_of(verdict) {
-                        return decision;
-                    }
-                }
-                Err(failure) => {
-                    if let Some(decision) = failure_reply(&failure) {
-                        return decision;
-                    }
-                }
+            if let Some(decision) = settle(call!(self, index, call_connect(session))) {
+                return decision;
             }
         }
         Decision::Continue
@@ -134,17 +142,8 @@ impl PluginRun {
 
     pub async fn helo(&mut self, session: &Session, name: &str) -> Decision {
         for index in self.implementing(HookKind::Helo) {
-            match call!(self, index, call_helo(session, name)) {
-                Ok(verdict) => {
-                    if let Some(decision) = decision_of(verdict) {
-                        return decision;
-                    }
-                }
-                Err(failure) => {
-                    if let Some(decision) = failure_reply(&failure) {
-                        return decision;
-                    }
-                }
+            if let Some(decision) = settle(call!(self, index, call_helo(session, name))) {
+                return decision;
             }
         }
         Decision::Continue
@@ -159,20 +158,9 @@ impl PluginRun {
     ) -> (Decision, String) {
         let mut sender = sender.to_string();
         for index in self.implementing(HookKind::MailFrom) {
-            match call!(self, index, call_mail_from(session, &sender, params)) {
-                Ok(AddressDecision { verdict, rewrite }) => {
-                    if let Some(rewritten) = rewrite {
-                        sender = rewritten;
-                    }
-                    if let Some(decision) = decision_of(verdict) {
-                        return (decision, sender);
-                    }
-                }
-                Err(failure) => {
-                    if let Some(decision) = failure_reply(&failure) {
-                        return (decision, sender);
-                    }
-                }
+            let answer = call!(self, index, call_mail_from(session, &sender, params));
+            if let Some(decision) = settle_address(answer, &mut sender) {
+                return (decision, sender);
             }
         }
         (Decision::Continue, sender)
@@ -188,24 +176,13 @@ impl PluginRun {
     ) -> (Decision, String) {
         let mut recipient = recipient.to_string();
         for index in self.implementing(HookKind::RcptTo) {
-            match call!(
+            let answer = call!(
                 self,
                 index,
                 call_rcpt_to(session, envelope, &recipient, params)
-            ) {
-                Ok(AddressDecision { verdict, rewrite }) => {
-                    if let Some(rewritten) = rewrite {
-                        recipient = rewritten;
-                    }
-                    if let Some(decision) = decision_of(verdict) {
-                        return (decision, recipient);
-                    }
-                }
-                Err(failure) => {
-                    if let Some(decision) = failure_reply(&failure) {
-                        return (decision, recipient);
-                    }
-                }
+            );
+            if let Some(decision) = settle_address(answer, &mut recipient) {
+                return (decision, recipient);
             }
         }
         (Decision::Continue, recipient)

@@ -45,6 +45,13 @@ impl PluginSet {
     pub fn is_empty(&self) -> bool {
         self.plugins.is_empty()
     }
+
+    /// True when some plugin of this generation implements `hook`.
+    pub fn implements(&self, hook: hooks::HookKind) -> bool {
+        self.plugins
+            .iter()
+            .any(|plugin| plugin.hooks.contains(hook))
+    }
 }
 
 /// The outcome of the last reload, for `plugins list`.
