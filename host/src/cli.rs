@@ -31,6 +31,13 @@ pub enum Command {
     },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// List the running plugin chain, or reload it (on the running `serve`).
+    Plugins {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
     /// Inspect and act on the queue (works while `serve` runs).
     Queue {
         #[arg(long, short, global = true)]
@@ -56,6 +63,65 @@ pub enum QueueAction {
     Delete { id: String },
     /// Fail a message's remaining recipients and return it to its sender with a DSN.
     Bounce { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum PluginsAction {
+    /// Each plugin's generation, hooks, limits and call/failure counts, and the last reload error.
+    List,
+    /// Load the configured plugins beside the running ones and swap them in; prints the outcome.
+    Reload,
+}
+
+pub fn plugins_command(config: &Config, action: PluginsAction) -> anyhow::Result<()> {
+    let status_file = crate::plugins::reload::status_path(config);
+    let read_status = || std::fs::read_to_string(&status_file).unwrap_or_default();
+    let attempts = |status: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("reload attempts: "))
+            .and_then(|count| count.trim().parse::<u64>().ok())
+    };
+    match action {
+        PluginsAction::List => {
+            let status = read_status();
+            if status.is_empty() {
+                bail!("no plugin status at {} (is `switchyard serve` running with this configuration?)", status_file.display());
+            }
+            print!("{status}");
+            Ok(())
+        }
+        PluginsAction::Reload => {
+            let pid_file = crate::plugins::reload::pid_path(config);
+            let pid: i32 = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .with_context(|| {
+                    format!("no running server: cannot read {}", pid_file.display())
+                })?;
+            let before = attempts(&read_status()).unwrap_or(0);
+            // SAFETY: kill(2) with a pid read from our own pid file and a valid signal number.
+            if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+                bail!(
+                    "cannot signal process {pid}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while std::time::Instant::now() < deadline {
+                let status = read_status();
+                if attempts(&status).is_some_and(|count| count > before) {
+                    print!("{status}");
+                    if status.contains("last reload failed") {
+                        bail!("reload failed; the previous generation keeps running");
+                    }
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            bail!("the server did not report the reload within 120 s")
+        }
+    }
 }
 
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {

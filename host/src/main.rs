@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{load_config, queue_command, Cli, Command};
+use switchyard::cli::{load_config, plugins_command, queue_command, Cli, Command};
 use switchyard::config::Config;
 
 fn init_logging(level: &str) {
@@ -23,11 +23,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{}: configuration is valid", file.display());
             Ok(())
         }
-        Command::Serve { config } => {
-            let config = load_config(config.as_ref())?;
+        Command::Serve {
+            config: config_path,
+        } => {
+            let config = load_config(config_path.as_ref())?;
             init_logging(&config.log.level);
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(switchyard::serve::serve(config))
+            runtime.block_on(switchyard::serve::serve(config, config_path))
+        }
+        Command::Plugins { config, action } => {
+            let config = load_config(config.as_ref())?;
+            init_logging("warn");
+            plugins_command(&config, action)
         }
         Command::Queue { config, action } => {
             let config = load_config(config.as_ref())?;

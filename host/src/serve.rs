@@ -1,6 +1,7 @@
 //! `switchyard serve`: opens the queue, binds the listeners and runs sessions, the queue scan and
 //! delivery until told to stop.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -15,7 +16,9 @@ use crate::queue::Queue;
 use crate::services::Services;
 use crate::smtp::server::{self, SessionLimits};
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// `config_path` is the file the configuration came from (None: the built-in default); plugin
+/// reloads read it again.
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let queue_path = config.queue_path();
     let queue = SqliteQueue::open(&queue_path, config.queue.commit_window)
@@ -70,8 +73,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
     tokio::spawn(run_scanner(dispatcher, node_id));
+    tokio::spawn(crate::plugins::reload::run(
+        services.plugins.clone(),
+        config_path,
+        config.clone(),
+    ));
+    let pid_file = crate::plugins::reload::pid_path(&config);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
     tracing::info!(queue = %queue_path.display(), hostname = %config.hostname, "switchyard ready");
     shutdown_signal().await;
+    let _ = std::fs::remove_file(&pid_file);
     tracing::info!("shutting down; queued mail stays in the queue");
     Ok(())
 }

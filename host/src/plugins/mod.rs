@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod host;
 pub mod kv;
 pub mod loader;
+pub mod reload;
 pub mod run;
 
 use std::sync::atomic::Ordering;
@@ -54,9 +55,11 @@ impl PluginSet {
     }
 }
 
-/// The outcome of the last reload, for `plugins list`.
+/// The outcome of reloads, for `plugins list`.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadStatus {
+    /// Reloads attempted since start (successful or not).
+    pub attempts: u64,
     pub last_error: Option<String>,
 }
 
@@ -102,6 +105,7 @@ impl PluginManager {
     /// any error the running generation stays and the error is kept for `plugins list`.
     pub async fn reload(&self, manifests: &[PluginManifest]) -> Result<u64, LoadError> {
         let _guard = self.reloading.lock().await;
+        self.status_mut().attempts += 1;
         let next = self.current().generation + 1;
         match load_set(&self.engine, manifests, &self.services, next).await {
             Ok(set) => {
@@ -116,6 +120,13 @@ impl PluginManager {
                 Err(error)
             }
         }
+    }
+
+    /// Records a reload that failed before any plugin was loaded (a bad configuration file).
+    pub fn reload_failed(&self, message: String) {
+        let mut status = self.status_mut();
+        status.attempts += 1;
+        status.last_error = Some(message);
     }
 
     fn status_mut(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
@@ -143,7 +154,9 @@ impl PluginManager {
                 stats.out_of_memory.load(Ordering::Relaxed),
             ));
         }
-        if let Some(error) = &self.status_mut().last_error {
+        let status = self.status_mut().clone();
+        out.push_str(&format!("reload attempts: {}\n", status.attempts));
+        if let Some(error) = &status.last_error {
             out.push_str(&format!("last reload failed: {error}\n"));
         }
         out

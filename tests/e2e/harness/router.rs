@@ -175,6 +175,17 @@ impl Router {
         std::fs::read_to_string(self.dir.path().join("switchyard.log")).unwrap_or_default()
     }
 
+    /// Runs `switchyard plugins ...` against this router.
+    pub fn plugins(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("plugins")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run plugins command")
+    }
+
     /// Runs `switchyard queue ...` against this router's queue.
     pub fn queue(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_switchyard"))
