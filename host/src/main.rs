@@ -19,6 +19,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            // Plugins are compiled and initialised too: a bad component or plugin config is a
+            // configuration error.
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(switchyard::plugins::check(&config.plugins))?;
             print!("{}", config.to_toml());
             eprintln!("{}: configuration is valid", file.display());
             Ok(())

@@ -6,6 +6,7 @@ mod harness;
 mod check_config;
 mod crash;
 mod delivery;
+mod examples;
 mod plugins;
 mod smtp_in;
 mod tls;

@@ -380,3 +380,98 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
         "{listing}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_rewrite_maps_senders_and_recipients() {
+    let maps = "[plugin.config]\nsenders = { \"root@host.test\" = \"ops@example.test\" }\nrecipients = { \"@alias.test\" = \"@example.test\", \"info@switchyard.test\" = \"team@example.test\" }\n";
+    let (router, sink) = router_with(&plugin("rewrite", "address-rewrite", maps)).await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "root@host.test",
+            &["bob@alias.test", "info@switchyard.test", "carol@other.test"],
+            &message("maps"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(received[0].mail_from, "ops@example.test");
+    assert_eq!(
+        received[0].rcpt_to,
+        vec!["bob@example.test", "team@example.test", "carol@other.test"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_counts_senders_in_the_kv_store() {
+    let limits = "grants = [\"kv\"]\n[plugin.config]\nper_sender = { limit = 2, window_seconds = 60 }\nreply = \"450 4.7.1 Slow down\"\n";
+    let (router, _sink) = router_with(&plugin("rate", "rate-limit", limits)).await;
+    let mut client = TestClient::connect(router.port).await;
+    for _ in 0..2 {
+        client
+            .send_accepted(
+                "busy@sender.test",
+                &["b@switchyard.test"],
+                &message("counted"),
+            )
+            .await;
+    }
+    assert_eq!(
+        client.command("MAIL FROM:<busy@sender.test>").await.text,
+        "450 4.7.1 Slow down"
+    );
+    assert_eq!(
+        client.command("MAIL FROM:<calm@sender.test>").await.code,
+        250,
+        "other senders have their own count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounce_branding_writes_the_dsn_text() {
+    let sink = Sink::start(
+        "127.0.0.1".parse().expect("ip"),
+        0,
+        Some(std::sync::Arc::new(|address: &str, _| {
+            address
+                .starts_with("nobody")
+                .then(|| "550 5.1.1 no such user".to_string())
+        })),
+    )
+    .await;
+    let branding = "[plugin.config]\nsubject = \"Undeliverable: {subject}\"\ntext = \"ACME could not deliver:\\n{failures}\"\n";
+    let router = Router::start(RouterOptions {
+        extra: plugin("branding", "bounce-branding", branding),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["nobody@switchyard.test"],
+            &message("quarterly report"),
+        )
+        .await;
+    let dsn = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(dsn[0].mail_from, "");
+    assert!(
+        dsn[0]
+            .data
+            .contains("Subject: Undeliverable: quarterly report\r\n"),
+        "{}",
+        dsn[0].data
+    );
+    assert!(
+        dsn[0].data.contains(
+            "ACME could not deliver:\r\n  nobody@switchyard.test: 550 5.1.1 no such user\r\n"
+        ),
+        "{}",
+        dsn[0].data
+    );
+    assert!(
+        dsn[0]
+            .data
+            .contains("Content-Type: message/delivery-status")
+            && dsn[0].data.contains("Status: 5.1.1")
+    );
+}

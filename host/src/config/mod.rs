@@ -40,7 +40,7 @@ pub enum ConfigError {
 pub struct Config {
     /// The name this server uses in its greeting, EHLO, Received headers and Message-IDs.
     pub hostname: String,
-    /// Where the queue and other state live. Relative paths are relative to the working directory.
+    /// Where the queue and other state live. In a file, a relative path is relative to the file.
     pub data_dir: PathBuf,
     /// Where to listen for SMTP.
     #[serde(rename = "listener")]
@@ -337,8 +337,18 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, &path.display().to_string())?;
-        // Plugin paths are relative to the configuration file, like an include.
+        // Paths in a file are relative to the file, like an include.
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if config.data_dir.is_relative() {
+            config.data_dir = base.join(&config.data_dir);
+        }
+        if let Some(tls) = &mut config.tls {
+            for file in [&mut tls.certificate, &mut tls.private_key] {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
         for plugin in &mut config.plugins {
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);

@@ -62,16 +62,32 @@ pub fn build(
     text.push_str(
         "Content-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
     );
-    text.push_str(&format!(
-        "This is the mail system at host {hostname}.\r\n\r\n\
-         I'm sorry to have to inform you that your message could not\r\n\
-         be delivered to one or more recipients. It's attached below.\r\n\r\n"
-    ));
-    for recipient in failed {
-        text.push_str(&format!(
-            "<{}>: {}\r\n",
-            recipient.address, recipient.diagnostic
-        ));
+    match custom {
+        Some(custom) => {
+            // Normalised to CRLF: a DSN is held to the same line-ending rules as what we accept.
+            let body = custom
+                .text
+                .replace("\r\n", "\n")
+                .replace('\r', "\n")
+                .replace('\n', "\r\n");
+            text.push_str(&body);
+            if !body.ends_with("\r\n") {
+                text.push_str("\r\n");
+            }
+        }
+        None => {
+            text.push_str(&format!(
+                "This is the mail system at host {hostname}.\r\n\r\n\
+                 I'm sorry to have to inform you that your message could not\r\n\
+                 be delivered to one or more recipients. It's attached below.\r\n\r\n"
+            ));
+            for recipient in failed {
+                text.push_str(&format!(
+                    "<{}>: {}\r\n",
+                    recipient.address, recipient.diagnostic
+                ));
+            }
+        }
     }
     text.push_str("\r\n");
 

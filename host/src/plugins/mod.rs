@@ -163,6 +163,23 @@ impl PluginManager {
     }
 }
 
+/// Compiles and initialises `manifests` as a server would, without serving: for `check-config`.
+pub async fn check(manifests: &[PluginManifest]) -> anyhow::Result<()> {
+    if manifests.is_empty() {
+        return Ok(());
+    }
+    let engine = engine::new_engine(&std::env::temp_dir().join("switchyard-plugin-cache"))?;
+    let set = load_set(&engine, manifests, &PluginServices::default(), 1).await?;
+    for plugin in &set.plugins {
+        eprintln!(
+            "plugin {}: loads; hooks {}",
+            plugin.name,
+            plugin.hooks.names().join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn load_set(
     engine: &Engine,
     manifests: &[PluginManifest],

@@ -1,0 +1,113 @@
+//! `rate-limit`: fixed-window limits on messages per sender address and per client IP, counted
+//! in the host's key-value store (grant `kv`), so every node of a cluster shares the counts.
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "rate-limit"
+//! path = "target/wasm32-wasip2/plugin/rate_limit.wasm"
+//! grants = ["kv"]
+//! [plugin.config]
+//! per_sender = { limit = 100, window_seconds = 3600 }
+//! per_ip = { limit = 1000, window_seconds = 3600 }
+//! reply = "450 4.7.1 Rate limit exceeded, try again later"
+//! ```
+//!
+//! Each MAIL FROM counts once against both limits; past either, MAIL gets the (4xx) reply.
+
+use serde::Deserialize;
+use switchyard_plugin_sdk::host::kv;
+use switchyard_plugin_sdk::*;
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub limit: i64,
+    pub window_seconds: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub per_sender: Option<Limit>,
+    pub per_ip: Option<Limit>,
+    pub reply: Option<String>,
+}
+
+pub struct RateLimit {
+    per_sender: Option<Limit>,
+    per_ip: Option<Limit>,
+    reply: (u16, String, String),
+}
+
+/// Parses "450 4.7.1 text"; only temporary codes make sense for a rate limit.
+pub fn parse_reply(text: &str) -> Result<(u16, String, String), String> {
+    let mut words = text.splitn(3, ' ');
+    let code = words
+        .next()
+        .and_then(|code| code.parse::<u16>().ok())
+        .filter(|code| (400..500).contains(code))
+        .ok_or_else(|| format!("reply `{text}` must start with a 4xx code"))?;
+    Ok((
+        code,
+        words.next().unwrap_or_default().to_string(),
+        words.next().unwrap_or_default().to_string(),
+    ))
+}
+
+impl RateLimit {
+    fn exceeded(key: String, limit: Option<Limit>) -> bool {
+        match limit {
+            Some(limit) => kv::increment(&key, 1, limit.window_seconds) > limit.limit,
+            None => false,
+        }
+    }
+}
+
+impl Plugin for RateLimit {
+    type Config = Config;
+    const HOOKS: &'static [Hook] = &[Hook::MailFrom];
+
+    fn new(config: Config) -> Result<Self, String> {
+        for limit in [config.per_sender, config.per_ip].into_iter().flatten() {
+            if limit.limit < 1 || limit.window_seconds < 1 {
+                return Err("limit and window_seconds must be at least 1".to_string());
+            }
+        }
+        let reply = parse_reply(
+            config
+                .reply
+                .as_deref()
+                .unwrap_or("450 4.7.1 Rate limit exceeded, try again later"),
+        )?;
+        Ok(RateLimit {
+            per_sender: config.per_sender,
+            per_ip: config.per_ip,
+            reply,
+        })
+    }
+
+    fn mail_from(&self, session: &Session, sender: &str, _: &[Param]) -> AddressDecision {
+        let by_sender = !sender.is_empty()
+            && Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender);
+        let by_ip = Self::exceeded(format!("ip:{}", session.client_ip), self.per_ip);
+        if by_sender || by_ip {
+            let (code, enhanced, text) = &self.reply;
+            AddressDecision::tempfail(*code, enhanced, text.clone())
+        } else {
+            AddressDecision::next()
+        }
+    }
+}
+
+export_plugin!(RateLimit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_must_be_temporary() {
+        assert_eq!(parse_reply("450 4.7.1 slow down").expect("ok").0, 450);
+        assert!(parse_reply("550 5.7.1 no").is_err());
+    }
+}
