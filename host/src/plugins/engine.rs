@@ -33,6 +33,8 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
     config.memory_guard_size(64 * 1024);
     config.memory_reservation_for_growth(0);
     std::fs::create_dir_all(cache_dir)?;
+    // wasmtime's cache wants an absolute directory.
+    let cache_dir = std::path::absolute(cache_dir)?;
     let mut cache = CacheConfig::new();
     cache.with_directory(cache_dir);
     config.cache(Some(
