@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use wasmtime::Engine;
 
 use crate::config::PluginManifest;
+pub use engine::new_engine;
 use kv::KvStore;
 use loader::{LoadError, LoadedPlugin};
 pub use run::{PluginRun, RunContext};
