@@ -475,3 +475,30 @@ async fn bounce_branding_writes_the_dsn_text() {
             && dsn[0].data.contains("Status: 5.1.1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_decides_like_a_rust_one() {
+    // plugins/python-policy/app.py, built by componentize-py: CPython inside the component.
+    let settings = "time_limit = \"1s\"\n[plugin.config]\nblocked_senders = [\"evil@sender.test\"]\ntag = \"checked\"\n";
+    let (router, sink) = router_with(&plugin("python-policy", "python-policy", settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client.command("MAIL FROM:<evil@sender.test>").await.text,
+        "550 5.7.1 sender evil@sender.test is blocked (python-policy)"
+    );
+    client
+        .send_accepted(
+            "good@sender.test",
+            &["b@switchyard.test"],
+            &message("from python"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        received[0]
+            .data
+            .contains("X-Policy: checked; 1 recipient(s)\r\n"),
+        "{}",
+        received[0].data
+    );
+}
