@@ -37,6 +37,9 @@ struct Job {
     meta: Arc<MessageMeta>,
     content: Option<Bytes>,
     recipients: Vec<RecipientRow>,
+    /// The message's plugin instances, held for its delivery-result and bounce hooks (one job of
+    /// a message carries them; the others instantiate their own).
+    plugins: Option<PluginRun>,
 }
 
 struct Destination {
@@ -104,23 +107,25 @@ impl Dispatcher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Hands a claimed message to delivery. `content` saves a read when the caller has it.
-    pub fn submit(self: &Arc<Self>, message: QueuedMessage, content: Option<Bytes>) {
+    /// Hands a claimed message to delivery. `content` saves a read when the caller has it;
+    /// `plugins` is the run of the SMTP transaction that accepted it, if it was held for reuse.
+    pub fn submit(
+        self: &Arc<Self>,
+        message: QueuedMessage,
+        content: Option<Bytes>,
+        plugins: Option<PluginRun>,
+    ) {
         let meta = Arc::new(message.meta);
         let recipients = self.take_in_flight(&meta.id, message.recipients);
         if recipients.is_empty() {
             return;
         }
         let set = self.plugins.current();
-        if set
-            .plugins
-            .iter()
-            .any(|plugin| plugin.hooks.contains(HookKind::Route))
-        {
+        if set.implements(HookKind::Route) {
             let dispatcher = self.clone();
             tokio::spawn(async move {
                 dispatcher
-                    .route_with_plugins(set, meta, recipients, content)
+                    .route_with_plugins(set, meta, recipients, content, plugins)
                     .await
             });
         } else {
@@ -128,8 +133,27 @@ impl Dispatcher {
                 .into_iter()
                 .map(|recipient| (self.static_hop(&recipient.address), recipient))
                 .collect();
-            self.queue_jobs(meta, content, routed);
+            let plugins = plugins.filter(|run| run.generation() == set.generation);
+            self.queue_jobs(meta, content, routed, plugins);
         }
+    }
+
+    /// The run for a message's delivery-side hooks: `held` if it is of the current generation,
+    /// else a fresh one.
+    fn plugin_run(
+        &self,
+        set: &Arc<PluginSet>,
+        meta: &MessageMeta,
+        held: Option<PluginRun>,
+    ) -> PluginRun {
+        PluginRun::resume(
+            set,
+            held,
+            RunContext {
+                tenant: String::new(),
+                queue_id: Some(meta.id.clone()),
+            },
+        )
     }
 
     /// Marks recipients as in flight, dropping those that already are.
@@ -157,14 +181,9 @@ impl Dispatcher {
         meta: Arc<MessageMeta>,
         recipients: Vec<RecipientRow>,
         content: Option<Bytes>,
+        held: Option<PluginRun>,
     ) {
-        let mut run = PluginRun::new(
-            set,
-            RunContext {
-                tenant: String::new(),
-                queue_id: Some(meta.id.clone()),
-            },
-        );
+        let mut run = self.plugin_run(&set, &meta, held);
         let facts = plugin_facts(&meta);
         let mut routed = Vec::new();
         let mut settled = Vec::new();
@@ -224,7 +243,7 @@ impl Dispatcher {
                 RouteDecision::Failed(reply) => settled.push(settle(reply)),
             }
         }
-        drop(run);
+        let mut run = Some(run);
         if !settled.is_empty() {
             let job = Job {
                 meta: meta.clone(),
@@ -233,10 +252,12 @@ impl Dispatcher {
                     .iter()
                     .map(|attempt| attempt.recipient.clone())
                     .collect(),
+                plugins: if routed.is_empty() { run.take() } else { None },
             };
             self.finish(job, settled).await;
         }
-        self.queue_jobs(meta, content, routed);
+        let run = run.and_then(|run| self.plugins.hold(run));
+        self.queue_jobs(meta, content, routed, run);
     }
 
     /// Queues one job per next hop and starts connection workers within the limits.
@@ -245,6 +266,7 @@ impl Dispatcher {
         meta: Arc<MessageMeta>,
         content: Option<Bytes>,
         routed: Vec<(NextHop, RecipientRow)>,
+        mut plugins: Option<PluginRun>,
     ) {
         let mut by_hop: HashMap<String, (NextHop, Vec<RecipientRow>)> = HashMap::new();
         for (hop, recipient) in routed {
@@ -271,6 +293,7 @@ impl Dispatcher {
                 meta: meta.clone(),
                 content: content.clone(),
                 recipients,
+                plugins: plugins.take(),
             });
             if destination.workers < limit && destination.workers < destination.jobs.len() {
                 destination.workers += 1;
@@ -528,7 +551,7 @@ impl Dispatcher {
             });
         }
         let set = self.plugins.current();
-        observe::delivery_results(&set, &meta, &reports).await;
+        let mut run = self.plugin_run(&set, &meta, job.plugins.take());
         let mut bounces = Vec::new();
         if !failed.is_empty() {
             let content = match job.content.take() {
@@ -536,7 +559,7 @@ impl Dispatcher {
                 None => self.queue.content(&meta.id).await.ok().flatten(),
             };
             let content = content.unwrap_or_default();
-            let text = observe::bounce_text(&set, &meta, &failed, &content).await;
+            let text = observe::bounce_text(&mut run, &meta, &failed, &content).await;
             match dsn::build(
                 &self.config.hostname,
                 &meta,
@@ -559,5 +582,7 @@ impl Dispatcher {
             tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results");
         }
         self.forget(&job);
+        // Observers hear of an outcome once it is recorded, never of one that a crash could undo.
+        observe::delivery_results(&mut run, &reports).await;
     }
 }

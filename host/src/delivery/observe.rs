@@ -5,18 +5,8 @@ use super::dsn::FailedRecipient;
 use super::plugin_facts;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::hooks::HookKind;
-use crate::plugins::{PluginRun, PluginSet, RunContext};
+use crate::plugins::PluginRun;
 use crate::queue::{MessageMeta, Outcome};
-
-fn run(set: &std::sync::Arc<PluginSet>, meta: &MessageMeta) -> PluginRun {
-    PluginRun::new(
-        set.clone(),
-        RunContext {
-            tenant: String::new(),
-            queue_id: Some(meta.id.clone()),
-        },
-    )
-}
 
 /// What the delivery-result hook is told about one recipient's attempt.
 pub fn report(
@@ -45,15 +35,7 @@ pub fn report(
     }
 }
 
-pub async fn delivery_results(
-    set: &std::sync::Arc<PluginSet>,
-    meta: &MessageMeta,
-    reports: &[wit::DeliveryReport],
-) {
-    if !set.implements(HookKind::DeliveryResult) {
-        return;
-    }
-    let mut run = run(set, meta);
+pub async fn delivery_results(run: &mut PluginRun, reports: &[wit::DeliveryReport]) {
     for report in reports {
         run.delivery_result(report).await;
     }
@@ -61,12 +43,12 @@ pub async fn delivery_results(
 
 /// The bounce hook's subject and text for a DSN, if a plugin offers one.
 pub async fn bounce_text(
-    set: &std::sync::Arc<PluginSet>,
+    run: &mut PluginRun,
     meta: &MessageMeta,
     failed: &[FailedRecipient],
     content: &[u8],
 ) -> Option<wit::BounceText> {
-    if !set.implements(HookKind::Bounce) || meta.sender.is_empty() {
+    if !run.implements(HookKind::Bounce) || meta.sender.is_empty() {
         return None;
     }
     let report = wit::BounceReport {
@@ -81,5 +63,5 @@ pub async fn bounce_text(
             .collect(),
         headers: crate::smtp::server::parsed_headers(content),
     };
-    run(set, meta).bounce(&report).await
+    run.bounce(&report).await
 }

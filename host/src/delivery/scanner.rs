@@ -25,7 +25,7 @@ pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
                     tracing::debug!(messages = messages.len(), "claimed due messages");
                 }
                 for message in messages {
-                    dispatcher.submit(message, None);
+                    dispatcher.submit(message, None, None);
                 }
                 if full {
                     continue;

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use wasmtime::Engine;
 
+use tokio::sync::Semaphore;
+
 use crate::config::PluginManifest;
 pub use engine::new_engine;
 use kv::KvStore;
@@ -64,8 +66,15 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
 }
 
+/// Instances that runs held for their messages' delivery stages may keep at once: a quarter of the
+/// pool, so messages waiting behind a slow destination never take the slots new SMTP transactions
+/// need.
+const HELD_INSTANCES: usize = engine::POOL_INSTANCES as usize / 4;
+
 pub struct PluginManager {
     engine: Engine,
+    /// Permits for instances kept by held runs ([`PluginManager::hold`]).
+    held: Arc<Semaphore>,
     services: PluginServices,
     current: ArcSwap<PluginSet>,
     status: Mutex<ReloadStatus>,
@@ -85,6 +94,7 @@ impl PluginManager {
         log_generation(&set);
         Ok(Arc::new(PluginManager {
             engine,
+            held: Arc::new(Semaphore::new(HELD_INSTANCES)),
             services,
             current: ArcSwap::from_pointee(set),
             status: Mutex::new(ReloadStatus::default()),
@@ -100,6 +110,18 @@ impl PluginManager {
     /// Starts a run for a new transaction on the current generation.
     pub fn run(&self, context: RunContext) -> PluginRun {
         PluginRun::new(self.current(), context)
+    }
+
+    /// Keeps a finished SMTP transaction's (or routing's) run for the later stages of the same
+    /// message in this process — route, delivery-result, bounce — so they call the instances it
+    /// already has instead of instantiating every plugin again. `None` (the run is dropped, and
+    /// those stages instantiate afresh) when held runs already keep their share of the pool.
+    pub fn hold(&self, mut run: PluginRun) -> Option<PluginRun> {
+        if run.hold.is_none() {
+            let wanted = u32::try_from(run.set.plugins.len()).ok()?;
+            run.hold = Some(self.held.clone().try_acquire_many_owned(wanted).ok()?);
+        }
+        Some(run)
     }
 
     /// Compiles and initialises `manifests` beside the running generation and swaps it in. On

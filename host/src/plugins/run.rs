@@ -53,6 +53,9 @@ pub struct PluginRun {
     pub(super) set: Arc<PluginSet>,
     pub(super) instances: Vec<Option<Instance>>,
     context: RunContext,
+    /// Present while the run is held for its message's delivery stages (see
+    /// [`super::PluginManager::hold`]): the run's share of the bound on held instances.
+    pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 fn new_store(
@@ -107,6 +110,26 @@ impl PluginRun {
             set,
             instances,
             context,
+            hold: None,
+        }
+    }
+
+    /// `held` if it is a run of `set`'s generation, otherwise a fresh run on `set`: the delivery
+    /// stages of a message reuse the instances of its SMTP transaction (or of its routing) when
+    /// they can, and never mix generations.
+    pub fn resume(set: &Arc<PluginSet>, held: Option<PluginRun>, context: RunContext) -> PluginRun {
+        match held {
+            Some(run) if Arc::ptr_eq(&run.set, set) => run,
+            _ => PluginRun::new(set.clone(), context),
+        }
+    }
+
+    /// Forgets the transaction bag of every instance. The SMTP transaction calls it when it hands
+    /// its run to delivery: the delivery stages of a message start with an empty bag whether or
+    /// not they reuse the transaction's instances.
+    pub fn clear_bags(&mut self) {
+        for instance in self.instances.iter_mut().flatten() {
+            instance.store.data_mut().bag.clear();
         }
     }
 
@@ -120,6 +143,11 @@ impl PluginRun {
         for instance in self.instances.iter_mut().flatten() {
             instance.store.data_mut().queue_id = Some(queue_id.to_string());
         }
+    }
+
+    /// True when some plugin of this run's generation implements `hook`.
+    pub fn implements(&self, hook: HookKind) -> bool {
+        self.set.implements(hook)
     }
 
     /// Indices of the plugins implementing `hook`, in chain order.

@@ -649,7 +649,13 @@ impl Session {
                     })
                     .collect(),
             };
-            self.services.dispatcher.submit(queued, Some(content));
+            // The transaction's plugin instances go on to serve this message's route and
+            // delivery-result hooks, so a message costs one instantiation per plugin, not three.
+            let run = self.run.take().and_then(|mut run| {
+                run.clear_bags();
+                self.services.plugins.hold(run)
+            });
+            self.services.dispatcher.submit(queued, Some(content), run);
         }
         Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
     }
