@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::delivery::dsn::{self, FailedRecipient};
 use crate::queue::sqlite::SqliteQueue;
-use crate::queue::{Outcome, Queue, RecipientResult, RecipientState};
+use crate::queue::{Outcome, Queue, QueuedMessage, RecipientResult, RecipientState};
 
 #[derive(Parser)]
 #[command(
@@ -216,23 +216,18 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             println!("{count} recipient(s) scheduled for immediate retry");
         }
         QueueAction::Delete { id } => {
+            take_from_delivery(&queue, &id).await?;
             if !queue.delete(&id).await? {
                 bail!("no message {id} in the queue");
             }
             println!("deleted {id}");
         }
         QueueAction::Bounce { id } => {
-            let Some(message) = queue.get(&id).await? else {
-                bail!("no message {id} in the queue");
-            };
+            let message = take_from_delivery(&queue, &id).await?;
             let content = queue.content(&id).await?.unwrap_or_default();
             let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
-            let pending: Vec<_> = message
+            let failed: Vec<FailedRecipient> = message
                 .recipients
-                .iter()
-                .filter(|r| r.state == RecipientState::Queued)
-                .collect();
-            let failed: Vec<FailedRecipient> = pending
                 .iter()
                 .map(|recipient| FailedRecipient {
                     address: recipient.address.clone(),
@@ -241,7 +236,8 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
                     remote_mta: None,
                 })
                 .collect();
-            let results = pending
+            let results = message
+                .recipients
                 .iter()
                 .map(|recipient| RecipientResult {
                     message_id: id.clone(),
@@ -266,4 +262,30 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// How long an operator's command may hold a message away from delivery; if the command dies,
+/// delivery takes the message back after this.
+const ADMIN_LEASE_MILLIS: i64 = 60_000;
+
+/// Leases a message's pending recipients to this command so that a running server cannot
+/// deliver them while the command bounces or deletes the message (which would deliver and bounce
+/// it, or deliver a deleted one). Refuses while a delivery of the message is under way.
+async fn take_from_delivery(queue: &SqliteQueue, id: &str) -> anyhow::Result<QueuedMessage> {
+    let owner = format!("admin-{}", std::process::id());
+    let now = crate::queue::now_millis();
+    let Some((message, busy)) = queue
+        .lease_message(id, &owner, now, now + ADMIN_LEASE_MILLIS)
+        .await?
+    else {
+        bail!("no message {id} in the queue");
+    };
+    if busy > 0 {
+        queue.release_leases(Some(&owner)).await?;
+        bail!(
+            "{busy} recipient(s) of {id} are being delivered right now; \
+             try again once the attempt is over (`queue show {id}`)"
+        );
+    }
+    Ok(message)
 }

@@ -253,18 +253,100 @@ async fn queue_commands_work_while_serving() {
             && shown.contains("Subject: stuck"),
         "{shown}"
     );
+    // `retry` makes the running server try again now: the second attempt shows up at once,
+    // not after the retry schedule's first step.
     let retry = router.queue(&["retry", &id]);
     assert!(retry.status.success());
-    let bounce = router.queue(&["bounce", &id]);
+    assert_eq!(
+        String::from_utf8_lossy(&retry.stdout).trim(),
+        "1 recipient(s) scheduled for immediate retry"
+    );
+    wait_for_queue_show(&router, &id, "attempts=2").await;
+    let bounce = admin_command(&router, &["bounce", &id]).await;
     assert!(
-        bounce.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bounce.stderr)
+        String::from_utf8_lossy(&bounce.stdout).contains(&format!("bounced {id}: 1 recipient(s)")),
+        "{bounce:?}"
     );
     let dsn = sender.wait_for(1, Duration::from_secs(15)).await;
     assert_eq!(parse_dsn(&dsn[0].data).0, "5.0.0");
     let missing = router.queue(&["delete", &id]);
     assert!(!missing.status.success(), "already gone after the bounce");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains(&format!("no message {id} in the queue"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_delete_and_retry_all_while_serving() {
+    let (dns, port) = setup().await;
+    dns.mx("slow.test", 10, "mx.slow.test");
+    dns.a("mx.slow.test", ip(53));
+    let rule: Rule = Arc::new(|_, _| Some("451 4.3.0 try later".to_string()));
+    let slow = sink(53, port, Some(rule)).await;
+    let router = router(&dns, port).await;
+    let mut client = TestClient::connect(router.port).await;
+    let first = client
+        .send_accepted("s@sender.test", &["a@slow.test"], &message("one"))
+        .await;
+    let second = client
+        .send_accepted(
+            "s@sender.test",
+            &["b@slow.test", "c@slow.test"],
+            &message("two"),
+        )
+        .await;
+    wait_for_queue_show(&router, &first, "attempts=1").await;
+    wait_for_queue_show(&router, &second, "attempts=1").await;
+    let retry = router.queue(&["retry", "--all"]);
+    assert_eq!(
+        String::from_utf8_lossy(&retry.stdout).trim(),
+        "3 recipient(s) scheduled for immediate retry"
+    );
+    wait_for_queue_show(&router, &first, "attempts=2").await;
+    let deleted = admin_command(&router, &["delete", &first]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&deleted.stdout).trim(),
+        format!("deleted {first}")
+    );
+    let listing = String::from_utf8_lossy(&router.queue(&["list"]).stdout).to_string();
+    assert!(
+        !listing.contains(&first) && listing.contains(&second),
+        "{listing}"
+    );
+    assert!(listing.contains("-- 1 message(s) in queue"), "{listing}");
+    // The deleted message is never delivered nor bounced: the sink only ever saw refusals.
+    assert!(slow.received().is_empty());
+}
+
+/// Polls `queue show ID` until it contains `expected`.
+async fn wait_for_queue_show(router: &Router, id: &str, expected: &str) {
+    let mut shown = String::new();
+    for _ in 0..100 {
+        shown = String::from_utf8_lossy(&router.queue(&["show", id]).stdout).to_string();
+        if shown.contains(expected) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("`queue show {id}` never showed {expected:?}: {shown}");
+}
+
+/// Runs a queue command that acts on a message (bounce, delete), trying again while the running
+/// server is delivering it, which the command refuses rather than race with.
+async fn admin_command(router: &Router, args: &[&str]) -> std::process::Output {
+    for _ in 0..50 {
+        let output = router.queue(args);
+        if output.status.success() {
+            return output;
+        }
+        let error = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(
+            error.contains("being delivered right now"),
+            "{args:?}: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{args:?} kept finding the message in delivery");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,3 +390,71 @@ async fn idle_client_is_timed_out() {
     );
     assert!(client.is_closed().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_never_reads_its_replies_is_dropped() {
+    // Pipelined NOOPs without reading a reply: the server's replies fill the socket buffers, its
+    // writes block, and the write timeout (command_timeout) must end the session rather than let
+    // it hold its slot forever. Until then the client's own writes block too.
+    let (router, _sink) = router_with_sink("command_timeout = \"1s\"\n").await;
+    let mut client = TestClient::connect(router.port).await;
+    let burst = b"NOOP\r\n".repeat(10_000);
+    let flood = async {
+        loop {
+            if let Err(error) = client.try_send(&burst).await {
+                return error;
+            }
+        }
+    };
+    let error = tokio::time::timeout(Duration::from_secs(30), flood)
+        .await
+        .expect("the server dropped a client that never reads");
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_rset_and_vrfy_answer_as_documented() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(
+        client.command("HELP").await.text,
+        "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS"
+    );
+    assert_eq!(
+        client.command("VRFY postmaster").await.text,
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
+    );
+    assert_eq!(client.command("NOOP").await.text, "250 2.0.0 Ok");
+    // RSET forgets the transaction under way: the recipient given before it gets nothing.
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client
+            .command("RCPT TO:<dropped@switchyard.test>")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(client.command("RSET").await.text, "250 2.0.0 Ok");
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.text,
+        "503 5.5.1 Error: need MAIL command"
+    );
+    client
+        .send_accepted(
+            "a@sender.test",
+            &["kept@switchyard.test"],
+            &message("after rset"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        received[0].rcpt_to,
+        vec!["kept@switchyard.test".to_string()]
+    );
+}

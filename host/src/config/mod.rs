@@ -336,8 +336,10 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut config = Config::parse(&text, &path.display().to_string())?;
-        // Paths in a file are relative to the file, like an include.
+        let origin = path.display().to_string();
+        let mut config = Config::deserialize_text(&text, &origin)?;
+        // Paths in a file are relative to the file, like an include; they are resolved before
+        // validation so that a check of a file is a check of the file the server will open.
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if config.data_dir.is_relative() {
             config.data_dir = base.join(&config.data_dir);
@@ -354,12 +356,20 @@ impl Config {
                 plugin.path = base.join(&plugin.path);
             }
         }
+        config.validate_against(&text, &origin)?;
         Ok(config)
     }
 
-    /// Parses and validates configuration text; `origin` names it in errors.
+    /// Parses and validates configuration text; `origin` names it in errors. Relative paths
+    /// are taken from the working directory.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| {
+        let config = Config::deserialize_text(text, origin)?;
+        config.validate_against(text, origin)?;
+        Ok(config)
+    }
+
+    fn deserialize_text(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|error| {
             let offset = error.span().map(|span| span.start).unwrap_or(0);
             let (line, column) = line_and_column(text, offset);
             ConfigError::Invalid {
@@ -368,8 +378,12 @@ impl Config {
                 column,
                 message: error.message().to_string(),
             }
-        })?;
-        validate::validate(&config, text).map_err(|problem| {
+        })
+    }
+
+    /// Checks what the types cannot; `text` locates a problem's key for the error.
+    fn validate_against(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        validate::validate(self, text).map_err(|problem| {
             let (line, column) = line_and_column(text, problem.offset);
             ConfigError::Invalid {
                 path: origin.to_string(),
@@ -377,8 +391,7 @@ impl Config {
                 column,
                 message: problem.message,
             }
-        })?;
-        Ok(config)
+        })
     }
 
     /// The effective configuration, every default filled in, as TOML.
@@ -450,5 +463,31 @@ mod tests {
         let config = Config::parse("[delivery]\nport = 2526\n", "c.toml").expect("valid");
         let again = Config::parse(&config.to_toml(), "effective").expect("effective config parses");
         assert_eq!(again.delivery.port, 2526);
+    }
+
+    #[test]
+    fn relative_tls_files_are_found_beside_the_config_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("cert.pem"), "cert").expect("write cert");
+        std::fs::write(dir.path().join("key.pem"), "key").expect("write key");
+        let file = dir.path().join("switchyard.toml");
+        std::fs::write(
+            &file,
+            "[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n",
+        )
+        .expect("write config");
+        // Checked from another working directory: the files are beside the config, not here.
+        let config = Config::load(&file).expect("relative TLS paths resolve beside the file");
+        let tls = config.tls.expect("tls section");
+        assert_eq!(tls.certificate, dir.path().join("cert.pem"));
+
+        std::fs::write(
+            &file,
+            "[tls]\ncertificate = \"missing.pem\"\nprivate_key = \"key.pem\"\n",
+        )
+        .expect("write config");
+        let message = Config::load(&file).expect_err("missing cert").to_string();
+        assert!(message.contains(":2:"), "{message}");
+        assert!(message.contains("missing.pem"), "{message}");
     }
 }

@@ -577,12 +577,16 @@ impl Dispatcher {
                 None => {}
             }
         }
-        if let Err(error) = self.queue.record(results, bounces).await {
-            // The recipients stay leased and are tried again once the lease expires.
-            tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results");
-        }
+        let recorded = self.queue.record(results, bounces).await;
         self.forget(&job);
-        // Observers hear of an outcome once it is recorded, never of one that a crash could undo.
-        observe::delivery_results(&mut run, &reports).await;
+        match recorded {
+            // Observers hear of an outcome once it is recorded, never of one that a crash could
+            // undo.
+            Ok(()) => observe::delivery_results(&mut run, &reports).await,
+            // The recipients stay leased and are tried again once the lease expires.
+            Err(error) => {
+                tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results")
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! more pipelined (RFC 2920: replies to a pipelined group go out together).
 
 use std::io;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -36,13 +37,41 @@ impl Line {
 pub struct Conn {
     reader: BufReader<Stream>,
     out: Vec<u8>,
+    /// How long one write may wait for the peer to take bytes: a peer that stops reading (its
+    /// window full of our replies) is dropped instead of pinning the session forever.
+    write_timeout: Duration,
 }
+
+/// The write timeout until a caller sets its own (RFC 5321 4.5.3.2's five minutes).
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Conn {
     pub fn new(stream: Stream) -> Conn {
         Conn {
             reader: BufReader::with_capacity(64 * 1024, stream),
             out: Vec::with_capacity(1024),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
+    }
+
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Conn {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Writes all of `bytes` within the write timeout.
+    async fn write_timed(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let stream = self.reader.get_mut();
+        let write = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not read what was sent within the write timeout",
+            )),
         }
     }
 
@@ -154,9 +183,10 @@ impl Conn {
     /// Sends the output buffer.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            let stream = self.reader.get_mut();
-            stream.write_all(&self.out).await?;
-            stream.flush().await?;
+            let out = std::mem::take(&mut self.out);
+            self.write_timed(&out).await?;
+            // Keep the buffer's allocation for the next replies.
+            self.out = out;
             self.out.clear();
         }
         Ok(())
@@ -174,11 +204,12 @@ impl Conn {
     /// Writes bytes straight to the peer (a message body), after anything buffered.
     pub async fn write_now(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.flush().await?;
-        self.reader.get_mut().write_all(bytes).await
+        self.write_timed(bytes).await
     }
 
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
-        let _ = self.reader.get_mut().shutdown().await;
+        let timeout = self.write_timeout;
+        let _ = tokio::time::timeout(timeout, self.reader.get_mut().shutdown()).await;
     }
 }

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::switchyard::plugin::{bag, clock, dns, kv, log, message, metrics, types};
@@ -27,7 +26,7 @@ const BAG_ITEM: usize = 4096;
 pub struct HostState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: super::limits::MemoryBudget,
     /// When the current call must end.
     pub deadline: Instant,
     pub plugin: Arc<str>,

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod hooks;
 pub mod host;
 pub mod kv;
+pub mod limits;
 pub mod loader;
 pub mod reload;
 pub mod run;
@@ -114,12 +115,18 @@ impl PluginManager {
 
     /// Keeps a finished SMTP transaction's (or routing's) run for the later stages of the same
     /// message in this process — route, delivery-result, bounce — so they call the instances it
-    /// already has instead of instantiating every plugin again. `None` (the run is dropped, and
-    /// those stages instantiate afresh) when held runs already keep their share of the pool.
+    /// already has instead of instantiating every plugin again. Only the instances of plugins
+    /// with a delivery-side hook are kept. `None` (the run is dropped, and those stages
+    /// instantiate afresh) when no plugin has such a hook, or when held runs already keep their
+    /// share of the pool.
     pub fn hold(&self, mut run: PluginRun) -> Option<PluginRun> {
         if run.hold.is_none() {
-            let wanted = u32::try_from(run.set.plugins.len()).ok()?;
-            run.hold = Some(self.held.clone().try_acquire_many_owned(wanted).ok()?);
+            let kept = run.keep_delivery_instances();
+            if kept == 0 {
+                return None;
+            }
+            let permits = u32::try_from(kept).ok()?;
+            run.hold = Some(self.held.clone().try_acquire_many_owned(permits).ok()?);
         }
         Some(run)
     }

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use super::bindings::Plugin;
 use super::hooks::{HookKind, HookSet};
 use super::host::HostState;
+use super::limits::MemoryBudget;
 use super::loader::LoadedPlugin;
 use super::{PluginServices, PluginSet};
 use crate::config::FailurePolicy;
@@ -68,13 +69,7 @@ fn new_store(
         // Nothing preopened, no network, no environment: WASI gives clocks and randomness only.
         wasi: WasiCtxBuilder::new().build(),
         table: ResourceTable::new(),
-        limits: StoreLimitsBuilder::new()
-            .memory_size(limit)
-            .instances(16)
-            .tables(16)
-            .memories(4)
-            .trap_on_grow_failure(true)
-            .build(),
+        limits: MemoryBudget::new(limit),
         deadline: Instant::now() + plugin.manifest.time_limit,
         plugin: plugin.name.clone(),
         tenant: context.tenant.clone(),
@@ -116,21 +111,44 @@ impl PluginRun {
 
     /// `held` if it is a run of `set`'s generation, otherwise a fresh run on `set`: the delivery
     /// stages of a message reuse the instances of its SMTP transaction (or of its routing) when
-    /// they can, and never mix generations.
+    /// they can, and never mix generations. A reused run starts with empty bags, as a fresh one
+    /// does, so what a plugin sees never depends on whether the host could reuse its instance.
     pub fn resume(set: &Arc<PluginSet>, held: Option<PluginRun>, context: RunContext) -> PluginRun {
         match held {
-            Some(run) if Arc::ptr_eq(&run.set, set) => run,
+            Some(mut run) if Arc::ptr_eq(&run.set, set) => {
+                run.clear_bags();
+                if let Some(queue_id) = &context.queue_id {
+                    run.set_queue_id(queue_id);
+                }
+                run
+            }
             _ => PluginRun::new(set.clone(), context),
         }
     }
 
-    /// Forgets the transaction bag of every instance. The SMTP transaction calls it when it hands
-    /// its run to delivery: the delivery stages of a message start with an empty bag whether or
-    /// not they reuse the transaction's instances.
-    pub fn clear_bags(&mut self) {
+    fn clear_bags(&mut self) {
         for instance in self.instances.iter_mut().flatten() {
             instance.store.data_mut().bag.clear();
         }
+    }
+
+    /// Drops the instances of plugins that implement none of the delivery-side hooks (route,
+    /// delivery-result, bounce) and returns how many plugins do: what a run held for its
+    /// message's delivery may keep.
+    pub(super) fn keep_delivery_instances(&mut self) -> usize {
+        let mut kept = 0;
+        for (plugin, instance) in self.set.plugins.iter().zip(self.instances.iter_mut()) {
+            let hooks = plugin.hooks;
+            if hooks.contains(HookKind::Route)
+                || hooks.contains(HookKind::DeliveryResult)
+                || hooks.contains(HookKind::Bounce)
+            {
+                kept += 1;
+            } else {
+                *instance = None;
+            }
+        }
+        kept
     }
 
     pub fn generation(&self) -> u64 {

@@ -164,6 +164,18 @@ pub trait Queue: Send + Sync {
     /// `None`); returns how many.
     async fn retry_now(&self, id: Option<&str>) -> Result<u64, QueueError>;
 
+    /// Takes a message's queued (and quarantined) recipients away from delivery for an
+    /// operator's command: leases those that nobody is delivering now to `owner` until `lease_until`, atomically. Returns the
+    /// message with just those recipients, and how many queued recipients are being delivered by
+    /// someone else (their lease runs at `now`); `None` if there is no such message.
+    async fn lease_message(
+        &self,
+        id: &str,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<(QueuedMessage, usize)>, QueueError>;
+
     /// Removes a message without delivering or bouncing it; false if there was none.
     async fn delete(&self, id: &str) -> Result<bool, QueueError>;
 

@@ -525,6 +525,53 @@ impl Queue for SqliteQueue {
         Ok(result.rows_affected())
     }
 
+    async fn lease_message(
+        &self,
+        id: &str,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<(QueuedMessage, usize)>, QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        let meta = sqlx::query(
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(
+            "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
+             WHERE message_id = ?3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < ?4)
+             RETURNING message_id, idx, address, state, attempts, next_attempt, last_reply",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(id)
+        .bind(now)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients
+             WHERE message_id = ?1 AND state = 0 AND lease_owner IS NOT ?2 AND lease_until >= ?3",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now)
+        .fetch_one(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        let mut recipients: Vec<RecipientRow> = rows.iter().map(recipient_from_row).collect();
+        recipients.sort_by_key(|recipient| recipient.index);
+        let message = QueuedMessage {
+            meta: meta_from_row(&meta),
+            recipients,
+        };
+        Ok(Some((message, usize::try_from(busy).unwrap_or(usize::MAX))))
+    }
+
     async fn delete(&self, id: &str) -> Result<bool, QueueError> {
         let mut transaction = self.pool.begin().await?;
         sqlx::query("DELETE FROM recipients WHERE message_id = ?")

@@ -3,7 +3,7 @@
 //! ```toml
 //! [[plugin]]
 //! name = "static-routes"
-//! path = "target/wasm32-wasip2/release/static_routes.wasm"
+//! path = "target/wasm32-wasip2/plugin/static_routes.wasm"
 //! [plugin.config]
 //! routes = [
 //!   { domain = "corp.example", smarthost = "10.0.0.5:25", tls = "require" },

@@ -45,6 +45,11 @@ impl TestClient {
         self.writer.write_all(bytes).await.expect("send");
     }
 
+    /// Like [`TestClient::send`], but returns the error (the server may have closed).
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
     pub async fn reply(&mut self) -> Reply {
         let mut text = String::new();
         loop {

@@ -78,7 +78,8 @@ impl Session {
                 && talks_first(&stream, listener.greeting_delay).await
             {
                 tracing::info!("refused: client talked before the greeting");
-                let mut conn = Conn::new(Stream::Plain(stream));
+                let mut conn = Conn::new(Stream::Plain(stream))
+                    .with_write_timeout(services.config.smtp.command_timeout);
                 conn.queue(
                     Reply::new(
                         554,
@@ -92,7 +93,8 @@ impl Session {
                 return;
             }
             let mut session = Session {
-                conn: Conn::new(Stream::Plain(stream)),
+                conn: Conn::new(Stream::Plain(stream))
+                    .with_write_timeout(services.config.smtp.command_timeout),
                 client_ip: canonical(peer.ip()),
                 listener,
                 services,
@@ -651,10 +653,10 @@ impl Session {
             };
             // The transaction's plugin instances go on to serve this message's route and
             // delivery-result hooks, so a message costs one instantiation per plugin, not three.
-            let run = self.run.take().and_then(|mut run| {
-                run.clear_bags();
-                self.services.plugins.hold(run)
-            });
+            let run = self
+                .run
+                .take()
+                .and_then(|run| self.services.plugins.hold(run));
             self.services.dispatcher.submit(queued, Some(content), run);
         }
         Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
@@ -715,8 +717,14 @@ impl Session {
         let Stream::Plain(tcp) = conn.into_stream() else {
             return Err(std::io::Error::other("STARTTLS on a TLS stream"));
         };
-        let tls = acceptor.accept(tcp).await?;
-        self.conn = Conn::new(Stream::ServerTls(Box::new(tls)));
+        // A client that asks for TLS and then says nothing must not hold the session forever.
+        let timeout = self.config().smtp.command_timeout;
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        self.conn = Conn::new(Stream::ServerTls(Box::new(tls))).with_write_timeout(timeout);
         // RFC 3207 4.2: forget everything learnt before TLS.
         self.greeting = Greeting::None;
         self.transaction = Transaction::default();
