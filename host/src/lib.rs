@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod metrics;
 pub mod net;
 pub mod plugins;
 pub mod queue;

@@ -33,6 +33,8 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             "recovered recipients claimed by an earlier run"
         );
     }
+    // Before the plugins load: their call counters register with the recorder.
+    crate::metrics::install(&config.metrics)?;
     let kv: Arc<dyn KvStore> = Arc::new(queue.clone());
     let queue: Arc<dyn Queue> = Arc::new(queue);
     let dns = Arc::new(Dns::new(&config.dns)?);

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
-use crate::harness::router::{plugin_path, Router, RouterOptions};
+use crate::harness::router::{free_port, plugin_path, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
 fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
@@ -411,9 +411,14 @@ async fn address_rewrite_maps_senders_and_recipients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_counts_senders_in_the_kv_store() {
-    let limits = "grants = [\"kv\"]\n[plugin.config]\nper_sender = { limit = 2, window_seconds = 60 }\nreply = \"450 4.7.1 Slow down\"\n";
-    let (router, _sink) = router_with(&plugin("rate", "rate-limit", limits)).await;
+async fn rate_limit_counts_senders_in_the_kv_store_and_exports_metrics() {
+    let limits = "grants = [\"kv\", \"metrics\"]\n[plugin.config]\nper_sender = { limit = 2, window_seconds = 60 }\nreply = \"450 4.7.1 Slow down\"\n";
+    let metrics_port = free_port();
+    let (router, _sink) = router_with(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{}",
+        plugin("rate", "rate-limit", limits)
+    ))
+    .await;
     let mut client = TestClient::connect(router.port).await;
     for _ in 0..2 {
         client
@@ -433,6 +438,39 @@ async fn rate_limit_counts_senders_in_the_kv_store() {
         250,
         "other senders have their own count"
     );
+    // The plugin's counter and the host's own series on the Prometheus endpoint.
+    let scraped = scrape(metrics_port).await;
+    for series in [
+        "switchyard_plugin_counter_total{plugin=\"rate\",name=\"limited_total\"} 1",
+        "switchyard_messages_accepted_total 2",
+        "switchyard_plugin_calls_total{plugin=\"rate\"} 4",
+        "switchyard_smtp_sessions_total{listener=\"inbound\"} ",
+    ] {
+        assert!(
+            scraped.contains(series),
+            "{series} missing from:\n{scraped}"
+        );
+    }
+}
+
+/// The body of a GET of the metrics endpoint.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("a response within 10 s")
+        .expect("read the response");
+    let response = String::from_utf8_lossy(&response).to_string();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

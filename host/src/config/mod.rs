@@ -62,6 +62,7 @@ pub struct Config {
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginManifest>,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -80,6 +81,7 @@ impl Default for Config {
             routes: Vec::new(),
             plugins: Vec::new(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -327,6 +329,15 @@ impl Default for LogConfig {
             level: "info".to_string(),
         }
     }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve metrics over HTTP (any path answers), for example "127.0.0.1:9425".
+    /// Without it no endpoint is opened.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {

@@ -511,6 +511,7 @@ impl Dispatcher {
                     ),
                 }
             };
+            metrics::counter!("switchyard_deliveries_total", "status" => status).increment(1);
             tracing::info!(
                 queue_id = %meta.id,
                 "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",

@@ -109,11 +109,17 @@ impl log::Host for HostState {
 
 impl metrics::Host for HostState {
     async fn counter_add(&mut self, name: String, value: u64) {
-        tracing::debug!(plugin = %self.plugin, metric = %name, value, "plugin counter");
+        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin, &name) {
+            ::metrics::counter!("switchyard_plugin_counter_total", "plugin" => self.plugin.to_string(), "name" => name)
+                .increment(value);
+        }
     }
 
     async fn histogram_record(&mut self, name: String, value: f64) {
-        tracing::debug!(plugin = %self.plugin, metric = %name, value, "plugin histogram");
+        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin, &name) {
+            ::metrics::histogram!("switchyard_plugin_histogram", "plugin" => self.plugin.to_string(), "name" => name)
+                .record(value);
+        }
     }
 }
 

@@ -48,12 +48,27 @@ pub enum LoadError {
 }
 
 /// Calls and failures of one plugin, for `plugins list` and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PluginStats {
+    /// `switchyard_plugin_calls_total` for this plugin: a handle made once, so counting a call
+    /// costs an atomic add, not a registry lookup.
+    pub exported_calls: metrics::Counter,
     pub calls: AtomicU64,
     pub failures: AtomicU64,
     pub timeouts: AtomicU64,
     pub out_of_memory: AtomicU64,
+}
+
+impl PluginStats {
+    fn new(plugin: &str) -> PluginStats {
+        PluginStats {
+            exported_calls: metrics::counter!("switchyard_plugin_calls_total", "plugin" => plugin.to_string()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            out_of_memory: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A compiled, linked and validated plugin.
@@ -125,7 +140,7 @@ pub async fn load(
         pre,
         hooks: HookSet::default(),
         config_json,
-        stats: PluginStats::default(),
+        stats: PluginStats::new(&plugin),
     };
     // Run init once now, so a bad configuration is refused before the plugin takes traffic.
     let hooks = PluginRun::validate(&loaded, services, RunContext::default())

@@ -250,6 +250,7 @@ impl PluginRun {
     ) -> Result<R, PluginFailure> {
         let plugin = self.set.plugins[index].clone();
         plugin.stats.calls.fetch_add(1, Ordering::Relaxed);
+        plugin.stats.exported_calls.increment(1);
         match result {
             Ok(value) => Ok(value),
             Err(error) => {
@@ -265,6 +266,12 @@ impl PluginRun {
     fn failed(&mut self, index: usize, kind: FailureKind, message: String) -> PluginFailure {
         let plugin = self.set.plugins[index].clone();
         plugin.stats.failures.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(
+            "switchyard_plugin_failures_total",
+            "plugin" => plugin.name.to_string(),
+            "kind" => format!("{kind:?}"),
+        )
+        .increment(1);
         match kind {
             FailureKind::Timeout => plugin.stats.timeouts.fetch_add(1, Ordering::Relaxed),
             FailureKind::OutOfMemory => plugin.stats.out_of_memory.fetch_add(1, Ordering::Relaxed),

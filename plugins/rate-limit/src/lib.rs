@@ -1,11 +1,13 @@
 //! `rate-limit`: fixed-window limits on messages per sender address and per client IP, counted
 //! in the host's key-value store (grant `kv`), so every node of a cluster shares the counts.
+//! Every refusal adds one to the counter `limited_total` (grant `metrics`), exported as
+//! `switchyard_plugin_counter_total{plugin="rate-limit",name="limited_total"}`.
 //!
 //! ```toml
 //! [[plugin]]
 //! name = "rate-limit"
 //! path = "target/wasm32-wasip2/plugin/rate_limit.wasm"
-//! grants = ["kv"]
+//! grants = ["kv", "metrics"]
 //! [plugin.config]
 //! per_sender = { limit = 100, window_seconds = 3600 }
 //! per_ip = { limit = 1000, window_seconds = 3600 }
@@ -15,7 +17,7 @@
 //! Each MAIL FROM counts once against both limits; past either, MAIL gets the (4xx) reply.
 
 use serde::Deserialize;
-use switchyard_plugin_sdk::host::kv;
+use switchyard_plugin_sdk::host::{kv, metrics};
 use switchyard_plugin_sdk::*;
 
 #[derive(Deserialize, Clone, Copy)]
@@ -91,6 +93,7 @@ impl Plugin for RateLimit {
             && Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender);
         let by_ip = Self::exceeded(format!("ip:{}", session.client_ip), self.per_ip);
         if by_sender || by_ip {
+            metrics::counter_add("limited_total", 1);
             let (code, enhanced, text) = &self.reply;
             AddressDecision::tempfail(*code, enhanced, text.clone())
         } else {

@@ -48,6 +48,8 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        metrics::counter!("switchyard_smtp_sessions_total", "listener" => listener.name.clone())
+            .increment(1);
         match limits.enter(peer.ip()) {
             Ok(guard) => {
                 let services = services.clone();

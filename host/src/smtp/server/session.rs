@@ -635,6 +635,7 @@ impl Session {
             quarantine = quarantine.as_deref().unwrap_or("-"),
             "queued"
         );
+        metrics::counter!("switchyard_messages_accepted_total").increment(1);
         if quarantine.is_none() {
             let queued = QueuedMessage {
                 meta,

@@ -1,0 +1,91 @@
+//! Prometheus metrics: the HTTP endpoint, the host's own series and the plugins' counters and
+//! histograms (the `metrics` import).
+//!
+//! Series, all prefixed `switchyard_`:
+//! - `smtp_sessions_total{listener}`: sessions started (refused ones included);
+//! - `messages_accepted_total`: messages that got their 250 (committed to the queue);
+//! - `deliveries_total{status}`: attempt outcomes per recipient, `sent`, `deferred`, `bounced`
+//!   or `expired`, as in the delivery log line;
+//! - `plugin_calls_total{plugin}` and `plugin_failures_total{plugin,kind}`;
+//! - `plugin_counter_total{plugin,name}` and `plugin_histogram{plugin,name}`: what plugins record.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::config::MetricsConfig;
+
+/// Distinct metric names one plugin may create: a plugin must not be able to grow the host's
+/// memory (or a scrape) without bound by inventing names.
+const MAX_NAMES_PER_PLUGIN: usize = 64;
+const MAX_NAME_LENGTH: usize = 64;
+
+/// Starts the endpoint, if configured. Must run inside the tokio runtime.
+pub fn install(config: &MetricsConfig) -> anyhow::Result<()> {
+    let Some(listen) = config.listen else {
+        return Ok(());
+    };
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .install()
+        .map_err(|error| anyhow::anyhow!("cannot serve metrics on {listen}: {error}"))?;
+    tracing::info!(address = %listen, "serving Prometheus metrics");
+    Ok(())
+}
+
+/// `name` if a plugin may record under it: letters, digits and `_`, at most 64 characters, and
+/// within the plugin's budget of distinct names. Refusals are logged once per name.
+pub fn plugin_metric_name(plugin: &str, name: &str) -> Option<String> {
+    static NAMES: OnceLock<Mutex<HashMap<String, HashSet<String>>>> = OnceLock::new();
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_NAME_LENGTH
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_');
+    if !well_formed {
+        tracing::debug!(plugin, metric = name, "plugin metric dropped: invalid name");
+        return None;
+    }
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let known = names.entry(plugin.to_string()).or_default();
+    if known.contains(name) {
+        return Some(name.to_string());
+    }
+    if known.len() >= MAX_NAMES_PER_PLUGIN {
+        tracing::warn!(
+            plugin,
+            metric = name,
+            "plugin metric dropped: the plugin already has {MAX_NAMES_PER_PLUGIN} metric names"
+        );
+        return None;
+    }
+    known.insert(name.to_string());
+    Some(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_metric_names_are_checked_and_bounded() {
+        assert_eq!(
+            plugin_metric_name("p1", "limited_total").as_deref(),
+            Some("limited_total")
+        );
+        assert_eq!(plugin_metric_name("p1", "bad name"), None);
+        assert_eq!(plugin_metric_name("p1", ""), None);
+        assert_eq!(plugin_metric_name("p1", &"x".repeat(65)), None);
+        for index in 0..MAX_NAMES_PER_PLUGIN {
+            assert!(plugin_metric_name("p2", &format!("m{index}")).is_some());
+        }
+        assert!(plugin_metric_name("p2", "one_too_many").is_none());
+        // Names it already has stay usable, and other plugins have their own budget.
+        assert!(plugin_metric_name("p2", "m0").is_some());
+        assert!(plugin_metric_name("p3", "one_too_many").is_some());
+    }
+}
