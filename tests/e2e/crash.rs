@@ -9,14 +9,18 @@ use crate::harness::sink::Sink;
 
 const CLIENTS: usize = 8;
 const PER_CLIENT: usize = 400;
+/// The server is killed once this many messages (of the 3,200 the clients send) got their 250.
+const KILL_AFTER: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_accepted_message_is_lost_when_killed() {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
     let mut router = Router::start(RouterOptions::relaying_to(sink.address, "")).await;
     let port = router.port;
+    let accepted_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
     for client_number in 0..CLIENTS {
+        let accepted_so_far = accepted_so_far.clone();
         senders.push(tokio::spawn(async move {
             let mut accepted = Vec::new();
             let Ok(Ok(stream)) = tokio::time::timeout(
@@ -48,23 +52,34 @@ async fn no_accepted_message_is_lost_when_killed() {
                 })
                 .await;
                 match sent {
-                    Ok(Some(reply)) if reply.code == 250 => accepted.push(tag),
+                    Ok(Some(reply)) if reply.code == 250 => {
+                        accepted.push(tag);
+                        accepted_so_far.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     _ => break,
                 }
             }
             accepted
         }));
     }
-    // Kill in the middle of the run (about half of the 3,200 messages are sent by then).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Kill in the middle of the run, with clients mid-transaction.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while accepted_so_far.load(std::sync::atomic::Ordering::SeqCst) < KILL_AFTER {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} messages accepted in 120 s",
+            accepted_so_far.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     router.kill();
     let mut accepted = HashSet::new();
     for sender in senders {
         accepted.extend(sender.await.expect("client task"));
     }
     assert!(
-        accepted.len() > 50,
-        "the load ran before the kill ({} accepted)",
+        accepted.len() >= KILL_AFTER && accepted.len() < CLIENTS * PER_CLIENT,
+        "killed mid-run ({} accepted)",
         accepted.len()
     );
     router.spawn().await;

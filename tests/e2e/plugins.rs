@@ -185,13 +185,15 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_hook_rejects_quarantines_and_edits_headers() {
+async fn data_hook_rejects_quarantines_and_edits_headers_and_recipients() {
     let rules = "[plugin.config]\nrules = [\n\
         { header = \"Subject\", contains = \"[spam]\", action = \"reject\", reply = \"550 5.7.1 Looks like spam\" },\n\
         { attachment = [\"exe\"], action = \"reject\", reply = \"552 5.7.0 Executables are not accepted\" },\n\
         { header = \"Subject\", contains = \"[review]\", action = \"quarantine\", reason = \"held for review\" },\n\
         { always = true, action = \"add-header\", name = \"X-Filtered\", value = \"switchyard\" },\n\
         { always = true, action = \"remove-header\", name = \"X-Internal\" },\n\
+        { header = \"Subject\", contains = \"hello\", action = \"add-recipient\", address = \"archive@switchyard.test\" },\n\
+        { always = true, action = \"remove-recipient\", address = \"dropped@switchyard.test\" },\n\
     ]\n";
     let (router, sink) = router_with(&plugin("filter", "content-filter", rules)).await;
     let mut client = TestClient::connect(router.port).await;
@@ -220,7 +222,11 @@ async fn data_hook_rejects_quarantines_and_edits_headers() {
         .await;
     let clean = "From: a@sender.test\r\nX-Internal: secret\r\nSubject: hello\r\n\r\nHi.\r\n";
     client
-        .send_accepted("s@sender.test", &["b@switchyard.test"], clean)
+        .send_accepted(
+            "s@sender.test",
+            &["b@switchyard.test", "dropped@switchyard.test"],
+            clean,
+        )
         .await;
 
     let received = sink.wait_for(1, Duration::from_secs(15)).await;
@@ -233,6 +239,11 @@ async fn data_hook_rejects_quarantines_and_edits_headers() {
         !received[0].data.contains("X-Internal"),
         "{}",
         received[0].data
+    );
+    assert_eq!(
+        received[0].rcpt_to,
+        vec!["b@switchyard.test", "archive@switchyard.test"],
+        "the data hook added one recipient and removed another"
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(sink.received().len(), 1, "the quarantined message is held");
@@ -249,14 +260,17 @@ async fn data_hook_rejects_quarantines_and_edits_headers() {
     );
 }
 
-fn subjects(sink: &Sink) -> Vec<usize> {
+/// The (client, number) of every message a sink received, from subjects "c{client}n{number}".
+fn subjects(sink: &Sink) -> Vec<(usize, usize)> {
     sink.received()
         .iter()
         .filter_map(|m| {
-            m.data
+            let subject = m
+                .data
                 .lines()
-                .find_map(|line| line.strip_prefix("Subject: n"))
-                .and_then(|n| n.trim().parse().ok())
+                .find_map(|line| line.strip_prefix("Subject: c"))?;
+            let (client, number) = subject.trim().split_once('n')?;
+            Some((client.parse().ok()?, number.parse().ok()?))
         })
         .collect()
 }
@@ -273,6 +287,9 @@ fn generation(router: &Router) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: usize = 4;
     let sinks = [
         Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await,
         Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await,
@@ -287,16 +304,19 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
     })
     .await;
     let port = router.port;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sender = {
+    let stop = Arc::new(AtomicBool::new(false));
+    // Messages each client has had answered so far.
+    let sent: Arc<Vec<AtomicUsize>> = Arc::new((0..CLIENTS).map(|_| AtomicUsize::new(0)).collect());
+    let mut senders = Vec::new();
+    for client_index in 0..CLIENTS {
         let (stop, sent) = (stop.clone(), sent.clone());
-        tokio::spawn(async move {
+        senders.push(tokio::spawn(async move {
             let mut client = TestClient::connect(port).await;
             let mut failures = Vec::new();
             let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let content = format!("From: s@sender.test\r\nSubject: n{n}\r\n\r\nbody\r\n");
+            while !stop.load(Ordering::SeqCst) {
+                let content =
+                    format!("From: s@sender.test\r\nSubject: c{client_index}n{n}\r\n\r\nbody\r\n");
                 let reply = client
                     .send_mail("s@sender.test", &["x@moving.test"], &content)
                     .await;
@@ -304,12 +324,18 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
                     failures.push(reply.text);
                 }
                 n += 1;
-                sent.store(n, std::sync::atomic::Ordering::SeqCst);
+                sent[client_index].store(n, Ordering::SeqCst);
             }
             (n, failures)
-        })
+        }));
+    }
+    let answered = |sent: &[AtomicUsize]| -> Vec<usize> {
+        sent.iter()
+            .map(|count| count.load(Ordering::SeqCst))
+            .collect()
     };
-    let mut swaps = Vec::new();
+    // Per swap, per client: how many messages had been answered once the new generation ran.
+    let mut swaps: Vec<Vec<usize>> = Vec::new();
     for (step, next) in [(1, &sinks[1]), (2, &sinks[2])] {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let current = std::fs::read_to_string(&router.config_path).expect("config");
@@ -338,16 +364,44 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        swaps.push(sent.load(std::sync::atomic::Ordering::SeqCst));
+        swaps.push(answered(&sent));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (total, failures) = sender.await.expect("sender");
+
+    // A reload that cannot load keeps generation 3 running, under the same load.
+    let current = std::fs::read_to_string(&router.config_path).expect("config");
+    std::fs::write(
+        &router.config_path,
+        current.replace("static_routes.wasm", "missing_plugin.wasm"),
+    )
+    .expect("rewrite");
+    let failed = router.plugins(&["reload"]);
+    assert!(!failed.status.success(), "a failed reload is reported");
     assert!(
-        failures.is_empty(),
-        "failed transactions during reloads: {failures:?}"
+        String::from_utf8_lossy(&failed.stderr).contains("the previous generation keeps running"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
     );
-    assert!(total > 20, "load ran ({total} messages)");
+    let listing = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
+    assert!(
+        listing.contains("generation 3")
+            && listing.contains("routes  hooks=[route]")
+            && listing.contains("last reload failed")
+            && listing.contains("missing_plugin.wasm"),
+        "{listing}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for sender in senders {
+        let (count, failures) = sender.await.expect("sender");
+        assert!(
+            failures.is_empty(),
+            "failed transactions during reloads: {failures:?}"
+        );
+        total += count;
+    }
+    assert!(total > 40, "load ran ({total} messages)");
     let deadline = Instant::now() + Duration::from_secs(30);
     while sinks.iter().map(|s| s.received().len()).sum::<usize>() < total {
         assert!(
@@ -367,14 +421,17 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
         total,
         "every message delivered exactly once"
     );
+    // A message answered after a swap completed was routed by the new generation. The one in
+    // flight at the swap (number == answered count) may have gone either way.
     assert!(
-        a.iter().all(|&n| n < swaps[0] + 1),
-        "after the first swap nothing goes to A: {a:?} swap at {}",
+        a.iter().all(|&(client, n)| n <= swaps[0][client]),
+        "after the first swap nothing goes to A: {a:?}, swap at {:?}",
         swaps[0]
     );
     assert!(
-        b.iter().all(|&n| n < swaps[1] + 1),
-        "after the second swap nothing goes to B"
+        b.iter().all(|&(client, n)| n <= swaps[1][client]),
+        "after the second swap nothing goes to B: {b:?}, swap at {:?}",
+        swaps[1]
     );
     assert!(
         !b.is_empty() && !c.is_empty(),
@@ -382,11 +439,6 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
         a.len(),
         b.len(),
         c.len()
-    );
-    let listing = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
-    assert!(
-        listing.contains("generation 3") && listing.contains("routes  hooks=[route]"),
-        "{listing}"
     );
 }
 
@@ -548,4 +600,83 @@ async fn a_python_plugin_decides_like_a_rust_one() {
         "{}",
         received[0].data
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed() {
+    let sink = Sink::start(
+        "127.0.0.1".parse().expect("ip"),
+        0,
+        Some(std::sync::Arc::new(|address: &str, _| {
+            address
+                .starts_with("nobody")
+                .then(|| "550 5.1.1 no such user".to_string())
+        })),
+    )
+    .await;
+    let policy = "[plugin.config]\nblocked_networks = [\"127.0.0.66/32\"]\n\
+        connect_reply = \"554 5.7.1 Your network is not welcome here\"\n\
+        require_fqdn_helo = true\nblocked_helo = [\"spammer.example\"]\n";
+    let stats = "grants = [\"metrics\"]\n[plugin.config]\ndomains = [\"switchyard.test\"]\n";
+    let metrics_port = free_port();
+    let router = Router::start(RouterOptions {
+        extra: format!(
+            "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{}{}",
+            plugin("policy", "client-policy", policy),
+            plugin("stats", "delivery-stats", stats)
+        ),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+
+    // connect: a client from the blocked address gets the plugin's reply instead of a greeting.
+    let mut blocked =
+        TestClient::connect_raw_from("127.0.0.66".parse().expect("ip"), router.port).await;
+    assert_eq!(
+        blocked.reply().await.text,
+        "554 5.7.1 Your network is not welcome here"
+    );
+    assert!(blocked.is_closed().await);
+
+    // helo: a bare name and a listed one are refused; the client may try again.
+    let mut client =
+        TestClient::connect_raw_from("127.0.0.67".parse().expect("ip"), router.port).await;
+    assert_eq!(client.reply().await.code, 220);
+    let refusal = "550 5.7.1 Helo command rejected: need fully-qualified hostname";
+    assert_eq!(client.command("EHLO localhost").await.text, refusal);
+    assert_eq!(client.command("HELO spammer.example").await.text, refusal);
+    assert_eq!(
+        client.command("MAIL FROM:<s@sender.test>").await.text,
+        "503 5.5.1 Error: send HELO/EHLO first",
+        "a refused HELO does not count as one"
+    );
+    assert_eq!(client.command("EHLO client.example").await.code, 250);
+
+    // delivery-result: one recipient delivered, one refused by the next hop; the plugin counts both.
+    // From the null sender, so that no DSN adds a delivery of its own to the counts.
+    client
+        .send_accepted(
+            "",
+            &["b@switchyard.test", "nobody@switchyard.test"],
+            &message("observed"),
+        )
+        .await;
+    sink.wait_for(1, Duration::from_secs(15)).await;
+    let mut scraped = String::new();
+    for _ in 0..50 {
+        scraped = scrape(metrics_port).await;
+        if scraped.contains("name=\"failed_total\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for series in [
+        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"delivered_total\"} 1",
+        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"failed_total\"} 1",
+        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"delivered_total_switchyard_test\"} 1",
+        "switchyard_deliveries_total{status=\"sent\"} 1",
+        "switchyard_deliveries_total{status=\"bounced\"} 1",
+    ] {
+        assert!(scraped.contains(series), "{series} missing from:\n{scraped}");
+    }
 }

@@ -12,13 +12,16 @@
 //!   { dmarc = "fail", action = "quarantine", reason = "DMARC failed" },
 //!   { header = "X-Mailer", contains = "bulkmailer", action = "add-header", name = "X-Bulk", value = "yes" },
 //!   { always = true, action = "remove-header", name = "X-Internal" },
+//!   { header = "Subject", contains = "invoice", action = "add-recipient", address = "archive@example.com" },
+//!   { header = "To", contains = "old-list@", action = "remove-recipient", address = "old-list@example.com" },
 //! ]
 //! ```
 //!
 //! A rule matches when all its conditions hold (`header` + `contains`, case-insensitive substring;
 //! `attachment`, a file extension of any attachment; `spf`/`dkim`/`dmarc`, the host's result;
-//! `always`). Header edits (`add-header`, `remove-header`) apply and evaluation goes on; any other
-//! action decides and stops.
+//! `always`). Edits (`add-header`, `remove-header`, and `add-recipient`/`remove-recipient`, which
+//! change the envelope like Postfix's `recipient_bcc_maps`) apply and evaluation goes on; any
+//! other action decides and stops.
 
 use serde::Deserialize;
 use switchyard_plugin_sdk::*;
@@ -43,6 +46,8 @@ pub struct Rule {
     /// For add-header/remove-header.
     pub name: Option<String>,
     pub value: Option<String>,
+    /// For add-recipient/remove-recipient.
+    pub address: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +68,8 @@ const ACTIONS: &[&str] = &[
     "discard",
     "add-header",
     "remove-header",
+    "add-recipient",
+    "remove-recipient",
 ];
 
 fn split_reply(text: &str, default_code: u16) -> (u16, String, String) {
@@ -179,6 +186,15 @@ impl Plugin for ContentFilter {
                     rule.action
                 ));
             }
+            if rule.action.ends_with("-recipient")
+                && !rule.address.as_deref().is_some_and(|a| a.contains('@'))
+            {
+                return Err(format!(
+                    "rule {}: `{}` needs `address` (local@domain)",
+                    index + 1,
+                    rule.action
+                ));
+            }
             if rule.header.is_some() != rule.contains.is_some() {
                 return Err(format!(
                     "rule {}: `header` and `contains` go together",
@@ -213,6 +229,14 @@ impl Plugin for ContentFilter {
                 }
                 "remove-header" => {
                     edits = edits.remove_header(&name);
+                    continue;
+                }
+                "add-recipient" => {
+                    edits = edits.add_recipient(rule.address.clone().unwrap_or_default());
+                    continue;
+                }
+                "remove-recipient" => {
+                    edits = edits.remove_recipient(rule.address.clone().unwrap_or_default());
                     continue;
                 }
                 "accept" => DataDecision::accept(),
@@ -270,6 +294,10 @@ mod tests {
         assert!(ContentFilter::new(config).is_err());
         let config: Config =
             serde_json::from_str(r#"{"rules":[{"header":"Subject","action":"reject"}]}"#)
+                .expect("json");
+        assert!(ContentFilter::new(config).is_err());
+        let config: Config =
+            serde_json::from_str(r#"{"rules":[{"always":true,"action":"add-recipient"}]}"#)
                 .expect("json");
         assert!(ContentFilter::new(config).is_err());
     }

@@ -31,6 +31,24 @@ impl TestClient {
         }
     }
 
+    /// Connects from another loopback address (127.0.0.0/8 is all local on Linux), without
+    /// reading the greeting.
+    pub async fn connect_raw_from(source: std::net::Ipv4Addr, port: u16) -> TestClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind((source, 0).into())
+            .expect("bind the source address");
+        let stream = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect");
+        let (read, write) = stream.into_split();
+        TestClient {
+            reader: BufReader::new(read),
+            writer: write,
+        }
+    }
+
     /// Connects, reads the greeting and says EHLO.
     pub async fn connect(port: u16) -> TestClient {
         let mut client = TestClient::connect_raw(port).await;
