@@ -13,6 +13,39 @@ impl Reply {
             text: text.into(),
         }
     }
+
+    /// Parses a reply as plugin configurations write it, "550 5.7.1 Text of the reply", and
+    /// checks that its code is in `codes` (for example `400..500` for a rate limit).
+    pub fn parse(text: &str, codes: std::ops::Range<u16>) -> Result<Reply, String> {
+        let mut words = text.splitn(3, ' ');
+        let code = words
+            .next()
+            .and_then(|code| code.parse::<u16>().ok())
+            .filter(|code| codes.contains(code))
+            .ok_or_else(|| {
+                format!(
+                    "reply `{text}` must start with a code from {} to {}",
+                    codes.start,
+                    codes.end - 1
+                )
+            })?;
+        Ok(Reply::new(
+            code,
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+        ))
+    }
+}
+
+impl Verdict {
+    /// `reply` as a refusal: a temporary one for a 4xx code, a permanent one otherwise.
+    pub fn refuse(reply: &Reply) -> Verdict {
+        if reply.code < 500 {
+            Verdict::Tempfail(reply.clone())
+        } else {
+            Verdict::Reject(reply.clone())
+        }
+    }
 }
 
 impl Verdict {

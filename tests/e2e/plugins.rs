@@ -505,6 +505,20 @@ async fn rate_limit_counts_senders_in_the_kv_store_and_exports_metrics() {
     }
 }
 
+/// A sink that refuses recipients whose local part starts with "nobody" (550 5.1.1).
+async fn sink_refusing_nobody() -> Sink {
+    Sink::start(
+        "127.0.0.1".parse().expect("ip"),
+        0,
+        Some(std::sync::Arc::new(|address: &str, _| {
+            address
+                .starts_with("nobody")
+                .then(|| "550 5.1.1 no such user".to_string())
+        })),
+    )
+    .await
+}
+
 /// The body of a GET of the metrics endpoint.
 async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -527,16 +541,7 @@ async fn scrape(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounce_branding_writes_the_dsn_text() {
-    let sink = Sink::start(
-        "127.0.0.1".parse().expect("ip"),
-        0,
-        Some(std::sync::Arc::new(|address: &str, _| {
-            address
-                .starts_with("nobody")
-                .then(|| "550 5.1.1 no such user".to_string())
-        })),
-    )
-    .await;
+    let sink = sink_refusing_nobody().await;
     let branding = "[plugin.config]\nsubject = \"Undeliverable: {subject}\"\ntext = \"ACME could not deliver:\\n{failures}\"\n";
     let router = Router::start(RouterOptions {
         extra: plugin("branding", "bounce-branding", branding),
@@ -604,16 +609,7 @@ async fn a_python_plugin_decides_like_a_rust_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed() {
-    let sink = Sink::start(
-        "127.0.0.1".parse().expect("ip"),
-        0,
-        Some(std::sync::Arc::new(|address: &str, _| {
-            address
-                .starts_with("nobody")
-                .then(|| "550 5.1.1 no such user".to_string())
-        })),
-    )
-    .await;
+    let sink = sink_refusing_nobody().await;
     let policy = "[plugin.config]\nblocked_networks = [\"127.0.0.66/32\"]\n\
         connect_reply = \"554 5.7.1 Your network is not welcome here\"\n\
         require_fqdn_helo = true\nblocked_helo = [\"spammer.example\"]\n";

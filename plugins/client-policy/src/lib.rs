@@ -34,39 +34,10 @@ pub struct Config {
 
 pub struct ClientPolicy {
     blocked_networks: Vec<IpNet>,
-    connect_reply: Refusal,
+    connect_reply: Reply,
     require_fqdn_helo: bool,
     blocked_helo: Vec<String>,
-    helo_reply: Refusal,
-}
-
-/// A refusal: code, enhanced code and text.
-struct Refusal(u16, String, String);
-
-impl Refusal {
-    /// Parses "554 5.7.1 text"; a refusal needs a 4xx or 5xx code.
-    fn parse(text: &str) -> Result<Refusal, String> {
-        let mut words = text.splitn(3, ' ');
-        let code = words
-            .next()
-            .and_then(|code| code.parse::<u16>().ok())
-            .filter(|code| (400..600).contains(code))
-            .ok_or_else(|| format!("reply `{text}` must start with a 4xx or 5xx code"))?;
-        Ok(Refusal(
-            code,
-            words.next().unwrap_or_default().to_string(),
-            words.next().unwrap_or_default().to_string(),
-        ))
-    }
-
-    fn verdict(&self) -> Verdict {
-        let Refusal(code, enhanced, text) = self;
-        if *code < 500 {
-            Verdict::tempfail(*code, enhanced, text.clone())
-        } else {
-            Verdict::reject(*code, enhanced, text.clone())
-        }
-    }
+    helo_reply: Reply,
 }
 
 /// True for a name with at least two labels of letters, digits and hyphens.
@@ -108,11 +79,12 @@ impl Plugin for ClientPolicy {
             .collect::<Result<_, _>>()?;
         Ok(ClientPolicy {
             blocked_networks,
-            connect_reply: Refusal::parse(
+            connect_reply: Reply::parse(
                 config
                     .connect_reply
                     .as_deref()
                     .unwrap_or("554 5.7.1 Access denied"),
+                400..600,
             )?,
             require_fqdn_helo: config.require_fqdn_helo,
             blocked_helo: config
@@ -120,11 +92,12 @@ impl Plugin for ClientPolicy {
                 .iter()
                 .map(|name| name.to_ascii_lowercase())
                 .collect(),
-            helo_reply: Refusal::parse(
+            helo_reply: Reply::parse(
                 config
                     .helo_reply
                     .as_deref()
                     .unwrap_or("550 5.7.1 Helo command rejected: need fully-qualified hostname"),
+                400..600,
             )?,
         })
     }
@@ -135,7 +108,7 @@ impl Plugin for ClientPolicy {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| self.blocked_networks.iter().any(|net| net.contains(&ip)));
         if blocked {
-            self.connect_reply.verdict()
+            Verdict::refuse(&self.connect_reply)
         } else {
             Verdict::Continue
         }
@@ -144,7 +117,7 @@ impl Plugin for ClientPolicy {
     fn helo(&self, _session: &Session, name: &str) -> Verdict {
         let listed = self.blocked_helo.contains(&name.to_ascii_lowercase());
         if listed || (self.require_fqdn_helo && !is_fqdn(name)) {
-            self.helo_reply.verdict()
+            Verdict::refuse(&self.helo_reply)
         } else {
             Verdict::Continue
         }

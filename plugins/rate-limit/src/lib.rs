@@ -38,22 +38,12 @@ pub struct Config {
 pub struct RateLimit {
     per_sender: Option<Limit>,
     per_ip: Option<Limit>,
-    reply: (u16, String, String),
+    reply: Reply,
 }
 
 /// Parses "450 4.7.1 text"; only temporary codes make sense for a rate limit.
-pub fn parse_reply(text: &str) -> Result<(u16, String, String), String> {
-    let mut words = text.splitn(3, ' ');
-    let code = words
-        .next()
-        .and_then(|code| code.parse::<u16>().ok())
-        .filter(|code| (400..500).contains(code))
-        .ok_or_else(|| format!("reply `{text}` must start with a 4xx code"))?;
-    Ok((
-        code,
-        words.next().unwrap_or_default().to_string(),
-        words.next().unwrap_or_default().to_string(),
-    ))
+pub fn parse_reply(text: &str) -> Result<Reply, String> {
+    Reply::parse(text, 400..500)
 }
 
 impl RateLimit {
@@ -94,8 +84,11 @@ impl Plugin for RateLimit {
         let by_ip = Self::exceeded(format!("ip:{}", session.client_ip), self.per_ip);
         if by_sender || by_ip {
             metrics::counter_add("limited_total", 1);
-            let (code, enhanced, text) = &self.reply;
-            AddressDecision::tempfail(*code, enhanced, text.clone())
+            AddressDecision::tempfail(
+                self.reply.code,
+                &self.reply.enhanced,
+                self.reply.text.clone(),
+            )
         } else {
             AddressDecision::next()
         }
@@ -110,7 +103,7 @@ mod tests {
 
     #[test]
     fn replies_must_be_temporary() {
-        assert_eq!(parse_reply("450 4.7.1 slow down").expect("ok").0, 450);
+        assert_eq!(parse_reply("450 4.7.1 slow down").expect("ok").code, 450);
         assert!(parse_reply("550 5.7.1 no").is_err());
     }
 }
