@@ -21,6 +21,11 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // For profiling plugins under load: `perf` then names the plugins' compiled functions
+    // (written to /tmp/perf-PID.map). See docs/benchmarks.md.
+    if std::env::var_os("SWITCHYARD_PLUGIN_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let mut pooling = PoolingAllocationConfig::default();
     pooling
         .total_component_instances(POOL_INSTANCES)
