@@ -10,6 +10,7 @@
 //! - `plugin_counter_total{plugin,name}` and `plugin_histogram{plugin,name}`: what plugins record.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -21,6 +22,9 @@ use crate::config::MetricsConfig;
 const MAX_NAMES_PER_PLUGIN: usize = 64;
 const MAX_NAME_LENGTH: usize = 64;
 
+/// True once the endpoint runs: without it, plugins' metric calls return at once.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
 /// Starts the endpoint, if configured. Must run inside the tokio runtime.
 pub fn install(config: &MetricsConfig) -> anyhow::Result<()> {
     let Some(listen) = config.listen else {
@@ -30,13 +34,22 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<()> {
         .with_http_listener(listen)
         .install()
         .map_err(|error| anyhow::anyhow!("cannot serve metrics on {listen}: {error}"))?;
+    EXPORTING.store(true, Ordering::Relaxed);
     tracing::info!(address = %listen, "serving Prometheus metrics");
     Ok(())
 }
 
 /// `name` if a plugin may record under it: letters, digits and `_`, at most 64 characters, and
-/// within the plugin's budget of distinct names. Refusals are logged once per name.
+/// within the plugin's budget of distinct names. `None` also when no endpoint runs (nothing would
+/// read the value).
 pub fn plugin_metric_name(plugin: &str, name: &str) -> Option<String> {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
+    checked_name(plugin, name)
+}
+
+fn checked_name(plugin: &str, name: &str) -> Option<String> {
     static NAMES: OnceLock<Mutex<HashMap<String, HashSet<String>>>> = OnceLock::new();
     let well_formed = !name.is_empty()
         && name.len() <= MAX_NAME_LENGTH
@@ -74,18 +87,18 @@ mod tests {
     #[test]
     fn plugin_metric_names_are_checked_and_bounded() {
         assert_eq!(
-            plugin_metric_name("p1", "limited_total").as_deref(),
+            checked_name("p1", "limited_total").as_deref(),
             Some("limited_total")
         );
-        assert_eq!(plugin_metric_name("p1", "bad name"), None);
-        assert_eq!(plugin_metric_name("p1", ""), None);
-        assert_eq!(plugin_metric_name("p1", &"x".repeat(65)), None);
+        assert_eq!(checked_name("p1", "bad name"), None);
+        assert_eq!(checked_name("p1", ""), None);
+        assert_eq!(checked_name("p1", &"x".repeat(65)), None);
         for index in 0..MAX_NAMES_PER_PLUGIN {
-            assert!(plugin_metric_name("p2", &format!("m{index}")).is_some());
+            assert!(checked_name("p2", &format!("m{index}")).is_some());
         }
-        assert!(plugin_metric_name("p2", "one_too_many").is_none());
+        assert!(checked_name("p2", "one_too_many").is_none());
         // Names it already has stay usable, and other plugins have their own budget.
-        assert!(plugin_metric_name("p2", "m0").is_some());
-        assert!(plugin_metric_name("p3", "one_too_many").is_some());
+        assert!(checked_name("p2", "m0").is_some());
+        assert!(checked_name("p3", "one_too_many").is_some());
     }
 }

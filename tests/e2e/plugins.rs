@@ -100,8 +100,8 @@ async fn a_plugin_that_loops_forever_gets_451_within_its_deadline_and_others_go_
     let settings = "grants = [\"kv\"]\ntime_limit = \"3s\"\n[plugin.config]\nmode = \"loop\"\n";
     let (router, _sink) = router_with(&plugin("misbehave", "misbehave", settings)).await;
     let port = router.port;
-    // Two spinning calls: as many as the server has worker threads (two cores), so a plugin call
-    // that held its thread would leave none for anyone else.
+    // Two spinning calls: as many as the server has worker threads on these two-core machines
+    // (tokio starts one per core), so a plugin call that held its thread would leave none.
     let mut looping = Vec::new();
     for _ in 0..2 {
         let mut client = TestClient::connect(port).await;
@@ -120,8 +120,9 @@ async fn a_plugin_that_loops_forever_gets_451_within_its_deadline_and_others_go_
         )
         .await;
     let other_elapsed = started.elapsed();
+    // Well before the spinning calls reach their 3 s deadline.
     assert!(
-        other_elapsed < Duration::from_millis(1500),
+        other_elapsed < Duration::from_millis(2500),
         "another session is served while the plugin spins, took {other_elapsed:?}"
     );
     for client in &mut looping {

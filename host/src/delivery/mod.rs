@@ -233,12 +233,9 @@ impl Dispatcher {
                     )));
                 }
                 RouteDecision::Hop(wit::NextHop::Fail(reply)) => {
-                    let code = if (400..600).contains(&reply.code) {
-                        reply.code
-                    } else {
-                        550
-                    };
-                    settled.push(settle(Reply::new(code, &reply.enhanced, reply.text)));
+                    // A 4xx defers the recipient, anything else fails it.
+                    let permanent = !(400..500).contains(&reply.code);
+                    settled.push(settle(crate::plugins::chain::reply_of(reply, permanent)));
                 }
                 RouteDecision::Failed(reply) => settled.push(settle(reply)),
             }
@@ -256,7 +253,10 @@ impl Dispatcher {
             };
             self.finish(job, settled).await;
         }
-        let run = run.and_then(|run| self.plugins.hold(run));
+        let run = run.and_then(|run| {
+            self.plugins
+                .hold(run, &[HookKind::DeliveryResult, HookKind::Bounce])
+        });
         self.queue_jobs(meta, content, routed, run);
     }
 

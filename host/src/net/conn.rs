@@ -37,8 +37,8 @@ impl Line {
 pub struct Conn {
     reader: BufReader<Stream>,
     out: Vec<u8>,
-    /// How long one write may wait for the peer to take bytes: a peer that stops reading (its
-    /// window full of our replies) is dropped instead of pinning the session forever.
+    /// How long sending one buffer of replies (or a body) may take in all: a peer that stops
+    /// reading (its window full of our replies) is dropped instead of pinning the session forever.
     write_timeout: Duration,
 }
 

@@ -61,7 +61,10 @@ fn failure_reply(failure: &PluginFailure) -> Option<Decision> {
     }
 }
 
-fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
+/// A plugin's reply as the host will use it: the code of the asked class (else 550 or 451), a
+/// well-formed enhanced code of that class (else 5.7.1 or 4.7.1), and text without control
+/// characters (it goes into SMTP replies, DSN fields and logs).
+pub fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
     let valid = if permanent {
         (500..600).contains(&reply.code)
     } else {
@@ -74,12 +77,22 @@ fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
     } else {
         451
     };
-    let enhanced = if reply.enhanced.is_empty() || !valid {
-        if permanent { "5.7.1" } else { "4.7.1" }.to_string()
-    } else {
+    // The enhanced code must be well formed and of the same class as the code.
+    let class = if permanent { "5." } else { "4." };
+    let enhanced = if valid
+        && crate::smtp::reply::is_enhanced_code(&reply.enhanced)
+        && reply.enhanced.starts_with(class)
+    {
         reply.enhanced
+    } else {
+        if permanent { "5.7.1" } else { "4.7.1" }.to_string()
     };
-    Reply::new(code, &enhanced, reply.text)
+    let text: String = reply
+        .text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Reply::new(code, &enhanced, text)
 }
 
 /// A verdict hook's answer, or its failure policy: `Some` decides the stage.

@@ -114,20 +114,20 @@ impl PluginManager {
     }
 
     /// Keeps a finished SMTP transaction's (or routing's) run for the later stages of the same
-    /// message in this process — route, delivery-result, bounce — so they call the instances it
-    /// already has instead of instantiating every plugin again. Only the instances of plugins
-    /// with a delivery-side hook are kept. `None` (the run is dropped, and those stages
-    /// instantiate afresh) when no plugin has such a hook, or when held runs already keep their
-    /// share of the pool.
-    pub fn hold(&self, mut run: PluginRun) -> Option<PluginRun> {
-        if run.hold.is_none() {
-            let kept = run.keep_delivery_instances();
-            if kept == 0 {
-                return None;
-            }
-            let permits = u32::try_from(kept).ok()?;
-            run.hold = Some(self.held.clone().try_acquire_many_owned(permits).ok()?);
+    /// message in this process, the hooks in `ahead` (route, delivery-result, bounce), so they
+    /// call the instances it already has instead of instantiating every plugin again. Only the
+    /// instances of plugins implementing one of those hooks are kept, each against a permit of
+    /// the held share of the pool. `None` (the run is dropped, and those stages instantiate
+    /// afresh) when no plugin implements them, or when held runs already keep their share.
+    pub fn hold(&self, mut run: PluginRun, ahead: &[hooks::HookKind]) -> Option<PluginRun> {
+        let kept = run.keep_instances_for(ahead);
+        // Give back what the run held for earlier stages before taking what it needs now.
+        run.hold = None;
+        if kept == 0 {
+            return None;
         }
+        let permits = u32::try_from(kept).ok()?;
+        run.hold = Some(self.held.clone().try_acquire_many_owned(permits).ok()?);
         Some(run)
     }
 

@@ -132,17 +132,12 @@ impl PluginRun {
         }
     }
 
-    /// Drops the instances of plugins that implement none of the delivery-side hooks (route,
-    /// delivery-result, bounce) and returns how many plugins do: what a run held for its
-    /// message's delivery may keep.
-    pub(super) fn keep_delivery_instances(&mut self) -> usize {
+    /// Drops the instances of plugins that implement none of the hooks in `ahead` and returns
+    /// how many plugins implement one of them: what a run held for those stages may keep.
+    pub(super) fn keep_instances_for(&mut self, ahead: &[HookKind]) -> usize {
         let mut kept = 0;
         for (plugin, instance) in self.set.plugins.iter().zip(self.instances.iter_mut()) {
-            let hooks = plugin.hooks;
-            if hooks.contains(HookKind::Route)
-                || hooks.contains(HookKind::DeliveryResult)
-                || hooks.contains(HookKind::Bounce)
-            {
+            if ahead.iter().any(|hook| plugin.hooks.contains(*hook)) {
                 kept += 1;
             } else {
                 *instance = None;

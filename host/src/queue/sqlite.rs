@@ -532,16 +532,10 @@ impl Queue for SqliteQueue {
         now: Millis,
         lease_until: Millis,
     ) -> Result<Option<(QueuedMessage, usize)>, QueueError> {
+        // The write comes first: a deferred transaction that read first could not upgrade to a
+        // writer once the server commits in between (SQLITE_BUSY_SNAPSHOT, which no busy timeout
+        // waits out); writing first waits for the write lock like any other writer.
         let mut transaction = self.pool.begin().await?;
-        let meta = sqlx::query(
-            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some(meta) = meta else {
-            return Ok(None);
-        };
         let rows = sqlx::query(
             "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
              WHERE message_id = ?3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < ?4)
@@ -562,6 +556,16 @@ impl Queue for SqliteQueue {
         .bind(now)
         .fetch_one(&mut *transaction)
         .await?;
+        let meta = sqlx::query(
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        // No such message: dropping the transaction rolls back any lease taken on stray rows.
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
         transaction.commit().await?;
         let mut recipients: Vec<RecipientRow> = rows.iter().map(recipient_from_row).collect();
         recipients.sort_by_key(|recipient| recipient.index);

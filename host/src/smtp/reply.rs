@@ -45,7 +45,9 @@ impl Reply {
         self.code >= 500
     }
 
-    /// The reply as it goes on the wire, CRLF terminated.
+    /// The reply as it goes on the wire, CRLF terminated. Control characters in the text (a
+    /// CR or LF from a plugin or a remote server's reply) become spaces, so no text can end the
+    /// reply early or add reply lines of its own.
     pub fn to_wire(&self) -> String {
         let mut out = String::new();
         let last = self.lines.len().saturating_sub(1);
@@ -54,10 +56,10 @@ impl Reply {
             out.push_str(&self.code.to_string());
             out.push(separator);
             if !self.enhanced.is_empty() {
-                out.push_str(&self.enhanced);
+                push_text(&mut out, &self.enhanced);
                 out.push(' ');
             }
-            out.push_str(line);
+            push_text(&mut out, line);
             out.push_str("\r\n");
         }
         if self.lines.is_empty() {
@@ -106,7 +108,12 @@ impl Reply {
     }
 }
 
-fn is_enhanced_code(word: &str) -> bool {
+fn push_text(out: &mut String, text: &str) {
+    out.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
+}
+
+/// An RFC 3463 enhanced status code: class.subject.detail.
+pub fn is_enhanced_code(word: &str) -> bool {
     let parts: Vec<&str> = word.split('.').collect();
     parts.len() == 3
         && matches!(parts[0], "2" | "4" | "5")
@@ -124,6 +131,15 @@ impl fmt::Display for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_cannot_inject_reply_lines() {
+        let reply = Reply::new(550, "5.7.1", "no\r\n250 2.0.0 Ok: queued as X");
+        assert_eq!(
+            reply.to_wire(),
+            "550 5.7.1 no  250 2.0.0 Ok: queued as X\r\n"
+        );
+    }
 
     #[test]
     fn wire_format() {

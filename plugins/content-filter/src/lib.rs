@@ -72,16 +72,10 @@ const ACTIONS: &[&str] = &[
     "remove-recipient",
 ];
 
-fn split_reply(text: &str, default_code: u16) -> (u16, String, String) {
-    let mut words = text.splitn(3, ' ');
-    match words.next().and_then(|code| code.parse::<u16>().ok()) {
-        Some(code) => (
-            code,
-            words.next().unwrap_or_default().to_string(),
-            words.next().unwrap_or_default().to_string(),
-        ),
-        None => (default_code, String::new(), text.to_string()),
-    }
+/// A rule's reply: "550 5.7.1 text" with a code in `codes`; text without such a code is sent
+/// whole with `default_code`.
+fn rule_reply(text: &str, codes: std::ops::Range<u16>, default_code: u16) -> Reply {
+    Reply::parse(text, codes).unwrap_or_else(|_| Reply::new(default_code, "", text))
 }
 
 /// File extensions of attachments, from `filename=` and `name=` parameters, lower case.
@@ -247,20 +241,22 @@ impl Plugin for ContentFilter {
                         .unwrap_or_else(|| "content filter".to_string()),
                 ),
                 "tempfail" => {
-                    let (code, enhanced, text) = split_reply(
+                    let reply = rule_reply(
                         rule.reply.as_deref().unwrap_or("451 4.7.1 Try again later"),
+                        400..500,
                         451,
                     );
-                    DataDecision::tempfail(code, &enhanced, text)
+                    DataDecision::tempfail(reply.code, &reply.enhanced, reply.text)
                 }
                 _ => {
-                    let (code, enhanced, text) = split_reply(
+                    let reply = rule_reply(
                         rule.reply
                             .as_deref()
                             .unwrap_or("550 5.7.1 Message refused by content filter"),
+                        500..600,
                         550,
                     );
-                    DataDecision::reject(code, &enhanced, text)
+                    DataDecision::reject(reply.code, &reply.enhanced, reply.text)
                 }
             };
             decided.edits = edits.edits;

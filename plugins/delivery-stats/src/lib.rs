@@ -56,6 +56,12 @@ impl Plugin for DeliveryStats {
         if config.domains.len() > 15 {
             return Err("at most 15 domains: each gets three metric series".to_string());
         }
+        // The host drops metric names over 64 characters; "deferred_total_" takes 15.
+        if let Some(long) = config.domains.iter().find(|domain| domain.len() > 49) {
+            return Err(format!(
+                "domain `{long}` is too long for a metric name (at most 49 characters)"
+            ));
+        }
         Ok(DeliveryStats {
             domains: config
                 .domains

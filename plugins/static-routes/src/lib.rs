@@ -44,18 +44,6 @@ pub struct StaticRoutes {
     table: Vec<(String, NextHop)>,
 }
 
-fn parse_reply(text: &str) -> Result<(u16, String, String), String> {
-    let mut words = text.splitn(3, ' ');
-    let code: u16 = words
-        .next()
-        .and_then(|c| c.parse().ok())
-        .filter(|c| (400..600).contains(c))
-        .ok_or_else(|| format!("reject `{text}`: must start with a 4xx or 5xx code"))?;
-    let enhanced = words.next().unwrap_or_default().to_string();
-    let rest = words.next().unwrap_or_default().to_string();
-    Ok((code, enhanced, rest))
-}
-
 fn hop_of(entry: &RouteEntry) -> Result<NextHop, String> {
     let chosen = [
         entry.smarthost.is_some(),
@@ -97,8 +85,8 @@ fn hop_of(entry: &RouteEntry) -> Result<NextHop, String> {
         return Ok(NextHop::Mailbox(mailbox.clone()));
     }
     if let Some(reject) = &entry.reject {
-        let (code, enhanced, text) = parse_reply(reject)?;
-        return Ok(NextHop::fail(code, &enhanced, text));
+        let reply = Reply::parse(reject, 400..600).map_err(|error| format!("reject: {error}"))?;
+        return Ok(NextHop::Fail(reply));
     }
     Ok(NextHop::Discard)
 }

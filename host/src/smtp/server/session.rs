@@ -18,6 +18,7 @@ use crate::config::ListenerConfig;
 use crate::net::conn::{Conn, LineEnd};
 use crate::net::stream::Stream;
 use crate::plugins::chain::DataDecision;
+use crate::plugins::hooks::HookKind;
 use crate::plugins::PluginRun;
 use crate::queue::{
     now_millis, MessageMeta, NewMessage, QueuedMessage, RecipientRow, RecipientState,
@@ -654,10 +655,12 @@ impl Session {
             };
             // The transaction's plugin instances go on to serve this message's route and
             // delivery-result hooks, so a message costs one instantiation per plugin, not three.
-            let run = self
-                .run
-                .take()
-                .and_then(|run| self.services.plugins.hold(run));
+            let run = self.run.take().and_then(|run| {
+                self.services.plugins.hold(
+                    run,
+                    &[HookKind::Route, HookKind::DeliveryResult, HookKind::Bounce],
+                )
+            });
             self.services.dispatcher.submit(queued, Some(content), run);
         }
         Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"))
