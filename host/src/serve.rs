@@ -44,6 +44,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         resolver: Some(dns.clone()),
     };
     let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
+    let authenticator = config.authentication.verify.then(|| dns.authenticator());
     let dispatcher = Dispatcher::new(config.clone(), queue.clone(), dns, plugins.clone());
     let tls_acceptor = match &config.tls {
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(
@@ -59,6 +60,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         plugins,
         node_id: node_id.clone(),
         tls_acceptor,
+        authenticator,
     });
     let mut sockets = Vec::new();
     for listener in &config.listeners {

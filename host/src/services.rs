@@ -17,4 +17,6 @@ pub struct Services {
     pub node_id: String,
     /// Present when a certificate is configured: STARTTLS is offered.
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Present when `authentication.verify` is on: SPF, DKIM and DMARC of inbound mail.
+    pub authenticator: Option<mail_auth::MessageAuthenticator>,
 }

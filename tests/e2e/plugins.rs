@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
+use crate::harness::dns::DnsServer;
 use crate::harness::router::{free_port, plugin_path, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
@@ -676,4 +677,80 @@ async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed
     ] {
         assert!(scraped.contains(series), "{series} missing from:\n{scraped}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spf_and_dmarc_results_reach_the_data_hook_and_the_message() {
+    let dns = DnsServer::start().await;
+    dns.txt("pass.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("_dmarc.pass.test", "v=DMARC1; p=reject");
+    dns.txt("fail.test", "v=spf1 -all");
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let rules = "[plugin.config]\nrules = [\n\
+        { spf = \"fail\", action = \"reject\", reply = \"550 5.7.23 SPF check failed\" },\n\
+        { dmarc = \"pass\", action = \"add-header\", name = \"X-Dmarc\", value = \"pass\" },\n\
+    ]\n";
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        // 127.0.0.1 is not a trusted network here: its mail is checked like the internet's.
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        extra: plugin("filter", "content-filter", rules),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    let aligned = "From: s@pass.test\r\nTo: b@switchyard.test\r\nSubject: aligned\r\n\r\nHi.\r\n";
+    client
+        .send_accepted("s@pass.test", &["b@switchyard.test"], aligned)
+        .await;
+    let forged = "From: s@fail.test\r\nSubject: forged\r\n\r\nHi.\r\n";
+    assert_eq!(
+        client
+            .send_mail("s@fail.test", &["b@switchyard.test"], forged)
+            .await
+            .text,
+        "550 5.7.23 SPF check failed"
+    );
+    // A result the sender wrote itself, claiming to be this server's, is removed.
+    let unknown = "Authentication-Results: mx.switchyard.test; dmarc=pass header.from=unknown.test\r\nFrom: s@unknown.test\r\nSubject: unknown\r\n\r\nHi.\r\n";
+    client
+        .send_accepted("s@unknown.test", &["b@switchyard.test"], unknown)
+        .await;
+
+    let received = sink.wait_for(2, Duration::from_secs(15)).await;
+    let data = |subject: &str| -> String {
+        received
+            .iter()
+            .find(|m| m.data.contains(&format!("Subject: {subject}")))
+            .map(|m| m.data.clone())
+            .unwrap_or_else(|| panic!("no message {subject}"))
+    };
+    let aligned = data("aligned");
+    // The host's header comes before the Received header it added; the plugin's edit is above.
+    let results_at = aligned
+        .find("Authentication-Results: mx.switchyard.test;")
+        .unwrap_or_else(|| panic!("no Authentication-Results in:\n{aligned}"));
+    assert!(
+        results_at < aligned.find("Received: ").unwrap_or(0),
+        "{aligned}"
+    );
+    for expected in [
+        "spf=pass",
+        "smtp.mailfrom=s@pass.test",
+        "dmarc=pass",
+        "header.from=pass.test",
+        "X-Dmarc: pass",
+    ] {
+        assert!(
+            aligned.contains(expected),
+            "{expected} missing from:\n{aligned}"
+        );
+    }
+    let unknown = data("unknown");
+    assert!(unknown.contains("spf=none"), "{unknown}");
+    assert!(
+        !unknown.contains("dmarc=pass"),
+        "a forged result survived:\n{unknown}"
+    );
+    assert!(!unknown.contains("X-Dmarc"), "{unknown}");
 }

@@ -63,6 +63,7 @@ pub struct Config {
     pub plugins: Vec<PluginManifest>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub authentication: AuthenticationConfig,
 }
 
 impl Default for Config {
@@ -82,6 +83,7 @@ impl Default for Config {
             plugins: Vec::new(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            authentication: AuthenticationConfig::default(),
         }
     }
 }
@@ -328,6 +330,22 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_string(),
         }
+    }
+}
+
+/// Sender authentication of inbound mail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthenticationConfig {
+    /// Check SPF, DKIM and DMARC on mail that inbound listeners receive from clients outside
+    /// `relay.networks`, add an Authentication-Results header and give the results to the data
+    /// hook.
+    pub verify: bool,
+}
+
+impl Default for AuthenticationConfig {
+    fn default() -> Self {
+        AuthenticationConfig { verify: true }
     }
 }
 

@@ -51,6 +51,11 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
+    /// SPF, DKIM and DMARC verification through this resolver (same nameservers and cache).
+    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
+        mail_auth::MessageAuthenticator(self.resolver.clone())
+    }
+
     /// The hosts to try for a next hop, best first. An `Err` is the reply to record for every
     /// recipient behind it: 5xx when the domain cannot receive mail, 4xx when DNS failed.
     pub async fn targets(&self, hop: &NextHop, mx_port: u16) -> Result<Vec<Target>, Reply> {

@@ -97,4 +97,11 @@ impl DnsServer {
     pub fn a(&self, name: &str, ip: Ipv4Addr) {
         self.add(name, RData::A(A(ip)));
     }
+
+    pub fn txt(&self, name: &str, text: &str) {
+        self.add(
+            name,
+            RData::TXT(hickory_proto::rr::rdata::TXT::new(vec![text.to_string()])),
+        );
+    }
 }

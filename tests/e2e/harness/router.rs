@@ -91,12 +91,20 @@ impl Router {
             .dns
             .map(|dns| format!("nameservers = [\"{dns}\"]\n"))
             .unwrap_or_default();
+        // Without the test's own DNS server, SPF/DKIM/DMARC checks would ask the system's
+        // resolver: tests talk only to loopback, so they are off then.
+        let authentication = if options.dns.is_some() {
+            ""
+        } else {
+            "[authentication]\nverify = false\n\n"
+        };
         let config = format!(
             "hostname = \"mx.switchyard.test\"\ndata_dir = \"{dir}\"\n\n\
              [[listener]]\nname = \"inbound\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
              [queue]\nscan_interval = \"200ms\"\n\n[retry]\n{retry}\n\
              [dns]\n{nameservers}timeout = \"2s\"\n\n\
+             {authentication}\
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
             dir = dir.path().display(),
             delay = options.greeting_delay,

@@ -189,29 +189,12 @@ pub fn edit_headers(content: &[u8], edits: &[Edit]) -> Vec<u8> {
     if !touches_headers {
         return content.to_vec();
     }
-    let header_end = if content.starts_with(b"\r\n") {
-        0
-    } else {
-        memchr::memmem::find(content, b"\r\n\r\n")
-            .map(|end| end + 2)
-            .unwrap_or(content.len())
-    };
-    // (lower-case name, raw field with its continuation lines and CRLFs, added by an edit)
-    let mut fields: Vec<(String, Vec<u8>, bool)> = Vec::new();
-    for line in content[..header_end].split_inclusive(|&b| b == b'\n') {
-        let continuation = line.starts_with(b" ") || line.starts_with(b"\t");
-        match fields.last_mut() {
-            Some((_, raw, _)) if continuation => raw.extend_from_slice(line),
-            _ => {
-                let name = line.split(|&b| b == b':').next().unwrap_or_default();
-                fields.push((
-                    String::from_utf8_lossy(name).trim().to_ascii_lowercase(),
-                    line.to_vec(),
-                    false,
-                ));
-            }
-        }
-    }
+    let (fields, header_end) = header_fields(content);
+    // (lower-case name, raw field, added by an edit)
+    let mut fields: Vec<(String, Vec<u8>, bool)> = fields
+        .into_iter()
+        .map(|(name, raw)| (name, raw, false))
+        .collect();
     for edit in edits {
         let (remove, add) = match edit {
             Edit::AddHeader(header) => (None, Some(header)),
@@ -245,6 +228,61 @@ pub fn edit_headers(content: &[u8], edits: &[Edit]) -> Vec<u8> {
     edited
 }
 
+/// The header fields of a message, each as (lower-case name, raw field with its continuation
+/// lines and CRLFs), and where the header section ends.
+fn header_fields(content: &[u8]) -> (Vec<(String, Vec<u8>)>, usize) {
+    let header_end = if content.starts_with(b"\r\n") {
+        0
+    } else {
+        memchr::memmem::find(content, b"\r\n\r\n")
+            .map(|end| end + 2)
+            .unwrap_or(content.len())
+    };
+    let mut fields: Vec<(String, Vec<u8>)> = Vec::new();
+    for line in content[..header_end].split_inclusive(|&b| b == b'\n') {
+        let continuation = line.starts_with(b" ") || line.starts_with(b"\t");
+        match fields.last_mut() {
+            Some((_, raw)) if continuation => raw.extend_from_slice(line),
+            _ => {
+                let name = line.split(|&b| b == b':').next().unwrap_or_default();
+                fields.push((
+                    String::from_utf8_lossy(name).trim().to_ascii_lowercase(),
+                    line.to_vec(),
+                ));
+            }
+        }
+    }
+    (fields, header_end)
+}
+
+/// Removes the `Authentication-Results` fields that claim to come from `authserv_id` (this
+/// server): results a sender wrote itself must not pass for the host's (RFC 8601 section 5).
+pub fn remove_forged_results(content: &[u8], authserv_id: &str) -> Vec<u8> {
+    let (fields, header_end) = header_fields(content);
+    let forged = |name: &str, raw: &[u8]| {
+        name == "authentication-results"
+            && String::from_utf8_lossy(raw)
+                .split_once(':')
+                .and_then(|(_, value)| {
+                    value
+                        .split([';', ' ', '\t', '\r', '\n'])
+                        .find(|w| !w.is_empty())
+                })
+                .is_some_and(|id| id.eq_ignore_ascii_case(authserv_id))
+    };
+    if !fields.iter().any(|(name, raw)| forged(name, raw)) {
+        return content.to_vec();
+    }
+    let mut kept = Vec::with_capacity(content.len());
+    for (name, raw) in &fields {
+        if !forged(name, raw) {
+            kept.extend_from_slice(raw);
+        }
+    }
+    kept.extend_from_slice(&content[header_end..]);
+    kept
+}
+
 /// Applies the data hooks' recipient edits in chain order.
 pub fn edit_recipients(recipients: &mut Vec<String>, edits: &[Edit]) {
     for edit in edits {
@@ -270,6 +308,18 @@ pub fn edit_recipients(recipients: &mut Vec<String>, edits: &[Edit]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forged_results_for_this_server_are_removed() {
+        let message = b"Received: from x\r\nAuthentication-Results: mx.example.net;\r\n\tspf=pass\r\nAuthentication-Results: other.example; spf=fail\r\nSubject: s\r\n\r\nbody\r\n";
+        let cleaned = remove_forged_results(message, "MX.example.net");
+        assert_eq!(
+            String::from_utf8_lossy(&cleaned),
+            "Received: from x\r\nAuthentication-Results: other.example; spf=fail\r\nSubject: s\r\n\r\nbody\r\n"
+        );
+        let untouched: &[u8] = b"Subject: s\r\n\r\nb\r\n";
+        assert_eq!(remove_forged_results(untouched, "mx"), untouched);
+    }
 
     #[test]
     fn raw_checks() {

@@ -1,6 +1,7 @@
 //! The SMTP server: listeners accept connections within the session limits and run one
 //! [`session::Session`] per connection.
 
+mod authenticate;
 mod content;
 mod limits;
 mod policy;

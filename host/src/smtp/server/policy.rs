@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use super::authenticate::AuthVerdicts;
 use super::session::{Greeting, Session};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
@@ -141,14 +142,16 @@ impl Session {
         queue_id: &str,
         envelope: wit::Envelope,
         content: &Bytes,
+        verdicts: Option<AuthVerdicts>,
     ) -> Option<(DataDecision, Vec<wit::Edit>)> {
         let session = self.wit_session();
         let headers = parsed_headers(content);
-        // SPF/DKIM/DMARC checks are not run yet: the results say so.
+        // Empty results when the message was not checked (verification off, a trusted client).
+        let verdicts = verdicts.unwrap_or_default();
         let auth = wit::AuthResults {
-            spf: String::new(),
-            dkim: String::new(),
-            dmarc: String::new(),
+            spf: verdicts.spf,
+            dkim: verdicts.dkim,
+            dmarc: verdicts.dmarc,
         };
         let run = self.plugins()?;
         run.set_queue_id(queue_id);

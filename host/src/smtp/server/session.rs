@@ -12,6 +12,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use super::authenticate::{authenticate, Check, Client};
 use super::content::{self, Faults, Trace};
 use super::limits::canonical;
 use crate::config::ListenerConfig;
@@ -575,12 +576,22 @@ impl Session {
             );
         }
         let queue_id = ulid::Ulid::new().to_string();
-        let stamped = self.stamp(message, &transaction, &queue_id);
+        let mut stamped = self.stamp(message, &transaction, &queue_id);
+        let verdicts = match self.sender_check(&envelope.sender) {
+            Some(check) => Some(authenticate(check, &stamped).await),
+            None => None,
+        };
+        if let Some(verdicts) = &verdicts {
+            stamped = content::remove_forged_results(&stamped, &self.config().hostname);
+            stamped.splice(0..0, verdicts.header.bytes());
+        }
         let sender = envelope.sender.clone();
         let mut recipients = envelope.recipients.clone();
         let mut content = Bytes::from(stamped);
         let mut quarantine = None;
-        if let Some((decision, edits)) = self.ask_data(&queue_id, envelope, &content).await {
+        if let Some((decision, edits)) =
+            self.ask_data(&queue_id, envelope, &content, verdicts).await
+        {
             match decision {
                 DataDecision::Reject(reply) | DataDecision::Tempfail(reply) => {
                     tracing::info!(queue_id = %queue_id, reply = %reply, "message refused by plugin");
@@ -667,6 +678,34 @@ impl Session {
     }
 
     /// Prepends the Received header (and a Message-ID if missing).
+    /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
+    /// is on, an inbound listener got it, from a client outside `relay.networks`.
+    fn sender_check(&self, sender: &str) -> Option<Check> {
+        let authenticator = self.services.authenticator.clone()?;
+        let trusted = self
+            .config()
+            .relay
+            .networks
+            .iter()
+            .any(|network| network.contains(&self.client_ip));
+        if trusted || self.listener.role != crate::config::ListenerRole::Inbound {
+            return None;
+        }
+        let helo = match &self.greeting {
+            Greeting::Ehlo(name) | Greeting::Helo(name) => name.clone(),
+            Greeting::None => String::new(),
+        };
+        Some(Check {
+            authenticator,
+            hostname: self.config().hostname.clone(),
+            client: Client {
+                ip: self.client_ip,
+                helo,
+                sender: sender.to_string(),
+            },
+        })
+    }
+
     fn stamp(&self, message: Vec<u8>, transaction: &Transaction, queue_id: &str) -> Vec<u8> {
         let tls = self.conn.stream().tls_description();
         let protocol = match (&self.greeting, transaction.smtputf8, tls.is_some()) {
