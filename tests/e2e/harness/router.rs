@@ -183,6 +183,23 @@ impl Router {
         std::fs::read_to_string(self.dir.path().join("switchyard.log")).unwrap_or_default()
     }
 
+    /// The log once it holds every one of `lines` (within 10 s): a delivery's log line is written
+    /// after the next hop's reply, so a test that saw the message arrive may read the log first.
+    pub async fn log_with(&self, lines: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if lines.iter().all(|line| log.contains(line)) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never showed all of {lines:?}:\n{log}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `switchyard plugins ...` against this router.
     pub fn plugins(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_switchyard"))
