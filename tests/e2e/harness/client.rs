@@ -24,6 +24,10 @@ impl TestClient {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
+        TestClient::over(stream)
+    }
+
+    fn over(stream: TcpStream) -> TestClient {
         let (read, write) = stream.into_split();
         TestClient {
             reader: BufReader::new(read),
@@ -42,11 +46,7 @@ impl TestClient {
             .connect(([127, 0, 0, 1], port).into())
             .await
             .expect("connect");
-        let (read, write) = stream.into_split();
-        TestClient {
-            reader: BufReader::new(read),
-            writer: write,
-        }
+        TestClient::over(stream)
     }
 
     /// Connects, reads the greeting and says EHLO.
