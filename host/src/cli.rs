@@ -38,6 +38,11 @@ pub enum Command {
         #[command(subcommand)]
         action: PluginsAction,
     },
+    /// SMTP AUTH accounts.
+    Auth {
+        #[command(subcommand)]
+        action: AuthAction,
+    },
     /// Inspect and act on the queue (works while `serve` runs).
     Queue {
         #[arg(long, short, global = true)]
@@ -63,6 +68,31 @@ pub enum QueueAction {
     Delete { id: String },
     /// Fail a message's remaining recipients and return it to its sender with a DSN.
     Bounce { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum AuthAction {
+    /// Read a password from standard input (one line) and print its argon2id hash, for a
+    /// `name:hash` line of `[submission] users_file`.
+    Hash,
+}
+
+/// Runs an `auth` command.
+pub fn auth_command(action: AuthAction) -> anyhow::Result<()> {
+    match action {
+        AuthAction::Hash => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("cannot read the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                bail!("empty password");
+            }
+            println!("{}", crate::accounts::hash_password(password)?);
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -3,6 +3,7 @@
 //! The pipeline, in the order a message travels: [`smtp::server`] accepts it, [`queue`] makes it
 //! durable, [`delivery`] routes and sends it with [`smtp::client`], retrying or bouncing.
 
+pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod delivery;

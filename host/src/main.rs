@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{load_config, plugins_command, queue_command, Cli, Command};
+use switchyard::cli::{auth_command, load_config, plugins_command, queue_command, Cli, Command};
 use switchyard::config::Config;
 
 fn init_logging(level: &str) {
@@ -40,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             plugins_command(&config, action)
         }
+        Command::Auth { action } => auth_command(action),
         Command::Queue { config, action } => {
             let config = load_config(config.as_ref())?;
             init_logging("warn");

@@ -52,6 +52,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         )),
         None => None,
     };
+    let accounts = match &config.submission.users_file {
+        Some(path) => {
+            let accounts = crate::accounts::Accounts::load(path)?;
+            tracing::info!(users = accounts.len(), file = %path.display(), "SMTP AUTH accounts loaded");
+            Some(Arc::new(accounts))
+        }
+        None => None,
+    };
     let node_id = format!("{}:{}", config.hostname, std::process::id());
     let services = Arc::new(Services {
         config: config.clone(),
@@ -61,6 +69,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         node_id: node_id.clone(),
         tls_acceptor,
         authenticator,
+        accounts,
     });
     let mut sockets = Vec::new();
     for listener in &config.listeners {

@@ -19,4 +19,7 @@ pub struct Services {
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Present when `authentication.verify` is on: SPF, DKIM and DMARC of inbound mail.
     pub authenticator: Option<mail_auth::MessageAuthenticator>,
+    /// Present when `[submission] users_file` is set: SMTP AUTH is offered on submission
+    /// listeners.
+    pub accounts: Option<Arc<crate::accounts::Accounts>>,
 }

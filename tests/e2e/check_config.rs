@@ -68,3 +68,55 @@ fn errors_name_file_line_and_problem() {
         );
     }
 }
+
+#[test]
+fn submission_listeners_need_accounts_and_tls() {
+    let listener = "[[listener]]\nname = \"submission\"\naddress = \"127.0.0.1:2587\"\nrole = \"submission\"\n";
+    let (ok, _, stderr) = check(listener);
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "FILE:3:11: listener `submission` is a submission listener, which needs AUTH"
+        ),
+        "{stderr}"
+    );
+    let (ok, _, _) = check(&format!("{listener}[submission]\nrequire_auth = false\n"));
+    assert!(ok, "relay.networks alone is a choice");
+    let (ok, _, stderr) = check(&format!("{listener}[submission]\nusers_file = \"users\"\n"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("FILE:6:1: submission.users_file: SMTP AUTH needs [tls]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_users_file_line_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generated = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).expect("cert");
+    std::fs::write(dir.path().join("cert.pem"), generated.cert.pem()).expect("cert");
+    std::fs::write(
+        dir.path().join("key.pem"),
+        generated.signing_key.serialize_pem(),
+    )
+    .expect("key");
+    std::fs::write(dir.path().join("users"), "# accounts\nalice:plaintext\n").expect("users");
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n\n\
+         [submission]\nusers_file = \"users\"\n",
+    )
+    .expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("users:2: user `alice`: not a PHC hash string"),
+        "{stderr}"
+    );
+}

@@ -9,4 +9,5 @@ mod delivery;
 mod examples;
 mod plugins;
 mod smtp_in;
+mod submission;
 mod tls;

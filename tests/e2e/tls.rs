@@ -7,23 +7,8 @@ use switchyard::config::TlsPolicy;
 use switchyard::smtp::client::{Client, ConnectOptions, Envelope};
 
 use crate::harness::client::TestClient;
-use crate::harness::router::{Router, RouterOptions};
+use crate::harness::router::{tls_section, Router, RouterOptions};
 use crate::harness::sink::Sink;
-
-/// Writes a self-signed certificate and key into `dir`; returns the `[tls]` section.
-fn tls_section(dir: &std::path::Path) -> String {
-    let generated = rcgen::generate_simple_self_signed(vec!["mx.switchyard.test".to_string()])
-        .expect("certificate");
-    let certificate = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
-    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
-    format!(
-        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
-        certificate.display(),
-        key.display()
-    )
-}
 
 async fn tls_router(delivery: String) -> (Router, tempfile::TempDir) {
     let certs = tempfile::tempdir().expect("tempdir");

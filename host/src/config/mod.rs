@@ -64,6 +64,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub authentication: AuthenticationConfig,
+    pub submission: SubmissionConfig,
 }
 
 impl Default for Config {
@@ -84,6 +85,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             authentication: AuthenticationConfig::default(),
+            submission: SubmissionConfig::default(),
         }
     }
 }
@@ -349,6 +351,27 @@ impl Default for AuthenticationConfig {
     }
 }
 
+/// SMTP AUTH on submission listeners.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmissionConfig {
+    /// The accounts AUTH accepts: one `name:hash` line each, the hash an argon2 PHC string
+    /// (`switchyard auth hash` prints one). In a file, relative to the file. Without it AUTH
+    /// is not offered.
+    pub users_file: Option<PathBuf>,
+    /// MAIL on a submission listener needs AUTH first, except from `relay.networks`.
+    pub require_auth: bool,
+}
+
+impl Default for SubmissionConfig {
+    fn default() -> Self {
+        SubmissionConfig {
+            users_file: None,
+            require_auth: true,
+        }
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -378,6 +401,11 @@ impl Config {
                 if file.is_relative() {
                     *file = base.join(&*file);
                 }
+            }
+        }
+        if let Some(users) = &mut config.submission.users_file {
+            if users.is_relative() {
+                *users = base.join(&*users);
             }
         }
         for plugin in &mut config.plugins {

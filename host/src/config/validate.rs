@@ -109,6 +109,33 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             }
         }
     }
+    if let Some(users) = &config.submission.users_file {
+        if config.tls.is_none() {
+            return Err(problem(
+                "users_file",
+                "submission.users_file: SMTP AUTH needs [tls] (passwords are only taken over TLS)"
+                    .to_string(),
+            ));
+        }
+        crate::accounts::Accounts::load(users)
+            .map_err(|error| problem("users_file", format!("submission.users_file: {error}")))?;
+    }
+    let submission = config
+        .listeners
+        .iter()
+        .find(|listener| listener.role == super::ListenerRole::Submission);
+    if let Some(listener) = submission {
+        if config.submission.require_auth && config.submission.users_file.is_none() {
+            return Err(Problem {
+                offset: listener.address.span().start,
+                message: format!(
+                    "listener `{}` is a submission listener, which needs AUTH: set [submission] \
+                     users_file (or require_auth = false to rely on relay.networks alone)",
+                    listener.name
+                ),
+            });
+        }
+    }
     for route in &config.routes {
         let domain = route.domain.trim_start_matches("*.");
         if domain.is_empty() || domain.contains(['@', ' ', '*']) {

@@ -162,6 +162,17 @@ impl PluginRun {
         Decision::Continue
     }
 
+    pub async fn auth(&mut self, session: &Session, mechanism: &str, identity: &str) -> Decision {
+        for index in self.implementing(HookKind::Auth) {
+            if let Some(decision) =
+                settle(call!(self, index, call_auth(session, mechanism, identity)))
+            {
+                return decision;
+            }
+        }
+        Decision::Continue
+    }
+
     /// Returns the decision and the sender after every rewrite.
     pub async fn mail_from(
         &mut self,

@@ -2,13 +2,17 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+/// The connection under a test client: plain TCP, or TLS after STARTTLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct TestClient {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    writer: WriteHalf<Box<dyn Io>>,
 }
 
 /// A reply: its code and its full text (all lines, CRLF-joined).
@@ -28,11 +32,34 @@ impl TestClient {
     }
 
     fn over(stream: TcpStream) -> TestClient {
-        let (read, write) = stream.into_split();
+        TestClient::over_io(Box::new(stream))
+    }
+
+    fn over_io(stream: Box<dyn Io>) -> TestClient {
+        let (read, write) = tokio::io::split(stream);
         TestClient {
             reader: BufReader::new(read),
             writer: write,
         }
+    }
+
+    /// Says STARTTLS, does the handshake (any certificate) and says EHLO again.
+    pub async fn starttls(mut self) -> TestClient {
+        let reply = self.command("STARTTLS").await;
+        assert_eq!(reply.code, 220, "{reply:?}");
+        assert!(self.reader.buffer().is_empty(), "data after the 220");
+        let stream = self.reader.into_inner().unsplit(self.writer);
+        let connector =
+            tokio_rustls::TlsConnector::from(switchyard::net::tls::unverified_client_config());
+        let name = rustls::pki_types::ServerName::try_from("mx.switchyard.test").expect("name");
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .expect("TLS handshake");
+        let mut client = TestClient::over_io(Box::new(tls));
+        let ehlo = client.command("EHLO client.test").await;
+        assert_eq!(ehlo.code, 250, "{ehlo:?}");
+        client
     }
 
     /// Connects from another loopback address (127.0.0.0/8 is all local on Linux), without

@@ -9,6 +9,8 @@ pub struct RouterOptions {
     pub dns: Option<SocketAddr>,
     pub delivery_port: u16,
     pub greeting_delay: &'static str,
+    /// The listener's role: "inbound" or "submission".
+    pub role: &'static str,
     /// Lines for the [smtp] section.
     pub smtp: String,
     /// Lines for the [relay] section.
@@ -27,6 +29,7 @@ impl Default for RouterOptions {
             dns: None,
             delivery_port: 25,
             greeting_delay: "0s",
+            role: "inbound",
             smtp: String::new(),
             relay: "domains = [\"switchyard.test\"]\nnetworks = [\"127.0.0.0/8\"]\n".to_string(),
             delivery: String::new(),
@@ -69,6 +72,22 @@ pub fn plugin_path(name: &str) -> PathBuf {
     path
 }
 
+/// Writes a self-signed certificate for mx.switchyard.test and its key into `dir`; returns the
+/// `[tls]` section that uses them.
+pub fn tls_section(dir: &std::path::Path) -> String {
+    let generated = rcgen::generate_simple_self_signed(vec!["mx.switchyard.test".to_string()])
+        .expect("certificate");
+    let certificate = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
+    format!(
+        "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+        certificate.display(),
+        key.display()
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -100,7 +119,7 @@ impl Router {
         };
         let config = format!(
             "hostname = \"mx.switchyard.test\"\ndata_dir = \"{dir}\"\n\n\
-             [[listener]]\nname = \"inbound\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
+             [[listener]]\nname = \"{role}\"\nrole = \"{role}\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
              [queue]\nscan_interval = \"200ms\"\n\n[retry]\n{retry}\n\
              [dns]\n{nameservers}timeout = \"2s\"\n\n\
@@ -108,6 +127,7 @@ impl Router {
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
             dir = dir.path().display(),
             delay = options.greeting_delay,
+            role = options.role,
             smtp = options.smtp,
             relay = options.relay,
             retry = options.retry,

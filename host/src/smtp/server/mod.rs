@@ -5,7 +5,9 @@ mod authenticate;
 mod content;
 mod limits;
 mod policy;
+mod sasl;
 mod session;
+mod submission;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -45,7 +45,7 @@ impl Session {
             submission: self.listener.role == crate::config::ListenerRole::Submission,
             helo,
             tls: self.conn.stream().is_tls(),
-            auth_identity: None,
+            auth_identity: self.auth_identity.clone(),
             tenant: String::new(),
         }
     }
@@ -61,6 +61,13 @@ impl Session {
         let session = self.wit_session();
         let run = self.plugins()?;
         refusal(run.helo(&session, name).await)
+    }
+
+    /// The auth hook, after the host checked the password: `Some(reply)` refuses the identity.
+    pub(super) async fn ask_auth(&mut self, mechanism: &str, identity: &str) -> Option<Refusal> {
+        let session = self.wit_session();
+        let run = self.plugins()?;
+        refusal(run.auth(&session, mechanism, identity).await)
     }
 
     /// The mail-from hook: the sender to use (possibly rewritten), or a refusal.

@@ -1,5 +1,5 @@
 //! One SMTP session: the RFC 5321 state machine with ESMTP extensions (PIPELINING, SIZE,
-//! 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, STARTTLS).
+//! 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, STARTTLS, AUTH on submission listeners).
 //!
 //! The decisions taken here (relay control, recipient limits) are the seams where plugin hooks
 //! plug in: connect, helo, mail-from, rcpt-to and data each have one method below.
@@ -48,7 +48,7 @@ pub(super) enum Greeting {
 }
 
 /// What the command loop does after a command.
-enum Flow {
+pub(super) enum Flow {
     Continue,
     Close,
     StartTls,
@@ -62,6 +62,8 @@ pub struct Session {
     pub(super) greeting: Greeting,
     pub(super) transaction: Transaction,
     errors: u32,
+    /// Who the client authenticated as with AUTH (see `submission.rs`).
+    pub(super) auth_identity: Option<String>,
     /// Plugin instances of the transaction under way (see `policy.rs`).
     pub(super) run: Option<PluginRun>,
 }
@@ -103,6 +105,7 @@ impl Session {
                 greeting: Greeting::None,
                 transaction: Transaction::default(),
                 errors: 0,
+                auth_identity: None,
                 run: None,
             };
             if let Err(error) = session.serve().await {
@@ -115,11 +118,11 @@ impl Session {
         .await
     }
 
-    fn config(&self) -> &crate::config::Config {
+    pub(super) fn config(&self) -> &crate::config::Config {
         &self.services.config
     }
 
-    fn reply(&mut self, reply: Reply) {
+    pub(super) fn reply(&mut self, reply: Reply) {
         self.conn.queue(reply.to_wire().as_bytes());
     }
 
@@ -193,7 +196,7 @@ impl Session {
     }
 
     /// Counts a protocol error and queues its reply.
-    fn error(&mut self, reply: Reply) -> Flow {
+    pub(super) fn error(&mut self, reply: Reply) -> Flow {
         self.errors += 1;
         self.reply(reply);
         Flow::Continue
@@ -213,6 +216,7 @@ impl Session {
             "RCPT" => self.rcpt(argument).await,
             "DATA" => return self.data(argument).await,
             "BDAT" => return self.bdat(argument).await,
+            "AUTH" => return self.auth_command(argument).await,
             "RSET" => {
                 self.transaction = Transaction::default();
                 self.end_plugin_run();
@@ -231,7 +235,7 @@ impl Session {
                 self.reply(Reply::new(
                     214,
                     "2.0.0",
-                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS",
+                    "Commands: EHLO HELO AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS",
                 ));
                 Flow::Continue
             }
@@ -277,6 +281,9 @@ impl Session {
         ];
         if self.services.tls_acceptor.is_some() && !self.conn.stream().is_tls() {
             lines.push("STARTTLS".to_string());
+        }
+        if let Some(auth) = self.auth_keyword() {
+            lines.push(auth);
         }
         lines.push("HELP".to_string());
         self.reply(Reply::multiline(250, lines));
@@ -329,6 +336,8 @@ impl Session {
                 }
                 ("BODY", Some(body)) if body.eq_ignore_ascii_case("7BIT") => {}
                 ("SMTPUTF8", None) => transaction.smtputf8 = true,
+                // RFC 4954 5: the identity the message was submitted by; we know our own.
+                ("AUTH", Some(_)) if self.offers_auth() => {}
                 _ => {
                     return self.error(Reply::new(
                         555,
@@ -346,6 +355,10 @@ impl Session {
                     "Non-ASCII sender address needs SMTPUTF8",
                 ));
             }
+        }
+        if let Some(refusal) = self.authentication_required() {
+            self.reply(refusal);
+            return Flow::Continue;
         }
         let sender = match self.ask_mail_from(&parsed).await {
             Ok(sender) => sender,
@@ -423,18 +436,17 @@ impl Session {
         Flow::Continue
     }
 
-    /// No open relay: anyone may send to the domains we accept; only listed networks elsewhere.
+    /// No open relay: anyone may send to the domains we accept; only listed networks and
+    /// authenticated clients elsewhere.
     fn may_send_to(&self, recipient: &Mailbox) -> bool {
-        let relay = &self.config().relay;
         let domain = recipient.domain_key();
-        relay
+        self.config()
+            .relay
             .domains
             .iter()
             .any(|accepted| domain_key(accepted) == domain)
-            || relay
-                .networks
-                .iter()
-                .any(|network| network.contains(&self.client_ip))
+            || self.in_relay_networks()
+            || self.auth_identity.is_some()
     }
 
     async fn data(&mut self, argument: &str) -> std::io::Result<Flow> {
@@ -682,13 +694,7 @@ impl Session {
     /// is on, an inbound listener got it, from a client outside `relay.networks`.
     fn sender_check(&self, sender: &str) -> Option<Check> {
         let authenticator = self.services.authenticator.clone()?;
-        let trusted = self
-            .config()
-            .relay
-            .networks
-            .iter()
-            .any(|network| network.contains(&self.client_ip));
-        if trusted || self.listener.role != crate::config::ListenerRole::Inbound {
+        if self.in_relay_networks() || self.listener.role != crate::config::ListenerRole::Inbound {
             return None;
         }
         let helo = match &self.greeting {
@@ -708,11 +714,22 @@ impl Session {
 
     fn stamp(&self, message: Vec<u8>, transaction: &Transaction, queue_id: &str) -> Vec<u8> {
         let tls = self.conn.stream().tls_description();
-        let protocol = match (&self.greeting, transaction.smtputf8, tls.is_some()) {
-            (Greeting::Ehlo(_), true, true) => "UTF8SMTPS",
-            (Greeting::Ehlo(_), true, false) => "UTF8SMTP",
-            (Greeting::Ehlo(_), false, true) => "ESMTPS",
-            (Greeting::Ehlo(_), false, false) => "ESMTP",
+        // RFC 3848 and RFC 6531: S for TLS, A for an authenticated client.
+        let authenticated = self.auth_identity.is_some();
+        let protocol = match (
+            &self.greeting,
+            transaction.smtputf8,
+            tls.is_some(),
+            authenticated,
+        ) {
+            (Greeting::Ehlo(_), true, true, true) => "UTF8SMTPSA",
+            (Greeting::Ehlo(_), true, true, false) => "UTF8SMTPS",
+            (Greeting::Ehlo(_), true, false, true) => "UTF8SMTPA",
+            (Greeting::Ehlo(_), true, false, false) => "UTF8SMTP",
+            (Greeting::Ehlo(_), false, true, true) => "ESMTPSA",
+            (Greeting::Ehlo(_), false, true, false) => "ESMTPS",
+            (Greeting::Ehlo(_), false, false, true) => "ESMTPA",
+            (Greeting::Ehlo(_), false, false, false) => "ESMTP",
             _ => "SMTP",
         };
         let helo = match &self.greeting {
@@ -771,6 +788,7 @@ impl Session {
         // RFC 3207 4.2: forget everything learnt before TLS.
         self.greeting = Greeting::None;
         self.transaction = Transaction::default();
+        self.auth_identity = None;
         tracing::debug!(tls = ?self.conn.stream().tls_description(), "TLS established");
         Ok(())
     }

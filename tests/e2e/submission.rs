@@ -1,0 +1,244 @@
+//! SMTP AUTH on a submission listener: offered only over TLS, PLAIN and LOGIN checked against
+//! the users file (hashes made by `switchyard auth hash`), relaying for authenticated clients
+//! only, and the `auth` hook refusing an identity whose password was right.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::harness::client::{message, TestClient};
+use crate::harness::router::{plugin_path, tls_section, Router, RouterOptions};
+use crate::harness::sink::Sink;
+
+const ALICE: &str = "alice@example.test";
+const ALICE_PASSWORD: &str = "correct horse battery";
+const MALLORY: &str = "mallory@example.test";
+const MALLORY_PASSWORD: &str = "s3cret";
+
+/// `switchyard auth hash` for `password`.
+fn hash(password: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["auth", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run auth hash");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
+    let output = child.wait_with_output().expect("auth hash");
+    assert!(output.status.success());
+    let hash = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    hash.trim().to_string()
+}
+
+struct Submission {
+    router: Router,
+    sink: Sink,
+    _files: tempfile::TempDir,
+}
+
+/// A router with one submission listener, TLS, two accounts, no trusted networks, relaying to
+/// a sink; `plugins` is appended to its configuration.
+async fn submission(plugins: &str) -> Submission {
+    let files = tempfile::tempdir().expect("tempdir");
+    let users = files.path().join("users");
+    std::fs::write(
+        &users,
+        format!(
+            "# SMTP AUTH accounts\n{ALICE}:{}\n{MALLORY}:{}\n",
+            hash(ALICE_PASSWORD),
+            hash(MALLORY_PASSWORD)
+        ),
+    )
+    .expect("write users");
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        role: "submission",
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        delivery: format!("smarthost = \"{}\"\n", sink.address),
+        extra: format!(
+            "{}\n[submission]\nusers_file = \"{}\"\n\n{plugins}",
+            tls_section(files.path()),
+            users.display()
+        ),
+        ..RouterOptions::default()
+    })
+    .await;
+    Submission {
+        router,
+        sink,
+        _files: files,
+    }
+}
+
+fn plain(identity: &str, password: &str) -> String {
+    STANDARD.encode(format!("\0{identity}\0{password}"))
+}
+
+/// Connects and reads the greeting; returns the client and its EHLO reply text.
+async fn connect(port: u16) -> (TestClient, String) {
+    let mut client = TestClient::connect_raw(port).await;
+    assert_eq!(client.reply().await.code, 220);
+    let ehlo = client.command("EHLO client.test").await;
+    assert_eq!(ehlo.code, 250, "{ehlo:?}");
+    (client, ehlo.text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_only_over_tls_and_only_authenticated_clients_relay() {
+    let server = submission("").await;
+    let (mut client, ehlo) = connect(server.router.port).await;
+    assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+        .await;
+    assert_eq!(
+        (reply.code, &reply.text[4..10]),
+        (538, "5.7.11"),
+        "{reply:?}"
+    );
+    let reply = client.command(&format!("MAIL FROM:<{ALICE}>")).await;
+    assert_eq!(reply.code, 530, "{reply:?}");
+    assert!(reply.text.contains("5.7.0 Authentication required"));
+
+    let mut client = client.starttls().await;
+    let ehlo = client.command("EHLO client.test").await;
+    assert!(ehlo.text.contains("AUTH PLAIN LOGIN"), "{ehlo:?}");
+    let reply = client.command(&format!("MAIL FROM:<{ALICE}>")).await;
+    assert_eq!(
+        reply.code, 530,
+        "TLS alone is not authentication: {reply:?}"
+    );
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, "wrong password")))
+        .await;
+    assert_eq!(reply.code, 535, "{reply:?}");
+    assert!(reply.text.contains("5.7.8"), "{reply:?}");
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+    assert!(reply.text.contains("2.7.0"), "{reply:?}");
+    let reply = client.command("AUTH PLAIN AGFAYg==").await;
+    assert_eq!(reply.code, 503, "a second AUTH: {reply:?}");
+
+    // Relaying to a domain that is not ours is what authentication buys.
+    let reply = client
+        .send_mail(ALICE, &["bob@elsewhere.example"], &message("submitted"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let reply = client
+        .command(&format!("MAIL FROM:<{ALICE}> AUTH=<>"))
+        .await;
+    assert_eq!(
+        reply.code, 250,
+        "the AUTH= parameter (RFC 4954 5): {reply:?}"
+    );
+    client.command("QUIT").await;
+    let received = server.sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received[0].rcpt_to, vec!["bob@elsewhere.example"]);
+    assert!(
+        received[0].data.contains("with ESMTPSA id"),
+        "RFC 3848 protocol name: {}",
+        received[0].data
+    );
+    let log = server
+        .router
+        .log_with(&["authenticated", "authentication failed"])
+        .await;
+    assert!(log.contains("identity=alice@example.test"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_mechanism_and_broken_exchanges() {
+    let server = submission("").await;
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    let reply = client.command("AUTH LOGIN").await;
+    assert_eq!(reply.text, "334 VXNlcm5hbWU6", "Username: challenge");
+    let reply = client.command(&STANDARD.encode(ALICE)).await;
+    assert_eq!(reply.text, "334 UGFzc3dvcmQ6", "Password: challenge");
+    let reply = client.command(&STANDARD.encode(ALICE_PASSWORD)).await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    let reply = client.command("AUTH PLAIN").await;
+    assert_eq!(reply.text, "334", "an empty challenge");
+    let reply = client.command("*").await;
+    assert_eq!(reply.code, 501, "cancelled: {reply:?}");
+    assert!(reply.text.contains("5.7.0"));
+    let reply = client.command("AUTH PLAIN not-base64!").await;
+    assert_eq!(reply.code, 501, "{reply:?}");
+    let reply = client.command("AUTH CRAM-MD5").await;
+    assert_eq!(reply.code, 504, "{reply:?}");
+    let reply = client.command("AUTH").await;
+    assert_eq!(reply.code, 501, "{reply:?}");
+    let reply = client
+        .command(&format!(
+            "AUTH PLAIN {}",
+            plain("nobody@example.test", ALICE_PASSWORD)
+        ))
+        .await;
+    assert_eq!(reply.code, 535, "unknown user: {reply:?}");
+    let reply = client
+        .command(&format!(
+            "AUTH PLAIN {}",
+            STANDARD.encode(format!("{MALLORY}\0{ALICE}\0{ALICE_PASSWORD}"))
+        ))
+        .await;
+    assert_eq!(reply.code, 535, "acting as another user: {reply:?}");
+    let reply = client.command("MAIL FROM:<x@example.test>").await;
+    assert_eq!(reply.code, 530, "still not authenticated: {reply:?}");
+    let reply = client
+        .command(&format!("AUTH LOGIN {}", STANDARD.encode(MALLORY)))
+        .await;
+    assert_eq!(
+        reply.text, "334 UGFzc3dvcmQ6",
+        "LOGIN with an initial response"
+    );
+    let reply = client.command(&STANDARD.encode(MALLORY_PASSWORD)).await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auth_hook_refuses_a_suspended_identity() {
+    let plugin = format!(
+        "[[plugin]]\nname = \"client-policy\"\npath = \"{}\"\n[plugin.config]\n\
+         suspended_identities = [\"{MALLORY}\"]\nauth_reply = \"535 5.7.8 Account suspended\"\n",
+        plugin_path("client-policy").display()
+    );
+    let server = submission(&plugin).await;
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(MALLORY, MALLORY_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 535, "{reply:?}");
+    assert!(reply.text.contains("Account suspended"), "{reply:?}");
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 235, "another identity is fine: {reply:?}");
+    let log = server
+        .router
+        .log_with(&["authentication refused by plugin"])
+        .await;
+    assert!(log.contains("identity=mallory@example.test"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_listeners_do_not_offer_auth() {
+    let router = Router::start(RouterOptions::default()).await;
+    let (mut client, ehlo) = connect(router.port).await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let reply = client.command("AUTH PLAIN AGFAYg==").await;
+    assert_eq!(reply.code, 503, "{reply:?}");
+    assert!(
+        reply.text.contains("authentication not enabled"),
+        "{reply:?}"
+    );
+}
