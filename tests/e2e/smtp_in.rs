@@ -424,7 +424,7 @@ async fn help_rset_and_vrfy_answer_as_documented() {
     let mut client = TestClient::connect(router.port).await;
     assert_eq!(
         client.command("HELP").await.text,
-        "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS"
+        "214 2.0.0 Commands: EHLO HELO AUTH MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS"
     );
     assert_eq!(
         client.command("VRFY postmaster").await.text,
