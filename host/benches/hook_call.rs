@@ -80,8 +80,19 @@ fn main() -> anyhow::Result<()> {
             run.helo(&session, "client.example").await;
             next_calls.push(started.elapsed());
         }
+        // The whole life of a transaction's instance, teardown included (the memory slot's
+        // reset and the store's drop happen when a transaction ends).
+        let mut lifecycles = Vec::with_capacity(ITERATIONS);
+        for _ in 0..ITERATIONS {
+            let started = Instant::now();
+            let mut run = manager.run(RunContext::default());
+            run.connect(&session).await;
+            drop(run);
+            lifecycles.push(started.elapsed());
+        }
         report("new transaction: instantiate + init + hook", first_calls);
         report("same transaction: one more hook", next_calls);
+        report("whole instance life: the above + teardown", lifecycles);
         Ok(())
     })
 }

@@ -7,6 +7,9 @@
 //! - `deliveries_total{status}`: attempt outcomes per recipient, `sent`, `deferred`, `bounced`
 //!   or `expired`, as in the delivery log line;
 //! - `plugin_calls_total{plugin}` and `plugin_failures_total{plugin,kind}`;
+//! - `plugin_hold_refused_total`: messages whose delivery stages had to instantiate their plugins
+//!   afresh because held runs already kept their share of the instance pool (see `plugins::hold`);
+//! - `auth_total{result}`: SMTP AUTH attempts, `ok`, `failed` (password) or `refused` (a plugin);
 //! - `plugin_counter_total{plugin,name}` and `plugin_histogram{plugin,name}`: what plugins record.
 
 use std::collections::{HashMap, HashSet};

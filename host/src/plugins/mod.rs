@@ -127,8 +127,17 @@ impl PluginManager {
             return None;
         }
         let permits = u32::try_from(kept).ok()?;
-        run.hold = Some(self.held.clone().try_acquire_many_owned(permits).ok()?);
-        Some(run)
+        match self.held.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => {
+                run.hold = Some(permit);
+                Some(run)
+            }
+            Err(_) => {
+                // The message's later stages will instantiate afresh: slower, never wrong.
+                metrics::counter!("switchyard_plugin_hold_refused_total").increment(1);
+                None
+            }
+        }
     }
 
     /// Compiles and initialises `manifests` beside the running generation and swaps it in. On
