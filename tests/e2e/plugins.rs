@@ -747,3 +747,35 @@ async fn spf_and_dmarc_results_reach_the_data_hook_and_the_message() {
     );
     assert!(!unknown.contains("X-Dmarc"), "{unknown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_from_one_file_share_code_but_not_config_or_state() {
+    // Two tenants' policies from the same component: compiled once, each with its own config.
+    let first = "[plugin.config]\nblocked_helo = [\"first.example\"]\n\
+        helo_reply = \"550 5.7.1 refused by the first\"\n";
+    let second = "[plugin.config]\nblocked_helo = [\"second.example\"]\n\
+        helo_reply = \"550 5.7.1 refused by the second\"\n";
+    let (router, _sink) = router_with(&format!(
+        "{}{}",
+        plugin("first", "client-policy", first),
+        plugin("second", "client-policy", second)
+    ))
+    .await;
+    let mut client = TestClient::connect_raw(router.port).await;
+    assert_eq!(client.reply().await.code, 220);
+    assert_eq!(
+        client.command("EHLO first.example").await.text,
+        "550 5.7.1 refused by the first"
+    );
+    assert_eq!(
+        client.command("EHLO second.example").await.text,
+        "550 5.7.1 refused by the second"
+    );
+    assert_eq!(client.command("EHLO third.example").await.code, 250);
+    let listed = router.plugins(&["list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("first") && listed.contains("second"),
+        "{listed}"
+    );
+}

@@ -86,10 +86,16 @@ const PACKAGE: &str = "switchyard:plugin/";
 /// Interfaces every plugin may import.
 const ALWAYS: [&str; 3] = ["types", "message", "bag"];
 
+/// Components compiled during one load, by their bytes: plugins loaded from the same file (a
+/// hosting provider's tenants running one plugin with different configs) share one compiled
+/// component, so its code is in memory, and in the CPU's caches, once.
+pub type Compiled = std::collections::HashMap<Vec<u8>, Component>;
+
 pub async fn load(
     engine: &Engine,
     manifest: &PluginManifest,
     services: &PluginServices,
+    compiled: &mut Compiled,
 ) -> Result<Arc<LoadedPlugin>, LoadError> {
     let plugin = manifest.name.clone();
     if manifest.memory_limit > MEMORY_CAP {
@@ -106,18 +112,28 @@ pub async fn load(
             path: manifest.path.display().to_string(),
             message: error.to_string(),
         })?;
-    // Compilation is CPU-heavy (cached on disk after the first time): keep it off the workers.
-    let compile_engine = engine.clone();
-    let component = tokio::task::spawn_blocking(move || Component::new(&compile_engine, &bytes))
-        .await
-        .map_err(|error| LoadError::Compile {
-            plugin: plugin.clone(),
-            message: error.to_string(),
-        })?
-        .map_err(|error| LoadError::Compile {
-            plugin: plugin.clone(),
-            message: format!("{error:#}"),
-        })?;
+    let component = match compiled.get(&bytes) {
+        Some(component) => component.clone(),
+        None => {
+            // Compilation is CPU-heavy (cached on disk after the first time): keep it off the
+            // workers.
+            let compile_engine = engine.clone();
+            let source = bytes.clone();
+            let component =
+                tokio::task::spawn_blocking(move || Component::new(&compile_engine, &source))
+                    .await
+                    .map_err(|error| LoadError::Compile {
+                        plugin: plugin.clone(),
+                        message: error.to_string(),
+                    })?
+                    .map_err(|error| LoadError::Compile {
+                        plugin: plugin.clone(),
+                        message: format!("{error:#}"),
+                    })?;
+            compiled.insert(bytes, component.clone());
+            component
+        }
+    };
     check_imports(engine, &component, manifest)?;
     let linker = linker(engine, &manifest.grants).map_err(|error| LoadError::Link {
         plugin: plugin.clone(),

@@ -226,8 +226,9 @@ async fn load_set(
     generation: u64,
 ) -> Result<PluginSet, LoadError> {
     let mut plugins = Vec::with_capacity(manifests.len());
+    let mut compiled = loader::Compiled::new();
     for manifest in manifests {
-        plugins.push(loader::load(engine, manifest, services).await?);
+        plugins.push(loader::load(engine, manifest, services, &mut compiled).await?);
     }
     Ok(PluginSet {
         generation,
