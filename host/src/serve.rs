@@ -52,6 +52,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         )),
         None => None,
     };
+    if let Some(root) = &config.mailboxes.root {
+        std::fs::create_dir_all(root)
+            .map_err(|error| anyhow::anyhow!("mailboxes.root `{}`: {error}", root.display()))?;
+    }
     let accounts = match &config.submission.users_file {
         Some(path) => {
             let accounts = crate::accounts::Accounts::load(path)?;

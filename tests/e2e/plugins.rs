@@ -68,6 +68,72 @@ async fn route_hook_sends_a_domain_to_its_smarthost() {
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_hook_delivers_into_a_local_maildir() {
+    let mail = tempfile::tempdir().expect("tempdir");
+    let routes =
+        "[plugin.config]\nroutes = [\n  { domain = \"archive.test\", mailbox = \"archive\" },\n  \
+        { domain = \"escape.test\", mailbox = \"../outside\" },\n]\n";
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        extra: format!(
+            "[mailboxes]\nroot = \"{}\"\n\n{}",
+            mail.path().join("maildirs").display(),
+            plugin("routes", "static-routes", routes)
+        ),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["a@archive.test", "b@archive.test"],
+            &message("kept"),
+        )
+        .await;
+    client
+        .send_accepted("s@sender.test", &["c@escape.test"], &message("escape"))
+        .await;
+    router
+        .log_with(&[
+            "to=<a@archive.test>, relay=mailbox:archive",
+            "to=<b@archive.test>, relay=mailbox:archive",
+            "to=<c@escape.test>, relay=mailbox:../outside",
+        ])
+        .await;
+    let new = mail.path().join("maildirs/archive/new");
+    let mut letters: Vec<String> = std::fs::read_dir(&new)
+        .expect("archive/new exists")
+        .map(|entry| std::fs::read_to_string(entry.expect("entry").path()).expect("read"))
+        .collect();
+    letters.sort();
+    assert_eq!(letters.len(), 2, "one copy per recipient");
+    assert!(
+        letters[0].starts_with("Return-Path: <s@sender.test>\r\nDelivered-To: a@archive.test\r\n"),
+        "{}",
+        letters[0]
+    );
+    assert!(letters[1].contains("Delivered-To: b@archive.test"));
+    assert!(letters[0].contains("Subject: kept"));
+    assert!(
+        !mail.path().join("outside").exists(),
+        "a mailbox name never leaves the root"
+    );
+    let log = router.log();
+    assert!(
+        log.contains("status=sent (250 2.0.0 delivered to mailbox archive as"),
+        "{log}"
+    );
+    assert!(
+        log.contains("status=bounced (550 5.1.1 mailbox `../outside`: not a valid mailbox name)"),
+        "{log}"
+    );
+    // The bounce goes back to the sender through the smarthost.
+    let bounce = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(bounce[0].rcpt_to, vec!["s@sender.test"]);
+}
+
 /// A router with the misbehaving plugin in `mode`, and the time it took to refuse a victim.
 async fn misbehave(mode: &str, limits: &str) -> (Router, String, Duration) {
     let settings = format!("grants = [\"kv\"]\n{limits}\n[plugin.config]\nmode = \"{mode}\"\n");

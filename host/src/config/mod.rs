@@ -65,6 +65,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub authentication: AuthenticationConfig,
     pub submission: SubmissionConfig,
+    pub mailboxes: MailboxesConfig,
 }
 
 impl Default for Config {
@@ -86,6 +87,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
+            mailboxes: MailboxesConfig::default(),
         }
     }
 }
@@ -372,6 +374,15 @@ impl Default for SubmissionConfig {
     }
 }
 
+/// Local delivery into Maildir folders.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxesConfig {
+    /// Where a route hook's `mailbox(name)` delivers: the Maildir `root/name/`. In a file,
+    /// relative to the file. Without it such recipients are deferred.
+    pub root: Option<PathBuf>,
+}
+
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -401,6 +412,11 @@ impl Config {
                 if file.is_relative() {
                     *file = base.join(&*file);
                 }
+            }
+        }
+        if let Some(root) = &mut config.mailboxes.root {
+            if root.is_relative() {
+                *root = base.join(&*root);
             }
         }
         if let Some(users) = &mut config.submission.users_file {

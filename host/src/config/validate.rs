@@ -109,6 +109,14 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             }
         }
     }
+    if let Some(root) = &config.mailboxes.root {
+        if root.exists() && !root.is_dir() {
+            return Err(problem(
+                "root",
+                format!("mailboxes.root: `{}` is not a directory", root.display()),
+            ));
+        }
+    }
     if let Some(users) = &config.submission.users_file {
         if config.tls.is_none() {
             return Err(problem(

@@ -69,6 +69,11 @@ impl Dns {
                 }])
             }
             NextHop::Mx { domain } => self.mx_targets(domain, mx_port).await,
+            NextHop::Mailbox { name } => Err(Reply::new(
+                451,
+                "4.3.5",
+                format!("mailbox `{name}` is local: nothing to look up"),
+            )),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod dsn;
+pub mod mailbox;
 mod observe;
 pub mod retry;
 pub mod route;
@@ -218,12 +219,16 @@ impl Dispatcher {
                     routed.push((NextHop::Relay { host, tls }, recipient));
                 }
                 RouteDecision::Hop(wit::NextHop::Mailbox(name)) => {
-                    // Until local delivery exists, keep the mail rather than lose it.
-                    settled.push(settle(Reply::new(
-                        451,
-                        "4.3.5",
-                        format!("mailbox `{name}`: local delivery is not available"),
-                    )));
+                    if self.config.mailboxes.root.is_some() {
+                        routed.push((NextHop::Mailbox { name }, recipient));
+                    } else {
+                        // Keep the mail rather than lose it: the operator can add the setting.
+                        settled.push(settle(Reply::new(
+                            451,
+                            "4.3.5",
+                            format!("mailbox `{name}`: no [mailboxes] root is configured"),
+                        )));
+                    }
                 }
                 RouteDecision::Hop(wit::NextHop::Discard) => {
                     settled.push(settle(Reply::new(
@@ -343,6 +348,10 @@ impl Dispatcher {
             let Some((hop, job)) = self.next_job(&key) else {
                 return;
             };
+            if let NextHop::Mailbox { name } = &hop {
+                self.deliver_locally(name, job).await;
+                continue;
+            }
             let mut job = Some(job);
             match self.open(&hop).await {
                 Err(reply) => {
@@ -395,6 +404,7 @@ impl Dispatcher {
         let tls = match hop {
             NextHop::Relay { tls, .. } => *tls,
             NextHop::Mx { .. } => delivery.tls,
+            NextHop::Mailbox { .. } => TlsPolicy::None,
         };
         let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
         for target in &targets {
@@ -431,21 +441,8 @@ impl Dispatcher {
     /// Sends one job over an open connection and records the results. Returns false when the
     /// connection broke.
     async fn deliver(&self, client: &mut Client, mut job: Job) -> bool {
-        let content = match job.content.take() {
-            Some(content) => content,
-            None => match self.queue.content(&job.meta.id).await {
-                Ok(Some(content)) => content,
-                Ok(None) => {
-                    tracing::info!(queue_id = %job.meta.id, "message left the queue before delivery");
-                    self.forget(&job);
-                    return true;
-                }
-                Err(error) => {
-                    tracing::error!(queue_id = %job.meta.id, %error, "cannot read message content");
-                    self.forget(&job);
-                    return true;
-                }
-            },
+        let Some(content) = self.content_of(&mut job).await else {
+            return true;
         };
         let addresses: Vec<String> = job.recipients.iter().map(|r| r.address.clone()).collect();
         let envelope = Envelope {
@@ -473,6 +470,64 @@ impl Dispatcher {
         job.content = Some(content);
         self.finish(job, attempts).await;
         intact
+    }
+
+    /// The job's content, read from the queue if the job does not carry it. `None` (and the job
+    /// forgotten) when the message is gone or cannot be read: a later scan finds it again.
+    async fn content_of(&self, job: &mut Job) -> Option<Bytes> {
+        if let Some(content) = job.content.take() {
+            return Some(content);
+        }
+        match self.queue.content(&job.meta.id).await {
+            Ok(Some(content)) => Some(content),
+            Ok(None) => {
+                tracing::info!(queue_id = %job.meta.id, "message left the queue before delivery");
+                self.forget(job);
+                None
+            }
+            Err(error) => {
+                tracing::error!(queue_id = %job.meta.id, %error, "cannot read message content");
+                self.forget(job);
+                None
+            }
+        }
+    }
+
+    /// Writes one copy per recipient into a local Maildir and records the results.
+    async fn deliver_locally(&self, name: &str, mut job: Job) {
+        let Some(content) = self.content_of(&mut job).await else {
+            return;
+        };
+        let Some(root) = self.config.mailboxes.root.clone() else {
+            return;
+        };
+        let mut attempts = Vec::with_capacity(job.recipients.len());
+        for recipient in &job.recipients {
+            let (root, mailbox, content) = (root.clone(), name.to_string(), content.clone());
+            let hostname = self.config.hostname.clone();
+            let sender = job.meta.sender.clone();
+            let address = recipient.address.clone();
+            // File writes and fsyncs block: off the async workers.
+            let reply = tokio::task::spawn_blocking(move || {
+                mailbox::deliver(&mailbox::Letter {
+                    root: &root,
+                    mailbox: &mailbox,
+                    hostname: &hostname,
+                    sender: &sender,
+                    recipient: &address,
+                    content: &content,
+                })
+            })
+            .await
+            .unwrap_or_else(|_| Reply::new(451, "4.3.0", "local delivery failed"));
+            attempts.push(Attempt {
+                recipient: recipient.clone(),
+                reply,
+                relay: format!("mailbox:{name}"),
+            });
+        }
+        job.content = Some(content);
+        self.finish(job, attempts).await;
     }
 
     /// Drops a job's recipients from the in-flight set without recording anything.

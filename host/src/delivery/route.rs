@@ -9,6 +9,8 @@ pub enum NextHop {
     Mx { domain: String },
     /// Send to this host, whatever the domain.
     Relay { host: HostPort, tls: TlsPolicy },
+    /// Write into this local Maildir under `[mailboxes] root` (a route hook's `mailbox(name)`).
+    Mailbox { name: String },
 }
 
 impl NextHop {
@@ -17,6 +19,7 @@ impl NextHop {
         match self {
             NextHop::Mx { domain } => domain.clone(),
             NextHop::Relay { host, .. } => format!("[{host}]"),
+            NextHop::Mailbox { name } => format!("mailbox:{name}"),
         }
     }
 }
