@@ -404,30 +404,24 @@ impl Config {
         // Paths in a file are relative to the file, like an include; they are resolved before
         // validation so that a check of a file is a check of the file the server will open.
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if config.data_dir.is_relative() {
-            config.data_dir = base.join(&config.data_dir);
-        }
-        if let Some(tls) = &mut config.tls {
-            for file in [&mut tls.certificate, &mut tls.private_key] {
-                if file.is_relative() {
-                    *file = base.join(&*file);
-                }
+        let resolve = |file: &mut PathBuf| {
+            if file.is_relative() {
+                *file = base.join(&*file);
             }
+        };
+        resolve(&mut config.data_dir);
+        if let Some(tls) = &mut config.tls {
+            resolve(&mut tls.certificate);
+            resolve(&mut tls.private_key);
         }
         if let Some(root) = &mut config.mailboxes.root {
-            if root.is_relative() {
-                *root = base.join(&*root);
-            }
+            resolve(root);
         }
         if let Some(users) = &mut config.submission.users_file {
-            if users.is_relative() {
-                *users = base.join(&*users);
-            }
+            resolve(users);
         }
         for plugin in &mut config.plugins {
-            if plugin.path.is_relative() {
-                plugin.path = base.join(&plugin.path);
-            }
+            resolve(&mut plugin.path);
         }
         config.validate_against(&text, &origin)?;
         Ok(config)
