@@ -74,15 +74,11 @@ async fn route_hook_delivers_into_a_local_maildir() {
     let routes =
         "[plugin.config]\nroutes = [\n  { domain = \"archive.test\", mailbox = \"archive\" },\n  \
         { domain = \"escape.test\", mailbox = \"../outside\" },\n]\n";
-    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
-    let router = Router::start(RouterOptions {
-        extra: format!(
-            "[mailboxes]\nroot = \"{}\"\n\n{}",
-            mail.path().join("maildirs").display(),
-            plugin("routes", "static-routes", routes)
-        ),
-        ..RouterOptions::relaying_to(sink.address, "")
-    })
+    let (router, sink) = router_with(&format!(
+        "[mailboxes]\nroot = \"{}\"\n\n{}",
+        mail.path().join("maildirs").display(),
+        plugin("routes", "static-routes", routes)
+    ))
     .await;
     let mut client = TestClient::connect(router.port).await;
     client
