@@ -4,12 +4,21 @@
 //!     ./scripts/build-plugins && cargo bench --bench hook_call
 //!
 //! Uses `plugins/noop` (every hook answers "continue"). Prints median, p90 and p99 in µs.
+//!
+//! The last line is one message's whole plugin work with a chain of five noop plugins, as
+//! `bench/relay-plugins.sh` runs it under SMTP load: five instances, the session hooks (connect,
+//! helo, mail-from, rcpt-to, data with a relayed message's headers), the delivery hooks (route,
+//! delivery-result) and the teardown. It has none of that script's noise, so it is the number to
+//! watch when changing the plugin runtime.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use switchyard::config::{FailurePolicy, PluginManifest};
-use switchyard::plugins::bindings::types::Session;
+use switchyard::plugins::bindings::types::{
+    AuthResults, DeliveryReport, DeliveryStatus, Envelope, Header, MessageFacts, Session,
+};
 use switchyard::plugins::{engine, PluginManager, PluginServices, RunContext};
 
 const ITERATIONS: usize = 20_000;
@@ -43,18 +52,24 @@ fn main() -> anyhow::Result<()> {
             "{} missing: run scripts/build-plugins",
             plugin.display()
         );
-        let manifest = PluginManifest {
-            name: "noop".to_string(),
-            path: plugin,
+        let manifest = |name: &str| PluginManifest {
+            name: name.to_string(),
+            path: plugin.clone(),
             grants: Vec::new(),
             time_limit: Duration::from_millis(100),
             memory_limit: 32 * 1024 * 1024,
             failure_policy: FailurePolicy::Tempfail,
             config: Default::default(),
+            preinitialize: true,
         };
         let cache = std::env::temp_dir().join("switchyard-bench-cache");
         let engine = engine::new_engine(&cache)?;
-        let manager = PluginManager::start(engine, &[manifest], PluginServices::default()).await?;
+        let manager = PluginManager::start(
+            engine.clone(),
+            &[manifest("noop")],
+            PluginServices::default(),
+        )
+        .await?;
         let session = Session {
             client_ip: "192.0.2.1".to_string(),
             listener: "bench".to_string(),
@@ -93,6 +108,92 @@ fn main() -> anyhow::Result<()> {
         report("new transaction: instantiate + init + hook", first_calls);
         report("same transaction: one more hook", next_calls);
         report("whole instance life: the above + teardown", lifecycles);
+
+        let five: Vec<_> = (1..=5).map(|n| manifest(&format!("noop-{n}"))).collect();
+        let chain = PluginManager::start(engine, &five, PluginServices::default()).await?;
+        let message = Message::new();
+        for _ in 0..1000 {
+            message.run_through(&chain, &session).await;
+        }
+        let mut messages = Vec::with_capacity(ITERATIONS / 4);
+        for _ in 0..ITERATIONS / 4 {
+            let started = Instant::now();
+            message.run_through(&chain, &session).await;
+            messages.push(started.elapsed());
+        }
+        report("one message through five plugins", messages);
         Ok(())
     })
+}
+
+/// What the hooks of one relayed message see (as smtp-source sends it).
+struct Message {
+    envelope: Envelope,
+    headers: Vec<Header>,
+    auth: AuthResults,
+    content: Bytes,
+    facts: MessageFacts,
+    report: DeliveryReport,
+}
+
+impl Message {
+    fn new() -> Message {
+        let header = |name: &str, value: &str| Header {
+            name: name.to_string(),
+            value: value.to_string(),
+        };
+        let facts = MessageFacts {
+            id: "01JBENCHMESSAGE0000000000".to_string(),
+            sender: "bench@source.test".to_string(),
+            size: 1024,
+            tenant: String::new(),
+        };
+        Message {
+            envelope: Envelope {
+                sender: "bench@source.test".to_string(),
+                recipients: vec!["sink@sink.test".to_string()],
+            },
+            headers: vec![
+                header("Received", "from client.example ([192.0.2.1]) by switchyard.bench.test with ESMTP id 01JBENCHMESSAGE0000000000; Wed, 25 Nov 2026 23:00:00 +0000"),
+                header("From", "<bench@source.test>"),
+                header("To", "<sink@sink.test>"),
+                header("Date", "Wed, 25 Nov 2026 23:00:00 +0000"),
+                header("Message-Id", "<20261125230000.1@source.test>"),
+            ],
+            auth: AuthResults {
+                spf: "none".to_string(),
+                dkim: "none".to_string(),
+                dmarc: "none".to_string(),
+            },
+            content: Bytes::from(vec![b'x'; 1024]),
+            report: DeliveryReport {
+                message: facts.clone(),
+                recipient: "sink@sink.test".to_string(),
+                status: DeliveryStatus::Delivered,
+                relay: "127.0.0.1:2700".to_string(),
+                reply: "250 2.0.0 Ok: queued".to_string(),
+                attempt: 1,
+            },
+            facts,
+        }
+    }
+
+    async fn run_through(&self, chain: &PluginManager, session: &Session) {
+        let mut run = chain.run(RunContext::default());
+        run.connect(session).await;
+        run.helo(session, "client.example").await;
+        run.mail_from(session, &self.envelope.sender, &[]).await;
+        run.rcpt_to(session, &self.envelope, "sink@sink.test", &[])
+            .await;
+        run.data(
+            session,
+            &self.envelope,
+            &self.headers,
+            &self.auth,
+            &self.content,
+        )
+        .await;
+        run.route(&self.facts, "sink@sink.test").await;
+        run.delivery_result(&self.report).await;
+    }
 }

@@ -223,6 +223,37 @@ async fn a_plugin_that_traps_fails_with_its_policy() {
     assert_eq!(reply, "550 5.3.0 plugin misbehave failed");
 }
 
+/// What two transactions' instances of the misbehaving plugin say their `init` drew at random.
+async fn init_seeds(settings: &str) -> (Router, String, String) {
+    let settings = format!("grants = [\"kv\"]\n{settings}\n[plugin.config]\nmode = \"seed\"\n");
+    let (router, _sink) = router_with(&plugin("misbehave", "misbehave", &settings)).await;
+    let mut seeds = Vec::new();
+    for _ in 0..2 {
+        let mut client = TestClient::connect(router.port).await;
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert!(reply.text.starts_with("550 5.7.1 seed "), "{}", reply.text);
+        seeds.push(reply.text);
+    }
+    let second = seeds.pop().unwrap_or_default();
+    let first = seeds.pop().unwrap_or_default();
+    (router, first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_start_from_the_state_init_left_unless_preinitialize_is_off() {
+    // By default `init` runs once, at load, and every transaction starts from its snapshot.
+    let (router, first, second) = init_seeds("").await;
+    assert_eq!(first, second, "both transactions start from one snapshot");
+    let listed = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
+    assert!(listed.contains("init=snapshot"), "{listed}");
+    // With preinitialize = false each transaction's instance runs `init` itself.
+    let (router, first, second) = init_seeds("preinitialize = false").await;
+    assert_ne!(first, second, "each instance drew its own seed");
+    let listed = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
+    assert!(listed.contains("init=per-instance"), "{listed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
     let (_router, reply, _) = misbehave("kv", "").await;

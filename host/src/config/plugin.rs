@@ -31,6 +31,16 @@ pub struct PluginManifest {
     /// The plugin's own configuration, handed to its `init` as JSON.
     #[serde(default)]
     pub config: toml::Table,
+    /// Run `init` once when the plugin loads and start every transaction's instance from a
+    /// snapshot of the state it left (the default), or run `init` in every instance (`false`):
+    /// for a plugin whose `init` must see each transaction's own time or random numbers.
+    /// Components above 4 MiB always run `init` per instance (see `plugins::preinit`).
+    #[serde(default = "default_preinitialize")]
+    pub preinitialize: bool,
+}
+
+fn default_preinitialize() -> bool {
+    true
 }
 
 fn default_time_limit() -> Duration {

@@ -136,7 +136,7 @@ macro_rules! call {
             Err(failure) => Err(failure),
             Ok(instance) => {
                 arm(&mut instance.store, limit);
-                let result = instance.bindings.switchyard_plugin_hooks().$method(&mut instance.store, $($arg),*).await;
+                let result = instance.hooks.$method(&mut instance.store, $($arg),*).await;
                 $run.finish($index, result)
             }
         }
@@ -250,8 +250,7 @@ impl PluginRun {
             let rep = body.rep();
             arm(&mut instance.store, limit);
             let result = instance
-                .bindings
-                .switchyard_plugin_hooks()
+                .hooks
                 .call_data(
                     &mut instance.store,
                     session,

@@ -2,17 +2,20 @@
 //! cache), check its imports against its grants, link it, pre-instantiate it, and run its `init`
 //! once to validate its configuration.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::Engine;
 
 use super::bindings::{self, PluginPre};
 use super::engine::MEMORY_CAP;
+use super::exports::HookIndices;
 use super::hooks::HookSet;
 use super::host::HostState;
-use super::run::{PluginRun, RunContext};
+use super::preinit;
+use super::run::{new_store, PluginRun, RunContext};
 use super::PluginServices;
 use crate::config::{Grant, PluginManifest};
 
@@ -75,10 +78,16 @@ impl PluginStats {
 pub struct LoadedPlugin {
     pub manifest: PluginManifest,
     pub name: Arc<str>,
-    pub pre: PluginPre<HostState>,
+    /// Instantiates the plugin (or its pre-initialised snapshot) for a transaction.
+    pub pre: InstancePre<HostState>,
+    /// Where `pre`'s component exports each hook.
+    pub indices: Arc<HookIndices>,
     pub hooks: HookSet,
     /// The manifest's `config`, as JSON for `init`.
     pub config_json: String,
+    /// True when `pre` instantiates a snapshot taken after `init` (see [`super::preinit`]):
+    /// instances then start initialised and `init` is not called again.
+    pub preinitialized: bool,
     pub stats: PluginStats,
 }
 
@@ -86,10 +95,16 @@ const PACKAGE: &str = "switchyard:plugin/";
 /// Interfaces every plugin may import.
 const ALWAYS: [&str; 3] = ["types", "message", "bag"];
 
-/// Components compiled during one load, by their bytes: plugins loaded from the same file (a
-/// hosting provider's tenants running one plugin with different configs) share one compiled
-/// component, so its code is in memory, and in the CPU's caches, once.
-pub type Compiled = std::collections::HashMap<Vec<u8>, Component>;
+/// Components compiled during one load: plugins loaded from the same file (a hosting provider's
+/// tenants running one plugin with different configs) share one compiled component, so its code
+/// is in memory, and in the CPU's caches, once; and those with the same configuration too share
+/// one pre-initialised snapshot.
+#[derive(Default)]
+pub struct Compiled {
+    by_bytes: HashMap<Vec<u8>, Component>,
+    /// Snapshots by plugin bytes and configuration; `None` when the plugin cannot be snapshotted.
+    snapshots: HashMap<(Vec<u8>, String), Option<Component>>,
+}
 
 pub async fn load(
     engine: &Engine,
@@ -112,7 +127,7 @@ pub async fn load(
             path: manifest.path.display().to_string(),
             message: error.to_string(),
         })?;
-    let component = match compiled.get(&bytes) {
+    let component = match compiled.by_bytes.get(&bytes) {
         Some(component) => component.clone(),
         None => {
             // Compilation is CPU-heavy (cached on disk after the first time): keep it off the
@@ -130,7 +145,7 @@ pub async fn load(
                         plugin: plugin.clone(),
                         message: format!("{error:#}"),
                     })?;
-            compiled.insert(bytes, component.clone());
+            compiled.by_bytes.insert(bytes.clone(), component.clone());
             component
         }
     };
@@ -139,23 +154,19 @@ pub async fn load(
         plugin: plugin.clone(),
         message: format!("{error:#}"),
     })?;
-    let instance_pre = linker
-        .instantiate_pre(&component)
-        .map_err(|error| LoadError::Link {
-            plugin: plugin.clone(),
-            message: format!("{error:#}"),
-        })?;
-    let pre = PluginPre::new(instance_pre).map_err(|error| LoadError::Link {
+    let (pre, indices) = prepare(&linker, &component).map_err(|message| LoadError::Link {
         plugin: plugin.clone(),
-        message: format!("{error:#}"),
+        message,
     })?;
     let config_json = serde_json::to_string(&manifest.config).unwrap_or_else(|_| "{}".to_string());
     let mut loaded = LoadedPlugin {
         manifest: manifest.clone(),
         name: Arc::from(plugin.as_str()),
         pre,
+        indices,
         hooks: HookSet::default(),
         config_json,
+        preinitialized: false,
         stats: PluginStats::new(&plugin),
     };
     // Run init once now, so a bad configuration is refused before the plugin takes traffic.
@@ -166,7 +177,51 @@ pub async fn load(
             message,
         })?;
     loaded.hooks = hooks;
+    let key = (bytes, loaded.config_json.clone());
+    let snapshot = match compiled.snapshots.get(&key) {
+        _ if !manifest.preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
+        Some(snapshot) => snapshot.clone(),
+        None => {
+            let store = new_store(&loaded, services, &RunContext::default());
+            let snapshot = match preinit::snapshot(engine, &linker, &key.0, &loaded, store).await {
+                Ok(snapshot) => Some(snapshot),
+                Err(error) => {
+                    tracing::warn!(
+                        plugin = %plugin,
+                        %error,
+                        "plugin cannot be pre-initialised; each transaction's instance runs init"
+                    );
+                    None
+                }
+            };
+            compiled.snapshots.insert(key, snapshot.clone());
+            snapshot
+        }
+    };
+    if let Some(snapshot) = snapshot {
+        let (pre, indices) = prepare(&linker, &snapshot).map_err(|message| LoadError::Link {
+            plugin: plugin.clone(),
+            message: format!("pre-initialised: {message}"),
+        })?;
+        loaded.pre = pre;
+        loaded.indices = indices;
+        loaded.preinitialized = true;
+    }
     Ok(Arc::new(loaded))
+}
+
+/// Links `component` and checks its exports against the WIT package (the bindings' check, made
+/// once here so instances need not repeat it; see [`super::exports`]).
+fn prepare(
+    linker: &Linker<HostState>,
+    component: &Component,
+) -> Result<(InstancePre<HostState>, Arc<HookIndices>), String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|error| format!("{error:#}"))?;
+    PluginPre::new(pre.clone()).map_err(|error| format!("{error:#}"))?;
+    let indices = HookIndices::new(component)?;
+    Ok((pre, Arc::new(indices)))
 }
 
 /// Refuses a component that imports a host interface it was not granted, naming the interface.

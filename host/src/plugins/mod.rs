@@ -9,11 +9,13 @@
 pub mod bindings;
 pub mod chain;
 pub mod engine;
+pub mod exports;
 pub mod hooks;
 pub mod host;
 pub mod kv;
 pub mod limits;
 pub mod loader;
+pub mod preinit;
 pub mod reload;
 pub mod run;
 
@@ -181,9 +183,14 @@ impl PluginManager {
         for plugin in &set.plugins {
             let stats = &plugin.stats;
             out.push_str(&format!(
-                "{}  hooks=[{}]  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
+                "{}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
                 plugin.name,
                 plugin.hooks.names().join(","),
+                if plugin.preinitialized {
+                    "snapshot"
+                } else {
+                    "per-instance"
+                },
                 plugin.manifest.time_limit,
                 plugin.manifest.memory_limit,
                 plugin.manifest.failure_policy,
@@ -226,7 +233,7 @@ async fn load_set(
     generation: u64,
 ) -> Result<PluginSet, LoadError> {
     let mut plugins = Vec::with_capacity(manifests.len());
-    let mut compiled = loader::Compiled::new();
+    let mut compiled = loader::Compiled::default();
     for manifest in manifests {
         plugins.push(loader::load(engine, manifest, services, &mut compiled).await?);
     }

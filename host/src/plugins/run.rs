@@ -12,7 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use super::bindings::Plugin;
+use super::exports::Hooks;
 use super::hooks::{HookKind, HookSet};
 use super::host::HostState;
 use super::limits::MemoryBudget;
@@ -46,7 +46,7 @@ pub struct PluginFailure {
 
 pub(super) struct Instance {
     pub store: Store<HostState>,
-    pub bindings: Plugin,
+    pub hooks: Hooks,
 }
 
 /// The instances of one generation's plugins for one transaction.
@@ -59,7 +59,7 @@ pub struct PluginRun {
     pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-fn new_store(
+pub(super) fn new_store(
     plugin: &LoadedPlugin,
     services: &PluginServices,
     context: &RunContext,
@@ -177,14 +177,14 @@ impl PluginRun {
         context: RunContext,
     ) -> Result<HookSet, String> {
         let mut store = new_store(plugin, services, &context);
-        let bindings = plugin
+        let instance = plugin
             .pre
             .instantiate_async(&mut store)
             .await
             .map_err(|error| format!("cannot instantiate: {error:#}"))?;
+        let hooks = Hooks::new(instance, plugin.indices.clone());
         arm(&mut store, plugin.manifest.time_limit);
-        let info = bindings
-            .switchyard_plugin_hooks()
+        let info = hooks
             .call_init(&mut store, &plugin.config_json)
             .await
             .map_err(|error| format!("init trapped: {error:#}"))??;
@@ -205,16 +205,17 @@ impl PluginRun {
             let mut store = new_store(&plugin, &self.set.services, &self.context);
             arm(&mut store, plugin.manifest.time_limit);
             let created = async {
-                let bindings = plugin.pre.instantiate_async(&mut store).await?;
-                let info = bindings
-                    .switchyard_plugin_hooks()
-                    .call_init(&mut store, &plugin.config_json)
-                    .await?;
-                Ok::<_, wasmtime::Error>((bindings, info))
+                let instance = plugin.pre.instantiate_async(&mut store).await?;
+                let hooks = Hooks::new(instance, plugin.indices.clone());
+                if plugin.preinitialized {
+                    return Ok((hooks, Ok(())));
+                }
+                let info = hooks.call_init(&mut store, &plugin.config_json).await?;
+                Ok::<_, wasmtime::Error>((hooks, info.map(|_| ())))
             }
             .await;
             match created {
-                Ok((bindings, Ok(_))) => self.instances[index] = Some(Instance { store, bindings }),
+                Ok((hooks, Ok(_))) => self.instances[index] = Some(Instance { store, hooks }),
                 Ok((_, Err(message))) => {
                     return Err(self.failed(
                         index,

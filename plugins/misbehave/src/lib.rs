@@ -1,5 +1,7 @@
 //! A plugin for the host's sandbox tests. At RCPT TO it does what `mode` says to any recipient
-//! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, or count in
+//! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, tell the
+//! `seed` its `init` drew (a random number: the same in every transaction when the host started
+//! them from one pre-initialised snapshot, a new one when each instance ran `init`), or count in
 //! the kv store (so the component imports `kv`, which a manifest may not grant).
 
 use serde::Deserialize;
@@ -13,6 +15,8 @@ pub struct Config {
 
 pub struct Misbehave {
     mode: String,
+    /// Drawn by `init` from the instance's random source.
+    seed: u64,
 }
 
 impl Plugin for Misbehave {
@@ -20,7 +24,13 @@ impl Plugin for Misbehave {
     const HOOKS: &'static [Hook] = &[Hook::RcptTo];
 
     fn new(config: Config) -> Result<Self, String> {
-        Ok(Misbehave { mode: config.mode })
+        use std::hash::BuildHasher;
+        // A fresh `RandomState` is keyed from the WASI random source the first time.
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0u8);
+        Ok(Misbehave {
+            mode: config.mode,
+            seed,
+        })
     }
 
     fn rcpt_to(&self, _: &Session, _: &Envelope, recipient: &str, _: &[Param]) -> AddressDecision {
@@ -42,6 +52,7 @@ impl Plugin for Misbehave {
                 }
             }
             "trap" => panic!("misbehave: trapping on purpose"),
+            "seed" => AddressDecision::reject(550, "5.7.1", format!("seed {}", self.seed)),
             _ => {
                 let seen = kv::increment("victims", 1, 60);
                 AddressDecision::reject(550, "5.7.1", format!("victim number {seen}"))
