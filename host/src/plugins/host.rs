@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::switchyard::plugin::{bag, clock, dns, kv, log, message, metrics, types};
 use crate::plugins::kv::KvStore;
@@ -24,7 +24,10 @@ const BAG_ITEM: usize = 4096;
 
 /// Per-instance state: one per plugin per transaction.
 pub struct HostState {
-    pub wasi: WasiCtx,
+    /// Built on the plugin's first WASI call: a pre-initialised plugin that answers its hooks
+    /// without printing, reading the clock or drawing random numbers never needs one, and
+    /// building it (seeding its random sources) was a noticeable part of an instance's cost.
+    pub wasi: Option<WasiCtx>,
     pub table: ResourceTable,
     pub limits: super::limits::MemoryBudget,
     /// When the current call must end.
@@ -40,7 +43,10 @@ pub struct HostState {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            // Nothing preopened, no network, no environment: WASI gives clocks and randomness.
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| WasiCtxBuilder::new().build()),
             table: &mut self.table,
         }
     }

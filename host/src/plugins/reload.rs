@@ -108,16 +108,21 @@ fn start_watcher(
     trigger: mpsc::UnboundedSender<String>,
 ) -> Option<notify::RecommendedWatcher> {
     let wanted = files.clone();
+    // The watched directories may hold busy files (a log written on every message): only a
+    // path with a watched file's name is worth resolving, which takes system calls.
+    let names: HashSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|file| file.file_name().map(Into::into))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        if let Some(path) = event
-            .paths
-            .iter()
-            .find(|path| wanted.contains(&absolute(path)))
-        {
+        if let Some(path) = event.paths.iter().find(|path| {
+            path.file_name().is_some_and(|name| names.contains(name))
+                && wanted.contains(&absolute(path))
+        }) {
             let _ = trigger.send(format!("{} changed", path.display()));
         }
     })

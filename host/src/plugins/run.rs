@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::WasiCtxBuilder;
 
 use super::exports::Hooks;
 use super::hooks::{HookKind, HookSet};
@@ -66,8 +65,7 @@ pub(super) fn new_store(
 ) -> Store<HostState> {
     let limit = plugin.manifest.memory_limit as usize;
     let state = HostState {
-        // Nothing preopened, no network, no environment: WASI gives clocks and randomness only.
-        wasi: WasiCtxBuilder::new().build(),
+        wasi: None,
         table: ResourceTable::new(),
         limits: MemoryBudget::new(limit),
         deadline: Instant::now() + plugin.manifest.time_limit,
