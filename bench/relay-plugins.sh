@@ -38,6 +38,8 @@ start_switchyard chain 2626 "$chain"
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
 ratios=()
+plain_cpus=()
+chain_cpus=()
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE B, $(nproc) cores, $ROUNDS rounds"
 echo "| round | no plugins, delivered/s | CPU µs/msg | 5 plugins, delivered/s | CPU µs/msg | ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
@@ -50,9 +52,13 @@ for round in $(seq "$ROUNDS"); do
   chain_cpu=$(( ($(cpu_ticks "$chain_pid") - before) * 1000000 / ticks_per_second / N ))
   ratio=$(awk -v a="$chain_del" -v b="$plain_del" 'BEGIN { printf "%.0f", 100*a/b }')
   ratios+=("$ratio")
+  plain_cpus+=("$plain_cpu")
+  chain_cpus+=("$chain_cpu")
   echo "| $round | $plain_del | $plain_cpu | $chain_del | $chain_cpu | $ratio % |"
 done
-median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+median_of() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+median=$(median_of "${ratios[@]}")
 echo
 echo "With five plugins: median ${median}% of the plugin-free delivered rate (rounds: ${ratios[*]})."
+echo "Median CPU per message: no plugins $(median_of "${plain_cpus[@]}") µs, five plugins $(median_of "${chain_cpus[@]}") µs."
 echo "Sent: plain $(sent_count plain) / $((N * ROUNDS)), chain $(sent_count chain) / $((N * ROUNDS))"

@@ -111,7 +111,9 @@ pub trait Plugin: Sized + 'static {
     /// The hooks the host should call. Defaults to all of them.
     const HOOKS: &'static [Hook] = Hook::ALL;
 
-    /// Builds the plugin from its configuration; an error stops it from loading.
+    /// Builds the plugin from its configuration; an error stops it from loading. Runs in `init`:
+    /// by default once when the plugin loads, every transaction then starting from a snapshot of
+    /// the value built here (see the plugin guide), so expensive set-up belongs here.
     fn new(config: Self::Config) -> Result<Self, String>;
 
     fn connect(&self, _session: &Session) -> Verdict {

@@ -693,6 +693,9 @@ async fn a_python_plugin_decides_like_a_rust_one() {
         "{}",
         received[0].data
     );
+    // Too large to snapshot at every load (18 MB): each instance runs init, and still decides.
+    let listed = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
+    assert!(listed.contains("init=per-instance"), "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

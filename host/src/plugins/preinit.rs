@@ -34,6 +34,8 @@ pub enum PreinitError {
     Instantiate(String),
     #[error("init failed: {0}")]
     Init(String),
+    #[error("init keeps host handles open, which a snapshot cannot carry")]
+    HeldHandles,
     #[error("cannot read the instance's state: {0}")]
     Snapshot(String),
 }
@@ -69,6 +71,11 @@ pub async fn snapshot(
         .await
         .map_err(|error| PreinitError::Init(format!("{error:#}")))?
         .map_err(PreinitError::Init)?;
+    // A handle the plugin still holds (a WASI stream, say) lives in the host's table, not in the
+    // instance's memory: a snapshot would carry a dangling handle into every transaction.
+    if !store.data().table.is_empty() {
+        return Err(PreinitError::HeldHandles);
+    }
     let mut state = InstanceState {
         store: &mut store,
         instance,
