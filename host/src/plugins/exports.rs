@@ -16,7 +16,8 @@ use super::bindings::types::{
 };
 use super::host::HostState;
 
-/// The interface a plugin exports, as the component names it.
+/// The interface a plugin exports, as the component names it (the package version in `wit/`; a
+/// component built for another version fails to load here, naming this export).
 const HOOKS: &str = "switchyard:plugin/hooks@0.1.0";
 
 /// Where each hook is among a component's exports.
