@@ -15,10 +15,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use std::sync::Arc;
 use switchyard::config::{FailurePolicy, PluginManifest};
+
 use switchyard::plugins::bindings::types::{
-    AuthResults, DeliveryReport, DeliveryStatus, Envelope, Header, MessageFacts, Session,
+    AuthResults, DeliveryReport, DeliveryStatus, Envelope, Header, MessageFacts,
 };
+use switchyard::plugins::host::SessionFacts;
 use switchyard::plugins::{engine, PluginManager, PluginServices, RunContext};
 
 const ITERATIONS: usize = 20_000;
@@ -70,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             PluginServices::default(),
         )
         .await?;
-        let session = Session {
+        let session = Arc::new(SessionFacts {
             client_ip: "192.0.2.1".to_string(),
             listener: "bench".to_string(),
             submission: false,
@@ -78,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             tls: false,
             auth_identity: None,
             tenant: String::new(),
-        };
+        });
         // Warm up: page in the pool slots and code.
         for _ in 0..1000 {
             let mut run = manager.run(RunContext::default());
@@ -129,7 +132,7 @@ fn main() -> anyhow::Result<()> {
 /// What the hooks of one relayed message see (as smtp-source sends it).
 struct Message {
     envelope: Envelope,
-    headers: Vec<Header>,
+    headers: Arc<Vec<Header>>,
     auth: AuthResults,
     content: Bytes,
     facts: MessageFacts,
@@ -153,13 +156,13 @@ impl Message {
                 sender: "bench@source.test".to_string(),
                 recipients: vec!["sink@sink.test".to_string()],
             },
-            headers: vec![
+            headers: Arc::new(vec![
                 header("Received", "from client.example ([192.0.2.1]) by switchyard.bench.test with ESMTP id 01JBENCHMESSAGE0000000000; Wed, 25 Nov 2026 23:00:00 +0000"),
                 header("From", "<bench@source.test>"),
                 header("To", "<sink@sink.test>"),
                 header("Date", "Wed, 25 Nov 2026 23:00:00 +0000"),
                 header("Message-Id", "<20261125230000.1@source.test>"),
-            ],
+            ]),
             auth: AuthResults {
                 spf: "none".to_string(),
                 dkim: "none".to_string(),
@@ -178,7 +181,7 @@ impl Message {
         }
     }
 
-    async fn run_through(&self, chain: &PluginManager, session: &Session) {
+    async fn run_through(&self, chain: &PluginManager, session: &Arc<SessionFacts>) {
         let mut run = chain.run(RunContext::default());
         run.connect(session).await;
         run.helo(session, "client.example").await;

@@ -6,7 +6,7 @@ use std::cell::OnceCell;
 use crate::bindings::switchyard::plugin::message::Body;
 use crate::bindings::switchyard::plugin::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataDecision, DeliveryReport, Envelope,
-    Header, MessageFacts, NextHop, Param, PluginInfo, Session, Verdict,
+    MessageFacts, NextHop, Param, PluginInfo, Session, Verdict,
 };
 use crate::Plugin;
 
@@ -49,34 +49,28 @@ impl<P: Plugin> crate::bindings::exports::switchyard::plugin::hooks::Guest for E
     fn init(config: String) -> Result<PluginInfo, String> {
         init::<P>(config)
     }
-    fn connect(session: Session) -> Verdict {
-        with::<P, _>(|p| p.connect(&session))
+    fn connect(session: &Session) -> Verdict {
+        with::<P, _>(|p| p.connect(session))
     }
-    fn helo(session: Session, name: String) -> Verdict {
-        with::<P, _>(|p| p.helo(&session, &name))
+    fn helo(session: &Session, name: String) -> Verdict {
+        with::<P, _>(|p| p.helo(session, &name))
     }
-    fn auth(session: Session, mechanism: String, identity: String) -> Verdict {
-        with::<P, _>(|p| p.auth(&session, &mechanism, &identity))
+    fn auth(session: &Session, mechanism: String, identity: String) -> Verdict {
+        with::<P, _>(|p| p.auth(session, &mechanism, &identity))
     }
-    fn mail_from(session: Session, sender: String, params: Vec<Param>) -> AddressDecision {
-        with::<P, _>(|p| p.mail_from(&session, &sender, &params))
+    fn mail_from(session: &Session, sender: String, params: Vec<Param>) -> AddressDecision {
+        with::<P, _>(|p| p.mail_from(session, &sender, &params))
     }
     fn rcpt_to(
-        session: Session,
+        session: &Session,
         envelope: Envelope,
         recipient: String,
         params: Vec<Param>,
     ) -> AddressDecision {
-        with::<P, _>(|p| p.rcpt_to(&session, &envelope, &recipient, &params))
+        with::<P, _>(|p| p.rcpt_to(session, &envelope, &recipient, &params))
     }
-    fn data(
-        session: Session,
-        envelope: Envelope,
-        headers: Vec<Header>,
-        auth: AuthResults,
-        body: &Body,
-    ) -> DataDecision {
-        with::<P, _>(|p| p.data(&session, &envelope, &headers, &auth, body))
+    fn data(session: &Session, envelope: Envelope, auth: AuthResults, body: &Body) -> DataDecision {
+        with::<P, _>(|p| p.data(session, &envelope, &auth, body))
     }
     fn route(message: MessageFacts, recipient: String) -> NextHop {
         with::<P, _>(|p| p.route(&message, &recipient))

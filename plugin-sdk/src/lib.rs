@@ -116,6 +116,9 @@ pub trait Plugin: Sized + 'static {
     /// the value built here (see the plugin guide), so expensive set-up belongs here.
     fn new(config: Self::Config) -> Result<Self, String>;
 
+    /// A client connected. Every session hook gets the session lent for the call: read the facts
+    /// you need with its methods (`session.client_ip()`, `session.helo()`, ...), which copy
+    /// nothing into the plugin until called.
     fn connect(&self, _session: &Session) -> Verdict {
         Verdict::Continue
     }
@@ -137,11 +140,12 @@ pub trait Plugin: Sized + 'static {
     ) -> AddressDecision {
         AddressDecision::next()
     }
+    /// The end of DATA. The header fields are `body.headers()` (parsed by the host, copied into
+    /// the plugin only when asked); the content is read in chunks with `body.read`.
     fn data(
         &self,
         _session: &Session,
         _envelope: &Envelope,
-        _headers: &[Header],
         _auth: &AuthResults,
         _body: &Body,
     ) -> DataDecision {

@@ -45,7 +45,7 @@ class Hooks(exports.Hooks):
     def rcpt_to(self, session, envelope, recipient, params):
         return types.AddressDecision(verdict=types.Verdict_Continue(), rewrite=None)
 
-    def data(self, session, envelope, headers, auth, body):
+    def data(self, session, envelope, auth, body):
         tag = Hooks.config.get("tag", "python")
         edit = types.Edit_AddHeader(types.Header(name="X-Policy", value=f"{tag}; {len(envelope.recipients)} recipient(s)"))
         return types.DataDecision(verdict=types.DataVerdict_Continue(), edits=[edit])

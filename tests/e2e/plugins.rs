@@ -223,6 +223,23 @@ async fn a_plugin_that_traps_fails_with_its_policy() {
     assert_eq!(reply, "550 5.3.0 plugin misbehave failed");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_reads_the_session_it_is_lent() {
+    let settings = "grants = [\"kv\"]\n[plugin.config]\nmode = \"session\"\n";
+    let (router, _sink) = router_with(&plugin("misbehave", "misbehave", settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+    assert!(
+        reply.text.starts_with("550 5.7.1 ip=127.0.0.1 listener=")
+            && reply.text.contains(" submission=false helo=")
+            && reply.text.ends_with(" tls=false auth= tenant="),
+        "{}",
+        reply.text
+    );
+    assert!(reply.text.contains(" helo=client.test "), "{}", reply.text);
+}
+
 /// What two transactions' instances of the misbehaving plugin say their `init` drew at random.
 async fn init_seeds(settings: &str) -> (Router, String, String) {
     let settings = format!("grants = [\"kv\"]\n{settings}\n[plugin.config]\nmode = \"seed\"\n");
@@ -267,7 +284,7 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
         .err()
         .expect("a plugin importing an ungranted interface must not load");
     assert!(
-        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.1.0`, which its manifest does not grant; add \"kv\" to its grants"),
+        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.0`, which its manifest does not grant; add \"kv\" to its grants"),
         "{log}"
     );
 }

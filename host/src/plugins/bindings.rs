@@ -7,6 +7,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
     with: {
         "switchyard:plugin/message.body": super::host::BodyHandle,
+        "switchyard:plugin/types.session": super::host::SessionHandle,
     },
 });
 

@@ -7,12 +7,14 @@
 use bytes::Bytes;
 use wasmtime::component::Resource;
 
+use std::sync::Arc;
+
 use super::bindings::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict, DeliveryReport, Edit,
-    Envelope, Header, MessageFacts, NextHop, Param, Session, Verdict,
+    Envelope, Header, MessageFacts, NextHop, Param, Verdict,
 };
 use super::hooks::HookKind;
-use super::host::BodyHandle;
+use super::host::{BodyHandle, SessionFacts, SessionHandle};
 use super::run::{arm, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
 use crate::smtp::reply::Reply;
@@ -143,30 +145,71 @@ macro_rules! call {
     }};
 }
 
+/// Like `call!` for a hook whose first argument is the session: lends the instance a `session`
+/// handle for the call and takes it back after.
+macro_rules! call_in_session {
+    ($run:expr, $index:expr, $session:expr, $method:ident ( $($arg:expr),* )) => {{
+        let limit = $run.set.plugins[$index].manifest.time_limit;
+        match $run.instance($index).await {
+            Err(failure) => Err(failure),
+            Ok(instance) => {
+                let lent = instance
+                    .store
+                    .data_mut()
+                    .table
+                    .push(SessionHandle(Arc::clone($session)));
+                let result = match lent {
+                    Ok(handle) => {
+                        let rep = handle.rep();
+                        arm(&mut instance.store, limit);
+                        let result = instance
+                            .hooks
+                            .$method(&mut instance.store, Resource::new_borrow(rep), $($arg),*)
+                            .await;
+                        let _ = instance.store.data_mut().table.delete(handle);
+                        result
+                    }
+                    Err(error) => Err(wasmtime::format_err!("cannot lend the session: {error}")),
+                };
+                $run.finish($index, result)
+            }
+        }
+    }};
+}
+
 impl PluginRun {
-    pub async fn connect(&mut self, session: &Session) -> Decision {
+    pub async fn connect(&mut self, session: &Arc<SessionFacts>) -> Decision {
         for index in self.implementing(HookKind::Connect) {
-            if let Some(decision) = settle(call!(self, index, call_connect(session))) {
+            if let Some(decision) = settle(call_in_session!(self, index, session, call_connect())) {
                 return decision;
             }
         }
         Decision::Continue
     }
 
-    pub async fn helo(&mut self, session: &Session, name: &str) -> Decision {
+    pub async fn helo(&mut self, session: &Arc<SessionFacts>, name: &str) -> Decision {
         for index in self.implementing(HookKind::Helo) {
-            if let Some(decision) = settle(call!(self, index, call_helo(session, name))) {
+            if let Some(decision) = settle(call_in_session!(self, index, session, call_helo(name)))
+            {
                 return decision;
             }
         }
         Decision::Continue
     }
 
-    pub async fn auth(&mut self, session: &Session, mechanism: &str, identity: &str) -> Decision {
+    pub async fn auth(
+        &mut self,
+        session: &Arc<SessionFacts>,
+        mechanism: &str,
+        identity: &str,
+    ) -> Decision {
         for index in self.implementing(HookKind::Auth) {
-            if let Some(decision) =
-                settle(call!(self, index, call_auth(session, mechanism, identity)))
-            {
+            if let Some(decision) = settle(call_in_session!(
+                self,
+                index,
+                session,
+                call_auth(mechanism, identity)
+            )) {
                 return decision;
             }
         }
@@ -176,13 +219,13 @@ impl PluginRun {
     /// Returns the decision and the sender after every rewrite.
     pub async fn mail_from(
         &mut self,
-        session: &Session,
+        session: &Arc<SessionFacts>,
         sender: &str,
         params: &[Param],
     ) -> (Decision, String) {
         let mut sender = sender.to_string();
         for index in self.implementing(HookKind::MailFrom) {
-            let answer = call!(self, index, call_mail_from(session, &sender, params));
+            let answer = call_in_session!(self, index, session, call_mail_from(&sender, params));
             if let Some(decision) = settle_address(answer, &mut sender) {
                 return (decision, sender);
             }
@@ -193,17 +236,18 @@ impl PluginRun {
     /// Returns the decision and the recipient after every rewrite.
     pub async fn rcpt_to(
         &mut self,
-        session: &Session,
+        session: &Arc<SessionFacts>,
         envelope: &Envelope,
         recipient: &str,
         params: &[Param],
     ) -> (Decision, String) {
         let mut recipient = recipient.to_string();
         for index in self.implementing(HookKind::RcptTo) {
-            let answer = call!(
+            let answer = call_in_session!(
                 self,
                 index,
-                call_rcpt_to(session, envelope, &recipient, params)
+                session,
+                call_rcpt_to(envelope, &recipient, params)
             );
             if let Some(decision) = settle_address(answer, &mut recipient) {
                 return (decision, recipient);
@@ -215,9 +259,9 @@ impl PluginRun {
     /// Asks the data hooks; returns the decision and the edits of every plugin asked, in order.
     pub async fn data(
         &mut self,
-        session: &Session,
+        session: &Arc<SessionFacts>,
         envelope: &Envelope,
-        headers: &[Header],
+        headers: &Arc<Vec<Header>>,
         auth: &AuthResults,
         content: &Bytes,
     ) -> (DataDecision, Vec<Edit>) {
@@ -231,12 +275,20 @@ impl PluginRun {
                     None => continue,
                 },
             };
-            let body = match instance.store.data_mut().table.push(BodyHandle {
-                content: content.clone(),
-            }) {
-                Ok(body) => body,
+            let table = &mut instance.store.data_mut().table;
+            let lent = table
+                .push(BodyHandle {
+                    headers: headers.clone(),
+                    content: content.clone(),
+                })
+                .and_then(|body| {
+                    let session = table.push(SessionHandle(Arc::clone(session)))?;
+                    Ok((body, session))
+                });
+            let (body, lent_session) = match lent {
+                Ok(handles) => handles,
                 Err(error) => {
-                    tracing::error!(%error, "cannot hand the body to a plugin");
+                    tracing::error!(%error, "cannot hand the message to a plugin");
                     return (
                         DataDecision::Tempfail(Reply::new(
                             451,
@@ -247,21 +299,22 @@ impl PluginRun {
                     );
                 }
             };
-            let rep = body.rep();
+            let (body_rep, session_rep) = (body.rep(), lent_session.rep());
             arm(&mut instance.store, limit);
             let result = instance
                 .hooks
                 .call_data(
                     &mut instance.store,
-                    session,
+                    Resource::new_borrow(session_rep),
                     envelope,
-                    headers,
                     auth,
-                    Resource::new_borrow(rep),
+                    Resource::new_borrow(body_rep),
                 )
                 .await;
             if let Some(instance) = self.instances[index].as_mut() {
-                let _ = instance.store.data_mut().table.delete(body);
+                let table = &mut instance.store.data_mut().table;
+                let _ = table.delete(body);
+                let _ = table.delete(lent_session);
             }
             match self.finish(index, result) {
                 Ok(answer) => {

@@ -9,16 +9,15 @@ use std::sync::Arc;
 use wasmtime::component::{Component, ComponentExportIndex, Instance, Resource, TypedFunc};
 use wasmtime::Store;
 
-use super::bindings::switchyard::plugin::message::Body;
 use super::bindings::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataDecision, DeliveryReport, Envelope,
-    Header, MessageFacts, NextHop, Param, PluginInfo, Session, Verdict,
+    MessageFacts, NextHop, Param, PluginInfo, Verdict,
 };
-use super::host::HostState;
+use super::host::{BodyHandle, HostState, SessionHandle};
 
 /// The interface a plugin exports, as the component names it (the package version in `wit/`; a
 /// component built for another version fails to load here, naming this export).
-const HOOKS: &str = "switchyard:plugin/hooks@0.1.0";
+const HOOKS: &str = "switchyard:plugin/hooks@0.2.0";
 
 /// Where each hook is among a component's exports.
 pub struct HookIndices {
@@ -115,12 +114,12 @@ impl Hooks {
     }
 
     hook!(call_init, init, (config: &str) -> Result<PluginInfo, String>);
-    hook!(call_connect, connect, (session: &Session) -> Verdict);
-    hook!(call_helo, helo, (session: &Session, name: &str) -> Verdict);
-    hook!(call_auth, auth, (session: &Session, mechanism: &str, identity: &str) -> Verdict);
-    hook!(call_mail_from, mail_from, (session: &Session, sender: &str, params: &[Param]) -> AddressDecision);
-    hook!(call_rcpt_to, rcpt_to, (session: &Session, envelope: &Envelope, recipient: &str, params: &[Param]) -> AddressDecision);
-    hook!(call_data, data, (session: &Session, envelope: &Envelope, headers: &[Header], auth: &AuthResults, body: Resource<Body>) -> DataDecision);
+    hook!(call_connect, connect, (session: Resource<SessionHandle>) -> Verdict);
+    hook!(call_helo, helo, (session: Resource<SessionHandle>, name: &str) -> Verdict);
+    hook!(call_auth, auth, (session: Resource<SessionHandle>, mechanism: &str, identity: &str) -> Verdict);
+    hook!(call_mail_from, mail_from, (session: Resource<SessionHandle>, sender: &str, params: &[Param]) -> AddressDecision);
+    hook!(call_rcpt_to, rcpt_to, (session: Resource<SessionHandle>, envelope: &Envelope, recipient: &str, params: &[Param]) -> AddressDecision);
+    hook!(call_data, data, (session: Resource<SessionHandle>, envelope: &Envelope, auth: &AuthResults, body: Resource<BodyHandle>) -> DataDecision);
     hook!(call_route, route, (message: &MessageFacts, recipient: &str) -> NextHop);
     hook!(call_delivery_result, delivery_result, (report: &DeliveryReport));
     hook!(call_bounce, bounce, (report: &BounceReport) -> Option<BounceText>);

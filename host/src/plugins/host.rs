@@ -11,10 +11,28 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::switchyard::plugin::{bag, clock, dns, kv, log, message, metrics, types};
 use crate::plugins::kv::KvStore;
 
-/// The message content handed to the data hook, read in chunks through `body.read`.
+/// The message handed to the data hook: its parsed header fields (`body.headers`) and its
+/// content, read in chunks through `body.read`.
 pub struct BodyHandle {
+    pub headers: Arc<Vec<types::Header>>,
     pub content: Bytes,
 }
+
+/// What a hook can learn about the SMTP session through the `session` resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFacts {
+    pub client_ip: String,
+    pub listener: String,
+    pub submission: bool,
+    pub helo: Option<String>,
+    pub tls: bool,
+    pub auth_identity: Option<String>,
+    pub tenant: String,
+}
+
+/// The `session` lent to one hook call (the host pushes it before the call and takes it back
+/// after: a plugin only ever sees it borrowed).
+pub struct SessionHandle(pub Arc<SessionFacts>);
 
 /// Most bytes one `body.read` returns.
 const MAX_READ: u32 = 64 * 1024;
@@ -53,6 +71,52 @@ impl WasiView for HostState {
 }
 
 impl types::Host for HostState {}
+
+impl HostState {
+    /// The facts behind a lent session; a stale handle (which the component model's borrow
+    /// rules should make impossible) reads as an empty session rather than trapping the host.
+    fn session(&self, session: &Resource<SessionHandle>) -> Arc<SessionFacts> {
+        self.table
+            .get(session)
+            .map(|handle| handle.0.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl types::HostSession for HostState {
+    async fn client_ip(&mut self, session: Resource<SessionHandle>) -> String {
+        self.session(&session).client_ip.clone()
+    }
+
+    async fn listener(&mut self, session: Resource<SessionHandle>) -> String {
+        self.session(&session).listener.clone()
+    }
+
+    async fn submission(&mut self, session: Resource<SessionHandle>) -> bool {
+        self.session(&session).submission
+    }
+
+    async fn helo(&mut self, session: Resource<SessionHandle>) -> Option<String> {
+        self.session(&session).helo.clone()
+    }
+
+    async fn tls(&mut self, session: Resource<SessionHandle>) -> bool {
+        self.session(&session).tls
+    }
+
+    async fn auth_identity(&mut self, session: Resource<SessionHandle>) -> Option<String> {
+        self.session(&session).auth_identity.clone()
+    }
+
+    async fn tenant(&mut self, session: Resource<SessionHandle>) -> String {
+        self.session(&session).tenant.clone()
+    }
+
+    async fn drop(&mut self, session: Resource<SessionHandle>) -> wasmtime::Result<()> {
+        self.table.delete(session)?;
+        Ok(())
+    }
+}
 impl message::Host for HostState {}
 
 impl message::HostBody for HostState {
@@ -61,6 +125,13 @@ impl message::HostBody for HostState {
             .get(&body)
             .map(|b| b.content.len() as u64)
             .unwrap_or(0)
+    }
+
+    async fn headers(&mut self, body: Resource<BodyHandle>) -> Vec<types::Header> {
+        self.table
+            .get(&body)
+            .map(|b| b.headers.as_ref().clone())
+            .unwrap_or_default()
     }
 
     async fn read(&mut self, body: Resource<BodyHandle>, offset: u64, length: u32) -> Vec<u8> {

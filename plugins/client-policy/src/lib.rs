@@ -67,7 +67,7 @@ fn networks(key: &str, list: &[String]) -> Result<Vec<IpNet>, String> {
 
 fn client_in(session: &Session, list: &[IpNet]) -> bool {
     session
-        .client_ip
+        .client_ip()
         .parse::<std::net::IpAddr>()
         .is_ok_and(|ip| list.iter().any(|net| net.contains(&ip)))
 }

@@ -201,14 +201,8 @@ impl Plugin for ContentFilter {
         })
     }
 
-    fn data(
-        &self,
-        _: &Session,
-        _: &Envelope,
-        headers: &[Header],
-        auth: &AuthResults,
-        body: &Body,
-    ) -> DataDecision {
+    fn data(&self, _: &Session, _: &Envelope, auth: &AuthResults, body: &Body) -> DataDecision {
+        let headers = &body.headers();
         let mut attachments = None;
         let mut edits = DataDecision::next();
         for rule in &self.rules {

@@ -1,6 +1,6 @@
 //! A plugin for the host's sandbox tests. At RCPT TO it does what `mode` says to any recipient
 //! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, tell the
-//! `seed` its `init` drew (a random number: the same in every transaction when the host started
+//! facts of the `session` it was lent, tell the `seed` its `init` drew (a random number: the same in every transaction when the host started
 //! them from one pre-initialised snapshot, a new one when each instance ran `init`), or count in
 //! the kv store (so the component imports `kv`, which a manifest may not grant).
 
@@ -33,7 +33,13 @@ impl Plugin for Misbehave {
         })
     }
 
-    fn rcpt_to(&self, _: &Session, _: &Envelope, recipient: &str, _: &[Param]) -> AddressDecision {
+    fn rcpt_to(
+        &self,
+        session: &Session,
+        _: &Envelope,
+        recipient: &str,
+        _: &[Param],
+    ) -> AddressDecision {
         if !recipient.starts_with("victim@") {
             return AddressDecision::next();
         }
@@ -53,6 +59,20 @@ impl Plugin for Misbehave {
             }
             "trap" => panic!("misbehave: trapping on purpose"),
             "seed" => AddressDecision::reject(550, "5.7.1", format!("seed {}", self.seed)),
+            "session" => AddressDecision::reject(
+                550,
+                "5.7.1",
+                format!(
+                    "ip={} listener={} submission={} helo={} tls={} auth={} tenant={}",
+                    session.client_ip(),
+                    session.listener(),
+                    session.submission(),
+                    session.helo().unwrap_or_default(),
+                    session.tls(),
+                    session.auth_identity().unwrap_or_default(),
+                    session.tenant(),
+                ),
+            ),
             _ => {
                 let seen = kv::increment("victims", 1, 60);
                 AddressDecision::reject(550, "5.7.1", format!("victim number {seen}"))

@@ -81,7 +81,7 @@ impl Plugin for RateLimit {
     fn mail_from(&self, session: &Session, sender: &str, _: &[Param]) -> AddressDecision {
         let by_sender = !sender.is_empty()
             && Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender);
-        let by_ip = Self::exceeded(format!("ip:{}", session.client_ip), self.per_ip);
+        let by_ip = Self::exceeded(format!("ip:{}", session.client_ip()), self.per_ip);
         if by_sender || by_ip {
             metrics::counter_add("limited_total", 1);
             AddressDecision::tempfail(

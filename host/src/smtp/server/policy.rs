@@ -1,12 +1,15 @@
 //! The session's questions to the plugin chain: one method per stage, each turning the chain's
 //! decision into what the session does. Without plugins every answer is "continue".
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::authenticate::AuthVerdicts;
 use super::session::{Greeting, Session};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
+use crate::plugins::host::SessionFacts;
 use crate::plugins::{PluginRun, RunContext};
 use crate::smtp::address::{parse_path_argument, Mailbox, PathArgument};
 use crate::smtp::reply::Reply;
@@ -34,12 +37,12 @@ impl Session {
         self.run = None;
     }
 
-    fn wit_session(&self) -> wit::Session {
+    fn wit_session(&self) -> Arc<SessionFacts> {
         let helo = match &self.greeting {
             Greeting::Ehlo(name) | Greeting::Helo(name) => Some(name.clone()),
             Greeting::None => None,
         };
-        wit::Session {
+        Arc::new(SessionFacts {
             client_ip: self.client_ip.to_string(),
             listener: self.listener.name.clone(),
             submission: self.listener.role == crate::config::ListenerRole::Submission,
@@ -47,7 +50,7 @@ impl Session {
             tls: self.conn.stream().is_tls(),
             auth_identity: self.auth_identity.clone(),
             tenant: String::new(),
-        }
+        })
     }
 
     /// The connect hook: `Some(reply)` refuses the session.
@@ -152,7 +155,7 @@ impl Session {
         verdicts: Option<AuthVerdicts>,
     ) -> Option<(DataDecision, Vec<wit::Edit>)> {
         let session = self.wit_session();
-        let headers = parsed_headers(content);
+        let headers = Arc::new(parsed_headers(content));
         // Empty results when the message was not checked (verification off, a trusted client).
         let verdicts = verdicts.unwrap_or_default();
         let auth = wit::AuthResults {
