@@ -61,7 +61,7 @@ pub async fn bounce_text(
                 diagnostic: recipient.diagnostic.clone(),
             })
             .collect(),
-        headers: crate::smtp::server::parsed_headers(content),
+        headers: crate::plugins::message::parsed_headers(content),
     };
     run.bounce(&report).await
 }

@@ -4,17 +4,17 @@
 //! answers with its failure policy: `tempfail` (451 4.3.0, the default) or `reject` (550 5.3.0)
 //! decide; `continue` skips it. A plugin never makes the host accept or drop mail by failing.
 
-use bytes::Bytes;
-use wasmtime::component::Resource;
+use wasmtime::component::{Resource, ResourceTableError};
+use wasmtime::Store;
 
 use std::sync::Arc;
 
 use super::bindings::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict, DeliveryReport, Edit,
-    Envelope, Header, MessageFacts, NextHop, Param, Verdict,
+    Envelope, MessageFacts, NextHop, Param, Verdict,
 };
 use super::hooks::HookKind;
-use super::host::{BodyHandle, SessionFacts, SessionHandle};
+use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
 use super::run::{arm, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
 use crate::smtp::reply::Reply;
@@ -153,18 +153,12 @@ macro_rules! call_in_session {
         match $run.instance($index).await {
             Err(failure) => Err(failure),
             Ok(instance) => {
-                let lent = instance
-                    .store
-                    .data_mut()
-                    .table
-                    .push(SessionHandle(Arc::clone($session)));
-                let result = match lent {
+                let result = match lend(&mut instance.store, SessionHandle(Arc::clone($session))) {
                     Ok(handle) => {
-                        let rep = handle.rep();
                         arm(&mut instance.store, limit);
                         let result = instance
                             .hooks
-                            .$method(&mut instance.store, Resource::new_borrow(rep), $($arg),*)
+                            .$method(&mut instance.store, borrow(&handle), $($arg),*)
                             .await;
                         let _ = instance.store.data_mut().table.delete(handle);
                         result
@@ -175,6 +169,20 @@ macro_rules! call_in_session {
             }
         }
     }};
+}
+
+/// Puts `value` in the instance's resource table for one call: the host keeps the owning
+/// handle (and deletes it after the call), the guest gets [`borrow`]s of it.
+fn lend<T: Send + 'static>(
+    store: &mut Store<HostState>,
+    value: T,
+) -> Result<Resource<T>, ResourceTableError> {
+    store.data_mut().table.push(value)
+}
+
+/// The borrow of a lent handle that a call passes to the guest.
+fn borrow<T: 'static>(lent: &Resource<T>) -> Resource<T> {
+    Resource::new_borrow(lent.rep())
 }
 
 impl PluginRun {
@@ -261,9 +269,8 @@ impl PluginRun {
         &mut self,
         session: &Arc<SessionFacts>,
         envelope: &Envelope,
-        headers: &Arc<Vec<Header>>,
         auth: &AuthResults,
-        content: &Bytes,
+        body: &BodyHandle,
     ) -> (DataDecision, Vec<Edit>) {
         let mut edits = Vec::new();
         for index in self.implementing(HookKind::Data) {
@@ -275,16 +282,15 @@ impl PluginRun {
                     None => continue,
                 },
             };
-            let table = &mut instance.store.data_mut().table;
-            let lent = table
-                .push(BodyHandle {
-                    headers: headers.clone(),
-                    content: content.clone(),
-                })
-                .and_then(|body| {
-                    let session = table.push(SessionHandle(Arc::clone(session)))?;
-                    Ok((body, session))
-                });
+            let lent = lend(&mut instance.store, body.clone()).and_then(|body| {
+                match lend(&mut instance.store, SessionHandle(Arc::clone(session))) {
+                    Ok(session) => Ok((body, session)),
+                    Err(error) => {
+                        let _ = instance.store.data_mut().table.delete(body);
+                        Err(error)
+                    }
+                }
+            });
             let (body, lent_session) = match lent {
                 Ok(handles) => handles,
                 Err(error) => {
@@ -299,16 +305,15 @@ impl PluginRun {
                     );
                 }
             };
-            let (body_rep, session_rep) = (body.rep(), lent_session.rep());
             arm(&mut instance.store, limit);
             let result = instance
                 .hooks
                 .call_data(
                     &mut instance.store,
-                    Resource::new_borrow(session_rep),
+                    borrow(&lent_session),
                     envelope,
                     auth,
-                    Resource::new_borrow(body_rep),
+                    borrow(&body),
                 )
                 .await;
             if let Some(instance) = self.instances[index].as_mut() {

@@ -4,19 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::switchyard::plugin::{bag, clock, dns, kv, log, message, metrics, types};
 use crate::plugins::kv::KvStore;
-
-/// The message handed to the data hook: its parsed header fields (`body.headers`) and its
-/// content, read in chunks through `body.read`.
-pub struct BodyHandle {
-    pub headers: Arc<Vec<types::Header>>,
-    pub content: Bytes,
-}
+pub use crate::plugins::message::BodyHandle;
 
 /// What a hook can learn about the SMTP session through the `session` resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,14 +116,14 @@ impl message::HostBody for HostState {
     async fn size(&mut self, body: Resource<BodyHandle>) -> u64 {
         self.table
             .get(&body)
-            .map(|b| b.content.len() as u64)
+            .map(|b| b.content().len() as u64)
             .unwrap_or(0)
     }
 
     async fn headers(&mut self, body: Resource<BodyHandle>) -> Vec<types::Header> {
         self.table
             .get(&body)
-            .map(|b| b.headers.as_ref().clone())
+            .map(|b| b.headers().to_vec())
             .unwrap_or_default()
     }
 
@@ -138,7 +131,7 @@ impl message::HostBody for HostState {
         let Ok(handle) = self.table.get(&body) else {
             return Vec::new();
         };
-        let content = &handle.content;
+        let content = handle.content();
         let start = (offset.min(content.len() as u64)) as usize;
         let end = start
             .saturating_add(length.min(MAX_READ) as usize)

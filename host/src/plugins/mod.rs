@@ -15,6 +15,7 @@ pub mod host;
 pub mod kv;
 pub mod limits;
 pub mod loader;
+pub mod message;
 pub mod preinit;
 pub mod reload;
 pub mod run;

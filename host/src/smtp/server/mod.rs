@@ -16,7 +16,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 pub use limits::SessionLimits;
-pub use policy::parsed_headers;
 
 use crate::config::ListenerConfig;
 use crate::services::Services;

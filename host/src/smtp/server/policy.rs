@@ -9,7 +9,7 @@ use super::authenticate::AuthVerdicts;
 use super::session::{Greeting, Session};
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
-use crate::plugins::host::SessionFacts;
+use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::{PluginRun, RunContext};
 use crate::smtp::address::{parse_path_argument, Mailbox, PathArgument};
 use crate::smtp::reply::Reply;
@@ -155,7 +155,6 @@ impl Session {
         verdicts: Option<AuthVerdicts>,
     ) -> Option<(DataDecision, Vec<wit::Edit>)> {
         let session = self.wit_session();
-        let headers = Arc::new(parsed_headers(content));
         // Empty results when the message was not checked (verification off, a trusted client).
         let verdicts = verdicts.unwrap_or_default();
         let auth = wit::AuthResults {
@@ -166,8 +165,13 @@ impl Session {
         let run = self.plugins()?;
         run.set_queue_id(queue_id);
         Some(
-            run.data(&session, &envelope, &headers, &auth, content)
-                .await,
+            run.data(
+                &session,
+                &envelope,
+                &auth,
+                &BodyHandle::new(content.clone()),
+            )
+            .await,
         )
     }
 }
@@ -199,28 +203,4 @@ fn reparse(address: &str) -> Result<Mailbox, Refusal> {
             tracing::error!(rewrite = %address, "a plugin rewrote an address into an invalid one");
             Reply::new(451, "4.3.0", "Temporary policy failure, try again later")
         })
-}
-
-/// The header fields as mail-parser reads them: name and unfolded raw value.
-pub fn parsed_headers(content: &[u8]) -> Vec<wit::Header> {
-    let Some(message) = mail_parser::MessageParser::default().parse_headers(content) else {
-        return Vec::new();
-    };
-    message
-        .headers()
-        .iter()
-        .map(|header| {
-            let raw = content
-                .get(header.offset_start as usize..header.offset_end as usize)
-                .unwrap_or_default();
-            let value = String::from_utf8_lossy(raw)
-                .replace("\r\n", "")
-                .trim()
-                .to_string();
-            wit::Header {
-                name: header.name().to_string(),
-                value,
-            }
-        })
-        .collect()
 }

@@ -1,0 +1,78 @@
+//! The message as the data hook sees it: its content, read in chunks through `body.read`, and its
+//! header fields as mail-parser reads them, through `body.headers`.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use super::bindings::types::Header;
+
+/// The message lent to the data hooks of one chain. The header fields are parsed on the first
+/// `body.headers()` call and shared by every later plugin of the chain: a chain whose plugins
+/// never ask for them never parses them.
+#[derive(Clone)]
+pub struct BodyHandle {
+    content: Bytes,
+    headers: Arc<OnceLock<Vec<Header>>>,
+}
+
+impl BodyHandle {
+    pub fn new(content: Bytes) -> BodyHandle {
+        BodyHandle {
+            content,
+            headers: Arc::default(),
+        }
+    }
+
+    pub fn content(&self) -> &Bytes {
+        &self.content
+    }
+
+    pub fn headers(&self) -> &[Header] {
+        self.headers.get_or_init(|| parsed_headers(&self.content))
+    }
+}
+
+/// The header fields of `content` in order, each value unfolded and trimmed; none when the
+/// header section cannot be parsed.
+pub fn parsed_headers(content: &[u8]) -> Vec<Header> {
+    let Some(message) = mail_parser::MessageParser::default().parse_headers(content) else {
+        return Vec::new();
+    };
+    message
+        .headers()
+        .iter()
+        .map(|header| {
+            let raw = content
+                .get(header.offset_start as usize..header.offset_end as usize)
+                .unwrap_or_default();
+            let value = String::from_utf8_lossy(raw)
+                .replace("\r\n", "")
+                .trim()
+                .to_string();
+            Header {
+                name: header.name().to_string(),
+                value,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_parsed_once_and_shared_by_clones() {
+        let body = BodyHandle::new(Bytes::from_static(
+            b"Subject: hello\r\n  world\r\nX-Tag: a\r\n\r\nbody\r\n",
+        ));
+        let lent = body.clone();
+        assert!(body.headers.get().is_none());
+        let names: Vec<_> = lent.headers().iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["Subject", "X-Tag"]);
+        assert_eq!(lent.headers()[0].value, "hello  world");
+        // The clone parsed them for the original too.
+        assert!(body.headers.get().is_some());
+    }
+}
