@@ -139,7 +139,23 @@ async fn misbehave(mode: &str, limits: &str) -> (Router, String, Duration) {
     let started = Instant::now();
     let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
     let elapsed = started.elapsed();
-    // The session goes on: a harmless recipient is still accepted.
+    let failed = reply.text.contains("plugin misbehave failed");
+    if failed {
+        // A plugin that failed is not asked again in the same transaction: its failure policy
+        // answers for it, at once (no second spin, no second allocation).
+        let again = Instant::now();
+        let second = client.command("RCPT TO:<friend@switchyard.test>").await;
+        assert_eq!(second.text, reply.text);
+        assert!(
+            again.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            again.elapsed()
+        );
+        // The next transaction gets a fresh instance.
+        assert_eq!(client.command("RSET").await.code, 250);
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    }
+    // The session goes on: a harmless recipient is accepted.
     assert_eq!(
         client
             .command("RCPT TO:<friend@switchyard.test>")
@@ -147,6 +163,15 @@ async fn misbehave(mode: &str, limits: &str) -> (Router, String, Duration) {
             .code,
         250
     );
+    if failed {
+        let failures = router.log().matches("plugin failed").count();
+        assert_eq!(
+            failures,
+            1,
+            "one failure logged, not one per call: {}",
+            router.log()
+        );
+    }
     (router, reply.text, elapsed)
 }
 
@@ -221,6 +246,47 @@ async fn a_plugin_that_traps_fails_with_its_policy() {
     // With failure_policy = "reject" the same trap refuses permanently.
     let (_, reply, _) = misbehave("trap", "failure_policy = \"reject\"").await;
     assert_eq!(reply, "550 5.3.0 plugin misbehave failed");
+}
+
+/// A transaction's plugins share one store: one that runs out of memory or traps must leave the
+/// others whole, and the chain goes on past it when its policy says `continue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plugin_leaves_the_rest_of_the_chain_whole() {
+    let member = |name: &str, mode: &str, limits: &str| {
+        plugin(
+            name,
+            "misbehave",
+            &format!("grants = [\"kv\"]\n{limits}\n[plugin.config]\nmode = \"{mode}\"\n"),
+        )
+    };
+    let chain = [
+        member(
+            "hog",
+            "alloc",
+            "memory_limit = 8388608\nfailure_policy = \"continue\"",
+        ),
+        member("crash", "trap", "failure_policy = \"continue\""),
+        member("answer", "session", ""),
+    ]
+    .concat();
+    let (router, _sink) = router_with(&chain).await;
+    for round in 0..2 {
+        let mut client = TestClient::connect(router.port).await;
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert!(
+            reply.text.starts_with("550 5.7.1 ip=127.0.0.1 "),
+            "round {round}: the last plugin answers: {}\n{}",
+            reply.text,
+            router.log()
+        );
+        // Within the transaction the failed two are skipped, the third still answers.
+        let again = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert!(again.text.starts_with("550 5.7.1 ip="), "{}", again.text);
+    }
+    let log = router.log();
+    assert_eq!(log.matches("kind=OutOfMemory").count(), 2, "{log}");
+    assert_eq!(log.matches("kind=Trap").count(), 2, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,9 +136,9 @@ macro_rules! call {
         let limit = $run.set.plugins[$index].manifest.time_limit;
         match $run.instance($index).await {
             Err(failure) => Err(failure),
-            Ok(instance) => {
-                arm(&mut instance.store, limit);
-                let result = instance.hooks.$method(&mut instance.store, $($arg),*).await;
+            Ok((store, hooks)) => {
+                arm(store, limit);
+                let result = hooks.$method(store, $($arg),*).await;
                 $run.finish($index, result)
             }
         }
@@ -152,15 +152,14 @@ macro_rules! call_in_session {
         let limit = $run.set.plugins[$index].manifest.time_limit;
         match $run.instance($index).await {
             Err(failure) => Err(failure),
-            Ok(instance) => {
-                let result = match lend(&mut instance.store, SessionHandle(Arc::clone($session))) {
+            Ok((store, hooks)) => {
+                let result = match lend(store, SessionHandle(Arc::clone($session))) {
                     Ok(handle) => {
-                        arm(&mut instance.store, limit);
-                        let result = instance
-                            .hooks
-                            .$method(&mut instance.store, borrow(&handle), $($arg),*)
+                        arm(store, limit);
+                        let result = hooks
+                            .$method(store, borrow(&handle), $($arg),*)
                             .await;
-                        let _ = instance.store.data_mut().table.delete(handle);
+                        let _ = store.data_mut().table.delete(handle);
                         result
                     }
                     Err(error) => Err(wasmtime::format_err!("cannot lend the session: {error}")),
@@ -275,18 +274,18 @@ impl PluginRun {
         let mut edits = Vec::new();
         for index in self.implementing(HookKind::Data) {
             let limit = self.set.plugins[index].manifest.time_limit;
-            let instance = match self.instance(index).await {
+            let (store, hooks) = match self.instance(index).await {
                 Ok(instance) => instance,
                 Err(failure) => match failure_reply(&failure) {
                     Some(decision) => return (data_decision(decision), edits),
                     None => continue,
                 },
             };
-            let lent = lend(&mut instance.store, body.clone()).and_then(|body| {
-                match lend(&mut instance.store, SessionHandle(Arc::clone(session))) {
+            let lent = lend(store, body.clone()).and_then(|body| {
+                match lend(store, SessionHandle(Arc::clone(session))) {
                     Ok(session) => Ok((body, session)),
                     Err(error) => {
-                        let _ = instance.store.data_mut().table.delete(body);
+                        let _ = store.data_mut().table.delete(body);
                         Err(error)
                     }
                 }
@@ -305,22 +304,13 @@ impl PluginRun {
                     );
                 }
             };
-            arm(&mut instance.store, limit);
-            let result = instance
-                .hooks
-                .call_data(
-                    &mut instance.store,
-                    borrow(&lent_session),
-                    envelope,
-                    auth,
-                    borrow(&body),
-                )
+            arm(store, limit);
+            let result = hooks
+                .call_data(store, borrow(&lent_session), envelope, auth, borrow(&body))
                 .await;
-            if let Some(instance) = self.instances[index].as_mut() {
-                let table = &mut instance.store.data_mut().table;
-                let _ = table.delete(body);
-                let _ = table.delete(lent_session);
-            }
+            let table = &mut store.data_mut().table;
+            let _ = table.delete(body);
+            let _ = table.delete(lent_session);
             match self.finish(index, result) {
                 Ok(answer) => {
                     let decision = match answer.verdict {

@@ -60,6 +60,7 @@ impl HookIndices {
 }
 
 /// The hooks of one instance.
+#[derive(Clone)]
 pub struct Hooks {
     instance: Instance,
     indices: Arc<HookIndices>,

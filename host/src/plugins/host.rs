@@ -33,20 +33,43 @@ const MAX_READ: u32 = 64 * 1024;
 const BAG_ENTRIES: usize = 64;
 const BAG_ITEM: usize = 4096;
 
-/// Per-instance state: one per plugin per transaction.
+/// What the host keeps for one plugin of a run.
+pub struct PluginState {
+    pub name: Arc<str>,
+    /// Caps the plugin's linear memories, whichever run's store they are in.
+    pub limits: super::limits::MemoryBudget,
+    /// The plugin's transaction bag.
+    pub bag: HashMap<String, String>,
+}
+
+impl PluginState {
+    pub fn new(name: Arc<str>, memory_limit: usize) -> PluginState {
+        PluginState {
+            name,
+            limits: super::limits::MemoryBudget::new(memory_limit),
+            bag: HashMap::new(),
+        }
+    }
+}
+
+/// The state of one run's store: one store per transaction holds the instances of every plugin
+/// of the chain. Each instance still has its own memories, tables and handles (the component
+/// model keeps them apart); what the host keeps per plugin is in `plugins`, and `current` says
+/// whose call (or instantiation) is under way, so host functions and memory growth are
+/// accounted to that plugin.
 pub struct HostState {
-    /// Built on the plugin's first WASI call: a pre-initialised plugin that answers its hooks
-    /// without printing, reading the clock or drawing random numbers never needs one, and
-    /// building it (seeding its random sources) was a noticeable part of an instance's cost.
+    /// Built on the first WASI call of any plugin of the run: a pre-initialised plugin that
+    /// answers its hooks without printing, reading the clock or drawing random numbers never
+    /// needs one, and building it (seeding its random sources) was a noticeable cost.
     pub wasi: Option<WasiCtx>,
     pub table: ResourceTable,
-    pub limits: super::limits::MemoryBudget,
+    pub plugins: Vec<PluginState>,
+    /// The index in `plugins` of the plugin being called.
+    pub current: usize,
     /// When the current call must end.
     pub deadline: Instant,
-    pub plugin: Arc<str>,
     pub tenant: String,
     pub queue_id: Option<String>,
-    pub bag: HashMap<String, String>,
     pub kv: Option<Arc<dyn KvStore>>,
     pub resolver: Option<Arc<crate::delivery::dns::Dns>>,
 }
@@ -66,6 +89,15 @@ impl WasiView for HostState {
 impl types::Host for HostState {}
 
 impl HostState {
+    /// The plugin being called.
+    pub fn plugin(&self) -> &PluginState {
+        &self.plugins[self.current]
+    }
+
+    pub fn plugin_mut(&mut self) -> &mut PluginState {
+        &mut self.plugins[self.current]
+    }
+
     /// The facts behind a lent session; a stale handle (which the component model's borrow
     /// rules should make impossible) reads as an empty session rather than trapping the host.
     fn session(&self, session: &Resource<SessionHandle>) -> Arc<SessionFacts> {
@@ -147,25 +179,26 @@ impl message::HostBody for HostState {
 
 impl bag::Host for HostState {
     async fn get(&mut self, key: String) -> Option<String> {
-        self.bag.get(&key).cloned()
+        self.plugin().bag.get(&key).cloned()
     }
 
     async fn set(&mut self, key: String, value: String) {
         if key.len() > BAG_ITEM || value.len() > BAG_ITEM {
-            tracing::warn!(plugin = %self.plugin, "bag entry over {BAG_ITEM} bytes ignored");
+            tracing::warn!(plugin = %self.plugin().name, "bag entry over {BAG_ITEM} bytes ignored");
             return;
         }
-        if self.bag.len() >= BAG_ENTRIES && !self.bag.contains_key(&key) {
-            tracing::warn!(plugin = %self.plugin, "bag full ({BAG_ENTRIES} entries); entry ignored");
+        let bag = &mut self.plugin_mut().bag;
+        if bag.len() >= BAG_ENTRIES && !bag.contains_key(&key) {
+            tracing::warn!(plugin = %self.plugin().name, "bag full ({BAG_ENTRIES} entries); entry ignored");
             return;
         }
-        self.bag.insert(key, value);
+        self.plugin_mut().bag.insert(key, value);
     }
 }
 
 impl log::Host for HostState {
     async fn write(&mut self, level: types::Level, message: String) {
-        let plugin = &*self.plugin;
+        let plugin = &*self.plugin().name;
         let queue_id = self.queue_id.as_deref().unwrap_or("-");
         match level {
             types::Level::Trace => tracing::trace!(plugin, queue_id, "{message}"),
@@ -179,15 +212,15 @@ impl log::Host for HostState {
 
 impl metrics::Host for HostState {
     async fn counter_add(&mut self, name: String, value: u64) {
-        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin, &name) {
-            ::metrics::counter!("switchyard_plugin_counter_total", "plugin" => self.plugin.to_string(), "name" => name)
+        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin().name, &name) {
+            ::metrics::counter!("switchyard_plugin_counter_total", "plugin" => self.plugin().name.to_string(), "name" => name)
                 .increment(value);
         }
     }
 
     async fn histogram_record(&mut self, name: String, value: f64) {
-        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin, &name) {
-            ::metrics::histogram!("switchyard_plugin_histogram", "plugin" => self.plugin.to_string(), "name" => name)
+        if let Some(name) = crate::metrics::plugin_metric_name(&self.plugin().name, &name) {
+            ::metrics::histogram!("switchyard_plugin_histogram", "plugin" => self.plugin().name.to_string(), "name" => name)
                 .record(value);
         }
     }
@@ -197,10 +230,10 @@ impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Option<Vec<u8>> {
         let store = self.kv.clone()?;
         store
-            .get(&self.tenant, &self.plugin, &key)
+            .get(&self.tenant, &self.plugin().name, &key)
             .await
             .unwrap_or_else(|error| {
-                tracing::warn!(plugin = %self.plugin, %error, "kv get failed");
+                tracing::warn!(plugin = %self.plugin().name, %error, "kv get failed");
                 None
             })
     }
@@ -208,10 +241,10 @@ impl kv::Host for HostState {
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) {
         if let Some(store) = self.kv.clone() {
             if let Err(error) = store
-                .set(&self.tenant, &self.plugin, &key, &value, ttl_seconds)
+                .set(&self.tenant, &self.plugin().name, &key, &value, ttl_seconds)
                 .await
             {
-                tracing::warn!(plugin = %self.plugin, %error, "kv set failed");
+                tracing::warn!(plugin = %self.plugin().name, %error, "kv set failed");
             }
         }
     }
@@ -221,18 +254,18 @@ impl kv::Host for HostState {
             return 0;
         };
         store
-            .increment(&self.tenant, &self.plugin, &key, delta, ttl_seconds)
+            .increment(&self.tenant, &self.plugin().name, &key, delta, ttl_seconds)
             .await
             .unwrap_or_else(|error| {
-                tracing::warn!(plugin = %self.plugin, %error, "kv increment failed");
+                tracing::warn!(plugin = %self.plugin().name, %error, "kv increment failed");
                 0
             })
     }
 
     async fn delete(&mut self, key: String) {
         if let Some(store) = self.kv.clone() {
-            if let Err(error) = store.delete(&self.tenant, &self.plugin, &key).await {
-                tracing::warn!(plugin = %self.plugin, %error, "kv delete failed");
+            if let Err(error) = store.delete(&self.tenant, &self.plugin().name, &key).await {
+                tracing::warn!(plugin = %self.plugin().name, %error, "kv delete failed");
             }
         }
     }

@@ -1,7 +1,11 @@
 //! The memory budget of one plugin instance: its `memory_limit` caps all of its linear memories
-//! together, not each one (a component may hold several core modules, each with a memory).
+//! together, not each one (a component may hold several core modules, each with a memory). A
+//! run's store holds every plugin's instance; growth is charged to the plugin being called or
+//! instantiated, so each plugin keeps its own budget.
 
 use wasmtime::ResourceLimiter;
+
+use super::host::HostState;
 
 /// Core instances, tables and memories one component instance may create: far above what a
 /// plugin built by wit-bindgen or componentize-py needs, and a bound on the bookkeeping a
@@ -22,10 +26,10 @@ impl MemoryBudget {
     pub fn new(limit: usize) -> MemoryBudget {
         MemoryBudget { limit, used: 0 }
     }
-}
 
-impl ResourceLimiter for MemoryBudget {
-    fn memory_growing(
+    /// Whether the plugin's memories may grow from `current` to `desired` bytes (one of them;
+    /// `current` is 0 when a memory is created); an error (a trap) past the budget.
+    pub fn grow(
         &mut self,
         current: usize,
         desired: usize,
@@ -48,6 +52,18 @@ impl ResourceLimiter for MemoryBudget {
         self.used = total;
         Ok(true)
     }
+}
+
+/// The store's limiter: each plugin's own budget, and counts that scale with the chain.
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.plugin_mut().limits.grow(current, desired, maximum)
+    }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
         Err(error.context("memory growth failed"))
@@ -63,15 +79,15 @@ impl ResourceLimiter for MemoryBudget {
     }
 
     fn instances(&self) -> usize {
-        MAX_INSTANCES
+        MAX_INSTANCES * self.plugins.len()
     }
 
     fn tables(&self) -> usize {
-        MAX_TABLES
+        MAX_TABLES * self.plugins.len()
     }
 
     fn memories(&self) -> usize {
-        MAX_MEMORIES
+        MAX_MEMORIES * self.plugins.len()
     }
 }
 
@@ -85,11 +101,11 @@ mod tests {
     fn the_limit_covers_all_memories_together() {
         let mut budget = MemoryBudget::new(4 * PAGE);
         // Two memories created with two pages each: exactly the limit.
-        assert!(budget.memory_growing(0, 2 * PAGE, None).expect("first"));
-        assert!(budget.memory_growing(0, 2 * PAGE, None).expect("second"));
+        assert!(budget.grow(0, 2 * PAGE, None).expect("first"));
+        assert!(budget.grow(0, 2 * PAGE, None).expect("second"));
         // Either growing by one more page goes over it, though each alone is under the limit.
         let error = budget
-            .memory_growing(2 * PAGE, 3 * PAGE, None)
+            .grow(2 * PAGE, 3 * PAGE, None)
             .expect_err("over the shared limit");
         assert!(
             error.to_string().contains("memory limit exceeded"),
@@ -101,10 +117,8 @@ mod tests {
     fn a_memory_may_not_grow_past_its_own_maximum() {
         let mut budget = MemoryBudget::new(16 * PAGE);
         assert!(!budget
-            .memory_growing(PAGE, 3 * PAGE, Some(2 * PAGE))
+            .grow(PAGE, 3 * PAGE, Some(2 * PAGE))
             .expect("refused"));
-        assert!(budget
-            .memory_growing(0, 2 * PAGE, Some(2 * PAGE))
-            .expect("allowed"));
+        assert!(budget.grow(0, 2 * PAGE, Some(2 * PAGE)).expect("allowed"));
     }
 }

@@ -182,7 +182,7 @@ pub async fn load(
         _ if !manifest.preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
         Some(snapshot) => snapshot.clone(),
         None => {
-            let store = new_store(&loaded, services, &RunContext::default());
+            let store = new_store(engine, [&loaded], services, &RunContext::default());
             let snapshot = match preinit::snapshot(engine, &linker, &key.0, &loaded, store).await {
                 Ok(snapshot) => Some(snapshot),
                 Err(error) => {

@@ -45,6 +45,7 @@ pub struct PluginServices {
 /// started with until they end.
 pub struct PluginSet {
     pub generation: u64,
+    pub engine: Engine,
     pub plugins: Vec<Arc<LoadedPlugin>>,
     pub services: PluginServices,
 }
@@ -123,13 +124,13 @@ impl PluginManager {
     /// the held share of the pool. `None` (the run is dropped, and those stages instantiate
     /// afresh) when no plugin implements them, or when held runs already keep their share.
     pub fn hold(&self, mut run: PluginRun, ahead: &[hooks::HookKind]) -> Option<PluginRun> {
-        let kept = run.keep_instances_for(ahead);
         // Give back what the run held for earlier stages before taking what it needs now.
         run.hold = None;
-        if kept == 0 {
+        if !run.needed_for(ahead) {
             return None;
         }
-        let permits = u32::try_from(kept).ok()?;
+        // Every instance of the run stays in its store until the run ends.
+        let permits = u32::try_from(run.instance_count().max(1)).ok()?;
         match self.held.clone().try_acquire_many_owned(permits) {
             Ok(permit) => {
                 run.hold = Some(permit);
@@ -240,6 +241,7 @@ async fn load_set(
     }
     Ok(PluginSet {
         generation,
+        engine: engine.clone(),
         plugins,
         services: services.clone(),
     })
