@@ -9,7 +9,8 @@
 //! `bench/relay-plugins.sh` runs it under SMTP load: five instances, the session hooks (connect,
 //! helo, mail-from, rcpt-to, data with a relayed message's headers), the delivery hooks (route,
 //! delivery-result) and the teardown. It has none of that script's noise, so it is the number to
-//! watch when changing the plugin runtime.
+//! watch when changing the plugin runtime. The line after it keeps 200 messages' instances alive
+//! at once, as a loaded server does, which makes every message's pool slots and stacks cold.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

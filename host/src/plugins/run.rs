@@ -53,7 +53,9 @@ pub struct PluginFailure {
 /// The instances of one generation's plugins for one transaction.
 pub struct PluginRun {
     pub(super) set: Arc<PluginSet>,
-    pub(super) store: Store<HostState>,
+    /// Created on the first call: a run whose plugins are never called (a delivery without
+    /// delivery hooks) costs no store.
+    store: Option<Store<HostState>>,
     /// Each plugin's instance, once created.
     hooks: Vec<Option<Hooks>>,
     /// Each plugin's failure in this run, if it failed: it answers every later call.
@@ -110,16 +112,28 @@ pub(super) fn arm(store: &mut Store<HostState>, limit: Duration) {
 
 impl PluginRun {
     pub fn new(set: Arc<PluginSet>, context: RunContext) -> PluginRun {
-        let plugins = set.plugins.iter().map(|plugin| &**plugin);
-        let store = new_store(&set.engine, plugins, &set.services, &context);
         PluginRun {
             hooks: set.plugins.iter().map(|_| None).collect(),
             failures: set.plugins.iter().map(|_| None).collect(),
             set,
-            store,
+            store: None,
             context,
             hold: None,
         }
+    }
+
+    /// The run's store, created if it has none yet.
+    fn store(&mut self) -> &mut Store<HostState> {
+        let PluginRun {
+            store,
+            set,
+            context,
+            ..
+        } = self;
+        store.get_or_insert_with(|| {
+            let plugins = set.plugins.iter().map(|plugin| &**plugin);
+            new_store(&set.engine, plugins, &set.services, context)
+        })
     }
 
     /// `held` if it is a run of `set`'s generation, otherwise a fresh run on `set`: the delivery
@@ -140,8 +154,10 @@ impl PluginRun {
     }
 
     fn clear_bags(&mut self) {
-        for plugin in &mut self.store.data_mut().plugins {
-            plugin.bag.clear();
+        if let Some(store) = &mut self.store {
+            for plugin in &mut store.data_mut().plugins {
+                plugin.bag.clear();
+            }
         }
     }
 
@@ -167,7 +183,9 @@ impl PluginRun {
     /// Sets the queue id that plugin log lines carry from now on.
     pub fn set_queue_id(&mut self, queue_id: &str) {
         self.context.queue_id = Some(queue_id.to_string());
-        self.store.data_mut().queue_id = Some(queue_id.to_string());
+        if let Some(store) = &mut self.store {
+            store.data_mut().queue_id = Some(queue_id.to_string());
+        }
     }
 
     /// True when some plugin of this run's generation implements `hook`.
@@ -221,13 +239,13 @@ impl PluginRun {
         if let Some(failure) = &self.failures[index] {
             return Err(failure.clone());
         }
-        self.store.data_mut().current = index;
+        self.store().data_mut().current = index;
         let hooks = match &self.hooks[index] {
             Some(hooks) => hooks.clone(),
             None => {
                 let plugin = self.set.plugins[index].clone();
-                arm(&mut self.store, plugin.manifest.time_limit);
-                let store = &mut self.store;
+                let store = self.store();
+                arm(store, plugin.manifest.time_limit);
                 let created = async {
                     let instance = plugin.pre.instantiate_async(&mut *store).await?;
                     let hooks = Hooks::new(instance, plugin.indices.clone());
@@ -251,7 +269,7 @@ impl PluginRun {
                         ));
                     }
                     Err(error) => {
-                        let kind = classify(&self.store, &error);
+                        let kind = classify(self.store(), &error);
                         let failure = self.failed(index, kind, format!("{error:#}"));
                         self.replace_store();
                         return Err(failure);
@@ -259,7 +277,7 @@ impl PluginRun {
                 }
             }
         };
-        Ok((&mut self.store, hooks))
+        Ok((self.store(), hooks))
     }
 
     /// Accounts for a finished call: counts it, and on failure logs it, drops the (now unusable)
@@ -275,7 +293,7 @@ impl PluginRun {
         match result {
             Ok(value) => Ok(value),
             Err(error) => {
-                let kind = classify(&self.store, &error);
+                let kind = classify(self.store(), &error);
                 let failure = self.failed(index, kind, format!("{error:#}"));
                 self.replace_store();
                 Err(failure)
@@ -288,17 +306,13 @@ impl PluginRun {
     /// (created on their next call) in a new store; their bags move with them, and the old store
     /// and its memories (an overrun one too) are freed now rather than when the run ends.
     fn replace_store(&mut self) {
-        let plugins = self.set.plugins.iter().map(|plugin| &**plugin);
-        let fresh = new_store(&self.set.engine, plugins, &self.set.services, &self.context);
-        let mut old = std::mem::replace(&mut self.store, fresh);
-        for (plugin, old) in self
-            .store
-            .data_mut()
-            .plugins
-            .iter_mut()
-            .zip(old.data_mut().plugins.iter_mut())
-        {
-            plugin.bag = std::mem::take(&mut old.bag);
+        let mut old = self.store.take();
+        let fresh = self.store();
+        if let Some(old) = &mut old {
+            let moved = old.data_mut().plugins.iter_mut();
+            for (plugin, old) in fresh.data_mut().plugins.iter_mut().zip(moved) {
+                plugin.bag = std::mem::take(&mut old.bag);
+            }
         }
         for hooks in &mut self.hooks {
             *hooks = None;
