@@ -280,8 +280,8 @@ impl PluginRun {
         Ok((self.store(), hooks))
     }
 
-    /// Accounts for a finished call: counts it, and on failure logs it, drops the (now unusable)
-    /// instance and describes the failure.
+    /// Accounts for a finished call: counts it, and on failure logs it, marks the plugin failed
+    /// for the rest of the run, moves the run to a fresh store and describes the failure.
     pub(super) fn finish<R>(
         &mut self,
         index: usize,
