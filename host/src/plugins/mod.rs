@@ -119,10 +119,11 @@ impl PluginManager {
 
     /// Keeps a finished SMTP transaction's (or routing's) run for the later stages of the same
     /// message in this process, the hooks in `ahead` (route, delivery-result, bounce), so they
-    /// call the instances it already has instead of instantiating every plugin again. Only the
-    /// instances of plugins implementing one of those hooks are kept, each against a permit of
-    /// the held share of the pool. `None` (the run is dropped, and those stages instantiate
-    /// afresh) when no plugin implements them, or when held runs already keep their share.
+    /// call the instances it already has instead of instantiating every plugin again. The run's
+    /// store keeps all of its instances (a store frees them only together), each against a
+    /// permit of the held share of the pool. `None` (the run is dropped, and those stages
+    /// instantiate afresh) when no plugin implements them, or when held runs already keep their
+    /// share.
     pub fn hold(&self, mut run: PluginRun, ahead: &[hooks::HookKind]) -> Option<PluginRun> {
         // Give back what the run held for earlier stages before taking what it needs now.
         run.hold = None;

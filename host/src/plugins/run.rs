@@ -5,7 +5,7 @@
 //! reported as a [`PluginFailure`].
 //!
 //! A run's instances share one store: one store, one fiber stack and one store teardown per
-//! transaction instead of one per plugin, which made a message through five plugins about 15 %
+//! transaction instead of one per plugin, which made a message through five plugins about a fifth
 //! cheaper. The instances stay apart as separate component instances do (own memories, tables
 //! and handle tables, and a memory budget per plugin). A plugin that fails is not asked again in
 //! the same run: its failure policy answers for it (as Postfix skips a failed milter for the
@@ -268,12 +268,7 @@ impl PluginRun {
                             format!("init failed: {message}"),
                         ));
                     }
-                    Err(error) => {
-                        let kind = classify(self.store(), &error);
-                        let failure = self.failed(index, kind, format!("{error:#}"));
-                        self.replace_store();
-                        return Err(failure);
-                    }
+                    Err(error) => return Err(self.call_failed(index, error)),
                 }
             }
         };
@@ -292,13 +287,17 @@ impl PluginRun {
         plugin.stats.exported_calls.increment(1);
         match result {
             Ok(value) => Ok(value),
-            Err(error) => {
-                let kind = classify(self.store(), &error);
-                let failure = self.failed(index, kind, format!("{error:#}"));
-                self.replace_store();
-                Err(failure)
-            }
+            Err(error) => Err(self.call_failed(index, error)),
         }
+    }
+
+    /// A call into plugin `index` (or its instantiation) returned `error`: the failure, with
+    /// the run moved to a fresh store.
+    fn call_failed(&mut self, index: usize, error: wasmtime::Error) -> PluginFailure {
+        let kind = classify(self.store(), &error);
+        let failure = self.failed(index, kind, format!("{error:#}"));
+        self.replace_store();
+        failure
     }
 
     /// Moves the run to a fresh store after a failed call. Wasmtime enters no instance of a
