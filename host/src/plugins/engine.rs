@@ -23,8 +23,13 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// memory until an instance touches its pages.
 pub const POOL_INSTANCES: u32 = 8000;
 
-/// Slot resets queued before they are flushed together.
-const DECOMMIT_BATCH: usize = 32;
+/// Freed slots kept warm before the pool reuses them. Tables and fiber stacks have no module
+/// affinity: while fewer than this many freed ones wait, wasmtime takes a never-used slot, and
+/// beyond it the least recently freed one. A large number (it was 4000) therefore made every
+/// transaction's tables and stack ones last touched thousands of allocations earlier, cold in
+/// every cache; with 100 they are recent. Memories prefer the most recently freed slot of the
+/// same module either way.
+const WARM_SLOTS: u32 = 100;
 
 pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
     let mut config = Config::new();
@@ -51,12 +56,11 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
         .pagemap_scan(Enabled::Auto)
         .table_keep_resident(64 * 1024)
         .async_stack_keep_resident(64 * 1024)
-        // Concurrent transactions cycle through many slots; keeping more of them warm (with their
-        // memory image mapped) avoids re-mapping on reuse.
-        .max_unused_warm_slots(POOL_INSTANCES / 2)
-        // What a slot gives back beyond its resident window (madvise) is queued and returned in
-        // batches: one system call per batch instead of one or more per instance.
-        .decommit_batch_size(DECOMMIT_BATCH);
+        // Slot resets are not batched (`decommit_batch_size` stays 1): with the resident windows
+        // above a reset gives nothing back to the kernel, yet every queued reset counted towards
+        // a batch, kept its slot out of use until the flush and cost a shared lock and a
+        // `process_madvise` call per flush.
+        .max_unused_warm_slots(WARM_SLOTS);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     config.memory_reservation(MEMORY_CAP);
     config.memory_guard_size(64 * 1024);
