@@ -338,6 +338,17 @@ async fn transactions_start_from_the_state_init_left_unless_preinitialize_is_off
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_runs_once_per_load() {
+    // Pre-initialised: the one `init` is the one the snapshot keeps; the loader learns the
+    // plugin's hooks from it instead of running `init` again to validate the configuration.
+    let (_router, reply, _) = misbehave("inits", "").await;
+    assert_eq!(reply, "550 5.7.1 inits 1");
+    // Not pre-initialised: once at load (validation), then once in the transaction's instance.
+    let (_router, reply, _) = misbehave("inits", "preinitialize = false").await;
+    assert_eq!(reply, "550 5.7.1 inits 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
     let (_router, reply, _) = misbehave("kv", "").await;
     assert_eq!(reply, "550 5.7.1 victim number 1");

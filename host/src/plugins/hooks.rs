@@ -51,6 +51,18 @@ impl HookKind {
 pub struct HookSet(u16);
 
 impl HookSet {
+    /// The hooks `init` named in its `plugin-info`; an unknown name is an error.
+    pub fn from_names(names: &[String]) -> Result<HookSet, String> {
+        let mut hooks = HookSet::default();
+        for name in names {
+            match HookKind::from_name(name) {
+                Some(hook) => hooks.insert(hook),
+                None => return Err(format!("init lists unknown hook `{name}`")),
+            }
+        }
+        Ok(hooks)
+    }
+
     pub fn insert(&mut self, hook: HookKind) {
         self.0 |= hook as u16;
     }

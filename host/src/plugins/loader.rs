@@ -1,6 +1,7 @@
 //! Loading one plugin: read and compile the component (off the async workers, through the disk
 //! cache), check its imports against its grants, link it, pre-instantiate it, and run its `init`
-//! once to validate its configuration.
+//! once: in the instance that is snapshotted (see [`super::preinit`]), or, for a plugin that is
+//! not pre-initialised, in an instance made to validate its configuration.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -103,8 +104,11 @@ const ALWAYS: [&str; 3] = ["types", "message", "bag"];
 pub struct Compiled {
     by_bytes: HashMap<Vec<u8>, Component>,
     /// Snapshots by plugin bytes and configuration; `None` when the plugin cannot be snapshotted.
-    snapshots: HashMap<(Vec<u8>, String), Option<Component>>,
+    snapshots: HashMap<(Vec<u8>, String), Option<Snapshot>>,
 }
+
+/// A pre-initialised component and the hooks its `init` named.
+type Snapshot = (Component, HookSet);
 
 pub async fn load(
     engine: &Engine,
@@ -169,14 +173,9 @@ pub async fn load(
         preinitialized: false,
         stats: PluginStats::new(&plugin),
     };
-    // Run init once now, so a bad configuration is refused before the plugin takes traffic.
-    let hooks = PluginRun::validate(&loaded, services, RunContext::default())
-        .await
-        .map_err(|message| LoadError::Init {
-            plugin: plugin.clone(),
-            message,
-        })?;
-    loaded.hooks = hooks;
+    // `init` runs once per load: in the instance that becomes the snapshot when the plugin can
+    // be pre-initialised, otherwise in an instance made only to run it. Either way a bad
+    // configuration is refused here, before the plugin takes traffic.
     let key = (bytes, loaded.config_json.clone());
     let snapshot = match compiled.snapshots.get(&key) {
         _ if !manifest.preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
@@ -184,7 +183,18 @@ pub async fn load(
         None => {
             let store = new_store(engine, [&loaded], services, &RunContext::default());
             let snapshot = match preinit::snapshot(engine, &linker, &key.0, &loaded, store).await {
-                Ok(snapshot) => Some(snapshot),
+                Ok((snapshot, info)) => match HookSet::from_names(&info.hooks) {
+                    Ok(hooks) => Some((snapshot, hooks)),
+                    Err(message) => {
+                        return Err(LoadError::Init {
+                            plugin: plugin.clone(),
+                            message,
+                        })
+                    }
+                },
+                // A failed `init` is reported by the validation below, in the same words as for
+                // a plugin that is not pre-initialised.
+                Err(preinit::PreinitError::Init(_)) => None,
                 Err(error) => {
                     tracing::warn!(
                         plugin = %plugin,
@@ -198,14 +208,26 @@ pub async fn load(
             snapshot
         }
     };
-    if let Some(snapshot) = snapshot {
-        let (pre, indices) = prepare(&linker, &snapshot).map_err(|message| LoadError::Link {
-            plugin: plugin.clone(),
-            message: format!("pre-initialised: {message}"),
-        })?;
-        loaded.pre = pre;
-        loaded.indices = indices;
-        loaded.preinitialized = true;
+    match snapshot {
+        Some((snapshot, hooks)) => {
+            let (pre, indices) =
+                prepare(&linker, &snapshot).map_err(|message| LoadError::Link {
+                    plugin: plugin.clone(),
+                    message: format!("pre-initialised: {message}"),
+                })?;
+            loaded.pre = pre;
+            loaded.indices = indices;
+            loaded.preinitialized = true;
+            loaded.hooks = hooks;
+        }
+        None => {
+            loaded.hooks = PluginRun::validate(&loaded, services, RunContext::default())
+                .await
+                .map_err(|message| LoadError::Init {
+                    plugin: plugin.clone(),
+                    message,
+                })?;
+        }
     }
     Ok(Arc::new(loaded))
 }

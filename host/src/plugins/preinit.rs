@@ -13,6 +13,7 @@ use wasmtime::component::{Component, Instance, Lift, Linker, WasmList};
 use wasmtime::{Engine, Store};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
+use super::bindings::types::PluginInfo;
 use super::bindings::Plugin;
 use super::host::HostState;
 use super::run::arm;
@@ -41,14 +42,15 @@ pub enum PreinitError {
 }
 
 /// Runs `plugin`'s `init` with its configuration in an instrumented instance of `bytes` and
-/// returns the compiled snapshot.
+/// returns the compiled snapshot with what `init` answered (the hooks the plugin implements), so
+/// the loader need not run `init` a second time to learn them.
 pub async fn snapshot(
     engine: &Engine,
     linker: &Linker<HostState>,
     bytes: &[u8],
     plugin: &LoadedPlugin,
     mut store: Store<HostState>,
-) -> Result<Component, PreinitError> {
+) -> Result<(Component, PluginInfo), PreinitError> {
     let mut wizer = Wizer::new();
     // Our `init` is an export of the `hooks` interface, which must stay: the bindings check it.
     wizer.keep_init_func(true);
@@ -65,7 +67,7 @@ pub async fn snapshot(
     let bindings = Plugin::new(&mut store, &instance)
         .map_err(|error| PreinitError::Instantiate(format!("{error:#}")))?;
     arm(&mut store, plugin.manifest.time_limit);
-    bindings
+    let info = bindings
         .switchyard_plugin_hooks()
         .call_init(&mut store, &plugin.config_json)
         .await
@@ -88,7 +90,7 @@ pub async fn snapshot(
     if let Some(error) = state.error {
         return Err(PreinitError::Snapshot(error));
     }
-    compile(engine, snapshot).await
+    Ok((compile(engine, snapshot).await?, info))
 }
 
 /// Compiles off the async workers (through the engine's disk cache).

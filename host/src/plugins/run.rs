@@ -220,14 +220,7 @@ impl PluginRun {
             .call_init(&mut store, &plugin.config_json)
             .await
             .map_err(|error| format!("init trapped: {error:#}"))??;
-        let mut hooks = HookSet::default();
-        for name in &info.hooks {
-            match HookKind::from_name(name) {
-                Some(hook) => hooks.insert(hook),
-                None => return Err(format!("init lists unknown hook `{name}`")),
-            }
-        }
-        Ok(hooks)
+        HookSet::from_names(&info.hooks)
     }
 
     /// The store and plugin `index`'s instance, created (and initialised) if the run has none

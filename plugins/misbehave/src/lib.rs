@@ -2,7 +2,8 @@
 //! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, tell the
 //! facts of the `session` it was lent, tell the `seed` its `init` drew (a random number: the same in every transaction when the host started
 //! them from one pre-initialised snapshot, a new one when each instance ran `init`), or count in
-//! the kv store (so the component imports `kv`, which a manifest may not grant).
+//! the kv store (so the component imports `kv`, which a manifest may not grant), or tell how many
+//! times `init` has run with mode `inits` (its `init` counts itself in the kv store).
 
 use serde::Deserialize;
 use switchyard_plugin_sdk::host::kv;
@@ -27,6 +28,9 @@ impl Plugin for Misbehave {
         use std::hash::BuildHasher;
         // A fresh `RandomState` is keyed from the WASI random source the first time.
         let seed = std::collections::hash_map::RandomState::new().hash_one(0u8);
+        if config.mode == "inits" {
+            kv::increment("inits", 1, 3600);
+        }
         Ok(Misbehave {
             mode: config.mode,
             seed,
@@ -59,6 +63,10 @@ impl Plugin for Misbehave {
             }
             "trap" => panic!("misbehave: trapping on purpose"),
             "seed" => AddressDecision::reject(550, "5.7.1", format!("seed {}", self.seed)),
+            "inits" => {
+                let inits = kv::increment("inits", 0, 3600);
+                AddressDecision::reject(550, "5.7.1", format!("inits {inits}"))
+            }
             "session" => AddressDecision::reject(
                 550,
                 "5.7.1",
