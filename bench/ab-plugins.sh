@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Compares two builds of Switchyard with the same chain of five noop plugins under the same load:
+# the two servers take turns, ROUNDS times, and each round prints both servers' delivered rate and
+# CPU time per message (from /proc). On a shared machine the CPU per message of two builds measured
+# minutes apart differs by 10 % or more; measured in alternating rounds it shows changes of a few
+# percent. Each build may use its own noop component (NOOP_A, NOOP_B: an SDK change is in the
+# plugin, not in the host).
+#
+#   cp target/release/switchyard /tmp/before   # ... change, rebuild ...
+#   N=4000 ROUNDS=8 bench/ab-plugins.sh /tmp/before target/release/switchyard
+set -euo pipefail
+N=${N:-4000}
+SESSIONS=${SESSIONS:-20}
+ROUNDS=${ROUNDS:-8}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/switchyard-ab.XXXXXX)
+source "$root/bench/lib.sh"
+cleanup() { kill ${a_pid:-} ${b_pid:-} ${sink_pid:-} 2>/dev/null || true; }
+trap cleanup EXIT
+[ $# -eq 2 ] || { echo "usage: $0 BINARY_A BINARY_B" >&2; exit 2; }
+
+ensure_postfix_tools
+start_sink
+chain_of() {
+  for n in 1 2 3 4 5; do
+    printf '[[plugin]]\nname = "noop-%s"\npath = "%s"\n\n' "$n" "$1"
+  done
+}
+noop="$root/target/wasm32-wasip2/plugin/noop.wasm"
+bin=$1 start_switchyard a 2625 "$(chain_of "${NOOP_A:-$noop}")"
+bin=$2 start_switchyard b 2626 "$(chain_of "${NOOP_B:-$noop}")"
+bin=$2
+
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS, A=$1, B=$2"
+echo "| round | A delivered/s | A CPU µs/msg | B delivered/s | B CPU µs/msg |"
+echo "| --- | --- | --- | --- | --- |"
+for round in $(seq "$ROUNDS"); do
+  row="| $round"
+  for name in a b; do
+    pid_var=${name}_pid
+    port=2625
+    [ "$name" = b ] && port=2626
+    before=$(cpu_ticks "${!pid_var}")
+    read -r _ delivered <<<"$(run "$port" 1024 switchyard_queue_empty "$name")"
+    cpu=$(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / ticks_per_second / N ))
+    row+=" | $delivered | $cpu"
+  done
+  echo "$row |"
+done
