@@ -21,14 +21,8 @@ trap cleanup EXIT
 
 ensure_postfix_tools
 start_sink
-chain_of() {
-  for n in 1 2 3 4 5; do
-    printf '[[plugin]]\nname = "noop-%s"\npath = "%s"\n\n' "$n" "$1"
-  done
-}
-noop="$root/target/wasm32-wasip2/plugin/noop.wasm"
-bin=$1 start_switchyard a 2625 "$(chain_of "${NOOP_A:-$noop}")"
-bin=$2 start_switchyard b 2626 "$(chain_of "${NOOP_B:-$noop}")"
+bin=$1 start_switchyard a 2625 "$(noop_chain "${NOOP_A:-}")"
+bin=$2 start_switchyard b 2626 "$(noop_chain "${NOOP_B:-}")"
 bin=$2
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }

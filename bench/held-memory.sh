@@ -31,16 +31,8 @@ while True:
 ' &
 hole_pid=$!
 
-chain=""
-for n in 1 2 3 4 5; do
-  chain+="[[plugin]]
-name = \"noop-$n\"
-path = \"$root/target/wasm32-wasip2/plugin/noop.wasm\"
-
-"
-done
 start_switchyard plain 2625 ""
-start_switchyard chain 2626 "$chain"
+start_switchyard chain 2626 "$(noop_chain)"
 anon_kib() { awk '/RssAnon/ { print $2 }' "/proc/$1/status"; }
 for name in plain chain; do
   pid_var=${name}_pid

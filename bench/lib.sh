@@ -48,6 +48,15 @@ TOML
   echo "switchyard $name did not start:" >&2; cat "$work/$name.log" >&2; return 1
 }
 
+# noop_chain [COMPONENT]: the configuration of five copies of plugins/noop (or COMPONENT), which
+# implements every hook and answers "continue": the chain the plugin benchmarks measure.
+noop_chain() {
+  local component=${1:-$root/target/wasm32-wasip2/plugin/noop.wasm}
+  for n in 1 2 3 4 5; do
+    printf '[[plugin]]\nname = "noop-%s"\npath = "%s"\n\n' "$n" "$component"
+  done
+}
+
 switchyard_queue_empty() { "$bin" queue list --config "$work/$1.toml" 2>/dev/null | tail -1 | grep -q '^-- 0 message'; }
 
 # run PORT SIZE EMPTY_CHECK... -> prints "accepted_rate delivered_rate"

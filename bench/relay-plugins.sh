@@ -20,16 +20,8 @@ ensure_postfix_tools
 build_switchyard
 start_sink
 
-chain=""
-for n in 1 2 3 4 5; do
-  chain+="[[plugin]]
-name = \"noop-$n\"
-path = \"$root/target/wasm32-wasip2/plugin/noop.wasm\"
-
-"
-done
 start_switchyard plain 2625 ""
-start_switchyard chain 2626 "$chain"
+start_switchyard chain 2626 "$(noop_chain)"
 
 # On a small shared machine one run of each varies by 20 % or more from one minute to the next,
 # so the two servers take turns, ROUNDS times, and each round gives one ratio; the median ratio is
