@@ -193,11 +193,12 @@ impl PluginRun {
         self.set.implements(hook)
     }
 
-    /// Indices of the plugins implementing `hook`, in chain order.
-    pub(super) fn implementing(&self, hook: HookKind) -> Vec<usize> {
-        (0..self.set.plugins.len())
-            .filter(|&index| self.set.plugins[index].hooks.contains(hook))
-            .collect()
+    /// Indices of the plugins implementing `hook`, in chain order. The iterator holds its own
+    /// reference to the set, so the caller may call into the run while it walks the chain (no
+    /// list is built for every stage of every message).
+    pub(super) fn implementing(&self, hook: HookKind) -> impl Iterator<Item = usize> {
+        let set = Arc::clone(&self.set);
+        (0..set.plugins.len()).filter(move |&index| set.plugins[index].hooks.contains(hook))
     }
 
     /// Instantiates and initialises a plugin for `validate`, returning the hooks it implements.
@@ -275,9 +276,9 @@ impl PluginRun {
         index: usize,
         result: wasmtime::Result<R>,
     ) -> Result<R, PluginFailure> {
-        let plugin = self.set.plugins[index].clone();
-        plugin.stats.calls.fetch_add(1, Ordering::Relaxed);
-        plugin.stats.exported_calls.increment(1);
+        let stats = &self.set.plugins[index].stats;
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        stats.exported_calls.increment(1);
         match result {
             Ok(value) => Ok(value),
             Err(error) => Err(self.call_failed(index, error)),
