@@ -70,7 +70,17 @@ fn main() -> anyhow::Result<()> {
             preinitialize: true,
         };
         let cache = std::env::temp_dir().join("switchyard-bench-cache");
-        let engine = engine::new_engine(&cache)?;
+        // `HOOK_CALL_MESSAGES=N`: only N messages through five plugins, untimed, for
+        // `bench/instructions.sh`, which counts their instructions under valgrind: a count that
+        // does not depend on what else the machine is doing. Valgrind cannot map the full pool.
+        let counted: Option<usize> = match std::env::var("HOOK_CALL_MESSAGES") {
+            Ok(count) => Some(count.parse()?),
+            Err(_) => None,
+        };
+        let engine = match counted {
+            Some(_) => engine::new_engine_with_pool(&cache, 100)?,
+            None => engine::new_engine(&cache)?,
+        };
         let manager = PluginManager::start(
             engine.clone(),
             &[manifest("noop")],
@@ -86,6 +96,17 @@ fn main() -> anyhow::Result<()> {
             auth_identity: None,
             tenant: String::new(),
         });
+        if let Some(count) = counted {
+            let five: Vec<_> = (1..=5).map(|n| manifest(&format!("noop-{n}"))).collect();
+            let chain = PluginManager::start(engine, &five, PluginServices::default()).await?;
+            let message = Message::new();
+            // One message first, so that lazy one-time set-up is outside the count.
+            drop(message.run_through(&chain, &session).await);
+            for _ in 0..count {
+                drop(message.run_through(&chain, &session).await);
+            }
+            return Ok(());
+        }
         // Warm up: page in the pool slots and code.
         for _ in 0..1000 {
             let mut run = manager.run(RunContext::default());

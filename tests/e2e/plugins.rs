@@ -130,6 +130,11 @@ async fn route_hook_delivers_into_a_local_maildir() {
     assert_eq!(bounce[0].rcpt_to, vec!["s@sender.test"]);
 }
 
+/// The time limit of tests whose plugin writes to the kv store. A write waits for its durable
+/// commit, and with the rest of the suite running beside it an `fsync` can take longer than the
+/// default 100 ms; these tests are about what the plugin decides, not about its time limit.
+const KV_TIME_LIMIT: &str = "time_limit = \"5s\"";
+
 /// A router with the misbehaving plugin in `mode`, and the time it took to refuse a victim.
 async fn misbehave(mode: &str, limits: &str) -> (Router, String, Duration) {
     let settings = format!("grants = [\"kv\"]\n{limits}\n[plugin.config]\nmode = \"{mode}\"\n");
@@ -341,16 +346,17 @@ async fn transactions_start_from_the_state_init_left_unless_preinitialize_is_off
 async fn init_runs_once_per_load() {
     // Pre-initialised: the one `init` is the one the snapshot keeps; the loader learns the
     // plugin's hooks from it instead of running `init` again to validate the configuration.
-    let (_router, reply, _) = misbehave("inits", "").await;
+    let (_router, reply, _) = misbehave("inits", KV_TIME_LIMIT).await;
     assert_eq!(reply, "550 5.7.1 inits 1");
     // Not pre-initialised: once at load (validation), then once in the transaction's instance.
-    let (_router, reply, _) = misbehave("inits", "preinitialize = false").await;
+    let limits = format!("preinitialize = false\n{KV_TIME_LIMIT}");
+    let (_router, reply, _) = misbehave("inits", &limits).await;
     assert_eq!(reply, "550 5.7.1 inits 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
-    let (_router, reply, _) = misbehave("kv", "").await;
+    let (_router, reply, _) = misbehave("kv", KV_TIME_LIMIT).await;
     assert_eq!(reply, "550 5.7.1 victim number 1");
     let refused = Router::try_start(RouterOptions {
         extra: plugin("misbehave", "misbehave", "[plugin.config]\nmode = \"kv\"\n"),
@@ -646,11 +652,11 @@ async fn address_rewrite_maps_senders_and_recipients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_counts_senders_in_the_kv_store_and_exports_metrics() {
-    let limits = "grants = [\"kv\", \"metrics\"]\n[plugin.config]\nper_sender = { limit = 2, window_seconds = 60 }\nreply = \"450 4.7.1 Slow down\"\n";
+    let limits = format!("grants = [\"kv\", \"metrics\"]\n{KV_TIME_LIMIT}\n[plugin.config]\nper_sender = {{ limit = 2, window_seconds = 60 }}\nreply = \"450 4.7.1 Slow down\"\n");
     let metrics_port = free_port();
     let (router, _sink) = router_with(&format!(
         "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{}",
-        plugin("rate", "rate-limit", limits)
+        plugin("rate", "rate-limit", &limits)
     ))
     .await;
     let mut client = TestClient::connect(router.port).await;

@@ -32,6 +32,13 @@ pub const POOL_INSTANCES: u32 = 8000;
 const WARM_SLOTS: u32 = 100;
 
 pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
+    new_engine_with_pool(cache_dir, POOL_INSTANCES)
+}
+
+/// [`new_engine`] with room for `instances` instances at once. Tools that cannot map the full
+/// pool's terabyte of address space use a smaller one: `valgrind`, which counts the
+/// instructions of a message's plugin work in `bench/instructions.sh`, refuses it.
+pub fn new_engine_with_pool(cache_dir: &Path, instances: u32) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
@@ -42,11 +49,11 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
     }
     let mut pooling = PoolingAllocationConfig::default();
     pooling
-        .total_component_instances(POOL_INSTANCES)
-        .total_core_instances(POOL_INSTANCES * 4)
-        .total_memories(POOL_INSTANCES)
-        .total_tables(POOL_INSTANCES * 2)
-        .total_stacks(POOL_INSTANCES)
+        .total_component_instances(instances)
+        .total_core_instances(instances * 4)
+        .total_memories(instances)
+        .total_tables(instances * 2)
+        .total_stacks(instances)
         .max_memory_size(MEMORY_CAP as usize)
         // Reusing a slot resets its first pages with memset instead of returning them to the
         // kernel: instantiation per transaction stays in the microseconds. With PAGEMAP_SCAN

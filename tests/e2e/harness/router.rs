@@ -173,7 +173,10 @@ impl Router {
             .spawn()
             .expect("spawn switchyard");
         self.child = Some(child);
-        for _ in 0..400 {
+        // A bound, not a timing: the router listens once its plugins are compiled, and the 18 MB
+        // Python component alone takes 10 s to compile on a slow machine and over 20 s while the
+        // rest of the suite runs beside it.
+        for _ in 0..1200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
@@ -188,7 +191,7 @@ impl Router {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(format!("not listening after 20s; log:\n{}", self.log()))
+        Err(format!("not listening after 60s; log:\n{}", self.log()))
     }
 
     /// SIGKILL: no shutdown code runs.
