@@ -81,12 +81,6 @@ fn main() -> anyhow::Result<()> {
             Some(_) => engine::new_engine_with_pool(&cache, 100)?,
             None => engine::new_engine(&cache)?,
         };
-        let manager = PluginManager::start(
-            engine.clone(),
-            &[manifest("noop")],
-            PluginServices::default(),
-        )
-        .await?;
         let session = Arc::new(SessionFacts {
             client_ip: "192.0.2.1".to_string(),
             listener: "bench".to_string(),
@@ -107,6 +101,12 @@ fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        let manager = PluginManager::start(
+            engine.clone(),
+            &[manifest("noop")],
+            PluginServices::default(),
+        )
+        .await?;
         // Warm up: page in the pool slots and code.
         for _ in 0..1000 {
             let mut run = manager.run(RunContext::default());
