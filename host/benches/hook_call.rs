@@ -4,6 +4,7 @@
 //!     ./scripts/build-plugins && cargo bench --bench hook_call
 //!
 //! Uses `plugins/noop` (every hook answers "continue"). Prints median, p90 and p99 in µs.
+//! `HOOK_CALL_PAGEMAP_SCAN=1` runs it with the pool's PAGEMAP_SCAN on, which the server leaves off.
 //!
 //! The last line is one message's whole plugin work with a chain of five noop plugins, as
 //! `bench/relay-plugins.sh` runs it under SMTP load: five instances, the session hooks (connect,
@@ -77,10 +78,17 @@ fn main() -> anyhow::Result<()> {
             Ok(count) => Some(count.parse()?),
             Err(_) => None,
         };
-        let engine = match counted {
-            Some(_) => engine::new_engine_with_pool(&cache, 100)?,
-            None => engine::new_engine(&cache)?,
+        // `HOOK_CALL_PAGEMAP_SCAN=1`: the pool as it was before the server turned PAGEMAP_SCAN
+        // off, to measure what that costs (docs/benchmarks.md).
+        let pagemap_scan = std::env::var_os("HOOK_CALL_PAGEMAP_SCAN").is_some();
+        let tuning = engine::PoolTuning {
+            instances: match counted {
+                Some(_) => 100,
+                None => engine::POOL_INSTANCES,
+            },
+            pagemap_scan,
         };
+        let engine = engine::new_engine_with(&cache, tuning)?;
         let session = Arc::new(SessionFacts {
             client_ip: "192.0.2.1".to_string(),
             listener: "bench".to_string(),

@@ -13,4 +13,5 @@ pub mod plugins;
 pub mod queue;
 pub mod serve;
 pub mod services;
+pub mod shutdown;
 pub mod smtp;

@@ -33,7 +33,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(config_path.as_ref())?;
             init_logging(&config.log.level);
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(switchyard::serve::serve(config, config_path))
+            let served = runtime.block_on(switchyard::serve::serve(config, config_path));
+            // Work a stop cut short (a delivery past the drain time) must not hold up the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            served
         }
         Command::Plugins { config, action } => {
             let config = load_config(config.as_ref())?;

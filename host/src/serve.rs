@@ -14,6 +14,7 @@ use crate::plugins::{PluginManager, PluginServices};
 use crate::queue::sqlite::SqliteQueue;
 use crate::queue::Queue;
 use crate::services::Services;
+use crate::shutdown::{Drained, Shutdown};
 use crate::smtp::server::{self, SessionLimits};
 
 /// `config_path` is the file the configuration came from (None: the built-in default); plugin
@@ -45,7 +46,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     };
     let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
     let authenticator = config.authentication.verify.then(|| dns.authenticator());
-    let dispatcher = Dispatcher::new(config.clone(), queue.clone(), dns, plugins.clone());
+    let shutdown = Shutdown::new();
+    let dispatcher = Dispatcher::new(
+        config.clone(),
+        queue.clone(),
+        dns,
+        plugins.clone(),
+        shutdown.clone(),
+    );
     let tls_acceptor = match &config.tls {
         Some(files) => Some(tokio_rustls::TlsAcceptor::from(
             crate::net::tls::server_config(&files.certificate, &files.private_key)?,
@@ -74,6 +82,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tls_acceptor,
         authenticator,
         accounts,
+        auth_budget: Arc::new(server::AuthBudget::new(
+            config.submission.auth_failures.clone(),
+        )),
+        shutdown: shutdown.clone(),
     });
     let mut sockets = Vec::new();
     for listener in &config.listeners {
@@ -89,7 +101,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             limits.clone(),
         ));
     }
-    tokio::spawn(run_scanner(dispatcher, node_id));
+    let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     tokio::spawn(crate::plugins::reload::run(
         services.plugins.clone(),
         config_path,
@@ -100,9 +112,41 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         .with_context(|| format!("writing {}", pid_file.display()))?;
     tracing::info!(queue = %queue_path.display(), hostname = %config.hostname, "switchyard ready");
     shutdown_signal().await;
+    stop(&shutdown, config.shutdown.drain_timeout).await;
+    let _ = scanner.await;
     let _ = std::fs::remove_file(&pid_file);
-    tracing::info!("shutting down; queued mail stays in the queue");
     Ok(())
+}
+
+/// The graceful stop (see `shutdown.rs`), logged so an operator can tell how it ended.
+async fn stop(shutdown: &Shutdown, drain_timeout: std::time::Duration) {
+    let (sessions, deliveries) = shutdown.running();
+    tracing::info!(
+        sessions,
+        deliveries,
+        drain_timeout = %humantime::format_duration(drain_timeout),
+        "stopping: no new connections or deliveries; waiting for those under way"
+    );
+    shutdown.begin();
+    let drained = shutdown.drain(drain_timeout, shutdown_signal()).await;
+    let (sessions, deliveries) = shutdown.running();
+    match drained {
+        Drained::Completely => {
+            tracing::info!(
+                "stopped: every session and delivery finished; queued mail stays in the queue"
+            )
+        }
+        Drained::TimedOut => tracing::warn!(
+            sessions,
+            deliveries,
+            "stopped at the end of the drain time; cut deliveries are tried again after a restart"
+        ),
+        Drained::Interrupted => tracing::warn!(
+            sessions,
+            deliveries,
+            "stopped at once on a second signal; cut deliveries are tried again after a restart"
+        ),
+    }
 }
 
 async fn shutdown_signal() {

@@ -22,4 +22,8 @@ pub struct Services {
     /// Present when `[submission] users_file` is set: SMTP AUTH is offered on submission
     /// listeners.
     pub accounts: Option<Arc<crate::accounts::Accounts>>,
+    /// Failed AUTH attempts per client address, across sessions.
+    pub auth_budget: Arc<crate::smtp::server::AuthBudget>,
+    /// The graceful stop: sessions run under it and watch it.
+    pub shutdown: crate::shutdown::Shutdown,
 }

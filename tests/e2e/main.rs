@@ -8,6 +8,8 @@ mod crash;
 mod delivery;
 mod examples;
 mod plugins;
+mod shutdown;
 mod smtp_in;
+mod smuggling;
 mod submission;
 mod tls;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
 use crate::harness::dns::DnsServer;
-use crate::harness::router::{free_port, plugin_path, Router, RouterOptions};
+use crate::harness::router::{free_port, plugin_path, scrape_metrics, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
 fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
@@ -679,7 +679,7 @@ async fn rate_limit_counts_senders_in_the_kv_store_and_exports_metrics() {
         "other senders have their own count"
     );
     // The plugin's counter and the host's own series on the Prometheus endpoint.
-    let scraped = scrape(metrics_port).await;
+    let scraped = scrape_metrics(metrics_port).await;
     for series in [
         "switchyard_plugin_counter_total{plugin=\"rate\",name=\"limited_total\"} 1",
         "switchyard_messages_accepted_total 2",
@@ -705,26 +705,6 @@ async fn sink_refusing_nobody() -> Sink {
         })),
     )
     .await
-}
-
-/// The body of a GET of the metrics endpoint.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to the metrics endpoint");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send the request");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("a response within 10 s")
-        .expect("read the response");
-    let response = String::from_utf8_lossy(&response).to_string();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,7 +831,7 @@ async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed
     sink.wait_for(1, Duration::from_secs(15)).await;
     let mut scraped = String::new();
     for _ in 0..50 {
-        scraped = scrape(metrics_port).await;
+        scraped = scrape_metrics(metrics_port).await;
         if scraped.contains("name=\"failed_total\"") {
             break;
         }
@@ -974,4 +954,108 @@ async fn plugins_from_one_file_share_code_but_not_config_or_state() {
         listed.contains("first") && listed.contains("second"),
         "{listed}"
     );
+}
+
+/// No plugin can get CR, LF or NUL past the host: not into a reply (a forged second reply), an
+/// address (a smuggled command), a header field or an added recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_cannot_inject_line_breaks_or_nul() {
+    let settings = "grants = [\"kv\"]\n[plugin.config]\nmode = \"inject\"\n";
+    let (router, sink) = router_with(&plugin("misbehave", "misbehave", settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    client
+        .send(b"RCPT TO:<victim@switchyard.test>\r\nRCPT TO:<rewrite@switchyard.test>\r\nRCPT TO:<b@switchyard.test>\r\nNOOP\r\n")
+        .await;
+    assert_eq!(
+        client.reply().await.text,
+        "550 5.7.1 refused  250 2.1.5 Ok  (a forged second reply)",
+        "one reply line, whatever the plugin's text holds"
+    );
+    assert_eq!(
+        client.reply().await.text,
+        "451 4.3.0 Temporary policy failure, try again later",
+        "a rewrite into an invalid address is refused"
+    );
+    assert_eq!(client.reply().await.text, "250 2.1.5 Ok");
+    assert_eq!(
+        client.reply().await.text,
+        "250 2.0.0 Ok",
+        "the NOOP, in step"
+    );
+    let reply = client.command("DATA").await;
+    assert_eq!(reply.code, 354);
+    client
+        .send(b"From: s@sender.test\r\nSubject: original\r\n\r\nbody\r\n.\r\n")
+        .await;
+    assert_eq!(client.reply().await.code, 250);
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received().len(), 1);
+    let message = &received[0];
+    assert_eq!(
+        message.rcpt_to,
+        vec!["b@switchyard.test"],
+        "no recipient was added"
+    );
+    assert!(
+        message.data.contains("X-Clean: yes\r\n"),
+        "{}",
+        message.data
+    );
+    assert!(
+        message.data.contains("Subject: original\r\n"),
+        "{}",
+        message.data
+    );
+    for injected in ["Bcc:", "Injected", "X-Nul", "X-Injected", "\0"] {
+        assert!(
+            !message.data.contains(injected),
+            "{injected:?} in {}",
+            message.data
+        );
+    }
+    let log = router.log();
+    assert!(log.contains("plugin header edit ignored"), "{log}");
+    assert!(log.contains("plugin added an invalid recipient"), "{log}");
+    assert!(
+        log.contains("a plugin rewrote an address into an invalid one"),
+        "{log}"
+    );
+}
+
+/// An instance that takes over a pool slot never sees what the slot's previous instance wrote:
+/// not in its static data (restored from the snapshot) nor in fresh heap pages (given back to
+/// the kernel). The plugin looks before it writes, in every transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_slots_never_show_what_the_last_instance_wrote() {
+    let settings =
+        "grants = [\"kv\"]\nmemory_limit = 16777216\n[plugin.config]\nmode = \"remember\"\n";
+    let (router, _sink) = router_with(&plugin("misbehave", "misbehave", settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    for round in 0..20 {
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert_eq!(reply.text, "550 5.7.1 wiped", "transaction {round}");
+        // The check can fail: the same instance, asked again, finds its own mark.
+        let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert_eq!(
+            reply.text, "550 5.7.1 leaked: the static",
+            "transaction {round}"
+        );
+        assert_eq!(client.command("RSET").await.code, 250);
+    }
+    // Sessions side by side draw on several slots; each starts clean too.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = TestClient::connect(router.port).await;
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        clients.push(client);
+    }
+    for client in &mut clients {
+        let reply = client.command("RCPT TO:<victim@switchyard.test>").await;
+        assert_eq!(reply.text, "550 5.7.1 wiped");
+    }
+    let log = router.log();
+    assert!(!log.contains("plugin failed"), "{log}");
 }

@@ -156,17 +156,15 @@ async fn utf8_addresses_need_smtputf8_and_arrive_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bare_lf_and_bare_cr_in_data_are_refused() {
+async fn bare_lf_and_bare_cr_in_data_are_refused_and_the_session_closed() {
     let (router, sink) = router_with_sink("").await;
-    let mut client = TestClient::connect(router.port).await;
-    let expected =
-        "550 5.5.2 Bare LF or CR in message content is not allowed; lines must end with CRLF";
     for content in [
         "Subject: x\r\n\r\nbare\nlf\r\n",
         // The smuggling shape: a fake end of data with bare LFs, then a second message.
         "Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@sender.test>\r\n",
         "Subject: x\r\n\r\nbare\rcr\r\n",
     ] {
+        let mut client = TestClient::connect(router.port).await;
         assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
         assert_eq!(
             client.command("RCPT TO:<b@switchyard.test>").await.code,
@@ -174,10 +172,21 @@ async fn bare_lf_and_bare_cr_in_data_are_refused() {
         );
         assert_eq!(client.command("DATA").await.code, 354);
         client.send(content.as_bytes()).await;
-        client.send(b".\r\n").await;
-        assert_eq!(client.reply().await.text, expected, "content {content:?}");
+        client.send(b".\r\nNOOP\r\n").await;
+        assert_eq!(
+            client.reply().await.text,
+            "550 5.5.2 Bare LF or CR in message content is not allowed; lines must end with CRLF",
+            "content {content:?}"
+        );
+        // RFC 5321 3.8: 421 before closing; the pipelined NOOP is never read as a command.
+        assert_eq!(
+            client.reply().await.text,
+            "421 4.5.2 mx.switchyard.test closing connection after malformed message content"
+        );
+        assert!(client.is_closed().await, "content {content:?}");
     }
-    // Still in step: a clean message goes through.
+    // A clean message goes through.
+    let mut client = TestClient::connect(router.port).await;
     assert_eq!(
         client
             .send_mail("a@sender.test", &["b@switchyard.test"], &message("clean"))
@@ -204,6 +213,77 @@ async fn bare_lf_and_bare_cr_in_data_are_refused() {
             .map(str::to_string),
         Some("500 5.5.2 Bare LF in command; lines must end with CRLF".into())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_data_is_refused_and_the_session_goes_on() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    for content in [
+        "Subject: x\r\n\r\nnul\0here\r\n",
+        "Subject: \0\r\n\r\nbody\r\n",
+    ] {
+        let reply = client
+            .send_mail("a@sender.test", &["b@switchyard.test"], content)
+            .await;
+        assert_eq!(
+            reply.text, "550 5.6.0 NUL characters in message content are not allowed",
+            "{content:?}"
+        );
+    }
+    // BDAT: the same rule.
+    assert_eq!(client.command("MAIL FROM:<a@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.code,
+        250
+    );
+    let content = "Subject: x\r\n\r\nnul\0\r\n";
+    client
+        .send(format!("BDAT {} LAST\r\n{content}", content.len()).as_bytes())
+        .await;
+    assert_eq!(client.reply().await.code, 550);
+    client
+        .send_accepted("a@sender.test", &["b@switchyard.test"], &message("clean"))
+        .await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received().len(), 1);
+    assert!(!sink.received()[0].data.contains('\0'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_commands_are_refused() {
+    let (router, sink) = router_with_sink("").await;
+    let mut client = TestClient::connect_raw(router.port).await;
+    assert_eq!(client.reply().await.code, 220);
+    for command in [
+        "EHLO a\0b",
+        "HELO \0",
+        "EHLO client\x1b[2J.test",
+        "MAIL FROM:<a@sender.test>\0",
+        "NOOP \x7f",
+    ] {
+        let reply = client.command(command).await;
+        assert_eq!(
+            reply.text, "500 5.5.2 Control characters in commands are not allowed",
+            "{command:?}"
+        );
+    }
+    // A tab is whitespace (here a syntax error), not a control character.
+    assert_eq!(client.command("HELO a\tb").await.code, 501);
+    assert_eq!(client.command("EHLO client.test").await.code, 250);
+    client
+        .send_accepted("a@sender.test", &["b@switchyard.test"], &message("after"))
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        received[0]
+            .data
+            .starts_with("Received: from client.test ([127.0.0.1])"),
+        "only the clean HELO name reaches the Received header: {}",
+        received[0].data
+    );
+    assert!(!received[0].data.contains('\0'));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

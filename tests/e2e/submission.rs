@@ -242,3 +242,94 @@ async fn inbound_listeners_do_not_offer_auth() {
         "{reply:?}"
     );
 }
+
+/// Password guessing across sessions: 20 sessions of one wrong password each, as an attacker
+/// would open them. Each failure is answered later than the last; the fifth bans the address,
+/// and from then on it gets 421 4.7.0 at connect, right password or not, until the ban ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_across_sessions_is_slowed_then_banned() {
+    let metrics_port = crate::harness::router::free_port();
+    let server = submission(&format!(
+        "[submission.auth_failures]\nlimit = 5\nwindow = \"10m\"\nban = \"4s\"\ndelay = \"100ms\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+    ))
+    .await;
+    let mut answers = Vec::new();
+    let mut delays = Vec::new();
+    for attempt in 0..20 {
+        let mut client = TestClient::connect_raw(server.router.port).await;
+        let greeting = client.reply().await;
+        if greeting.code != 220 {
+            answers.push(greeting.text);
+            assert!(client.is_closed().await, "attempt {attempt}");
+            continue;
+        }
+        assert_eq!(client.command("EHLO client.test").await.code, 250);
+        let mut client = client.starttls().await;
+        let started = std::time::Instant::now();
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain(ALICE, &format!("guess {attempt}"))
+            ))
+            .await;
+        delays.push(started.elapsed());
+        answers.push(reply.text);
+        // The QUIT is answered 221, unless the session was closed after this failure.
+        let _ = client.try_send(b"QUIT\r\n").await;
+        match client.reply_checked().await {
+            Some(reply) if reply.code == 221 => {}
+            Some(reply) => answers.push(reply.text),
+            None => answers.push("closed".to_string()),
+        }
+    }
+    let failed = "535 5.7.8 Authentication credentials invalid";
+    assert_eq!(&answers[..5], [failed; 5], "{answers:#?}");
+    assert!(
+        answers[5].starts_with(
+            "421 4.7.0 Too many failed authentication attempts from 127.0.0.1; try again in"
+        ),
+        "the fifth failure ends its session with 421: {answers:#?}"
+    );
+    assert_eq!(answers.len(), 21, "{answers:#?}");
+    for refused in &answers[6..] {
+        assert!(
+            refused.starts_with("421 4.7.0 Too many failed authentication attempts"),
+            "{refused}"
+        );
+    }
+    // 100, 200, 400, 800 and 1600 ms: each failure waits longer than the one before.
+    for (n, delay) in delays.iter().enumerate() {
+        let least = Duration::from_millis(100 << n);
+        assert!(
+            *delay >= least,
+            "failure {n} answered after {delay:?}, before {least:?}"
+        );
+    }
+    // Banned means banned: the right password does not get in either.
+    let mut client = TestClient::connect_raw(server.router.port).await;
+    assert_eq!(client.reply().await.code, 421);
+    let metrics = crate::harness::router::scrape_metrics(metrics_port).await;
+    assert!(
+        metrics.contains("switchyard_auth_bans_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "switchyard_smtp_refused_total{listener=\"submission\",reason=\"auth_ban\"} 16"
+        ),
+        "{metrics}"
+    );
+    // The ban ends.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+    server
+        .router
+        .log_with(&["client banned after failed authentication attempts"])
+        .await;
+}

@@ -66,6 +66,7 @@ pub struct Config {
     pub authentication: AuthenticationConfig,
     pub submission: SubmissionConfig,
     pub mailboxes: MailboxesConfig,
+    pub shutdown: ShutdownConfig,
 }
 
 impl Default for Config {
@@ -88,6 +89,7 @@ impl Default for Config {
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
             mailboxes: MailboxesConfig::default(),
+            shutdown: ShutdownConfig::default(),
         }
     }
 }
@@ -363,6 +365,8 @@ pub struct SubmissionConfig {
     pub users_file: Option<PathBuf>,
     /// MAIL on a submission listener needs AUTH first, except from `relay.networks`.
     pub require_auth: bool,
+    /// Failed AUTH attempts tolerated per client address across sessions.
+    pub auth_failures: AuthFailureLimits,
 }
 
 impl Default for SubmissionConfig {
@@ -370,6 +374,43 @@ impl Default for SubmissionConfig {
         SubmissionConfig {
             users_file: None,
             require_auth: true,
+            auth_failures: AuthFailureLimits::default(),
+        }
+    }
+}
+
+/// The budget of failed AUTH attempts per client address, across sessions, in the spirit of
+/// Postfix's anvil limits and Stalwart's automatic ban: each failure is answered later than the
+/// one before, and an address that spends the budget is refused at connect for a while.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFailureLimits {
+    /// Failures from one address within `window` that get it banned; 0 turns the budget off.
+    /// An IPv6 client counts by its /64, which one host usually holds whole.
+    pub limit: u32,
+    /// How long a failure counts.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long a banned address's connections to submission listeners get 421 4.7.0.
+    #[serde(with = "humantime_serde")]
+    pub ban: Duration,
+    /// How long the first failure's 535 reply is held back; each further failure of the
+    /// address within the window doubles it (up to 16 times).
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// Client networks the budget never applies to: a webmail front end that logs in for many
+    /// users from one address, say.
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
+impl Default for AuthFailureLimits {
+    fn default() -> Self {
+        AuthFailureLimits {
+            limit: 5,
+            window: Duration::from_secs(600),
+            ban: Duration::from_secs(900),
+            delay: Duration::from_secs(1),
+            exempt: Vec::new(),
         }
     }
 }
@@ -381,6 +422,24 @@ pub struct MailboxesConfig {
     /// Where a route hook's `mailbox(name)` delivers: the Maildir `root/name/`. In a file,
     /// relative to the file. Without it such recipients are deferred.
     pub root: Option<PathBuf>,
+}
+
+/// What a SIGTERM waits for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long sessions and deliveries under way may take to finish after a SIGTERM before
+    /// the process exits anyway (a second SIGTERM or SIGINT exits at once).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The Prometheus endpoint.

@@ -46,7 +46,7 @@ pub fn build(
     ));
     text.push_str(&format!("To: <{}>\r\n", original.sender));
     let subject = custom
-        .map(|custom| custom.subject.replace(['\r', '\n'], " "))
+        .map(|custom| crate::smtp::text::one_line(&custom.subject).into_owned())
         .unwrap_or_else(|| "Undelivered Mail Returned to Sender".to_string());
     text.push_str(&format!("Subject: {subject}\r\n"));
     text.push_str(&format!("Date: {date}\r\n"));
@@ -64,12 +64,16 @@ pub fn build(
     );
     match custom {
         Some(custom) => {
-            // Normalised to CRLF: a DSN is held to the same line-ending rules as what we accept.
+            // Normalised to CRLF, other control characters (NUL...) to spaces: a DSN is held
+            // to the same rules as what we accept.
             let body = custom
                 .text
                 .replace("\r\n", "\n")
                 .replace('\r', "\n")
-                .replace('\n', "\r\n");
+                .split('\n')
+                .map(crate::smtp::text::one_line)
+                .collect::<Vec<_>>()
+                .join("\r\n");
             text.push_str(&body);
             if !body.ends_with("\r\n") {
                 text.push_str("\r\n");
@@ -212,5 +216,36 @@ mod tests {
             !text.contains("body"),
             "only the headers of the original are returned"
         );
+    }
+
+    /// A bounce plugin's subject and text cannot add header fields or carry NUL into the DSN.
+    #[test]
+    fn plugin_text_stays_in_its_place() {
+        let failed = [FailedRecipient {
+            address: "b@x.test".into(),
+            status: "5.1.1".into(),
+            diagnostic: "550 5.1.1 no".into(),
+            remote_mta: None,
+        }];
+        let custom = BounceText {
+            subject: "Oops\r\nBcc: everyone@x.test\0".into(),
+            text: "line one\nline\0two\r.\r\n".into(),
+        };
+        let dsn = build(
+            "mx.test",
+            &meta("a@y.test"),
+            b"Subject: x\r\n\r\n",
+            &failed,
+            Some(&custom),
+        )
+        .expect("dsn");
+        let text = String::from_utf8(dsn.content.to_vec()).expect("utf8");
+        assert!(
+            text.contains("Subject: Oops  Bcc: everyone@x.test \r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\r\nBcc:"));
+        assert!(text.contains("line one\r\nline two\r\n.\r\n"), "{text}");
+        assert!(!text.contains('\0'));
     }
 }

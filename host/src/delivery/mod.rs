@@ -24,6 +24,7 @@ use crate::plugins::{PluginManager, PluginRun, PluginSet, RunContext};
 use crate::queue::{
     now_millis, MessageMeta, Outcome, Queue, QueuedMessage, RecipientResult, RecipientRow,
 };
+use crate::shutdown::Shutdown;
 use crate::smtp::address::{domain_key, Mailbox};
 use crate::smtp::client::{Client, ConnectOptions, Envelope};
 use crate::smtp::reply::Reply;
@@ -65,6 +66,8 @@ pub struct Dispatcher {
     tls_config: Arc<rustls::ClientConfig>,
     connections: Arc<Semaphore>,
     state: Mutex<State>,
+    /// Once stopping, no delivery starts; those under way finish.
+    shutdown: Shutdown,
 }
 
 /// The message facts plugins see.
@@ -90,8 +93,10 @@ impl Dispatcher {
         queue: Arc<dyn Queue>,
         dns: Arc<Dns>,
         plugins: Arc<PluginManager>,
+        shutdown: Shutdown,
     ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
+            shutdown,
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
             config,
             queue,
@@ -116,6 +121,10 @@ impl Dispatcher {
         content: Option<Bytes>,
         plugins: Option<PluginRun>,
     ) {
+        if self.shutdown.is_stopping() {
+            // The message is in the queue, leased to this process: the next start takes it up.
+            return;
+        }
         let meta = Arc::new(message.meta);
         let recipients = self.take_in_flight(&meta.id, message.recipients);
         if recipients.is_empty() {
@@ -124,7 +133,7 @@ impl Dispatcher {
         let set = self.plugins.current();
         if set.implements(HookKind::Route) {
             let dispatcher = self.clone();
-            tokio::spawn(async move {
+            self.shutdown.spawn_delivery(async move {
                 dispatcher
                     .route_with_plugins(set, meta, recipients, content, plugins)
                     .await
@@ -308,15 +317,24 @@ impl Dispatcher {
         drop(state);
         for key in spawn {
             let dispatcher = self.clone();
-            tokio::spawn(async move { dispatcher.work(key).await });
+            self.shutdown
+                .spawn_delivery(async move { dispatcher.work(key).await });
         }
     }
 
-    /// The next job for a destination; when there is none the calling worker is no longer counted.
+    /// The next job for a destination; when there is none (or the process is stopping) the
+    /// calling worker is no longer counted. Jobs left behind at a stop stay leased in the queue,
+    /// and the next start delivers them.
     fn next_job(&self, key: &str) -> Option<(NextHop, Job)> {
         let mut state = self.state();
+        let stopping = self.shutdown.is_stopping();
         let destination = state.destinations.get_mut(key)?;
-        match destination.jobs.pop_front() {
+        let job = if stopping {
+            None
+        } else {
+            destination.jobs.pop_front()
+        };
+        match job {
             Some(job) => Some((destination.hop.clone(), job)),
             None => {
                 destination.workers -= 1;

@@ -12,7 +12,7 @@ const CLAIM_BATCH: i64 = 500;
 pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
     let interval = dispatcher.config.queue.scan_interval;
     let lease = dispatcher.config.queue.lease.as_millis() as i64;
-    loop {
+    while !dispatcher.shutdown.is_stopping() {
         let now = now_millis();
         match dispatcher
             .queue
@@ -33,6 +33,9 @@ pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
             }
             Err(error) => tracing::error!(%error, "queue scan failed"),
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = dispatcher.shutdown.stopping() => {}
+        }
     }
 }

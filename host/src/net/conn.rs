@@ -6,33 +6,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use super::line::{Framer, Line, LineReader};
 use super::stream::Stream;
-
-/// How a line ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LineEnd {
-    Crlf,
-    /// A LF without the CR before it.
-    BareLf,
-    /// The peer closed the connection in the middle of (or before) the line.
-    Eof,
-}
-
-/// One line as read, without its line ending.
-#[derive(Debug)]
-pub struct Line {
-    pub bytes: Vec<u8>,
-    pub end: LineEnd,
-    /// The line was longer than the limit; `bytes` holds only the start of it.
-    pub too_long: bool,
-}
-
-impl Line {
-    /// A CR inside the line that is not part of its CRLF ending.
-    pub fn has_bare_cr(&self) -> bool {
-        memchr::memchr(b'\r', &self.bytes).is_some()
-    }
-}
 
 pub struct Conn {
     reader: BufReader<Stream>,
@@ -89,84 +64,28 @@ impl Conn {
         self.reader.into_inner()
     }
 
-    /// Reads one line of at most `max` bytes (excluding the line ending); the rest of a longer line
-    /// is read and discarded so the protocol stays in step.
-    pub async fn read_line(&mut self, max: usize) -> io::Result<Line> {
-        let mut line = Line {
-            bytes: Vec::new(),
-            end: LineEnd::Eof,
-            too_long: false,
-        };
-        // Whether the byte before the LF was a CR, kept even when the line is too long to store.
-        let mut last_was_cr = false;
+    /// Feeds the peer's bytes to `framer` until its frame is complete (`true`) or the peer
+    /// closes the connection first (`false`). Bytes after the frame stay buffered.
+    pub async fn read_frame(&mut self, framer: &mut impl Framer) -> io::Result<bool> {
         loop {
             let available = self.reader.fill_buf().await?;
             if available.is_empty() {
-                return Ok(line);
+                return Ok(false);
             }
-            let (chunk, found_lf) = match memchr::memchr(b'\n', available) {
-                Some(position) => (&available[..position], true),
-                None => (available, false),
-            };
-            if let Some(&last) = chunk.last() {
-                last_was_cr = last == b'\r';
-            }
-            // One more byte than `max` may be a CR of the ending.
-            let room = (max + 1).saturating_sub(line.bytes.len());
-            if chunk.len() > room {
-                line.bytes.extend_from_slice(&chunk[..room]);
-                line.too_long = true;
-            } else {
-                line.bytes.extend_from_slice(chunk);
-            }
-            let consumed = chunk.len() + usize::from(found_lf);
+            let (consumed, complete) = framer.feed(available);
             self.reader.consume(consumed);
-            if found_lf {
-                if last_was_cr {
-                    if !line.too_long || line.bytes.last() == Some(&b'\r') {
-                        line.bytes.pop();
-                    }
-                    line.end = LineEnd::Crlf;
-                } else {
-                    line.end = LineEnd::BareLf;
-                }
-                if line.bytes.len() > max {
-                    line.bytes.truncate(max);
-                    line.too_long = true;
-                }
-                return Ok(line);
+            if complete {
+                return Ok(true);
             }
         }
     }
 
-    /// Reads exactly `count` bytes, appending at most `keep` of them to `into` and discarding the
-    /// rest (a BDAT chunk beyond the size limit still has to be read).
-    pub async fn read_chunk(
-        &mut self,
-        count: u64,
-        into: &mut Vec<u8>,
-        keep: u64,
-    ) -> io::Result<()> {
-        let mut remaining = count;
-        let mut keep = keep;
-        while remaining > 0 {
-            let available = self.reader.fill_buf().await?;
-            if available.is_empty() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a BDAT chunk",
-                ));
-            }
-            let take = available
-                .len()
-                .min(remaining.min(usize::MAX as u64) as usize);
-            let kept = take.min(keep.min(usize::MAX as u64) as usize);
-            into.extend_from_slice(&available[..kept]);
-            keep -= kept as u64;
-            self.reader.consume(take);
-            remaining -= take as u64;
-        }
-        Ok(())
+    /// Reads one line of at most `max` bytes (excluding the line ending); the rest of a longer line
+    /// is read and discarded so the protocol stays in step.
+    pub async fn read_line(&mut self, max: usize) -> io::Result<Line> {
+        let mut reader = LineReader::new(max);
+        self.read_frame(&mut reader).await?;
+        Ok(reader.into_line())
     }
 
     /// Reads whatever is available into a small buffer (used to detect data where none is

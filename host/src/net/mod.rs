@@ -2,5 +2,6 @@
 //! with bounds.
 
 pub mod conn;
+pub mod line;
 pub mod stream;
 pub mod tls;

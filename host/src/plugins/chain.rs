@@ -89,12 +89,7 @@ pub fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply 
     } else {
         if permanent { "5.7.1" } else { "4.7.1" }.to_string()
     };
-    let text: String = reply
-        .text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    Reply::new(code, &enhanced, text)
+    Reply::new(code, &enhanced, crate::smtp::text::one_line(&reply.text))
 }
 
 /// A verdict hook's answer, or its failure policy: `Some` decides the stage.
@@ -322,7 +317,10 @@ impl PluginRun {
                         DataVerdict::Tempfail(reply) => {
                             Some(DataDecision::Tempfail(reply_of(reply, false)))
                         }
-                        DataVerdict::Quarantine(reason) => Some(DataDecision::Quarantine(reason)),
+                        // The reason is shown by `queue show` and in logs: one line.
+                        DataVerdict::Quarantine(reason) => Some(DataDecision::Quarantine(
+                            crate::smtp::text::one_line(&reason).into_owned(),
+                        )),
                         DataVerdict::Discard => Some(DataDecision::Discard),
                     };
                     edits.extend(answer.edits);
@@ -381,5 +379,35 @@ fn data_decision(decision: Decision) -> DataDecision {
         Decision::Accept => DataDecision::Accept,
         Decision::Reject(reply) => DataDecision::Reject(reply),
         Decision::Tempfail(reply) => DataDecision::Tempfail(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::bindings::types::Reply as WitReply;
+
+    /// A plugin's reply text cannot add reply lines or carry NUL into the session.
+    #[test]
+    fn reply_text_is_one_line() {
+        let reply = reply_of(
+            WitReply {
+                code: 550,
+                enhanced: "5.7.1".into(),
+                text: "no\r\n250 2.0.0 Ok: queued\0".into(),
+            },
+            true,
+        );
+        assert_eq!(reply.to_wire(), "550 5.7.1 no  250 2.0.0 Ok: queued \r\n");
+        // A code of the wrong class, or an enhanced code with a line break, is replaced.
+        let reply = reply_of(
+            WitReply {
+                code: 250,
+                enhanced: "2.0.0\r\n".into(),
+                text: "x".into(),
+            },
+            false,
+        );
+        assert_eq!((reply.code, reply.enhanced.as_str()), (451, "4.7.1"));
     }
 }

@@ -31,14 +31,47 @@ pub const POOL_INSTANCES: u32 = 8000;
 /// same module either way.
 const WARM_SLOTS: u32 = 100;
 
-pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
-    new_engine_with_pool(cache_dir, POOL_INSTANCES)
+/// How the instance pool is set up; the server uses [`PoolTuning::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolTuning {
+    /// Instances at once. Tools that cannot map the full pool's terabyte of address space use
+    /// fewer: `valgrind`, which counts the instructions of a message's plugin work in
+    /// `bench/instructions.sh`, refuses it.
+    pub instances: u32,
+    /// Let wasmtime find the pages an instance dirtied with Linux's PAGEMAP_SCAN instead of
+    /// wiping a fixed window. Off in the server, because wasmtime 48 can then leave a previous
+    /// instance's data in a reused slot (see [`new_engine_with`]); `hook_call` turns it on only
+    /// to measure what leaving it off costs.
+    pub pagemap_scan: bool,
 }
 
-/// [`new_engine`] with room for `instances` instances at once. Tools that cannot map the full
-/// pool's terabyte of address space use a smaller one: `valgrind`, which counts the
-/// instructions of a message's plugin work in `bench/instructions.sh`, refuses it.
-pub fn new_engine_with_pool(cache_dir: &Path, instances: u32) -> anyhow::Result<Engine> {
+impl Default for PoolTuning {
+    fn default() -> Self {
+        PoolTuning {
+            instances: POOL_INSTANCES,
+            pagemap_scan: false,
+        }
+    }
+}
+
+pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
+    new_engine_with(cache_dir, PoolTuning::default())
+}
+
+/// [`new_engine`] with another pool.
+///
+/// Why PAGEMAP_SCAN stays off: with it, wasmtime 48 resets only the pages the scan reports as
+/// present and written, and gives back to the kernel only what lies beyond where the scan
+/// stopped. A written page that is not present at that moment (swapped out, or being moved by
+/// the kernel's compaction or NUMA balancing, which use the same non-present entries) is neither
+/// reset nor given back, so the next instance in the slot reads the previous one's data: another
+/// transaction's, and with tenants another customer's. wasmtime fixed this in 50.0.0 (PR #14357),
+/// which needs a newer Rust than this project's 1.95. Without the scan, the first
+/// `linear_memory_keep_resident` bytes of a slot are wiped whole and the rest is given back to
+/// the kernel, whatever the pages' state; the e2e test `reused_slots_never_show_what_the_last_instance_wrote`
+/// checks the outcome and `docs/benchmarks.md` what it costs.
+pub fn new_engine_with(cache_dir: &Path, tuning: PoolTuning) -> anyhow::Result<Engine> {
+    let instances = tuning.instances;
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
@@ -56,11 +89,13 @@ pub fn new_engine_with_pool(cache_dir: &Path, instances: u32) -> anyhow::Result<
         .total_stacks(instances)
         .max_memory_size(MEMORY_CAP as usize)
         // Reusing a slot resets its first pages with memset instead of returning them to the
-        // kernel: instantiation per transaction stays in the microseconds. With PAGEMAP_SCAN
-        // (Linux 6.7+; ignored elsewhere) only the pages the instance dirtied are reset, not the
-        // whole window, which under load is most of the cost of a short-lived instance.
+        // kernel: instantiation per transaction stays in the microseconds.
         .linear_memory_keep_resident(1024 * 1024)
-        .pagemap_scan(Enabled::Auto)
+        .pagemap_scan(if tuning.pagemap_scan {
+            Enabled::Auto
+        } else {
+            Enabled::No
+        })
         .table_keep_resident(64 * 1024)
         .async_stack_keep_resident(64 * 1024)
         // Slot resets are not batched (`decommit_batch_size` stays 1): with the resident windows

@@ -200,6 +200,8 @@ impl log::Host for HostState {
     async fn write(&mut self, level: types::Level, message: String) {
         let plugin = &*self.plugin().name;
         let queue_id = self.queue_id.as_deref().unwrap_or("-");
+        // One log line per call: a plugin cannot forge lines that look like the host's.
+        let message = crate::smtp::text::one_line(&message);
         match level {
             types::Level::Trace => tracing::trace!(plugin, queue_id, "{message}"),
             types::Level::Debug => tracing::debug!(plugin, queue_id, "{message}"),

@@ -5,3 +5,4 @@ pub mod address;
 pub mod client;
 pub mod reply;
 pub mod server;
+pub mod text;

@@ -109,7 +109,7 @@ impl Reply {
 }
 
 fn push_text(out: &mut String, text: &str) {
-    out.extend(text.chars().map(|c| if c.is_control() { ' ' } else { c }));
+    out.push_str(&super::text::one_line(text));
 }
 
 /// An RFC 3463 enhanced status code: class.subject.detail.

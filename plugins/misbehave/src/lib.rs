@@ -4,6 +4,18 @@
 //! them from one pre-initialised snapshot, a new one when each instance ran `init`), or count in
 //! the kv store (so the component imports `kv`, which a manifest may not grant), or tell how many
 //! times `init` has run with mode `inits` (its `init` counts itself in the kv store).
+//!
+//! Mode `inject` tries to get CR, LF and NUL past the host: a reply text with a second reply in
+//! it (recipient `victim`), a rewrite into an address with a command in it (recipient
+//! `rewrite`), and, at DATA, header edits and an added recipient with line breaks and NUL, beside
+//! one harmless header (`X-Clean: yes`) that must arrive.
+//!
+//! Mode `remember` looks for what an earlier instance may have left in this instance's memory,
+//! then leaves it there itself: a static and a 2 MiB heap block (past the window the host wipes
+//! by hand, so it is given back to the kernel instead). The reply to `victim` says `wiped` when
+//! the instance started clean, else what it found.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 use switchyard_plugin_sdk::host::kv;
@@ -22,7 +34,7 @@ pub struct Misbehave {
 
 impl Plugin for Misbehave {
     type Config = Config;
-    const HOOKS: &'static [Hook] = &[Hook::RcptTo];
+    const HOOKS: &'static [Hook] = &[Hook::RcptTo, Hook::Data];
 
     fn new(config: Config) -> Result<Self, String> {
         use std::hash::BuildHasher;
@@ -44,6 +56,9 @@ impl Plugin for Misbehave {
         recipient: &str,
         _: &[Param],
     ) -> AddressDecision {
+        if self.mode == "inject" && recipient.starts_with("rewrite@") {
+            return AddressDecision::rewrite("rewritten@switchyard.test>\r\nRCPT TO:<x@y.test");
+        }
         if !recipient.starts_with("victim@") {
             return AddressDecision::next();
         }
@@ -62,6 +77,12 @@ impl Plugin for Misbehave {
                 }
             }
             "trap" => panic!("misbehave: trapping on purpose"),
+            "inject" => AddressDecision::reject(
+                550,
+                "5.7.1",
+                "refused\r\n250 2.1.5 Ok\0 (a forged second reply)",
+            ),
+            "remember" => AddressDecision::reject(550, "5.7.1", remember()),
             "seed" => AddressDecision::reject(550, "5.7.1", format!("seed {}", self.seed)),
             "inits" => {
                 let inits = kv::increment("inits", 0, 3600);
@@ -86,6 +107,58 @@ impl Plugin for Misbehave {
                 AddressDecision::reject(550, "5.7.1", format!("victim number {seen}"))
             }
         }
+    }
+
+    fn data(&self, _: &Session, _: &Envelope, _: &AuthResults, _: &Body) -> DataDecision {
+        if self.mode != "inject" {
+            return DataDecision::next();
+        }
+        DataDecision::next()
+            .add_header("X-Injected", "a\r\nBcc: everyone@switchyard.test")
+            .add_header("X-Nul", "a\0b")
+            .add_header("X-Bad\r\nInjected", "v")
+            .replace_header("Subject", "new\r\nBcc: everyone@switchyard.test")
+            .add_recipient("extra@switchyard.test>\r\nRCPT TO:<x@y.test")
+            .add_header("X-Clean", "yes")
+    }
+}
+
+/// What an earlier instance would leave behind.
+const MARK: u64 = 0x5EC2_E7F0_0D5E_C2E7;
+/// Large enough that dlmalloc takes it straight from `memory.grow` and trusts it to be zero, and
+/// beyond the window the host wipes by hand.
+const BLOCK: usize = 2 << 20;
+
+static LEFT_BEHIND: AtomicU64 = AtomicU64::new(0);
+
+fn remember() -> String {
+    let mut found = Vec::new();
+    if LEFT_BEHIND.swap(MARK, Ordering::Relaxed) == MARK {
+        found.push("the static".to_string());
+    }
+    let layout = std::alloc::Layout::from_size_align(BLOCK, 8).expect("layout");
+    // SAFETY: the layout is not zero-sized; the block is read and written only within it and
+    // never freed (the instance ends with the transaction).
+    unsafe {
+        let block = std::alloc::alloc_zeroed(layout).cast::<u64>();
+        if block.is_null() {
+            return "no memory".to_string();
+        }
+        let words = BLOCK / 8;
+        let dirty = (0..words)
+            .filter(|&i| block.add(i).read_volatile() != 0)
+            .count();
+        if dirty > 0 {
+            found.push(format!("{dirty} non-zero words in a fresh heap block"));
+        }
+        for i in 0..words {
+            block.add(i).write_volatile(MARK);
+        }
+    }
+    if found.is_empty() {
+        "wiped".to_string()
+    } else {
+        format!("leaked: {}", found.join(", "))
     }
 }
 

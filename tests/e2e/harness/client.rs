@@ -31,6 +31,12 @@ impl TestClient {
         TestClient::over(stream)
     }
 
+    /// Like [`TestClient::connect_raw`], but `None` when nothing listens any more.
+    pub async fn try_connect_raw(port: u16) -> Option<TestClient> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        Some(TestClient::over(stream))
+    }
+
     fn over(stream: TcpStream) -> TestClient {
         TestClient::over_io(Box::new(stream))
     }

@@ -102,6 +102,23 @@ impl Router {
         router
     }
 
+    /// Starts the binary with a configuration of the caller's own: `build(data_dir, port)`
+    /// returns its text, which must listen on `port` and keep its state in `data_dir`.
+    pub async fn start_with(build: impl FnOnce(&std::path::Path, u16) -> String) -> Router {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, build(dir.path(), port)).expect("write config");
+        let mut router = Router {
+            dir,
+            port,
+            config_path,
+            child: None,
+        };
+        router.spawn().await;
+        router
+    }
+
     /// Writes the configuration without starting the process.
     fn start_stopped(options: RouterOptions) -> Router {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -194,6 +211,36 @@ impl Router {
         Err(format!("not listening after 60s; log:\n{}", self.log()))
     }
 
+    /// Sends SIGTERM: the graceful stop.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let pid = libc::pid_t::try_from(child.id()).expect("pid");
+            // SAFETY: kill(2) on our own child's pid; it cannot touch this process's memory.
+            let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+            assert_eq!(sent, 0, "SIGTERM to {pid}");
+        }
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`; returns its status and how
+    /// long it took. Panics with the log if it is still running then.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return (status, started.elapsed());
+                }
+            }
+            assert!(
+                started.elapsed() < limit,
+                "switchyard still running {limit:?} after being told to stop; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -250,4 +297,24 @@ impl Drop for Router {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The Prometheus page of a router's metrics endpoint.
+pub async fn scrape_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("a response within 10 s")
+        .expect("read the response");
+    let response = String::from_utf8_lossy(&response).to_string();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }

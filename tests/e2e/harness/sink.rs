@@ -25,6 +25,8 @@ pub struct Sink {
     received: Arc<Mutex<Vec<Received>>>,
     rcpt_attempts: Arc<Mutex<usize>>,
     connections: Arc<Mutex<Connections>>,
+    /// How long to wait before answering the end of DATA: keeps deliveries under way.
+    data_delay: Duration,
 }
 
 /// Connection counts, to check reuse and per-destination limits.
@@ -39,6 +41,16 @@ impl Sink {
     /// Starts a sink on `ip:port`. `rcpt_rule(address, attempt)` may return a reply line (e.g.
     /// "450 4.2.0 busy") instead of 250; `attempt` counts RCPTs seen for any address.
     pub async fn start(ip: IpAddr, port: u16, rcpt_rule: Option<Rule>) -> Sink {
+        Sink::start_slow(ip, port, rcpt_rule, Duration::ZERO).await
+    }
+
+    /// Like [`Sink::start`], answering the end of each message's DATA only after `data_delay`.
+    pub async fn start_slow(
+        ip: IpAddr,
+        port: u16,
+        rcpt_rule: Option<Rule>,
+        data_delay: Duration,
+    ) -> Sink {
         let listener = TcpListener::bind(SocketAddr::new(ip, port))
             .await
             .expect("bind sink");
@@ -48,6 +60,7 @@ impl Sink {
             received: Arc::new(Mutex::new(Vec::new())),
             rcpt_attempts: Arc::new(Mutex::new(0)),
             connections: Arc::new(Mutex::new(Connections::default())),
+            data_delay,
         };
         let served = sink.clone();
         tokio::spawn(async move {
@@ -128,6 +141,7 @@ impl Sink {
                         data.push_str(unstuffed);
                     }
                     current.data = data;
+                    tokio::time::sleep(self.data_delay).await;
                     self.received
                         .lock()
                         .expect("received")

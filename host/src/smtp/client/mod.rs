@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::config::TlsPolicy;
-use crate::net::conn::{Conn, LineEnd};
+use crate::net::conn::Conn;
+use crate::net::line::LineEnd;
 use crate::net::stream::Stream;
 use crate::smtp::reply::Reply;
 

@@ -1,109 +1,8 @@
-//! Message content as received: reading DATA (dot-unstuffing, strict line endings, size and line
-//! limits), checking BDAT chunks the same way, and the host's own headers.
+//! Message content once received (see `data_reader.rs` for reading it): the host's own headers,
+//! the data hooks' edits, and forged authentication results.
 
-use std::io;
-
-use crate::net::conn::{Conn, LineEnd};
 use crate::plugins::bindings::types::Edit;
-use crate::smtp::reply::Reply;
-
-/// What was wrong with received content. Reading goes on to the end of the data either way, so the
-/// session stays in step with the client.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Faults {
-    /// A LF without CR or a CR without LF: the SMTP smuggling family (CVE-2023-51764 and kin).
-    pub bare_newline: bool,
-    pub long_line: bool,
-    pub too_big: bool,
-}
-
-impl Faults {
-    /// The reply for the first fault found, if any.
-    pub fn reply(&self, max_size: u64, max_line: usize) -> Option<Reply> {
-        if self.bare_newline {
-            Some(Reply::new(
-                550,
-                "5.5.2",
-                "Bare LF or CR in message content is not allowed; lines must end with CRLF",
-            ))
-        } else if self.too_big {
-            Some(Reply::new(
-                552,
-                "5.3.4",
-                format!("Message size exceeds fixed maximum message size of {max_size} bytes"),
-            ))
-        } else if self.long_line {
-            Some(Reply::new(
-                550,
-                "5.6.0",
-                format!("Message content has a line longer than {max_line} characters"),
-            ))
-        } else {
-            None
-        }
-    }
-}
-
-/// Reads DATA content up to the `<CRLF>.<CRLF>` terminator, undoing dot-stuffing. Only a
-/// terminator with strict CRLFs ends the data, so `<LF>.<LF>` tricks stay inside the (rejected)
-/// content. Returns `None` if the client disconnects first.
-pub async fn read_data(
-    conn: &mut Conn,
-    max_size: u64,
-    max_line: usize,
-) -> io::Result<Option<(Vec<u8>, Faults)>> {
-    let mut content = Vec::with_capacity(8 * 1024);
-    let mut faults = Faults::default();
-    loop {
-        let line = conn.read_line(max_line).await?;
-        match line.end {
-            LineEnd::Eof => return Ok(None),
-            LineEnd::BareLf => faults.bare_newline = true,
-            LineEnd::Crlf => {
-                if line.bytes == b"." {
-                    return Ok(Some((content, faults)));
-                }
-            }
-        }
-        if line.has_bare_cr() {
-            faults.bare_newline = true;
-        }
-        if line.too_long {
-            faults.long_line = true;
-        }
-        let text = line.bytes.strip_prefix(b".").unwrap_or(&line.bytes);
-        if faults.too_big || (content.len() + text.len() + 2) as u64 > max_size {
-            faults.too_big = true;
-            continue;
-        }
-        content.extend_from_slice(text);
-        content.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Checks BDAT content, which arrives unstuffed in raw chunks, for the faults DATA detects while
-/// reading.
-pub fn check_raw(content: &[u8], max_line: usize) -> Faults {
-    let mut faults = Faults::default();
-    let mut line_start = 0;
-    for position in memchr::memchr2_iter(b'\r', b'\n', content) {
-        match content[position] {
-            b'\r' if content.get(position + 1) != Some(&b'\n') => faults.bare_newline = true,
-            b'\n' if position == 0 || content[position - 1] != b'\r' => faults.bare_newline = true,
-            b'\n' => {
-                if position - 1 - line_start > max_line {
-                    faults.long_line = true;
-                }
-                line_start = position + 1;
-            }
-            _ => {}
-        }
-    }
-    if content.len() - line_start > max_line {
-        faults.long_line = true;
-    }
-    faults
-}
+use crate::smtp::text::{is_header_name, is_header_value};
 
 /// The header section: everything before the first empty line.
 fn header_section(content: &[u8]) -> &[u8] {
@@ -178,7 +77,8 @@ pub fn stamp(content: Vec<u8>, trace: &Trace<'_>) -> Vec<u8> {
 
 /// Applies the data hooks' header edits in chain order: additions go to the top of the header
 /// section (in the order made), removals drop every field of that name, replacements do both.
-/// Edits with a malformed name or a value containing CR or LF are ignored.
+/// Edits with a malformed name or a value holding a control character (CR, LF, NUL...) are
+/// ignored: no plugin can start a header field of its own or cut one short.
 pub fn edit_headers(content: &[u8], edits: &[Edit]) -> Vec<u8> {
     let touches_headers = edits.iter().any(|edit| {
         matches!(
@@ -202,19 +102,16 @@ pub fn edit_headers(content: &[u8], edits: &[Edit]) -> Vec<u8> {
             Edit::ReplaceHeader(header) => (Some(header.name.to_ascii_lowercase()), Some(header)),
             Edit::AddRecipient(_) | Edit::RemoveRecipient(_) => continue,
         };
+        if let Some(header) = add {
+            if !is_header_name(&header.name) || !is_header_value(&header.value) {
+                tracing::warn!(header = %crate::smtp::text::one_line(&header.name), "plugin header edit ignored: invalid name or value");
+                continue;
+            }
+        }
         if let Some(name) = remove {
             fields.retain(|(field, _, _)| *field != name);
         }
         if let Some(header) = add {
-            let valid_name = !header.name.is_empty()
-                && header
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b':');
-            if !valid_name || header.value.contains(['\r', '\n']) {
-                tracing::warn!(header = %header.name, "plugin header edit ignored: invalid name or value");
-                continue;
-            }
             let raw = format!("{}: {}\r\n", header.name, header.value).into_bytes();
             let top = fields.iter().take_while(|(_, _, added)| *added).count();
             fields.insert(top, (header.name.to_ascii_lowercase(), raw, true));
@@ -322,18 +219,6 @@ mod tests {
     }
 
     #[test]
-    fn raw_checks() {
-        assert!(!check_raw(b"a: b\r\n\r\nbody\r\n", 998).bare_newline);
-        assert!(check_raw(b"a: b\r\n\nbody\r\n", 998).bare_newline);
-        assert!(check_raw(b"a: b\r\n\rbody\r\n", 998).bare_newline);
-        assert!(check_raw(b"\nx", 998).bare_newline);
-        let long = format!("{}\r\n", "x".repeat(999));
-        assert!(check_raw(long.as_bytes(), 998).long_line);
-        let fits = format!("{}\r\n", "x".repeat(998));
-        assert!(!check_raw(fits.as_bytes(), 998).long_line);
-    }
-
-    #[test]
     fn header_counting() {
         let content =
             b"Received: a\r\n\tb\r\nreceived: c\r\nSubject: x\r\n\r\nReceived: not a header\r\n";
@@ -379,5 +264,45 @@ mod tests {
         assert!(text.contains("Message-ID: <Q1@mx.test>\r\n"));
         let again = stamp(stamped, &trace);
         assert_eq!(count_headers(&again, "Message-ID"), 1);
+    }
+
+    /// No header edit can start a field of its own or cut one with NUL; no added recipient can
+    /// carry a line break.
+    #[test]
+    fn edits_with_control_characters_are_ignored() {
+        use crate::plugins::bindings::types::Header;
+        let header = |name: &str, value: &str| {
+            Edit::AddHeader(Header {
+                name: name.into(),
+                value: value.into(),
+            })
+        };
+        let content = b"Subject: s\r\n\r\nbody\r\n";
+        let edits = vec![
+            header("X-Nul", "a\0b"),
+            header("X-Lf", "a\nInjected: yes"),
+            header("X-Cr", "a\rb"),
+            header("X-Esc", "\x1b[2J"),
+            header("X\0Name", "v"),
+            header("X-Name\r\nInjected", "v"),
+            Edit::ReplaceHeader(Header {
+                name: "Subject".into(),
+                value: "new\r\nBcc: x@y.test".into(),
+            }),
+            header("X-Tab", "a\tb"),
+        ];
+        let edited = String::from_utf8(edit_headers(content, &edits)).expect("utf8");
+        // A bad replacement is ignored whole: the field it would replace stays.
+        assert_eq!(edited, "X-Tab: a\tb\r\nSubject: s\r\n\r\nbody\r\n");
+        let mut recipients = vec!["a@b.test".to_string()];
+        edit_recipients(
+            &mut recipients,
+            &[
+                Edit::AddRecipient("c@d.test>\r\nRCPT TO:<e@f.test".into()),
+                Edit::AddRecipient("g\0@h.test".into()),
+                Edit::AddRecipient("i@j.test".into()),
+            ],
+        );
+        assert_eq!(recipients, ["a@b.test", "i@j.test"]);
     }
 }

@@ -1,8 +1,10 @@
 //! The SMTP server: listeners accept connections within the session limits and run one
 //! [`session::Session`] per connection.
 
+mod auth_budget;
 mod authenticate;
 mod content;
+mod data_reader;
 mod limits;
 mod policy;
 mod sasl;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+pub use auth_budget::AuthBudget;
 pub use limits::SessionLimits;
 
 use crate::config::ListenerConfig;
@@ -31,7 +34,8 @@ pub async fn bind(listener: &ListenerConfig) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// Accepts connections forever.
+/// Accepts connections until the process stops; the socket closes then, so new connections are
+/// refused by the kernel instead of waiting for a session that will not come.
 pub async fn serve(
     socket: TcpListener,
     listener: ListenerConfig,
@@ -40,7 +44,14 @@ pub async fn serve(
 ) {
     let listener = Arc::new(listener);
     loop {
-        let (mut stream, peer) = match socket.accept().await {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            _ = services.shutdown.stopping() => {
+                refuse_backlog(socket, &listener.name, &services.shutdown);
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
@@ -52,22 +63,63 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         metrics::counter!("switchyard_smtp_sessions_total", "listener" => listener.name.clone())
             .increment(1);
+        let banned = match listener.role {
+            crate::config::ListenerRole::Submission => services.auth_budget.refusal(peer.ip()),
+            crate::config::ListenerRole::Inbound => None,
+        };
+        if let Some(reply) = banned {
+            metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "auth_ban").increment(1);
+            tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
+            tokio::spawn(refuse(stream, reply));
+            continue;
+        }
         match limits.enter(peer.ip()) {
             Ok(guard) => {
                 let services = services.clone();
                 let listener = listener.clone();
-                tokio::spawn(async move {
+                let shutdown = services.shutdown.clone();
+                shutdown.spawn_session(async move {
                     session::Session::run(stream, peer, listener, services).await;
                     drop(guard);
                 });
             }
             Err(reply) => {
                 tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
-                tokio::spawn(async move {
-                    let _ = stream.write_all(reply.to_wire().as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
+                tokio::spawn(refuse(stream, reply));
             }
         }
     }
+}
+
+/// At a stop: answers the connections the kernel accepted but the server has not yet taken
+/// with 421, so no client that got connected is dropped without a word, then closes the socket.
+fn refuse_backlog(socket: TcpListener, listener: &str, shutdown: &crate::shutdown::Shutdown) {
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(%listener, %error, "cannot drain the listen backlog");
+            return;
+        }
+    };
+    let stopping =
+        crate::smtp::reply::Reply::new(421, "4.3.2", "Service shutting down, try again later");
+    // The socket is non-blocking (tokio made it so): accept until nothing waits.
+    while let Ok((stream, peer)) = socket.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        match stream {
+            Ok(stream) => {
+                tracing::info!(%listener, client = %peer, "connection refused: shutting down");
+                shutdown.spawn_session(refuse(stream, stopping.clone()));
+            }
+            Err(error) => tracing::debug!(%listener, %error, "cannot answer a waiting connection"),
+        }
+    }
+}
+
+/// Sends `reply` to a connection that gets no session, and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, reply: crate::smtp::reply::Reply) {
+    let _ = stream.write_all(reply.to_wire().as_bytes()).await;
+    let _ = stream.shutdown().await;
 }

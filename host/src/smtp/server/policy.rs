@@ -204,3 +204,28 @@ fn reparse(address: &str) -> Result<Mailbox, Refusal> {
             Reply::new(451, "4.3.0", "Temporary policy failure, try again later")
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plugin's rewrite cannot smuggle a command, a header line or a NUL in an address.
+    #[test]
+    fn rewrites_with_control_characters_are_refused() {
+        for bad in [
+            "a@b.test>\r\nRCPT TO:<x@y.test",
+            "a@b.test\r\nBcc: x@y.test",
+            "a\0b@b.test",
+            "a@b.test\0",
+            "\"a\r\nb\"@b.test",
+            "a@b.te\nst",
+        ] {
+            let refusal = reparse(bad).expect_err(bad);
+            assert_eq!(refusal.code, 451, "{bad:?}");
+        }
+        assert_eq!(
+            reparse("team@example.test").map(|m| m.to_string()),
+            Ok("team@example.test".to_string())
+        );
+    }
+}

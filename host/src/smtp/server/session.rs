@@ -13,10 +13,12 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::authenticate::{authenticate, Check, Client};
-use super::content::{self, Faults, Trace};
+use super::content::{self, Trace};
+use super::data_reader::{Chunk, ContentReader, Faults, Framing};
 use super::limits::canonical;
 use crate::config::ListenerConfig;
-use crate::net::conn::{Conn, LineEnd};
+use crate::net::conn::Conn;
+use crate::net::line::{Framer, LineEnd};
 use crate::net::stream::Stream;
 use crate::plugins::chain::DataDecision;
 use crate::plugins::hooks::HookKind;
@@ -37,8 +39,7 @@ pub(super) struct Transaction {
     pub(super) smtputf8: bool,
     pub(super) eight_bit_mime: bool,
     /// Content received so far by BDAT chunks; `Some` once the first chunk came.
-    pub(super) chunks: Option<Vec<u8>>,
-    pub(super) chunks_too_big: bool,
+    pub(super) chunks: Option<ContentReader>,
 }
 
 pub(super) enum Greeting {
@@ -135,15 +136,19 @@ impl Session {
         let greeting = Reply::plain(220, format!("{} ESMTP Switchyard", self.config().hostname));
         self.reply(greeting);
         self.conn.flush().await?;
+        let shutdown = self.services.shutdown.clone();
         loop {
             let limits = &self.services.config.smtp;
             let (timeout, max_line) = (limits.command_timeout, limits.max_command_line);
-            let line = match tokio::time::timeout(
-                timeout,
-                self.conn.read_line(max_line.saturating_sub(2)),
-            )
-            .await
-            {
+            if shutdown.is_stopping() {
+                return self.closing_for_shutdown().await;
+            }
+            // A session waiting for its client's next command is told of a stop at once.
+            let read = tokio::select! {
+                read = tokio::time::timeout(timeout, self.conn.read_line(max_line.saturating_sub(2))) => read,
+                _ = shutdown.stopping() => return self.closing_for_shutdown().await,
+            };
+            let line = match read {
                 Ok(line) => line?,
                 Err(_) => {
                     tracing::info!("command timeout");
@@ -168,6 +173,11 @@ impl Session {
                 LineEnd::Crlf if line.has_bare_cr() => {
                     self.error(Reply::new(500, "5.5.2", "Bare CR in command"))
                 }
+                LineEnd::Crlf if line.control_character().is_some() => self.error(Reply::new(
+                    500,
+                    "5.5.2",
+                    "Control characters in commands are not allowed",
+                )),
                 LineEnd::Crlf => match std::str::from_utf8(&line.bytes) {
                     Ok(text) => {
                         let text = text.to_string();
@@ -193,6 +203,18 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The last reply of a session cut short by a stop (RFC 5321 3.8: 421, then close).
+    async fn closing_for_shutdown(&mut self) -> std::io::Result<()> {
+        tracing::info!("session closed: server shutting down");
+        let hostname = self.config().hostname.clone();
+        self.reply(Reply::new(
+            421,
+            "4.3.2",
+            format!("{hostname} Service shutting down, try again later"),
+        ));
+        self.conn.flush().await
     }
 
     /// Counts a protocol error and queues its reply.
@@ -465,37 +487,16 @@ impl Session {
         self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
         self.conn.flush().await?;
         let limits = &self.services.config.smtp;
-        let (max_size, max_line, timeout) = (
+        let mut reader = ContentReader::new(
+            Framing::Dotted,
             limits.max_message_size,
             limits.max_data_line,
-            limits.data_timeout,
         );
-        let read = tokio::time::timeout(
-            timeout,
-            content::read_data(&mut self.conn, max_size, max_line),
-        )
-        .await;
-        let (message, faults) = match read {
-            Err(_) => {
-                tracing::info!("data timeout");
-                self.reply(Reply::new(
-                    421,
-                    "4.4.2",
-                    "Timeout exceeded during DATA, closing connection",
-                ));
-                return Ok(Flow::Close);
-            }
-            Ok(result) => match result? {
-                Some(received) => received,
-                None => {
-                    tracing::info!("client disconnected during DATA; nothing queued");
-                    return Ok(Flow::Close);
-                }
-            },
-        };
-        let reply = self.finish_message(message, faults).await;
-        self.reply(reply);
-        Ok(Flow::Continue)
+        if let Some(flow) = self.read_content(&mut reader, "DATA").await? {
+            return Ok(flow);
+        }
+        let (message, faults) = reader.finish();
+        Ok(self.end_of_content(message, faults).await)
     }
 
     async fn bdat(&mut self, argument: &str) -> std::io::Result<Flow> {
@@ -517,25 +518,24 @@ impl Session {
             ));
             return Ok(Flow::Close);
         };
-        let max_size = self.config().smtp.max_message_size;
         let ready = self.transaction.sender.is_some() && !self.transaction.recipients.is_empty();
-        let mut chunks = self.transaction.chunks.take().unwrap_or_default();
-        let keep = if ready {
-            (max_size + 1).saturating_sub(chunks.len() as u64)
-        } else {
-            0
-        };
-        let timeout = self.config().smtp.data_timeout;
-        match tokio::time::timeout(timeout, self.conn.read_chunk(size, &mut chunks, keep)).await {
-            Err(_) => {
-                self.reply(Reply::new(
-                    421,
-                    "4.4.2",
-                    "Timeout exceeded during BDAT, closing connection",
-                ));
-                return Ok(Flow::Close);
+        let limits = &self.services.config.smtp;
+        let mut content = self.transaction.chunks.take().unwrap_or_else(|| {
+            ContentReader::new(
+                Framing::Chunked,
+                limits.max_message_size,
+                limits.max_data_line,
+            )
+        });
+        if size > 0 {
+            // A chunk the transaction cannot take is still read, to stay in step.
+            let mut chunk = Chunk {
+                remaining: size,
+                into: ready.then_some(&mut content),
+            };
+            if let Some(flow) = self.read_content(&mut chunk, "BDAT").await? {
+                return Ok(flow);
             }
-            Ok(result) => result?,
         }
         if !ready {
             let reply = if self.transaction.sender.is_none() {
@@ -545,41 +545,85 @@ impl Session {
             };
             return Ok(self.error(reply));
         }
-        if chunks.len() as u64 > max_size {
-            self.transaction.chunks_too_big = true;
-            chunks.clear();
-        }
         if !last {
-            self.transaction.chunks = Some(chunks);
+            self.transaction.chunks = Some(content);
             self.reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
             return Ok(Flow::Continue);
         }
-        let mut faults = content::check_raw(&chunks, self.config().smtp.max_data_line);
-        faults.too_big = self.transaction.chunks_too_big;
-        if !chunks.is_empty() && !chunks.ends_with(b"\r\n") {
-            chunks.extend_from_slice(b"\r\n");
+        let (mut message, faults) = content.finish();
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            message.extend_from_slice(b"\r\n");
         }
-        let reply = self.finish_message(chunks, faults).await;
-        self.reply(reply);
-        Ok(Flow::Continue)
+        Ok(self.end_of_content(message, faults).await)
     }
 
-    /// Ends the transaction: checks the content, stamps it, asks the data hooks and queues it.
+    /// Reads message content with `framer` within `data_timeout`: `None` once it is all in,
+    /// `Some(Flow::Close)` when the client took too long or went away first (nothing is queued).
+    async fn read_content(
+        &mut self,
+        framer: &mut impl Framer,
+        verb: &str,
+    ) -> std::io::Result<Option<Flow>> {
+        let timeout = self.config().smtp.data_timeout;
+        match tokio::time::timeout(timeout, self.conn.read_frame(framer)).await {
+            Err(_) => {
+                tracing::info!("{verb} timeout");
+                self.reply(Reply::new(
+                    421,
+                    "4.4.2",
+                    format!("Timeout exceeded during {verb}, closing connection"),
+                ));
+                Ok(Some(Flow::Close))
+            }
+            Ok(Ok(true)) => Ok(None),
+            Ok(Ok(false)) => {
+                tracing::info!("client disconnected during {verb}; nothing queued");
+                Ok(Some(Flow::Close))
+            }
+            Ok(Err(error)) => Err(error),
+        }
+    }
+
+    /// Ends the transaction once its content is in: refuses content with a fault (and closes
+    /// the session when the fault says the client's framing cannot be trusted), else queues it.
+    async fn end_of_content(&mut self, message: Vec<u8>, faults: Faults) -> Flow {
+        let limits = &self.services.config.smtp;
+        let Some(refusal) = faults.refusal(limits.max_message_size, limits.max_data_line) else {
+            let reply = self.finish_message(message).await;
+            self.reply(reply);
+            return Flow::Continue;
+        };
+        tracing::info!(reply = %refusal.reply, close = refusal.close, "message refused");
+        self.transaction = Transaction::default();
+        self.end_plugin_run();
+        self.reply(refusal.reply);
+        if !refusal.close {
+            return Flow::Continue;
+        }
+        // RFC 5321 3.8: a server that closes says 421 first. The client gets it where it
+        // expects its next reply.
+        let hostname = self.config().hostname.clone();
+        self.reply(Reply::new(
+            421,
+            "4.5.2",
+            format!("{hostname} closing connection after malformed message content"),
+        ));
+        Flow::Close
+    }
+
+    /// Ends the transaction with content that passed the checks: stamps it, asks the data hooks
+    /// and queues it.
     /// The reply is 250 only once the queue has committed the message.
-    async fn finish_message(&mut self, message: Vec<u8>, faults: Faults) -> Reply {
-        let reply = self.accept_message(message, faults).await;
+    async fn finish_message(&mut self, message: Vec<u8>) -> Reply {
+        let reply = self.accept_message(message).await;
         self.end_plugin_run();
         reply
     }
 
-    async fn accept_message(&mut self, message: Vec<u8>, faults: Faults) -> Reply {
+    async fn accept_message(&mut self, message: Vec<u8>) -> Reply {
         let envelope = self.wit_envelope();
         let transaction = std::mem::take(&mut self.transaction);
         let limits = &self.services.config.smtp;
-        if let Some(reply) = faults.reply(limits.max_message_size, limits.max_data_line) {
-            tracing::info!(reply = %reply, "message refused");
-            return reply;
-        }
         if content::count_headers(&message, "Received") > limits.max_received_headers {
             return Reply::new(
                 554,

@@ -7,7 +7,7 @@
 use super::sasl::{self, Credentials, Mechanism, MAX_AUTH_LINE};
 use super::session::{Flow, Greeting, Session};
 use crate::config::ListenerRole;
-use crate::net::conn::LineEnd;
+use crate::net::line::LineEnd;
 use crate::smtp::reply::Reply;
 
 impl Session {
@@ -67,6 +67,11 @@ impl Session {
         let Some(mechanism) = Mechanism::parse(mechanism) else {
             return Ok(self.error(Reply::new(504, "5.5.4", "Unrecognized authentication type")));
         };
+        if let Some(refusal) = self.services.auth_budget.refusal(self.client_ip) {
+            // Banned while this session was open (by its own or another session's failures).
+            self.reply(refusal);
+            return Ok(Flow::Close);
+        }
         if !self.conn.stream().is_tls() {
             return Ok(self.error(Reply::new(
                 538,
@@ -88,13 +93,18 @@ impl Session {
             Exchange::Closed => return Ok(Flow::Close),
         };
         let reply = self.check(mechanism, credentials).await;
-        Ok(if reply.is_positive() {
+        if reply.is_positive() {
             self.reply(reply);
-            Flow::Continue
-        } else {
-            // Failures count as errors: `max_errors` ends a session that keeps guessing.
-            self.error(reply)
-        })
+            return Ok(Flow::Continue);
+        }
+        // Failures count as errors: `max_errors` ends a session that keeps guessing, and the
+        // address's budget ends the guessing across sessions.
+        let flow = self.error(reply);
+        if let Some(banned) = self.services.auth_budget.refusal(self.client_ip) {
+            self.reply(banned);
+            return Ok(Flow::Close);
+        }
+        Ok(flow)
     }
 
     /// Reads the client's side of the exchange for `mechanism`.
@@ -182,8 +192,10 @@ impl Session {
         };
         let Credentials { identity, password } = credentials;
         if !accounts.verify(&identity, &password).await {
-            tracing::warn!(identity = %identity, mechanism = mechanism.name(), "authentication failed");
+            tracing::warn!(identity = %crate::smtp::text::one_line(&identity), mechanism = mechanism.name(), "authentication failed");
             metrics::counter!("switchyard_auth_total", "result" => "failed").increment(1);
+            let penalty = self.services.auth_budget.fail(self.client_ip);
+            tokio::time::sleep(penalty.delay).await;
             return Reply::new(535, "5.7.8", "Authentication credentials invalid");
         }
         if let Some(refusal) = self.ask_auth(mechanism.name(), &identity).await {
