@@ -4,14 +4,18 @@
 # CPU time per message (from /proc). On a shared machine the CPU per message of two builds measured
 # minutes apart differs by 10 % or more; measured in alternating rounds it shows changes of a few
 # percent. Each build may use its own noop component (NOOP_A, NOOP_B: an SDK change is in the
-# plugin, not in the host).
+# plugin, not in the host). CHAIN=none compares the two builds without plugins (the SMTP, queue and
+# delivery path alone); SIZE sets the message size in bytes (1024).
 #
 #   cp target/release/switchyard /tmp/before   # ... change, rebuild ...
 #   N=4000 ROUNDS=8 bench/ab-plugins.sh /tmp/before target/release/switchyard
+#   CHAIN=none SIZE=102400 N=3000 bench/ab-plugins.sh /tmp/before target/release/switchyard
 set -euo pipefail
 N=${N:-4000}
 SESSIONS=${SESSIONS:-20}
 ROUNDS=${ROUNDS:-8}
+SIZE=${SIZE:-1024}
+CHAIN=${CHAIN:-noop}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/switchyard-ab.XXXXXX)
 source "$root/bench/lib.sh"
@@ -21,13 +25,14 @@ trap cleanup EXIT
 
 ensure_postfix_tools
 start_sink
-bin=$1 start_switchyard a 2625 "$(noop_chain "${NOOP_A:-}")"
-bin=$2 start_switchyard b 2626 "$(noop_chain "${NOOP_B:-}")"
+chain() { [ "$CHAIN" = none ] || noop_chain "$1"; }
+bin=$1 start_switchyard a 2625 "$(chain "${NOOP_A:-}")"
+bin=$2 start_switchyard b 2626 "$(chain "${NOOP_B:-}")"
 bin=$2
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS, A=$1, B=$2"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE chain=$CHAIN, A=$1, B=$2"
 echo "| round | A delivered/s | A CPU µs/msg | B delivered/s | B CPU µs/msg |"
 echo "| --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
@@ -37,7 +42,7 @@ for round in $(seq "$ROUNDS"); do
     port=2625
     [ "$name" = b ] && port=2626
     before=$(cpu_ticks "${!pid_var}")
-    read -r _ delivered <<<"$(run "$port" 1024 switchyard_queue_empty "$name")"
+    read -r _ delivered <<<"$(run "$port" "$SIZE" switchyard_queue_empty "$name")"
     cpu=$(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / ticks_per_second / N ))
     row+=" | $delivered | $cpu"
   done

@@ -217,3 +217,66 @@ async fn sigterm_under_load_answers_every_session_and_loses_or_repeats_nothing()
         refused.len()
     );
 }
+
+/// A delivery that outlasts the drain time is cut when the time is over, and a second signal
+/// cuts it at once; either way the message stays in the queue and goes out after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_time_and_a_second_signal_bound_the_stop() {
+    for second_signal in [false, true] {
+        // The sink holds each message's end of DATA for 2 s: the delivery is under way at the stop.
+        let sink = Sink::start_slow(
+            "127.0.0.1".parse().expect("ip"),
+            0,
+            None,
+            Duration::from_secs(2),
+        )
+        .await;
+        let drain = if second_signal { "60s" } else { "500ms" };
+        let mut router = Router::start(RouterOptions {
+            extra: format!("[shutdown]\ndrain_timeout = \"{drain}\"\n"),
+            ..RouterOptions::relaying_to(sink.address, "")
+        })
+        .await;
+        let mut client = TestClient::connect(router.port).await;
+        client
+            .send_accepted("a@sender.test", &["b@switchyard.test"], &message("slow"))
+            .await;
+        // Wait until the delivery has reached the sink's DATA.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.connections().open == 0 {
+            assert!(std::time::Instant::now() < deadline, "no delivery started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        router.terminate();
+        if second_signal {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            router.terminate();
+        }
+        let (status, took) = router.wait_exit(Duration::from_secs(3)).await;
+        assert!(status.success(), "{status}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let expected = if second_signal {
+            "stopped at once on a second signal"
+        } else {
+            "stopped at the end of the drain time"
+        };
+        assert!(router.log().contains(expected), "{}", router.log());
+        // The idle session was told.
+        assert_eq!(
+            client.reply_checked().await.map(|reply| reply.text),
+            Some("421 4.3.2 mx.switchyard.test Service shutting down, try again later".to_string())
+        );
+        // The cut attempt never got its 250; after the restart the message goes out again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            sink.received().is_empty(),
+            "the cut attempt was not accepted"
+        );
+        router.spawn().await;
+        sink.wait_for(1, Duration::from_secs(20)).await;
+        router
+            .log_with(&["to=<b@switchyard.test>", "status=sent"])
+            .await;
+    }
+}

@@ -70,8 +70,13 @@ impl Reply {
 
     /// Parses the lines of a reply received from a server. `enhanced` is taken from the first
     /// line when `with_enhanced` (the server advertised ENHANCEDSTATUSCODES or the text looks
-    /// like one).
+    /// like one). Control characters in the text (a bare CR, NUL, ESC) become spaces: the text
+    /// goes into logs, the queue and DSN fields.
     pub fn parse_lines(code: u16, lines: Vec<String>) -> Reply {
+        let lines: Vec<String> = lines
+            .into_iter()
+            .map(|line| super::text::one_line(&line).into_owned())
+            .collect();
         let enhanced = lines
             .first()
             .and_then(|line| line.split_whitespace().next())
@@ -155,5 +160,8 @@ mod tests {
         assert_eq!(reply.one_line(), "550 5.1.1 no such user");
         let plain = Reply::parse_lines(220, vec!["mx ESMTP".into()]);
         assert_eq!(plain.enhanced, "");
+        // A remote server's bare CR or NUL never reaches a log line, the queue or a DSN field.
+        let hostile = Reply::parse_lines(550, vec!["5.1.1 no\rBcc: x\0".into()]);
+        assert_eq!(hostile.one_line(), "550 5.1.1 no Bcc: x ");
     }
 }
