@@ -94,7 +94,8 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
     for (socket, listener) in sockets {
         tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
-        tokio::spawn(server::serve(
+        // Under the stop's watch: it waits for the listener to answer its backlog and close.
+        shutdown.spawn_session(server::serve(
             socket,
             listener,
             services.clone(),

@@ -2,8 +2,9 @@
 //! `421 4.3.2` at their next command (at once when idle), and a message whose content is under
 //! way is still read and answered; the queue scan stops and no delivery starts, while those under
 //! way finish. The process exits when all of that is done, or when the drain time is over, or at a
-//! second signal. Nothing that got a 250 is lost either way: it is in the queue, and a cut
-//! delivery is tried again after the restart.
+//! second signal; then a session still reading a message or an AUTH answer is told 421 too, and
+//! given a moment to say it. Nothing that got a 250 is lost either way: it is in the queue, and a
+//! cut delivery is tried again after the restart.
 
 use std::future::Future;
 use std::time::Duration;
@@ -15,9 +16,14 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     stopping: CancellationToken,
+    /// Fired when the drain ends before everything finished: work still under way is cut.
+    cut: CancellationToken,
     sessions: TaskTracker,
     deliveries: TaskTracker,
 }
+
+/// How long sessions cut at the end of a drain get to send their 421.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// How a stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +55,13 @@ impl Shutdown {
         self.stopping.cancelled().await
     }
 
-    /// Runs an SMTP session, which the stop waits for.
+    /// Completes once the drain has ended with work still under way: a session still reading a
+    /// message's content says 421 and closes.
+    pub async fn cut(&self) {
+        self.cut.cancelled().await
+    }
+
+    /// Runs an SMTP session (or a listener, or a refusal), which the stop waits for.
     pub fn spawn_session<F>(&self, session: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -72,7 +84,8 @@ impl Shutdown {
     }
 
     /// After [`Shutdown::begin`]: waits until every session and delivery has finished, at most
-    /// `drain`, and no longer than until `interrupt` completes.
+    /// `drain`, and no longer than until `interrupt` completes. If work is left then, it is cut:
+    /// sessions get a moment to send their 421.
     pub async fn drain(&self, drain: Duration, interrupt: impl Future<Output = ()>) -> Drained {
         self.sessions.close();
         self.deliveries.close();
@@ -80,11 +93,16 @@ impl Shutdown {
             self.sessions.wait().await;
             self.deliveries.wait().await;
         };
-        tokio::select! {
+        let drained = tokio::select! {
             _ = finished => Drained::Completely,
             _ = tokio::time::sleep(drain) => Drained::TimedOut,
             _ = interrupt => Drained::Interrupted,
+        };
+        if drained != Drained::Completely {
+            self.cut.cancel();
+            let _ = tokio::time::timeout(CUT_GRACE, self.sessions.wait()).await;
         }
+        drained
     }
 }
 

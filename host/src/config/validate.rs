@@ -128,6 +128,22 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
         crate::accounts::Accounts::load(users)
             .map_err(|error| problem("users_file", format!("submission.users_file: {error}")))?;
     }
+    let failures = &config.submission.auth_failures;
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    if failures.limit > 0
+        && (failures.window.is_zero()
+            || failures.ban.is_zero()
+            || failures.window > YEAR
+            || failures.ban > YEAR
+            || failures.delay > std::time::Duration::from_secs(60))
+    {
+        return Err(problem(
+            "[submission.auth_failures]",
+            "submission.auth_failures: window and ban must be above 0 and at most a year, delay \
+             at most 1 minute"
+                .to_string(),
+        ));
+    }
     let submission = config
         .listeners
         .iter()

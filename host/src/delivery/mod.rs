@@ -208,6 +208,14 @@ impl Dispatcher {
                     routed.push((self.static_hop(&recipient.address), recipient));
                 }
                 RouteDecision::Hop(wit::NextHop::Mx(domain)) => {
+                    if !crate::smtp::address::is_domain(&domain) {
+                        settled.push(settle(Reply::new(
+                            451,
+                            "4.3.5",
+                            "a routing plugin named an invalid domain",
+                        )));
+                        continue;
+                    }
                     routed.push((
                         NextHop::Mx {
                             domain: domain_key(&domain),
@@ -216,8 +224,19 @@ impl Dispatcher {
                     ));
                 }
                 RouteDecision::Hop(wit::NextHop::Smarthost(smarthost)) => {
+                    // A host name as strict as one in the configuration; a plugin's bad one
+                    // defers the recipient (the operator can fix the plugin) instead of
+                    // reaching DNS, logs and DSNs.
+                    let Ok(parsed) = smarthost.host.parse::<HostPort>() else {
+                        settled.push(settle(Reply::new(
+                            451,
+                            "4.3.5",
+                            "a routing plugin named an invalid smarthost",
+                        )));
+                        continue;
+                    };
                     let host = HostPort {
-                        host: smarthost.host,
+                        host: parsed.host,
                         port: Some(smarthost.port),
                     };
                     let tls = match smarthost.tls {
@@ -541,7 +560,8 @@ impl Dispatcher {
             attempts.push(Attempt {
                 recipient: recipient.clone(),
                 reply,
-                relay: format!("mailbox:{name}"),
+                // The name came from a plugin: it goes into a log line and a DSN field.
+                relay: format!("mailbox:{}", crate::smtp::text::one_line(name)),
             });
         }
         job.content = Some(content);

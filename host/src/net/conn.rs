@@ -17,6 +17,11 @@ pub struct Conn {
     write_timeout: Duration,
 }
 
+/// How long [`Conn::close_lingering`] waits for more input, in all, and how much it reads.
+const LINGER_IDLE: Duration = Duration::from_millis(200);
+const LINGER_TOTAL: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// The write timeout until a caller sets its own (RFC 5321 4.5.3.2's five minutes).
 const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -130,5 +135,25 @@ impl Conn {
         let _ = self.flush().await;
         let timeout = self.write_timeout;
         let _ = tokio::time::timeout(timeout, self.reader.get_mut().shutdown()).await;
+    }
+
+    /// [`Conn::shutdown`], then reads and discards what the peer still sends, briefly: a socket
+    /// closed with input unread makes the kernel send a reset, and the peer's stack may then drop
+    /// our last replies (a 550 and 421, say) before its application reads them (RFC 7230 6.6
+    /// describes the same for HTTP). Ends at the peer's end of stream, after `LINGER_IDLE`
+    /// without input, after `LINGER_TOTAL`, or after `LINGER_BYTES`.
+    pub async fn close_lingering(&mut self) {
+        self.shutdown().await;
+        let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(LINGER_IDLE.min(left), self.reader.read(&mut scratch)).await
+            {
+                Ok(Ok(read)) if read > 0 => discarded += read,
+                _ => return,
+            }
+        }
     }
 }

@@ -29,14 +29,19 @@ impl Line {
         memchr::memchr(b'\r', &self.bytes).is_some()
     }
 
-    /// The first control character (other than HTAB) in the line, if any: NUL, a bare CR, DEL
-    /// and the rest have no place in an SMTP command, and copied into a header (a HELO name
-    /// goes into `Received:`) they would corrupt it.
-    pub fn control_character(&self) -> Option<u8> {
-        self.bytes
-            .iter()
-            .copied()
-            .find(|&byte| (byte < 0x20 && byte != b'\t') || byte == 0x7f)
+    /// Whether the line holds a control character other than HTAB: NUL, a bare CR, ESC, DEL, or
+    /// a C1 control in UTF-8 (U+0080 to U+009F) have no place in an SMTP command, and copied into
+    /// a header (a HELO name goes into `Received:`) or a log line they would corrupt it.
+    pub fn has_control_character(&self) -> bool {
+        let control = |c: char| c.is_control() && c != '\t';
+        match std::str::from_utf8(&self.bytes) {
+            Ok(text) => text.chars().any(control),
+            // Not UTF-8 (refused anyway): judge the ASCII bytes.
+            Err(_) => self
+                .bytes
+                .iter()
+                .any(|&byte| byte < 0x80 && control(char::from(byte))),
+        }
     }
 }
 
@@ -187,14 +192,13 @@ mod tests {
             end: LineEnd::Crlf,
             too_long: false,
         };
-        assert_eq!(line(b"EHLO a\0b").control_character(), Some(0));
-        assert_eq!(line(b"HELO \x1b[31m").control_character(), Some(0x1b));
-        assert_eq!(line(b"NOOP \x7f").control_character(), Some(0x7f));
-        assert_eq!(line(b"EHLO a\tb").control_character(), None);
-        assert_eq!(
-            line("EHLO bücher.example".as_bytes()).control_character(),
-            None
-        );
+        assert!(line(b"EHLO a\0b").has_control_character());
+        assert!(line(b"HELO \x1b[31m").has_control_character());
+        assert!(line(b"NOOP \x7f").has_control_character());
+        assert!(line("EHLO a\u{9b}31m.test".as_bytes()).has_control_character());
+        assert!(line(b"EHLO \xff\x00").has_control_character());
+        assert!(!line(b"EHLO a\tb").has_control_character());
+        assert!(!line("EHLO bücher.example".as_bytes()).has_control_character());
     }
 
     proptest! {

@@ -68,8 +68,9 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
 /// transaction's, and with tenants another customer's. wasmtime fixed this in 50.0.0 (PR #14357),
 /// which needs a newer Rust than this project's 1.95. Without the scan, the first
 /// `linear_memory_keep_resident` bytes of a slot are wiped whole and the rest is given back to
-/// the kernel, whatever the pages' state; the e2e test `reused_slots_never_show_what_the_last_instance_wrote`
-/// checks the outcome and `docs/benchmarks.md` what it costs.
+/// the kernel, whatever the pages' state. The e2e test `reused_slots_never_show_what_the_last_instance_wrote`
+/// checks that every transaction starts clean (it cannot make a page absent at the right moment,
+/// so it guards the wipe in general, not this case); `docs/benchmarks.md` gives what it costs.
 pub fn new_engine_with(cache_dir: &Path, tuning: PoolTuning) -> anyhow::Result<Engine> {
     let instances = tuning.instances;
     let mut config = Config::new();

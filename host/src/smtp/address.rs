@@ -167,6 +167,11 @@ fn check_local_part(local: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `domain` is a domain (or address literal) as strict as one in a client's address.
+pub fn is_domain(domain: &str) -> bool {
+    domain.len() <= MAX_DOMAIN && check_domain(domain).is_ok()
+}
+
 fn check_domain(domain: &str) -> Result<(), String> {
     if let Some(literal) = domain.strip_prefix('[') {
         let literal = literal
@@ -249,5 +254,20 @@ mod tests {
         }
         let long_local = format!("<{}@example.com>", "a".repeat(65));
         assert!(parse_path_argument(&long_local).is_err());
+    }
+
+    #[test]
+    fn domains_from_plugins() {
+        assert!(is_domain("example.test"));
+        assert!(is_domain("[192.0.2.1]"));
+        for bad in [
+            "",
+            "exa mple.test",
+            "example.test\r\nX: y",
+            "a\0.test",
+            "-x.test",
+        ] {
+            assert!(!is_domain(bad), "{bad:?}");
+        }
     }
 }

@@ -141,14 +141,9 @@ impl Sink {
                         data.push_str(unstuffed);
                     }
                     current.data = data;
-                    if !self.data_delay.is_zero() {
-                        tokio::time::sleep(self.data_delay).await;
-                        // A client that hung up while we waited never got its 250: as a real
-                        // server would, keep nothing.
-                        if peer_closed(&mut reader).await {
-                            return;
-                        }
-                    }
+                    // Kept even if the client hangs up meanwhile, as most servers do (the
+                    // duplicate of RFC 1047 when the client then sends it again).
+                    tokio::time::sleep(self.data_delay).await;
                     self.received
                         .lock()
                         .expect("received")
@@ -211,14 +206,6 @@ impl Sink {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// True when the peer has closed its side (a read would return end of file at once).
-async fn peer_closed<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_millis(1), reader.fill_buf()).await,
-        Ok(Ok([])) | Ok(Err(_))
-    )
 }
 
 fn extract(argument: &str) -> String {

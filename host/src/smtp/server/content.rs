@@ -191,7 +191,7 @@ pub fn edit_recipients(recipients: &mut Vec<String>, edits: &[Edit]) {
                 if valid && !recipients.contains(address) {
                     recipients.push(address.clone());
                 } else if !valid {
-                    tracing::warn!(recipient = %address, "plugin added an invalid recipient; ignored");
+                    tracing::warn!(recipient = %crate::smtp::text::one_line(address), "plugin added an invalid recipient; ignored");
                 }
             }
             Edit::RemoveRecipient(address) => {

@@ -70,7 +70,7 @@ pub async fn serve(
         if let Some(reply) = banned {
             metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "auth_ban").increment(1);
             tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
-            tokio::spawn(refuse(stream, reply));
+            services.shutdown.spawn_session(refuse(stream, reply));
             continue;
         }
         match limits.enter(peer.ip()) {
@@ -85,7 +85,7 @@ pub async fn serve(
             }
             Err(reply) => {
                 tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
-                tokio::spawn(refuse(stream, reply));
+                services.shutdown.spawn_session(refuse(stream, reply));
             }
         }
     }

@@ -200,7 +200,7 @@ fn reparse(address: &str) -> Result<Mailbox, Refusal> {
         .ok()
         .and_then(|parsed| parsed.mailbox)
         .ok_or_else(|| {
-            tracing::error!(rewrite = %address, "a plugin rewrote an address into an invalid one");
+            tracing::error!(rewrite = %crate::smtp::text::one_line(address), "a plugin rewrote an address into an invalid one");
             Reply::new(451, "4.3.0", "Temporary policy failure, try again later")
         })
 }

@@ -112,7 +112,7 @@ impl Session {
             if let Err(error) = session.serve().await {
                 tracing::debug!(%error, "session ended with an I/O error");
             }
-            session.conn.shutdown().await;
+            session.conn.close_lingering().await;
             tracing::debug!("disconnected");
         }
         .instrument(span)
@@ -173,7 +173,7 @@ impl Session {
                 LineEnd::Crlf if line.has_bare_cr() => {
                     self.error(Reply::new(500, "5.5.2", "Bare CR in command"))
                 }
-                LineEnd::Crlf if line.control_character().is_some() => self.error(Reply::new(
+                LineEnd::Crlf if line.has_control_character() => self.error(Reply::new(
                     500,
                     "5.5.2",
                     "Control characters in commands are not allowed",
@@ -207,6 +207,12 @@ impl Session {
 
     /// The last reply of a session cut short by a stop (RFC 5321 3.8: 421, then close).
     async fn closing_for_shutdown(&mut self) -> std::io::Result<()> {
+        self.reply_shutting_down();
+        self.conn.flush().await
+    }
+
+    /// Queues the 421 of a stop.
+    pub(super) fn reply_shutting_down(&mut self) {
         tracing::info!("session closed: server shutting down");
         let hostname = self.config().hostname.clone();
         self.reply(Reply::new(
@@ -214,7 +220,6 @@ impl Session {
             "4.3.2",
             format!("{hostname} Service shutting down, try again later"),
         ));
-        self.conn.flush().await
     }
 
     /// Counts a protocol error and queues its reply.
@@ -565,7 +570,16 @@ impl Session {
         verb: &str,
     ) -> std::io::Result<Option<Flow>> {
         let timeout = self.config().smtp.data_timeout;
-        match tokio::time::timeout(timeout, self.conn.read_frame(framer)).await {
+        let shutdown = self.services.shutdown.clone();
+        // A stop lets content under way finish, unless the drain time runs out first.
+        let read = tokio::select! {
+            read = tokio::time::timeout(timeout, self.conn.read_frame(framer)) => read,
+            _ = shutdown.cut() => {
+                self.reply_shutting_down();
+                return Ok(Some(Flow::Close));
+            }
+        };
+        match read {
             Err(_) => {
                 tracing::info!("{verb} timeout");
                 self.reply(Reply::new(

@@ -92,7 +92,14 @@ impl Session {
             Exchange::Refused(reply) => return Ok(self.error(reply)),
             Exchange::Closed => return Ok(Flow::Close),
         };
-        let reply = self.check(mechanism, credentials).await;
+        let reply = match self.check(mechanism, credentials).await {
+            Ok(reply) => reply,
+            Err(refusal) => {
+                // Banned meanwhile, or too many of this address's checks under way.
+                self.reply(refusal);
+                return Ok(Flow::Close);
+            }
+        };
         if reply.is_positive() {
             self.reply(reply);
             return Ok(Flow::Continue);
@@ -157,7 +164,16 @@ impl Session {
         self.reply(Reply::plain(334, sasl::challenge(challenge)));
         self.conn.flush().await?;
         let timeout = self.config().smtp.command_timeout;
-        let line = match tokio::time::timeout(timeout, self.conn.read_line(MAX_AUTH_LINE)).await {
+        let shutdown = self.services.shutdown.clone();
+        // Waiting for the client's answer is waiting for a command: a stop ends it at once.
+        let read = tokio::select! {
+            read = tokio::time::timeout(timeout, self.conn.read_line(MAX_AUTH_LINE)) => read,
+            _ = shutdown.stopping() => {
+                self.reply_shutting_down();
+                return Ok(None);
+            }
+        };
+        let line = match read {
             Ok(line) => line?,
             Err(_) => {
                 self.reply(Reply::new(
@@ -185,28 +201,44 @@ impl Session {
         })
     }
 
-    /// Checks the password, then asks the `auth` hooks; the reply ends the exchange.
-    async fn check(&mut self, mechanism: Mechanism, credentials: Credentials) -> Reply {
+    /// Checks the password, then asks the `auth` hooks; the reply ends the exchange. `Err` when
+    /// the address's failure budget refuses the check itself (the session then closes).
+    async fn check(
+        &mut self,
+        mechanism: Mechanism,
+        credentials: Credentials,
+    ) -> Result<Reply, Reply> {
         let Some(accounts) = self.services.accounts.clone() else {
-            return Reply::new(454, "4.7.0", "Temporary authentication failure");
+            return Ok(Reply::new(454, "4.7.0", "Temporary authentication failure"));
         };
+        let services = self.services.clone();
+        let attempt = services.auth_budget.attempt(self.client_ip)?;
         let Credentials { identity, password } = credentials;
         if !accounts.verify(&identity, &password).await {
             tracing::warn!(identity = %crate::smtp::text::one_line(&identity), mechanism = mechanism.name(), "authentication failed");
             metrics::counter!("switchyard_auth_total", "result" => "failed").increment(1);
-            let penalty = self.services.auth_budget.fail(self.client_ip);
-            tokio::time::sleep(penalty.delay).await;
-            return Reply::new(535, "5.7.8", "Authentication credentials invalid");
+            let penalty = attempt.failed();
+            // The wait is cut short by a stop: the session is about to be told 421 anyway.
+            tokio::select! {
+                _ = tokio::time::sleep(penalty.delay) => {}
+                _ = services.shutdown.stopping() => {}
+            }
+            return Ok(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            ));
         }
+        drop(attempt);
         if let Some(refusal) = self.ask_auth(mechanism.name(), &identity).await {
             tracing::warn!(identity = %identity, reply = %refusal, "authentication refused by plugin");
             metrics::counter!("switchyard_auth_total", "result" => "refused").increment(1);
-            return refusal;
+            return Ok(refusal);
         }
         tracing::info!(identity = %identity, mechanism = mechanism.name(), "authenticated");
         metrics::counter!("switchyard_auth_total", "result" => "ok").increment(1);
         self.auth_identity = Some(identity);
-        Reply::new(235, "2.7.0", "Authentication successful")
+        Ok(Reply::new(235, "2.7.0", "Authentication successful"))
     }
 }
 
