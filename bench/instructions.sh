@@ -5,6 +5,7 @@
 # one, so it shows what a change to the plugin runtime saves on a shared, noisy machine.
 #
 #   N=400 TOP=25 bench/instructions.sh
+#   BENCH=/tmp/hook_call-before N=400 bench/instructions.sh   # a binary kept from another build
 #
 # It runs `hook_call` in its counting mode (HOOK_CALL_MESSAGES) twice under callgrind, with 0 and
 # with N messages, and divides the difference by N, so that start-up (loading the plugins, taking
@@ -23,15 +24,19 @@ if ! command -v valgrind >/dev/null; then
 fi
 cd "$root"
 ./scripts/build-plugins >/dev/null
-bench=$(cargo bench --bench hook_call --no-run --message-format=json 2>/dev/null | python3 -c '
+# BENCH=PATH counts a `hook_call` binary built earlier (say, of the commit before a change).
+bench=${BENCH:-}
+[ -n "$bench" ] || bench=$(cargo bench --bench hook_call --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     item = json.loads(line)
     if item.get("reason") == "compiler-artifact" and "bench" in item["target"]["kind"]:
         print(item["executable"])')
-# Fill the compilation cache outside valgrind: otherwise the first counted run compiles the plugin
-# and the second does not, and the difference is meaningless.
+# Fill the compilation cache first, or the first counted run compiles the plugin and the second
+# does not, and the difference is meaningless. Under valgrind too: it shows the program another
+# CPU, so cranelift's settings, and with them the cache key, differ from a run without it.
 HOOK_CALL_MESSAGES=0 "$bench" --bench
+HOOK_CALL_MESSAGES=0 valgrind --tool=none "$bench" --bench 2>/dev/null
 
 for count in 0 "$N"; do
   HOOK_CALL_MESSAGES=$count valgrind --tool=callgrind --callgrind-out-file="$work/count.$count" \

@@ -1,17 +1,19 @@
 //! Switchyard: a mail transfer agent whose policy lives in WebAssembly plugins.
 //!
-//! The pipeline, in the order a message travels: [`smtp::server`] accepts it, [`queue`] makes it
-//! durable, [`delivery`] routes and sends it with [`smtp::client`], retrying or bouncing.
+//! The pipeline, in the order a message travels: [`inbound`] accepts it over SMTP and hands it
+//! to [`delivery::inbox`], [`queue`] makes it durable, [`delivery`] routes and sends it,
+//! retrying or bouncing. [`plugins`] answers every stage's questions; [`mail`] is the ground floor
+//! of replies, addresses and header edits that all of them share.
 
 pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod inbound;
+pub mod mail;
 pub mod metrics;
 pub mod net;
 pub mod plugins;
 pub mod queue;
 pub mod serve;
-pub mod services;
 pub mod shutdown;
-pub mod smtp;

@@ -7,15 +7,17 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::delivery::dns::Dns;
+use crate::delivery::connect::Transports;
+use crate::delivery::inbox::Inbox;
 use crate::delivery::{run_scanner, Dispatcher};
+use crate::inbound::services::Services;
+use crate::inbound::{self, SessionLimits};
+use crate::net::dns::Dns;
 use crate::plugins::kv::KvStore;
 use crate::plugins::{PluginManager, PluginServices};
 use crate::queue::sqlite::SqliteQueue;
 use crate::queue::Queue;
-use crate::services::Services;
 use crate::shutdown::{Drained, Shutdown};
-use crate::smtp::server::{self, SessionLimits};
 
 /// `config_path` is the file the configuration came from (None: the built-in default); plugin
 /// reloads read it again.
@@ -47,10 +49,11 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
     let authenticator = config.authentication.verify.then(|| dns.authenticator());
     let shutdown = Shutdown::new();
+    let transport = Arc::new(Transports::new(config.clone(), dns));
     let dispatcher = Dispatcher::new(
         config.clone(),
         queue.clone(),
-        dns,
+        transport,
         plugins.clone(),
         shutdown.clone(),
     );
@@ -73,29 +76,34 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         None => None,
     };
     let node_id = format!("{}:{}", config.hostname, std::process::id());
+    let inbox = Inbox::new(
+        queue,
+        dispatcher.clone(),
+        plugins.clone(),
+        node_id.clone(),
+        config.queue.lease,
+    );
     let services = Arc::new(Services {
         config: config.clone(),
-        queue,
-        dispatcher: dispatcher.clone(),
+        inbox: Arc::new(inbox),
         plugins,
-        node_id: node_id.clone(),
         tls_acceptor,
         authenticator,
         accounts,
-        auth_budget: Arc::new(server::AuthBudget::new(
+        auth_budget: Arc::new(inbound::AuthBudget::new(
             config.submission.auth_failures.clone(),
         )),
         shutdown: shutdown.clone(),
     });
     let mut sockets = Vec::new();
     for listener in &config.listeners {
-        sockets.push((server::bind(listener).await?, listener.clone()));
+        sockets.push((inbound::bind(listener).await?, listener.clone()));
     }
     let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
     for (socket, listener) in sockets {
         tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
         // Under the stop's watch: it waits for the listener to answer its backlog and close.
-        shutdown.spawn_session(server::serve(
+        shutdown.spawn_session(inbound::serve(
             socket,
             listener,
             services.clone(),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use switchyard::config::TlsPolicy;
-use switchyard::smtp::client::{Client, ConnectOptions, Envelope};
+use switchyard::delivery::client::{Client, ConnectOptions, Envelope};
 
 use crate::harness::client::TestClient;
 use crate::harness::router::{tls_section, Router, RouterOptions};

@@ -46,7 +46,7 @@ pub fn build(
     ));
     text.push_str(&format!("To: <{}>\r\n", original.sender));
     let subject = custom
-        .map(|custom| crate::smtp::text::one_line(&custom.subject).into_owned())
+        .map(|custom| crate::mail::text::one_line(&custom.subject).into_owned())
         .unwrap_or_else(|| "Undelivered Mail Returned to Sender".to_string());
     text.push_str(&format!("Subject: {subject}\r\n"));
     text.push_str(&format!("Date: {date}\r\n"));
@@ -71,7 +71,7 @@ pub fn build(
                 .replace("\r\n", "\n")
                 .replace('\r', "\n")
                 .split('\n')
-                .map(crate::smtp::text::one_line)
+                .map(crate::mail::text::one_line)
                 .collect::<Vec<_>>()
                 .join("\r\n");
             text.push_str(&body);
@@ -129,7 +129,7 @@ pub fn build(
     text.push_str(&format!("--{boundary}\r\n"));
     text.push_str("Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n");
     let mut message = text.into_bytes();
-    message.extend_from_slice(header_section(content));
+    message.extend_from_slice(crate::mail::header::section(content));
     message.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
 
     let eight_bit = message.iter().any(|&b| b >= 0x80);
@@ -146,14 +146,6 @@ pub fn build(
         content: Bytes::from(message),
         quarantine: None,
     })
-}
-
-/// The header section of a message, ending with CRLF (without the empty line).
-fn header_section(content: &[u8]) -> &[u8] {
-    match memchr::memmem::find(content, b"\r\n\r\n") {
-        Some(end) => &content[..end + 2],
-        None => content,
-    }
 }
 
 /// The RFC 3463 status for a reply: its enhanced code, or one derived from the basic code.

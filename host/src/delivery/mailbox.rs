@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 /// Longest mailbox name accepted.
 const MAX_NAME: usize = 128;

@@ -1,14 +1,23 @@
-//! Delivery: the dispatcher groups queued recipients by next hop, runs a bounded number of
-//! connections per destination, sends several messages per connection, and records each
-//! recipient's outcome (delivered, deferred with a retry time, or failed with a DSN).
+//! Delivery, the outbound wing: everything after the 250. The dispatcher (this file) keeps the
+//! recipients in flight, groups them by next hop (`routing.rs`), and runs a bounded number of
+//! connection workers per destination, each sending one job after another over a connection that
+//! a [`connect::Transport`] opened (SMTP or Maildir). `outcome.rs` turns each attempt's replies
+//! into delivered, deferred (with a retry time) or failed (with a DSN). `inbox.rs` is the door
+//! in from the SMTP sessions; `scanner.rs` the door in from the queue.
 
-pub mod dns;
+pub mod client;
+pub mod connect;
 pub mod dsn;
+pub mod inbox;
 pub mod mailbox;
 mod observe;
+mod outcome;
 pub mod retry;
 pub mod route;
+mod routing;
 mod scanner;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -16,20 +25,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, HostPort, TlsPolicy};
-use crate::plugins::bindings::types as wit;
-use crate::plugins::chain::RouteDecision;
+use crate::config::Config;
 use crate::plugins::hooks::HookKind;
 use crate::plugins::{PluginManager, PluginRun, PluginSet, RunContext};
-use crate::queue::{
-    now_millis, MessageMeta, Outcome, Queue, QueuedMessage, RecipientResult, RecipientRow,
-};
+use crate::queue::{MessageMeta, Queue, QueuedMessage, RecipientRow};
 use crate::shutdown::Shutdown;
-use crate::smtp::address::{domain_key, Mailbox};
-use crate::smtp::client::{Client, ConnectOptions, Envelope};
-use crate::smtp::reply::Reply;
-use dns::Dns;
-use dsn::FailedRecipient;
+use connect::{Connection, Outgoing, Transport};
+use outcome::Attempt;
 use route::NextHop;
 
 pub use scanner::run_scanner;
@@ -61,37 +63,19 @@ struct State {
 pub struct Dispatcher {
     config: Arc<Config>,
     queue: Arc<dyn Queue>,
-    dns: Arc<Dns>,
+    transport: Arc<dyn Transport>,
     plugins: Arc<PluginManager>,
-    tls_config: Arc<rustls::ClientConfig>,
     connections: Arc<Semaphore>,
     state: Mutex<State>,
     /// Once stopping, no delivery starts; those under way finish.
     shutdown: Shutdown,
 }
 
-/// The message facts plugins see.
-fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {
-    wit::MessageFacts {
-        id: meta.id.clone(),
-        sender: meta.sender.clone(),
-        size: meta.size,
-        tenant: String::new(),
-    }
-}
-
-/// The fate of one recipient in one attempt.
-struct Attempt {
-    recipient: RecipientRow,
-    reply: Reply,
-    relay: String,
-}
-
 impl Dispatcher {
     pub fn new(
         config: Arc<Config>,
         queue: Arc<dyn Queue>,
-        dns: Arc<Dns>,
+        transport: Arc<dyn Transport>,
         plugins: Arc<PluginManager>,
         shutdown: Shutdown,
     ) -> Arc<Dispatcher> {
@@ -100,9 +84,8 @@ impl Dispatcher {
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
             config,
             queue,
-            dns,
+            transport,
             plugins,
-            tls_config: crate::net::tls::unverified_client_config(),
             state: Mutex::new(State::default()),
         })
     }
@@ -173,124 +156,6 @@ impl Dispatcher {
             .into_iter()
             .filter(|recipient| state.in_flight.insert((id.to_string(), recipient.index)))
             .collect()
-    }
-
-    /// The next hop from the configuration alone: routes, smarthost, MX.
-    fn static_hop(&self, address: &str) -> NextHop {
-        let domain = Mailbox::from_stored(address)
-            .map(|mailbox| mailbox.domain)
-            .unwrap_or_default();
-        route::next_hop(&self.config, &domain)
-    }
-
-    /// Asks the route hooks for each recipient; settles at once the recipients they discard or
-    /// fail, and queues the rest.
-    async fn route_with_plugins(
-        self: Arc<Self>,
-        set: Arc<PluginSet>,
-        meta: Arc<MessageMeta>,
-        recipients: Vec<RecipientRow>,
-        content: Option<Bytes>,
-        held: Option<PluginRun>,
-    ) {
-        let mut run = self.plugin_run(&set, &meta, held);
-        let facts = plugin_facts(&meta);
-        let mut routed = Vec::new();
-        let mut settled = Vec::new();
-        for recipient in recipients {
-            let settle = |reply: Reply| Attempt {
-                recipient: recipient.clone(),
-                reply,
-                relay: "plugin".to_string(),
-            };
-            match run.route(&facts, &recipient.address).await {
-                RouteDecision::Continue | RouteDecision::Hop(wit::NextHop::Continue) => {
-                    routed.push((self.static_hop(&recipient.address), recipient));
-                }
-                RouteDecision::Hop(wit::NextHop::Mx(domain)) => {
-                    if !crate::smtp::address::is_domain(&domain) {
-                        settled.push(settle(Reply::new(
-                            451,
-                            "4.3.5",
-                            "a routing plugin named an invalid domain",
-                        )));
-                        continue;
-                    }
-                    routed.push((
-                        NextHop::Mx {
-                            domain: domain_key(&domain),
-                        },
-                        recipient,
-                    ));
-                }
-                RouteDecision::Hop(wit::NextHop::Smarthost(smarthost)) => {
-                    // A host name as strict as one in the configuration; a plugin's bad one
-                    // defers the recipient (the operator can fix the plugin) instead of
-                    // reaching DNS, logs and DSNs.
-                    let Ok(parsed) = smarthost.host.parse::<HostPort>() else {
-                        settled.push(settle(Reply::new(
-                            451,
-                            "4.3.5",
-                            "a routing plugin named an invalid smarthost",
-                        )));
-                        continue;
-                    };
-                    let host = HostPort {
-                        host: parsed.host,
-                        port: Some(smarthost.port),
-                    };
-                    let tls = match smarthost.tls {
-                        wit::TlsPolicy::None => TlsPolicy::None,
-                        wit::TlsPolicy::Opportunistic => TlsPolicy::Opportunistic,
-                        wit::TlsPolicy::Require => TlsPolicy::Require,
-                    };
-                    routed.push((NextHop::Relay { host, tls }, recipient));
-                }
-                RouteDecision::Hop(wit::NextHop::Mailbox(name)) => {
-                    if self.config.mailboxes.root.is_some() {
-                        routed.push((NextHop::Mailbox { name }, recipient));
-                    } else {
-                        // Keep the mail rather than lose it: the operator can add the setting.
-                        settled.push(settle(Reply::new(
-                            451,
-                            "4.3.5",
-                            format!("mailbox `{name}`: no [mailboxes] root is configured"),
-                        )));
-                    }
-                }
-                RouteDecision::Hop(wit::NextHop::Discard) => {
-                    settled.push(settle(Reply::new(
-                        250,
-                        "2.0.0",
-                        "discarded by a routing plugin",
-                    )));
-                }
-                RouteDecision::Hop(wit::NextHop::Fail(reply)) => {
-                    // A 4xx defers the recipient, anything else fails it.
-                    let permanent = !(400..500).contains(&reply.code);
-                    settled.push(settle(crate::plugins::chain::reply_of(reply, permanent)));
-                }
-                RouteDecision::Failed(reply) => settled.push(settle(reply)),
-            }
-        }
-        let mut run = Some(run);
-        if !settled.is_empty() {
-            let job = Job {
-                meta: meta.clone(),
-                content: content.clone(),
-                recipients: settled
-                    .iter()
-                    .map(|attempt| attempt.recipient.clone())
-                    .collect(),
-                plugins: if routed.is_empty() { run.take() } else { None },
-            };
-            self.finish(job, settled).await;
-        }
-        let run = run.and_then(|run| {
-            self.plugins
-                .hold(run, &[HookKind::DeliveryResult, HookKind::Bounce])
-        });
-        self.queue_jobs(meta, content, routed, run);
     }
 
     /// Queues one job per next hop and starts connection workers within the limits.
@@ -385,47 +250,12 @@ impl Dispatcher {
             let Some((hop, job)) = self.next_job(&key) else {
                 return;
             };
-            if let NextHop::Mailbox { name } = &hop {
-                self.deliver_locally(name, job).await;
-                continue;
-            }
-            let mut job = Some(job);
-            match self.open(&hop).await {
-                Err(reply) => {
-                    // The destination is unreachable now: every job waiting for it shares the fate.
-                    let relay = "none".to_string();
-                    let mut jobs: Vec<Job> = job.take().into_iter().collect();
-                    jobs.extend(self.take_waiting(&key));
-                    for job in jobs {
-                        let attempts = job
-                            .recipients
-                            .iter()
-                            .map(|recipient| Attempt {
-                                recipient: recipient.clone(),
-                                reply: reply.clone(),
-                                relay: relay.clone(),
-                            })
-                            .collect();
-                        self.finish(job, attempts).await;
-                    }
-                }
-                Ok(mut client) => {
-                    let max_messages = self.config.delivery.max_messages_per_connection;
-                    let mut broken = false;
-                    while let Some(current) = job.take() {
-                        broken = !self.deliver(&mut client, current).await;
-                        if broken || client.transactions >= max_messages {
-                            break;
-                        }
-                        job = self.next_job(&key).map(|(_, job)| job);
-                        if job.is_none() {
-                            // This worker is no longer counted: close and stop.
-                            client.quit().await;
-                            return;
-                        }
-                    }
-                    if !broken {
-                        client.quit().await;
+            match self.transport.open(&hop).await {
+                Err(reply) => self.unreachable(&key, job, reply).await,
+                Ok(connection) => {
+                    if !self.send_over(&key, connection, job).await {
+                        // No job was left: this worker is no longer counted.
+                        return;
                     }
                 }
             }
@@ -433,71 +263,67 @@ impl Dispatcher {
         }
     }
 
-    /// Connects to the first reachable host of a next hop. An `Err` is the reply for every
-    /// recipient that was to go there.
-    async fn open(&self, hop: &NextHop) -> Result<Client, Reply> {
-        let delivery = &self.config.delivery;
-        let targets = self.dns.targets(hop, delivery.port).await?;
-        let tls = match hop {
-            NextHop::Relay { tls, .. } => *tls,
-            NextHop::Mx { .. } => delivery.tls,
-            NextHop::Mailbox { .. } => TlsPolicy::None,
-        };
-        let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
-        for target in &targets {
-            for address in &target.addresses {
-                let mut options = ConnectOptions {
-                    helo_name: self.config.helo_name(),
-                    tls,
-                    tls_config: self.tls_config.clone(),
-                    server_name: &target.name,
-                    connect_timeout: delivery.connect_timeout,
-                    command_timeout: delivery.command_timeout,
-                };
-                let mut result = Client::connect(*address, &options).await;
-                if let Err(crate::smtp::client::ClientError::Tls { .. }) = &result {
-                    if tls == TlsPolicy::Opportunistic {
-                        // Opportunistic TLS that fails is retried in plain text, as Postfix does.
-                        tracing::info!(host = %target.name, %address, "TLS handshake failed; retrying without TLS");
-                        options.tls = TlsPolicy::None;
-                        result = Client::connect(*address, &options).await;
-                    }
-                }
-                match result {
-                    Ok(client) => return Ok(client),
-                    Err(error) => {
-                        tracing::info!(%error, "connection attempt failed; trying the next host");
-                        last_error = error.reply();
-                    }
-                }
+    /// The destination is unreachable now: the job and every job waiting for it share the fate.
+    async fn unreachable(&self, key: &str, job: Job, reply: crate::mail::reply::Reply) {
+        let mut jobs = vec![job];
+        jobs.extend(self.take_waiting(key));
+        for job in jobs {
+            let attempts = job
+                .recipients
+                .iter()
+                .map(|recipient| Attempt {
+                    recipient: recipient.clone(),
+                    reply: reply.clone(),
+                    relay: "none".to_string(),
+                })
+                .collect();
+            self.finish(job, attempts).await;
+        }
+    }
+
+    /// Sends `job`, then further jobs of the destination, over one connection, up to
+    /// `max_messages_per_connection`. Returns false when the destination had no job left (the
+    /// worker then stops), true when the worker should open a new connection for the rest.
+    async fn send_over(&self, key: &str, mut connection: Box<dyn Connection>, job: Job) -> bool {
+        let max_messages = self.config.delivery.max_messages_per_connection;
+        let mut job = Some(job);
+        while let Some(current) = job.take() {
+            if !self.deliver(connection.as_mut(), current).await {
+                // The connection broke: nothing more goes over it, and no QUIT either.
+                return true;
+            }
+            if connection.sent() >= max_messages {
+                break;
+            }
+            job = self.next_job(key).map(|(_, job)| job);
+            if job.is_none() {
+                connection.close().await;
+                return false;
             }
         }
-        Err(last_error)
+        connection.close().await;
+        true
     }
 
     /// Sends one job over an open connection and records the results. Returns false when the
     /// connection broke.
-    async fn deliver(&self, client: &mut Client, mut job: Job) -> bool {
+    async fn deliver(&self, connection: &mut dyn Connection, mut job: Job) -> bool {
         let Some(content) = self.content_of(&mut job).await else {
             return true;
         };
         let addresses: Vec<String> = job.recipients.iter().map(|r| r.address.clone()).collect();
-        let envelope = Envelope {
-            sender: &job.meta.sender,
-            recipients: &addresses,
-            smtputf8: job.meta.smtputf8,
-            eight_bit: job.meta.eight_bit,
-            size: job.meta.size,
-        };
-        let relay = client.peer.clone();
-        let (replies, intact) = match client.send(&envelope, &content).await {
-            Ok(replies) => (replies, true),
-            Err(error) => (vec![error.reply(); addresses.len()], false),
-        };
+        let relay = connection.relay();
+        let sent = connection
+            .send(&Outgoing {
+                meta: &job.meta,
+                recipients: &addresses,
+                content: &content,
+            })
+            .await;
         let attempts = job
             .recipients
             .iter()
-            .zip(replies)
+            .zip(sent.replies)
             .map(|(recipient, reply)| Attempt {
                 recipient: recipient.clone(),
                 reply,
@@ -506,7 +332,7 @@ impl Dispatcher {
             .collect();
         job.content = Some(content);
         self.finish(job, attempts).await;
-        intact
+        sent.intact
     }
 
     /// The job's content, read from the queue if the job does not carry it. `None` (and the job
@@ -530,44 +356,6 @@ impl Dispatcher {
         }
     }
 
-    /// Writes one copy per recipient into a local Maildir and records the results.
-    async fn deliver_locally(&self, name: &str, mut job: Job) {
-        let Some(content) = self.content_of(&mut job).await else {
-            return;
-        };
-        let Some(root) = self.config.mailboxes.root.clone() else {
-            return;
-        };
-        let mut attempts = Vec::with_capacity(job.recipients.len());
-        for recipient in &job.recipients {
-            let (root, mailbox, content) = (root.clone(), name.to_string(), content.clone());
-            let hostname = self.config.hostname.clone();
-            let sender = job.meta.sender.clone();
-            let address = recipient.address.clone();
-            // File writes and fsyncs block: off the async workers.
-            let reply = tokio::task::spawn_blocking(move || {
-                mailbox::deliver(&mailbox::Letter {
-                    root: &root,
-                    mailbox: &mailbox,
-                    hostname: &hostname,
-                    sender: &sender,
-                    recipient: &address,
-                    content: &content,
-                })
-            })
-            .await
-            .unwrap_or_else(|_| Reply::new(451, "4.3.0", "local delivery failed"));
-            attempts.push(Attempt {
-                recipient: recipient.clone(),
-                reply,
-                // The name came from a plugin: it goes into a log line and a DSN field.
-                relay: format!("mailbox:{}", crate::smtp::text::one_line(name)),
-            });
-        }
-        job.content = Some(content);
-        self.finish(job, attempts).await;
-    }
-
     /// Drops a job's recipients from the in-flight set without recording anything.
     fn forget(&self, job: &Job) {
         let mut state = self.state();
@@ -575,112 +363,6 @@ impl Dispatcher {
             state
                 .in_flight
                 .remove(&(job.meta.id.clone(), recipient.index));
-        }
-    }
-
-    /// Turns replies into outcomes, logs one line per recipient, queues a DSN for failures and
-    /// records it all in one transaction.
-    async fn finish(&self, mut job: Job, attempts: Vec<Attempt>) {
-        let now = now_millis();
-        let meta = job.meta.clone();
-        let delay = (now - meta.received_at).max(0) as f64 / 1000.0;
-        let mut results = Vec::with_capacity(attempts.len());
-        let mut failed = Vec::new();
-        let mut reports = Vec::new();
-        for attempt in attempts {
-            let count = attempt.recipient.attempts + 1;
-            let reply_text = attempt.reply.one_line();
-            let (outcome, status, diagnostic) = if attempt.reply.is_positive() {
-                (Outcome::Delivered, "sent", reply_text.clone())
-            } else if attempt.reply.is_permanent() {
-                (Outcome::Failed, "bounced", reply_text.clone())
-            } else {
-                match retry::next_attempt(&self.config.retry, count, meta.received_at, now) {
-                    Some(next_attempt) => (Outcome::Deferred { next_attempt }, "deferred", reply_text.clone()),
-                    None => (
-                        Outcome::Failed,
-                        "expired",
-                        format!("message expired after {delay:.0}s in the queue; last reply: {reply_text}"),
-                    ),
-                }
-            };
-            metrics::counter!("switchyard_deliveries_total", "status" => status).increment(1);
-            tracing::info!(
-                queue_id = %meta.id,
-                "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",
-                attempt.recipient.address,
-                attempt.relay,
-                delay,
-                count,
-                status,
-                diagnostic
-            );
-            if matches!(outcome, Outcome::Failed) {
-                let dsn_status = if status == "expired" {
-                    "4.4.7".to_string()
-                } else {
-                    dsn::status_of(attempt.reply.code, &attempt.reply.enhanced)
-                };
-                failed.push(FailedRecipient {
-                    address: attempt.recipient.address.clone(),
-                    status: dsn_status,
-                    diagnostic: diagnostic.clone(),
-                    remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
-                });
-            }
-            reports.push(observe::report(
-                &meta,
-                &attempt.recipient.address,
-                &outcome,
-                &attempt.relay,
-                &diagnostic,
-                count,
-            ));
-            results.push(RecipientResult {
-                message_id: meta.id.clone(),
-                index: attempt.recipient.index,
-                attempts: count,
-                outcome,
-                reply: diagnostic,
-            });
-        }
-        let set = self.plugins.current();
-        let mut run = self.plugin_run(&set, &meta, job.plugins.take());
-        let mut bounces = Vec::new();
-        if !failed.is_empty() {
-            let content = match job.content.take() {
-                Some(content) => Some(content),
-                None => self.queue.content(&meta.id).await.ok().flatten(),
-            };
-            let content = content.unwrap_or_default();
-            let text = observe::bounce_text(&mut run, &meta, &failed, &content).await;
-            match dsn::build(
-                &self.config.hostname,
-                &meta,
-                &content,
-                &failed,
-                text.as_ref(),
-            ) {
-                Some(bounce) => {
-                    tracing::info!(queue_id = %meta.id, dsn = %bounce.meta.id, "sender non-delivery notification");
-                    bounces.push(bounce);
-                }
-                None if meta.sender.is_empty() => {
-                    tracing::info!(queue_id = %meta.id, "undeliverable bounce discarded (null sender)");
-                }
-                None => {}
-            }
-        }
-        let recorded = self.queue.record(results, bounces).await;
-        self.forget(&job);
-        match recorded {
-            // Observers hear of an outcome once it is recorded, never of one that a crash could
-            // undo.
-            Ok(()) => observe::delivery_results(&mut run, &reports).await,
-            // The recipients stay leased and are tried again once the lease expires.
-            Err(error) => {
-                tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results")
-            }
         }
     }
 }

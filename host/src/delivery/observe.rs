@@ -2,7 +2,7 @@
 //! bounce (the human-readable part of a DSN).
 
 use super::dsn::FailedRecipient;
-use super::plugin_facts;
+use super::routing::plugin_facts;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::hooks::HookKind;
 use crate::plugins::PluginRun;

@@ -1,7 +1,7 @@
 //! The next hop of a recipient domain: a configured route, the global smarthost, or its MX records.
 
 use crate::config::{Config, HostPort, TlsPolicy};
-use crate::smtp::address::domain_key;
+use crate::mail::address::domain_key;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NextHop {

@@ -2,6 +2,7 @@
 //! with bounds.
 
 pub mod conn;
+pub mod dns;
 pub mod line;
 pub mod stream;
 pub mod tls;

@@ -10,14 +10,15 @@ use wasmtime::Store;
 use std::sync::Arc;
 
 use super::bindings::types::{
-    AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict, DeliveryReport, Edit,
-    Envelope, MessageFacts, NextHop, Param, Verdict,
+    self as wit, AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict,
+    DeliveryReport, Envelope, MessageFacts, NextHop, Param, Verdict,
 };
 use super::hooks::HookKind;
 use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
 use super::run::{arm, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
-use crate::smtp::reply::Reply;
+use crate::mail::edit::{Edit, Header};
+use crate::mail::reply::Reply;
 
 /// A stage's decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,14 +83,14 @@ pub fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply 
     // The enhanced code must be well formed and of the same class as the code.
     let class = if permanent { "5." } else { "4." };
     let enhanced = if valid
-        && crate::smtp::reply::is_enhanced_code(&reply.enhanced)
+        && crate::mail::reply::is_enhanced_code(&reply.enhanced)
         && reply.enhanced.starts_with(class)
     {
         reply.enhanced
     } else {
         if permanent { "5.7.1" } else { "4.7.1" }.to_string()
     };
-    Reply::new(code, &enhanced, crate::smtp::text::one_line(&reply.text))
+    Reply::new(code, &enhanced, crate::mail::text::one_line(&reply.text))
 }
 
 /// A verdict hook's answer, or its failure policy: `Some` decides the stage.
@@ -319,11 +320,11 @@ impl PluginRun {
                         }
                         // The reason is shown by `queue show` and in logs: one line.
                         DataVerdict::Quarantine(reason) => Some(DataDecision::Quarantine(
-                            crate::smtp::text::one_line(&reason).into_owned(),
+                            crate::mail::text::one_line(&reason).into_owned(),
                         )),
                         DataVerdict::Discard => Some(DataDecision::Discard),
                     };
-                    edits.extend(answer.edits);
+                    edits.extend(answer.edits.into_iter().map(host_edit));
                     if let Some(decision) = decision {
                         return (decision, edits);
                     }
@@ -370,6 +371,21 @@ impl PluginRun {
             }
         }
         None
+    }
+}
+
+/// A plugin's edit as the host applies it.
+fn host_edit(edit: wit::Edit) -> Edit {
+    let header = |header: wit::Header| Header {
+        name: header.name,
+        value: header.value,
+    };
+    match edit {
+        wit::Edit::AddHeader(added) => Edit::AddHeader(header(added)),
+        wit::Edit::RemoveHeader(name) => Edit::RemoveHeader(name),
+        wit::Edit::ReplaceHeader(replacement) => Edit::ReplaceHeader(header(replacement)),
+        wit::Edit::AddRecipient(address) => Edit::AddRecipient(address),
+        wit::Edit::RemoveRecipient(address) => Edit::RemoveRecipient(address),
     }
 }
 

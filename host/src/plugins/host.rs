@@ -71,7 +71,7 @@ pub struct HostState {
     pub tenant: String,
     pub queue_id: Option<String>,
     pub kv: Option<Arc<dyn KvStore>>,
-    pub resolver: Option<Arc<crate::delivery::dns::Dns>>,
+    pub resolver: Option<Arc<crate::net::dns::Dns>>,
 }
 
 impl WasiView for HostState {
@@ -201,7 +201,7 @@ impl log::Host for HostState {
         let plugin = &*self.plugin().name;
         let queue_id = self.queue_id.as_deref().unwrap_or("-");
         // One log line per call: a plugin cannot forge lines that look like the host's.
-        let message = crate::smtp::text::one_line(&message);
+        let message = crate::mail::text::one_line(&message);
         match level {
             types::Level::Trace => tracing::trace!(plugin, queue_id, "{message}"),
             types::Level::Debug => tracing::debug!(plugin, queue_id, "{message}"),

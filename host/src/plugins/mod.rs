@@ -38,7 +38,7 @@ pub use run::{PluginRun, RunContext};
 #[derive(Clone, Default)]
 pub struct PluginServices {
     pub kv: Option<Arc<dyn KvStore>>,
-    pub resolver: Option<Arc<crate::delivery::dns::Dns>>,
+    pub resolver: Option<Arc<crate::net::dns::Dns>>,
 }
 
 /// One generation: the chain as loaded at one moment. Transactions keep the generation they

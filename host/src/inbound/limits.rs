@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 pub struct SessionLimits {
     max_total: usize,

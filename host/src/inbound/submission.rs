@@ -7,8 +7,8 @@
 use super::sasl::{self, Credentials, Mechanism, MAX_AUTH_LINE};
 use super::session::{Flow, Greeting, Session};
 use crate::config::ListenerRole;
+use crate::mail::reply::Reply;
 use crate::net::line::LineEnd;
-use crate::smtp::reply::Reply;
 
 impl Session {
     /// True when this listener offers AUTH at all (a submission listener with accounts).
@@ -215,7 +215,7 @@ impl Session {
         let attempt = services.auth_budget.attempt(self.client_ip)?;
         let Credentials { identity, password } = credentials;
         if !accounts.verify(&identity, &password).await {
-            tracing::warn!(identity = %crate::smtp::text::one_line(&identity), mechanism = mechanism.name(), "authentication failed");
+            tracing::warn!(identity = %crate::mail::text::one_line(&identity), mechanism = mechanism.name(), "authentication failed");
             metrics::counter!("switchyard_auth_total", "result" => "failed").increment(1);
             let penalty = attempt.failed();
             // The wait is cut short by a stop: the session is about to be told 421 anyway.

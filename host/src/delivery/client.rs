@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::config::TlsPolicy;
+use crate::mail::reply::Reply;
 use crate::net::conn::Conn;
 use crate::net::line::LineEnd;
 use crate::net::stream::Stream;
-use crate::smtp::reply::Reply;
 
 /// Why a connection could not be used. Each carries the reply to record for the recipients.
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,8 @@
 //!
 //! The reader is fed bytes as they come, so how TCP cut the stream cannot change what it finds.
 
+use crate::mail::reply::Reply;
 use crate::net::line::Framer;
-use crate::smtp::reply::Reply;
 
 /// What was wrong with received content. Reading goes on to the end of the data either way, so the
 /// session stays in step with the client.

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 /// An address `local@domain`. The domain is kept as given; compare with [`Mailbox::domain_key`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,15 +1,20 @@
-//! The SMTP server: listeners accept connections within the session limits and run one
-//! [`session::Session`] per connection.
+//! The SMTP server, the inbound wing: listeners accept connections within the session limits and
+//! run one [`session::Session`] per connection, which hands each accepted message to
+//! [`crate::delivery::inbox`].
 
 mod auth_budget;
 mod authenticate;
 mod content;
+mod data;
 mod data_reader;
+mod envelope;
 mod limits;
 mod policy;
 mod sasl;
+pub mod services;
 mod session;
 mod submission;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ pub use auth_budget::AuthBudget;
 pub use limits::SessionLimits;
 
 use crate::config::ListenerConfig;
-use crate::services::Services;
+use crate::inbound::services::Services;
 
 /// Binds a listener's socket (done before serving, so a bad address fails start-up).
 pub async fn bind(listener: &ListenerConfig) -> anyhow::Result<TcpListener> {
@@ -102,7 +107,7 @@ fn refuse_backlog(socket: TcpListener, listener: &str, shutdown: &crate::shutdow
         }
     };
     let stopping =
-        crate::smtp::reply::Reply::new(421, "4.3.2", "Service shutting down, try again later");
+        crate::mail::reply::Reply::new(421, "4.3.2", "Service shutting down, try again later");
     // The socket is non-blocking (tokio made it so): accept until nothing waits.
     while let Ok((stream, peer)) = socket.accept() {
         let stream = stream
@@ -119,7 +124,7 @@ fn refuse_backlog(socket: TcpListener, listener: &str, shutdown: &crate::shutdow
 }
 
 /// Sends `reply` to a connection that gets no session, and closes it.
-async fn refuse(mut stream: tokio::net::TcpStream, reply: crate::smtp::reply::Reply) {
+async fn refuse(mut stream: tokio::net::TcpStream, reply: crate::mail::reply::Reply) {
     let _ = stream.write_all(reply.to_wire().as_bytes()).await;
     let _ = stream.shutdown().await;
 }

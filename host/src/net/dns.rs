@@ -1,5 +1,6 @@
-//! Finding the hosts for a next hop: MX records in preference order, the implicit MX (the domain's
-//! own address records) and null MX (RFC 7505), through hickory's resolver.
+//! The one resolver every part shares (delivery, SPF/DKIM/DMARC, plugins granted `dns`), through
+//! hickory: a domain's mail hosts (MX records in preference order, the implicit MX of a domain
+//! without them, null MX of RFC 7505), a host's addresses, TXT records.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -8,9 +9,8 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 
-use super::route::NextHop;
 use crate::config::DnsConfig;
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 /// One host to try, with its addresses.
 #[derive(Debug, Clone)]
@@ -56,28 +56,18 @@ impl Dns {
         mail_auth::MessageAuthenticator(self.resolver.clone())
     }
 
-    /// The hosts to try for a next hop, best first. An `Err` is the reply to record for every
-    /// recipient behind it: 5xx when the domain cannot receive mail, 4xx when DNS failed.
-    pub async fn targets(&self, hop: &NextHop, mx_port: u16) -> Result<Vec<Target>, Reply> {
-        match hop {
-            NextHop::Relay { host, .. } => {
-                let port = host.port_or(25);
-                let addresses = self.addresses(&host.host, port).await?;
-                Ok(vec![Target {
-                    name: host.host.clone(),
-                    addresses,
-                }])
-            }
-            NextHop::Mx { domain } => self.mx_targets(domain, mx_port).await,
-            NextHop::Mailbox { name } => Err(Reply::new(
-                451,
-                "4.3.5",
-                format!("mailbox `{name}` is local: nothing to look up"),
-            )),
-        }
+    /// One host (a name or an IP address) with its addresses. An `Err` is the reply to record
+    /// for every recipient that was to go there.
+    pub async fn host_target(&self, host: &str, port: u16) -> Result<Target, Reply> {
+        Ok(Target {
+            name: host.to_string(),
+            addresses: self.addresses(host, port).await?,
+        })
     }
 
-    async fn mx_targets(&self, domain: &str, port: u16) -> Result<Vec<Target>, Reply> {
+    /// A domain's mail hosts, best first. An `Err` is the reply to record for every recipient
+    /// behind it: 5xx when the domain cannot receive mail, 4xx when DNS failed.
+    pub async fn mx_targets(&self, domain: &str, port: u16) -> Result<Vec<Target>, Reply> {
         if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
             let ip: IpAddr = literal.trim_start_matches("IPv6:").parse().map_err(|_| {
                 Reply::new(550, "5.1.2", format!("invalid address literal {domain}"))

@@ -7,12 +7,12 @@ use bytes::Bytes;
 
 use super::authenticate::AuthVerdicts;
 use super::session::{Greeting, Session};
+use crate::mail::address::{parse_path_argument, Mailbox, PathArgument};
+use crate::mail::reply::Reply;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::{PluginRun, RunContext};
-use crate::smtp::address::{parse_path_argument, Mailbox, PathArgument};
-use crate::smtp::reply::Reply;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -153,7 +153,7 @@ impl Session {
         envelope: wit::Envelope,
         content: &Bytes,
         verdicts: Option<AuthVerdicts>,
-    ) -> Option<(DataDecision, Vec<wit::Edit>)> {
+    ) -> Option<(DataDecision, Vec<crate::mail::edit::Edit>)> {
         let session = self.wit_session();
         // Empty results when the message was not checked (verification off, a trusted client).
         let verdicts = verdicts.unwrap_or_default();
@@ -200,7 +200,7 @@ fn reparse(address: &str) -> Result<Mailbox, Refusal> {
         .ok()
         .and_then(|parsed| parsed.mailbox)
         .ok_or_else(|| {
-            tracing::error!(rewrite = %crate::smtp::text::one_line(address), "a plugin rewrote an address into an invalid one");
+            tracing::error!(rewrite = %crate::mail::text::one_line(address), "a plugin rewrote an address into an invalid one");
             Reply::new(451, "4.3.0", "Temporary policy failure, try again later")
         })
 }

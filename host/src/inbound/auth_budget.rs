@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::AuthFailureLimits;
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 /// Addresses remembered before the table is swept of those with nothing left to remember.
 const SWEEP_ABOVE: usize = 10_000;

@@ -5,7 +5,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-use crate::smtp::reply::Reply;
+use crate::mail::reply::Reply;
 
 /// Longest line of an AUTH exchange (RFC 4954 4: 12288 octets).
 pub const MAX_AUTH_LINE: usize = 12288;

@@ -1,0 +1,285 @@
+//! The seam between the dispatcher and the wire: a [`Transport`] opens a [`Connection`] to a next
+//! hop, and the dispatcher sends jobs over it. Two transports do the real work, SMTP (DNS, TLS with
+//! the opportunistic fallback, the client in `client.rs`) and local Maildir delivery
+//! (`mailbox.rs`); [`Transports`] picks one by the kind of hop. Tests put a scripted transport in
+//! their place (chasquid's `Courier` and `TestCourier`), so outcomes, retries and DSNs are tested
+//! without sockets.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::client::{Client, ClientError, ConnectOptions, Envelope};
+use super::mailbox;
+use super::route::NextHop;
+use crate::config::{Config, TlsPolicy};
+use crate::mail::reply::Reply;
+use crate::mail::text::one_line;
+use crate::net::dns::{Dns, Target};
+use crate::queue::MessageMeta;
+
+/// One message for some of its recipients, as a connection sends it.
+pub struct Outgoing<'a> {
+    pub meta: &'a MessageMeta,
+    pub recipients: &'a [String],
+    pub content: &'a Bytes,
+}
+
+/// What became of a message on a connection.
+pub struct Sent {
+    /// One reply per recipient, in order.
+    pub replies: Vec<Reply>,
+    /// False when the connection broke: it carries no more messages.
+    pub intact: bool,
+}
+
+/// An open way to a next hop, carrying one message after another.
+#[async_trait]
+pub trait Connection: Send {
+    /// Who is at the other end, for the delivery log line (`relay=`) and DSNs.
+    fn relay(&self) -> String;
+    /// Messages sent over it so far.
+    fn sent(&self) -> usize;
+    async fn send(&mut self, message: &Outgoing<'_>) -> Sent;
+    /// Ends it politely (SMTP QUIT).
+    async fn close(self: Box<Self>);
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Opens a connection to `hop`. An `Err` is the reply for every recipient that was to go
+    /// there (a 4xx defers them, a 5xx fails them).
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply>;
+}
+
+/// The server's transports: SMTP for relays and MX hosts, Maildir for mailboxes.
+pub struct Transports {
+    pub smtp: SmtpTransport,
+    pub mailbox: MailboxTransport,
+}
+
+impl Transports {
+    pub fn new(config: Arc<Config>, dns: Arc<Dns>) -> Transports {
+        Transports {
+            smtp: SmtpTransport {
+                config: config.clone(),
+                dns,
+                tls_config: crate::net::tls::unverified_client_config(),
+            },
+            mailbox: MailboxTransport {
+                root: config.mailboxes.root.clone(),
+                hostname: config.hostname.clone(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Transports {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+        match hop {
+            NextHop::Mailbox { .. } => self.mailbox.open(hop).await,
+            NextHop::Relay { .. } | NextHop::Mx { .. } => self.smtp.open(hop).await,
+        }
+    }
+}
+
+/// Delivery over SMTP to the first reachable host of a next hop.
+pub struct SmtpTransport {
+    config: Arc<Config>,
+    dns: Arc<Dns>,
+    tls_config: Arc<rustls::ClientConfig>,
+}
+
+impl SmtpTransport {
+    /// The hosts to try for a next hop, best first.
+    async fn targets(&self, hop: &NextHop) -> Result<Vec<Target>, Reply> {
+        match hop {
+            NextHop::Relay { host, .. } => {
+                let target = self.dns.host_target(&host.host, host.port_or(25)).await?;
+                Ok(vec![target])
+            }
+            NextHop::Mx { domain } => self.dns.mx_targets(domain, self.config.delivery.port).await,
+            NextHop::Mailbox { name } => Err(Reply::new(
+                451,
+                "4.3.5",
+                format!("mailbox `{}` is local: no SMTP host", one_line(name)),
+            )),
+        }
+    }
+
+    /// Connects to one address; opportunistic TLS that fails is retried in plain text, as
+    /// Postfix does.
+    async fn connect(
+        &self,
+        target: &Target,
+        address: std::net::SocketAddr,
+        tls: TlsPolicy,
+    ) -> Result<Client, ClientError> {
+        let delivery = &self.config.delivery;
+        let mut options = ConnectOptions {
+            helo_name: self.config.helo_name(),
+            tls,
+            tls_config: self.tls_config.clone(),
+            server_name: &target.name,
+            connect_timeout: delivery.connect_timeout,
+            command_timeout: delivery.command_timeout,
+        };
+        let result = Client::connect(address, &options).await;
+        if matches!(result, Err(ClientError::Tls { .. })) && tls == TlsPolicy::Opportunistic {
+            tracing::info!(host = %target.name, %address, "TLS handshake failed; retrying without TLS");
+            options.tls = TlsPolicy::None;
+            return Client::connect(address, &options).await;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Transport for SmtpTransport {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+        let targets = self.targets(hop).await?;
+        let tls = match hop {
+            NextHop::Relay { tls, .. } => *tls,
+            NextHop::Mx { .. } => self.config.delivery.tls,
+            NextHop::Mailbox { .. } => TlsPolicy::None,
+        };
+        let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
+        for target in &targets {
+            for address in &target.addresses {
+                match self.connect(target, *address, tls).await {
+                    Ok(client) => return Ok(Box::new(client)),
+                    Err(error) => {
+                        tracing::info!(%error, "connection attempt failed; trying the next host");
+                        last_error = error.reply();
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+#[async_trait]
+impl Connection for Client {
+    fn relay(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn sent(&self) -> usize {
+        self.transactions
+    }
+
+    async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
+        let envelope = Envelope {
+            sender: &message.meta.sender,
+            recipients: message.recipients,
+            smtputf8: message.meta.smtputf8,
+            eight_bit: message.meta.eight_bit,
+            size: message.meta.size,
+        };
+        match Client::send(self, &envelope, message.content).await {
+            Ok(replies) => Sent {
+                replies,
+                intact: true,
+            },
+            Err(error) => Sent {
+                replies: vec![error.reply(); message.recipients.len()],
+                intact: false,
+            },
+        }
+    }
+
+    async fn close(self: Box<Self>) {
+        self.quit().await;
+    }
+}
+
+/// Local delivery into the Maildir folders under `[mailboxes] root`.
+pub struct MailboxTransport {
+    root: Option<PathBuf>,
+    hostname: String,
+}
+
+#[async_trait]
+impl Transport for MailboxTransport {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+        let NextHop::Mailbox { name } = hop else {
+            return Err(Reply::new(451, "4.3.5", "not a mailbox"));
+        };
+        let Some(root) = self.root.clone() else {
+            // Keep the mail rather than lose it: the operator can add the setting.
+            return Err(Reply::new(
+                451,
+                "4.3.5",
+                format!(
+                    "mailbox `{}`: no [mailboxes] root is configured",
+                    one_line(name)
+                ),
+            ));
+        };
+        Ok(Box::new(MailboxConnection {
+            root,
+            name: name.clone(),
+            hostname: self.hostname.clone(),
+            sent: 0,
+        }))
+    }
+}
+
+struct MailboxConnection {
+    root: PathBuf,
+    name: String,
+    hostname: String,
+    sent: usize,
+}
+
+#[async_trait]
+impl Connection for MailboxConnection {
+    fn relay(&self) -> String {
+        // The name came from a plugin: it goes into a log line and a DSN field.
+        format!("mailbox:{}", one_line(&self.name))
+    }
+
+    fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Writes one copy per recipient.
+    async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
+        let mut replies = Vec::with_capacity(message.recipients.len());
+        for recipient in message.recipients {
+            let (root, mailbox, content) = (
+                self.root.clone(),
+                self.name.clone(),
+                message.content.clone(),
+            );
+            let hostname = self.hostname.clone();
+            let sender = message.meta.sender.clone();
+            let address = recipient.clone();
+            // File writes and fsyncs block: off the async workers.
+            let reply = tokio::task::spawn_blocking(move || {
+                mailbox::deliver(&mailbox::Letter {
+                    root: &root,
+                    mailbox: &mailbox,
+                    hostname: &hostname,
+                    sender: &sender,
+                    recipient: &address,
+                    content: &content,
+                })
+            })
+            .await
+            .unwrap_or_else(|_| Reply::new(451, "4.3.0", "local delivery failed"));
+            replies.push(reply);
+        }
+        self.sent += 1;
+        Sent {
+            replies,
+            intact: true,
+        }
+    }
+
+    async fn close(self: Box<Self>) {}
+}

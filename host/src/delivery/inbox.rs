@@ -1,0 +1,145 @@
+//! The one door from a session into delivery, as chasquid's `Queue.Put`: an accepted message goes
+//! in, and the call returns once the message is durable. Behind the door: the queue's rows, the
+//! lease the accepting node takes so it can deliver at once without a scan, the plugin instances
+//! held for the message's delivery hooks, and the dispatcher. A session knows none of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::Dispatcher;
+use crate::plugins::hooks::HookKind;
+use crate::plugins::{PluginManager, PluginRun};
+use crate::queue::{
+    now_millis, MessageMeta, NewMessage, Queue, QueueError, QueuedMessage, RecipientRow,
+    RecipientState,
+};
+
+/// A message a session has accepted: stamped, checked and edited, ready to be queued.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// From [`Inbox::new_id`]: the id the message's `Received:` header and hooks already named.
+    pub id: String,
+    /// Envelope sender; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// The whole message as it will be delivered, CRLF line endings.
+    pub content: Bytes,
+    /// The client used SMTPUTF8.
+    pub smtputf8: bool,
+    /// The client declared BODY=8BITMIME.
+    pub eight_bit_mime: bool,
+    /// Held instead of delivered, for this reason (a data hook said so).
+    pub quarantine: Option<String>,
+}
+
+pub struct Inbox {
+    queue: Arc<dyn Queue>,
+    dispatcher: Arc<Dispatcher>,
+    plugins: Arc<PluginManager>,
+    /// This node's name for queue leases.
+    node_id: String,
+    /// How long the accepting node's claim lasts before another may take the message over.
+    lease: Duration,
+}
+
+impl Inbox {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        dispatcher: Arc<Dispatcher>,
+        plugins: Arc<PluginManager>,
+        node_id: String,
+        lease: Duration,
+    ) -> Inbox {
+        Inbox {
+            queue,
+            dispatcher,
+            plugins,
+            node_id,
+            lease,
+        }
+    }
+
+    /// A new queue id: sortable by time (a ULID), and known before the message is queued, since
+    /// the `Received:` header and the data hooks name it.
+    pub fn new_id(&self) -> String {
+        ulid::Ulid::new().to_string()
+    }
+
+    /// Queues `message` and returns once it is committed (the session may then say 250). A
+    /// message that is not quarantined is handed straight to delivery, claimed by this node, with
+    /// `run` (the transaction's plugin instances) held for its route, delivery-result and bounce
+    /// hooks, so a message costs one instantiation per plugin, not three.
+    pub async fn accept(
+        &self,
+        message: Accepted,
+        run: Option<PluginRun>,
+    ) -> Result<String, QueueError> {
+        let received_at = now_millis();
+        let eight_bit = message.eight_bit_mime || message.content.iter().any(|&b| b >= 0x80);
+        let meta = MessageMeta {
+            id: message.id,
+            sender: message.sender,
+            received_at,
+            size: message.content.len() as u64,
+            smtputf8: message.smtputf8,
+            eight_bit,
+        };
+        let lease_until = received_at + self.lease.as_millis() as i64;
+        let lease = message
+            .quarantine
+            .is_none()
+            .then(|| (self.node_id.clone(), lease_until));
+        let new = NewMessage {
+            meta: meta.clone(),
+            recipients: message.recipients.clone(),
+            content: message.content.clone(),
+            quarantine: message.quarantine.clone(),
+        };
+        if let Err(error) = self.queue.enqueue(new, lease).await {
+            tracing::error!(queue_id = %meta.id, %error, "cannot queue message");
+            return Err(error);
+        }
+        tracing::info!(
+            queue_id = %meta.id,
+            from = %meta.sender,
+            recipients = message.recipients.len(),
+            size = meta.size,
+            quarantine = message.quarantine.as_deref().unwrap_or("-"),
+            "queued"
+        );
+        metrics::counter!("switchyard_messages_accepted_total").increment(1);
+        let id = meta.id.clone();
+        if message.quarantine.is_none() {
+            let queued = QueuedMessage {
+                meta,
+                recipients: first_attempts(message.recipients, received_at),
+            };
+            let run = run.and_then(|run| {
+                self.plugins.hold(
+                    run,
+                    &[HookKind::Route, HookKind::DeliveryResult, HookKind::Bounce],
+                )
+            });
+            self.dispatcher.submit(queued, Some(message.content), run);
+        }
+        Ok(id)
+    }
+}
+
+/// The recipients of a message just queued, as a claim hands them to delivery.
+fn first_attempts(recipients: Vec<String>, due: i64) -> Vec<RecipientRow> {
+    recipients
+        .into_iter()
+        .enumerate()
+        .map(|(index, address)| RecipientRow {
+            index: index as i64,
+            address,
+            state: RecipientState::Queued,
+            attempts: 0,
+            next_attempt: due,
+            last_reply: None,
+        })
+        .collect()
+}

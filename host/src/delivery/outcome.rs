@@ -1,0 +1,204 @@
+//! An attempt's result: each recipient's reply classified (2xx delivered, 5xx failed, 4xx deferred
+//! to the next retry, or failed once the message is too old), one log line per recipient, a DSN
+//! for the failures, all of it recorded in one queue transaction, and only then the
+//! delivery-result hooks told.
+
+use bytes::Bytes;
+
+use super::dsn::{self, FailedRecipient};
+use super::{observe, retry, Dispatcher, Job};
+use crate::mail::reply::Reply;
+use crate::plugins::bindings::types as wit;
+use crate::plugins::PluginRun;
+use crate::queue::{now_millis, MessageMeta, NewMessage, Outcome, RecipientResult, RecipientRow};
+
+/// The fate of one recipient in one attempt.
+pub(super) struct Attempt {
+    pub recipient: RecipientRow,
+    pub reply: Reply,
+    /// Who answered: a host, `mailbox:NAME`, `plugin`, or `none` when nothing was reached.
+    pub relay: String,
+}
+
+/// One recipient's attempt, classified.
+struct Classified {
+    result: RecipientResult,
+    report: wit::DeliveryReport,
+    /// Set when the recipient failed for good: what its DSN says.
+    failed: Option<FailedRecipient>,
+}
+
+/// How a reply ends an attempt: the outcome, the log's status word and the diagnostic text.
+fn classify(
+    reply: &Reply,
+    attempts: i64,
+    config: &crate::config::RetryConfig,
+    received_at: i64,
+    now: i64,
+) -> (Outcome, &'static str, String) {
+    let text = reply.one_line();
+    if reply.is_positive() {
+        return (Outcome::Delivered, "sent", text);
+    }
+    if reply.is_permanent() {
+        return (Outcome::Failed, "bounced", text);
+    }
+    match retry::next_attempt(config, attempts, received_at, now) {
+        Some(next_attempt) => (Outcome::Deferred { next_attempt }, "deferred", text),
+        None => {
+            let age = (now - received_at).max(0) as f64 / 1000.0;
+            (
+                Outcome::Failed,
+                "expired",
+                format!("message expired after {age:.0}s in the queue; last reply: {text}"),
+            )
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Records recipients settled without a connection (a route hook discarded or failed them).
+    pub(super) async fn settle(
+        &self,
+        meta: &std::sync::Arc<MessageMeta>,
+        content: Option<Bytes>,
+        settled: Vec<Attempt>,
+        plugins: Option<PluginRun>,
+    ) {
+        let job = Job {
+            meta: meta.clone(),
+            content,
+            recipients: settled
+                .iter()
+                .map(|attempt| attempt.recipient.clone())
+                .collect(),
+            plugins,
+        };
+        self.finish(job, settled).await;
+    }
+
+    /// One recipient's attempt: its outcome, its log line and metric, and its DSN entry.
+    fn classify_attempt(&self, meta: &MessageMeta, attempt: Attempt, now: i64) -> Classified {
+        let count = attempt.recipient.attempts + 1;
+        let (outcome, status, diagnostic) = classify(
+            &attempt.reply,
+            count,
+            &self.config.retry,
+            meta.received_at,
+            now,
+        );
+        let delay = (now - meta.received_at).max(0) as f64 / 1000.0;
+        metrics::counter!("switchyard_deliveries_total", "status" => status).increment(1);
+        tracing::info!(
+            queue_id = %meta.id,
+            "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",
+            attempt.recipient.address,
+            attempt.relay,
+            delay,
+            count,
+            status,
+            diagnostic
+        );
+        let failed = matches!(outcome, Outcome::Failed).then(|| FailedRecipient {
+            address: attempt.recipient.address.clone(),
+            status: if status == "expired" {
+                "4.4.7".to_string()
+            } else {
+                dsn::status_of(attempt.reply.code, &attempt.reply.enhanced)
+            },
+            diagnostic: diagnostic.clone(),
+            remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
+        });
+        let report = observe::report(
+            meta,
+            &attempt.recipient.address,
+            &outcome,
+            &attempt.relay,
+            &diagnostic,
+            count,
+        );
+        Classified {
+            result: RecipientResult {
+                message_id: meta.id.clone(),
+                index: attempt.recipient.index,
+                attempts: count,
+                outcome,
+                reply: diagnostic,
+            },
+            report,
+            failed,
+        }
+    }
+
+    /// The DSN for `failed` recipients, with the bounce hook's words if a plugin offers them;
+    /// none for a bounce (null sender), which is never bounced.
+    async fn bounce(
+        &self,
+        run: &mut PluginRun,
+        meta: &MessageMeta,
+        content: Option<Bytes>,
+        failed: &[FailedRecipient],
+    ) -> Option<NewMessage> {
+        let content = match content {
+            Some(content) => content,
+            None => self
+                .queue
+                .content(&meta.id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        };
+        let text = observe::bounce_text(run, meta, failed, &content).await;
+        let bounce = dsn::build(&self.config.hostname, meta, &content, failed, text.as_ref());
+        match &bounce {
+            Some(bounce) => {
+                tracing::info!(queue_id = %meta.id, dsn = %bounce.meta.id, "sender non-delivery notification")
+            }
+            None if meta.sender.is_empty() => {
+                tracing::info!(queue_id = %meta.id, "undeliverable bounce discarded (null sender)")
+            }
+            None => {}
+        }
+        bounce
+    }
+
+    /// Turns replies into outcomes, logs one line per recipient, queues a DSN for failures and
+    /// records it all in one transaction; then the delivery-result hooks hear of it.
+    pub(super) async fn finish(&self, mut job: Job, attempts: Vec<Attempt>) {
+        let now = now_millis();
+        let meta = job.meta.clone();
+        let classified: Vec<Classified> = attempts
+            .into_iter()
+            .map(|attempt| self.classify_attempt(&meta, attempt, now))
+            .collect();
+        let failed: Vec<FailedRecipient> = classified
+            .iter()
+            .filter_map(|one| one.failed.clone())
+            .collect();
+        let set = self.plugins.current();
+        let mut run = self.plugin_run(&set, &meta, job.plugins.take());
+        let mut bounces = Vec::new();
+        if !failed.is_empty() {
+            bounces.extend(
+                self.bounce(&mut run, &meta, job.content.take(), &failed)
+                    .await,
+            );
+        }
+        let (results, reports): (Vec<_>, Vec<_>) = classified
+            .into_iter()
+            .map(|one| (one.result, one.report))
+            .unzip();
+        let recorded = self.queue.record(results, bounces).await;
+        self.forget(&job);
+        match recorded {
+            // Observers hear of an outcome once it is recorded, never of one that a crash could
+            // undo.
+            Ok(()) => observe::delivery_results(&mut run, &reports).await,
+            // The recipients stay leased and are tried again once the lease expires.
+            Err(error) => {
+                tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results")
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The end of a transaction: DATA and BDAT content read and checked (`data_reader.rs`), then
+//! the message refused for a fault, or stamped, checked for SPF, DKIM and DMARC, put to the data
+//! hooks, edited as they ask and handed to the inbox. The reply is 250 only once the queue has
+//! committed the message.
+
+use bytes::Bytes;
+
+use super::authenticate::{authenticate, Check, Client};
+use super::content::{self, Trace};
+use super::data_reader::{Chunk, ContentReader, Faults, Framing};
+use super::session::{Flow, Greeting, Session, Transaction};
+use crate::delivery::inbox::Accepted;
+use crate::mail::edit;
+use crate::mail::header;
+use crate::mail::reply::Reply;
+use crate::net::line::Framer;
+use crate::plugins::chain::DataDecision;
+
+impl Session {
+    pub(super) async fn data(&mut self, argument: &str) -> std::io::Result<Flow> {
+        if !argument.trim().is_empty() {
+            return Ok(self.error(Reply::new(501, "5.5.4", "Syntax: DATA")));
+        }
+        if self.transaction.sender.is_none() {
+            return Ok(self.error(Reply::new(503, "5.5.1", "Error: need MAIL command")));
+        }
+        if self.transaction.chunks.is_some() {
+            return Ok(self.error(Reply::new(503, "5.5.1", "Error: DATA after BDAT")));
+        }
+        if self.transaction.recipients.is_empty() {
+            return Ok(self.error(Reply::new(554, "5.5.1", "Error: no valid recipients")));
+        }
+        self.reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+        self.conn.flush().await?;
+        let limits = &self.services.config.smtp;
+        let mut reader = ContentReader::new(
+            Framing::Dotted,
+            limits.max_message_size,
+            limits.max_data_line,
+        );
+        if let Some(flow) = self.read_content(&mut reader, "DATA").await? {
+            return Ok(flow);
+        }
+        let (message, faults) = reader.finish();
+        Ok(self.end_of_content(message, faults).await)
+    }
+
+    pub(super) async fn bdat(&mut self, argument: &str) -> std::io::Result<Flow> {
+        let mut words = argument.split_whitespace();
+        let size = words.next().and_then(|size| size.parse::<u64>().ok());
+        let last = match words.next() {
+            None => false,
+            Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+            Some(_) => false,
+        };
+        let Some(size) =
+            size.filter(|_| words.next().is_none() && argument.split_whitespace().count() <= 2)
+        else {
+            // Without a size we cannot tell where the chunk ends: the session cannot go on.
+            self.reply(Reply::new(
+                501,
+                "5.5.4",
+                "Syntax: BDAT size [LAST]; closing connection",
+            ));
+            return Ok(Flow::Close);
+        };
+        let ready = self.transaction.sender.is_some() && !self.transaction.recipients.is_empty();
+        let limits = &self.services.config.smtp;
+        let mut content = self.transaction.chunks.take().unwrap_or_else(|| {
+            ContentReader::new(
+                Framing::Chunked,
+                limits.max_message_size,
+                limits.max_data_line,
+            )
+        });
+        if size > 0 {
+            // A chunk the transaction cannot take is still read, to stay in step.
+            let mut chunk = Chunk {
+                remaining: size,
+                into: ready.then_some(&mut content),
+            };
+            if let Some(flow) = self.read_content(&mut chunk, "BDAT").await? {
+                return Ok(flow);
+            }
+        }
+        if !ready {
+            let reply = if self.transaction.sender.is_none() {
+                Reply::new(503, "5.5.1", "Error: need MAIL command")
+            } else {
+                Reply::new(554, "5.5.1", "Error: no valid recipients")
+            };
+            return Ok(self.error(reply));
+        }
+        if !last {
+            self.transaction.chunks = Some(content);
+            self.reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+            return Ok(Flow::Continue);
+        }
+        let (mut message, faults) = content.finish();
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            message.extend_from_slice(b"\r\n");
+        }
+        Ok(self.end_of_content(message, faults).await)
+    }
+
+    /// Reads message content with `framer` within `data_timeout`: `None` once it is all in,
+    /// `Some(Flow::Close)` when the client took too long or went away first (nothing is queued).
+    async fn read_content(
+        &mut self,
+        framer: &mut impl Framer,
+        verb: &str,
+    ) -> std::io::Result<Option<Flow>> {
+        let timeout = self.config().smtp.data_timeout;
+        let shutdown = self.services.shutdown.clone();
+        // A stop lets content under way finish, unless the drain time runs out first.
+        let read = tokio::select! {
+            read = tokio::time::timeout(timeout, self.conn.read_frame(framer)) => read,
+            _ = shutdown.cut() => {
+                self.reply_shutting_down();
+                return Ok(Some(Flow::Close));
+            }
+        };
+        match read {
+            Err(_) => {
+                tracing::info!("{verb} timeout");
+                self.reply(Reply::new(
+                    421,
+                    "4.4.2",
+                    format!("Timeout exceeded during {verb}, closing connection"),
+                ));
+                Ok(Some(Flow::Close))
+            }
+            Ok(Ok(true)) => Ok(None),
+            Ok(Ok(false)) => {
+                tracing::info!("client disconnected during {verb}; nothing queued");
+                Ok(Some(Flow::Close))
+            }
+            Ok(Err(error)) => Err(error),
+        }
+    }
+
+    /// Ends the transaction once its content is in: refuses content with a fault (and closes
+    /// the session when the fault says the client's framing cannot be trusted), else queues it.
+    async fn end_of_content(&mut self, message: Vec<u8>, faults: Faults) -> Flow {
+        let limits = &self.services.config.smtp;
+        let Some(refusal) = faults.refusal(limits.max_message_size, limits.max_data_line) else {
+            let reply = self.finish_message(message).await;
+            self.reply(reply);
+            return Flow::Continue;
+        };
+        tracing::info!(reply = %refusal.reply, close = refusal.close, "message refused");
+        self.transaction = Transaction::default();
+        self.end_plugin_run();
+        self.reply(refusal.reply);
+        if !refusal.close {
+            return Flow::Continue;
+        }
+        // RFC 5321 3.8: a server that closes says 421 first. The client gets it where it
+        // expects its next reply.
+        let hostname = self.config().hostname.clone();
+        self.reply(Reply::new(
+            421,
+            "4.5.2",
+            format!("{hostname} closing connection after malformed message content"),
+        ));
+        Flow::Close
+    }
+
+    /// Ends the transaction with content that passed the checks: stamps it, asks the data hooks
+    /// and queues it.
+    /// The reply is 250 only once the queue has committed the message.
+    async fn finish_message(&mut self, message: Vec<u8>) -> Reply {
+        let reply = self.accept_message(message).await;
+        self.end_plugin_run();
+        reply
+    }
+
+    async fn accept_message(&mut self, message: Vec<u8>) -> Reply {
+        let envelope = self.wit_envelope();
+        let transaction = std::mem::take(&mut self.transaction);
+        let limits = &self.services.config.smtp;
+        if header::count(&message, "Received") > limits.max_received_headers {
+            return Reply::new(
+                554,
+                "5.4.6",
+                "Too many hops: Received headers suggest a mail loop",
+            );
+        }
+        let queue_id = self.services.inbox.new_id();
+        let queued = Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"));
+        let mut stamped = self.stamp(message, &transaction, &queue_id);
+        let verdicts = match self.sender_check(&envelope.sender) {
+            Some(check) => Some(authenticate(check, &stamped).await),
+            None => None,
+        };
+        if let Some(verdicts) = &verdicts {
+            stamped = content::remove_forged_results(&stamped, &self.config().hostname);
+            stamped.splice(0..0, verdicts.header.bytes());
+        }
+        let sender = envelope.sender.clone();
+        let mut recipients = envelope.recipients.clone();
+        let mut content = Bytes::from(stamped);
+        let mut quarantine = None;
+        if let Some((decision, edits)) =
+            self.ask_data(&queue_id, envelope, &content, verdicts).await
+        {
+            match decision {
+                DataDecision::Reject(reply) | DataDecision::Tempfail(reply) => {
+                    tracing::info!(queue_id = %queue_id, reply = %reply, "message refused by plugin");
+                    return reply;
+                }
+                DataDecision::Discard => {
+                    tracing::info!(queue_id = %queue_id, "message discarded by plugin");
+                    return queued;
+                }
+                DataDecision::Quarantine(reason) => quarantine = Some(reason),
+                DataDecision::Accept | DataDecision::Continue => {}
+            }
+            content = Bytes::from(edit::apply_to_headers(&content, &edits));
+            edit::apply_to_recipients(&mut recipients, &edits);
+            if recipients.is_empty() {
+                tracing::info!(queue_id = %queue_id, "plugins removed every recipient; message dropped");
+                return queued;
+            }
+        }
+        let accepted = Accepted {
+            id: queue_id,
+            sender,
+            recipients,
+            content,
+            smtputf8: transaction.smtputf8,
+            eight_bit_mime: transaction.eight_bit_mime,
+            quarantine,
+        };
+        // The transaction's plugin instances go on to serve the message's delivery hooks.
+        match self.services.inbox.accept(accepted, self.run.take()).await {
+            Ok(_) => queued,
+            Err(_) => Reply::new(
+                451,
+                "4.3.0",
+                "Temporary queue failure, please try again later",
+            ),
+        }
+    }
+
+    /// Prepends the Received header (and a Message-ID if missing).
+    /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
+    /// is on, an inbound listener got it, from a client outside `relay.networks`.
+    fn sender_check(&self, sender: &str) -> Option<Check> {
+        let authenticator = self.services.authenticator.clone()?;
+        if self.in_relay_networks() || self.listener.role != crate::config::ListenerRole::Inbound {
+            return None;
+        }
+        let helo = match &self.greeting {
+            Greeting::Ehlo(name) | Greeting::Helo(name) => name.clone(),
+            Greeting::None => String::new(),
+        };
+        Some(Check {
+            authenticator,
+            hostname: self.config().hostname.clone(),
+            client: Client {
+                ip: self.client_ip,
+                helo,
+                sender: sender.to_string(),
+            },
+        })
+    }
+
+    fn stamp(&self, message: Vec<u8>, transaction: &Transaction, queue_id: &str) -> Vec<u8> {
+        let tls = self.conn.stream().tls_description();
+        // RFC 3848 and RFC 6531: S for TLS, A for an authenticated client.
+        let authenticated = self.auth_identity.is_some();
+        let protocol = match (
+            &self.greeting,
+            transaction.smtputf8,
+            tls.is_some(),
+            authenticated,
+        ) {
+            (Greeting::Ehlo(_), true, true, true) => "UTF8SMTPSA",
+            (Greeting::Ehlo(_), true, true, false) => "UTF8SMTPS",
+            (Greeting::Ehlo(_), true, false, true) => "UTF8SMTPA",
+            (Greeting::Ehlo(_), true, false, false) => "UTF8SMTP",
+            (Greeting::Ehlo(_), false, true, true) => "ESMTPSA",
+            (Greeting::Ehlo(_), false, true, false) => "ESMTPS",
+            (Greeting::Ehlo(_), false, false, true) => "ESMTPA",
+            (Greeting::Ehlo(_), false, false, false) => "ESMTP",
+            _ => "SMTP",
+        };
+        let helo = match &self.greeting {
+            Greeting::Ehlo(name) | Greeting::Helo(name) => name.as_str(),
+            Greeting::None => "unknown",
+        };
+        let trace = Trace {
+            helo,
+            client_ip: self.client_ip,
+            hostname: &self.services.config.hostname,
+            protocol,
+            tls,
+            queue_id,
+            single_recipient: (transaction.recipients.len() == 1)
+                .then(|| transaction.recipients[0].to_string()),
+        };
+        content::stamp(message, &trace)
+    }
+}

@@ -1,0 +1,206 @@
+//! The envelope commands: HELO/EHLO (and the extensions offered), MAIL FROM with its
+//! parameters, RCPT TO with relay control and the recipient limit. Each asks its plugin hook
+//! (`policy.rs`) before the host's own rules.
+
+use super::session::{Flow, Greeting, Session, Transaction};
+use crate::mail::address::{domain_key, parse_path_argument, Mailbox};
+use crate::mail::reply::Reply;
+
+impl Session {
+    pub(super) async fn helo(&mut self, argument: &str, extended: bool) -> Flow {
+        let name = argument.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            let verb = if extended { "EHLO" } else { "HELO" };
+            return self.error(Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname")));
+        }
+        self.transaction = Transaction::default();
+        if let Some(refusal) = self.ask_helo(name).await {
+            self.reply(refusal);
+            return Flow::Continue;
+        }
+        let hostname = self.config().hostname.clone();
+        if !extended {
+            self.greeting = Greeting::Helo(name.to_string());
+            self.reply(Reply::plain(250, hostname));
+            return Flow::Continue;
+        }
+        self.greeting = Greeting::Ehlo(name.to_string());
+        let mut lines = vec![
+            hostname,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config().smtp.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+        ];
+        if self.services.tls_acceptor.is_some() && !self.conn.stream().is_tls() {
+            lines.push("STARTTLS".to_string());
+        }
+        if let Some(auth) = self.auth_keyword() {
+            lines.push(auth);
+        }
+        lines.push("HELP".to_string());
+        self.reply(Reply::multiline(250, lines));
+        Flow::Continue
+    }
+
+    pub(super) async fn mail(&mut self, argument: &str) -> Flow {
+        if matches!(self.greeting, Greeting::None) {
+            return self.error(Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
+        }
+        if self.transaction.sender.is_some() {
+            return self.error(Reply::new(503, "5.5.1", "Error: nested MAIL command"));
+        }
+        let Some(path) = argument
+            .get(..5)
+            .filter(|from| from.eq_ignore_ascii_case("FROM:"))
+            .map(|_| &argument[5..])
+        else {
+            return self.error(Reply::new(501, "5.5.4", "Syntax: MAIL FROM:<address>"));
+        };
+        let parsed = match parse_path_argument(path) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.error(reply),
+        };
+        let extended = matches!(self.greeting, Greeting::Ehlo(_));
+        let mut transaction = Transaction::default();
+        for (keyword, value) in &parsed.params {
+            if !extended {
+                return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
+            }
+            match (keyword.as_str(), value.as_deref()) {
+                ("SIZE", Some(size)) => {
+                    let Ok(size) = size.parse::<u64>() else {
+                        return self.error(Reply::new(501, "5.5.4", "Bad SIZE parameter"));
+                    };
+                    let max = self.config().smtp.max_message_size;
+                    if size > max {
+                        self.reply(Reply::new(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds fixed maximum message size of {max} bytes"
+                            ),
+                        ));
+                        return Flow::Continue;
+                    }
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("8BITMIME") => {
+                    transaction.eight_bit_mime = true
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => transaction.smtputf8 = true,
+                // RFC 4954 5: the identity the message was submitted by; we know our own.
+                ("AUTH", Some(_)) if self.offers_auth() => {}
+                _ => {
+                    return self.error(Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {keyword}"),
+                    ))
+                }
+            }
+        }
+        if let Some(mailbox) = &parsed.mailbox {
+            if !mailbox.is_ascii() && !transaction.smtputf8 {
+                return self.error(Reply::new(
+                    553,
+                    "5.6.7",
+                    "Non-ASCII sender address needs SMTPUTF8",
+                ));
+            }
+        }
+        if let Some(refusal) = self.authentication_required() {
+            self.reply(refusal);
+            return Flow::Continue;
+        }
+        let sender = match self.ask_mail_from(&parsed).await {
+            Ok(sender) => sender,
+            Err(refusal) => {
+                self.reply(refusal);
+                return Flow::Continue;
+            }
+        };
+        let shown = sender.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        transaction.sender = Some(sender);
+        self.transaction = transaction;
+        tracing::debug!(from = %shown, "MAIL accepted");
+        self.reply(Reply::new(250, "2.1.0", "Ok"));
+        Flow::Continue
+    }
+
+    pub(super) async fn rcpt(&mut self, argument: &str) -> Flow {
+        if self.transaction.sender.is_none() {
+            return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        }
+        let Some(path) = argument
+            .get(..3)
+            .filter(|to| to.eq_ignore_ascii_case("TO:"))
+            .map(|_| &argument[3..])
+        else {
+            return self.error(Reply::new(501, "5.5.4", "Syntax: RCPT TO:<address>"));
+        };
+        let parsed = match parse_path_argument(path) {
+            Ok(parsed) => parsed,
+            Err(reply) => return self.error(reply),
+        };
+        if let Some((keyword, _)) = parsed.params.first() {
+            return self.error(Reply::new(
+                555,
+                "5.5.4",
+                format!("Unsupported parameter {keyword}"),
+            ));
+        }
+        let Some(recipient) = parsed.mailbox.clone() else {
+            return self.error(Reply::new(
+                501,
+                "5.1.3",
+                "Bad recipient address syntax: empty path",
+            ));
+        };
+        if !recipient.is_ascii() && !self.transaction.smtputf8 {
+            return self.error(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII recipient address needs SMTPUTF8",
+            ));
+        }
+        if self.transaction.recipients.len() >= self.config().smtp.max_recipients {
+            self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
+            return Flow::Continue;
+        }
+        let (recipient, accepted_by_plugin) = match self.ask_rcpt_to(&recipient, &parsed).await {
+            Ok(answer) => answer,
+            Err(refusal) => {
+                self.reply(refusal);
+                return Flow::Continue;
+            }
+        };
+        if !accepted_by_plugin && !self.may_send_to(&recipient) {
+            tracing::info!(to = %recipient, "relay denied");
+            self.reply(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{recipient}>: Relay access denied"),
+            ));
+            return Flow::Continue;
+        }
+        self.transaction.recipients.push(recipient);
+        self.reply(Reply::new(250, "2.1.5", "Ok"));
+        Flow::Continue
+    }
+
+    /// No open relay: anyone may send to the domains we accept; only listed networks and
+    /// authenticated clients elsewhere.
+    fn may_send_to(&self, recipient: &Mailbox) -> bool {
+        let domain = recipient.domain_key();
+        self.config()
+            .relay
+            .domains
+            .iter()
+            .any(|accepted| domain_key(accepted) == domain)
+            || self.in_relay_networks()
+            || self.auth_identity.is_some()
+    }
+}
