@@ -426,4 +426,191 @@ mod tests {
         );
         assert_eq!((reply.code, reply.enhanced.as_str()), (451, "4.7.1"));
     }
+
+    /// The chain's semantics with real components from `plugins/` (built by
+    /// `scripts/build-plugins`): the first answer other than `continue` decides, rewrites and
+    /// edits accumulate in chain order, and a failing plugin answers with its failure policy.
+    mod semantics {
+        use std::path::PathBuf;
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use crate::config::{FailurePolicy, Grant, PluginManifest};
+        use crate::mail::edit::{Edit, Header};
+        use crate::mail::reply::Reply;
+        use crate::plugins::bindings::types::{AuthResults, Envelope};
+        use crate::plugins::chain::{DataDecision, Decision};
+        use crate::plugins::engine::{new_engine_with, PoolTuning};
+        use crate::plugins::host::{BodyHandle, SessionFacts};
+        use crate::plugins::{PluginManager, PluginRun, PluginServices, RunContext};
+
+        fn manifest(name: &str, component: &str, config: &str) -> PluginManifest {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/wasm32-wasip2/plugin")
+                .join(format!("{}.wasm", component.replace('-', "_")));
+            assert!(
+                path.is_file(),
+                "{} is missing: run scripts/build-plugins",
+                path.display()
+            );
+            PluginManifest {
+                name: name.to_string(),
+                path,
+                grants: vec![Grant::Kv],
+                time_limit: Duration::from_secs(5),
+                memory_limit: 32 * 1024 * 1024,
+                failure_policy: FailurePolicy::Tempfail,
+                config: toml::from_str(config).expect("plugin config"),
+                preinitialize: true,
+            }
+        }
+
+        async fn chain(manifests: &[PluginManifest]) -> (Arc<PluginManager>, tempfile::TempDir) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let tuning = PoolTuning {
+                instances: 16,
+                pagemap_scan: false,
+            };
+            let engine = new_engine_with(dir.path(), tuning).expect("engine");
+            let manager = PluginManager::start(engine, manifests, PluginServices::default())
+                .await
+                .expect("chain loads");
+            (manager, dir)
+        }
+
+        fn session() -> Arc<SessionFacts> {
+            Arc::new(SessionFacts {
+                client_ip: "192.0.2.1".into(),
+                listener: "test".into(),
+                submission: false,
+                helo: Some("client.test".into()),
+                tls: false,
+                auth_identity: None,
+                tenant: String::new(),
+            })
+        }
+
+        fn run(manager: &PluginManager) -> PluginRun {
+            manager.run(RunContext::default())
+        }
+
+        fn no_checks() -> AuthResults {
+            AuthResults {
+                spf: String::new(),
+                dkim: String::new(),
+                dmarc: String::new(),
+            }
+        }
+
+        fn envelope() -> Envelope {
+            Envelope {
+                sender: "s@sender.test".into(),
+                recipients: Vec::new(),
+            }
+        }
+
+        #[tokio::test]
+        async fn a_later_plugin_sees_an_earlier_rewrite_and_the_first_decider_wins() {
+            let rewrite = manifest(
+                "rewrite",
+                "address-rewrite",
+                "recipients = { \"info@x.test\" = \"victim@x.test\" }",
+            );
+            let seed = manifest("seed", "misbehave", "mode = \"seed\"");
+            let never = manifest("never-asked", "misbehave", "mode = \"trap\"");
+            let (manager, _dir) = chain(&[rewrite, seed, never]).await;
+            let mut run = run(&manager);
+            let (decision, address) = run
+                .rcpt_to(&session(), &envelope(), "info@x.test", &[])
+                .await;
+            assert_eq!(address, "victim@x.test", "the rewrite is kept");
+            match decision {
+                Decision::Reject(reply) => assert!(
+                    reply.one_line().starts_with("550 5.7.1 seed "),
+                    "the second plugin decided on the rewritten address: {reply:?}"
+                ),
+                other => panic!("{other:?}"),
+            }
+            // The third plugin (which would trap) was not asked.
+            assert_eq!(
+                manager.describe().matches("failures=0").count(),
+                3,
+                "{}",
+                manager.describe()
+            );
+            // An address nobody decides on: the host's own rules apply.
+            let (decision, address) = run
+                .rcpt_to(&session(), &envelope(), "someone@x.test", &[])
+                .await;
+            assert_eq!(
+                (decision, address.as_str()),
+                (Decision::Continue, "someone@x.test")
+            );
+        }
+
+        #[tokio::test]
+        async fn a_failing_plugin_answers_with_its_failure_policy() {
+            let mut skipped = manifest("skipped", "misbehave", "mode = \"trap\"");
+            skipped.failure_policy = FailurePolicy::Continue;
+            let seed = manifest("seed", "misbehave", "mode = \"seed\"");
+            let (manager, _dir) = chain(&[skipped, seed]).await;
+            let (decision, _) = run(&manager)
+                .rcpt_to(&session(), &envelope(), "victim@x.test", &[])
+                .await;
+            assert!(
+                matches!(&decision, Decision::Reject(reply) if reply.one_line().contains("seed")),
+                "`continue` skips the failed plugin: {decision:?}"
+            );
+
+            let trap = manifest("trap", "misbehave", "mode = \"trap\"");
+            let seed = manifest("seed", "misbehave", "mode = \"seed\"");
+            let (manager, _dir) = chain(&[trap, seed]).await;
+            let (decision, _) = run(&manager)
+                .rcpt_to(&session(), &envelope(), "victim@x.test", &[])
+                .await;
+            assert_eq!(
+                decision,
+                Decision::Tempfail(Reply::new(
+                    451,
+                    "4.3.0",
+                    "plugin trap failed, try again later"
+                )),
+                "`tempfail`, the default, decides; the next plugin is not asked"
+            );
+        }
+
+        #[tokio::test]
+        async fn data_edits_accumulate_in_chain_order() {
+            let first = manifest(
+                "first",
+                "content-filter",
+                "rules = [{ always = true, action = \"add-header\", name = \"X-First\", value = \"1\" }]",
+            );
+            let second = manifest(
+                "second",
+                "content-filter",
+                "rules = [\n  { always = true, action = \"remove-header\", name = \"X-First\" },\n  { always = true, action = \"add-header\", name = \"X-Second\", value = \"2\" },\n]",
+            );
+            let (manager, _dir) = chain(&[first, second]).await;
+            let body = BodyHandle::new(bytes::Bytes::from_static(b"Subject: s\r\n\r\nbody\r\n"));
+            let (decision, edits) = run(&manager)
+                .data(&session(), &envelope(), &no_checks(), &body)
+                .await;
+            assert_eq!(decision, DataDecision::Continue);
+            let header = |name: &str, value: &str| Header {
+                name: name.into(),
+                value: value.into(),
+            };
+            assert_eq!(
+                edits,
+                [
+                    Edit::AddHeader(header("X-First", "1")),
+                    Edit::RemoveHeader("X-First".into()),
+                    Edit::AddHeader(header("X-Second", "2")),
+                ]
+            );
+            let edited = crate::mail::edit::apply_to_headers(b"Subject: s\r\n\r\nbody\r\n", &edits);
+            assert_eq!(edited, b"X-Second: 2\r\nSubject: s\r\n\r\nbody\r\n");
+        }
+    }
 }
