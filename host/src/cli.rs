@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::delivery::dsn::{self, FailedRecipient};
-use crate::queue::sqlite::SqliteQueue;
 use crate::queue::{Outcome, Queue, QueuedMessage, RecipientResult, RecipientState};
 
 #[derive(Parser)]
@@ -169,9 +168,10 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             path.display()
         );
     }
-    let queue = SqliteQueue::open(&path, config.queue.commit_window)
+    let queue = crate::queue::open(&config.queue, &config.data_dir)
         .await
-        .with_context(|| format!("opening the queue {}", path.display()))?;
+        .with_context(|| format!("opening the queue {}", path.display()))?
+        .queue;
     match action {
         QueueAction::List => {
             let messages = queue.list().await?;
@@ -246,14 +246,14 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             println!("{count} recipient(s) scheduled for immediate retry");
         }
         QueueAction::Delete { id } => {
-            take_from_delivery(&queue, &id).await?;
+            take_from_delivery(queue.as_ref(), &id).await?;
             if !queue.delete(&id).await? {
                 bail!("no message {id} in the queue");
             }
             println!("deleted {id}");
         }
         QueueAction::Bounce { id } => {
-            let message = take_from_delivery(&queue, &id).await?;
+            let message = take_from_delivery(queue.as_ref(), &id).await?;
             let content = queue.content(&id).await?.unwrap_or_default();
             let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
             let failed: Vec<FailedRecipient> = message
@@ -301,7 +301,7 @@ const ADMIN_LEASE_MILLIS: i64 = 60_000;
 /// Leases a message's pending recipients to this command so that a running server cannot
 /// deliver them while the command bounces or deletes the message (which would deliver and bounce
 /// it, or deliver a deleted one). Refuses while a delivery of the message is under way.
-async fn take_from_delivery(queue: &SqliteQueue, id: &str) -> anyhow::Result<QueuedMessage> {
+async fn take_from_delivery(queue: &dyn Queue, id: &str) -> anyhow::Result<QueuedMessage> {
     let owner = format!("admin-{}", std::process::id());
     let now = crate::queue::now_millis();
     let Some((message, busy)) = queue

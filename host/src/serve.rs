@@ -13,20 +13,17 @@ use crate::delivery::{run_scanner, Dispatcher};
 use crate::inbound::services::Services;
 use crate::inbound::{self, SessionLimits};
 use crate::net::dns::Dns;
-use crate::plugins::kv::KvStore;
 use crate::plugins::{PluginManager, PluginServices};
-use crate::queue::sqlite::SqliteQueue;
-use crate::queue::Queue;
 use crate::shutdown::{Drained, Shutdown};
 
 /// `config_path` is the file the configuration came from (None: the built-in default); plugin
 /// reloads read it again.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let queue_path = config.queue_path();
-    let queue = SqliteQueue::open(&queue_path, config.queue.commit_window)
+    let opened = crate::queue::open(&config.queue, &config.data_dir)
         .await
-        .with_context(|| format!("opening the queue {}", queue_path.display()))?;
+        .with_context(|| format!("opening the queue {}", config.queue_path().display()))?;
+    let queue = opened.queue;
     // The embedded queue belongs to this process alone: leases left by an earlier run (a crash)
     // are void, and their messages are due again at once.
     let released = queue.release_leases(None).await?;
@@ -38,12 +35,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     // Before the plugins load: their call counters register with the recorder.
     crate::metrics::install(&config.metrics)?;
-    let kv: Arc<dyn KvStore> = Arc::new(queue.clone());
-    let queue: Arc<dyn Queue> = Arc::new(queue);
     let dns = Arc::new(Dns::new(&config.dns)?);
     let engine = crate::plugins::engine::new_engine(&config.data_dir.join("plugin-cache"))?;
     let plugin_services = PluginServices {
-        kv: Some(kv),
+        kv: Some(opened.kv),
         resolver: Some(dns.clone()),
     };
     let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
@@ -119,7 +114,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let pid_file = crate::plugins::reload::pid_path(&config);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
-    tracing::info!(queue = %queue_path.display(), hostname = %config.hostname, "switchyard ready");
+    tracing::info!(queue = %opened.location, hostname = %config.hostname, "switchyard ready");
     shutdown_signal().await;
     stop(&shutdown, config.shutdown.drain_timeout).await;
     let _ = scanner.await;

@@ -2,11 +2,20 @@
 //! bounce (the human-readable part of a DSN).
 
 use super::dsn::FailedRecipient;
-use super::routing::plugin_facts;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::hooks::HookKind;
 use crate::plugins::PluginRun;
 use crate::queue::{MessageMeta, Outcome};
+
+/// The message facts plugins see.
+pub(super) fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {
+    wit::MessageFacts {
+        id: meta.id.clone(),
+        sender: meta.sender.clone(),
+        size: meta.size,
+        tenant: String::new(),
+    }
+}
 
 /// What the delivery-result hook is told about one recipient's attempt.
 pub fn report(
@@ -61,7 +70,7 @@ pub async fn bounce_text(
                 diagnostic: recipient.diagnostic.clone(),
             })
             .collect(),
-        headers: crate::plugins::message::parsed_headers(content),
+        headers: crate::plugins::host::parsed_headers(content),
     };
     run.bounce(&report).await
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::observe::plugin_facts;
 use super::outcome::Attempt;
 use super::route::{self, NextHop};
 use super::Dispatcher;
@@ -18,16 +19,6 @@ use crate::plugins::chain::{reply_of, RouteDecision};
 use crate::plugins::hooks::HookKind;
 use crate::plugins::{PluginRun, PluginSet};
 use crate::queue::{MessageMeta, RecipientRow};
-
-/// The message facts plugins see.
-pub(super) fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {
-    wit::MessageFacts {
-        id: meta.id.clone(),
-        sender: meta.sender.clone(),
-        size: meta.size,
-        tenant: String::new(),
-    }
-}
 
 /// Where a route hook's answer sends a recipient: a hop, or a reply that settles it now.
 enum Routed {

@@ -15,7 +15,8 @@ use super::bindings::types::{
 };
 use super::hooks::HookKind;
 use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
-use super::run::{arm, PluginFailure, PluginRun};
+use super::run::{PluginFailure, PluginRun};
+use super::store::arm;
 use crate::config::FailurePolicy;
 use crate::mail::edit::{Edit, Header};
 use crate::mail::reply::Reply;

@@ -1,20 +1,7 @@
 //! The memory budget of one plugin instance: its `memory_limit` caps all of its linear memories
 //! together, not each one (a component may hold several core modules, each with a memory). A
 //! run's store holds every plugin's instance; growth is charged to the plugin being called or
-//! instantiated, so each plugin keeps its own budget.
-
-use wasmtime::ResourceLimiter;
-
-use super::host::HostState;
-
-/// Core instances, tables and memories one component instance may create: far above what a
-/// plugin built by wit-bindgen or componentize-py needs, and a bound on the bookkeeping a
-/// hostile component can ask for.
-const MAX_INSTANCES: usize = 16;
-const MAX_TABLES: usize = 16;
-const MAX_MEMORIES: usize = 4;
-/// Table elements (function references): generous for any real plugin.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+//! instantiated (the store's limiter in `host/mod.rs`), so each plugin keeps its own budget.
 
 pub struct MemoryBudget {
     limit: usize,
@@ -51,43 +38,6 @@ impl MemoryBudget {
         }
         self.used = total;
         Ok(true)
-    }
-}
-
-/// The store's limiter: each plugin's own budget, and counts that scale with the chain.
-impl ResourceLimiter for HostState {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        self.plugin_mut().limits.grow(current, desired, maximum)
-    }
-
-    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        Err(error.context("memory growth failed"))
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|maximum| desired <= maximum))
-    }
-
-    fn instances(&self) -> usize {
-        MAX_INSTANCES * self.plugins.len()
-    }
-
-    fn tables(&self) -> usize {
-        MAX_TABLES * self.plugins.len()
-    }
-
-    fn memories(&self) -> usize {
-        MAX_MEMORIES * self.plugins.len()
     }
 }
 

@@ -4,21 +4,21 @@
 //! not pre-initialised, in an instance made to validate its configuration.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
 
-use super::bindings::{self, PluginPre};
+use super::bindings::PluginPre;
 use super::engine::MEMORY_CAP;
-use super::exports::HookIndices;
-use super::hooks::HookSet;
-use super::host::HostState;
+use super::hooks::{HookIndices, HookSet};
+use super::host::{check_imports, linker, HostState, ImportError};
+use super::plugin::{LoadedPlugin, PluginStats};
 use super::preinit;
-use super::run::{new_store, PluginRun, RunContext};
+use super::run::PluginRun;
+use super::store::{new_store, RunContext};
 use super::PluginServices;
-use crate::config::{Grant, PluginManifest};
+use crate::config::PluginManifest;
 
 /// Why a plugin did not load. Shown in logs and by `switchyard plugins list`.
 #[derive(Debug, thiserror::Error)]
@@ -50,51 +50,6 @@ pub enum LoadError {
     #[error("plugin `{plugin}`: init failed: {message}")]
     Init { plugin: String, message: String },
 }
-
-/// Calls and failures of one plugin, for `plugins list` and metrics.
-#[derive(Debug)]
-pub struct PluginStats {
-    /// `switchyard_plugin_calls_total` for this plugin: a handle made once, so counting a call
-    /// costs an atomic add, not a registry lookup.
-    pub exported_calls: metrics::Counter,
-    pub calls: AtomicU64,
-    pub failures: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub out_of_memory: AtomicU64,
-}
-
-impl PluginStats {
-    fn new(plugin: &str) -> PluginStats {
-        PluginStats {
-            exported_calls: metrics::counter!("switchyard_plugin_calls_total", "plugin" => plugin.to_string()),
-            calls: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            out_of_memory: AtomicU64::new(0),
-        }
-    }
-}
-
-/// A compiled, linked and validated plugin.
-pub struct LoadedPlugin {
-    pub manifest: PluginManifest,
-    pub name: Arc<str>,
-    /// Instantiates the plugin (or its pre-initialised snapshot) for a transaction.
-    pub pre: InstancePre<HostState>,
-    /// Where `pre`'s component exports each hook.
-    pub indices: Arc<HookIndices>,
-    pub hooks: HookSet,
-    /// The manifest's `config`, as JSON for `init`.
-    pub config_json: String,
-    /// True when `pre` instantiates a snapshot taken after `init` (see [`super::preinit`]):
-    /// instances then start initialised and `init` is not called again.
-    pub preinitialized: bool,
-    pub stats: PluginStats,
-}
-
-const PACKAGE: &str = "switchyard:plugin/";
-/// Interfaces every plugin may import.
-const ALWAYS: [&str; 3] = ["types", "message", "bag"];
 
 /// Components compiled during one load: plugins loaded from the same file (a hosting provider's
 /// tenants running one plugin with different configs) share one compiled component, so its code
@@ -153,7 +108,17 @@ pub async fn load(
             component
         }
     };
-    check_imports(engine, &component, manifest)?;
+    check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
+        ImportError::NotGranted { import, grant } => LoadError::NotGranted {
+            plugin: plugin.clone(),
+            import,
+            grant: grant.interface().to_string(),
+        },
+        ImportError::Unknown { import } => LoadError::UnknownImport {
+            plugin: plugin.clone(),
+            import,
+        },
+    })?;
     let linker = linker(engine, &manifest.grants).map_err(|error| LoadError::Link {
         plugin: plugin.clone(),
         message: format!("{error:#}"),
@@ -244,72 +209,4 @@ fn prepare(
     PluginPre::new(pre.clone()).map_err(|error| format!("{error:#}"))?;
     let indices = HookIndices::new(component)?;
     Ok((pre, Arc::new(indices)))
-}
-
-/// Refuses a component that imports a host interface it was not granted, naming the interface.
-fn check_imports(
-    engine: &Engine,
-    component: &Component,
-    manifest: &PluginManifest,
-) -> Result<(), LoadError> {
-    for (name, _) in component.component_type().imports(engine) {
-        let Some(rest) = name.strip_prefix(PACKAGE) else {
-            continue; // wasi:* and friends: provided, with nothing granted behind them.
-        };
-        let interface = rest.split('@').next().unwrap_or(rest);
-        if ALWAYS.contains(&interface) {
-            continue;
-        }
-        match Grant::ALL
-            .into_iter()
-            .find(|grant| grant.interface() == interface)
-        {
-            Some(grant) if manifest.grants.contains(&grant) => {}
-            Some(grant) => {
-                return Err(LoadError::NotGranted {
-                    plugin: manifest.name.clone(),
-                    import: name.to_string(),
-                    grant: grant.interface().to_string(),
-                })
-            }
-            None => {
-                return Err(LoadError::UnknownImport {
-                    plugin: manifest.name.clone(),
-                    import: name.to_string(),
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A linker with WASI (no files, no network: nothing is preopened or allowed), the always-present
-/// interfaces, and the granted ones only.
-fn linker(engine: &Engine, grants: &[Grant]) -> wasmtime::Result<Linker<HostState>> {
-    use bindings::switchyard::plugin as api;
-    let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    api::types::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
-    api::message::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
-    api::bag::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?;
-    for grant in grants {
-        match grant {
-            Grant::Log => {
-                api::log::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
-            }
-            Grant::Metrics => {
-                api::metrics::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
-            }
-            Grant::Kv => {
-                api::kv::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
-            }
-            Grant::Dns => {
-                api::dns::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
-            }
-            Grant::Clock => {
-                api::clock::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |state| state)?
-            }
-        }
-    }
-    Ok(linker)
 }

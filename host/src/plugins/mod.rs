@@ -9,16 +9,15 @@
 pub mod bindings;
 pub mod chain;
 pub mod engine;
-pub mod exports;
 pub mod hooks;
 pub mod host;
-pub mod kv;
 pub mod limits;
 pub mod loader;
-pub mod message;
+pub mod plugin;
 pub mod preinit;
 pub mod reload;
 pub mod run;
+pub mod store;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -29,10 +28,12 @@ use wasmtime::Engine;
 use tokio::sync::Semaphore;
 
 use crate::config::PluginManifest;
+use crate::queue::kv::KvStore;
 pub use engine::new_engine;
-use kv::KvStore;
-use loader::{LoadError, LoadedPlugin};
-pub use run::{PluginRun, RunContext};
+use loader::LoadError;
+use plugin::LoadedPlugin;
+pub use run::PluginRun;
+pub use store::RunContext;
 
 /// What host functions reach: the kv store and the resolver.
 #[derive(Clone, Default)]

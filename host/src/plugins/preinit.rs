@@ -16,8 +16,8 @@ use wasmtime_wizer::{ComponentInstanceState, Wizer};
 use super::bindings::types::PluginInfo;
 use super::bindings::Plugin;
 use super::host::HostState;
-use super::run::arm;
-use super::LoadedPlugin;
+use super::plugin::LoadedPlugin;
+use super::store::arm;
 
 /// Components above this size are not pre-initialised: a snapshot costs two more compilations
 /// of the whole component at every load, seconds for an interpreter such as componentize-py's

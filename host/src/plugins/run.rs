@@ -14,24 +14,16 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime::Store;
 
-use super::exports::Hooks;
-use super::hooks::{HookKind, HookSet};
-use super::host::{HostState, PluginState};
-use super::loader::LoadedPlugin;
+use super::hooks::{HookKind, HookSet, Hooks};
+use super::host::HostState;
+use super::plugin::LoadedPlugin;
+use super::store::{arm, new_store, RunContext};
 use super::{PluginServices, PluginSet};
 use crate::config::FailurePolicy;
-
-/// Facts every instance of a run shares.
-#[derive(Debug, Clone, Default)]
-pub struct RunContext {
-    pub tenant: String,
-    pub queue_id: Option<String>,
-}
 
 /// How a plugin call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,50 +56,6 @@ pub struct PluginRun {
     /// Present while the run is held for its message's delivery stages (see
     /// [`super::PluginManager::hold`]): the run's share of the bound on held instances.
     pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-/// A store for instances of `plugins`, the run's chain in order (one plugin when loading).
-pub(super) fn new_store<'a>(
-    engine: &Engine,
-    plugins: impl IntoIterator<Item = &'a LoadedPlugin>,
-    services: &PluginServices,
-    context: &RunContext,
-) -> Store<HostState> {
-    let state = HostState {
-        wasi: None,
-        table: ResourceTable::new(),
-        plugins: plugins
-            .into_iter()
-            .map(|plugin| {
-                PluginState::new(plugin.name.clone(), plugin.manifest.memory_limit as usize)
-            })
-            .collect(),
-        current: 0,
-        // Set by `arm` before anything runs in the store.
-        deadline: Instant::now(),
-        tenant: context.tenant.clone(),
-        queue_id: context.queue_id.clone(),
-        kv: services.kv.clone(),
-        resolver: services.resolver.clone(),
-    };
-    let mut store = Store::new(engine, state);
-    store.limiter(|state| state);
-    // Each epoch tick: past the deadline, interrupt; otherwise yield to tokio so a busy plugin
-    // never holds a worker thread for long.
-    store.epoch_deadline_callback(|context| {
-        if Instant::now() >= context.data().deadline {
-            Err(wasmtime::format_err!("time limit exceeded"))
-        } else {
-            Ok(UpdateDeadline::Yield(1))
-        }
-    });
-    store
-}
-
-/// Starts the clock for one call.
-pub(super) fn arm(store: &mut Store<HostState>, limit: Duration) {
-    store.data_mut().deadline = Instant::now() + limit;
-    store.set_epoch_deadline(1);
 }
 
 impl PluginRun {

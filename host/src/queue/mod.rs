@@ -1,11 +1,16 @@
 //! The durable queue: messages and their recipients, each recipient with its own state, attempts,
 //! next attempt time and last reply.
 //!
-//! One interface ([`Queue`]) and, for now, one engine: SQLite ([`sqlite::SqliteQueue`]). A PostgreSQL
-//! engine for several nodes implements the same trait; that is why claims carry a lease owner.
+//! Two ports, [`Queue`] and [`kv::KvStore`], with one error type that names no driver, and one
+//! engine behind them today: SQLite ([`sqlite::SqliteQueue`]), chosen by [`open`]. Claims carry a
+//! lease owner and an expiry, so an engine shared by several nodes can hand work over.
 
+pub mod kv;
 pub mod sqlite;
 mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,10 +24,35 @@ pub fn now_millis() -> Millis {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// The engine's database failed; the source is the driver's error.
     #[error("queue database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("queue files: {0}")]
+    Io(#[from] std::io::Error),
     #[error("queue writer has stopped")]
     WriterGone,
+}
+
+/// An open queue: the queue itself and the kv store that lives beside it.
+pub struct Opened {
+    pub queue: Arc<dyn Queue>,
+    pub kv: Arc<dyn kv::KvStore>,
+    /// Where it lives, for logs and errors.
+    pub location: String,
+}
+
+/// Opens the queue `config` names (its file relative to `data_dir`), creating it if needed.
+pub async fn open(
+    config: &crate::config::QueueConfig,
+    data_dir: &Path,
+) -> Result<Opened, QueueError> {
+    let path = data_dir.join(&config.path);
+    let queue = Arc::new(sqlite::SqliteQueue::open(&path, config.commit_window).await?);
+    Ok(Opened {
+        queue: queue.clone(),
+        kv: queue,
+        location: path.display().to_string(),
+    })
 }
 
 /// Facts about a queued message that delivery needs, without its content.

@@ -1,11 +1,15 @@
-//! The message as the data hook sees it: its content, read in chunks through `body.read`, and its
+//! The `message` interface: the message as the data hook sees it: its content, read in chunks through `body.read`, and its
 //! header fields as mail-parser reads them, through `body.headers`.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
-use super::bindings::types::Header;
+use wasmtime::component::{HasSelf, Linker, Resource};
+
+use super::HostState;
+use crate::plugins::bindings::switchyard::plugin::{message, types};
+use crate::plugins::bindings::types::Header;
 
 /// The message lent to the data hooks of one chain. The header fields are parsed on the first
 /// `body.headers()` call and shared by every later plugin of the chain: a chain whose plugins
@@ -56,6 +60,49 @@ pub fn parsed_headers(content: &[u8]) -> Vec<Header> {
             }
         })
         .collect()
+}
+
+/// Most bytes one `body.read` returns.
+const MAX_READ: u32 = 64 * 1024;
+
+impl message::Host for HostState {}
+
+impl message::HostBody for HostState {
+    async fn size(&mut self, body: Resource<BodyHandle>) -> u64 {
+        self.table
+            .get(&body)
+            .map(|b| b.content().len() as u64)
+            .unwrap_or(0)
+    }
+
+    async fn headers(&mut self, body: Resource<BodyHandle>) -> Vec<types::Header> {
+        self.table
+            .get(&body)
+            .map(|b| b.headers().to_vec())
+            .unwrap_or_default()
+    }
+
+    async fn read(&mut self, body: Resource<BodyHandle>, offset: u64, length: u32) -> Vec<u8> {
+        let Ok(handle) = self.table.get(&body) else {
+            return Vec::new();
+        };
+        let content = handle.content();
+        let start = (offset.min(content.len() as u64)) as usize;
+        let end = start
+            .saturating_add(length.min(MAX_READ) as usize)
+            .min(content.len());
+        content[start..end].to_vec()
+    }
+
+    async fn drop(&mut self, body: Resource<BodyHandle>) -> wasmtime::Result<()> {
+        self.table.delete(body)?;
+        Ok(())
+    }
+}
+
+/// Adds the `message` interface to `linker`.
+pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    message::add_to_linker::<_, HasSelf<HostState>>(linker, |state| state)
 }
 
 #[cfg(test)]

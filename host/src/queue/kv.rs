@@ -1,9 +1,9 @@
-//! The per-tenant, per-plugin key-value store plugins reach through the `kv` import, kept in the
-//! queue's database.
+//! The kv port: the per-tenant, per-plugin key-value store plugins reach through the `kv`
+//! import. Each queue engine keeps it in its own database, so it is as durable as the queue.
 
 use async_trait::async_trait;
 
-use crate::queue::QueueError;
+use super::QueueError;
 
 #[async_trait]
 pub trait KvStore: Send + Sync {

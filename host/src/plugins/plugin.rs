@@ -1,0 +1,52 @@
+//! A loaded plugin: its manifest, its pre-instantiated component, the hooks it implements, and
+//! its counters.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use wasmtime::component::InstancePre;
+
+use super::hooks::{HookIndices, HookSet};
+use super::host::HostState;
+use crate::config::PluginManifest;
+
+/// Calls and failures of one plugin, for `plugins list` and metrics.
+#[derive(Debug)]
+pub struct PluginStats {
+    /// `switchyard_plugin_calls_total` for this plugin: a handle made once, so counting a call
+    /// costs an atomic add, not a registry lookup.
+    pub exported_calls: metrics::Counter,
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub out_of_memory: AtomicU64,
+}
+
+impl PluginStats {
+    pub(super) fn new(plugin: &str) -> PluginStats {
+        PluginStats {
+            exported_calls: metrics::counter!("switchyard_plugin_calls_total", "plugin" => plugin.to_string()),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            out_of_memory: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A compiled, linked and validated plugin.
+pub struct LoadedPlugin {
+    pub manifest: PluginManifest,
+    pub name: Arc<str>,
+    /// Instantiates the plugin (or its pre-initialised snapshot) for a transaction.
+    pub pre: InstancePre<HostState>,
+    /// Where `pre`'s component exports each hook.
+    pub indices: Arc<HookIndices>,
+    pub hooks: HookSet,
+    /// The manifest's `config`, as JSON for `init`.
+    pub config_json: String,
+    /// True when `pre` instantiates a snapshot taken after `init` (see [`super::preinit`]):
+    /// instances then start initialised and `init` is not called again.
+    pub preinitialized: bool,
+    pub stats: PluginStats,
+}

@@ -1,0 +1,286 @@
+//! The embedded queue engine: one SQLite file in WAL mode, `synchronous=FULL` so that a commit is
+//! on disk (fsync) before a 250 is sent. Reads go through a small pool of connections; every
+//! write goes through one writer task that commits them in groups (`super::writer`, with the
+//! operations in `write.rs`). The plugins' kv store shares the file (`kv.rs`).
+
+mod kv;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod write;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+
+use super::writer::Writer;
+use super::{
+    MessageMeta, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientResult,
+    RecipientRow, RecipientState,
+};
+use write::{SqliteWriter, WriteOp, WriteOutput};
+
+impl From<sqlx::Error> for QueueError {
+    fn from(error: sqlx::Error) -> QueueError {
+        QueueError::Database(Box::new(error))
+    }
+}
+
+/// The SQLite queue. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    writer: Writer<SqliteWriter>,
+}
+
+impl SqliteQueue {
+    /// Opens (creating if needed) the queue file and starts its writer.
+    pub async fn open(path: &Path, commit_window: Duration) -> Result<SqliteQueue, QueueError> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let mut connection = SqliteConnection::connect_with(&options).await?;
+        schema::create(&mut connection).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        let writer = Writer::spawn(SqliteWriter::new(connection), commit_window);
+        Ok(SqliteQueue { pool, writer })
+    }
+
+    async fn load_recipients(&self, id: &str) -> Result<Vec<RecipientRow>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT idx, address, state, attempts, next_attempt, last_reply FROM recipients
+             WHERE message_id = ? ORDER BY idx",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(recipient_from_row).collect())
+    }
+}
+
+fn recipient_from_row(row: &sqlx::sqlite::SqliteRow) -> RecipientRow {
+    RecipientRow {
+        index: row.get("idx"),
+        address: row.get("address"),
+        state: RecipientState::from_i64(row.get("state")),
+        attempts: row.get("attempts"),
+        next_attempt: row.get("next_attempt"),
+        last_reply: row.get("last_reply"),
+    }
+}
+
+fn meta_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageMeta {
+    MessageMeta {
+        id: row.get("id"),
+        sender: row.get("sender"),
+        received_at: row.get("received_at"),
+        size: row.get::<i64, _>("size").max(0) as u64,
+        smtputf8: row.get::<i64, _>("smtputf8") != 0,
+        eight_bit: row.get::<i64, _>("eight_bit") != 0,
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        lease: Option<(String, Millis)>,
+    ) -> Result<(), QueueError> {
+        self.writer
+            .submit(WriteOp::Enqueue { message, lease })
+            .await
+            .map(|_| ())
+    }
+
+    async fn claim_due(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, QueueError> {
+        let output = self
+            .writer
+            .submit(WriteOp::Claim {
+                owner: owner.to_string(),
+                now,
+                lease_until,
+                limit,
+            })
+            .await?;
+        Ok(match output {
+            WriteOutput::Claimed(messages) => messages,
+            _ => Vec::new(),
+        })
+    }
+
+    async fn content(&self, id: &str) -> Result<Option<Bytes>, QueueError> {
+        let row = sqlx::query("SELECT content FROM messages WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| Bytes::from(row.get::<Vec<u8>, _>("content"))))
+    }
+
+    async fn record(
+        &self,
+        results: Vec<RecipientResult>,
+        bounces: Vec<NewMessage>,
+    ) -> Result<(), QueueError> {
+        self.writer
+            .submit(WriteOp::Record { results, bounces })
+            .await
+            .map(|_| ())
+    }
+
+    async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {
+        let rows = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages ORDER BY received_at")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let meta = meta_from_row(row);
+            let recipients = self.load_recipients(&meta.id).await?;
+            messages.push(QueuedMessage { meta, recipients });
+        }
+        Ok(messages)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<QueuedMessage>, QueueError> {
+        let row = sqlx::query(
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => {
+                let meta = meta_from_row(&row);
+                let recipients = self.load_recipients(&meta.id).await?;
+                Ok(Some(QueuedMessage { meta, recipients }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn retry_now(&self, id: Option<&str>) -> Result<u64, QueueError> {
+        let now = super::now_millis();
+        let result = match id {
+            Some(id) => {
+                sqlx::query(
+                    "UPDATE recipients SET next_attempt = ?, state = 0 WHERE state IN (0, 3) AND message_id = ?",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query("UPDATE recipients SET next_attempt = ?, state = 0 WHERE state IN (0, 3)")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(result.rows_affected())
+    }
+
+    async fn lease_message(
+        &self,
+        id: &str,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<(QueuedMessage, usize)>, QueueError> {
+        // The write comes first: a deferred transaction that read first could not upgrade to a
+        // writer once the server commits in between (SQLITE_BUSY_SNAPSHOT, which no busy timeout
+        // waits out); writing first waits for the write lock like any other writer.
+        let mut transaction = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
+             WHERE message_id = ?3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < ?4)
+             RETURNING message_id, idx, address, state, attempts, next_attempt, last_reply",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(id)
+        .bind(now)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients
+             WHERE message_id = ?1 AND state = 0 AND lease_owner IS NOT ?2 AND lease_until >= ?3",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(now)
+        .fetch_one(&mut *transaction)
+        .await?;
+        let meta = sqlx::query(
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        // No such message: dropping the transaction rolls back any lease taken on stray rows.
+        let Some(meta) = meta else {
+            return Ok(None);
+        };
+        transaction.commit().await?;
+        let mut recipients: Vec<RecipientRow> = rows.iter().map(recipient_from_row).collect();
+        recipients.sort_by_key(|recipient| recipient.index);
+        let message = QueuedMessage {
+            meta: meta_from_row(&meta),
+            recipients,
+        };
+        Ok(Some((message, usize::try_from(busy).unwrap_or(usize::MAX))))
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("DELETE FROM recipients WHERE message_id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM messages WHERE id = ?")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        transaction.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, QueueError> {
+        let result = match owner {
+            Some(owner) => {
+                sqlx::query("UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
+                    .bind(owner)
+                    .execute(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(result.rows_affected())
+    }
+}

@@ -1,0 +1,320 @@
+//! The SQLite engine's write operations, applied inside the writer task's open transaction:
+//! enqueue, record results (and DSNs), claim due recipients, and the kv store's writes.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use sqlx::{Row, SqliteConnection};
+
+use super::{meta_from_row, recipient_from_row};
+use crate::queue::writer::Apply;
+use crate::queue::{
+    Millis, NewMessage, Outcome, QueueError, QueuedMessage, RecipientResult, RecipientRow,
+    RecipientState,
+};
+
+/// Write operations, applied by the writer task.
+pub(crate) enum WriteOp {
+    Enqueue {
+        message: NewMessage,
+        lease: Option<(String, Millis)>,
+    },
+    Record {
+        results: Vec<RecipientResult>,
+        bounces: Vec<NewMessage>,
+    },
+    Claim {
+        owner: String,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    },
+    KvSet {
+        scope: (String, String),
+        key: String,
+        value: Vec<u8>,
+        expires_at: Option<Millis>,
+    },
+    KvIncrement {
+        scope: (String, String),
+        key: String,
+        delta: i64,
+        now: Millis,
+        expires_at: Millis,
+    },
+    KvDelete {
+        scope: (String, String),
+        key: String,
+    },
+}
+
+pub(crate) struct SqliteWriter {
+    connection: SqliteConnection,
+}
+
+impl SqliteWriter {
+    pub(super) fn new(connection: SqliteConnection) -> SqliteWriter {
+        SqliteWriter { connection }
+    }
+
+    async fn insert(
+        &mut self,
+        message: &NewMessage,
+        lease: Option<&(String, Millis)>,
+    ) -> Result<(), QueueError> {
+        let meta = &message.meta;
+        sqlx::query(
+            "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&meta.id)
+        .bind(&meta.sender)
+        .bind(meta.received_at)
+        .bind(meta.size as i64)
+        .bind(meta.smtputf8 as i64)
+        .bind(meta.eight_bit as i64)
+        .bind(message.content.as_ref())
+        .execute(&mut self.connection)
+        .await?;
+        let state = if message.quarantine.is_some() {
+            RecipientState::Quarantined.as_i64()
+        } else {
+            RecipientState::Queued.as_i64()
+        };
+        for (index, address) in message.recipients.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_reply, lease_owner, lease_until)
+                 VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            )
+            .bind(&meta.id)
+            .bind(index as i64)
+            .bind(address)
+            .bind(state)
+            .bind(meta.received_at)
+            .bind(message.quarantine.as_deref())
+            .bind(lease.map(|(owner, _)| owner.as_str()))
+            .bind(lease.map(|(_, until)| *until))
+            .execute(&mut self.connection)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn record(
+        &mut self,
+        results: &[RecipientResult],
+        bounces: &[NewMessage],
+    ) -> Result<(), QueueError> {
+        let mut touched: Vec<&str> = Vec::new();
+        for result in results {
+            let (state, next_attempt) = match result.outcome {
+                Outcome::Delivered => (RecipientState::Delivered, None),
+                Outcome::Deferred { next_attempt } => (RecipientState::Queued, Some(next_attempt)),
+                Outcome::Failed => (RecipientState::Failed, None),
+            };
+            sqlx::query(
+                "UPDATE recipients SET state = ?, attempts = ?, next_attempt = COALESCE(?, next_attempt),
+                 last_reply = ?, lease_owner = NULL, lease_until = NULL
+                 WHERE message_id = ? AND idx = ?",
+            )
+            .bind(state.as_i64())
+            .bind(result.attempts)
+            .bind(next_attempt)
+            .bind(&result.reply)
+            .bind(&result.message_id)
+            .bind(result.index)
+            .execute(&mut self.connection)
+            .await?;
+            if !touched.contains(&result.message_id.as_str()) {
+                touched.push(&result.message_id);
+            }
+        }
+        for id in touched {
+            sqlx::query(
+                "DELETE FROM recipients WHERE message_id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
+            )
+            .bind(id)
+            .execute(&mut self.connection)
+            .await?;
+            sqlx::query("DELETE FROM messages WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1)")
+                .bind(id)
+                .execute(&mut self.connection)
+                .await?;
+        }
+        for bounce in bounces {
+            self.insert(bounce, None).await?;
+        }
+        Ok(())
+    }
+
+    /// The plugins' key-value operations.
+    async fn apply_kv(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+        match op {
+            WriteOp::KvSet {
+                scope,
+                key,
+                value,
+                expires_at,
+            } => {
+                sqlx::query(
+                    "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (tenant, plugin, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                )
+                .bind(&scope.0)
+                .bind(&scope.1)
+                .bind(key)
+                .bind(value)
+                .bind(expires_at)
+                .execute(&mut self.connection)
+                .await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::KvIncrement {
+                scope,
+                key,
+                delta,
+                now,
+                expires_at,
+            } => {
+                // Counters are stored as decimal text; an expired one starts again from zero.
+                let value: i64 = sqlx::query_scalar(
+                    "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?1, ?2, ?3, CAST(?4 AS TEXT), ?5)
+                     ON CONFLICT (tenant, plugin, key) DO UPDATE SET
+                       value = CASE WHEN kv.expires_at IS NOT NULL AND kv.expires_at <= ?6
+                                    THEN CAST(?4 AS TEXT)
+                                    ELSE CAST(CAST(CAST(kv.value AS TEXT) AS INTEGER) + ?4 AS TEXT) END,
+                       expires_at = CASE WHEN kv.expires_at IS NOT NULL AND kv.expires_at <= ?6
+                                    THEN ?5 ELSE kv.expires_at END
+                     RETURNING CAST(CAST(value AS TEXT) AS INTEGER)",
+                )
+                .bind(&scope.0)
+                .bind(&scope.1)
+                .bind(key)
+                .bind(delta)
+                .bind(expires_at)
+                .bind(now)
+                .fetch_one(&mut self.connection)
+                .await?;
+                Ok(WriteOutput::Counter(value))
+            }
+            WriteOp::KvDelete { scope, key } => {
+                sqlx::query("DELETE FROM kv WHERE tenant = ? AND plugin = ? AND key = ?")
+                    .bind(&scope.0)
+                    .bind(&scope.1)
+                    .bind(key)
+                    .execute(&mut self.connection)
+                    .await?;
+                Ok(WriteOutput::Done)
+            }
+            _ => Ok(WriteOutput::Done),
+        }
+    }
+
+    async fn claim(
+        &mut self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, QueueError> {
+        let rows = sqlx::query(
+            "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
+             WHERE state = 0 AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
+               AND message_id IN (
+                 SELECT message_id FROM recipients
+                 WHERE state = 0 AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
+                 GROUP BY message_id ORDER BY MIN(next_attempt) LIMIT ?4)
+             RETURNING message_id, idx, address, state, attempts, next_attempt, last_reply",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut self.connection)
+        .await?;
+        let mut grouped: BTreeMap<String, Vec<RecipientRow>> = BTreeMap::new();
+        for row in &rows {
+            grouped
+                .entry(row.get("message_id"))
+                .or_default()
+                .push(recipient_from_row(row));
+        }
+        let mut claimed = Vec::with_capacity(grouped.len());
+        for (id, mut recipients) in grouped {
+            let meta = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?")
+                .bind(&id)
+                .fetch_optional(&mut self.connection)
+                .await?;
+            match meta {
+                Some(row) => {
+                    recipients.sort_by_key(|recipient| recipient.index);
+                    claimed.push(QueuedMessage {
+                        meta: meta_from_row(&row),
+                        recipients,
+                    });
+                }
+                None => {
+                    tracing::warn!(queue_id = %id, "recipients without a message; removing them");
+                    sqlx::query("DELETE FROM recipients WHERE message_id = ?")
+                        .bind(&id)
+                        .execute(&mut self.connection)
+                        .await?;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+}
+
+pub(crate) enum WriteOutput {
+    Done,
+    Claimed(Vec<QueuedMessage>),
+    Counter(i64),
+}
+
+#[async_trait]
+impl Apply for SqliteWriter {
+    type Op = WriteOp;
+    type Output = WriteOutput;
+
+    async fn begin(&mut self) -> Result<(), QueueError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+        match op {
+            WriteOp::Enqueue { message, lease } => {
+                self.insert(message, lease.as_ref()).await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::Record { results, bounces } => {
+                self.record(results, bounces).await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::Claim {
+                owner,
+                now,
+                lease_until,
+                limit,
+            } => Ok(WriteOutput::Claimed(
+                self.claim(owner, *now, *lease_until, *limit).await?,
+            )),
+            kv => self.apply_kv(kv).await,
+        }
+    }
+
+    async fn commit(&mut self) -> Result<(), QueueError> {
+        sqlx::query("COMMIT").execute(&mut self.connection).await?;
+        Ok(())
+    }
+
+    async fn rollback(&mut self) {
+        if let Err(error) = sqlx::query("ROLLBACK").execute(&mut self.connection).await {
+            tracing::debug!(%error, "rollback after a failed transaction");
+        }
+    }
+}
