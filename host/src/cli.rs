@@ -173,71 +173,8 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
         .with_context(|| format!("opening the queue {}", path.display()))?
         .queue;
     match action {
-        QueueAction::List => {
-            let messages = queue.list().await?;
-            for message in &messages {
-                let meta = &message.meta;
-                let arrived = chrono::DateTime::from_timestamp_millis(meta.received_at)
-                    .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .unwrap_or_default();
-                let sender = if meta.sender.is_empty() {
-                    "<>"
-                } else {
-                    &meta.sender
-                };
-                println!("{}  {:>8}  {}  {}", meta.id, meta.size, arrived, sender);
-                let pending = message.recipients.iter().filter(|r| {
-                    matches!(
-                        r.state,
-                        RecipientState::Queued | RecipientState::Quarantined
-                    )
-                });
-                for recipient in pending {
-                    let reason = recipient
-                        .last_reply
-                        .as_deref()
-                        .map(|r| format!("  ({r})"))
-                        .unwrap_or_default();
-                    let held = if recipient.state == RecipientState::Quarantined {
-                        "  QUARANTINED"
-                    } else {
-                        ""
-                    };
-                    println!(
-                        "    {}  attempts={}{held}{reason}",
-                        recipient.address, recipient.attempts
-                    );
-                }
-            }
-            println!("-- {} message(s) in queue", messages.len());
-        }
-        QueueAction::Show { id } => {
-            let Some(message) = queue.get(&id).await? else {
-                bail!("no message {id} in the queue");
-            };
-            let meta = &message.meta;
-            println!("queue id: {}", meta.id);
-            println!("sender: <{}>", meta.sender);
-            println!("size: {}", meta.size);
-            println!("smtputf8: {}  8bit: {}", meta.smtputf8, meta.eight_bit);
-            for recipient in &message.recipients {
-                let next = chrono::DateTime::from_timestamp_millis(recipient.next_attempt)
-                    .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .unwrap_or_default();
-                println!(
-                    "recipient: <{}> state={} attempts={} next={} last={}",
-                    recipient.address,
-                    recipient.state.name(),
-                    recipient.attempts,
-                    next,
-                    recipient.last_reply.as_deref().unwrap_or("-")
-                );
-            }
-            if let Some(content) = queue.content(&id).await? {
-                println!();
-                print!("{}", String::from_utf8_lossy(&content));
-            }
-        }
+        QueueAction::List => list(queue.as_ref()).await?,
+        QueueAction::Show { id } => show(queue.as_ref(), &id).await?,
         QueueAction::Retry { id, all } => {
             if id.is_none() && !all {
                 bail!("give a queue id or --all");
@@ -252,44 +189,119 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             }
             println!("deleted {id}");
         }
-        QueueAction::Bounce { id } => {
-            let message = take_from_delivery(queue.as_ref(), &id).await?;
-            let content = queue.content(&id).await?.unwrap_or_default();
-            let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
-            let failed: Vec<FailedRecipient> = message
-                .recipients
-                .iter()
-                .map(|recipient| FailedRecipient {
-                    address: recipient.address.clone(),
-                    status: "5.0.0".to_string(),
-                    diagnostic: diagnostic.clone(),
-                    remote_mta: None,
-                })
-                .collect();
-            let results = message
-                .recipients
-                .iter()
-                .map(|recipient| RecipientResult {
-                    message_id: id.clone(),
-                    index: recipient.index,
-                    attempts: recipient.attempts,
-                    outcome: Outcome::Failed,
-                    reply: diagnostic.clone(),
-                })
-                .collect();
-            let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed, None);
-            let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
-            queue.record(results, bounce.into_iter().collect()).await?;
-            match dsn_id {
-                Some(dsn_id) => {
-                    println!("bounced {id}: {} recipient(s), DSN {dsn_id}", failed.len())
-                }
-                None => println!(
-                    "bounced {id}: {} recipient(s), no DSN (null sender)",
-                    failed.len()
-                ),
-            }
+        QueueAction::Bounce { id } => bounce(config, queue.as_ref(), &id).await?,
+    }
+    Ok(())
+}
+
+/// `queue list`: one line per message, one per pending recipient.
+async fn list(queue: &dyn Queue) -> anyhow::Result<()> {
+    let messages = queue.list().await?;
+    for message in &messages {
+        let meta = &message.meta;
+        let arrived = chrono::DateTime::from_timestamp_millis(meta.received_at)
+            .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let sender = if meta.sender.is_empty() {
+            "<>"
+        } else {
+            &meta.sender
+        };
+        println!("{}  {:>8}  {}  {}", meta.id, meta.size, arrived, sender);
+        let pending = message.recipients.iter().filter(|r| {
+            matches!(
+                r.state,
+                RecipientState::Queued | RecipientState::Quarantined
+            )
+        });
+        for recipient in pending {
+            let reason = recipient
+                .last_reply
+                .as_deref()
+                .map(|r| format!("  ({r})"))
+                .unwrap_or_default();
+            let held = if recipient.state == RecipientState::Quarantined {
+                "  QUARANTINED"
+            } else {
+                ""
+            };
+            println!(
+                "    {}  attempts={}{held}{reason}",
+                recipient.address, recipient.attempts
+            );
         }
+    }
+    println!("-- {} message(s) in queue", messages.len());
+    Ok(())
+}
+
+/// `queue show ID`: the message's facts, each recipient's state, and the content.
+async fn show(queue: &dyn Queue, id: &str) -> anyhow::Result<()> {
+    let Some(message) = queue.get(id).await? else {
+        bail!("no message {id} in the queue");
+    };
+    let meta = &message.meta;
+    println!("queue id: {}", meta.id);
+    println!("sender: <{}>", meta.sender);
+    println!("size: {}", meta.size);
+    println!("smtputf8: {}  8bit: {}", meta.smtputf8, meta.eight_bit);
+    for recipient in &message.recipients {
+        let next = chrono::DateTime::from_timestamp_millis(recipient.next_attempt)
+            .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        println!(
+            "recipient: <{}> state={} attempts={} next={} last={}",
+            recipient.address,
+            recipient.state.name(),
+            recipient.attempts,
+            next,
+            recipient.last_reply.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(content) = queue.content(id).await? {
+        println!();
+        print!("{}", String::from_utf8_lossy(&content));
+    }
+    Ok(())
+}
+
+/// `queue bounce ID`: fails every pending recipient now and returns the message to its sender.
+async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<()> {
+    let message = take_from_delivery(queue, id).await?;
+    let content = queue.content(id).await?.unwrap_or_default();
+    let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
+    let failed: Vec<FailedRecipient> = message
+        .recipients
+        .iter()
+        .map(|recipient| FailedRecipient {
+            address: recipient.address.clone(),
+            status: "5.0.0".to_string(),
+            diagnostic: diagnostic.clone(),
+            remote_mta: None,
+        })
+        .collect();
+    let results = message
+        .recipients
+        .iter()
+        .map(|recipient| RecipientResult {
+            message_id: id.to_string(),
+            index: recipient.index,
+            attempts: recipient.attempts,
+            outcome: Outcome::Failed,
+            reply: diagnostic.clone(),
+        })
+        .collect();
+    let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed, None);
+    let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
+    queue.record(results, bounce.into_iter().collect()).await?;
+    match dsn_id {
+        Some(dsn_id) => {
+            println!("bounced {id}: {} recipient(s), DSN {dsn_id}", failed.len())
+        }
+        None => println!(
+            "bounced {id}: {} recipient(s), no DSN (null sender)",
+            failed.len()
+        ),
     }
     Ok(())
 }

@@ -52,24 +52,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         plugins.clone(),
         shutdown.clone(),
     );
-    let tls_acceptor = match &config.tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::net::tls::server_config(&files.certificate, &files.private_key)?,
-        )),
-        None => None,
-    };
     if let Some(root) = &config.mailboxes.root {
         std::fs::create_dir_all(root)
             .map_err(|error| anyhow::anyhow!("mailboxes.root `{}`: {error}", root.display()))?;
     }
-    let accounts = match &config.submission.users_file {
-        Some(path) => {
-            let accounts = crate::accounts::Accounts::load(path)?;
-            tracing::info!(users = accounts.len(), file = %path.display(), "SMTP AUTH accounts loaded");
-            Some(Arc::new(accounts))
-        }
-        None => None,
-    };
     let node_id = format!("{}:{}", config.hostname, std::process::id());
     let inbox = Inbox::new(
         queue,
@@ -78,33 +64,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         node_id.clone(),
         config.queue.lease,
     );
-    let services = Arc::new(Services {
-        config: config.clone(),
-        inbox: Arc::new(inbox),
+    let services = Arc::new(session_services(
+        &config,
+        Arc::new(inbox),
         plugins,
-        tls_acceptor,
         authenticator,
-        accounts,
-        auth_budget: Arc::new(inbound::AuthBudget::new(
-            config.submission.auth_failures.clone(),
-        )),
-        shutdown: shutdown.clone(),
-    });
-    let mut sockets = Vec::new();
-    for listener in &config.listeners {
-        sockets.push((inbound::bind(listener).await?, listener.clone()));
-    }
-    let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
-    for (socket, listener) in sockets {
-        tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
-        // Under the stop's watch: it waits for the listener to answer its backlog and close.
-        shutdown.spawn_session(inbound::serve(
-            socket,
-            listener,
-            services.clone(),
-            limits.clone(),
-        ));
-    }
+        &shutdown,
+    )?);
+    listen(&config, &services, &shutdown).await?;
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     tokio::spawn(crate::plugins::reload::run(
         services.plugins.clone(),
@@ -119,6 +86,66 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     stop(&shutdown, config.shutdown.drain_timeout).await;
     let _ = scanner.await;
     let _ = std::fs::remove_file(&pid_file);
+    Ok(())
+}
+
+/// What every SMTP session shares: TLS, the accounts for AUTH, the AUTH failure budget.
+fn session_services(
+    config: &Arc<Config>,
+    inbox: Arc<Inbox>,
+    plugins: Arc<PluginManager>,
+    authenticator: Option<mail_auth::MessageAuthenticator>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Services> {
+    let tls_acceptor = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::net::tls::server_config(&files.certificate, &files.private_key)?,
+        )),
+        None => None,
+    };
+    let accounts = match &config.submission.users_file {
+        Some(path) => {
+            let accounts = crate::accounts::Accounts::load(path)?;
+            tracing::info!(users = accounts.len(), file = %path.display(), "SMTP AUTH accounts loaded");
+            Some(Arc::new(accounts))
+        }
+        None => None,
+    };
+    Ok(Services {
+        config: config.clone(),
+        inbox,
+        plugins,
+        tls_acceptor,
+        authenticator,
+        accounts,
+        auth_budget: Arc::new(inbound::AuthBudget::new(
+            config.submission.auth_failures.clone(),
+        )),
+        shutdown: shutdown.clone(),
+    })
+}
+
+/// Binds every listener (all before any serves, so a bad address fails the start), then serves
+/// each under the stop's watch, which waits for a listener to answer its backlog and close.
+async fn listen(
+    config: &Config,
+    services: &Arc<Services>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut sockets = Vec::new();
+    for listener in &config.listeners {
+        sockets.push((inbound::bind(listener).await?, listener.clone()));
+    }
+    let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
+    for (socket, listener) in sockets {
+        tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
+        shutdown.spawn_session(inbound::serve(
+            socket,
+            listener,
+            services.clone(),
+            limits.clone(),
+        ));
+    }
     Ok(())
 }
 

@@ -26,11 +26,23 @@ fn offset_of_key(text: &str, key: &str) -> usize {
     0
 }
 
+/// Makes a [`Problem`] about the first line that sets a key.
+type Locate<'a> = dyn Fn(&str, String) -> Problem + 'a;
+
 pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
     let problem = |key: &str, message: String| Problem {
         offset: offset_of_key(text, key),
         message,
     };
+    listeners(config, &problem)?;
+    limits(config, &problem)?;
+    files(config, &problem)?;
+    submission(config, &problem)?;
+    names(config, &problem)
+}
+
+/// The hostname and the listeners: valid, and no two on one address.
+fn listeners(config: &Config, problem: &Locate) -> Result<(), Problem> {
     if config.hostname.trim().is_empty() || config.hostname.contains(char::is_whitespace) {
         return Err(problem(
             "hostname",
@@ -61,6 +73,11 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             });
         }
     }
+    Ok(())
+}
+
+/// Session, retry and delivery limits within what the RFCs and the code need.
+fn limits(config: &Config, problem: &Locate) -> Result<(), Problem> {
     let limits = &config.smtp;
     if limits.max_recipients == 0 || limits.max_sessions == 0 || limits.max_sessions_per_ip == 0 {
         return Err(problem(
@@ -96,6 +113,11 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             "delivery limits must be at least 1".to_string(),
         ));
     }
+    Ok(())
+}
+
+/// Files the server will open: they exist and are what they should be.
+fn files(config: &Config, problem: &Locate) -> Result<(), Problem> {
     if let Some(tls) = &config.tls {
         for (key, path) in [
             ("certificate", &tls.certificate),
@@ -128,6 +150,11 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
         crate::accounts::Accounts::load(users)
             .map_err(|error| problem("users_file", format!("submission.users_file: {error}")))?;
     }
+    Ok(())
+}
+
+/// SMTP AUTH settings, and submission listeners that can use them.
+fn submission(config: &Config, problem: &Locate) -> Result<(), Problem> {
     let failures = &config.submission.auth_failures;
     const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
     if failures.limit > 0
@@ -160,6 +187,11 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
             });
         }
     }
+    Ok(())
+}
+
+/// Routes, plugin names and limits, relay domains.
+fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
     for route in &config.routes {
         let domain = route.domain.trim_start_matches("*.");
         if domain.is_empty() || domain.contains(['@', ' ', '*']) {

@@ -296,72 +296,10 @@ impl Client {
         content: &[u8],
     ) -> Result<Vec<Reply>, ClientError> {
         self.transactions += 1;
-        if envelope.smtputf8 && !self.capabilities.smtputf8 {
-            // RFC 6531 3.4: a message that needs SMTPUTF8 must not be downgraded silently.
-            let reply = Reply::new(
-                553,
-                "5.6.7",
-                format!("{} does not support SMTPUTF8", self.peer),
-            );
+        if let Some(reply) = self.cannot_take(envelope) {
             return Ok(vec![reply; envelope.recipients.len()]);
         }
-        if let Some(limit) = self.capabilities.size {
-            if envelope.size > limit {
-                let reply = Reply::new(
-                    552,
-                    "5.3.4",
-                    format!(
-                        "message size {} exceeds {}'s limit of {limit}",
-                        envelope.size, self.peer
-                    ),
-                );
-                return Ok(vec![reply; envelope.recipients.len()]);
-            }
-        }
-        let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
-        if self.capabilities.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", envelope.size));
-        }
-        if envelope.eight_bit && self.capabilities.eight_bit_mime {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        if envelope.smtputf8 {
-            mail.push_str(" SMTPUTF8");
-        }
-        let commands: Vec<String> = std::iter::once(mail)
-            .chain(
-                envelope
-                    .recipients
-                    .iter()
-                    .map(|recipient| format!("RCPT TO:<{recipient}>")),
-            )
-            .chain(std::iter::once("DATA".to_string()))
-            .collect();
-        let mut replies = Vec::with_capacity(commands.len());
-        if self.capabilities.pipelining {
-            for command in &commands {
-                self.conn.queue(command.as_bytes());
-                self.conn.queue(b"\r\n");
-            }
-            self.flush().await?;
-            for _ in &commands {
-                replies.push(self.read_reply().await?);
-            }
-        } else {
-            for command in &commands {
-                self.send_line(command).await?;
-                let reply = self.read_reply().await?;
-                let stop = (replies.is_empty() && !reply.is_positive()) || command == "DATA";
-                replies.push(reply);
-                if stop {
-                    break;
-                }
-                let accepted = replies.iter().skip(1).any(Reply::is_positive);
-                if replies.len() == commands.len() - 1 && !accepted {
-                    break;
-                }
-            }
-        }
+        let replies = self.exchange(&self.envelope_commands(envelope)).await?;
         let mail_reply = replies[0].clone();
         if !mail_reply.is_positive() {
             self.reset().await?;
@@ -377,28 +315,7 @@ impl Client {
             .collect();
         let data_reply = replies.get(envelope.recipients.len() + 1).cloned();
         let any_accepted = rcpt_replies.iter().any(Reply::is_positive);
-        let final_data = match data_reply {
-            Some(reply) if reply.code == 354 => {
-                if any_accepted {
-                    let stuffed = dot_stuff(content);
-                    self.conn.queue(&stuffed);
-                    self.conn.queue(b".\r\n");
-                } else {
-                    // A server that said 354 with no recipient gets an empty message it will refuse.
-                    self.conn.queue(b".\r\n");
-                }
-                self.flush().await?;
-                self.read_reply().await?
-            }
-            Some(reply) => {
-                self.reset().await?;
-                reply
-            }
-            None => {
-                self.reset().await?;
-                Reply::new(554, "5.5.1", "no valid recipients")
-            }
-        };
+        let final_data = self.content(data_reply, any_accepted, content).await?;
         Ok(rcpt_replies
             .into_iter()
             .map(|rcpt| {
@@ -409,6 +326,116 @@ impl Client {
                 }
             })
             .collect())
+    }
+
+    /// The reply for every recipient when this server cannot take the message at all.
+    fn cannot_take(&self, envelope: &Envelope<'_>) -> Option<Reply> {
+        if envelope.smtputf8 && !self.capabilities.smtputf8 {
+            // RFC 6531 3.4: a message that needs SMTPUTF8 must not be downgraded silently.
+            return Some(Reply::new(
+                553,
+                "5.6.7",
+                format!("{} does not support SMTPUTF8", self.peer),
+            ));
+        }
+        let limit = self.capabilities.size?;
+        (envelope.size > limit).then(|| {
+            Reply::new(
+                552,
+                "5.3.4",
+                format!(
+                    "message size {} exceeds {}'s limit of {limit}",
+                    envelope.size, self.peer
+                ),
+            )
+        })
+    }
+
+    /// MAIL (with the parameters this server takes), one RCPT per recipient, DATA.
+    fn envelope_commands(&self, envelope: &Envelope<'_>) -> Vec<String> {
+        let mut mail = format!("MAIL FROM:<{}>", envelope.sender);
+        if self.capabilities.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", envelope.size));
+        }
+        if envelope.eight_bit && self.capabilities.eight_bit_mime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if envelope.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        std::iter::once(mail)
+            .chain(
+                envelope
+                    .recipients
+                    .iter()
+                    .map(|recipient| format!("RCPT TO:<{recipient}>")),
+            )
+            .chain(std::iter::once("DATA".to_string()))
+            .collect()
+    }
+
+    /// Sends the envelope's commands, all at once with PIPELINING, else one by one (stopping
+    /// after a refused MAIL, or before DATA when no RCPT was accepted). One reply per command
+    /// sent.
+    async fn exchange(&mut self, commands: &[String]) -> Result<Vec<Reply>, ClientError> {
+        let mut replies = Vec::with_capacity(commands.len());
+        if self.capabilities.pipelining {
+            for command in commands {
+                self.conn.queue(command.as_bytes());
+                self.conn.queue(b"\r\n");
+            }
+            self.flush().await?;
+            for _ in commands {
+                replies.push(self.read_reply().await?);
+            }
+            return Ok(replies);
+        }
+        for command in commands {
+            self.send_line(command).await?;
+            let reply = self.read_reply().await?;
+            let stop = (replies.is_empty() && !reply.is_positive()) || command == "DATA";
+            replies.push(reply);
+            if stop {
+                break;
+            }
+            let accepted = replies.iter().skip(1).any(Reply::is_positive);
+            if replies.len() == commands.len() - 1 && !accepted {
+                break;
+            }
+        }
+        Ok(replies)
+    }
+
+    /// After DATA's reply: the content (dot-stuffed) and the final reply, or the reason there
+    /// was none.
+    async fn content(
+        &mut self,
+        data_reply: Option<Reply>,
+        any_accepted: bool,
+        content: &[u8],
+    ) -> Result<Reply, ClientError> {
+        match data_reply {
+            Some(reply) if reply.code == 354 => {
+                if any_accepted {
+                    let stuffed = dot_stuff(content);
+                    self.conn.queue(&stuffed);
+                    self.conn.queue(b".\r\n");
+                } else {
+                    // A server that said 354 with no recipient gets an empty message it will refuse.
+                    self.conn.queue(b".\r\n");
+                }
+                self.flush().await?;
+                self.read_reply().await
+            }
+            Some(reply) => {
+                self.reset().await?;
+                Ok(reply)
+            }
+            None => {
+                self.reset().await?;
+                Ok(Reply::new(554, "5.5.1", "no valid recipients"))
+            }
+        }
     }
 
     async fn reset(&mut self) -> Result<(), ClientError> {

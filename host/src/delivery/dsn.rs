@@ -40,90 +40,35 @@ pub fn build(
         .format("%a, %d %b %Y %H:%M:%S +0000")
         .to_string();
     let boundary = format!("{id}/{hostname}");
-    let mut text = String::new();
-    text.push_str(&format!(
-        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
-    ));
-    text.push_str(&format!("To: <{}>\r\n", original.sender));
     let subject = custom
         .map(|custom| crate::mail::text::one_line(&custom.subject).into_owned())
         .unwrap_or_else(|| "Undelivered Mail Returned to Sender".to_string());
-    text.push_str(&format!("Subject: {subject}\r\n"));
-    text.push_str(&format!("Date: {date}\r\n"));
-    text.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
-    text.push_str("Auto-Submitted: auto-replied\r\n");
-    text.push_str("MIME-Version: 1.0\r\n");
-    text.push_str(&format!(
-        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n"
-    ));
-    text.push_str("\r\nThis is a MIME-encapsulated message.\r\n\r\n");
-
+    let mut text = format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{sender}>\r\n\
+         Subject: {subject}\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{id}@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         \tboundary=\"{boundary}\"\r\n\
+         \r\nThis is a MIME-encapsulated message.\r\n\r\n",
+        sender = original.sender,
+    );
     text.push_str(&format!("--{boundary}\r\n"));
     text.push_str(
         "Content-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
     );
-    match custom {
-        Some(custom) => {
-            // Normalised to CRLF, other control characters (NUL...) to spaces: a DSN is held
-            // to the same rules as what we accept.
-            let body = custom
-                .text
-                .replace("\r\n", "\n")
-                .replace('\r', "\n")
-                .split('\n')
-                .map(crate::mail::text::one_line)
-                .collect::<Vec<_>>()
-                .join("\r\n");
-            text.push_str(&body);
-            if !body.ends_with("\r\n") {
-                text.push_str("\r\n");
-            }
-        }
-        None => {
-            text.push_str(&format!(
-                "This is the mail system at host {hostname}.\r\n\r\n\
-                 I'm sorry to have to inform you that your message could not\r\n\
-                 be delivered to one or more recipients. It's attached below.\r\n\r\n"
-            ));
-            for recipient in failed {
-                text.push_str(&format!(
-                    "<{}>: {}\r\n",
-                    recipient.address, recipient.diagnostic
-                ));
-            }
-        }
-    }
+    text.push_str(&notification(hostname, failed, custom));
     text.push_str("\r\n");
-
     text.push_str(&format!("--{boundary}\r\n"));
     text.push_str(
         "Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
     );
-    text.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
-    text.push_str(&format!("X-Switchyard-Queue-ID: {}\r\n", original.id));
-    text.push_str(&format!("Arrival-Date: {arrival}\r\n"));
-    for recipient in failed {
-        let address_type = if recipient.address.is_ascii() {
-            "rfc822"
-        } else {
-            "utf-8"
-        };
-        text.push_str("\r\n");
-        text.push_str(&format!(
-            "Final-Recipient: {address_type}; {}\r\n",
-            recipient.address
-        ));
-        text.push_str("Action: failed\r\n");
-        text.push_str(&format!("Status: {}\r\n", recipient.status));
-        if let Some(remote) = &recipient.remote_mta {
-            text.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
-        }
-        text.push_str(&format!(
-            "Diagnostic-Code: smtp; {}\r\n",
-            recipient.diagnostic
-        ));
-        text.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
-    }
+    text.push_str(&delivery_status(
+        hostname, original, failed, &arrival, &date,
+    ));
     text.push_str("\r\n");
 
     text.push_str(&format!("--{boundary}\r\n"));
@@ -146,6 +91,73 @@ pub fn build(
         content: Bytes::from(message),
         quarantine: None,
     })
+}
+
+/// The human-readable part: the bounce hook's text, or the host's own words.
+fn notification(hostname: &str, failed: &[FailedRecipient], custom: Option<&BounceText>) -> String {
+    let Some(custom) = custom else {
+        let mut text = format!(
+            "This is the mail system at host {hostname}.\r\n\r\n\
+             I'm sorry to have to inform you that your message could not\r\n\
+             be delivered to one or more recipients. It's attached below.\r\n\r\n"
+        );
+        for recipient in failed {
+            text.push_str(&format!(
+                "<{}>: {}\r\n",
+                recipient.address, recipient.diagnostic
+            ));
+        }
+        return text;
+    };
+    // Normalised to CRLF, other control characters (NUL...) to spaces: a DSN is held to the
+    // same rules as what we accept.
+    let mut body = custom
+        .text
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .split('\n')
+        .map(crate::mail::text::one_line)
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    if !body.ends_with("\r\n") {
+        body.push_str("\r\n");
+    }
+    body
+}
+
+/// The machine-readable part (RFC 3464): the message's fields, then one block per recipient.
+fn delivery_status(
+    hostname: &str,
+    original: &MessageMeta,
+    failed: &[FailedRecipient],
+    arrival: &str,
+    date: &str,
+) -> String {
+    let mut text = format!(
+        "Reporting-MTA: dns; {hostname}\r\n\
+         X-Switchyard-Queue-ID: {}\r\n\
+         Arrival-Date: {arrival}\r\n",
+        original.id
+    );
+    for recipient in failed {
+        let address_type = if recipient.address.is_ascii() {
+            "rfc822"
+        } else {
+            "utf-8"
+        };
+        text.push_str(&format!(
+            "\r\nFinal-Recipient: {address_type}; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            recipient.address, recipient.status
+        ));
+        if let Some(remote) = &recipient.remote_mta {
+            text.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
+        }
+        text.push_str(&format!(
+            "Diagnostic-Code: smtp; {}\r\nLast-Attempt-Date: {date}\r\n",
+            recipient.diagnostic
+        ));
+    }
+    text
 }
 
 /// The RFC 3463 status for a reply: its enhanced code, or one derived from the basic code.

@@ -3,7 +3,7 @@
 //! (`policy.rs`) before the host's own rules.
 
 use super::session::{Flow, Greeting, Session, Transaction};
-use crate::mail::address::{domain_key, parse_path_argument, Mailbox};
+use crate::mail::address::{domain_key, parse_path_argument, Mailbox, PathArgument};
 use crate::mail::reply::Reply;
 
 impl Session {
@@ -63,45 +63,14 @@ impl Session {
             Ok(parsed) => parsed,
             Err(reply) => return self.error(reply),
         };
-        let extended = matches!(self.greeting, Greeting::Ehlo(_));
-        let mut transaction = Transaction::default();
-        for (keyword, value) in &parsed.params {
-            if !extended {
-                return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
+        let mut transaction = match self.mail_parameters(&parsed) {
+            Ok(transaction) => transaction,
+            Err(Refused::Error(reply)) => return self.error(reply),
+            Err(Refused::Reply(reply)) => {
+                self.reply(reply);
+                return Flow::Continue;
             }
-            match (keyword.as_str(), value.as_deref()) {
-                ("SIZE", Some(size)) => {
-                    let Ok(size) = size.parse::<u64>() else {
-                        return self.error(Reply::new(501, "5.5.4", "Bad SIZE parameter"));
-                    };
-                    let max = self.config().smtp.max_message_size;
-                    if size > max {
-                        self.reply(Reply::new(
-                            552,
-                            "5.3.4",
-                            format!(
-                                "Message size exceeds fixed maximum message size of {max} bytes"
-                            ),
-                        ));
-                        return Flow::Continue;
-                    }
-                }
-                ("BODY", Some(body)) if body.eq_ignore_ascii_case("8BITMIME") => {
-                    transaction.eight_bit_mime = true
-                }
-                ("BODY", Some(body)) if body.eq_ignore_ascii_case("7BIT") => {}
-                ("SMTPUTF8", None) => transaction.smtputf8 = true,
-                // RFC 4954 5: the identity the message was submitted by; we know our own.
-                ("AUTH", Some(_)) if self.offers_auth() => {}
-                _ => {
-                    return self.error(Reply::new(
-                        555,
-                        "5.5.4",
-                        format!("Unsupported parameter {keyword}"),
-                    ))
-                }
-            }
-        }
+        };
         if let Some(mailbox) = &parsed.mailbox {
             if !mailbox.is_ascii() && !transaction.smtputf8 {
                 return self.error(Reply::new(
@@ -128,6 +97,58 @@ impl Session {
         tracing::debug!(from = %shown, "MAIL accepted");
         self.reply(Reply::new(250, "2.1.0", "Ok"));
         Flow::Continue
+    }
+
+    /// The transaction MAIL's ESMTP parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531
+    /// SMTPUTF8, RFC 4954 AUTH) start.
+    fn mail_parameters(&self, parsed: &PathArgument) -> Result<Transaction, Refused> {
+        let extended = matches!(self.greeting, Greeting::Ehlo(_));
+        let mut transaction = Transaction::default();
+        for (keyword, value) in &parsed.params {
+            if !extended {
+                return Err(Refused::Error(Reply::new(
+                    555,
+                    "5.5.4",
+                    "MAIL parameters need EHLO",
+                )));
+            }
+            match (keyword.as_str(), value.as_deref()) {
+                ("SIZE", Some(size)) => {
+                    let Ok(size) = size.parse::<u64>() else {
+                        return Err(Refused::Error(Reply::new(
+                            501,
+                            "5.5.4",
+                            "Bad SIZE parameter",
+                        )));
+                    };
+                    let max = self.config().smtp.max_message_size;
+                    if size > max {
+                        return Err(Refused::Reply(Reply::new(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds fixed maximum message size of {max} bytes"
+                            ),
+                        )));
+                    }
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("8BITMIME") => {
+                    transaction.eight_bit_mime = true
+                }
+                ("BODY", Some(body)) if body.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => transaction.smtputf8 = true,
+                // RFC 4954 5: the identity the message was submitted by; we know our own.
+                ("AUTH", Some(_)) if self.offers_auth() => {}
+                _ => {
+                    return Err(Refused::Error(Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {keyword}"),
+                    )))
+                }
+            }
+        }
+        Ok(transaction)
     }
 
     pub(super) async fn rcpt(&mut self, argument: &str) -> Flow {
@@ -203,4 +224,11 @@ impl Session {
             || self.in_relay_networks()
             || self.auth_identity.is_some()
     }
+}
+
+/// Why MAIL's parameters were refused: a protocol error (counted towards `max_errors`) or a plain
+/// refusal (a message too big is not the client's mistake).
+enum Refused {
+    Error(Reply),
+    Reply(Reply),
 }

@@ -86,28 +86,7 @@ pub async fn load(
             path: manifest.path.display().to_string(),
             message: error.to_string(),
         })?;
-    let component = match compiled.by_bytes.get(&bytes) {
-        Some(component) => component.clone(),
-        None => {
-            // Compilation is CPU-heavy (cached on disk after the first time): keep it off the
-            // workers.
-            let compile_engine = engine.clone();
-            let source = bytes.clone();
-            let component =
-                tokio::task::spawn_blocking(move || Component::new(&compile_engine, &source))
-                    .await
-                    .map_err(|error| LoadError::Compile {
-                        plugin: plugin.clone(),
-                        message: error.to_string(),
-                    })?
-                    .map_err(|error| LoadError::Compile {
-                        plugin: plugin.clone(),
-                        message: format!("{error:#}"),
-                    })?;
-            compiled.by_bytes.insert(bytes.clone(), component.clone());
-            component
-        }
-    };
+    let component = compile(engine, &plugin, &bytes, compiled).await?;
     check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
         ImportError::NotGranted { import, grant } => LoadError::NotGranted {
             plugin: plugin.clone(),
@@ -138,16 +117,30 @@ pub async fn load(
         preinitialized: false,
         stats: PluginStats::new(&plugin),
     };
-    // `init` runs once per load: in the instance that becomes the snapshot when the plugin can
-    // be pre-initialised, otherwise in an instance made only to run it. Either way a bad
-    // configuration is refused here, before the plugin takes traffic.
+    initialise(engine, &linker, &mut loaded, bytes, services, compiled).await?;
+    Ok(Arc::new(loaded))
+}
+
+/// Runs `init` once per load: in the instance that becomes the snapshot when the plugin can be
+/// pre-initialised (the snapshot then replaces `loaded.pre`), otherwise in an instance made only
+/// to run it. Either way a bad configuration is refused here, before the plugin takes traffic.
+async fn initialise(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    loaded: &mut LoadedPlugin,
+    bytes: Vec<u8>,
+    services: &PluginServices,
+    compiled: &mut Compiled,
+) -> Result<(), LoadError> {
+    let plugin = loaded.manifest.name.clone();
+    let preinitialize = loaded.manifest.preinitialize;
     let key = (bytes, loaded.config_json.clone());
     let snapshot = match compiled.snapshots.get(&key) {
-        _ if !manifest.preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
+        _ if !preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
         Some(snapshot) => snapshot.clone(),
         None => {
-            let store = new_store(engine, [&loaded], services, &RunContext::default());
-            let snapshot = match preinit::snapshot(engine, &linker, &key.0, &loaded, store).await {
+            let store = new_store(engine, [&*loaded], services, &RunContext::default());
+            let snapshot = match preinit::snapshot(engine, linker, &key.0, loaded, store).await {
                 Ok((snapshot, info)) => match HookSet::from_names(&info.hooks) {
                     Ok(hooks) => Some((snapshot, hooks)),
                     Err(message) => {
@@ -175,18 +168,17 @@ pub async fn load(
     };
     match snapshot {
         Some((snapshot, hooks)) => {
-            let (pre, indices) =
-                prepare(&linker, &snapshot).map_err(|message| LoadError::Link {
-                    plugin: plugin.clone(),
-                    message: format!("pre-initialised: {message}"),
-                })?;
+            let (pre, indices) = prepare(linker, &snapshot).map_err(|message| LoadError::Link {
+                plugin: plugin.clone(),
+                message: format!("pre-initialised: {message}"),
+            })?;
             loaded.pre = pre;
             loaded.indices = indices;
             loaded.preinitialized = true;
             loaded.hooks = hooks;
         }
         None => {
-            loaded.hooks = PluginRun::validate(&loaded, services, RunContext::default())
+            loaded.hooks = PluginRun::validate(loaded, services, RunContext::default())
                 .await
                 .map_err(|message| LoadError::Init {
                     plugin: plugin.clone(),
@@ -194,7 +186,32 @@ pub async fn load(
                 })?;
         }
     }
-    Ok(Arc::new(loaded))
+    Ok(())
+}
+
+/// The component of `bytes`: compiled once per load for identical bytes, off the async workers
+/// (compilation is CPU-heavy; wasmtime caches it on disk after the first time).
+async fn compile(
+    engine: &Engine,
+    plugin: &str,
+    bytes: &[u8],
+    compiled: &mut Compiled,
+) -> Result<Component, LoadError> {
+    if let Some(component) = compiled.by_bytes.get(bytes) {
+        return Ok(component.clone());
+    }
+    let compile_engine = engine.clone();
+    let source = bytes.to_vec();
+    let compile_error = |message: String| LoadError::Compile {
+        plugin: plugin.to_string(),
+        message,
+    };
+    let component = tokio::task::spawn_blocking(move || Component::new(&compile_engine, &source))
+        .await
+        .map_err(|error| compile_error(error.to_string()))?
+        .map_err(|error| compile_error(format!("{error:#}")))?;
+    compiled.by_bytes.insert(bytes.to_vec(), component.clone());
+    Ok(component)
 }
 
 /// Links `component` and checks its exports against the WIT package (the bindings' check, made
