@@ -4,7 +4,7 @@
 //!
 //! Hooks are called without the generated bindings' per-instance type check: each component's
 //! exports were checked against the WIT package once, when the plugin loaded (`PluginPre::new` in
-//! the loader), which was about a tenth of the cost of a transaction's instance. An instance only
+//! the loader), instead of again for every transaction's instance. An instance only
 //! looks a hook up by its export index, resolved at load, when it is called.
 
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 //! reported as a [`PluginFailure`].
 //!
 //! A run's instances share one store: one store, one fiber stack and one store teardown per
-//! transaction instead of one per plugin, which made a message through five plugins about a fifth
-//! cheaper. The instances stay apart as separate component instances do (own memories, tables
+//! transaction instead of one per plugin (`docs/benchmarks.md` has what that saves). The
+//! instances stay apart as separate component instances do (own memories, tables
 //! and handle tables, and a memory budget per plugin). A plugin that fails is not asked again in
 //! the same run: its failure policy answers for it (as Postfix skips a failed milter for the
 //! rest of the session). Since wasmtime enters no instance of a store in which one trapped, the
