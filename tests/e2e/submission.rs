@@ -333,3 +333,71 @@ async fn password_guessing_across_sessions_is_slowed_then_banned() {
         .log_with(&["client banned after failed authentication attempts"])
         .await;
 }
+
+/// The same budget as Python's smtplib sees it: `login` fails with 535 until the budget is
+/// spent, and then the connection is refused with 421 before any command (smtplib raises
+/// `SMTPConnectError`), right password or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtplib_sees_the_ban_at_connect() {
+    let server = submission(
+        "[submission.auth_failures]\nlimit = 3\nwindow = \"10m\"\nban = \"1m\"\ndelay = \"10ms\"\n",
+    )
+    .await;
+    let script = r#"
+import smtplib, ssl, sys
+port, user, good = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+for attempt in range(5):
+    password = good if attempt == 4 else "guess %d" % attempt
+    try:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    except smtplib.SMTPConnectError as error:
+        print("connect", error.smtp_code, error.smtp_error.decode().split(";")[0])
+        continue
+    client.starttls(context=context)
+    client.ehlo()
+    # One mechanism, so one attempt per session (login() would try LOGIN after PLAIN).
+    client.user, client.password = user, password
+    try:
+        client.auth("PLAIN", client.auth_plain)
+        print("logged in", end="")
+    except smtplib.SMTPAuthenticationError as error:
+        print("auth", error.smtp_code, end="")
+    try:
+        print(" quit", client.docmd("QUIT")[0])
+    except smtplib.SMTPServerDisconnected:
+        print(" quit: disconnected")
+    client.close()
+"#;
+    let port = server.router.port.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", script, &port, ALICE, ALICE_PASSWORD])
+            .output()
+            .expect("run python3")
+    })
+    .await
+    .expect("python");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = printed.lines().collect();
+    // The third failure spends the budget: smtplib gets its 535, then 421 where it expects the
+    // QUIT's reply, and the next connections are refused at the greeting.
+    assert_eq!(
+        lines,
+        [
+            "auth 535 quit 221",
+            "auth 535 quit 221",
+            "auth 535 quit 421",
+            "connect 421 4.7.0 Too many failed authentication attempts from 127.0.0.1",
+            "connect 421 4.7.0 Too many failed authentication attempts from 127.0.0.1",
+        ],
+        "{printed}"
+    );
+}
