@@ -2,8 +2,8 @@
 //! next attempt time and last reply.
 //!
 //! Two ports, [`Queue`] and [`kv::KvStore`], with one error type that names no driver, and one
-//! engine behind them today: SQLite ([`sqlite::SqliteQueue`]), chosen by [`open`]. Claims carry a
-//! lease owner and an expiry, so an engine shared by several nodes can hand work over.
+//! engine behind them: SQLite ([`sqlite::SqliteQueue`]), opened by [`open`]. A claim carries its
+//! owner and an expiry: recipients whose claim has run out are due again.
 
 pub mod kv;
 pub mod sqlite;
