@@ -52,10 +52,6 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         plugins.clone(),
         shutdown.clone(),
     );
-    if let Some(root) = &config.mailboxes.root {
-        std::fs::create_dir_all(root)
-            .map_err(|error| anyhow::anyhow!("mailboxes.root `{}`: {error}", root.display()))?;
-    }
     let node_id = format!("{}:{}", config.hostname, std::process::id());
     let inbox = Inbox::new(
         queue,
@@ -71,6 +67,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         authenticator,
         &shutdown,
     )?);
+    if let Some(root) = &config.mailboxes.root {
+        std::fs::create_dir_all(root)
+            .map_err(|error| anyhow::anyhow!("mailboxes.root `{}`: {error}", root.display()))?;
+    }
     listen(&config, &services, &shutdown).await?;
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     tokio::spawn(crate::plugins::reload::run(

@@ -21,6 +21,8 @@ use crate::queue::{
 pub struct Accepted {
     /// From [`Inbox::new_id`]: the id the message's `Received:` header and hooks already named.
     pub id: String,
+    /// The listener that accepted it, for the log.
+    pub listener: String,
     /// Envelope sender; empty for the null sender.
     pub sender: String,
     pub recipients: Vec<String>,
@@ -103,6 +105,7 @@ impl Inbox {
         }
         tracing::info!(
             queue_id = %meta.id,
+            listener = %message.listener,
             from = %meta.sender,
             recipients = message.recipients.len(),
             size = meta.size,

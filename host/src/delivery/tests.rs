@@ -31,8 +31,13 @@ struct Script {
     unreachable: Option<Reply>,
     /// How long an open takes.
     open_delay: Duration,
-    /// Connections opened, and the recipients of every message sent, in order.
+    /// A message to this recipient breaks the connection (no reply is known for it).
+    breaks_on: Option<String>,
+    /// Opens tried, connections opened, connections closed politely, and the recipients of
+    /// every message sent, in order.
+    tried: usize,
     opened: usize,
+    closed: usize,
     sent: Vec<Vec<String>>,
 }
 
@@ -56,6 +61,7 @@ impl Transport for ScriptedTransport {
         let delay = self.script().open_delay;
         tokio::time::sleep(delay).await;
         let mut script = self.script();
+        script.tried += 1;
         if let Some(reply) = &script.unreachable {
             return Err(reply.clone());
         }
@@ -81,6 +87,19 @@ impl Connection for ScriptedConnection {
         self.sent += 1;
         let mut script = self.script.script();
         script.sent.push(message.recipients.to_vec());
+        if script
+            .breaks_on
+            .as_ref()
+            .is_some_and(|breaking| message.recipients.contains(breaking))
+        {
+            return Sent {
+                replies: vec![
+                    Reply::new(451, "4.4.2", "connection lost");
+                    message.recipients.len()
+                ],
+                intact: false,
+            };
+        }
         let replies = message
             .recipients
             .iter()
@@ -98,7 +117,9 @@ impl Connection for ScriptedConnection {
         }
     }
 
-    async fn close(self: Box<Self>) {}
+    async fn close(self: Box<Self>) {
+        self.script.script().closed += 1;
+    }
 }
 
 /// A dispatcher over a scripted transport and a real queue, with no plugins.
@@ -159,6 +180,7 @@ impl Bench {
     async fn accept(&self, sender: &str, recipients: &[&str]) -> String {
         let accepted = Accepted {
             id: self.inbox.new_id(),
+            listener: "test".to_string(),
             sender: sender.to_string(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             content: Bytes::from_static(b"Subject: test\r\n\r\nbody\r\n"),
@@ -329,8 +351,15 @@ async fn a_message_past_its_lifetime_expires_with_4_4_7() {
 
 #[tokio::test]
 async fn an_unreachable_destination_settles_every_job_waiting_for_it() {
-    let bench = bench(Config::default()).await;
-    bench.transport.script().unreachable = Some(Reply::new(451, "4.4.1", "connection refused"));
+    let mut config = Config::default();
+    config.delivery.max_connections_per_destination = 1;
+    let bench = bench(config).await;
+    {
+        let mut script = bench.transport.script();
+        script.unreachable = Some(Reply::new(451, "4.4.1", "connection refused"));
+        // The second message queues behind the first while the one worker tries to connect.
+        script.open_delay = Duration::from_millis(500);
+    }
     let first = bench.accept("alice@a.test", &["x@b.test"]).await;
     let second = bench.accept("bob@a.test", &["y@b.test", "z@b.test"]).await;
     bench.settled().await;
@@ -348,6 +377,11 @@ async fn an_unreachable_destination_settles_every_job_waiting_for_it() {
         );
     }
     assert!(bench.bounces().await.is_empty());
+    assert_eq!(
+        bench.transport.script().tried,
+        1,
+        "the waiting job shared the fate of the failed attempt"
+    );
     // A permanent refusal of the whole destination (a null MX, say) fails and bounces.
     bench.transport.script().unreachable = Some(Reply::new(
         556,
@@ -386,7 +420,7 @@ async fn a_connection_carries_at_most_max_messages_per_connection() {
     config.delivery.max_connections_per_destination = 1;
     let bench = bench(config).await;
     // Opening takes a while, so the other messages queue up behind the first.
-    bench.transport.script().open_delay = Duration::from_millis(100);
+    bench.transport.script().open_delay = Duration::from_millis(500);
     for n in 0..5 {
         bench
             .accept("alice@a.test", &[&format!("r{n}@b.test")])
@@ -396,4 +430,33 @@ async fn a_connection_carries_at_most_max_messages_per_connection() {
     let script = bench.transport.script();
     assert_eq!(script.sent.len(), 5, "every message sent once");
     assert_eq!(script.opened, 3, "2 + 2 + 1 messages");
+    assert_eq!(script.closed, 3, "each connection closed once, politely");
+}
+
+#[tokio::test]
+async fn a_broken_connection_is_not_reused_nor_closed_politely() {
+    let mut config = Config::default();
+    config.delivery.max_connections_per_destination = 1;
+    let bench = bench(config).await;
+    {
+        let mut script = bench.transport.script();
+        script.breaks_on = Some("break@b.test".into());
+        script.open_delay = Duration::from_millis(500);
+    }
+    let broken = bench.accept("alice@a.test", &["break@b.test"]).await;
+    let after = bench.accept("alice@a.test", &["next@b.test"]).await;
+    bench.settled().await;
+    let row = &bench.recipients(&broken).await["break@b.test"];
+    assert_eq!(row.state, RecipientState::Queued);
+    assert_eq!(row.last_reply.as_deref(), Some("451 4.4.2 connection lost"));
+    assert!(
+        bench.recipients(&after).await.is_empty(),
+        "delivered on a new connection"
+    );
+    let script = bench.transport.script();
+    assert_eq!(
+        script.opened, 2,
+        "the broken connection carried nothing more"
+    );
+    assert_eq!(script.closed, 1, "no QUIT on the broken one");
 }

@@ -225,6 +225,7 @@ impl Session {
         }
         let accepted = Accepted {
             id: queue_id,
+            listener: self.listener.name.clone(),
             sender,
             recipients,
             content,
@@ -243,7 +244,6 @@ impl Session {
         }
     }
 
-    /// Prepends the Received header (and a Message-ID if missing).
     /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
     /// is on, an inbound listener got it, from a client outside `relay.networks`.
     fn sender_check(&self, sender: &str) -> Option<Check> {
@@ -266,6 +266,7 @@ impl Session {
         })
     }
 
+    /// Prepends the Received header (and a Message-ID if missing).
     fn stamp(&self, message: Vec<u8>, transaction: &Transaction, queue_id: &str) -> Vec<u8> {
         let tls = self.conn.stream().tls_description();
         // RFC 3848 and RFC 6531: S for TLS, A for an authenticated client.

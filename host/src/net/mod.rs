@@ -1,5 +1,5 @@
-//! Byte streams shared by the SMTP server and client: plain or TLS sockets, read line by line
-//! with bounds.
+//! Byte streams shared by the SMTP server and client (plain or TLS sockets, read line by line
+//! with bounds), and the DNS resolver every part shares.
 
 pub mod conn;
 pub mod dns;

@@ -215,7 +215,7 @@ async fn compile(
 }
 
 /// Links `component` and checks its exports against the WIT package (the bindings' check, made
-/// once here so instances need not repeat it; see [`super::exports`]).
+/// once here so instances need not repeat it; see [`super::hooks`]).
 fn prepare(
     linker: &Linker<HostState>,
     component: &Component,
