@@ -93,12 +93,6 @@ impl Conn {
         Ok(reader.into_line())
     }
 
-    /// Reads whatever is available into a small buffer (used to detect data where none is
-    /// expected).
-    pub async fn read_some(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        self.reader.read(buffer).await
-    }
-
     /// Adds bytes to the output buffer.
     pub fn queue(&mut self, bytes: &[u8]) {
         self.out.extend_from_slice(bytes);
