@@ -52,14 +52,7 @@ impl Session {
         if self.transaction.sender.is_some() {
             return self.error(Reply::new(503, "5.5.1", "Error: nested MAIL command"));
         }
-        let Some(path) = argument
-            .get(..5)
-            .filter(|from| from.eq_ignore_ascii_case("FROM:"))
-            .map(|_| &argument[5..])
-        else {
-            return self.error(Reply::new(501, "5.5.4", "Syntax: MAIL FROM:<address>"));
-        };
-        let parsed = match parse_path_argument(path) {
+        let parsed = match path_argument(argument, "FROM:", "Syntax: MAIL FROM:<address>") {
             Ok(parsed) => parsed,
             Err(reply) => return self.error(reply),
         };
@@ -155,14 +148,7 @@ impl Session {
         if self.transaction.sender.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         }
-        let Some(path) = argument
-            .get(..3)
-            .filter(|to| to.eq_ignore_ascii_case("TO:"))
-            .map(|_| &argument[3..])
-        else {
-            return self.error(Reply::new(501, "5.5.4", "Syntax: RCPT TO:<address>"));
-        };
-        let parsed = match parse_path_argument(path) {
+        let parsed = match path_argument(argument, "TO:", "Syntax: RCPT TO:<address>") {
             Ok(parsed) => parsed,
             Err(reply) => return self.error(reply),
         };
@@ -224,6 +210,17 @@ impl Session {
             || self.in_relay_networks()
             || self.auth_identity.is_some()
     }
+}
+
+/// The path after MAIL's `FROM:` or RCPT's `TO:` (`keyword`, any case), parsed; `syntax` is
+/// the 501 text when the keyword is missing.
+fn path_argument(argument: &str, keyword: &str, syntax: &str) -> Result<PathArgument, Reply> {
+    let path = argument
+        .get(..keyword.len())
+        .filter(|given| given.eq_ignore_ascii_case(keyword))
+        .map(|_| &argument[keyword.len()..])
+        .ok_or_else(|| Reply::new(501, "5.5.4", syntax))?;
+    parse_path_argument(path)
 }
 
 /// Why MAIL's parameters were refused: a protocol error (counted towards `max_errors`) or a plain
