@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         });
         if let Some(count) = counted {
             let five: Vec<_> = (1..=5).map(|n| manifest(&format!("noop-{n}"))).collect();
-            let chain = PluginManager::start(engine, &five, PluginServices::default()).await?;
+            let chain = PluginManager::start(engine, &five, &[], PluginServices::default()).await?;
             let message = Message::new();
             // One message first, so that lazy one-time set-up is outside the count.
             drop(message.run_through(&chain, &session).await);
@@ -112,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         let manager = PluginManager::start(
             engine.clone(),
             &[manifest("noop")],
+            &[],
             PluginServices::default(),
         )
         .await?;
@@ -146,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         report("whole instance life: the above + teardown", lifecycles);
 
         let five: Vec<_> = (1..=5).map(|n| manifest(&format!("noop-{n}"))).collect();
-        let chain = PluginManager::start(engine, &five, PluginServices::default()).await?;
+        let chain = PluginManager::start(engine, &five, &[], PluginServices::default()).await?;
         let message = Message::new();
         for _ in 0..1000 {
             drop(message.run_through(&chain, &session).await);

@@ -54,7 +54,11 @@ pub enum Command {
 #[derive(Subcommand)]
 pub enum QueueAction {
     /// One line per queued message.
-    List,
+    List {
+        /// Only this tenant's messages (`-` for mail of no tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// A message's envelope, recipients and content.
     Show { id: String },
     /// Try a message (or every message with --all) again now; releases quarantined ones too.
@@ -96,14 +100,19 @@ pub fn auth_command(action: AuthAction) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum PluginsAction {
-    /// Each plugin's generation, hooks, limits and call/failure counts, and the last reload error.
-    List,
+    /// Each plugin's tenant (`-`: the global chain), generation, hooks, limits and call/failure
+    /// counts, and the last reload errors.
+    List {
+        /// Only the global chain and this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Load the configured plugins beside the running ones and swap them in; prints the outcome.
     Reload,
 }
 
 pub fn plugins_command(config: &Config, action: PluginsAction) -> anyhow::Result<()> {
-    let status_file = crate::plugins::reload::status_path(config);
+    let status_file = crate::reload::status_path(config);
     let read_status = || std::fs::read_to_string(&status_file).unwrap_or_default();
     let attempts = |status: &str| {
         status
@@ -112,16 +121,37 @@ pub fn plugins_command(config: &Config, action: PluginsAction) -> anyhow::Result
             .and_then(|count| count.trim().parse::<u64>().ok())
     };
     match action {
-        PluginsAction::List => {
+        PluginsAction::List { tenant } => {
             let status = read_status();
             if status.is_empty() {
                 bail!("no plugin status at {} (is `switchyard serve` running with this configuration?)", status_file.display());
             }
-            print!("{status}");
+            match tenant {
+                None => print!("{status}"),
+                Some(tenant) => {
+                    // Lines of a chain start with its tenant; the global chain's with `-`,
+                    // and the summary lines with neither.
+                    let columns = |line: &str| line.split("  ").next().unwrap_or("").to_string();
+                    let chains: std::collections::HashSet<String> = status
+                        .lines()
+                        .filter(|line| line.contains("  "))
+                        .map(columns)
+                        .collect();
+                    if !chains.contains(&tenant) {
+                        bail!("no tenant `{tenant}` in the running server's plugin status");
+                    }
+                    for line in status.lines() {
+                        let first = columns(line);
+                        if first == tenant || first == "-" || !line.contains("  ") {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
             Ok(())
         }
         PluginsAction::Reload => {
-            let pid_file = crate::plugins::reload::pid_path(config);
+            let pid_file = crate::reload::pid_path(config);
             let pid: i32 = std::fs::read_to_string(&pid_file)
                 .ok()
                 .and_then(|text| text.trim().parse().ok())
@@ -173,7 +203,7 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
         .with_context(|| format!("opening the queue {}", path.display()))?
         .queue;
     match action {
-        QueueAction::List => list(queue.as_ref()).await?,
+        QueueAction::List { tenant } => list(queue.as_ref(), tenant.as_deref()).await?,
         QueueAction::Show { id } => show(queue.as_ref(), &id).await?,
         QueueAction::Retry { id, all } => {
             if id.is_none() && !all {
@@ -194,9 +224,14 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
     Ok(())
 }
 
-/// `queue list`: one line per message, one per pending recipient.
-async fn list(queue: &dyn Queue) -> anyhow::Result<()> {
-    let messages = queue.list().await?;
+/// `queue list`: one line per message (with its tenant, `-` for none), one per pending
+/// recipient.
+async fn list(queue: &dyn Queue, tenant: Option<&str>) -> anyhow::Result<()> {
+    let mut messages = queue.list().await?;
+    if let Some(wanted) = tenant {
+        let wanted = if wanted == "-" { "" } else { wanted };
+        messages.retain(|message| message.meta.tenant == wanted);
+    }
     for message in &messages {
         let meta = &message.meta;
         let arrived = chrono::DateTime::from_timestamp_millis(meta.received_at)
@@ -207,7 +242,15 @@ async fn list(queue: &dyn Queue) -> anyhow::Result<()> {
         } else {
             &meta.sender
         };
-        println!("{}  {:>8}  {}  {}", meta.id, meta.size, arrived, sender);
+        let tenant = if meta.tenant.is_empty() {
+            "-"
+        } else {
+            &meta.tenant
+        };
+        println!(
+            "{}  {:>8}  {}  tenant={tenant}  {}",
+            meta.id, meta.size, arrived, sender
+        );
         let pending = message.recipients.iter().filter(|r| {
             matches!(
                 r.state,

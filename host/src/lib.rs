@@ -15,5 +15,7 @@ pub mod metrics;
 pub mod net;
 pub mod plugins;
 pub mod queue;
+pub mod reload;
 pub mod serve;
 pub mod shutdown;
+pub mod tenants;

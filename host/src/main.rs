@@ -22,7 +22,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Plugins are compiled and initialised too: a bad component or plugin config is a
             // configuration error.
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(switchyard::plugins::check(&config.plugins))?;
+            let tenants = config.load_tenants()?;
+            runtime.block_on(switchyard::plugins::check(&config.plugins, &tenants))?;
+            if !tenants.is_empty() {
+                eprintln!("{} tenant file(s) valid", tenants.len());
+            }
             print!("{}", config.to_toml());
             eprintln!("{}: configuration is valid", file.display());
             Ok(())

@@ -3,14 +3,17 @@
 //!
 //! Series, all prefixed `switchyard_`:
 //! - `smtp_sessions_total{listener}`: sessions started (refused ones included);
-//! - `messages_accepted_total`: messages that got their 250 (committed to the queue);
-//! - `deliveries_total{status}`: attempt outcomes per recipient, `sent`, `deferred`, `bounced`
-//!   or `expired`, as in the delivery log line;
-//! - `plugin_calls_total{plugin}` and `plugin_failures_total{plugin,kind}`;
+//! - `messages_accepted_total{tenant}`: messages that got their 250 (committed to the queue);
+//! - `deliveries_total{status,tenant}`: attempt outcomes per recipient, `sent`, `deferred`,
+//!   `bounced` or `expired`, as in the delivery log line;
+//! - `plugin_calls_total{plugin,tenant}` and `plugin_failures_total{plugin,tenant,kind}` (the
+//!   tenant whose chain the plugin is in, `""` for the global chain);
+//! - `tenant_limited_total{tenant,limit}`: transactions refused by a tenant's limit;
 //! - `plugin_hold_refused_total`: messages whose delivery stages had to instantiate their plugins
 //!   afresh because held runs already kept their share of the instance pool (see `plugins::hold`);
 //! - `auth_total{result}`: SMTP AUTH attempts, `ok`, `failed` (password) or `refused` (a plugin);
-//! - `plugin_counter_total{plugin,name}` and `plugin_histogram{plugin,name}`: what plugins record.
+//! - `plugin_counter_total{plugin,tenant,name}` and `plugin_histogram{plugin,tenant,name}`: what
+//!   plugins record (the tenant of the mail they were deciding on).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,6 +15,7 @@ use crate::inbound::{self, SessionLimits};
 use crate::net::dns::Dns;
 use crate::plugins::{PluginManager, PluginServices};
 use crate::shutdown::{Drained, Shutdown};
+use crate::tenants::Tenants;
 
 /// `config_path` is the file the configuration came from (None: the built-in default); plugin
 /// reloads read it again.
@@ -41,7 +42,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         kv: Some(opened.kv),
         resolver: Some(dns.clone()),
     };
-    let plugins = PluginManager::start(engine, &config.plugins, plugin_services).await?;
+    let tenant_configs = config.load_tenants()?;
+    let tenants = Arc::new(Tenants::new(
+        config.tenants.is_some(),
+        tenant_configs.clone(),
+        config.relay.domains.clone(),
+    ));
+    let plugins =
+        PluginManager::start(engine, &config.plugins, &tenant_configs, plugin_services).await?;
     let authenticator = config.authentication.verify.then(|| dns.authenticator());
     let shutdown = Shutdown::new();
     let transport = Arc::new(Transports::new(config.clone(), dns));
@@ -50,11 +58,12 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         queue.clone(),
         transport,
         plugins.clone(),
+        tenants.clone(),
         shutdown.clone(),
     );
     let node_id = format!("{}:{}", config.hostname, std::process::id());
     let inbox = Inbox::new(
-        queue,
+        queue.clone(),
         dispatcher.clone(),
         plugins.clone(),
         node_id.clone(),
@@ -64,6 +73,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         &config,
         Arc::new(inbox),
         plugins,
+        tenants.clone(),
         authenticator,
         &shutdown,
     )?);
@@ -73,12 +83,17 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     listen(&config, &services, &shutdown).await?;
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
-    tokio::spawn(crate::plugins::reload::run(
-        services.plugins.clone(),
+    if tenants.enabled() {
+        tokio::spawn(count_queued_bytes(queue, tenants.clone()));
+    }
+    tokio::spawn(crate::reload::run(crate::reload::Reloader {
+        plugins: services.plugins.clone(),
+        tenants,
         config_path,
-        config.clone(),
-    ));
-    let pid_file = crate::plugins::reload::pid_path(&config);
+        config: config.clone(),
+        tenant_configs,
+    }));
+    let pid_file = crate::reload::pid_path(&config);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
     tracing::info!(queue = %opened.location, hostname = %config.hostname, "switchyard ready");
@@ -89,11 +104,26 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     Ok(())
 }
 
+/// Keeps each tenant's queued bytes up to date from the queue (which counts what delivery,
+/// bounces and operators removed, here or in another process); accepted messages count at once
+/// in between.
+async fn count_queued_bytes(queue: Arc<dyn crate::queue::Queue>, tenants: Arc<Tenants>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match queue.queued_bytes().await {
+            Ok(bytes) => tenants.set_queued(&bytes),
+            Err(error) => tracing::warn!(%error, "cannot count the tenants' queued bytes"),
+        }
+    }
+}
+
 /// What every SMTP session shares: TLS, the accounts for AUTH, the AUTH failure budget.
 fn session_services(
     config: &Arc<Config>,
     inbox: Arc<Inbox>,
     plugins: Arc<PluginManager>,
+    tenants: Arc<Tenants>,
     authenticator: Option<mail_auth::MessageAuthenticator>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Services> {
@@ -115,6 +145,7 @@ fn session_services(
         config: config.clone(),
         inbox,
         plugins,
+        tenants,
         tls_acceptor,
         authenticator,
         accounts,

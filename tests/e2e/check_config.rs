@@ -120,3 +120,56 @@ fn a_bad_users_file_line_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn every_tenant_file_is_checked_and_a_domain_claimed_twice_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tenants = dir.path().join("tenants");
+    std::fs::create_dir(&tenants).expect("tenants dir");
+    std::fs::write(tenants.join("acme.toml"), "domains = [\"acme.test\"]\n").expect("acme");
+    std::fs::write(
+        tenants.join("bravo.toml"),
+        "domains = [\"bravo.test\",\n  \"acme.test\"]\n",
+    )
+    .expect("bravo");
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, "[tenants]\ndirectory = \"tenants\"\n").expect("config");
+    let run = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .expect("run check-config");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run();
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:3: domain `acme.test` is already claimed by tenant `acme`",
+            tenants.join("bravo.toml").display()
+        )),
+        "{stderr}"
+    );
+    std::fs::write(
+        tenants.join("bravo.toml"),
+        "domains = [\"bravo.test\"]\n[limits]\nmessages_per_hour = \"many\"\n",
+    )
+    .expect("bravo");
+    let (ok, stderr) = run();
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:21: invalid type",
+            tenants.join("bravo.toml").display()
+        )),
+        "{stderr}"
+    );
+    std::fs::write(tenants.join("bravo.toml"), "domains = [\"bravo.test\"]\n").expect("bravo");
+    let (ok, stderr) = run();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("2 tenant file(s) valid"), "{stderr}");
+}

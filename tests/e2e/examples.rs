@@ -17,3 +17,26 @@ fn example_configuration_is_valid() {
     let effective = String::from_utf8_lossy(&output.stdout);
     assert_eq!(effective.matches("[[plugin]]").count(), 5, "{effective}");
 }
+
+#[test]
+fn tenants_example_is_valid() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/tenants/switchyard.toml"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check-config", path])
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tenant acme plugin rate-limit: loads"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("tenant bravo plugin stamp: loads"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 tenant file(s) valid"), "{stderr}");
+}

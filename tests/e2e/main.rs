@@ -12,4 +12,5 @@ mod shutdown;
 mod smtp_in;
 mod smuggling;
 mod submission;
+mod tenants;
 mod tls;

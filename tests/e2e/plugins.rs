@@ -573,7 +573,7 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
     let listing = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
     assert!(
         listing.contains("generation 3")
-            && listing.contains("routes  hooks=[route]")
+            && listing.contains("-  routes  generation=3  hooks=[route]")
             && listing.contains("last reload failed")
             && listing.contains("missing_plugin.wasm"),
         "{listing}"
@@ -681,9 +681,9 @@ async fn rate_limit_counts_senders_in_the_kv_store_and_exports_metrics() {
     // The plugin's counter and the host's own series on the Prometheus endpoint.
     let scraped = scrape_metrics(metrics_port).await;
     for series in [
-        "switchyard_plugin_counter_total{plugin=\"rate\",name=\"limited_total\"} 1",
-        "switchyard_messages_accepted_total 2",
-        "switchyard_plugin_calls_total{plugin=\"rate\"} 4",
+        "switchyard_plugin_counter_total{plugin=\"rate\",tenant=\"\",name=\"limited_total\"} 1",
+        "switchyard_messages_accepted_total{tenant=\"\"} 2",
+        "switchyard_plugin_calls_total{plugin=\"rate\",tenant=\"\"} 4",
         "switchyard_smtp_sessions_total{listener=\"inbound\"} ",
     ] {
         assert!(
@@ -838,11 +838,11 @@ async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for series in [
-        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"delivered_total\"} 1",
-        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"failed_total\"} 1",
-        "switchyard_plugin_counter_total{plugin=\"stats\",name=\"delivered_total_switchyard_test\"} 1",
-        "switchyard_deliveries_total{status=\"sent\"} 1",
-        "switchyard_deliveries_total{status=\"bounced\"} 1",
+        "switchyard_plugin_counter_total{plugin=\"stats\",tenant=\"\",name=\"delivered_total\"} 1",
+        "switchyard_plugin_counter_total{plugin=\"stats\",tenant=\"\",name=\"failed_total\"} 1",
+        "switchyard_plugin_counter_total{plugin=\"stats\",tenant=\"\",name=\"delivered_total_switchyard_test\"} 1",
+        "switchyard_deliveries_total{status=\"sent\",tenant=\"\"} 1",
+        "switchyard_deliveries_total{status=\"bounced\",tenant=\"\"} 1",
     ] {
         assert!(scraped.contains(series), "{series} missing from:\n{scraped}");
     }

@@ -401,3 +401,63 @@ for attempt in range(5):
         "{printed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
+    // alice is acme's user; acme owns example.test, bravo owns bravo.test.
+    let tenants = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tenants.path().join("acme.toml"),
+        format!("domains = [\"example.test\"]\nusers = [\"{ALICE}\"]\n"),
+    )
+    .expect("write acme");
+    std::fs::write(
+        tenants.path().join("bravo.toml"),
+        "domains = [\"bravo.test\"]\n",
+    )
+    .expect("write bravo");
+    let server = submission(&format!(
+        "[tenants]\ndirectory = \"{}\"\n",
+        tenants.path().display()
+    ))
+    .await;
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    client.command("EHLO client.test").await;
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+    let reply = client.command("MAIL FROM:<ceo@bravo.test>").await;
+    assert_eq!(
+        reply.text, "553 5.7.1 <ceo@bravo.test>: Sender address is not one of your domains",
+        "{reply:?}"
+    );
+    let reply = client.command("MAIL FROM:<alice@elsewhere.example>").await;
+    assert_eq!(
+        reply.code, 553,
+        "a domain of no tenant is not acme's either: {reply:?}"
+    );
+    // Her own tenant's domain goes through, to anywhere, and the message is acme's.
+    client
+        .send_accepted(ALICE, &["bob@bravo.test"], &message("from acme"))
+        .await;
+    server.sink.wait_for(1, Duration::from_secs(10)).await;
+    let log = server.router.log();
+    assert!(log.contains("tenant=acme"), "{log}");
+    // mallory is no tenant's user: the global rules apply, as without tenants.
+    let (client, _) = connect(server.router.port).await;
+    let mut client = client.starttls().await;
+    client.command("EHLO client.test").await;
+    let reply = client
+        .command(&format!("AUTH PLAIN {}", plain(MALLORY, MALLORY_PASSWORD)))
+        .await;
+    assert_eq!(reply.code, 235, "{reply:?}");
+    assert_eq!(
+        client
+            .command("MAIL FROM:<mallory@example.test>")
+            .await
+            .code,
+        250
+    );
+}

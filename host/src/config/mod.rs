@@ -6,6 +6,7 @@
 //! in [`validate`], and also point at a line.
 
 mod plugin;
+pub mod tenant;
 mod types;
 mod validate;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 pub use plugin::{FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
+pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
 pub use types::{HostPort, ListenerRole, TlsPolicy};
 
 /// A configuration problem, with the place in the file where it was found.
@@ -67,6 +69,9 @@ pub struct Config {
     pub submission: SubmissionConfig,
     pub mailboxes: MailboxesConfig,
     pub shutdown: ShutdownConfig,
+    /// Many customers on one router: their files' directory and default limits. Without it
+    /// all mail follows the global configuration (the tenant is `""`).
+    pub tenants: Option<TenantsConfig>,
 }
 
 impl Default for Config {
@@ -90,6 +95,7 @@ impl Default for Config {
             submission: SubmissionConfig::default(),
             mailboxes: MailboxesConfig::default(),
             shutdown: ShutdownConfig::default(),
+            tenants: None,
         }
     }
 }
@@ -482,6 +488,9 @@ impl Config {
         for plugin in &mut config.plugins {
             resolve(&mut plugin.path);
         }
+        if let Some(tenants) = &mut config.tenants {
+            resolve(&mut tenants.directory);
+        }
         config.validate_against(&text, &origin)?;
         Ok(config)
     }
@@ -527,6 +536,15 @@ impl Config {
 
     pub fn queue_path(&self) -> PathBuf {
         self.data_dir.join(&self.queue.path)
+    }
+
+    /// Every tenant file of `[tenants]`, loaded and checked against each other (none without
+    /// the section).
+    pub fn load_tenants(&self) -> Result<Vec<TenantConfig>, ConfigError> {
+        match &self.tenants {
+            Some(tenants) => tenant::load_all(tenants, &self.relay.domains),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn helo_name(&self) -> &str {

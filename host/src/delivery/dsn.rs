@@ -86,6 +86,8 @@ pub fn build(
             size: message.len() as u64,
             smtputf8: !original.sender.is_ascii(),
             eight_bit,
+            // The bounce is the tenant's mail too: its bounce and delivery hooks, its quota.
+            tenant: original.tenant.clone(),
         },
         recipients: vec![original.sender.clone()],
         content: Bytes::from(message),
@@ -183,6 +185,7 @@ mod tests {
             size: 10,
             smtputf8: false,
             eight_bit: false,
+            tenant: String::new(),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct Accepted {
     pub eight_bit_mime: bool,
     /// Held instead of delivered, for this reason (a data hook said so).
     pub quarantine: Option<String>,
+    /// The tenant it belongs to (`""`: none).
+    pub tenant: String,
 }
 
 pub struct Inbox {
@@ -87,6 +89,7 @@ impl Inbox {
             size: message.content.len() as u64,
             smtputf8: message.smtputf8,
             eight_bit,
+            tenant: message.tenant,
         };
         let lease_until = received_at + self.lease.as_millis() as i64;
         let lease = message
@@ -106,13 +109,15 @@ impl Inbox {
         tracing::info!(
             queue_id = %meta.id,
             listener = %message.listener,
+            tenant = %meta.tenant,
             from = %meta.sender,
             recipients = message.recipients.len(),
             size = meta.size,
             quarantine = message.quarantine.as_deref().unwrap_or("-"),
             "queued"
         );
-        metrics::counter!("switchyard_messages_accepted_total").increment(1);
+        metrics::counter!("switchyard_messages_accepted_total", "tenant" => meta.tenant.clone())
+            .increment(1);
         let id = meta.id.clone();
         if message.quarantine.is_none() {
             let queued = QueuedMessage {

@@ -30,6 +30,7 @@ use crate::plugins::hooks::HookKind;
 use crate::plugins::{PluginManager, PluginRun, PluginSet, RunContext};
 use crate::queue::{MessageMeta, Queue, QueuedMessage, RecipientRow};
 use crate::shutdown::Shutdown;
+use crate::tenants::Tenants;
 use connect::{Connection, Outgoing, Transport};
 use outcome::Attempt;
 use route::NextHop;
@@ -48,8 +49,54 @@ struct Job {
 
 struct Destination {
     hop: NextHop,
-    jobs: VecDeque<Job>,
+    /// Jobs waiting, one queue per tenant (`""`: mail of no tenant), served in turn: a tenant
+    /// with thousands of messages for a destination does not hold up another's few.
+    queues: HashMap<String, VecDeque<Job>>,
+    /// Tenants with waiting jobs, in the order they are served next.
+    turn: VecDeque<String>,
     workers: usize,
+}
+
+impl Destination {
+    fn new(hop: NextHop) -> Destination {
+        Destination {
+            hop,
+            queues: HashMap::new(),
+            turn: VecDeque::new(),
+            workers: 0,
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    fn push(&mut self, job: Job) {
+        let tenant = job.meta.tenant.clone();
+        let queue = self.queues.entry(tenant.clone()).or_default();
+        if queue.is_empty() {
+            self.turn.push_back(tenant);
+        }
+        queue.push_back(job);
+    }
+
+    /// The next job of the tenant whose turn it is.
+    fn pop(&mut self) -> Option<Job> {
+        let tenant = self.turn.pop_front()?;
+        let queue = self.queues.get_mut(&tenant)?;
+        let job = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.remove(&tenant);
+        } else {
+            self.turn.push_back(tenant);
+        }
+        job
+    }
+
+    fn drain(&mut self) -> Vec<Job> {
+        self.turn.clear();
+        self.queues.drain().flat_map(|(_, jobs)| jobs).collect()
+    }
 }
 
 #[derive(Default)]
@@ -66,6 +113,10 @@ pub struct Dispatcher {
     transport: Arc<dyn Transport>,
     plugins: Arc<PluginManager>,
     connections: Arc<Semaphore>,
+    /// Each tenant's share of `connections` (`delivery_connections`), so one tenant's backlog
+    /// cannot hold every outbound connection.
+    tenant_connections: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    tenants: Arc<Tenants>,
     state: Mutex<State>,
     /// Once stopping, no delivery starts; those under way finish.
     shutdown: Shutdown,
@@ -77,10 +128,13 @@ impl Dispatcher {
         queue: Arc<dyn Queue>,
         transport: Arc<dyn Transport>,
         plugins: Arc<PluginManager>,
+        tenants: Arc<Tenants>,
         shutdown: Shutdown,
     ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
             shutdown,
+            tenant_connections: Mutex::new(HashMap::new()),
+            tenants,
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
             config,
             queue,
@@ -113,7 +167,7 @@ impl Dispatcher {
         if recipients.is_empty() {
             return;
         }
-        let set = self.plugins.current();
+        let set = self.plugins.set_for(&meta.tenant);
         if set.implements(HookKind::Route) {
             let dispatcher = self.clone();
             self.shutdown.spawn_delivery(async move {
@@ -126,7 +180,8 @@ impl Dispatcher {
                 .into_iter()
                 .map(|recipient| (self.static_hop(&recipient.address), recipient))
                 .collect();
-            let plugins = plugins.filter(|run| run.generation() == set.generation);
+            let plugins = plugins
+                .filter(|run| run.generation() == set.generation && run.tenant() == &*set.tenant);
             self.queue_jobs(meta, content, routed, plugins);
         }
     }
@@ -143,7 +198,7 @@ impl Dispatcher {
             set,
             held,
             RunContext {
-                tenant: String::new(),
+                tenant: meta.tenant.clone(),
                 queue_id: Some(meta.id.clone()),
             },
         )
@@ -178,22 +233,17 @@ impl Dispatcher {
         let mut spawn = Vec::new();
         let mut state = self.state();
         for (key, (hop, recipients)) in by_hop {
-            let destination =
-                state
-                    .destinations
-                    .entry(key.clone())
-                    .or_insert_with(|| Destination {
-                        hop,
-                        jobs: VecDeque::new(),
-                        workers: 0,
-                    });
-            destination.jobs.push_back(Job {
+            let destination = state
+                .destinations
+                .entry(key.clone())
+                .or_insert_with(|| Destination::new(hop));
+            destination.push(Job {
                 meta: meta.clone(),
                 content: content.clone(),
                 recipients,
                 plugins: plugins.take(),
             });
-            if destination.workers < limit && destination.workers < destination.jobs.len() {
+            if destination.workers < limit && destination.workers < destination.waiting() {
                 destination.workers += 1;
                 spawn.push(key);
             }
@@ -213,11 +263,7 @@ impl Dispatcher {
         let mut state = self.state();
         let stopping = self.shutdown.is_stopping();
         let destination = state.destinations.get_mut(key)?;
-        let job = if stopping {
-            None
-        } else {
-            destination.jobs.pop_front()
-        };
+        let job = if stopping { None } else { destination.pop() };
         match job {
             Some(job) => Some((destination.hop.clone(), job)),
             None => {
@@ -236,7 +282,7 @@ impl Dispatcher {
         state
             .destinations
             .get_mut(key)
-            .map(|destination| destination.jobs.drain(..).collect())
+            .map(Destination::drain)
             .unwrap_or_default()
     }
 
@@ -244,10 +290,21 @@ impl Dispatcher {
     /// none is left.
     async fn work(self: Arc<Self>, key: String) {
         loop {
-            let Ok(permit) = self.connections.clone().acquire_owned().await else {
+            let Some((hop, job)) = self.next_job(&key) else {
                 return;
             };
-            let Some((hop, job)) = self.next_job(&key) else {
+            // The tenant's share first: a worker waiting for it holds no connection slot that
+            // another tenant's mail could use. A connection counts against the tenant whose
+            // job opened it (later jobs over it may be other tenants').
+            let share = self.tenant_share(&job.meta.tenant);
+            let tenant_permit = match share {
+                Some(share) => match share.acquire_owned().await {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                },
+                None => None,
+            };
+            let Ok(permit) = self.connections.clone().acquire_owned().await else {
                 return;
             };
             match self.transport.open(&hop).await {
@@ -260,7 +317,28 @@ impl Dispatcher {
                 }
             }
             drop(permit);
+            drop(tenant_permit);
         }
+    }
+
+    /// The semaphore of `tenant`'s outbound connections at once, made (or remade, when its
+    /// limit changed) from its limits; `None` for mail of no tenant or of a removed tenant.
+    fn tenant_share(&self, tenant: &str) -> Option<Arc<Semaphore>> {
+        if tenant.is_empty() {
+            return None;
+        }
+        let limit = self.tenants.get(tenant)?.limits.delivery_connections;
+        let mut shares = self
+            .tenant_connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = shares
+            .entry(tenant.to_string())
+            .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
+        if entry.0 != limit {
+            *entry = (limit, Arc::new(Semaphore::new(limit)));
+        }
+        Some(entry.1.clone())
     }
 
     /// The destination is unreachable now: the job and every job waiting for it share the fate.

@@ -13,7 +13,7 @@ pub(super) fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {
         id: meta.id.clone(),
         sender: meta.sender.clone(),
         size: meta.size,
-        tenant: String::new(),
+        tenant: meta.tenant.clone(),
     }
 }
 

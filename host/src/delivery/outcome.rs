@@ -88,9 +88,15 @@ impl Dispatcher {
             now,
         );
         let delay = (now - meta.received_at).max(0) as f64 / 1000.0;
-        metrics::counter!("switchyard_deliveries_total", "status" => status).increment(1);
+        metrics::counter!(
+            "switchyard_deliveries_total",
+            "status" => status,
+            "tenant" => meta.tenant.clone(),
+        )
+        .increment(1);
         tracing::info!(
             queue_id = %meta.id,
+            tenant = %meta.tenant,
             "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",
             attempt.recipient.address,
             attempt.relay,
@@ -176,7 +182,7 @@ impl Dispatcher {
             .iter()
             .filter_map(|one| one.failed.clone())
             .collect();
-        let set = self.plugins.current();
+        let set = self.plugins.set_for(&meta.tenant);
         let mut run = self.plugin_run(&set, &meta, job.plugins.take());
         let mut bounces = Vec::new();
         if !failed.is_empty() {

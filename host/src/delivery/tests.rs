@@ -147,7 +147,7 @@ async fn bench(config: Config) -> Bench {
         },
     )
     .expect("engine");
-    let plugins = PluginManager::start(engine, &[], PluginServices::default())
+    let plugins = PluginManager::start(engine, &[], &[], PluginServices::default())
         .await
         .expect("no plugins");
     let transport = ScriptedTransport::default();
@@ -157,6 +157,7 @@ async fn bench(config: Config) -> Bench {
         queue.clone(),
         Arc::new(transport.clone()),
         plugins.clone(),
+        Arc::new(crate::tenants::Tenants::none()),
         shutdown.clone(),
     );
     let inbox = Inbox::new(
@@ -179,6 +180,7 @@ async fn bench(config: Config) -> Bench {
 impl Bench {
     async fn accept(&self, sender: &str, recipients: &[&str]) -> String {
         let accepted = Accepted {
+            tenant: String::new(),
             id: self.inbox.new_id(),
             listener: "test".to_string(),
             sender: sender.to_string(),
@@ -305,6 +307,7 @@ async fn a_message_past_its_lifetime_expires_with_4_4_7() {
         size: 24,
         smtputf8: false,
         eight_bit: false,
+        tenant: String::new(),
     };
     let new = NewMessage {
         meta: meta.clone(),

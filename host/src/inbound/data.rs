@@ -223,7 +223,20 @@ impl Session {
                 return queued;
             }
         }
+        let tenant = self.current_tenant().cloned();
+        if let Some(tenant) = &tenant {
+            // The message's real size, now known, against the tenant's queue quota.
+            if let Err(limited) = tenant
+                .usage
+                .check_queued(content.len() as u64, tenant.limits.queued_bytes)
+            {
+                return limited.reply;
+            }
+        }
+        let size = content.len() as u64;
+        let recipient_count = recipients.len();
         let accepted = Accepted {
+            tenant: self.tenant_id(),
             id: queue_id,
             listener: self.listener.name.clone(),
             sender,
@@ -235,7 +248,12 @@ impl Session {
         };
         // The transaction's plugin instances go on to serve the message's delivery hooks.
         match self.services.inbox.accept(accepted, self.run.take()).await {
-            Ok(_) => queued,
+            Ok(_) => {
+                if let Some(tenant) = &tenant {
+                    tenant.usage.accepted(recipient_count, size);
+                }
+                queued
+            }
             Err(_) => Reply::new(
                 451,
                 "4.3.0",

@@ -77,6 +77,13 @@ impl Session {
             self.reply(refusal);
             return Flow::Continue;
         }
+        if let Err(refusal) =
+            self.tenant_at_mail(parsed.mailbox.as_ref(), transaction.declared_size)
+        {
+            self.reply(refusal);
+            return Flow::Continue;
+        }
+        transaction.params = super::policy::wit_params(&parsed);
         let sender = match self.ask_mail_from(&parsed).await {
             Ok(sender) => sender,
             Err(refusal) => {
@@ -115,6 +122,7 @@ impl Session {
                         )));
                     };
                     let max = self.config().smtp.max_message_size;
+                    transaction.declared_size = size;
                     if size > max {
                         return Err(Refused::Reply(Reply::new(
                             552,
@@ -177,15 +185,23 @@ impl Session {
             self.reply(Reply::new(452, "4.5.3", "Too many recipients"));
             return Flow::Continue;
         }
+        if let Err(refusal) = self.tenant_at_rcpt(&recipient).await {
+            tracing::info!(to = %recipient, reply = %refusal, "recipient refused for its tenant");
+            self.reply(refusal);
+            return Flow::Continue;
+        }
         let (recipient, accepted_by_plugin) = match self.ask_rcpt_to(&recipient, &parsed).await {
             Ok(answer) => answer,
             Err(refusal) => {
+                tracing::info!(to = %recipient, tenant = %self.tenant_id(), reply = %refusal, "recipient refused by plugin");
+                self.refused_recipient();
                 self.reply(refusal);
                 return Flow::Continue;
             }
         };
         if !accepted_by_plugin && !self.may_send_to(&recipient) {
             tracing::info!(to = %recipient, "relay denied");
+            self.refused_recipient();
             self.reply(Reply::new(
                 550,
                 "5.7.1",
@@ -198,8 +214,8 @@ impl Session {
         Flow::Continue
     }
 
-    /// No open relay: anyone may send to the domains we accept; only listed networks and
-    /// authenticated clients elsewhere.
+    /// No open relay: anyone may send to the domains we accept (relay domains and tenants'
+    /// domains); only listed networks and authenticated clients elsewhere.
     fn may_send_to(&self, recipient: &Mailbox) -> bool {
         let domain = recipient.domain_key();
         self.config()
@@ -207,8 +223,16 @@ impl Session {
             .domains
             .iter()
             .any(|accepted| domain_key(accepted) == domain)
+            || self.services.tenants.of_domain(&domain).is_some()
             || self.in_relay_networks()
             || self.auth_identity.is_some()
+    }
+
+    /// A refused first recipient does not choose the transaction's tenant.
+    fn refused_recipient(&mut self) {
+        if self.transaction.recipients.is_empty() {
+            self.leave_tenant();
+        }
     }
 }
 

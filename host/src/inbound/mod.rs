@@ -14,6 +14,7 @@ mod sasl;
 pub mod services;
 mod session;
 mod submission;
+mod tenancy;
 mod tls;
 
 use std::net::SocketAddr;

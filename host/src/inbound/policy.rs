@@ -18,26 +18,41 @@ use crate::plugins::{PluginRun, RunContext};
 pub type Refusal = Reply;
 
 impl Session {
-    /// The plugin run of the current transaction, started on the current generation if there is
-    /// none yet. `None` when no plugin is configured.
-    fn plugins(&mut self) -> Option<&mut PluginRun> {
+    /// The plugin run of the current transaction, started on the current global generation if
+    /// there is none yet.
+    pub(super) fn plugin_run(&mut self) -> &mut PluginRun {
+        let plugins = &self.services.plugins;
+        self.run
+            .get_or_insert_with(|| PluginRun::new(plugins.current(), RunContext::default()))
+    }
+
+    /// The plugin run of the current transaction, on the chain of its tenant (when known).
+    /// `Ok(None)` when no plugin is configured for it; `Err` when the tenant's limits refuse it.
+    fn plugins(&mut self) -> Result<Option<&mut PluginRun>, Refusal> {
         if self.run.is_none() {
-            let set = self.services.plugins.current();
-            if set.is_empty() {
-                return None;
+            let global_empty = self.services.plugins.current().is_empty();
+            match self.current_tenant().cloned() {
+                Some(tenant) => {
+                    if global_empty && self.services.plugins.set_for(&tenant.id).is_empty() {
+                        return Ok(None);
+                    }
+                    self.bind_tenant(&tenant)?;
+                }
+                None if global_empty => return Ok(None),
+                None => {}
             }
-            self.run = Some(PluginRun::new(set, RunContext::default()));
         }
-        self.run.as_mut()
+        Ok(Some(self.plugin_run()))
     }
 
     /// Ends the plugin run with the transaction: the next one gets fresh instances, on the
     /// generation current by then.
     pub(super) fn end_plugin_run(&mut self) {
         self.run = None;
+        self.tenant = None;
     }
 
-    fn wit_session(&self) -> Arc<SessionFacts> {
+    pub(super) fn wit_session(&self) -> Arc<SessionFacts> {
         let helo = match &self.greeting {
             Greeting::Ehlo(name) | Greeting::Helo(name) => Some(name.clone()),
             Greeting::None => None,
@@ -49,27 +64,36 @@ impl Session {
             helo,
             tls: self.conn.stream().is_tls(),
             auth_identity: self.auth_identity.clone(),
-            tenant: String::new(),
+            tenant: self.tenant_id(),
         })
     }
 
     /// The connect hook: `Some(reply)` refuses the session.
     pub(super) async fn ask_connect(&mut self) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = self.plugins()?;
+        let run = match self.plugins() {
+            Ok(run) => run?,
+            Err(refused) => return Some(refused),
+        };
         refusal(run.connect(&session).await)
     }
 
     pub(super) async fn ask_helo(&mut self, name: &str) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = self.plugins()?;
+        let run = match self.plugins() {
+            Ok(run) => run?,
+            Err(refused) => return Some(refused),
+        };
         refusal(run.helo(&session, name).await)
     }
 
     /// The auth hook, after the host checked the password: `Some(reply)` refuses the identity.
     pub(super) async fn ask_auth(&mut self, mechanism: &str, identity: &str) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = self.plugins()?;
+        let run = match self.plugins() {
+            Ok(run) => run?,
+            Err(refused) => return Some(refused),
+        };
         refusal(run.auth(&session, mechanism, identity).await)
     }
 
@@ -85,7 +109,7 @@ impl Session {
             .map(Mailbox::to_string)
             .unwrap_or_default();
         let params = wit_params(parsed);
-        let Some(run) = self.plugins() else {
+        let Some(run) = self.plugins()? else {
             return Ok(parsed.mailbox.clone());
         };
         let (decision, rewritten) = run.mail_from(&session, &sender, &params).await;
@@ -112,7 +136,7 @@ impl Session {
         let envelope = self.wit_envelope();
         let params = wit_params(parsed);
         let address = recipient.to_string();
-        let Some(run) = self.plugins() else {
+        let Some(run) = self.plugins()? else {
             return Ok((recipient.clone(), false));
         };
         let (decision, rewritten) = run.rcpt_to(&session, &envelope, &address, &params).await;
@@ -162,7 +186,10 @@ impl Session {
             dkim: verdicts.dkim,
             dmarc: verdicts.dmarc,
         };
-        let run = self.plugins()?;
+        let run = match self.plugins() {
+            Ok(run) => run?,
+            Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
+        };
         run.set_queue_id(queue_id);
         Some(
             run.data(
@@ -183,7 +210,7 @@ fn refusal(decision: Decision) -> Option<Refusal> {
     }
 }
 
-fn wit_params(parsed: &PathArgument) -> Vec<wit::Param> {
+pub(super) fn wit_params(parsed: &PathArgument) -> Vec<wit::Param> {
     parsed
         .params
         .iter()
@@ -195,7 +222,7 @@ fn wit_params(parsed: &PathArgument) -> Vec<wit::Param> {
 }
 
 /// A rewritten address must be as valid as one a client sends.
-fn reparse(address: &str) -> Result<Mailbox, Refusal> {
+pub(super) fn reparse(address: &str) -> Result<Mailbox, Refusal> {
     parse_path_argument(&format!("<{address}>"))
         .ok()
         .and_then(|parsed| parsed.mailbox)

@@ -10,8 +10,10 @@ pub struct Services {
     pub config: Arc<Config>,
     /// Where accepted messages go.
     pub inbox: Arc<Inbox>,
-    /// The plugin chain; its generation changes on reload.
+    /// The plugin chains; their generations change on reload.
     pub plugins: Arc<PluginManager>,
+    /// Whose a domain or a user is, and each tenant's limits and usage.
+    pub tenants: Arc<crate::tenants::Tenants>,
     /// Present when a certificate is configured: STARTTLS is offered.
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Present when `authentication.verify` is on: SPF, DKIM and DMARC of inbound mail.

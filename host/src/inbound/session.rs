@@ -21,6 +21,7 @@ use crate::net::conn::Conn;
 use crate::net::line::LineEnd;
 use crate::net::stream::Stream;
 use crate::plugins::PluginRun;
+use crate::tenants::{SessionSlot, Tenant};
 
 /// The mail transaction under way (between MAIL and the end of DATA/BDAT LAST).
 #[derive(Default)]
@@ -32,6 +33,10 @@ pub(super) struct Transaction {
     pub(super) eight_bit_mime: bool,
     /// Content received so far by BDAT chunks; `Some` once the first chunk came.
     pub(super) chunks: Option<ContentReader>,
+    /// MAIL's parameters, for the tenant's mail-from hooks asked at the first recipient.
+    pub(super) params: Vec<crate::plugins::bindings::types::Param>,
+    /// MAIL's SIZE, 0 when not given.
+    pub(super) declared_size: u64,
 }
 
 pub(super) enum Greeting {
@@ -59,6 +64,13 @@ pub struct Session {
     pub(super) auth_identity: Option<String>,
     /// Plugin instances of the transaction under way (see `policy.rs`).
     pub(super) run: Option<PluginRun>,
+    /// The tenant of the transaction under way, once its first recipient fixed it (see
+    /// `tenancy.rs`).
+    pub(super) tenant: Option<Arc<Tenant>>,
+    /// The tenant of the authenticated identity: all its mail is that tenant's.
+    pub(super) auth_tenant: Option<Arc<Tenant>>,
+    /// The session's place among its tenant's sessions at once.
+    pub(super) tenant_slot: Option<(Arc<str>, SessionSlot)>,
 }
 
 impl Session {
@@ -100,6 +112,9 @@ impl Session {
                 errors: 0,
                 auth_identity: None,
                 run: None,
+                tenant: None,
+                auth_tenant: None,
+                tenant_slot: None,
             };
             if let Err(error) = session.serve().await {
                 tracing::debug!(%error, "session ended with an I/O error");

@@ -230,12 +230,19 @@ impl Session {
             ));
         }
         drop(attempt);
-        if let Some(refusal) = self.ask_auth(mechanism.name(), &identity).await {
-            tracing::warn!(identity = %identity, reply = %refusal, "authentication refused by plugin");
+        if let Err(refusal) = self.tenant_at_auth(&identity) {
             metrics::counter!("switchyard_auth_total", "result" => "refused").increment(1);
             return Ok(refusal);
         }
-        tracing::info!(identity = %identity, mechanism = mechanism.name(), "authenticated");
+        if let Some(refusal) = self.ask_auth(mechanism.name(), &identity).await {
+            tracing::warn!(identity = %identity, reply = %refusal, "authentication refused by plugin");
+            metrics::counter!("switchyard_auth_total", "result" => "refused").increment(1);
+            self.auth_tenant = None;
+            self.tenant_slot = None;
+            self.end_plugin_run();
+            return Ok(refusal);
+        }
+        tracing::info!(identity = %identity, mechanism = mechanism.name(), tenant = %self.tenant_id(), "authenticated");
         metrics::counter!("switchyard_auth_total", "result" => "ok").increment(1);
         self.auth_identity = Some(identity);
         Ok(Reply::new(235, "2.7.0", "Authentication successful"))

@@ -227,8 +227,33 @@ impl PluginRun {
         sender: &str,
         params: &[Param],
     ) -> (Decision, String) {
+        self.mail_from_part(session, sender, params, 0).await
+    }
+
+    /// The mail-from hooks of the tenant's part of the chain alone: for inbound mail, whose
+    /// tenant is known only at its first recipient, after the global chain answered MAIL.
+    pub async fn tenant_mail_from(
+        &mut self,
+        session: &Arc<SessionFacts>,
+        sender: &str,
+        params: &[Param],
+    ) -> (Decision, String) {
+        let start = self.set.global_len;
+        self.mail_from_part(session, sender, params, start).await
+    }
+
+    async fn mail_from_part(
+        &mut self,
+        session: &Arc<SessionFacts>,
+        sender: &str,
+        params: &[Param],
+        start: usize,
+    ) -> (Decision, String) {
         let mut sender = sender.to_string();
-        for index in self.implementing(HookKind::MailFrom) {
+        for index in self
+            .implementing(HookKind::MailFrom)
+            .filter(move |&index| index >= start)
+        {
             let answer = call_in_session!(self, index, session, call_mail_from(&sender, params));
             if let Some(decision) = settle_address(answer, &mut sender) {
                 return (decision, sender);
@@ -473,7 +498,7 @@ mod tests {
                 pagemap_scan: false,
             };
             let engine = new_engine_with(dir.path(), tuning).expect("engine");
-            let manager = PluginManager::start(engine, manifests, PluginServices::default())
+            let manager = PluginManager::start(engine, manifests, &[], PluginServices::default())
                 .await
                 .expect("chain loads");
             (manager, dir)
@@ -536,7 +561,7 @@ mod tests {
             let listing = manager.describe();
             let never_asked = listing
                 .lines()
-                .find(|line| line.starts_with("never-asked"))
+                .find(|line| line.starts_with("-  never-asked"))
                 .expect("listed");
             assert!(never_asked.contains("calls=0"), "{listing}");
             assert_eq!(listing.matches("failures=0").count(), 3, "{listing}");

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
 
@@ -49,6 +50,21 @@ pub enum LoadError {
     },
     #[error("plugin `{plugin}`: init failed: {message}")]
     Init { plugin: String, message: String },
+    #[error("tenant `{tenant}`: {source}")]
+    Tenant {
+        tenant: String,
+        source: Box<LoadError>,
+    },
+}
+
+impl LoadError {
+    /// The error, saying which tenant's chain it is in.
+    pub fn in_tenant(self, tenant: &str) -> LoadError {
+        LoadError::Tenant {
+            tenant: tenant.to_string(),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// Components compiled during one load: plugins loaded from the same file (a hosting provider's
@@ -57,17 +73,29 @@ pub enum LoadError {
 /// one pre-initialised snapshot.
 #[derive(Default)]
 pub struct Compiled {
-    by_bytes: HashMap<Vec<u8>, Component>,
-    /// Snapshots by plugin bytes and configuration; `None` when the plugin cannot be snapshotted.
-    snapshots: HashMap<(Vec<u8>, String), Option<Snapshot>>,
+    by_digest: HashMap<[u8; 32], Component>,
+    /// Snapshots by plugin digest and configuration; `None` when the plugin cannot be
+    /// snapshotted.
+    snapshots: HashMap<([u8; 32], String), Option<Snapshot>>,
+}
+
+impl Compiled {
+    /// Forgets every component whose digest `keep` refuses: after a reload, the ones no loaded
+    /// plugin uses any more.
+    pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {
+        self.by_digest.retain(|digest, _| keep(digest));
+        self.snapshots.retain(|(digest, _), _| keep(digest));
+    }
 }
 
 /// A pre-initialised component and the hooks its `init` named.
 type Snapshot = (Component, HookSet);
 
+/// Loads `manifest` into the chain of `owner` (a tenant id, `""` for the global chain).
 pub async fn load(
     engine: &Engine,
     manifest: &PluginManifest,
+    owner: &Arc<str>,
     services: &PluginServices,
     compiled: &mut Compiled,
 ) -> Result<Arc<LoadedPlugin>, LoadError> {
@@ -86,7 +114,8 @@ pub async fn load(
             path: manifest.path.display().to_string(),
             message: error.to_string(),
         })?;
-    let component = compile(engine, &plugin, &bytes, compiled).await?;
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let component = compile(engine, &plugin, digest, bytes.clone(), compiled).await?;
     check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
         ImportError::NotGranted { import, grant } => LoadError::NotGranted {
             plugin: plugin.clone(),
@@ -110,12 +139,14 @@ pub async fn load(
     let mut loaded = LoadedPlugin {
         manifest: manifest.clone(),
         name: Arc::from(plugin.as_str()),
+        owner: owner.clone(),
+        digest,
         pre,
         indices,
         hooks: HookSet::default(),
         config_json,
         preinitialized: false,
-        stats: PluginStats::new(&plugin),
+        stats: PluginStats::new(&plugin, owner),
     };
     initialise(engine, &linker, &mut loaded, bytes, services, compiled).await?;
     Ok(Arc::new(loaded))
@@ -134,13 +165,13 @@ async fn initialise(
 ) -> Result<(), LoadError> {
     let plugin = loaded.manifest.name.clone();
     let preinitialize = loaded.manifest.preinitialize;
-    let key = (bytes, loaded.config_json.clone());
+    let key = (loaded.digest, loaded.config_json.clone());
     let snapshot = match compiled.snapshots.get(&key) {
-        _ if !preinitialize || key.0.len() > preinit::MAX_COMPONENT_BYTES => None,
+        _ if !preinitialize || bytes.len() > preinit::MAX_COMPONENT_BYTES => None,
         Some(snapshot) => snapshot.clone(),
         None => {
             let store = new_store(engine, [&*loaded], services, &RunContext::default());
-            let snapshot = match preinit::snapshot(engine, linker, &key.0, loaded, store).await {
+            let snapshot = match preinit::snapshot(engine, linker, &bytes, loaded, store).await {
                 Ok((snapshot, info)) => match HookSet::from_names(&info.hooks) {
                     Ok(hooks) => Some((snapshot, hooks)),
                     Err(message) => {
@@ -189,19 +220,19 @@ async fn initialise(
     Ok(())
 }
 
-/// The component of `bytes`: compiled once per load for identical bytes, off the async workers
+/// The component of `bytes`: compiled once for identical bytes, off the async workers
 /// (compilation is CPU-heavy; wasmtime caches it on disk after the first time).
 async fn compile(
     engine: &Engine,
     plugin: &str,
-    bytes: &[u8],
+    digest: [u8; 32],
+    source: Vec<u8>,
     compiled: &mut Compiled,
 ) -> Result<Component, LoadError> {
-    if let Some(component) = compiled.by_bytes.get(bytes) {
+    if let Some(component) = compiled.by_digest.get(&digest) {
         return Ok(component.clone());
     }
     let compile_engine = engine.clone();
-    let source = bytes.to_vec();
     let compile_error = |message: String| LoadError::Compile {
         plugin: plugin.to_string(),
         message,
@@ -210,7 +241,7 @@ async fn compile(
         .await
         .map_err(|error| compile_error(error.to_string()))?
         .map_err(|error| compile_error(format!("{error:#}")))?;
-    compiled.by_bytes.insert(bytes.to_vec(), component.clone());
+    compiled.by_digest.insert(digest, component.clone());
     Ok(component)
 }
 

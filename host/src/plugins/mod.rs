@@ -4,7 +4,8 @@
 //! - [`engine`]: the shared wasmtime engine (pooling allocator, epoch time limits, disk cache).
 //! - [`loader`]: compile, check grants, link, pre-instantiate and validate one plugin.
 //! - [`run`]: per-transaction instances and limited calls; [`chain`]: the chain semantics.
-//! - [`PluginManager`]: the current generation, swapped atomically on reload.
+//! - [`PluginManager`]: the current generation of the global chain and of each tenant's,
+//!   swapped atomically on reload (a tenant's alone when only its file changed).
 
 pub mod bindings;
 pub mod chain;
@@ -15,10 +16,10 @@ pub mod limits;
 pub mod loader;
 pub mod plugin;
 pub mod preinit;
-pub mod reload;
 pub mod run;
 pub mod store;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +28,7 @@ use wasmtime::Engine;
 
 use tokio::sync::Semaphore;
 
-use crate::config::PluginManifest;
+use crate::config::{PluginManifest, TenantConfig};
 use crate::queue::kv::KvStore;
 pub use engine::new_engine;
 use loader::LoadError;
@@ -42,13 +43,24 @@ pub struct PluginServices {
     pub resolver: Option<Arc<crate::net::dns::Dns>>,
 }
 
-/// One generation: the chain as loaded at one moment. Transactions keep the generation they
-/// started with until they end.
+/// One chain as loaded at one moment: the global chain, or the global chain followed by one
+/// tenant's. Transactions keep the set they started with until they end.
 pub struct PluginSet {
+    /// The global chain's generation.
     pub generation: u64,
+    /// `""` for the global chain alone.
+    pub tenant: Arc<str>,
+    /// The tenant chain's generation (0 for the global set).
+    pub tenant_generation: u64,
     pub engine: Engine,
+    /// The global chain's plugins, then the tenant's.
     pub plugins: Vec<Arc<LoadedPlugin>>,
+    /// How many of `plugins` are the global chain's.
+    pub global_len: usize,
     pub services: PluginServices,
+    /// The tenant's share of the instance pool: a transaction of the tenant holds one permit
+    /// per plugin of the tenant's chain.
+    pub share: Option<Arc<Semaphore>>,
 }
 
 impl PluginSet {
@@ -56,12 +68,29 @@ impl PluginSet {
         self.plugins.is_empty()
     }
 
-    /// True when some plugin of this generation implements `hook`.
+    /// True when some plugin of this set implements `hook`.
     pub fn implements(&self, hook: hooks::HookKind) -> bool {
         self.plugins
             .iter()
             .any(|plugin| plugin.hooks.contains(hook))
     }
+
+    /// The tenant's part of the chain.
+    pub fn tenant_plugins(&self) -> &[Arc<LoadedPlugin>] {
+        &self.plugins[self.global_len..]
+    }
+}
+
+/// One tenant's chain of one generation.
+pub struct TenantChain {
+    pub id: Arc<str>,
+    pub generation: u64,
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    /// The global chain followed by this one: what the tenant's mail runs.
+    pub set: Arc<PluginSet>,
+    /// The tenant's share of the instance pool (`limits.plugin_instances` permits).
+    pub share: Arc<Semaphore>,
+    pub share_size: usize,
 }
 
 /// The outcome of reloads, for `plugins list`.
@@ -77,43 +106,76 @@ pub struct ReloadStatus {
 /// need.
 const HELD_INSTANCES: usize = engine::POOL_INSTANCES as usize / 4;
 
+type Tenants = HashMap<Arc<str>, Arc<TenantChain>>;
+
 pub struct PluginManager {
     engine: Engine,
     /// Permits for instances kept by held runs ([`PluginManager::hold`]).
     held: Arc<Semaphore>,
     services: PluginServices,
     current: ArcSwap<PluginSet>,
+    tenants: ArcSwap<Tenants>,
     status: Mutex<ReloadStatus>,
+    /// The last failed reload of each tenant whose file does not load (cleared by a good one).
+    tenant_errors: Mutex<HashMap<String, String>>,
+    /// Components compiled so far, by digest: tenants running the same plugin file share one,
+    /// across reloads too. Pruned to what loaded plugins use after each reload.
+    compiled: tokio::sync::Mutex<loader::Compiled>,
     /// Serialises reloads.
     reloading: tokio::sync::Mutex<()>,
 }
 
 impl PluginManager {
-    /// Loads the first generation. Any plugin failing to load is an error: a router must not
-    /// start without the policy it was configured with.
+    /// Loads the first generation of the global chain and of every tenant's. Any plugin failing
+    /// to load is an error: a router must not start without the policy it was configured with.
     pub async fn start(
         engine: Engine,
         manifests: &[PluginManifest],
+        tenants: &[TenantConfig],
         services: PluginServices,
     ) -> Result<Arc<PluginManager>, LoadError> {
-        let set = load_set(&engine, manifests, &services, 1).await?;
-        log_generation(&set);
+        let mut compiled = loader::Compiled::default();
+        let global = Arc::new(load_set(&engine, manifests, &services, 1, &mut compiled).await?);
+        log_generation(&global);
+        let mut chains = Tenants::new();
+        for tenant in tenants {
+            let chain = load_tenant(&engine, &global, tenant, &services, 1, &mut compiled).await?;
+            chains.insert(chain.id.clone(), Arc::new(chain));
+        }
+        if !tenants.is_empty() {
+            tracing::info!(tenants = tenants.len(), "tenant chains loaded");
+        }
         Ok(Arc::new(PluginManager {
             engine,
             held: Arc::new(Semaphore::new(HELD_INSTANCES)),
             services,
-            current: ArcSwap::from_pointee(set),
+            current: ArcSwap::new(global),
+            tenants: ArcSwap::from_pointee(chains),
             status: Mutex::new(ReloadStatus::default()),
+            tenant_errors: Mutex::new(HashMap::new()),
+            compiled: tokio::sync::Mutex::new(compiled),
             reloading: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// The generation new transactions use.
+    /// The global chain new transactions start with.
     pub fn current(&self) -> Arc<PluginSet> {
         self.current.load_full()
     }
 
-    /// Starts a run for a new transaction on the current generation.
+    /// The chain of `tenant`'s mail: the global chain followed by the tenant's (the global chain
+    /// alone for `""` or a tenant without a chain).
+    pub fn set_for(&self, tenant: &str) -> Arc<PluginSet> {
+        if tenant.is_empty() {
+            return self.current();
+        }
+        match self.tenants.load().get(tenant) {
+            Some(chain) => chain.set.clone(),
+            None => self.current(),
+        }
+    }
+
+    /// Starts a run for a new transaction on the current global generation.
     pub fn run(&self, context: RunContext) -> PluginRun {
         PluginRun::new(self.current(), context)
     }
@@ -126,8 +188,10 @@ impl PluginManager {
     /// instantiate afresh) when no plugin implements them, or when held runs already keep their
     /// share.
     pub fn hold(&self, mut run: PluginRun, ahead: &[hooks::HookKind]) -> Option<PluginRun> {
-        // Give back what the run held for earlier stages before taking what it needs now.
+        // Give back what the run held for earlier stages before taking what it needs now: the
+        // held share bounds held runs, not the tenant's share, which is for new transactions.
         run.hold = None;
+        run.tenant_share = None;
         if !run.needed_for(ahead) {
             return None;
         }
@@ -146,17 +210,29 @@ impl PluginManager {
         }
     }
 
-    /// Compiles and initialises `manifests` beside the running generation and swaps it in. On
-    /// any error the running generation stays and the error is kept for `plugins list`.
+    /// Compiles and initialises `manifests` beside the running global chain and swaps it in,
+    /// with every tenant's chain now following it (the tenants' own plugins are kept, not
+    /// reloaded). On any error the running generation stays and the error is kept for
+    /// `plugins list`.
     pub async fn reload(&self, manifests: &[PluginManifest]) -> Result<u64, LoadError> {
         let _guard = self.reloading.lock().await;
         self.status_mut().attempts += 1;
         let next = self.current().generation + 1;
-        match load_set(&self.engine, manifests, &self.services, next).await {
+        let mut compiled = self.compiled.lock().await;
+        match load_set(&self.engine, manifests, &self.services, next, &mut compiled).await {
             Ok(set) => {
                 log_generation(&set);
-                self.current.store(Arc::new(set));
+                let global = Arc::new(set);
+                let tenants: Tenants = self
+                    .tenants
+                    .load()
+                    .iter()
+                    .map(|(id, chain)| (id.clone(), Arc::new(follow(&global, chain))))
+                    .collect();
+                self.current.store(global);
+                self.tenants.store(Arc::new(tenants));
                 self.status_mut().last_error = None;
+                self.prune(&mut compiled);
                 Ok(next)
             }
             Err(error) => {
@@ -165,6 +241,73 @@ impl PluginManager {
                 Err(error)
             }
         }
+    }
+
+    /// Loads one tenant's chain (its file was added or changed) and swaps it in; every other
+    /// tenant's chain keeps running untouched. On error the tenant's previous chain (if any)
+    /// stays, and the error shows in `plugins list`.
+    pub async fn reload_tenant(&self, tenant: &TenantConfig) -> Result<u64, LoadError> {
+        let _guard = self.reloading.lock().await;
+        let id: Arc<str> = Arc::from(tenant.id.as_str());
+        let next = self
+            .tenants
+            .load()
+            .get(&id)
+            .map(|chain| chain.generation + 1)
+            .unwrap_or(1);
+        let mut compiled = self.compiled.lock().await;
+        let global = self.current();
+        match load_tenant(
+            &self.engine,
+            &global,
+            tenant,
+            &self.services,
+            next,
+            &mut compiled,
+        )
+        .await
+        {
+            Ok(chain) => {
+                let mut tenants = Tenants::clone(&self.tenants.load());
+                tenants.insert(id, Arc::new(chain));
+                self.tenants.store(Arc::new(tenants));
+                self.tenant_errors_mut().remove(&tenant.id);
+                self.prune(&mut compiled);
+                tracing::info!(tenant = %tenant.id, generation = next, "tenant chain loaded");
+                Ok(next)
+            }
+            Err(error) => {
+                tracing::error!(tenant = %tenant.id, %error, "tenant reload failed; its previous chain stays");
+                self.tenant_failed(&tenant.id, error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops a tenant's chain (its file was removed).
+    pub async fn remove_tenant(&self, id: &str) {
+        let _guard = self.reloading.lock().await;
+        let mut tenants = Tenants::clone(&self.tenants.load());
+        if tenants.remove(id).is_some() {
+            tracing::info!(tenant = %id, "tenant removed");
+        }
+        self.tenants.store(Arc::new(tenants));
+        self.tenant_errors_mut().remove(id);
+        self.prune(&mut *self.compiled.lock().await);
+    }
+
+    /// Records a tenant file that does not load; its previous chain (if any) keeps running.
+    pub fn tenant_failed(&self, id: &str, message: String) {
+        self.tenant_errors_mut().insert(id.to_string(), message);
+    }
+
+    /// Forgets compiled components that no loaded plugin uses any more.
+    fn prune(&self, compiled: &mut loader::Compiled) {
+        let mut used: HashSet<[u8; 32]> = self.current().plugins.iter().map(|p| p.digest).collect();
+        for chain in self.tenants.load().values() {
+            used.extend(chain.plugins.iter().map(|plugin| plugin.digest));
+        }
+        compiled.retain(|digest| used.contains(digest));
     }
 
     /// Records a reload that failed before any plugin was loaded (a bad configuration file).
@@ -180,29 +323,44 @@ impl PluginManager {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A human-readable table of the running generation and the last reload error.
+    fn tenant_errors_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.tenant_errors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A human-readable table of the running chains (the first column is the tenant, `-` for
+    /// the global chain) and the last reload errors.
     pub fn describe(&self) -> String {
         let set = self.current();
         let mut out = format!("generation {}\n", set.generation);
         for plugin in &set.plugins {
-            let stats = &plugin.stats;
+            describe_plugin(&mut out, "-", set.generation, plugin);
+        }
+        let tenants = self.tenants.load();
+        let mut ids: Vec<&Arc<str>> = tenants.keys().collect();
+        ids.sort();
+        for id in ids {
+            let chain = &tenants[id];
             out.push_str(&format!(
-                "{}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
-                plugin.name,
-                plugin.hooks.names().join(","),
-                if plugin.preinitialized {
-                    "snapshot"
-                } else {
-                    "per-instance"
-                },
-                plugin.manifest.time_limit,
-                plugin.manifest.memory_limit,
-                plugin.manifest.failure_policy,
-                stats.calls.load(Ordering::Relaxed),
-                stats.failures.load(Ordering::Relaxed),
-                stats.timeouts.load(Ordering::Relaxed),
-                stats.out_of_memory.load(Ordering::Relaxed),
+                "{id}  tenant  generation={}  plugins={}  instance_share={}  instances_in_use={}\n",
+                chain.generation,
+                chain.plugins.len(),
+                chain.share_size,
+                chain.share_size - chain.share.available_permits(),
             ));
+            for plugin in &chain.plugins {
+                describe_plugin(&mut out, id, chain.generation, plugin);
+            }
+        }
+        let mut errors: Vec<(String, String)> = self
+            .tenant_errors_mut()
+            .iter()
+            .map(|(id, error)| (id.clone(), error.clone()))
+            .collect();
+        errors.sort();
+        for (id, error) in errors {
+            out.push_str(&format!("{id}  last reload failed: {error}\n"));
         }
         let status = self.status_mut().clone();
         out.push_str(&format!("reload attempts: {}\n", status.attempts));
@@ -213,19 +371,54 @@ impl PluginManager {
     }
 }
 
-/// Compiles and initialises `manifests` as a server would, without serving: for `check-config`.
-pub async fn check(manifests: &[PluginManifest]) -> anyhow::Result<()> {
-    if manifests.is_empty() {
+/// One line of `plugins list`.
+fn describe_plugin(out: &mut String, tenant: &str, generation: u64, plugin: &LoadedPlugin) {
+    let stats = &plugin.stats;
+    out.push_str(&format!(
+        "{tenant}  {}  generation={generation}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
+        plugin.name,
+        plugin.hooks.names().join(","),
+        if plugin.preinitialized {
+            "snapshot"
+        } else {
+            "per-instance"
+        },
+        plugin.manifest.time_limit,
+        plugin.manifest.memory_limit,
+        plugin.manifest.failure_policy,
+        stats.calls.load(Ordering::Relaxed),
+        stats.failures.load(Ordering::Relaxed),
+        stats.timeouts.load(Ordering::Relaxed),
+        stats.out_of_memory.load(Ordering::Relaxed),
+    ));
+}
+
+/// Compiles and initialises the global chain and every tenant's as a server would, without
+/// serving: for `check-config`.
+pub async fn check(manifests: &[PluginManifest], tenants: &[TenantConfig]) -> anyhow::Result<()> {
+    if manifests.is_empty() && tenants.iter().all(|tenant| tenant.plugins.is_empty()) {
         return Ok(());
     }
     let engine = engine::new_engine(&std::env::temp_dir().join("switchyard-plugin-cache"))?;
-    let set = load_set(&engine, manifests, &PluginServices::default(), 1).await?;
-    for plugin in &set.plugins {
+    let manager =
+        PluginManager::start(engine, manifests, tenants, PluginServices::default()).await?;
+    let global = manager.current();
+    for plugin in &global.plugins {
         eprintln!(
             "plugin {}: loads; hooks {}",
             plugin.name,
             plugin.hooks.names().join(", ")
         );
+    }
+    for tenant in tenants {
+        for plugin in manager.set_for(&tenant.id).tenant_plugins() {
+            eprintln!(
+                "tenant {} plugin {}: loads; hooks {}",
+                tenant.id,
+                plugin.name,
+                plugin.hooks.names().join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -235,18 +428,85 @@ async fn load_set(
     manifests: &[PluginManifest],
     services: &PluginServices,
     generation: u64,
+    compiled: &mut loader::Compiled,
 ) -> Result<PluginSet, LoadError> {
+    let owner: Arc<str> = Arc::from("");
     let mut plugins = Vec::with_capacity(manifests.len());
-    let mut compiled = loader::Compiled::default();
     for manifest in manifests {
-        plugins.push(loader::load(engine, manifest, services, &mut compiled).await?);
+        plugins.push(loader::load(engine, manifest, &owner, services, compiled).await?);
     }
     Ok(PluginSet {
         generation,
+        tenant: owner,
+        tenant_generation: 0,
         engine: engine.clone(),
+        global_len: plugins.len(),
         plugins,
         services: services.clone(),
+        share: None,
     })
+}
+
+/// Loads one tenant's chain on top of `global`.
+async fn load_tenant(
+    engine: &Engine,
+    global: &Arc<PluginSet>,
+    tenant: &TenantConfig,
+    services: &PluginServices,
+    generation: u64,
+    compiled: &mut loader::Compiled,
+) -> Result<TenantChain, LoadError> {
+    let owner: Arc<str> = Arc::from(tenant.id.as_str());
+    let mut plugins = Vec::with_capacity(tenant.plugins.len());
+    for manifest in &tenant.plugins {
+        plugins.push(
+            loader::load(engine, manifest, &owner, services, compiled)
+                .await
+                .map_err(|error| error.in_tenant(&tenant.id))?,
+        );
+    }
+    let share_size = tenant.limits.plugin_instances;
+    let chain = TenantChain {
+        set: Arc::new(PluginSet {
+            generation: 0,
+            tenant: owner.clone(),
+            tenant_generation: generation,
+            engine: engine.clone(),
+            plugins: Vec::new(),
+            global_len: 0,
+            services: services.clone(),
+            share: None,
+        }),
+        id: owner,
+        generation,
+        plugins,
+        share: Arc::new(Semaphore::new(share_size)),
+        share_size,
+    };
+    Ok(follow(global, &chain))
+}
+
+/// `chain` with its set rebuilt on top of `global`.
+fn follow(global: &Arc<PluginSet>, chain: &TenantChain) -> TenantChain {
+    let mut plugins = global.plugins.clone();
+    plugins.extend(chain.plugins.iter().cloned());
+    TenantChain {
+        id: chain.id.clone(),
+        generation: chain.generation,
+        plugins: chain.plugins.clone(),
+        set: Arc::new(PluginSet {
+            generation: global.generation,
+            tenant: chain.id.clone(),
+            tenant_generation: chain.generation,
+            engine: global.engine.clone(),
+            plugins,
+            global_len: global.plugins.len(),
+            services: global.services.clone(),
+            share: Some(chain.share.clone()),
+        }),
+        share: chain.share.clone(),
+        share_size: chain.share_size,
+    }
 }
 
 fn log_generation(set: &PluginSet) {

@@ -23,9 +23,13 @@ pub struct PluginStats {
 }
 
 impl PluginStats {
-    pub(super) fn new(plugin: &str) -> PluginStats {
+    pub(super) fn new(plugin: &str, owner: &str) -> PluginStats {
         PluginStats {
-            exported_calls: metrics::counter!("switchyard_plugin_calls_total", "plugin" => plugin.to_string()),
+            exported_calls: metrics::counter!(
+                "switchyard_plugin_calls_total",
+                "plugin" => plugin.to_string(),
+                "tenant" => owner.to_string(),
+            ),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -38,6 +42,11 @@ impl PluginStats {
 pub struct LoadedPlugin {
     pub manifest: PluginManifest,
     pub name: Arc<str>,
+    /// The tenant whose chain it is in (`""`: the global chain). Its kv keys are the owner's,
+    /// so two tenants running one plugin under one name never see each other's.
+    pub owner: Arc<str>,
+    /// SHA-256 of the component file: plugins with the same digest share one compiled component.
+    pub digest: [u8; 32],
     /// Instantiates the plugin (or its pre-initialised snapshot) for a transaction.
     pub pre: InstancePre<HostState>,
     /// Where `pre`'s component exports each hook.

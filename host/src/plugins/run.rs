@@ -19,7 +19,7 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use super::hooks::{HookKind, HookSet, Hooks};
-use super::host::HostState;
+use super::host::{HostState, PluginState};
 use super::plugin::LoadedPlugin;
 use super::store::{arm, new_store, RunContext};
 use super::{PluginServices, PluginSet};
@@ -56,6 +56,15 @@ pub struct PluginRun {
     /// Present while the run is held for its message's delivery stages (see
     /// [`super::PluginManager::hold`]): the run's share of the bound on held instances.
     pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The permits a transaction of a tenant holds from the tenant's share of the instance pool
+    /// (see [`PluginRun::enter_tenant`]).
+    pub(super) tenant_share: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A tenant's transactions already hold its whole share of the instance pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareExhausted {
+    pub share: usize,
 }
 
 impl PluginRun {
@@ -67,6 +76,115 @@ impl PluginRun {
             store: None,
             context,
             hold: None,
+            tenant_share: None,
+        }
+    }
+
+    /// The tenant whose chain the run follows (`""`: the global chain alone).
+    pub fn tenant(&self) -> &str {
+        &self.set.tenant
+    }
+
+    /// Extends a run of the global chain with a tenant's chain (`set`, the tenant's set), once
+    /// the transaction's tenant is known: the global plugins keep their instances and bags, the
+    /// tenant's plugins follow them in the chain. Takes the tenant's share of the instance pool
+    /// for the rest of the run; `Err` when the tenant's other transactions hold all of it.
+    /// A run already in another tenant leaves it first (see [`PluginRun::leave_tenant`]).
+    pub fn enter_tenant(&mut self, set: &Arc<PluginSet>) -> Result<(), ShareExhausted> {
+        if *self.set.tenant == *set.tenant {
+            return Ok(());
+        }
+        self.leave_tenant();
+        if set.tenant.is_empty() {
+            return Ok(());
+        }
+        let wanted = set.tenant_plugins().len();
+        if let (Some(share), true) = (&set.share, wanted > 0) {
+            let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
+            match share.clone().try_acquire_many_owned(permits) {
+                Ok(permit) => self.tenant_share = Some(permit),
+                Err(_) => {
+                    metrics::counter!(
+                        "switchyard_tenant_limited_total",
+                        "tenant" => set.tenant.to_string(),
+                        "limit" => "plugin_instances",
+                    )
+                    .increment(1);
+                    return Err(ShareExhausted {
+                        share: share.available_permits(),
+                    });
+                }
+            }
+        }
+        let global_len = self.set.global_len;
+        let same_global = set.global_len == global_len
+            && self.set.plugins[..global_len]
+                .iter()
+                .zip(&set.plugins[..global_len])
+                .all(|(ours, theirs)| Arc::ptr_eq(ours, theirs));
+        let combined = if same_global {
+            set.clone()
+        } else {
+            // The global chain was reloaded since the transaction began: the transaction keeps
+            // its global generation, followed by the tenant's chain.
+            let mut plugins = self.set.plugins.clone();
+            plugins.extend(set.tenant_plugins().iter().cloned());
+            Arc::new(PluginSet {
+                generation: self.set.generation,
+                tenant: set.tenant.clone(),
+                tenant_generation: set.tenant_generation,
+                engine: self.set.engine.clone(),
+                plugins,
+                global_len,
+                services: self.set.services.clone(),
+                share: set.share.clone(),
+            })
+        };
+        self.context.tenant = combined.tenant.to_string();
+        if let Some(store) = &mut self.store {
+            let state = store.data_mut();
+            state.tenant = combined.tenant.to_string();
+            state
+                .plugins
+                .extend(combined.tenant_plugins().iter().map(|plugin| {
+                    PluginState::new(
+                        plugin.name.clone(),
+                        plugin.owner.clone(),
+                        plugin.manifest.memory_limit as usize,
+                    )
+                }));
+        }
+        self.hooks.resize_with(combined.plugins.len(), || None);
+        self.failures.resize_with(combined.plugins.len(), || None);
+        self.set = combined;
+        Ok(())
+    }
+
+    /// Goes back to the global chain alone (the first recipient, which chose the tenant, was
+    /// refused): the tenant's instances are never called again, and its share is given back.
+    pub fn leave_tenant(&mut self) {
+        if self.set.tenant.is_empty() {
+            return;
+        }
+        let global_len = self.set.global_len;
+        self.set = Arc::new(PluginSet {
+            generation: self.set.generation,
+            tenant: Arc::from(""),
+            tenant_generation: 0,
+            engine: self.set.engine.clone(),
+            plugins: self.set.plugins[..global_len].to_vec(),
+            global_len,
+            services: self.set.services.clone(),
+            share: None,
+        });
+        self.hooks.truncate(global_len);
+        self.failures.truncate(global_len);
+        self.tenant_share = None;
+        self.context.tenant.clear();
+        if let Some(store) = &mut self.store {
+            let state = store.data_mut();
+            state.plugins.truncate(global_len);
+            state.tenant.clear();
         }
     }
 
@@ -266,6 +384,7 @@ impl PluginRun {
         metrics::counter!(
             "switchyard_plugin_failures_total",
             "plugin" => plugin.name.to_string(),
+            "tenant" => plugin.owner.to_string(),
             "kind" => format!("{kind:?}"),
         )
         .increment(1);
@@ -286,6 +405,7 @@ impl PluginRun {
         }
         tracing::error!(
             plugin = %plugin.name,
+            tenant = %self.context.tenant,
             kind = ?kind,
             policy = ?plugin.manifest.failure_policy,
             queue_id = self.context.queue_id.as_deref().unwrap_or("-"),

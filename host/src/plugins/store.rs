@@ -30,7 +30,11 @@ pub(super) fn new_store<'a>(
         plugins: plugins
             .into_iter()
             .map(|plugin| {
-                PluginState::new(plugin.name.clone(), plugin.manifest.memory_limit as usize)
+                PluginState::new(
+                    plugin.name.clone(),
+                    plugin.owner.clone(),
+                    plugin.manifest.memory_limit as usize,
+                )
             })
             .collect(),
         current: 0,

@@ -67,6 +67,8 @@ pub struct MessageMeta {
     pub smtputf8: bool,
     /// The content has 8-bit bytes (BODY=8BITMIME).
     pub eight_bit: bool,
+    /// The tenant the message belongs to (`""`: none).
+    pub tenant: String,
 }
 
 /// A message ready to be written to the queue.
@@ -206,6 +208,8 @@ pub trait Queue: Send + Sync {
         lease_until: Millis,
     ) -> Result<Option<(QueuedMessage, usize)>, QueueError>;
 
+    /// The bytes of the queued messages of each tenant (messages of no tenant are left out).
+    async fn queued_bytes(&self) -> Result<std::collections::HashMap<String, u64>, QueueError>;
     /// Removes a message without delivering or bouncing it; false if there was none.
     async fn delete(&self, id: &str) -> Result<bool, QueueError>;
 

@@ -1,7 +1,10 @@
 //! `rate-limit`: fixed-window limits on messages per sender address and per client IP, counted
-//! in the host's key-value store (grant `kv`), so every node of a cluster shares the counts.
+//! in the host's key-value store (grant `kv`), so the counts survive restarts. In a tenant's chain
+//! the counts are that tenant's alone (the store keeps each tenant's keys apart); in the global
+//! chain they cover all mail.
 //! Every refusal adds one to the counter `limited_total` (grant `metrics`), exported as
-//! `switchyard_plugin_counter_total{plugin="rate-limit",name="limited_total"}`.
+//! `switchyard_plugin_counter_total{plugin="rate-limit",tenant="...",name="limited_total"}` (the
+//! tenant of the refused mail).
 //!
 //! ```toml
 //! [[plugin]]

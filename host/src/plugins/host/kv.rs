@@ -1,5 +1,6 @@
-//! The `kv` interface (granted with "kv"): the queue's key-value store, scoped to the tenant and
-//! the plugin.
+//! The `kv` interface (granted with "kv"): the queue's key-value store, scoped to the plugin and
+//! the tenant whose chain it is in (`""` for the global chain), whatever mail it is deciding on:
+//! tenant A's plugin never reaches tenant B's keys, even under the same name.
 use wasmtime::component::{HasSelf, Linker};
 
 use super::HostState;
@@ -9,7 +10,7 @@ impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Option<Vec<u8>> {
         let store = self.kv.clone()?;
         store
-            .get(&self.tenant, &self.plugin().name, &key)
+            .get(&self.plugin().owner, &self.plugin().name, &key)
             .await
             .unwrap_or_else(|error| {
                 tracing::warn!(plugin = %self.plugin().name, %error, "kv get failed");
@@ -20,7 +21,13 @@ impl kv::Host for HostState {
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) {
         if let Some(store) = self.kv.clone() {
             if let Err(error) = store
-                .set(&self.tenant, &self.plugin().name, &key, &value, ttl_seconds)
+                .set(
+                    &self.plugin().owner,
+                    &self.plugin().name,
+                    &key,
+                    &value,
+                    ttl_seconds,
+                )
                 .await
             {
                 tracing::warn!(plugin = %self.plugin().name, %error, "kv set failed");
@@ -33,7 +40,13 @@ impl kv::Host for HostState {
             return 0;
         };
         store
-            .increment(&self.tenant, &self.plugin().name, &key, delta, ttl_seconds)
+            .increment(
+                &self.plugin().owner,
+                &self.plugin().name,
+                &key,
+                delta,
+                ttl_seconds,
+            )
             .await
             .unwrap_or_else(|error| {
                 tracing::warn!(plugin = %self.plugin().name, %error, "kv increment failed");
@@ -43,7 +56,10 @@ impl kv::Host for HostState {
 
     async fn delete(&mut self, key: String) {
         if let Some(store) = self.kv.clone() {
-            if let Err(error) = store.delete(&self.tenant, &self.plugin().name, &key).await {
+            if let Err(error) = store
+                .delete(&self.plugin().owner, &self.plugin().name, &key)
+                .await
+            {
                 tracing::warn!(plugin = %self.plugin().name, %error, "kv delete failed");
             }
         }

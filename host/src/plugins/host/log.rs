@@ -9,14 +9,15 @@ impl log::Host for HostState {
     async fn write(&mut self, level: types::Level, message: String) {
         let plugin = &*self.plugin().name;
         let queue_id = self.queue_id.as_deref().unwrap_or("-");
+        let tenant = &*self.tenant;
         // One log line per call: a plugin cannot forge lines that look like the host's.
         let message = crate::mail::text::one_line(&message);
         match level {
-            types::Level::Trace => tracing::trace!(plugin, queue_id, "{message}"),
-            types::Level::Debug => tracing::debug!(plugin, queue_id, "{message}"),
-            types::Level::Info => tracing::info!(plugin, queue_id, "{message}"),
-            types::Level::Warn => tracing::warn!(plugin, queue_id, "{message}"),
-            types::Level::Error => tracing::error!(plugin, queue_id, "{message}"),
+            types::Level::Trace => tracing::trace!(plugin, tenant, queue_id, "{message}"),
+            types::Level::Debug => tracing::debug!(plugin, tenant, queue_id, "{message}"),
+            types::Level::Info => tracing::info!(plugin, tenant, queue_id, "{message}"),
+            types::Level::Warn => tracing::warn!(plugin, tenant, queue_id, "{message}"),
+            types::Level::Error => tracing::error!(plugin, tenant, queue_id, "{message}"),
         }
     }
 }

@@ -29,6 +29,8 @@ pub use session::{SessionFacts, SessionHandle};
 /// What the host keeps for one plugin of a run.
 pub struct PluginState {
     pub name: Arc<str>,
+    /// The tenant whose chain the plugin is in: its kv keys are that tenant's.
+    pub owner: Arc<str>,
     /// Caps the plugin's linear memories, whichever run's store they are in.
     pub limits: crate::plugins::limits::MemoryBudget,
     /// The plugin's transaction bag.
@@ -36,9 +38,10 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(name: Arc<str>, memory_limit: usize) -> PluginState {
+    pub fn new(name: Arc<str>, owner: Arc<str>, memory_limit: usize) -> PluginState {
         PluginState {
             name,
+            owner,
             limits: crate::plugins::limits::MemoryBudget::new(memory_limit),
             bag: HashMap::new(),
         }
@@ -61,6 +64,8 @@ pub struct HostState {
     pub current: usize,
     /// When the current call must end.
     pub deadline: Instant,
+    /// The tenant of the transaction or message (what `session.tenant` and `message.tenant`
+    /// say); `""` for mail of no tenant.
     pub tenant: String,
     pub queue_id: Option<String>,
     pub kv: Option<Arc<dyn KvStore>>,

@@ -92,6 +92,7 @@ fn meta_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageMeta {
         size: row.get::<i64, _>("size").max(0) as u64,
         smtputf8: row.get::<i64, _>("smtputf8") != 0,
         eight_bit: row.get::<i64, _>("eight_bit") != 0,
+        tenant: row.get("tenant"),
     }
 }
 
@@ -130,6 +131,18 @@ impl Queue for SqliteQueue {
         })
     }
 
+    async fn queued_bytes(&self) -> Result<std::collections::HashMap<String, u64>, QueueError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT tenant, SUM(size) FROM messages WHERE tenant != '' GROUP BY tenant",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, bytes)| (tenant, bytes.max(0) as u64))
+            .collect())
+    }
+
     async fn content(&self, id: &str) -> Result<Option<Bytes>, QueueError> {
         let row = sqlx::query("SELECT content FROM messages WHERE id = ?")
             .bind(id)
@@ -150,7 +163,7 @@ impl Queue for SqliteQueue {
     }
 
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {
-        let rows = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages ORDER BY received_at")
+        let rows = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages ORDER BY received_at")
             .fetch_all(&self.pool)
             .await?;
         let mut messages = Vec::with_capacity(rows.len());
@@ -164,7 +177,7 @@ impl Queue for SqliteQueue {
 
     async fn get(&self, id: &str) -> Result<Option<QueuedMessage>, QueueError> {
         let row = sqlx::query(
-            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -233,7 +246,7 @@ impl Queue for SqliteQueue {
         .fetch_one(&mut *transaction)
         .await?;
         let meta = sqlx::query(
-            "SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?",
+            "SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&mut *transaction)

@@ -12,7 +12,8 @@ const TABLES: &[&str] = &[
         size INTEGER NOT NULL,
         smtputf8 INTEGER NOT NULL,
         eight_bit INTEGER NOT NULL,
-        content BLOB NOT NULL
+        content BLOB NOT NULL,
+        tenant TEXT NOT NULL DEFAULT ''
     )",
     "CREATE TABLE IF NOT EXISTS recipients (
         message_id TEXT NOT NULL,
@@ -37,10 +38,19 @@ const TABLES: &[&str] = &[
     )",
 ];
 
-/// Creates whatever of the schema the file does not have yet.
+/// Creates whatever of the schema the file does not have yet. A queue written before tenants
+/// existed gains the `tenant` column (its messages are of no tenant).
 pub(super) async fn create(connection: &mut SqliteConnection) -> Result<(), QueueError> {
     for statement in TABLES {
         sqlx::query(statement).execute(&mut *connection).await?;
+    }
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('messages')")
+        .fetch_all(&mut *connection)
+        .await?;
+    if !columns.iter().any(|column| column == "tenant") {
+        sqlx::query("ALTER TABLE messages ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(())
 }

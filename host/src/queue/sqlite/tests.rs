@@ -53,6 +53,7 @@ fn message(id: &str, recipients: &[&str]) -> NewMessage {
             size: 5,
             smtputf8: false,
             eight_bit: false,
+            tenant: String::new(),
         },
         recipients: recipients.iter().map(|r| r.to_string()).collect(),
         content: Bytes::from_static(b"x\r\n"),

@@ -64,8 +64,8 @@ impl SqliteWriter {
     ) -> Result<(), QueueError> {
         let meta = &message.meta;
         sqlx::query(
-            "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content, tenant)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&meta.id)
         .bind(&meta.sender)
@@ -74,6 +74,7 @@ impl SqliteWriter {
         .bind(meta.smtputf8 as i64)
         .bind(meta.eight_bit as i64)
         .bind(message.content.as_ref())
+        .bind(&meta.tenant)
         .execute(&mut self.connection)
         .await?;
         let state = if message.quarantine.is_some() {
@@ -242,7 +243,7 @@ impl SqliteWriter {
         }
         let mut claimed = Vec::with_capacity(grouped.len());
         for (id, mut recipients) in grouped {
-            let meta = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit FROM messages WHERE id = ?")
+            let meta = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?")
                 .bind(&id)
                 .fetch_optional(&mut self.connection)
                 .await?;

@@ -1,0 +1,377 @@
+//! Hot reload: SIGHUP, a change to the configuration file, to a plugin file, or to the tenants'
+//! directory, and `switchyard plugins reload` (which sends SIGHUP).
+//!
+//! - The configuration file or a global plugin changed: the global chain is loaded beside the
+//!   running one and swapped in; every tenant's chain then follows the new global chain.
+//! - A tenant file was added, changed or removed (or a plugin file only tenants use): that tenant
+//!   alone is reloaded; the others' chains keep running untouched. A tenant file that does not
+//!   load, or claims another tenant's domain, keeps the tenant's previous generation running,
+//!   and the error shows in `switchyard plugins list`.
+//! - SIGHUP does both: the global chain and every tenant file.
+//!
+//! Also keeps the status file that `switchyard plugins list` prints.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::tenant::{is_tenant_file, tenant_files};
+use crate::config::{Config, TenantConfig};
+use crate::plugins::PluginManager;
+use crate::tenants::Tenants;
+
+/// Changes arriving within this window make one reload (editors and copies write in bursts).
+const SETTLE: Duration = Duration::from_millis(300);
+
+pub fn status_path(config: &Config) -> PathBuf {
+    config.data_dir.join("plugins.status")
+}
+
+pub fn pid_path(config: &Config) -> PathBuf {
+    config.data_dir.join("switchyard.pid")
+}
+
+/// What set a reload off.
+enum Trigger {
+    /// SIGHUP: everything.
+    Hangup,
+    /// A watched file or a file of the tenants' directory changed.
+    Changed(PathBuf),
+}
+
+/// What one reload covers.
+#[derive(Default)]
+struct Plan {
+    global: bool,
+    /// Every tenant file again (added, changed and removed).
+    all_tenants: bool,
+    /// Tenant files to load again (or to drop, when gone).
+    tenant_files: BTreeSet<PathBuf>,
+}
+
+/// The files whose change reloads something, and what.
+#[derive(Default, PartialEq, Eq)]
+struct Watched {
+    /// The configuration file and the global chain's plugins.
+    global: HashSet<PathBuf>,
+    /// Plugin files of tenants' chains, with the tenant files that use them.
+    tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>>,
+    /// The tenants' directory: any `*.toml` in it is a tenant file.
+    tenants_directory: Option<PathBuf>,
+}
+
+impl Watched {
+    fn new(config_path: &Path, config: &Config, tenants: &[TenantConfig]) -> Watched {
+        let mut global: HashSet<PathBuf> = config
+            .plugins
+            .iter()
+            .map(|plugin| absolute(&plugin.path))
+            .collect();
+        global.insert(absolute(config_path));
+        let mut tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>> = HashMap::new();
+        for tenant in tenants {
+            for plugin in &tenant.plugins {
+                tenant_plugins
+                    .entry(absolute(&plugin.path))
+                    .or_default()
+                    .insert(absolute(&tenant.path));
+            }
+        }
+        Watched {
+            global,
+            tenant_plugins,
+            tenants_directory: config.tenants.as_ref().map(|t| absolute(&t.directory)),
+        }
+    }
+
+    fn files(&self) -> HashSet<PathBuf> {
+        self.global
+            .iter()
+            .chain(self.tenant_plugins.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// What a change of `path` reloads; nothing for a file nobody uses.
+    fn plan(&self, path: &Path, plan: &mut Plan) -> bool {
+        let path = absolute(path);
+        let mut relevant = false;
+        if self.global.contains(&path) {
+            plan.global = true;
+            relevant = true;
+        }
+        if let Some(users) = self.tenant_plugins.get(&path) {
+            plan.tenant_files.extend(users.iter().cloned());
+            relevant = true;
+        }
+        let in_tenants = self.tenants_directory.as_deref() == path.parent()
+            && path
+                .extension()
+                .is_some_and(|extension| extension == "toml")
+            && !path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with('.'));
+        if in_tenants {
+            plan.tenant_files.insert(path);
+            relevant = true;
+        }
+        relevant
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| {
+        let joined = std::env::current_dir()
+            .map(|dir| dir.join(path))
+            .unwrap_or_else(|_| path.to_path_buf());
+        // A removed file cannot be resolved; its directory can.
+        match (joined.parent(), joined.file_name()) {
+            (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+                .map(|parent| parent.join(name))
+                .unwrap_or(joined.clone()),
+            _ => joined,
+        }
+    })
+}
+
+/// What the reload loop works on.
+pub struct Reloader {
+    pub plugins: Arc<PluginManager>,
+    pub tenants: Arc<Tenants>,
+    pub config_path: Option<PathBuf>,
+    pub config: Arc<Config>,
+    /// The tenant files loaded at start.
+    pub tenant_configs: Vec<TenantConfig>,
+}
+
+/// Runs forever: waits for reload triggers and refreshes the status file every second.
+pub async fn run(reloader: Reloader) {
+    let Reloader {
+        plugins: manager,
+        tenants,
+        config_path,
+        config,
+        tenant_configs,
+    } = reloader;
+    let status_file = status_path(&config);
+    let (trigger, mut triggers) = mpsc::unbounded_channel::<Trigger>();
+    let hangups = trigger.clone();
+    tokio::spawn(async move {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot listen for SIGHUP: reload by signal is off");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            if hangups.send(Trigger::Hangup).is_err() {
+                return;
+            }
+        }
+    });
+    let mut watched = config_path
+        .as_ref()
+        .map(|path| Watched::new(path, &config, &tenant_configs))
+        .unwrap_or_default();
+    let mut watcher = config_path
+        .as_ref()
+        .and_then(|_| start_watcher(&watched, trigger.clone()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_status = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            Some(first) = triggers.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                let mut plan = Plan::default();
+                let mut reasons = Vec::new();
+                let mut next = Some(first);
+                while let Some(trigger) = next.take().or_else(|| triggers.try_recv().ok()) {
+                    match trigger {
+                        Trigger::Hangup => {
+                            plan.global = true;
+                            plan.all_tenants = true;
+                            reasons.push("SIGHUP".to_string());
+                        }
+                        Trigger::Changed(path) => {
+                            if watched.plan(&path, &mut plan) {
+                                reasons.push(format!("{} changed", path.display()));
+                            }
+                        }
+                    }
+                }
+                if reasons.is_empty() {
+                    continue;
+                }
+                let Some(path) = &config_path else {
+                    tracing::warn!(reason = %reasons.join(", "), "reload asked, but serve runs without a configuration file");
+                    continue;
+                };
+                tracing::info!(reason = %reasons.join(", "), "reloading");
+                let loaded = match Config::load(path) {
+                    Err(error) => {
+                        tracing::error!(%error, "configuration does not load; plugins unchanged");
+                        manager.reload_failed(error.to_string());
+                        write_status(&status_file, &manager);
+                        continue;
+                    }
+                    Ok(loaded) => loaded,
+                };
+                if plan.global {
+                    // Only the plugin chains change live; the rest needs a restart.
+                    let _ = manager.reload(&loaded.plugins).await;
+                }
+                if let Some(section) = &config.tenants {
+                    let files = if plan.all_tenants {
+                        known_and_present(section, &tenants)
+                    } else {
+                        plan.tenant_files
+                    };
+                    for file in files {
+                        reload_tenant(&file, section, &manager, &tenants).await;
+                    }
+                }
+                let files = Watched::new(path, &loaded, &tenants.configs());
+                if files != watched {
+                    watched = files;
+                    watcher = start_watcher(&watched, trigger.clone());
+                }
+                write_status(&status_file, &manager);
+            }
+            _ = tick.tick() => {
+                // The status of a thousand tenants' chains is a large file: it is refreshed less
+                // often the more tenants there are (every 10 s with 1,000), always after a reload.
+                let period = Duration::from_millis(10 * tenants.count() as u64).max(Duration::from_secs(1));
+                if last_status.elapsed() >= period {
+                    write_status(&status_file, &manager);
+                    last_status = std::time::Instant::now();
+                }
+            }
+        }
+        let _ = &watcher;
+    }
+}
+
+/// Every tenant file in the directory now, and the files of the tenants loaded (to drop those
+/// whose file is gone).
+fn known_and_present(
+    section: &crate::config::TenantsConfig,
+    tenants: &Tenants,
+) -> BTreeSet<PathBuf> {
+    let mut files: BTreeSet<PathBuf> = tenants
+        .configs()
+        .iter()
+        .map(|tenant| absolute(&tenant.path))
+        .collect();
+    match tenant_files(&section.directory) {
+        Ok(present) => files.extend(present.iter().map(|file| absolute(file))),
+        Err(error) => tracing::error!(%error, "cannot read the tenants' directory"),
+    }
+    files
+}
+
+/// Loads one tenant file again: a new generation of its chain, its domains and limits; or
+/// drops the tenant when its file is gone. On any error the tenant keeps what it had.
+async fn reload_tenant(
+    file: &Path,
+    section: &crate::config::TenantsConfig,
+    manager: &PluginManager,
+    tenants: &Tenants,
+) {
+    let id = file
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !is_tenant_file(file) {
+        if tenants.get(&id).is_some() {
+            manager.remove_tenant(&id).await;
+            tenants.remove(&id);
+        }
+        return;
+    }
+    let config = match TenantConfig::load(file, &section.limits) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(tenant = %id, %error, "tenant file does not load; its previous generation keeps running");
+            manager.tenant_failed(&id, error.to_string());
+            return;
+        }
+    };
+    if let Err(error) = tenants.check(&config) {
+        tracing::error!(tenant = %id, %error, "tenant file refused; its previous generation keeps running");
+        manager.tenant_failed(&id, error.to_string());
+        return;
+    }
+    if manager.reload_tenant(&config).await.is_ok() {
+        if let Err(error) = tenants.upsert(config) {
+            manager.tenant_failed(&id, error.to_string());
+        }
+    }
+}
+
+/// Watches the directories of the watched files and the tenants' directory (so a file replaced
+/// by rename, or a new tenant file, is seen) and reports changes that concern them.
+fn start_watcher(
+    watched: &Watched,
+    trigger: mpsc::UnboundedSender<Trigger>,
+) -> Option<notify::RecommendedWatcher> {
+    let wanted = watched.files();
+    let tenants_directory = watched.tenants_directory.clone();
+    // The watched directories may hold busy files (a log written on every message): only a
+    // path with a watched file's name, or in the tenants' directory, is worth resolving.
+    let names: HashSet<std::ffi::OsString> = wanted
+        .iter()
+        .filter_map(|file| file.file_name().map(Into::into))
+        .collect();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        for path in &event.paths {
+            let named = path.file_name().is_some_and(|name| names.contains(name))
+                && wanted.contains(&absolute(path));
+            let tenant_file = tenants_directory.is_some()
+                && path.parent().map(absolute) == tenants_directory
+                && path
+                    .extension()
+                    .is_some_and(|extension| extension == "toml");
+            if named || tenant_file {
+                let _ = trigger.send(Trigger::Changed(path.clone()));
+            }
+        }
+    })
+    .map_err(|error| tracing::error!(%error, "cannot watch files: reload on change is off"))
+    .ok()?;
+    let mut directories: HashSet<PathBuf> = watched
+        .files()
+        .iter()
+        .filter_map(|file| file.parent().map(Path::to_path_buf))
+        .collect();
+    directories.extend(watched.tenants_directory.clone());
+    for directory in directories {
+        if let Err(error) = watcher.watch(&directory, RecursiveMode::NonRecursive) {
+            tracing::warn!(%error, directory = %directory.display(), "cannot watch directory");
+        }
+    }
+    Some(watcher)
+}
+
+/// Replaces the status file atomically.
+fn write_status(path: &Path, manager: &PluginManager) {
+    let text = format!(
+        "{}updated: {}\n",
+        manager.describe(),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    let temporary = path.with_extension("status.tmp");
+    if let Err(error) =
+        std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, path))
+    {
+        tracing::debug!(%error, "cannot write the plugin status file");
+    }
+}
