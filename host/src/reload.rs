@@ -230,8 +230,11 @@ pub async fn run(reloader: Reloader) {
                     } else {
                         plan.tenant_files
                     };
-                    for file in files {
-                        reload_tenant(&file, section, &manager, &tenants).await;
+                    // Removals first: a new file may claim a domain a removed one gave up.
+                    let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) =
+                        files.into_iter().partition(|file| !is_tenant_file(file));
+                    for file in gone.iter().chain(&present) {
+                        reload_tenant(file, section, &manager, &tenants).await;
                     }
                 }
                 let files = Watched::new(path, &loaded, &tenants.configs());
@@ -287,10 +290,9 @@ async fn reload_tenant(
         .unwrap_or_default()
         .to_string();
     if !is_tenant_file(file) {
-        if tenants.get(&id).is_some() {
-            manager.remove_tenant(&id).await;
-            tenants.remove(&id);
-        }
+        // Gone: the tenant (if it loaded) and any error its file left.
+        manager.remove_tenant(&id).await;
+        tenants.remove(&id);
         return;
     }
     let config = match TenantConfig::load(file, &section.limits) {

@@ -71,6 +71,10 @@ async fn two_tenants_chains_decide_differently_on_the_same_message() {
             "[plugin.config]\nrules = [\n  { header = \"Subject\", contains = \"offer\", action = \"reject\", reply = \"550 5.7.1 acme takes no offers\" },\n  { header = \"Subject\", contains = \"hold\", action = \"quarantine\", reason = \"held\" },\n]\n"
         ),
         plugin("facts", "misbehave", "grants = [\"kv\"]\n[plugin.config]\nmode = \"session\"\n"),
+    ) + &plugin(
+        "rewrite",
+        "address-rewrite",
+        "[plugin.config]\nrecipients = { \"alias@acme.test\" = \"x@bravo.test\" }\n",
     );
     let bravo = format!(
         "domains = [\"bravo.test\"]\n{}",
@@ -137,6 +141,13 @@ async fn two_tenants_chains_decide_differently_on_the_same_message() {
         452
     );
     assert_eq!(client.command("RCPT TO:<b2@bravo.test>").await.code, 250);
+    assert_eq!(client.command("RSET").await.code, 250);
+    // acme's plugin may not move acme's mail into bravo's domain, past bravo's chain.
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<alias@acme.test>").await.text,
+        "550 5.7.1 <x@bravo.test>: Rewritten into another tenant's domain"
+    );
     assert_eq!(client.command("RSET").await.code, 250);
     // A refused first recipient does not choose the tenant.
     assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);

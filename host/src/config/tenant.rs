@@ -286,6 +286,20 @@ impl TenantConfig {
             // The tenant's caps bound its plugins whatever their manifests ask.
             plugin.time_limit = plugin.time_limit.min(limits.plugin_time_limit);
             plugin.memory_limit = plugin.memory_limit.min(limits.plugin_memory_limit);
+            // A snapshot is a compiled copy of the code per configuration (a thousand tenants
+            // would hold a thousand), and one taken in another chain's store would carry that
+            // chain's kv reads: every instance of a tenant's plugin runs `init` itself.
+            plugin.preinitialize = false;
+        }
+        if limits.plugin_instances < plugins.len() {
+            return Err(invalid(
+                limits_at,
+                format!(
+                    "limits: plugin_instances ({}) is below the number of plugins of the chain                      ({}): a transaction holds one per plugin, so none could run",
+                    limits.plugin_instances,
+                    plugins.len()
+                ),
+            ));
         }
         Ok(TenantConfig {
             id: stem,

@@ -45,6 +45,26 @@ struct Job {
     /// The message's plugin instances, held for its delivery-result and bounce hooks (one job of
     /// a message carries them; the others instantiate their own).
     plugins: Option<PluginRun>,
+    /// While the job is being delivered: its place in its tenant's share of connections.
+    share: Option<Share>,
+}
+
+/// A place in a tenant's share of outbound connections, held while one of its jobs is delivered.
+/// Given back on drop, which wakes the destinations that had jobs of the tenant waiting for it.
+struct Share {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    tenant: String,
+    dispatcher: std::sync::Weak<Dispatcher>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        // The place is given back first: a worker woken below must be able to take it.
+        drop(self.permit.take());
+        if let Some(dispatcher) = self.dispatcher.upgrade() {
+            dispatcher.unpark(&self.tenant);
+        }
+    }
 }
 
 struct Destination {
@@ -80,17 +100,36 @@ impl Destination {
         queue.push_back(job);
     }
 
-    /// The next job of the tenant whose turn it is.
-    fn pop(&mut self) -> Option<Job> {
-        let tenant = self.turn.pop_front()?;
-        let queue = self.queues.get_mut(&tenant)?;
-        let job = queue.pop_front();
-        if queue.is_empty() {
-            self.queues.remove(&tenant);
-        } else {
-            self.turn.push_back(tenant);
+    /// The next job of the first tenant in turn that `share` gives a place (`Err`: its share
+    /// is in use); the tenants passed over for want of a place are added to `blocked`.
+    fn pop(
+        &mut self,
+        mut share: impl FnMut(&str) -> Result<Option<Share>, ()>,
+        blocked: &mut Vec<String>,
+    ) -> Option<Job> {
+        for _ in 0..self.turn.len() {
+            let tenant = self.turn.pop_front()?;
+            let place = match share(&tenant) {
+                Ok(place) => place,
+                Err(()) => {
+                    blocked.push(tenant.clone());
+                    self.turn.push_back(tenant);
+                    continue;
+                }
+            };
+            let queue = self.queues.get_mut(&tenant)?;
+            let job = queue.pop_front();
+            if queue.is_empty() {
+                self.queues.remove(&tenant);
+            } else {
+                self.turn.push_back(tenant);
+            }
+            return job.map(|mut job| {
+                job.share = place;
+                job
+            });
         }
-        job
+        None
     }
 
     fn drain(&mut self) -> Vec<Job> {
@@ -102,6 +141,9 @@ impl Destination {
 #[derive(Default)]
 struct State {
     destinations: HashMap<String, Destination>,
+    /// Destinations with jobs of a tenant whose share of connections was all in use, by tenant:
+    /// a place given back starts a worker for them.
+    parked: HashMap<String, HashSet<String>>,
     /// (message id, recipient index) of every recipient held in memory, so a scan never hands out
     /// one that is already being worked on.
     in_flight: HashSet<(String, i64)>,
@@ -242,6 +284,7 @@ impl Dispatcher {
                 content: content.clone(),
                 recipients,
                 plugins: plugins.take(),
+                share: None,
             });
             if destination.workers < limit && destination.workers < destination.waiting() {
                 destination.workers += 1;
@@ -259,19 +302,80 @@ impl Dispatcher {
     /// The next job for a destination; when there is none (or the process is stopping) the
     /// calling worker is no longer counted. Jobs left behind at a stop stay leased in the queue,
     /// and the next start delivers them.
-    fn next_job(&self, key: &str) -> Option<(NextHop, Job)> {
+    ///
+    /// Tenants take turns, each within its share of connections (`delivery_connections`): a
+    /// tenant whose share is in use is passed over, and when only such tenants have jobs left the
+    /// worker stops and the destination is parked until one of them gives a place back.
+    fn next_job(self: &Arc<Self>, key: &str) -> Option<(NextHop, Job)> {
         let mut state = self.state();
         let stopping = self.shutdown.is_stopping();
+        let mut blocked = Vec::new();
         let destination = state.destinations.get_mut(key)?;
-        let job = if stopping { None } else { destination.pop() };
+        let job = if stopping {
+            None
+        } else {
+            destination.pop(|tenant| self.take_share(tenant), &mut blocked)
+        };
         match job {
             Some(job) => Some((destination.hop.clone(), job)),
             None => {
                 destination.workers -= 1;
-                if destination.workers == 0 {
+                if destination.workers == 0 && destination.waiting() == 0 {
                     state.destinations.remove(key);
                 }
+                for tenant in blocked {
+                    state
+                        .parked
+                        .entry(tenant)
+                        .or_default()
+                        .insert(key.to_string());
+                }
                 None
+            }
+        }
+    }
+
+    /// A place in `tenant`'s share of connections: `Ok(None)` for mail of no tenant (or of a
+    /// tenant removed since), `Err` when the share is in use.
+    fn take_share(self: &Arc<Self>, tenant: &str) -> Result<Option<Share>, ()> {
+        let Some(share) = self.tenant_share(tenant) else {
+            return Ok(None);
+        };
+        let permit = share.try_acquire_owned().map_err(|_| ())?;
+        Ok(Some(Share {
+            permit: Some(permit),
+            tenant: tenant.to_string(),
+            dispatcher: Arc::downgrade(self),
+        }))
+    }
+
+    /// `tenant` gave a place back: the destinations parked for want of one get a worker again.
+    fn unpark(self: &Arc<Self>, tenant: &str) {
+        let limit = self.config.delivery.max_connections_per_destination;
+        let keys = {
+            let mut state = self.state();
+            match state.parked.remove(tenant) {
+                Some(keys) => keys,
+                None => return,
+            }
+        };
+        for key in keys {
+            let start = {
+                let mut state = self.state();
+                match state.destinations.get_mut(&key) {
+                    Some(destination)
+                        if destination.workers < limit && destination.waiting() > 0 =>
+                    {
+                        destination.workers += 1;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if start {
+                let dispatcher = self.clone();
+                self.shutdown
+                    .spawn_delivery(async move { dispatcher.work(key).await });
             }
         }
     }
@@ -290,23 +394,20 @@ impl Dispatcher {
     /// none is left.
     async fn work(self: Arc<Self>, key: String) {
         loop {
+            // The job comes with its place in its tenant's share (see `next_job`); a tenant
+            // without one never makes a worker wait, so another tenant's jobs go first.
             let Some((hop, job)) = self.next_job(&key) else {
                 return;
-            };
-            // The tenant's share first: a worker waiting for it holds no connection slot that
-            // another tenant's mail could use. A connection counts against the tenant whose
-            // job opened it (later jobs over it may be other tenants').
-            let share = self.tenant_share(&job.meta.tenant);
-            let tenant_permit = match share {
-                Some(share) => match share.acquire_owned().await {
-                    Ok(permit) => Some(permit),
-                    Err(_) => return,
-                },
-                None => None,
             };
             let Ok(permit) = self.connections.clone().acquire_owned().await else {
                 return;
             };
+            if self.shutdown.is_stopping() {
+                // Stopping began meanwhile: the job stays leased in the queue for the next start,
+                // and the next `next_job` ends this worker.
+                self.forget(&job);
+                continue;
+            }
             match self.transport.open(&hop).await {
                 Err(reply) => self.unreachable(&key, job, reply).await,
                 Ok(connection) => {
@@ -317,7 +418,6 @@ impl Dispatcher {
                 }
             }
             drop(permit);
-            drop(tenant_permit);
         }
     }
 
@@ -362,7 +462,12 @@ impl Dispatcher {
     /// Sends `job`, then further jobs of the destination, over one connection, up to
     /// `max_messages_per_connection`. Returns false when the destination had no job left (the
     /// worker then stops), true when the worker should open a new connection for the rest.
-    async fn send_over(&self, key: &str, mut connection: Box<dyn Connection>, job: Job) -> bool {
+    async fn send_over(
+        self: &Arc<Self>,
+        key: &str,
+        mut connection: Box<dyn Connection>,
+        job: Job,
+    ) -> bool {
         let max_messages = self.config.delivery.max_messages_per_connection;
         let mut job = Some(job);
         while let Some(current) = job.take() {

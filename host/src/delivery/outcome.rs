@@ -73,6 +73,7 @@ impl Dispatcher {
                 .map(|attempt| attempt.recipient.clone())
                 .collect(),
             plugins,
+            share: None,
         };
         self.finish(job, settled).await;
     }

@@ -31,6 +31,12 @@ struct Script {
     unreachable: Option<Reply>,
     /// How long an open takes.
     open_delay: Duration,
+    /// How long a message takes to send.
+    send_delay: Duration,
+    /// Messages being sent now, by the first letter of their first recipient, and the most
+    /// that ever were at once.
+    sending: HashMap<char, usize>,
+    most_sending: HashMap<char, usize>,
     /// A message to this recipient breaks the connection (no reply is known for it).
     breaks_on: Option<String>,
     /// Opens tried, connections opened, connections closed politely, and the recipients of
@@ -85,7 +91,25 @@ impl Connection for ScriptedConnection {
 
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
         self.sent += 1;
+        let group = message
+            .recipients
+            .first()
+            .and_then(|recipient| recipient.chars().next())
+            .unwrap_or('?');
+        let delay = {
+            let mut script = self.script.script();
+            let now = script.sending.entry(group).or_default();
+            *now += 1;
+            let now = *now;
+            let most = script.most_sending.entry(group).or_default();
+            *most = (*most).max(now);
+            script.send_delay
+        };
+        tokio::time::sleep(delay).await;
         let mut script = self.script.script();
+        if let Some(now) = script.sending.get_mut(&group) {
+            *now -= 1;
+        }
         script.sent.push(message.recipients.to_vec());
         if script
             .breaks_on
@@ -133,6 +157,10 @@ struct Bench {
 }
 
 async fn bench(config: Config) -> Bench {
+    bench_with(config, crate::tenants::Tenants::none()).await
+}
+
+async fn bench_with(config: Config, tenants: crate::tenants::Tenants) -> Bench {
     let dir = tempfile::tempdir().expect("tempdir");
     let queue = Arc::new(
         SqliteQueue::open(&dir.path().join("queue.db"), Duration::ZERO)
@@ -157,7 +185,7 @@ async fn bench(config: Config) -> Bench {
         queue.clone(),
         Arc::new(transport.clone()),
         plugins.clone(),
-        Arc::new(crate::tenants::Tenants::none()),
+        Arc::new(tenants),
         shutdown.clone(),
     );
     let inbox = Inbox::new(
@@ -179,8 +207,12 @@ async fn bench(config: Config) -> Bench {
 
 impl Bench {
     async fn accept(&self, sender: &str, recipients: &[&str]) -> String {
+        self.accept_for("", sender, recipients).await
+    }
+
+    async fn accept_for(&self, tenant: &str, sender: &str, recipients: &[&str]) -> String {
         let accepted = Accepted {
-            tenant: String::new(),
+            tenant: tenant.to_string(),
             id: self.inbox.new_id(),
             listener: "test".to_string(),
             sender: sender.to_string(),
@@ -462,4 +494,59 @@ async fn a_broken_connection_is_not_reused_nor_closed_politely() {
         "the broken connection carried nothing more"
     );
     assert_eq!(script.closed, 1, "no QUIT on the broken one");
+}
+
+/// Tenants take turns at a destination, each within its share of connections: tenant A's
+/// backlog, capped at one connection, does not hold up tenant B's mail to the same destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_backlog_waits_for_its_share_while_another_tenant_goes_first() {
+    let parse = |id: &str, text: &str| {
+        crate::config::TenantConfig::parse(
+            text,
+            std::path::Path::new(&format!("/t/{id}.toml")),
+            &crate::config::TenantLimits::default(),
+        )
+        .expect("tenant")
+    };
+    let tenants = crate::tenants::Tenants::new(
+        true,
+        vec![
+            parse(
+                "acme",
+                "domains = [\"acme.test\"]\n[limits]\ndelivery_connections = 1\n",
+            ),
+            parse("bravo", "domains = [\"bravo.test\"]\n"),
+        ],
+        Vec::new(),
+    );
+    let mut config = Config::default();
+    config.delivery.smarthost = Some("relay.test".parse().expect("host"));
+    config.delivery.max_connections_per_destination = 3;
+    let bench = bench_with(config, tenants).await;
+    bench.transport.script().send_delay = Duration::from_millis(100);
+    for n in 0..6 {
+        bench
+            .accept_for("acme", "s@acme.test", &[&format!("a{n}@far.test")])
+            .await;
+    }
+    for n in 0..2 {
+        bench
+            .accept_for("bravo", "s@bravo.test", &[&format!("b{n}@far.test")])
+            .await;
+    }
+    bench.settled().await;
+    let script = bench.transport.script();
+    assert_eq!(script.sent.len(), 8, "{:?}", script.sent);
+    assert_eq!(
+        script.most_sending.get(&'a'),
+        Some(&1),
+        "acme's share is one connection"
+    );
+    // bravo's two went while acme's backlog waited for its share: among the first four sent.
+    let order: Vec<&str> = script.sent.iter().map(|r| r[0].as_str()).collect();
+    let last_bravo = order
+        .iter()
+        .rposition(|r| r.starts_with('b'))
+        .expect("bravo sent");
+    assert!(last_bravo < 4, "{order:?}");
 }

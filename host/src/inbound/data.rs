@@ -218,6 +218,16 @@ impl Session {
             }
             content = Bytes::from(edit::apply_to_headers(&content, &edits));
             edit::apply_to_recipients(&mut recipients, &edits);
+            // A tenant's data hooks may not add another tenant's recipients (whose own chain
+            // would never see the message).
+            recipients.retain(|recipient| {
+                let joins = crate::mail::address::Mailbox::from_stored(recipient)
+                    .is_none_or(|mailbox| self.may_join(&mailbox));
+                if !joins {
+                    tracing::warn!(queue_id = %queue_id, to = %recipient, "a data hook added another tenant's recipient; dropped");
+                }
+                joins
+            });
             if recipients.is_empty() {
                 tracing::info!(queue_id = %queue_id, "plugins removed every recipient; message dropped");
                 return queued;

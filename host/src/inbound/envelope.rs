@@ -13,6 +13,7 @@ impl Session {
             let verb = if extended { "EHLO" } else { "HELO" };
             return self.error(Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname")));
         }
+        self.leave_tenant();
         self.transaction = Transaction::default();
         if let Some(refusal) = self.ask_helo(name).await {
             self.reply(refusal);
@@ -91,6 +92,11 @@ impl Session {
                 return Flow::Continue;
             }
         };
+        // A hook's rewrite must not make a tenant's user another tenant's sender either.
+        if let Err(refusal) = self.sender_is_tenants(sender.as_ref()) {
+            self.reply(refusal);
+            return Flow::Continue;
+        }
         let shown = sender.as_ref().map(|m| m.to_string()).unwrap_or_default();
         transaction.sender = Some(sender);
         self.transaction = transaction;
@@ -199,6 +205,16 @@ impl Session {
                 return Flow::Continue;
             }
         };
+        if !self.may_join(&recipient) {
+            tracing::warn!(to = %recipient, tenant = %self.tenant_id(), "a plugin rewrote a recipient into another tenant's domain");
+            self.refused_recipient();
+            self.reply(Reply::new(
+                550,
+                "5.7.1",
+                format!("<{recipient}>: Rewritten into another tenant's domain"),
+            ));
+            return Flow::Continue;
+        }
         if !accepted_by_plugin && !self.may_send_to(&recipient) {
             tracing::info!(to = %recipient, "relay denied");
             self.refused_recipient();

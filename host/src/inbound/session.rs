@@ -37,6 +37,9 @@ pub(super) struct Transaction {
     pub(super) params: Vec<crate::plugins::bindings::types::Param>,
     /// MAIL's SIZE, 0 when not given.
     pub(super) declared_size: u64,
+    /// The sender as the global chain left it, kept while a tenant's mail-from hooks may have
+    /// rewritten it: restored if the recipient that chose the tenant is refused.
+    pub(super) global_sender: Option<Option<Mailbox>>,
 }
 
 pub(super) enum Greeting {

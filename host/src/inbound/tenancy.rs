@@ -87,18 +87,39 @@ impl Session {
         let Some(tenant) = self.auth_tenant.clone() else {
             return Ok(());
         };
-        if let Some(sender) = sender {
-            if !tenant.owns_domain(&sender.domain) {
-                tracing::warn!(tenant = %tenant.id, from = %sender, "sender outside the tenant's domains refused");
-                return Err(Reply::new(
-                    553,
-                    "5.7.1",
-                    format!("<{sender}>: Sender address is not one of your domains"),
-                ));
-            }
-        }
+        self.sender_is_tenants(sender)?;
         self.tenant_has_room(&tenant, declared_size)?;
         self.bind_tenant(&tenant)
+    }
+
+    /// An authenticated tenant's sender (as the client gave it, and again as the mail-from
+    /// hooks left it) must be an address of one of the tenant's domains.
+    pub(super) fn sender_is_tenants(&self, sender: Option<&Mailbox>) -> Result<(), Reply> {
+        let (Some(tenant), Some(sender)) = (&self.auth_tenant, sender) else {
+            return Ok(());
+        };
+        if tenant.owns_domain(&sender.domain) {
+            return Ok(());
+        }
+        tracing::warn!(tenant = %tenant.id, from = %sender, "sender outside the tenant's domains refused");
+        Err(Reply::new(
+            553,
+            "5.7.1",
+            format!("<{sender}>: Sender address is not one of your domains"),
+        ))
+    }
+
+    /// Whether a recipient (rewritten by a hook, or added by a data hook) may join a tenant's
+    /// inbound transaction: not when its domain is another tenant's, whose own inbound chain
+    /// would be skipped. (Submitted mail goes anywhere, as it would without the rewrite.)
+    pub(super) fn may_join(&self, recipient: &Mailbox) -> bool {
+        let Some(ours) = &self.tenant else {
+            return true;
+        };
+        match self.services.tenants.of_domain(&recipient.domain) {
+            Some(theirs) => theirs.id == ours.id,
+            None => true,
+        }
     }
 
     /// Whether `tenant` may take another message of the transaction's declared size.
@@ -122,7 +143,10 @@ impl Session {
             return match self.auth_tenant.clone() {
                 Some(tenant) => tenant
                     .usage
-                    .check_recipients(tenant.limits.recipients_per_hour)
+                    .check_recipients(
+                        tenant.limits.recipients_per_hour,
+                        self.transaction.recipients.len(),
+                    )
                     .map_err(|limited| limited.reply),
                 None => Ok(()),
             };
@@ -144,7 +168,10 @@ impl Session {
             return match wanted {
                 Some(tenant) => tenant
                     .usage
-                    .check_recipients(tenant.limits.recipients_per_hour)
+                    .check_recipients(
+                        tenant.limits.recipients_per_hour,
+                        self.transaction.recipients.len(),
+                    )
                     .map_err(|limited| limited.reply),
                 None => Ok(()),
             };
@@ -161,7 +188,7 @@ impl Session {
             .and_then(|()| {
                 tenant
                     .usage
-                    .check_recipients(tenant.limits.recipients_per_hour)
+                    .check_recipients(tenant.limits.recipients_per_hour, 0)
                     .map_err(|limited| limited.reply)
             });
         if let Err(reply) = room {
@@ -175,13 +202,27 @@ impl Session {
         Ok(())
     }
 
-    /// Forgets a tenant chosen by a first recipient that was then refused: the next recipient
-    /// chooses again.
+    /// Forgets a tenant chosen by a first recipient that was then refused (or by a transaction
+    /// that EHLO ended): the next recipient chooses again, with the sender as the global chain
+    /// left it.
     pub(super) fn leave_tenant(&mut self) {
         if self.tenant.take().is_some() {
             if let Some(run) = self.run.as_mut() {
                 run.leave_tenant();
             }
+        }
+        if let Some(sender) = self.transaction.global_sender.take() {
+            self.transaction.sender = Some(sender);
+        }
+    }
+
+    /// STARTTLS forgets everything learnt before it (RFC 3207 4.2), the tenant too.
+    pub(super) fn forget_tenants(&mut self) {
+        self.leave_tenant();
+        self.auth_tenant = None;
+        self.tenant_slot = None;
+        if let Some(run) = self.run.as_mut() {
+            run.leave_tenant();
         }
     }
 
@@ -200,6 +241,7 @@ impl Session {
         let Some(run) = self.run.as_mut() else {
             return Ok(());
         };
+        self.transaction.global_sender = self.transaction.sender.clone();
         let (decision, rewritten) = run.tenant_mail_from(&session, &sender, &params).await;
         match decision {
             Decision::Reject(reply) | Decision::Tempfail(reply) => return Err(reply),

@@ -45,6 +45,7 @@ impl Session {
         self.conn = Conn::new(Stream::ServerTls(Box::new(tls))).with_write_timeout(timeout);
         // RFC 3207 4.2: forget everything learnt before TLS.
         self.greeting = Greeting::None;
+        self.forget_tenants();
         self.transaction = Transaction::default();
         self.auth_identity = None;
         tracing::debug!(tls = ?self.conn.stream().tls_description(), "TLS established");

@@ -80,6 +80,11 @@ pub struct Compiled {
 }
 
 impl Compiled {
+    /// Forgets the pre-initialised snapshots, so the next load runs `init` again.
+    pub fn forget_snapshots(&mut self) {
+        self.snapshots.clear();
+    }
+
     /// Forgets every component whose digest `keep` refuses: after a reload, the ones no loaded
     /// plugin uses any more.
     pub fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) {

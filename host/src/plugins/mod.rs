@@ -219,6 +219,9 @@ impl PluginManager {
         self.status_mut().attempts += 1;
         let next = self.current().generation + 1;
         let mut compiled = self.compiled.lock().await;
+        // `init` runs again at every reload of the global chain (the plugin guide says so), so
+        // its snapshots are taken afresh; compiled components are kept.
+        compiled.forget_snapshots();
         match load_set(&self.engine, manifests, &self.services, next, &mut compiled).await {
             Ok(set) => {
                 log_generation(&set);
@@ -267,7 +270,22 @@ impl PluginManager {
         )
         .await
         {
-            Ok(chain) => {
+            Ok(mut chain) => {
+                // Transactions under way hold permits of the running chain's share: the new
+                // chain keeps counting on the same semaphore, resized to the new limit.
+                if let Some(running) = self.tenants.load().get(&id) {
+                    if running.share_size < chain.share_size {
+                        running
+                            .share
+                            .add_permits(chain.share_size - running.share_size);
+                    } else {
+                        running
+                            .share
+                            .forget_permits(running.share_size - chain.share_size);
+                    }
+                    chain.share = running.share.clone();
+                    chain = follow(&global, &chain);
+                }
                 let mut tenants = Tenants::clone(&self.tenants.load());
                 tenants.insert(id, Arc::new(chain));
                 self.tenants.store(Arc::new(tenants));

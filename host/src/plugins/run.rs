@@ -167,6 +167,13 @@ impl PluginRun {
             return;
         }
         let global_len = self.set.global_len;
+        // The tenant's instances (and their memory) live in the store until it is dropped: if
+        // any was made, the run moves to a fresh store, so a client that keeps choosing and
+        // refusing a tenant cannot pile them up.
+        let instantiated = self.hooks[global_len..]
+            .iter()
+            .zip(&self.failures[global_len..])
+            .any(|(hooks, failure)| hooks.is_some() || failure.is_some());
         self.set = Arc::new(PluginSet {
             generation: self.set.generation,
             tenant: Arc::from(""),
@@ -185,6 +192,9 @@ impl PluginRun {
             let state = store.data_mut();
             state.plugins.truncate(global_len);
             state.tenant.clear();
+        }
+        if instantiated {
+            self.replace_store();
         }
     }
 

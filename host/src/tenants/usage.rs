@@ -75,22 +75,30 @@ impl Usage {
 
     /// Refuses a new message when the last hour's messages reached `max`.
     pub fn check_messages(&self, max: u64) -> Result<(), Limited> {
-        self.check_hour(&self.messages, max, "messages_per_hour", "messages")
+        self.check_hour(&self.messages, 0, max, "messages_per_hour", "messages")
     }
 
-    /// Refuses a recipient when the last hour's recipients reached `max`.
-    pub fn check_recipients(&self, max: u64) -> Result<(), Limited> {
-        self.check_hour(&self.recipients, max, "recipients_per_hour", "recipients")
+    /// Refuses a recipient when the last hour's recipients, with the `pending` ones of the
+    /// transaction (counted once it is accepted), reached `max`.
+    pub fn check_recipients(&self, max: u64, pending: usize) -> Result<(), Limited> {
+        self.check_hour(
+            &self.recipients,
+            pending as u64,
+            max,
+            "recipients_per_hour",
+            "recipients",
+        )
     }
 
     fn check_hour(
         &self,
         window: &HourWindow,
+        pending: u64,
         max: u64,
         limit: &'static str,
         what: &str,
     ) -> Result<(), Limited> {
-        if window.count() < max {
+        if window.count().saturating_add(pending) < max {
             return Ok(());
         }
         Err(self.limited(
@@ -228,8 +236,17 @@ mod tests {
             usage.check_messages(2).expect_err("full").limit,
             "messages_per_hour"
         );
-        assert!(usage.check_recipients(5).is_ok());
-        assert_eq!(usage.check_recipients(4).expect_err("full").reply.code, 451);
+        assert!(usage.check_recipients(5, 0).is_ok());
+        assert_eq!(
+            usage.check_recipients(4, 0).expect_err("full").reply.code,
+            451
+        );
+        // The transaction's own recipients count before it is accepted.
+        let pending = usage.check_recipients(6, 2).expect_err("pending");
+        assert_eq!(
+            pending.reply.to_string(),
+            "451 4.7.1 Tenant limit reached: 6 recipients per hour, try again later"
+        );
         let queued = usage.check_queued(1, 2000).expect_err("full");
         assert_eq!(
             (queued.reply.code, queued.reply.enhanced.as_str()),
