@@ -49,6 +49,10 @@ pub struct TenantLimits {
     /// Plugin instances the tenant's transactions hold at once: its share of the instance pool
     /// (8,000 over all tenants), so one tenant cannot take every slot.
     pub plugin_instances: usize,
+    /// Calls of the tenant's plugins running at once, over all its transactions: its share of
+    /// the CPU, so a plugin that loops until its time limit slows its own tenant, not others.
+    /// By default half the machine's cores (at least 1).
+    pub plugin_calls_at_once: usize,
     /// Outbound connections carrying the tenant's mail at once: its share of
     /// `delivery.max_connections`, so one tenant's backlog cannot hold every connection.
     pub delivery_connections: usize,
@@ -64,6 +68,9 @@ impl Default for TenantLimits {
             plugin_time_limit: Duration::from_millis(100),
             plugin_memory_limit: 32 * 1024 * 1024,
             plugin_instances: 400,
+            plugin_calls_at_once: std::thread::available_parallelism()
+                .map(|cores| (cores.get() / 2).max(1))
+                .unwrap_or(1),
             delivery_connections: 50,
         }
     }
@@ -81,6 +88,7 @@ pub struct LimitOverrides {
     pub plugin_time_limit: Option<Duration>,
     pub plugin_memory_limit: Option<u64>,
     pub plugin_instances: Option<usize>,
+    pub plugin_calls_at_once: Option<usize>,
     pub delivery_connections: Option<usize>,
 }
 
@@ -98,6 +106,9 @@ impl LimitOverrides {
                 .plugin_memory_limit
                 .unwrap_or(defaults.plugin_memory_limit),
             plugin_instances: self.plugin_instances.unwrap_or(defaults.plugin_instances),
+            plugin_calls_at_once: self
+                .plugin_calls_at_once
+                .unwrap_or(defaults.plugin_calls_at_once),
             delivery_connections: self
                 .delivery_connections
                 .unwrap_or(defaults.delivery_connections),
@@ -259,6 +270,7 @@ impl TenantConfig {
             || limits.plugin_time_limit.is_zero()
             || limits.plugin_memory_limit < 1024 * 1024
             || limits.plugin_instances == 0
+            || limits.plugin_calls_at_once == 0
             || limits.delivery_connections == 0
         {
             return Err(invalid(

@@ -61,6 +61,8 @@ pub struct PluginSet {
     /// The tenant's share of the instance pool: a transaction of the tenant holds one permit
     /// per plugin of the tenant's chain.
     pub share: Option<Arc<Semaphore>>,
+    /// The tenant's share of the CPU: a call of one of the tenant's plugins holds a permit.
+    pub calls: Option<Arc<Semaphore>>,
 }
 
 impl PluginSet {
@@ -91,6 +93,8 @@ pub struct TenantChain {
     /// The tenant's share of the instance pool (`limits.plugin_instances` permits).
     pub share: Arc<Semaphore>,
     pub share_size: usize,
+    /// Calls of the tenant's plugins running at once (`limits.plugin_calls_at_once` permits).
+    pub calls: Arc<Semaphore>,
 }
 
 /// The outcome of reloads, for `plugins list`.
@@ -462,6 +466,7 @@ async fn load_set(
         plugins,
         services: services.clone(),
         share: None,
+        calls: None,
     })
 }
 
@@ -494,12 +499,14 @@ async fn load_tenant(
             global_len: 0,
             services: services.clone(),
             share: None,
+            calls: None,
         }),
         id: owner,
         generation,
         plugins,
         share: Arc::new(Semaphore::new(share_size)),
         share_size,
+        calls: Arc::new(Semaphore::new(tenant.limits.plugin_calls_at_once)),
     };
     Ok(follow(global, &chain))
 }
@@ -521,9 +528,11 @@ fn follow(global: &Arc<PluginSet>, chain: &TenantChain) -> TenantChain {
             global_len: global.plugins.len(),
             services: global.services.clone(),
             share: Some(chain.share.clone()),
+            calls: Some(chain.calls.clone()),
         }),
         share: chain.share.clone(),
         share_size: chain.share_size,
+        calls: chain.calls.clone(),
     }
 }
 

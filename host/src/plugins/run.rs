@@ -19,7 +19,7 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use super::hooks::{HookKind, HookSet, Hooks};
-use super::host::{HostState, PluginState};
+use super::host::{CpuPlace, HostState, PluginState};
 use super::plugin::LoadedPlugin;
 use super::store::{arm, new_store, RunContext};
 use super::{PluginServices, PluginSet};
@@ -138,6 +138,7 @@ impl PluginRun {
                 global_len,
                 services: self.set.services.clone(),
                 share: set.share.clone(),
+                calls: set.calls.clone(),
             })
         };
         self.context.tenant = combined.tenant.to_string();
@@ -183,6 +184,7 @@ impl PluginRun {
             global_len,
             services: self.set.services.clone(),
             share: None,
+            calls: None,
         });
         self.hooks.truncate(global_len);
         self.failures.truncate(global_len);
@@ -309,7 +311,22 @@ impl PluginRun {
         if let Some(failure) = &self.failures[index] {
             return Err(failure.clone());
         }
-        self.store().data_mut().current = index;
+        // A tenant's plugin runs within the tenant's share of the CPU: so many of its calls at
+        // once, over all its transactions (a host function waiting for I/O gives its place up
+        // meanwhile). The wait is the tenant's own: no deadline runs yet.
+        let calls = (index >= self.set.global_len)
+            .then(|| self.set.calls.clone())
+            .flatten();
+        let place = match &calls {
+            Some(calls) => calls.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let state = self.store().data_mut();
+        state.cpu = CpuPlace {
+            semaphore: calls,
+            permit: place,
+        };
+        state.current = index;
         let hooks = match &self.hooks[index] {
             Some(hooks) => hooks.clone(),
             None => {
@@ -352,6 +369,9 @@ impl PluginRun {
         index: usize,
         result: wasmtime::Result<R>,
     ) -> Result<R, PluginFailure> {
+        if let Some(store) = &mut self.store {
+            store.data_mut().cpu = CpuPlace::default();
+        }
         let stats = &self.set.plugins[index].stats;
         stats.calls.fetch_add(1, Ordering::Relaxed);
         stats.exported_calls.increment(1);

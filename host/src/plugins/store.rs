@@ -44,6 +44,7 @@ pub(super) fn new_store<'a>(
         queue_id: context.queue_id.clone(),
         kv: services.kv.clone(),
         resolver: services.resolver.clone(),
+        cpu: super::host::CpuPlace::default(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| state);

@@ -5,18 +5,20 @@ use super::HostState;
 use crate::plugins::bindings::switchyard::plugin::dns;
 
 impl dns::Host for HostState {
+    // A lookup waits for the network with the plugin's place in its tenant's CPU share given
+    // up (see `HostState::off_cpu`).
     async fn txt(&mut self, name: String) -> Result<Vec<String>, String> {
-        match &self.resolver {
-            Some(resolver) => resolver.txt(&name).await,
-            None => Err("no resolver".to_string()),
-        }
+        let Some(resolver) = self.resolver.clone() else {
+            return Err("no resolver".to_string());
+        };
+        self.off_cpu(async { resolver.txt(&name).await }).await
     }
 
     async fn ip(&mut self, name: String) -> Result<Vec<String>, String> {
-        match &self.resolver {
-            Some(resolver) => resolver.ips(&name).await,
-            None => Err("no resolver".to_string()),
-        }
+        let Some(resolver) = self.resolver.clone() else {
+            return Err("no resolver".to_string());
+        };
+        self.off_cpu(async { resolver.ips(&name).await }).await
     }
 }
 

@@ -6,32 +6,38 @@ use wasmtime::component::{HasSelf, Linker};
 use super::HostState;
 use crate::plugins::bindings::switchyard::plugin::kv;
 
+impl HostState {
+    /// The current plugin's kv scope: the tenant whose chain it is in, and its name.
+    fn kv_scope(&self) -> (std::sync::Arc<str>, std::sync::Arc<str>) {
+        (self.plugin().owner.clone(), self.plugin().name.clone())
+    }
+}
+
+// Each call waits for the queue's database (a write, for its commit) with the plugin's place in
+// its tenant's CPU share given up (see `HostState::off_cpu`).
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> Option<Vec<u8>> {
         let store = self.kv.clone()?;
-        store
-            .get(&self.plugin().owner, &self.plugin().name, &key)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(plugin = %self.plugin().name, %error, "kv get failed");
-                None
-            })
+        let (owner, name) = self.kv_scope();
+        let read = self
+            .off_cpu(async { store.get(&owner, &name, &key).await })
+            .await;
+        read.unwrap_or_else(|error| {
+            tracing::warn!(plugin = %name, %error, "kv get failed");
+            None
+        })
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>, ttl_seconds: Option<u32>) {
-        if let Some(store) = self.kv.clone() {
-            if let Err(error) = store
-                .set(
-                    &self.plugin().owner,
-                    &self.plugin().name,
-                    &key,
-                    &value,
-                    ttl_seconds,
-                )
-                .await
-            {
-                tracing::warn!(plugin = %self.plugin().name, %error, "kv set failed");
-            }
+        let Some(store) = self.kv.clone() else {
+            return;
+        };
+        let (owner, name) = self.kv_scope();
+        let written = self
+            .off_cpu(async { store.set(&owner, &name, &key, &value, ttl_seconds).await })
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(plugin = %name, %error, "kv set failed");
         }
     }
 
@@ -39,29 +45,30 @@ impl kv::Host for HostState {
         let Some(store) = self.kv.clone() else {
             return 0;
         };
-        store
-            .increment(
-                &self.plugin().owner,
-                &self.plugin().name,
-                &key,
-                delta,
-                ttl_seconds,
-            )
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(plugin = %self.plugin().name, %error, "kv increment failed");
-                0
+        let (owner, name) = self.kv_scope();
+        let counted = self
+            .off_cpu(async {
+                store
+                    .increment(&owner, &name, &key, delta, ttl_seconds)
+                    .await
             })
+            .await;
+        counted.unwrap_or_else(|error| {
+            tracing::warn!(plugin = %name, %error, "kv increment failed");
+            0
+        })
     }
 
     async fn delete(&mut self, key: String) {
-        if let Some(store) = self.kv.clone() {
-            if let Err(error) = store
-                .delete(&self.plugin().owner, &self.plugin().name, &key)
-                .await
-            {
-                tracing::warn!(plugin = %self.plugin().name, %error, "kv delete failed");
-            }
+        let Some(store) = self.kv.clone() else {
+            return;
+        };
+        let (owner, name) = self.kv_scope();
+        let deleted = self
+            .off_cpu(async { store.delete(&owner, &name, &key).await })
+            .await;
+        if let Err(error) = deleted {
+            tracing::warn!(plugin = %name, %error, "kv delete failed");
         }
     }
 }

@@ -48,6 +48,14 @@ impl PluginState {
     }
 }
 
+/// A tenant plugin's place among its tenant's calls running at once (taken for each call by
+/// `PluginRun::instance`), given up while a host function waits for I/O.
+#[derive(Default)]
+pub struct CpuPlace {
+    pub semaphore: Option<Arc<tokio::sync::Semaphore>>,
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The state of one run's store: one store per transaction holds the instances of every plugin
 /// of the chain. Each instance still has its own memories, tables and handles (the component
 /// model keeps them apart); what the host keeps per plugin is in `plugins`, and `current` says
@@ -70,6 +78,24 @@ pub struct HostState {
     pub queue_id: Option<String>,
     pub kv: Option<Arc<dyn KvStore>>,
     pub resolver: Option<Arc<crate::net::dns::Dns>>,
+    /// The current call's place in its tenant's share of the CPU, if it is a tenant's plugin.
+    pub cpu: CpuPlace,
+}
+
+impl HostState {
+    /// Runs `io` (a kv write waiting for its commit, a DNS lookup) with the call's place in its
+    /// tenant's CPU share given up, and takes a place again after: the share bounds the
+    /// tenant's computing, not its waiting.
+    pub(crate) async fn off_cpu<T>(&mut self, io: impl std::future::Future<Output = T>) -> T {
+        let released = self.cpu.permit.take().is_some();
+        let output = io.await;
+        if released {
+            if let Some(semaphore) = self.cpu.semaphore.clone() {
+                self.cpu.permit = semaphore.acquire_owned().await.ok();
+            }
+        }
+        output
+    }
 }
 
 impl WasiView for HostState {
