@@ -122,7 +122,7 @@ impl Session {
         };
         match read {
             Err(_) => {
-                tracing::info!("{verb} timeout");
+                tracing::info!(tenant = %self.tenant_id(), "{verb} timeout");
                 self.reply(Reply::new(
                     421,
                     "4.4.2",
@@ -132,7 +132,7 @@ impl Session {
             }
             Ok(Ok(true)) => Ok(None),
             Ok(Ok(false)) => {
-                tracing::info!("client disconnected during {verb}; nothing queued");
+                tracing::info!(tenant = %self.tenant_id(), "client disconnected during {verb}; nothing queued");
                 Ok(Some(Flow::Close))
             }
             Ok(Err(error)) => Err(error),
@@ -148,7 +148,7 @@ impl Session {
             self.reply(reply);
             return Flow::Continue;
         };
-        tracing::info!(reply = %refusal.reply, close = refusal.close, "message refused");
+        tracing::info!(tenant = %self.tenant_id(), reply = %refusal.reply, close = refusal.close, "message refused");
         self.transaction = Transaction::default();
         self.end_plugin_run();
         self.reply(refusal.reply);
@@ -206,11 +206,11 @@ impl Session {
         {
             match decision {
                 DataDecision::Reject(reply) | DataDecision::Tempfail(reply) => {
-                    tracing::info!(queue_id = %queue_id, reply = %reply, "message refused by plugin");
+                    tracing::info!(queue_id = %queue_id, tenant = %self.tenant_id(), reply = %reply, "message refused by plugin");
                     return reply;
                 }
                 DataDecision::Discard => {
-                    tracing::info!(queue_id = %queue_id, "message discarded by plugin");
+                    tracing::info!(queue_id = %queue_id, tenant = %self.tenant_id(), "message discarded by plugin");
                     return queued;
                 }
                 DataDecision::Quarantine(reason) => quarantine = Some(reason),
@@ -224,12 +224,12 @@ impl Session {
                 let joins = crate::mail::address::Mailbox::from_stored(recipient)
                     .is_none_or(|mailbox| self.may_join(&mailbox));
                 if !joins {
-                    tracing::warn!(queue_id = %queue_id, to = %recipient, "a data hook added another tenant's recipient; dropped");
+                    tracing::warn!(queue_id = %queue_id, tenant = %self.tenant_id(), to = %recipient, "a data hook added another tenant's recipient; dropped");
                 }
                 joins
             });
             if recipients.is_empty() {
-                tracing::info!(queue_id = %queue_id, "plugins removed every recipient; message dropped");
+                tracing::info!(queue_id = %queue_id, tenant = %self.tenant_id(), "plugins removed every recipient; message dropped");
                 return queued;
             }
         }

@@ -216,7 +216,7 @@ impl Session {
             return Flow::Continue;
         }
         if !accepted_by_plugin && !self.may_send_to(&recipient) {
-            tracing::info!(to = %recipient, "relay denied");
+            tracing::info!(to = %recipient, tenant = %self.tenant_id(), "relay denied");
             self.refused_recipient();
             self.reply(Reply::new(
                 550,

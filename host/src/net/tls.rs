@@ -1,12 +1,12 @@
 //! TLS set-up: the server certificate for STARTTLS on listeners, and the client configuration for
 //! STARTTLS when delivering.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,23 +30,23 @@ pub fn server_config(
         path: path.display().to_string(),
         message,
     };
-    let open = |path: &Path| {
-        std::fs::File::open(path)
-            .map(BufReader::new)
-            .map_err(|error| file_error(path, error.to_string()))
+    let pem_error = |path: &Path, error: pem::Error, what: &str| match error {
+        pem::Error::NoItemsFound => file_error(path, format!("no {what} in PEM file")),
+        pem::Error::Io(error) => file_error(path, error.to_string()),
+        other => file_error(path, other.to_string()),
     };
-    let chains: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut open(certificate)?)
+    let chains: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
+        .map_err(|error| pem_error(certificate, error, "certificate"))?
         .collect::<Result<_, _>>()
-        .map_err(|error| file_error(certificate, error.to_string()))?;
+        .map_err(|error| pem_error(certificate, error, "certificate"))?;
     if chains.is_empty() {
         return Err(file_error(
             certificate,
             "no certificate in PEM file".to_string(),
         ));
     }
-    let key = rustls_pemfile::private_key(&mut open(private_key)?)
-        .map_err(|error| file_error(private_key, error.to_string()))?
-        .ok_or_else(|| file_error(private_key, "no private key in PEM file".to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(private_key)
+        .map_err(|error| pem_error(private_key, error, "private key"))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -123,5 +123,45 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_files_load_or_say_what_is_wrong_with_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let generated =
+            rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).expect("certificate");
+        let certificate = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
+        std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
+        std::fs::write(&empty, "not PEM at all\n").expect("write empty");
+        assert!(server_config(&certificate, &key).is_ok());
+        let error = |certificate: &Path, key: &Path| {
+            server_config(certificate, key)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            error(&empty, &key),
+            format!("{}: no certificate in PEM file", empty.display())
+        );
+        assert_eq!(
+            error(&certificate, &empty),
+            format!("{}: no private key in PEM file", empty.display())
+        );
+        // The certificate is not a key.
+        assert_eq!(
+            error(&certificate, &certificate),
+            format!("{}: no private key in PEM file", certificate.display())
+        );
+        let missing = dir.path().join("missing.pem");
+        assert!(error(&missing, &key).starts_with(&format!("{}: ", missing.display())));
     }
 }
