@@ -132,6 +132,21 @@ impl Session {
             .map_err(|limited| limited.reply)
     }
 
+    /// Whether `tenant` (none: mail of no tenant) may take one more recipient this hour, with
+    /// the transaction's own recipients counted.
+    fn room_for_recipient(&self, tenant: Option<&Tenant>) -> Result<(), Reply> {
+        let Some(tenant) = tenant else {
+            return Ok(());
+        };
+        tenant
+            .usage
+            .check_recipients(
+                tenant.limits.recipients_per_hour,
+                self.transaction.recipients.len(),
+            )
+            .map_err(|limited| limited.reply)
+    }
+
     /// At RCPT, before the hooks: fixes the transaction's tenant at its first recipient, or
     /// refuses a recipient of another tenant. The tenant's limits apply to each recipient.
     pub(super) async fn tenant_at_rcpt(&mut self, recipient: &Mailbox) -> Result<(), Reply> {
@@ -140,16 +155,7 @@ impl Session {
         }
         if self.auth_identity.is_some() {
             // Submitted mail is the identity's tenant's (or the global policy's), wherever it goes.
-            return match self.auth_tenant.clone() {
-                Some(tenant) => tenant
-                    .usage
-                    .check_recipients(
-                        tenant.limits.recipients_per_hour,
-                        self.transaction.recipients.len(),
-                    )
-                    .map_err(|limited| limited.reply),
-                None => Ok(()),
-            };
+            return self.room_for_recipient(self.auth_tenant.as_deref());
         }
         let wanted = self.services.tenants.of_domain(&recipient.domain);
         if !self.transaction.recipients.is_empty() {
@@ -165,16 +171,7 @@ impl Session {
                     format!("<{recipient}>: Recipient of another tenant; send it in a transaction of its own"),
                 ));
             }
-            return match wanted {
-                Some(tenant) => tenant
-                    .usage
-                    .check_recipients(
-                        tenant.limits.recipients_per_hour,
-                        self.transaction.recipients.len(),
-                    )
-                    .map_err(|limited| limited.reply),
-                None => Ok(()),
-            };
+            return self.room_for_recipient(wanted.as_deref());
         }
         // The first recipient: it chooses the transaction's tenant.
         self.leave_tenant();
@@ -185,12 +182,7 @@ impl Session {
         self.tenant = Some(tenant.clone());
         let room = self
             .tenant_has_room(&tenant, self.transaction.declared_size)
-            .and_then(|()| {
-                tenant
-                    .usage
-                    .check_recipients(tenant.limits.recipients_per_hour, 0)
-                    .map_err(|limited| limited.reply)
-            });
+            .and_then(|()| self.room_for_recipient(Some(&tenant)));
         if let Err(reply) = room {
             self.leave_tenant();
             return Err(reply);
