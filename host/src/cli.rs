@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::delivery::dsn::{self, FailedRecipient};
+use crate::delivery::dsn::{self, DsnRecipient};
 use crate::queue::{Outcome, Queue, QueuedMessage, RecipientResult, RecipientState};
 
 #[derive(Parser)]
@@ -41,6 +41,11 @@ pub enum Command {
     Auth {
         #[command(subcommand)]
         action: AuthAction,
+    },
+    /// DKIM signing keys: make one, or print the records to publish.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimAction,
     },
     /// Inspect and act on the queue (works while `serve` runs).
     Queue {
@@ -96,6 +101,118 @@ pub fn auth_command(action: AuthAction) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand)]
+pub enum DkimAction {
+    /// Write a new private key to `DIR/DOMAIN.SELECTOR.key` and print the DNS TXT record and
+    /// the `[[dkim]]` entry that uses it.
+    Keygen {
+        domain: String,
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// RSA key size (2048 or more; RFC 8301).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Directory for the key file.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// The TXT record of every configured key (the global ones and the tenants'), active or
+    /// retired: what must be published.
+    Records {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+/// Runs a `dkim` command.
+pub fn dkim_command(action: DkimAction) -> anyhow::Result<()> {
+    use crate::dkim::keygen::{generate, zone_text};
+    use crate::dkim::{Algorithm, KeySet};
+    match action {
+        DkimAction::Keygen {
+            domain,
+            selector,
+            algorithm,
+            bits,
+            out,
+        } => {
+            let algorithm = match algorithm {
+                KeyAlgorithm::Rsa => Algorithm::Rsa,
+                KeyAlgorithm::Ed25519 => Algorithm::Ed25519,
+            };
+            if algorithm == Algorithm::Rsa && !(2048..=8192).contains(&bits) {
+                bail!("--bits {bits}: RSA keys for DKIM are 2048 to 8192 bits (RFC 8301)");
+            }
+            let entry = crate::config::DkimKeyConfig {
+                domain: domain.clone(),
+                selector: selector.clone(),
+                private_key: out.join(format!("{domain}.{selector}.key")),
+                active: true,
+                headers: None,
+                oversign: None,
+                expire: None,
+            };
+            if let Some(problem) = entry.naming_problem() {
+                bail!("{problem}");
+            }
+            let path = &entry.private_key;
+            let generated = generate(algorithm, bits).context("generating the key")?;
+            write_private(path, &generated.private_pem)?;
+            let record = format!(
+                "v=DKIM1; k={}; p={}",
+                algorithm.record_tag(),
+                generated.public_key
+            );
+            eprintln!("wrote {}", path.display());
+            println!(
+                "{selector}._domainkey.{domain}. IN TXT {}",
+                zone_text(&record)
+            );
+            eprintln!(
+                "\n[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nprivate_key = \"{}\"",
+                path.display()
+            );
+            Ok(())
+        }
+        DkimAction::Records { config } => {
+            let config = load_config(config.as_ref())?;
+            let mut sets = vec![("-".to_string(), KeySet::load(&config.dkim)?)];
+            for tenant in config.load_tenants()? {
+                sets.push((tenant.id.clone(), KeySet::load(&tenant.dkim)?));
+            }
+            for (owner, keys) in sets {
+                for key in keys.keys() {
+                    let state = if key.active { "active" } else { "retired" };
+                    println!("; tenant {owner}, {state}");
+                    println!("{}. IN TXT {}", key.record_name(), zone_text(&key.record()));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes a private key readable by its owner only, refusing to replace an existing file.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Subcommand)]
@@ -288,12 +405,28 @@ async fn show(queue: &dyn Queue, id: &str) -> anyhow::Result<()> {
     println!("sender: <{}>", meta.sender);
     println!("size: {}", meta.size);
     println!("smtputf8: {}  8bit: {}", meta.smtputf8, meta.eight_bit);
+    let dsn = &meta.dsn;
+    if dsn.ret.is_some() || dsn.envid.is_some() || dsn.requiretls {
+        println!(
+            "dsn: ret={} envid={} requiretls={}",
+            dsn.ret.map(|ret| ret.as_str()).unwrap_or("-"),
+            dsn.envid.as_deref().unwrap_or("-"),
+            dsn.requiretls
+        );
+    }
     for recipient in &message.recipients {
+        let mut asked = String::new();
+        if recipient.dsn.notify.is_specified() {
+            asked.push_str(&format!(" notify={}", recipient.dsn.notify));
+        }
+        if let Some(orcpt) = &recipient.dsn.orcpt {
+            asked.push_str(&format!(" orcpt={orcpt}"));
+        }
         let next = chrono::DateTime::from_timestamp_millis(recipient.next_attempt)
             .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_default();
         println!(
-            "recipient: <{}> state={} attempts={} next={} last={}",
+            "recipient: <{}> state={} attempts={} next={}{asked} last={}",
             recipient.address,
             recipient.state.name(),
             recipient.attempts,
@@ -313,14 +446,18 @@ async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<
     let message = take_from_delivery(queue, id).await?;
     let content = queue.content(id).await?.unwrap_or_default();
     let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
-    let failed: Vec<FailedRecipient> = message
+    // Recipients that asked not to hear of failures (NOTIFY) are failed without a notice.
+    let failed: Vec<DsnRecipient> = message
         .recipients
         .iter()
-        .map(|recipient| FailedRecipient {
+        .filter(|recipient| recipient.dsn.notify.on_failure())
+        .map(|recipient| DsnRecipient {
             address: recipient.address.clone(),
+            action: dsn::Action::Failed,
             status: "5.0.0".to_string(),
             diagnostic: diagnostic.clone(),
             remote_mta: None,
+            orcpt: recipient.dsn.orcpt.clone(),
         })
         .collect();
     let results = message
@@ -332,9 +469,17 @@ async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<
             attempts: recipient.attempts,
             outcome: Outcome::Failed,
             reply: diagnostic.clone(),
+            delay_warned: false,
         })
         .collect();
-    let bounce = dsn::build(&config.hostname, &message.meta, &content, &failed, None);
+    let bounce = dsn::build(
+        &config.hostname,
+        &message.meta,
+        &content,
+        &failed,
+        dsn::Report::Failure,
+        None,
+    );
     let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
     queue.record(results, bounce.into_iter().collect()).await?;
     match dsn_id {

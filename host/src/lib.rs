@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod inbound;
 pub mod mail;
 pub mod metrics;

@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchyard::cli::{auth_command, load_config, plugins_command, queue_command, Cli, Command};
+use switchyard::cli::{
+    auth_command, dkim_command, load_config, plugins_command, queue_command, Cli, Command,
+};
 use switchyard::config::Config;
 
 fn init_logging(level: &str) {
@@ -19,6 +21,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            if let Some(ca_file) = &config.delivery.ca_file {
+                switchyard::net::verify::ClientTls::new(Some(ca_file))?;
+            }
+            if let Some(credentials) = &config.delivery.credentials_file {
+                switchyard::delivery::credentials::CredentialsFile::load(credentials)?;
+            }
             // Plugins are compiled and initialised too: a bad component or plugin config is a
             // configuration error.
             let runtime = tokio::runtime::Runtime::new()?;
@@ -48,6 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             plugins_command(&config, action)
         }
         Command::Auth { action } => auth_command(action),
+        Command::Dkim { action } => dkim_command(action),
         Command::Queue { config, action } => {
             let config = load_config(config.as_ref())?;
             init_logging("warn");

@@ -1,9 +1,11 @@
 //! Hot reload: SIGHUP, a change to the configuration file, to a plugin file, or to the tenants'
 //! directory, and `switchyard plugins reload` (which sends SIGHUP).
 //!
-//! - The configuration file or a global plugin changed: the global chain is loaded beside the
-//!   running one and swapped in; every tenant's chain then follows the new global chain.
-//! - A tenant file was added, changed or removed (or a plugin file only tenants use): that tenant
+//! - The configuration file, a global plugin, a DKIM key or a listener certificate changed: the
+//!   global chain is loaded beside the running one and swapped in (every tenant's chain then
+//!   follows it), and the DKIM keys and the listeners' certificates are loaded again; anything
+//!   that does not load leaves what runs in place.
+//! - A tenant file was added, changed or removed (or a plugin or key file only tenants use): that tenant
 //!   alone is reloaded; the others' chains keep running untouched. A tenant file that does not
 //!   load, or claims another tenant's domain, keeps the tenant's previous generation running,
 //!   and the error shows in `switchyard plugins list`.
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::config::tenant::{is_tenant_file, tenant_files};
 use crate::config::{Config, TenantConfig};
+use crate::dkim::{KeySet, Signer};
 use crate::plugins::PluginManager;
 use crate::tenants::Tenants;
 
@@ -56,9 +59,9 @@ struct Plan {
 /// The files whose change reloads something, and what.
 #[derive(Default, PartialEq, Eq)]
 struct Watched {
-    /// The configuration file and the global chain's plugins.
+    /// The configuration file, the global chain's plugins and the global DKIM keys.
     global: HashSet<PathBuf>,
-    /// Plugin files of tenants' chains, with the tenant files that use them.
+    /// Plugin and DKIM key files of tenants, with the tenant files that use them.
     tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>>,
     /// The tenants' directory: any `*.toml` in it is a tenant file.
     tenants_directory: Option<PathBuf>,
@@ -72,11 +75,25 @@ impl Watched {
             .map(|plugin| absolute(&plugin.path))
             .collect();
         global.insert(absolute(config_path));
+        global.extend(config.dkim.iter().map(|key| absolute(&key.private_key)));
+        if let Some(tls) = &config.tls {
+            global.insert(absolute(&tls.certificate));
+            global.insert(absolute(&tls.private_key));
+            for extra in &tls.sni {
+                global.insert(absolute(&extra.certificate));
+                global.insert(absolute(&extra.private_key));
+            }
+        }
         let mut tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>> = HashMap::new();
         for tenant in tenants {
-            for plugin in &tenant.plugins {
+            let files = tenant
+                .plugins
+                .iter()
+                .map(|plugin| &plugin.path)
+                .chain(tenant.dkim.iter().map(|key| &key.private_key));
+            for file in files {
                 tenant_plugins
-                    .entry(absolute(&plugin.path))
+                    .entry(absolute(file))
                     .or_default()
                     .insert(absolute(&tenant.path));
             }
@@ -147,11 +164,18 @@ pub struct Reloader {
     pub config: Arc<Config>,
     /// The tenant files loaded at start.
     pub tenant_configs: Vec<TenantConfig>,
+    /// The DKIM keys, loaded again with the configuration and the tenant files.
+    pub signer: Arc<Signer>,
+    /// The listeners' certificates (when `[tls]` is set), loaded again with the configuration
+    /// and when their files change (a renewal).
+    pub certificates: Option<Arc<crate::net::tls::CertificateResolver>>,
 }
 
 /// Runs forever: waits for reload triggers and refreshes the status file every second.
 pub async fn run(reloader: Reloader) {
     let Reloader {
+        signer,
+        certificates,
         plugins: manager,
         tenants,
         config_path,
@@ -221,8 +245,16 @@ pub async fn run(reloader: Reloader) {
                     Ok(loaded) => loaded,
                 };
                 if plan.global {
-                    // Only the plugin chains change live; the rest needs a restart.
+                    // The plugin chains and the DKIM keys change live; the rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
+                    reload_certificates(certificates.as_deref(), &loaded);
+                    match KeySet::load(&loaded.dkim) {
+                        Ok(keys) => {
+                            tracing::info!(keys = keys.keys().len(), "DKIM keys reloaded");
+                            signer.set_global(keys);
+                        }
+                        Err(error) => tracing::error!(%error, "DKIM keys do not load; the previous keys keep signing"),
+                    }
                 }
                 if let Some(section) = &config.tenants {
                     let files = if plan.all_tenants {
@@ -234,7 +266,7 @@ pub async fn run(reloader: Reloader) {
                     let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) =
                         files.into_iter().partition(|file| !is_tenant_file(file));
                     for file in gone.iter().chain(&present) {
-                        reload_tenant(file, section, &manager, &tenants).await;
+                        reload_tenant(file, section, &manager, &tenants, &signer).await;
                     }
                 }
                 let files = Watched::new(path, &loaded, &tenants.configs());
@@ -255,6 +287,24 @@ pub async fn run(reloader: Reloader) {
             }
         }
         let _ = &watcher;
+    }
+}
+
+/// The listeners' certificates from the reloaded configuration. Turning TLS on or off needs a
+/// restart (the listeners' offers change); a certificate that does not load keeps the old.
+fn reload_certificates(resolver: Option<&crate::net::tls::CertificateResolver>, loaded: &Config) {
+    match (resolver, &loaded.tls) {
+        (Some(resolver), Some(files)) => match resolver.reload(files) {
+            Ok(()) => tracing::info!(
+                certificates = 1 + files.sni.len(),
+                "TLS certificates reloaded"
+            ),
+            Err(error) => {
+                tracing::error!(%error, "TLS certificates do not load; the previous ones stay")
+            }
+        },
+        (None, None) => {}
+        _ => tracing::warn!("[tls] was added or removed: restart to apply"),
     }
 }
 
@@ -283,6 +333,7 @@ async fn reload_tenant(
     section: &crate::config::TenantsConfig,
     manager: &PluginManager,
     tenants: &Tenants,
+    signer: &Signer,
 ) {
     let id = file
         .file_stem()
@@ -293,6 +344,7 @@ async fn reload_tenant(
         // Gone: the tenant (if it loaded) and any error its file left.
         manager.remove_tenant(&id).await;
         tenants.remove(&id);
+        signer.set_tenant(&id, None);
         return;
     }
     let config = match TenantConfig::load(file, &section.limits) {
@@ -308,9 +360,18 @@ async fn reload_tenant(
         manager.tenant_failed(&id, error.to_string());
         return;
     }
-    if manager.reload_tenant(&config).await.is_ok() {
-        if let Err(error) = tenants.upsert(config) {
+    let keys = match KeySet::load(&config.dkim) {
+        Ok(keys) => keys,
+        Err(error) => {
+            tracing::error!(tenant = %id, %error, "tenant's DKIM keys do not load; its previous generation keeps running");
             manager.tenant_failed(&id, error.to_string());
+            return;
+        }
+    };
+    if manager.reload_tenant(&config).await.is_ok() {
+        match tenants.upsert(config) {
+            Ok(()) => signer.set_tenant(&id, Some(keys)),
+            Err(error) => manager.tenant_failed(&id, error.to_string()),
         }
     }
 }

@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::Config;
+use crate::config::{Config, TenantConfig};
 use crate::delivery::connect::Transports;
 use crate::delivery::inbox::Inbox;
 use crate::delivery::{run_scanner, Dispatcher};
+use crate::dkim::{KeySet, Signer};
 use crate::inbound::services::Services;
 use crate::inbound::{self, SessionLimits};
 use crate::net::dns::Dns;
+use crate::net::tls::{CertificateResolver, Certificates};
 use crate::plugins::{PluginManager, PluginServices};
 use crate::shutdown::{Drained, Shutdown};
 use crate::tenants::Tenants;
@@ -51,8 +53,22 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let plugins =
         PluginManager::start(engine, &config.plugins, &tenant_configs, plugin_services).await?;
     let authenticator = config.authentication.verify.then(|| dns.authenticator());
+    let signer = Arc::new(load_signer(&config, &tenant_configs)?);
     let shutdown = Shutdown::new();
-    let transport = Arc::new(Transports::new(config.clone(), dns));
+    let client_tls = Arc::new(crate::net::verify::ClientTls::new(
+        config.delivery.ca_file.as_deref(),
+    )?);
+    tracing::info!(anchors = ?client_tls.anchors, count = client_tls.anchor_count, "trust anchors for delivery loaded");
+    let credentials = match &config.delivery.credentials_file {
+        Some(path) => crate::delivery::credentials::CredentialsFile::load(path)?,
+        None => Default::default(),
+    };
+    let transport = Arc::new(Transports::new(
+        config.clone(),
+        dns,
+        client_tls,
+        credentials,
+    ));
     let dispatcher = Dispatcher::new(
         config.clone(),
         queue.clone(),
@@ -75,6 +91,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         plugins,
         tenants.clone(),
         authenticator,
+        signer.clone(),
         &shutdown,
     )?);
     if let Some(root) = &config.mailboxes.root {
@@ -92,6 +109,8 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         config_path,
         config: config.clone(),
         tenant_configs,
+        signer,
+        certificates: services.certificates.clone(),
     }));
     let pid_file = crate::reload::pid_path(&config);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
@@ -125,11 +144,18 @@ fn session_services(
     plugins: Arc<PluginManager>,
     tenants: Arc<Tenants>,
     authenticator: Option<mail_auth::MessageAuthenticator>,
+    signer: Arc<Signer>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Services> {
-    let tls_acceptor = match &config.tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::net::tls::server_config(&files.certificate, &files.private_key)?,
+    let certificates = match &config.tls {
+        Some(files) => Some(Arc::new(CertificateResolver::new(Certificates::load(
+            files,
+        )?))),
+        None => None,
+    };
+    let tls_acceptor = match &certificates {
+        Some(resolver) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::net::tls::server_config(resolver.clone())?,
         )),
         None => None,
     };
@@ -147,13 +173,28 @@ fn session_services(
         plugins,
         tenants,
         tls_acceptor,
+        certificates,
         authenticator,
         accounts,
         auth_budget: Arc::new(inbound::AuthBudget::new(
             config.submission.auth_failures.clone(),
         )),
+        signer,
         shutdown: shutdown.clone(),
     })
+}
+
+/// The global DKIM keys and every tenant's.
+fn load_signer(config: &Config, tenants: &[TenantConfig]) -> anyhow::Result<Signer> {
+    let signer = Signer::new(KeySet::load(&config.dkim)?);
+    for tenant in tenants {
+        signer.set_tenant(&tenant.id, Some(KeySet::load(&tenant.dkim)?));
+    }
+    let keys = config.dkim.len() + tenants.iter().map(|t| t.dkim.len()).sum::<usize>();
+    if keys > 0 {
+        tracing::info!(keys, "DKIM signing keys loaded");
+    }
+    Ok(signer)
 }
 
 /// Binds every listener (all before any serves, so a bad address fails the start), then serves

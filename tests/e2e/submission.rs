@@ -13,8 +13,8 @@ use crate::harness::client::{message, TestClient};
 use crate::harness::router::{plugin_path, tls_section, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
-const ALICE: &str = "alice@example.test";
-const ALICE_PASSWORD: &str = "correct horse battery";
+pub const ALICE: &str = "alice@example.test";
+pub const ALICE_PASSWORD: &str = "correct horse battery";
 const MALLORY: &str = "mallory@example.test";
 const MALLORY_PASSWORD: &str = "s3cret";
 
@@ -34,15 +34,21 @@ fn hash(password: &str) -> String {
     hash.trim().to_string()
 }
 
-struct Submission {
-    router: Router,
-    sink: Sink,
-    _files: tempfile::TempDir,
+pub struct Submission {
+    pub router: Router,
+    pub sink: Sink,
+    /// The TLS files ([`tls_section`]), and the users file.
+    pub files: tempfile::TempDir,
 }
 
 /// A router with one submission listener, TLS, two accounts, no trusted networks, relaying to
 /// a sink; `plugins` is appended to its configuration.
 async fn submission(plugins: &str) -> Submission {
+    submission_as("submission", plugins).await
+}
+
+/// [`submission`] with the listener's role (`submission` or `submissions`).
+pub async fn submission_as(role: &'static str, plugins: &str) -> Submission {
     let files = tempfile::tempdir().expect("tempdir");
     let users = files.path().join("users");
     std::fs::write(
@@ -56,7 +62,7 @@ async fn submission(plugins: &str) -> Submission {
     .expect("write users");
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
     let router = Router::start(RouterOptions {
-        role: "submission",
+        role,
         relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
         delivery: format!("smarthost = \"{}\"\n", sink.address),
         extra: format!(
@@ -70,7 +76,7 @@ async fn submission(plugins: &str) -> Submission {
     Submission {
         router,
         sink,
-        _files: files,
+        files,
     }
 }
 

@@ -7,7 +7,7 @@ use switchyard::config::TlsPolicy;
 use switchyard::delivery::client::{Client, ConnectOptions, Envelope};
 
 use crate::harness::client::TestClient;
-use crate::harness::router::{tls_section, Router, RouterOptions};
+use crate::harness::router::{test_ca, tls_section, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
 async fn tls_router(delivery: String) -> (Router, tempfile::TempDir) {
@@ -21,28 +21,33 @@ async fn tls_router(delivery: String) -> (Router, tempfile::TempDir) {
     (router, certs)
 }
 
-fn options(tls: TlsPolicy) -> ConnectOptions<'static> {
+/// Options that verify the listener's certificate against the test's CA in `certs`.
+fn options(tls: TlsPolicy, certs: &std::path::Path) -> ConnectOptions<'static> {
+    let client_tls =
+        switchyard::net::verify::ClientTls::new(Some(&test_ca(certs))).expect("client TLS");
     ConnectOptions {
         helo_name: "client.test",
         tls,
-        tls_config: switchyard::net::tls::unverified_client_config(),
+        client_tls: std::sync::Arc::new(client_tls),
         server_name: "mx.switchyard.test",
         connect_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(10),
+        credentials: None,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_inbound_then_a_transaction() {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
-    let (router, _certs) = tls_router(format!("smarthost = \"{}\"\n", sink.address)).await;
+    let (router, certs) = tls_router(format!("smarthost = \"{}\"\n", sink.address)).await;
     let address = format!("127.0.0.1:{}", router.port)
         .parse()
         .expect("address");
-    let mut client = Client::connect(address, &options(TlsPolicy::Require))
+    let mut client = Client::connect(address, &options(TlsPolicy::Require, certs.path()))
         .await
         .expect("STARTTLS works");
     assert!(client.is_tls());
+    assert_eq!(client.tls, switchyard::net::verify::TlsState::Verified);
     let recipients = vec!["b@switchyard.test".to_string()];
     let envelope = Envelope {
         sender: "a@sender.test",
@@ -50,6 +55,8 @@ async fn starttls_inbound_then_a_transaction() {
         smtputf8: false,
         eight_bit: false,
         size: 30,
+        dsn: &Default::default(),
+        recipient_dsn: &[],
     };
     let replies = client
         .send(&envelope, b"Subject: over TLS\r\n\r\nsecret\r\n")

@@ -5,6 +5,7 @@
 //! span several values (two listeners on one address, TLS asked for without a certificate) run after,
 //! in [`validate`], and also point at a line.
 
+pub mod dkim;
 mod plugin;
 pub mod tenant;
 mod types;
@@ -13,6 +14,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use dkim::DkimKeyConfig;
 pub use plugin::{FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
 pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
@@ -72,6 +74,10 @@ pub struct Config {
     /// Many customers on one router: their files' directory and default limits. Without it
     /// all mail follows the global configuration (the tenant is `""`).
     pub tenants: Option<TenantsConfig>,
+    /// Keys that DKIM-sign mail of no tenant sent by trusted clients (`relay.networks` and
+    /// authenticated users).
+    #[serde(rename = "dkim")]
+    pub dkim: Vec<DkimKeyConfig>,
 }
 
 impl Default for Config {
@@ -96,6 +102,7 @@ impl Default for Config {
             mailboxes: MailboxesConfig::default(),
             shutdown: ShutdownConfig::default(),
             tenants: None,
+            dkim: Vec::new(),
         }
     }
 }
@@ -184,6 +191,20 @@ pub struct TlsFiles {
     pub certificate: PathBuf,
     /// PEM file with the private key.
     pub private_key: PathBuf,
+    /// More certificates, each served to clients that ask (by SNI) for a DNS name it carries
+    /// (one per hosted domain, say); the one above serves every other client.
+    #[serde(default)]
+    pub sni: Vec<CertificateFiles>,
+}
+
+/// A certificate chain and its key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM file with the certificate chain.
+    pub certificate: PathBuf,
+    /// PEM file with the private key.
+    pub private_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +264,11 @@ pub struct RetryConfig {
     /// A message still undelivered this long after it arrived is bounced.
     #[serde(with = "humantime_serde")]
     pub max_lifetime: Duration,
+    /// Recipients that asked for delay notices (RCPT ... NOTIFY=DELAY) and are still undelivered
+    /// this long after the message arrived get one, once (Postfix's `delay_warning_time`);
+    /// `0s` sends none.
+    #[serde(with = "humantime_serde")]
+    pub delay_warning: Duration,
 }
 
 impl Default for RetryConfig {
@@ -254,6 +280,7 @@ impl Default for RetryConfig {
                 .map(Duration::from_secs)
                 .collect(),
             max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -288,6 +315,13 @@ pub struct DeliveryConfig {
     pub smarthost: Option<HostPort>,
     /// STARTTLS towards MX hosts and the smarthost.
     pub tls: TlsPolicy,
+    /// PEM file of the certificate authorities trusted when a certificate is verified; without
+    /// it, the system's store (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the distribution's bundle).
+    pub ca_file: Option<PathBuf>,
+    /// Passwords for relays that want SMTP AUTH: lines of `HOST[:PORT] USERNAME:PASSWORD`,
+    /// used for the smarthost, routes and plugin-chosen relays of that host, sent with AUTH
+    /// PLAIN over TLS only.
+    pub credentials_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Time allowed for each reply of the remote server.
@@ -308,6 +342,8 @@ impl Default for DeliveryConfig {
             helo_name: None,
             smarthost: None,
             tls: TlsPolicy::Opportunistic,
+            ca_file: None,
+            credentials_file: None,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             max_connections: 200,
@@ -478,12 +514,25 @@ impl Config {
         if let Some(tls) = &mut config.tls {
             resolve(&mut tls.certificate);
             resolve(&mut tls.private_key);
+            for extra in &mut tls.sni {
+                resolve(&mut extra.certificate);
+                resolve(&mut extra.private_key);
+            }
         }
         if let Some(root) = &mut config.mailboxes.root {
             resolve(root);
         }
         if let Some(users) = &mut config.submission.users_file {
             resolve(users);
+        }
+        if let Some(ca_file) = &mut config.delivery.ca_file {
+            resolve(ca_file);
+        }
+        if let Some(credentials) = &mut config.delivery.credentials_file {
+            resolve(credentials);
+        }
+        for key in &mut config.dkim {
+            resolve(&mut key.private_key);
         }
         for plugin in &mut config.plugins {
             resolve(&mut plugin.path);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{line_and_column, ConfigError, PluginManifest};
+use super::{line_and_column, ConfigError, DkimKeyConfig, PluginManifest};
 use crate::mail::address::domain_key;
 
 /// `[tenants]` in the main configuration file.
@@ -130,6 +130,8 @@ struct TenantFile {
     limits: Option<Spanned<LimitOverrides>>,
     #[serde(default, rename = "plugin")]
     plugins: Vec<PluginManifest>,
+    #[serde(default, rename = "dkim")]
+    dkim: Vec<DkimKeyConfig>,
 }
 
 /// One tenant, loaded from its file, its limits resolved against the defaults.
@@ -143,6 +145,9 @@ pub struct TenantConfig {
     /// The tenant's chain, run after the global chain on the tenant's mail. Paths are resolved
     /// against the tenant file's directory; time and memory limits are capped by `limits`.
     pub plugins: Vec<PluginManifest>,
+    /// Keys that sign the tenant's outbound mail; each for one of its domains (or below one).
+    /// Paths are resolved against the tenant file's directory.
+    pub dkim: Vec<DkimKeyConfig>,
     /// The file it came from.
     pub path: PathBuf,
     /// Where in the file each domain and user was written, for errors about claims.
@@ -313,12 +318,42 @@ impl TenantConfig {
                 ),
             ));
         }
+        let mut dkim = file.dkim;
+        for key in &mut dkim {
+            if key.private_key.is_relative() {
+                key.private_key = base.join(&key.private_key);
+            }
+            let at = offset_of_dkim(text, &key.selector);
+            if let Some(message) = key.problem() {
+                return Err(invalid(at, message));
+            }
+            let domain = domain_key(&key.domain);
+            let owned = domains.iter().any(|own| {
+                domain == *own
+                    || domain
+                        .strip_suffix(own.as_str())
+                        .is_some_and(|prefix| prefix.ends_with('.'))
+            });
+            if !owned {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "dkim: `{domain}` is not one of the tenant's domains (or below one): a \
+                         tenant signs only its own mail"
+                    ),
+                ));
+            }
+        }
+        if let Some(message) = super::dkim::duplicate(&dkim) {
+            return Err(invalid(0, message));
+        }
         Ok(TenantConfig {
             id: stem,
             domains,
             users,
             limits,
             plugins,
+            dkim,
             path: path.to_path_buf(),
             claims,
             text: text.to_string(),
@@ -335,6 +370,13 @@ impl TenantConfig {
             message,
         }
     }
+}
+
+/// Where a `[[dkim]]` entry with `selector` is written, for errors about it.
+fn offset_of_dkim(text: &str, selector: &str) -> usize {
+    text.find(&format!("\"{selector}\""))
+        .or_else(|| text.find("[[dkim]]"))
+        .unwrap_or(0)
 }
 
 /// A tenant id: the name of its file, and a label in logs and metrics.

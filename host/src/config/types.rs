@@ -98,8 +98,22 @@ impl Serialize for HostPort {
 pub enum ListenerRole {
     /// Mail from other servers: accepted for `relay.domains`, relayed only for `relay.networks`.
     Inbound,
-    /// Mail from the organisation's own users and applications.
+    /// Mail from the organisation's own users and applications (port 587, STARTTLS).
     Submission,
+    /// As `submission`, with TLS from the first byte (port 465, RFC 8314 implicit TLS).
+    Submissions,
+}
+
+impl ListenerRole {
+    /// Mail from users: AUTH offered, and required unless the client is in `relay.networks`.
+    pub fn is_submission(self) -> bool {
+        matches!(self, ListenerRole::Submission | ListenerRole::Submissions)
+    }
+
+    /// The TLS handshake comes before the greeting.
+    pub fn implicit_tls(self) -> bool {
+        self == ListenerRole::Submissions
+    }
 }
 
 /// How hard to insist on STARTTLS when delivering.
@@ -108,10 +122,13 @@ pub enum ListenerRole {
 pub enum TlsPolicy {
     /// Never use TLS.
     None,
-    /// Use STARTTLS when offered, without verifying the certificate; fall back to plain text if the
-    /// handshake fails (Postfix's `may`).
+    /// Use STARTTLS when offered, taking any certificate; fall back to plain text if the
+    /// handshake fails (Postfix's `may`). The log line still says whether the certificate
+    /// would have verified.
     Opportunistic,
-    /// Refuse to deliver without STARTTLS, certificate not verified (Postfix's `encrypt`).
+    /// Refuse to deliver without STARTTLS and a certificate that chains to a trusted root
+    /// (`delivery.ca_file` or the system's store) and names the host connected to (Postfix's
+    /// `secure` with `smtp_tls_secure_cert_match = nexthop, dot-nexthop`, matching the MX name).
     Require,
 }
 

@@ -38,7 +38,21 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
     limits(config, &problem)?;
     files(config, &problem)?;
     submission(config, &problem)?;
+    dkim(config, &problem)?;
     names(config, &problem)
+}
+
+/// Signing keys: each usable on its own, no selector twice.
+fn dkim(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    for key in &config.dkim {
+        if let Some(message) = key.problem() {
+            return Err(problem("[[dkim]]", message));
+        }
+    }
+    match super::dkim::duplicate(&config.dkim) {
+        Some(message) => Err(problem("[[dkim]]", message)),
+        None => Ok(()),
+    }
 }
 
 /// The hostname and the listeners: valid, and no two on one address.
@@ -119,16 +133,33 @@ fn limits(config: &Config, problem: &Locate) -> Result<(), Problem> {
 /// Files the server will open: they exist and are what they should be.
 fn files(config: &Config, problem: &Locate) -> Result<(), Problem> {
     if let Some(tls) = &config.tls {
+        let sni = tls.sni.iter().flat_map(|extra| {
+            [
+                ("certificate", &extra.certificate),
+                ("private_key", &extra.private_key),
+            ]
+        });
         for (key, path) in [
             ("certificate", &tls.certificate),
             ("private_key", &tls.private_key),
-        ] {
+        ]
+        .into_iter()
+        .chain(sni)
+        {
             if !path.is_file() {
                 return Err(problem(
                     key,
                     format!("tls.{key}: no such file `{}`", path.display()),
                 ));
             }
+        }
+    }
+    if let Some(ca_file) = &config.delivery.ca_file {
+        if !ca_file.is_file() {
+            return Err(problem(
+                "ca_file",
+                format!("delivery.ca_file: no such file `{}`", ca_file.display()),
+            ));
         }
     }
     if let Some(root) = &config.mailboxes.root {
@@ -171,10 +202,24 @@ fn submission(config: &Config, problem: &Locate) -> Result<(), Problem> {
                 .to_string(),
         ));
     }
+    if let Some(listener) = config
+        .listeners
+        .iter()
+        .find(|listener| listener.role.implicit_tls() && config.tls.is_none())
+    {
+        return Err(Problem {
+            offset: listener.address.span().start,
+            message: format!(
+                "listener `{}` has role `submissions` (implicit TLS), which needs a certificate: \
+                 set [tls]",
+                listener.name
+            ),
+        });
+    }
     let submission = config
         .listeners
         .iter()
-        .find(|listener| listener.role == super::ListenerRole::Submission);
+        .find(|listener| listener.role.is_submission());
     if let Some(listener) = submission {
         if config.submission.require_auth && config.submission.users_file.is_none() {
             return Err(Problem {

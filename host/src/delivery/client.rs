@@ -12,6 +12,10 @@ use crate::mail::reply::Reply;
 use crate::net::conn::Conn;
 use crate::net::line::LineEnd;
 use crate::net::stream::Stream;
+use crate::net::verify::{ClientTls, TlsState};
+
+use super::credentials::Credentials;
+use crate::queue::{MessageDsn, RecipientDsn};
 
 /// Why a connection could not be used. Each carries the reply to record for the recipients.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +26,21 @@ pub enum ClientError {
     Refused { peer: String, reply: Reply },
     #[error("{peer}: TLS handshake failed: {message}")]
     Tls { peer: String, message: String },
+    /// The policy asks for a verified certificate and this server's did not check out.
+    #[error("{peer}: certificate verification failed: {message}")]
+    Unverified { peer: String, message: String },
     #[error("{peer}: STARTTLS required by policy but not offered")]
     TlsRequired { peer: String },
     #[error("{peer}: lost connection: {message}")]
     Lost { peer: String, message: String },
+    /// The hop has credentials, and they cannot be used or were refused.
+    #[error("{peer}: authentication failed: {message}")]
+    Auth {
+        peer: String,
+        /// The enhanced status for the recipients' reply.
+        status: &'static str,
+        message: String,
+    },
 }
 
 impl ClientError {
@@ -35,7 +50,12 @@ impl ClientError {
             ClientError::Refused { reply, .. } if reply.is_permanent() => reply.clone(),
             ClientError::Refused { reply, .. } => reply.clone(),
             ClientError::TlsRequired { .. } => Reply::new(451, "4.7.4", self.to_string()),
-            ClientError::Tls { .. } => Reply::new(451, "4.7.5", self.to_string()),
+            ClientError::Tls { .. } | ClientError::Unverified { .. } => {
+                Reply::new(451, "4.7.5", self.to_string())
+            }
+            // A refused password defers, as Postfix's smtp_sasl_auth_soft_bounce: the operator
+            // can fix the file before the mail expires.
+            ClientError::Auth { status, .. } => Reply::new(451, status, self.to_string()),
             _ => Reply::new(451, "4.4.1", self.to_string()),
         }
     }
@@ -49,6 +69,12 @@ pub struct Capabilities {
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     pub size: Option<u64>,
+    /// AUTH with the PLAIN mechanism.
+    pub auth_plain: bool,
+    /// RFC 3461 DSN: takes NOTIFY, ORCPT, RET and ENVID.
+    pub dsn: bool,
+    /// RFC 8689 REQUIRETLS.
+    pub requiretls: bool,
 }
 
 impl Capabilities {
@@ -62,6 +88,12 @@ impl Capabilities {
                 "STARTTLS" => capabilities.starttls = true,
                 "8BITMIME" => capabilities.eight_bit_mime = true,
                 "SMTPUTF8" => capabilities.smtputf8 = true,
+                "DSN" => capabilities.dsn = true,
+                "REQUIRETLS" => capabilities.requiretls = true,
+                "AUTH" => {
+                    capabilities.auth_plain =
+                        words.any(|mechanism| mechanism.eq_ignore_ascii_case("PLAIN"))
+                }
                 "SIZE" => {
                     capabilities.size = words
                         .next()
@@ -79,11 +111,14 @@ impl Capabilities {
 pub struct ConnectOptions<'a> {
     pub helo_name: &'a str,
     pub tls: TlsPolicy,
-    pub tls_config: Arc<rustls::ClientConfig>,
-    /// The name for SNI and logs.
+    /// The configurations for the handshake and the verifier that judges certificates.
+    pub client_tls: Arc<ClientTls>,
+    /// The name for SNI, certificate checks and logs.
     pub server_name: &'a str,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// AUTH PLAIN with these after TLS (never without TLS).
+    pub credentials: Option<Credentials>,
 }
 
 /// One mail transaction's envelope.
@@ -93,6 +128,10 @@ pub struct Envelope<'a> {
     pub smtputf8: bool,
     pub eight_bit: bool,
     pub size: u64,
+    /// RET, ENVID and REQUIRETLS.
+    pub dsn: &'a MessageDsn,
+    /// NOTIFY and ORCPT of each recipient (missing ones: none given).
+    pub recipient_dsn: &'a [RecipientDsn],
 }
 
 /// An open, greeted connection ready for transactions.
@@ -104,6 +143,8 @@ pub struct Client {
     pub peer: String,
     /// Transactions since the connection opened.
     pub transactions: usize,
+    /// What protects the connection, for the delivery log line.
+    pub tls: TlsState,
 }
 
 impl Client {
@@ -142,6 +183,7 @@ impl Client {
             command_timeout: options.command_timeout,
             peer,
             transactions: 0,
+            tls: TlsState::None,
         };
         let greeting = client.read_reply().await?;
         if !greeting.is_positive() {
@@ -165,11 +207,53 @@ impl Client {
                 peer: client.peer.clone(),
             });
         }
+        if let Some(credentials) = &options.credentials {
+            client.authenticate(credentials).await?;
+        }
         Ok(client)
+    }
+
+    /// AUTH PLAIN (RFC 4954, RFC 4616) with the initial response, only over TLS.
+    async fn authenticate(&mut self, credentials: &Credentials) -> Result<(), ClientError> {
+        use base64::Engine;
+        let peer = self.peer.clone();
+        let failed = |status: &'static str, message: String| ClientError::Auth {
+            peer: peer.clone(),
+            status,
+            message,
+        };
+        if !self.is_tls() {
+            return Err(failed(
+                "4.7.11",
+                "credentials are sent only over TLS, and this connection is not encrypted"
+                    .to_string(),
+            ));
+        }
+        if !self.capabilities.auth_plain {
+            return Err(failed(
+                "4.7.8",
+                "the server does not offer AUTH PLAIN".to_string(),
+            ));
+        }
+        let response = base64::engine::general_purpose::STANDARD.encode(format!(
+            "\0{}\0{}",
+            credentials.username, credentials.password
+        ));
+        self.send_line(&format!("AUTH PLAIN {response}")).await?;
+        let reply = self.read_reply().await?;
+        if reply.code == 235 {
+            return Ok(());
+        }
+        Err(failed("4.7.8", reply.to_string()))
     }
 
     pub fn is_tls(&self) -> bool {
         self.conn.stream().is_tls()
+    }
+
+    /// The server takes DSN parameters.
+    pub fn offers_dsn(&self) -> bool {
+        self.capabilities.dsn
     }
 
     fn refused(&self, reply: Reply) -> ClientError {
@@ -211,18 +295,29 @@ impl Client {
                 message: "not a plain stream".to_string(),
             });
         };
-        let name = rustls::pki_types::ServerName::try_from(
-            options.server_name.trim_end_matches('.').to_string(),
-        )
-        .unwrap_or_else(|_| {
-            rustls::pki_types::ServerName::try_from("invalid.invalid".to_string())
-                .expect("static name")
-        });
-        let connector = tokio_rustls::TlsConnector::from(options.tls_config.clone());
+        // Under `require` the handshake itself refuses a certificate that does not check out;
+        // otherwise any certificate is taken and judged afterwards, for the log line.
+        let verify = options.tls == TlsPolicy::Require;
+        let unverified = |message: String| ClientError::Unverified {
+            peer: peer.clone(),
+            message,
+        };
+        let name = match crate::net::verify::server_name(options.server_name) {
+            Ok(name) => name,
+            Err(message) if verify => return Err(unverified(message)),
+            // SNI is a courtesy here: any name gets the handshake going.
+            Err(_) => rustls::pki_types::ServerName::try_from("invalid.invalid")
+                .map_err(|error| unverified(error.to_string()))?,
+        };
+        let config = options.client_tls.config(verify).map_err(&unverified)?;
+        let connector = tokio_rustls::TlsConnector::from(config);
         let handshake =
             tokio::time::timeout(options.command_timeout, connector.connect(name, tcp)).await;
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
+            Ok(Err(error)) if verify && is_certificate_error(&error) => {
+                return Err(unverified(error.to_string()))
+            }
             Ok(Err(error)) => {
                 return Err(ClientError::Tls {
                     peer,
@@ -236,12 +331,25 @@ impl Client {
                 })
             }
         };
+        let state = if verify {
+            TlsState::Verified
+        } else {
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            match options.client_tls.check(chain, options.server_name) {
+                Ok(()) => TlsState::Verified,
+                Err(reason) => {
+                    tracing::debug!(peer = %peer, %reason, "certificate not verified");
+                    TlsState::Unverified
+                }
+            }
+        };
         Ok(Client {
             conn: Conn::new(Stream::ClientTls(Box::new(tls))),
             capabilities: Capabilities::default(),
             command_timeout: self.command_timeout,
             peer: self.peer,
             transactions: 0,
+            tls: state,
         })
     }
 
@@ -330,6 +438,24 @@ impl Client {
 
     /// The reply for every recipient when this server cannot take the message at all.
     fn cannot_take(&self, envelope: &Envelope<'_>) -> Option<Reply> {
+        if envelope.dsn.requiretls {
+            // RFC 8689 4.2.1: never without a verified certificate and a next hop that
+            // promises the same; a failure, not a fallback.
+            let reason = if self.tls != TlsState::Verified {
+                Some("the connection's certificate is not verified")
+            } else if !self.capabilities.requiretls {
+                Some("the server does not offer REQUIRETLS")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Some(Reply::new(
+                    550,
+                    "5.7.30",
+                    format!("REQUIRETLS support required: {} ({reason})", self.peer),
+                ));
+            }
+        }
         if envelope.smtputf8 && !self.capabilities.smtputf8 {
             // RFC 6531 3.4: a message that needs SMTPUTF8 must not be downgraded silently.
             return Some(Reply::new(
@@ -363,13 +489,33 @@ impl Client {
         if envelope.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        let dsn = self.capabilities.dsn;
+        if dsn {
+            if let Some(ret) = envelope.dsn.ret {
+                mail.push_str(&format!(" RET={}", ret.as_str()));
+            }
+            if let Some(envid) = &envelope.dsn.envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
+        if envelope.dsn.requiretls {
+            mail.push_str(" REQUIRETLS");
+        }
+        let rcpt = |(index, recipient): (usize, &String)| {
+            let mut command = format!("RCPT TO:<{recipient}>");
+            let given = envelope.recipient_dsn.get(index).filter(|_| dsn);
+            if let Some(given) = given {
+                if given.notify.is_specified() {
+                    command.push_str(&format!(" NOTIFY={}", given.notify));
+                }
+                if let Some(orcpt) = &given.orcpt {
+                    command.push_str(&format!(" ORCPT={orcpt}"));
+                }
+            }
+            command
+        };
         std::iter::once(mail)
-            .chain(
-                envelope
-                    .recipients
-                    .iter()
-                    .map(|recipient| format!("RCPT TO:<{recipient}>")),
-            )
+            .chain(envelope.recipients.iter().enumerate().map(rcpt))
             .chain(std::iter::once("DATA".to_string()))
             .collect()
     }
@@ -450,6 +596,19 @@ impl Client {
         }
         self.conn.shutdown().await;
     }
+}
+
+/// Whether a failed handshake failed on the server's certificate (rather than on the network).
+fn is_certificate_error(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|error| {
+            matches!(
+                error,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
 }
 
 /// Doubles a leading dot on every line (RFC 5321 4.5.2). `content` ends with CRLF.

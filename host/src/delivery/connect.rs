@@ -12,18 +12,22 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::client::{Client, ClientError, ConnectOptions, Envelope};
+use super::credentials::{Credentials, CredentialsFile};
 use super::mailbox;
 use super::route::NextHop;
 use crate::config::{Config, TlsPolicy};
 use crate::mail::reply::Reply;
 use crate::mail::text::one_line;
 use crate::net::dns::{Dns, Target};
-use crate::queue::MessageMeta;
+use crate::net::verify::{ClientTls, TlsState};
+use crate::queue::{MessageMeta, RecipientDsn};
 
 /// One message for some of its recipients, as a connection sends it.
 pub struct Outgoing<'a> {
     pub meta: &'a MessageMeta,
     pub recipients: &'a [String],
+    /// NOTIFY and ORCPT of each recipient, in order.
+    pub recipient_dsn: &'a [RecipientDsn],
     pub content: &'a Bytes,
 }
 
@@ -33,6 +37,8 @@ pub struct Sent {
     pub replies: Vec<Reply>,
     /// False when the connection broke: it carries no more messages.
     pub intact: bool,
+    /// The next hop took the DSN parameters (it offers DSN): success and delay notices are its.
+    pub dsn_passed: bool,
 }
 
 /// An open way to a next hop, carrying one message after another.
@@ -42,6 +48,8 @@ pub trait Connection: Send {
     fn relay(&self) -> String;
     /// Messages sent over it so far.
     fn sent(&self) -> usize;
+    /// What protects it, for the delivery log line (`tls=`).
+    fn tls(&self) -> TlsState;
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent;
     /// Ends it politely (SMTP QUIT).
     async fn close(self: Box<Self>);
@@ -61,12 +69,18 @@ pub struct Transports {
 }
 
 impl Transports {
-    pub fn new(config: Arc<Config>, dns: Arc<Dns>) -> Transports {
+    pub fn new(
+        config: Arc<Config>,
+        dns: Arc<Dns>,
+        client_tls: Arc<ClientTls>,
+        credentials: CredentialsFile,
+    ) -> Transports {
         Transports {
             smtp: SmtpTransport {
                 config: config.clone(),
                 dns,
-                tls_config: crate::net::tls::unverified_client_config(),
+                client_tls,
+                credentials,
             },
             mailbox: MailboxTransport {
                 root: config.mailboxes.root.clone(),
@@ -90,7 +104,9 @@ impl Transport for Transports {
 pub struct SmtpTransport {
     config: Arc<Config>,
     dns: Arc<Dns>,
-    tls_config: Arc<rustls::ClientConfig>,
+    client_tls: Arc<ClientTls>,
+    /// Passwords for relays, by host (`[delivery] credentials_file`).
+    credentials: CredentialsFile,
 }
 
 impl SmtpTransport {
@@ -117,15 +133,17 @@ impl SmtpTransport {
         target: &Target,
         address: std::net::SocketAddr,
         tls: TlsPolicy,
+        credentials: Option<&Credentials>,
     ) -> Result<Client, ClientError> {
         let delivery = &self.config.delivery;
         let mut options = ConnectOptions {
             helo_name: self.config.helo_name(),
             tls,
-            tls_config: self.tls_config.clone(),
+            client_tls: self.client_tls.clone(),
             server_name: &target.name,
             connect_timeout: delivery.connect_timeout,
             command_timeout: delivery.command_timeout,
+            credentials: credentials.cloned(),
         };
         let result = Client::connect(address, &options).await;
         if matches!(result, Err(ClientError::Tls { .. })) && tls == TlsPolicy::Opportunistic {
@@ -146,10 +164,14 @@ impl Transport for SmtpTransport {
             NextHop::Mx { .. } => self.config.delivery.tls,
             NextHop::Mailbox { .. } => TlsPolicy::None,
         };
+        let credentials = match hop {
+            NextHop::Relay { host, .. } => self.credentials.get(&host.host, host.port_or(25)),
+            _ => None,
+        };
         let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
         for target in &targets {
             for address in &target.addresses {
-                match self.connect(target, *address, tls).await {
+                match self.connect(target, *address, tls, credentials).await {
                     Ok(client) => return Ok(Box::new(client)),
                     Err(error) => {
                         tracing::info!(%error, "connection attempt failed; trying the next host");
@@ -172,6 +194,10 @@ impl Connection for Client {
         self.transactions
     }
 
+    fn tls(&self) -> TlsState {
+        self.tls
+    }
+
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
         let envelope = Envelope {
             sender: &message.meta.sender,
@@ -179,15 +205,20 @@ impl Connection for Client {
             smtputf8: message.meta.smtputf8,
             eight_bit: message.meta.eight_bit,
             size: message.meta.size,
+            dsn: &message.meta.dsn,
+            recipient_dsn: message.recipient_dsn,
         };
+        let dsn_passed = self.offers_dsn();
         match Client::send(self, &envelope, message.content).await {
             Ok(replies) => Sent {
                 replies,
                 intact: true,
+                dsn_passed,
             },
             Err(error) => Sent {
                 replies: vec![error.reply(); message.recipients.len()],
                 intact: false,
+                dsn_passed,
             },
         }
     }
@@ -247,6 +278,10 @@ impl Connection for MailboxConnection {
         self.sent
     }
 
+    fn tls(&self) -> TlsState {
+        TlsState::None
+    }
+
     /// Writes one copy per recipient.
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
         let mut replies = Vec::with_capacity(message.recipients.len());
@@ -278,6 +313,7 @@ impl Connection for MailboxConnection {
         Sent {
             replies,
             intact: true,
+            dsn_passed: false,
         }
     }
 

@@ -12,8 +12,8 @@ use super::Dispatcher;
 use crate::plugins::hooks::HookKind;
 use crate::plugins::{PluginManager, PluginRun};
 use crate::queue::{
-    now_millis, MessageMeta, NewMessage, Queue, QueueError, QueuedMessage, RecipientRow,
-    RecipientState,
+    now_millis, MessageDsn, MessageMeta, NewMessage, Queue, QueueError, QueuedMessage,
+    RecipientDsn, RecipientRow, RecipientState,
 };
 
 /// A message a session has accepted: stamped, checked and edited, ready to be queued.
@@ -26,6 +26,10 @@ pub struct Accepted {
     /// Envelope sender; empty for the null sender.
     pub sender: String,
     pub recipients: Vec<String>,
+    /// NOTIFY and ORCPT of each recipient, in order (recipients a data hook added have none).
+    pub recipient_dsn: Vec<RecipientDsn>,
+    /// RET, ENVID and REQUIRETLS of MAIL.
+    pub dsn: MessageDsn,
     /// The whole message as it will be delivered, CRLF line endings.
     pub content: Bytes,
     /// The client used SMTPUTF8.
@@ -90,6 +94,7 @@ impl Inbox {
             smtputf8: message.smtputf8,
             eight_bit,
             tenant: message.tenant,
+            dsn: message.dsn,
         };
         let lease_until = received_at + self.lease.as_millis() as i64;
         let lease = message
@@ -99,6 +104,7 @@ impl Inbox {
         let new = NewMessage {
             meta: meta.clone(),
             recipients: message.recipients.clone(),
+            recipient_dsn: message.recipient_dsn.clone(),
             content: message.content.clone(),
             quarantine: message.quarantine.clone(),
         };
@@ -122,7 +128,7 @@ impl Inbox {
         if message.quarantine.is_none() {
             let queued = QueuedMessage {
                 meta,
-                recipients: first_attempts(message.recipients, received_at),
+                recipients: first_attempts(message.recipients, message.recipient_dsn, received_at),
             };
             let run = run.and_then(|run| {
                 self.plugins.hold(
@@ -137,7 +143,7 @@ impl Inbox {
 }
 
 /// The recipients of a message just queued, as a claim hands them to delivery.
-fn first_attempts(recipients: Vec<String>, due: i64) -> Vec<RecipientRow> {
+fn first_attempts(recipients: Vec<String>, dsn: Vec<RecipientDsn>, due: i64) -> Vec<RecipientRow> {
     recipients
         .into_iter()
         .enumerate()
@@ -148,6 +154,8 @@ fn first_attempts(recipients: Vec<String>, due: i64) -> Vec<RecipientRow> {
             attempts: 0,
             next_attempt: due,
             last_reply: None,
+            dsn: dsn.get(index).cloned().unwrap_or_default(),
+            delay_warned: false,
         })
         .collect()
 }

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod connect;
+pub mod credentials;
 pub mod dsn;
 pub mod inbox;
 pub mod mailbox;
@@ -453,6 +454,8 @@ impl Dispatcher {
                     recipient: recipient.clone(),
                     reply: reply.clone(),
                     relay: "none".to_string(),
+                    tls: crate::net::verify::TlsState::None,
+                    dsn_passed: false,
                 })
                 .collect();
             self.finish(job, attempts).await;
@@ -495,14 +498,18 @@ impl Dispatcher {
             return true;
         };
         let addresses: Vec<String> = job.recipients.iter().map(|r| r.address.clone()).collect();
+        let recipient_dsn: Vec<_> = job.recipients.iter().map(|r| r.dsn.clone()).collect();
         let relay = connection.relay();
+        let tls = connection.tls();
         let sent = connection
             .send(&Outgoing {
                 meta: &job.meta,
                 recipients: &addresses,
+                recipient_dsn: &recipient_dsn,
                 content: &content,
             })
             .await;
+        let dsn_passed = sent.dsn_passed;
         let attempts = job
             .recipients
             .iter()
@@ -511,6 +518,8 @@ impl Dispatcher {
                 recipient: recipient.clone(),
                 reply,
                 relay: relay.clone(),
+                tls,
+                dsn_passed,
             })
             .collect();
         job.content = Some(content);

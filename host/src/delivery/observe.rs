@@ -1,7 +1,7 @@
 //! The delivery-side hooks that observe or decorate: delivery-result (after every attempt) and
 //! bounce (the human-readable part of a DSN).
 
-use super::dsn::FailedRecipient;
+use super::dsn::DsnRecipient;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::hooks::HookKind;
 use crate::plugins::PluginRun;
@@ -54,7 +54,7 @@ pub async fn delivery_results(run: &mut PluginRun, reports: &[wit::DeliveryRepor
 pub async fn bounce_text(
     run: &mut PluginRun,
     meta: &MessageMeta,
-    failed: &[FailedRecipient],
+    failed: &[DsnRecipient],
     content: &[u8],
 ) -> Option<wit::BounceText> {
     if !run.implements(HookKind::Bounce) || meta.sender.is_empty() {

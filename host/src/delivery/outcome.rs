@@ -5,9 +5,10 @@
 
 use bytes::Bytes;
 
-use super::dsn::{self, FailedRecipient};
+use super::dsn::{self, Action, DsnRecipient, Report};
 use super::{observe, retry, Dispatcher, Job};
 use crate::mail::reply::Reply;
+use crate::net::verify::TlsState;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::PluginRun;
 use crate::queue::{now_millis, MessageMeta, NewMessage, Outcome, RecipientResult, RecipientRow};
@@ -18,14 +19,26 @@ pub(super) struct Attempt {
     pub reply: Reply,
     /// Who answered: a host, `mailbox:NAME`, `plugin`, or `none` when nothing was reached.
     pub relay: String,
+    /// What protected the connection it went over.
+    pub tls: TlsState,
+    /// The next hop took the DSN parameters: success and delay notices are its to send.
+    pub dsn_passed: bool,
 }
 
 /// One recipient's attempt, classified.
 struct Classified {
     result: RecipientResult,
     report: wit::DeliveryReport,
-    /// Set when the recipient failed for good: what its DSN says.
-    failed: Option<FailedRecipient>,
+    /// What a DSN says of it, when the sender is to be told (RFC 3461 NOTIFY).
+    notice: Option<(Notice, DsnRecipient)>,
+}
+
+/// Which DSN a recipient goes into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    Failure,
+    Delay,
+    Success,
 }
 
 /// How a reply ends an attempt: the outcome, the log's status word and the diagnostic text.
@@ -98,23 +111,53 @@ impl Dispatcher {
         tracing::info!(
             queue_id = %meta.id,
             tenant = %meta.tenant,
-            "to=<{}>, relay={}, delay={:.2}s, attempt={}, status={} ({})",
+            "to=<{}>, relay={}, tls={}, delay={:.2}s, attempt={}, status={} ({})",
             attempt.recipient.address,
             attempt.relay,
+            attempt.tls,
             delay,
             count,
             status,
             diagnostic
         );
-        let failed = matches!(outcome, Outcome::Failed).then(|| FailedRecipient {
-            address: attempt.recipient.address.clone(),
-            status: if status == "expired" {
-                "4.4.7".to_string()
-            } else {
-                dsn::status_of(attempt.reply.code, &attempt.reply.enhanced)
-            },
-            diagnostic: diagnostic.clone(),
-            remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
+        let notify = attempt.recipient.dsn.notify;
+        let age = now - meta.received_at;
+        let warn_after = self.config.retry.delay_warning.as_millis() as i64;
+        let notice = match outcome {
+            Outcome::Failed if notify.on_failure() => Some((Notice::Failure, Action::Failed)),
+            Outcome::Deferred { .. }
+                if notify.on_delay()
+                    && !attempt.recipient.delay_warned
+                    && warn_after > 0
+                    && age >= warn_after =>
+            {
+                Some((Notice::Delay, Action::Delayed))
+            }
+            Outcome::Delivered if notify.on_success() && !attempt.dsn_passed => {
+                let local = attempt.relay.starts_with("mailbox:");
+                let action = if local {
+                    Action::Delivered
+                } else {
+                    Action::Relayed
+                };
+                Some((Notice::Success, action))
+            }
+            _ => None,
+        };
+        let notice = notice.map(|(notice, action)| {
+            let entry = DsnRecipient {
+                address: attempt.recipient.address.clone(),
+                action,
+                status: if status == "expired" {
+                    "4.4.7".to_string()
+                } else {
+                    dsn::status_of(attempt.reply.code, &attempt.reply.enhanced)
+                },
+                diagnostic: diagnostic.clone(),
+                remote_mta: (attempt.relay != "none").then(|| attempt.relay.clone()),
+                orcpt: attempt.recipient.dsn.orcpt.clone(),
+            };
+            (notice, entry)
         });
         let report = observe::report(
             meta,
@@ -131,9 +174,24 @@ impl Dispatcher {
                 attempts: count,
                 outcome,
                 reply: diagnostic,
+                delay_warned: matches!(notice, Some((Notice::Delay, _))),
             },
             report,
-            failed,
+            notice,
+        }
+    }
+
+    /// The message's content for its notices: the job's, or the queue's copy.
+    async fn content_for_notices(&self, meta: &MessageMeta, content: Option<Bytes>) -> Bytes {
+        match content {
+            Some(content) => content,
+            None => self
+                .queue
+                .content(&meta.id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
         }
     }
 
@@ -143,21 +201,18 @@ impl Dispatcher {
         &self,
         run: &mut PluginRun,
         meta: &MessageMeta,
-        content: Option<Bytes>,
-        failed: &[FailedRecipient],
+        content: &Bytes,
+        failed: &[DsnRecipient],
     ) -> Option<NewMessage> {
-        let content = match content {
-            Some(content) => content,
-            None => self
-                .queue
-                .content(&meta.id)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-        };
-        let text = observe::bounce_text(run, meta, failed, &content).await;
-        let bounce = dsn::build(&self.config.hostname, meta, &content, failed, text.as_ref());
+        let text = observe::bounce_text(run, meta, failed, content).await;
+        let bounce = dsn::build(
+            &self.config.hostname,
+            meta,
+            content,
+            failed,
+            Report::Failure,
+            text.as_ref(),
+        );
         match &bounce {
             Some(bounce) => {
                 tracing::info!(queue_id = %meta.id, dsn = %bounce.meta.id, "sender non-delivery notification")
@@ -179,18 +234,45 @@ impl Dispatcher {
             .into_iter()
             .map(|attempt| self.classify_attempt(&meta, attempt, now))
             .collect();
-        let failed: Vec<FailedRecipient> = classified
-            .iter()
-            .filter_map(|one| one.failed.clone())
-            .collect();
+        let notices = |wanted: Notice| -> Vec<DsnRecipient> {
+            classified
+                .iter()
+                .filter_map(|one| one.notice.clone())
+                .filter(|(notice, _)| *notice == wanted)
+                .map(|(_, recipient)| recipient)
+                .collect()
+        };
+        let (failed, delayed, succeeded) = (
+            notices(Notice::Failure),
+            notices(Notice::Delay),
+            notices(Notice::Success),
+        );
         let set = self.plugins.set_for(&meta.tenant);
         let mut run = self.plugin_run(&set, &meta, job.plugins.take());
         let mut bounces = Vec::new();
-        if !failed.is_empty() {
-            bounces.extend(
-                self.bounce(&mut run, &meta, job.content.take(), &failed)
-                    .await,
-            );
+        if !failed.is_empty() || !delayed.is_empty() || !succeeded.is_empty() {
+            let content = self.content_for_notices(&meta, job.content.take()).await;
+            if !failed.is_empty() {
+                bounces.extend(self.bounce(&mut run, &meta, &content, &failed).await);
+            }
+            let retry_until = meta.received_at + self.config.retry.max_lifetime.as_millis() as i64;
+            for (recipients, report, what) in [
+                (&delayed, Report::Delay { retry_until }, "delay"),
+                (&succeeded, Report::Success, "success"),
+            ] {
+                let notice = dsn::build(
+                    &self.config.hostname,
+                    &meta,
+                    &content,
+                    recipients,
+                    report,
+                    None,
+                );
+                if let Some(notice) = notice {
+                    tracing::info!(queue_id = %meta.id, dsn = %notice.meta.id, "sender {what} notification");
+                    bounces.push(notice);
+                }
+            }
         }
         let (results, reports): (Vec<_>, Vec<_>) = classified
             .into_iter()

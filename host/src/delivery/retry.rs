@@ -34,6 +34,7 @@ mod tests {
         let config = RetryConfig {
             intervals: vec![Duration::from_secs(60), Duration::from_secs(600)],
             max_lifetime: Duration::from_secs(3600),
+            ..RetryConfig::default()
         };
         assert_eq!(next_attempt(&config, 1, 0, 1000), Some(61_000));
         assert_eq!(next_attempt(&config, 2, 0, 1000), Some(601_000));

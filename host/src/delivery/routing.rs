@@ -57,6 +57,8 @@ impl Dispatcher {
                     recipient,
                     reply,
                     relay: "plugin".to_string(),
+                    tls: crate::net::verify::TlsState::None,
+                    dsn_passed: false,
                 }),
             }
         }

@@ -89,6 +89,10 @@ impl Connection for ScriptedConnection {
         self.sent
     }
 
+    fn tls(&self) -> crate::net::verify::TlsState {
+        crate::net::verify::TlsState::None
+    }
+
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent {
         self.sent += 1;
         let group = message
@@ -122,6 +126,7 @@ impl Connection for ScriptedConnection {
                     message.recipients.len()
                 ],
                 intact: false,
+                dsn_passed: false,
             };
         }
         let replies = message
@@ -138,6 +143,7 @@ impl Connection for ScriptedConnection {
         Sent {
             replies,
             intact: true,
+            dsn_passed: false,
         }
     }
 
@@ -217,6 +223,8 @@ impl Bench {
             listener: "test".to_string(),
             sender: sender.to_string(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            recipient_dsn: Vec::new(),
+            dsn: Default::default(),
             content: Bytes::from_static(b"Subject: test\r\n\r\nbody\r\n"),
             smtputf8: false,
             eight_bit_mime: false,
@@ -340,10 +348,12 @@ async fn a_message_past_its_lifetime_expires_with_4_4_7() {
         smtputf8: false,
         eight_bit: false,
         tenant: String::new(),
+        dsn: Default::default(),
     };
     let new = NewMessage {
         meta: meta.clone(),
         recipients: vec!["late@b.test".into()],
+        recipient_dsn: Vec::new(),
         content: Bytes::from_static(b"Subject: old\r\n\r\nbody\r\n"),
         quarantine: None,
     };

@@ -199,6 +199,7 @@ impl Session {
         }
         let sender = envelope.sender.clone();
         let mut recipients = envelope.recipients.clone();
+        let envelope_recipients = recipients.clone();
         let mut content = Bytes::from(stamped);
         let mut quarantine = None;
         if let Some((decision, edits)) =
@@ -233,6 +234,12 @@ impl Session {
                 return queued;
             }
         }
+        if let Some(signed) = self.dkim_sign(&queue_id, &content) {
+            match signed {
+                Ok(signed) => content = signed,
+                Err(reply) => return reply,
+            }
+        }
         let tenant = self.current_tenant().cloned();
         if let Some(tenant) = &tenant {
             // The message's real size, now known, against the tenant's queue quota.
@@ -245,11 +252,14 @@ impl Session {
         }
         let size = content.len() as u64;
         let recipient_count = recipients.len();
+        let recipient_dsn = dsn_of(&envelope_recipients, &transaction, &recipients);
         let accepted = Accepted {
             tenant: self.tenant_id(),
             id: queue_id,
             listener: self.listener.name.clone(),
             sender,
+            recipient_dsn,
+            dsn: transaction.dsn.clone(),
             recipients,
             content,
             smtputf8: transaction.smtputf8,
@@ -272,11 +282,41 @@ impl Session {
         }
     }
 
+    /// The message with its DKIM signatures in front, when it comes from a trusted client (an
+    /// authenticated user or `relay.networks`: mail from strangers claiming our From: is not
+    /// ours to sign) and a key of its owner covers its From: domain. Signed after the data
+    /// hooks' edits, so the signature covers what is sent. A key that fails to sign is a
+    /// temporary failure, not unsigned mail that the domain's DMARC policy would reject.
+    fn dkim_sign(&self, queue_id: &str, content: &Bytes) -> Option<Result<Bytes, Reply>> {
+        let signer = &self.services.signer;
+        if signer.is_empty() || !(self.auth_identity.is_some() || self.in_relay_networks()) {
+            return None;
+        }
+        match signer.sign(&self.tenant_id(), content) {
+            Ok(None) => None,
+            Ok(Some(signed)) => {
+                tracing::debug!(queue_id = %queue_id, keys = ?signed.keys, "DKIM-signed");
+                let mut out = Vec::with_capacity(signed.headers.len() + content.len());
+                out.extend_from_slice(signed.headers.as_bytes());
+                out.extend_from_slice(content);
+                Some(Ok(Bytes::from(out)))
+            }
+            Err(error) => {
+                tracing::error!(queue_id = %queue_id, tenant = %self.tenant_id(), %error, "message refused: cannot sign");
+                Some(Err(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Temporary failure: the message cannot be signed, please try again later",
+                )))
+            }
+        }
+    }
+
     /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
     /// is on, an inbound listener got it, from a client outside `relay.networks`.
     fn sender_check(&self, sender: &str) -> Option<Check> {
         let authenticator = self.services.authenticator.clone()?;
-        if self.in_relay_networks() || self.listener.role != crate::config::ListenerRole::Inbound {
+        if self.in_relay_networks() || self.listener.role.is_submission() {
             return None;
         }
         let helo = match &self.greeting {
@@ -331,4 +371,23 @@ impl Session {
         };
         content::stamp(message, &trace)
     }
+}
+
+/// NOTIFY and ORCPT for each final recipient: those its RCPT gave, found by address after the
+/// data hooks' edits (a recipient a hook added asked for nothing).
+fn dsn_of(
+    envelope_recipients: &[String],
+    transaction: &Transaction,
+    recipients: &[String],
+) -> Vec<crate::mail::dsn_params::RecipientDsn> {
+    recipients
+        .iter()
+        .map(|recipient| {
+            envelope_recipients
+                .iter()
+                .position(|given| given == recipient)
+                .and_then(|index| transaction.recipient_dsn.get(index).cloned())
+                .unwrap_or_default()
+        })
+        .collect()
 }

@@ -4,6 +4,7 @@
 
 use super::session::{Flow, Greeting, Session, Transaction};
 use crate::mail::address::{domain_key, parse_path_argument, Mailbox, PathArgument};
+use crate::mail::dsn_params::{check_envid, check_orcpt, Notify, RecipientDsn, Ret};
 use crate::mail::reply::Reply;
 
 impl Session {
@@ -34,7 +35,12 @@ impl Session {
             "SMTPUTF8".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
             "CHUNKING".to_string(),
+            "DSN".to_string(),
         ];
+        // RFC 8689 2: offered only once the session is encrypted.
+        if self.conn.stream().is_tls() {
+            lines.push("REQUIRETLS".to_string());
+        }
         if self.services.tls_acceptor.is_some() && !self.conn.stream().is_tls() {
             lines.push("STARTTLS".to_string());
         }
@@ -106,10 +112,11 @@ impl Session {
     }
 
     /// The transaction MAIL's ESMTP parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531
-    /// SMTPUTF8, RFC 4954 AUTH) start.
+    /// SMTPUTF8, RFC 4954 AUTH, RFC 3461 RET and ENVID, RFC 8689 REQUIRETLS) start.
     fn mail_parameters(&self, parsed: &PathArgument) -> Result<Transaction, Refused> {
         let extended = matches!(self.greeting, Greeting::Ehlo(_));
         let mut transaction = Transaction::default();
+        let syntax = |message: &str| Refused::Error(Reply::new(501, "5.5.4", message));
         for (keyword, value) in &parsed.params {
             if !extended {
                 return Err(Refused::Error(Reply::new(
@@ -146,6 +153,23 @@ impl Session {
                 ("SMTPUTF8", None) => transaction.smtputf8 = true,
                 // RFC 4954 5: the identity the message was submitted by; we know our own.
                 ("AUTH", Some(_)) if self.offers_auth() => {}
+                ("RET", Some(ret)) if transaction.dsn.ret.is_none() => {
+                    transaction.dsn.ret = Some(Ret::parse(ret).map_err(syntax)?);
+                }
+                ("ENVID", Some(envid)) if transaction.dsn.envid.is_none() => {
+                    check_envid(envid).map_err(syntax)?;
+                    transaction.dsn.envid = Some(envid.to_string());
+                }
+                ("REQUIRETLS", None) => {
+                    if !self.conn.stream().is_tls() {
+                        return Err(Refused::Error(Reply::new(
+                            530,
+                            "5.7.10",
+                            "REQUIRETLS needs a TLS session",
+                        )));
+                    }
+                    transaction.dsn.requiretls = true;
+                }
                 _ => {
                     return Err(Refused::Error(Reply::new(
                         555,
@@ -158,6 +182,36 @@ impl Session {
         Ok(transaction)
     }
 
+    /// RCPT's parameters: NOTIFY and ORCPT of RFC 3461, each once.
+    fn rcpt_parameters(&self, parsed: &PathArgument) -> Result<RecipientDsn, Reply> {
+        let mut dsn = RecipientDsn::default();
+        let mut seen_orcpt = false;
+        for (keyword, value) in &parsed.params {
+            if !matches!(self.greeting, Greeting::Ehlo(_)) {
+                return Err(Reply::new(555, "5.5.4", "RCPT parameters need EHLO"));
+            }
+            match (keyword.as_str(), value.as_deref()) {
+                ("NOTIFY", Some(notify)) if !dsn.notify.is_specified() => {
+                    dsn.notify = Notify::parse(notify)
+                        .map_err(|message| Reply::new(501, "5.5.4", message))?;
+                }
+                ("ORCPT", Some(orcpt)) if !seen_orcpt => {
+                    check_orcpt(orcpt).map_err(|message| Reply::new(501, "5.5.4", message))?;
+                    dsn.orcpt = Some(orcpt.to_string());
+                    seen_orcpt = true;
+                }
+                _ => {
+                    return Err(Reply::new(
+                        555,
+                        "5.5.4",
+                        format!("Unsupported parameter {keyword}"),
+                    ))
+                }
+            }
+        }
+        Ok(dsn)
+    }
+
     pub(super) async fn rcpt(&mut self, argument: &str) -> Flow {
         if self.transaction.sender.is_none() {
             return self.error(Reply::new(503, "5.5.1", "Error: need MAIL command"));
@@ -166,13 +220,10 @@ impl Session {
             Ok(parsed) => parsed,
             Err(reply) => return self.error(reply),
         };
-        if let Some((keyword, _)) = parsed.params.first() {
-            return self.error(Reply::new(
-                555,
-                "5.5.4",
-                format!("Unsupported parameter {keyword}"),
-            ));
-        }
+        let dsn = match self.rcpt_parameters(&parsed) {
+            Ok(dsn) => dsn,
+            Err(reply) => return self.error(reply),
+        };
         let Some(recipient) = parsed.mailbox.clone() else {
             return self.error(Reply::new(
                 501,
@@ -226,6 +277,7 @@ impl Session {
             return Flow::Continue;
         }
         self.transaction.recipients.push(recipient);
+        self.transaction.recipient_dsn.push(dsn);
         self.reply(Reply::new(250, "2.1.5", "Ok"));
         Flow::Continue
     }

@@ -69,9 +69,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         metrics::counter!("switchyard_smtp_sessions_total", "listener" => listener.name.clone())
             .increment(1);
-        let banned = match listener.role {
-            crate::config::ListenerRole::Submission => services.auth_budget.refusal(peer.ip()),
-            crate::config::ListenerRole::Inbound => None,
+        let banned = if listener.role.is_submission() {
+            services.auth_budget.refusal(peer.ip())
+        } else {
+            None
         };
         if let Some(reply) = banned {
             metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "auth_ban").increment(1);

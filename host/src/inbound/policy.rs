@@ -60,7 +60,7 @@ impl Session {
         Arc::new(SessionFacts {
             client_ip: self.client_ip.to_string(),
             listener: self.listener.name.clone(),
-            submission: self.listener.role == crate::config::ListenerRole::Submission,
+            submission: self.listener.role.is_submission(),
             helo,
             tls: self.conn.stream().is_tls(),
             auth_identity: self.auth_identity.clone(),

@@ -16,6 +16,8 @@ pub struct Services {
     pub tenants: Arc<crate::tenants::Tenants>,
     /// Present when a certificate is configured: STARTTLS is offered.
     pub tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The acceptor's certificates (chosen by SNI), loaded again on reload.
+    pub certificates: Option<Arc<crate::net::tls::CertificateResolver>>,
     /// Present when `authentication.verify` is on: SPF, DKIM and DMARC of inbound mail.
     pub authenticator: Option<mail_auth::MessageAuthenticator>,
     /// Present when `[submission] users_file` is set: SMTP AUTH is offered on submission
@@ -23,6 +25,8 @@ pub struct Services {
     pub accounts: Option<Arc<crate::accounts::Accounts>>,
     /// Failed AUTH attempts per client address, across sessions.
     pub auth_budget: Arc<super::AuthBudget>,
+    /// DKIM keys of the global configuration and of each tenant; signs mail of trusted clients.
+    pub signer: Arc<crate::dkim::Signer>,
     /// The graceful stop: sessions run under it and watch it.
     pub shutdown: crate::shutdown::Shutdown,
 }

@@ -40,6 +40,10 @@ pub(super) struct Transaction {
     /// The sender as the global chain left it, kept while a tenant's mail-from hooks may have
     /// rewritten it: restored if the recipient that chose the tenant is refused.
     pub(super) global_sender: Option<Option<Mailbox>>,
+    /// MAIL's RET, ENVID and REQUIRETLS.
+    pub(super) dsn: crate::mail::dsn_params::MessageDsn,
+    /// RCPT's NOTIFY and ORCPT, one per entry of `recipients`.
+    pub(super) recipient_dsn: Vec<crate::mail::dsn_params::RecipientDsn>,
 }
 
 pub(super) enum Greeting {
@@ -86,6 +90,23 @@ impl Session {
         let span = tracing::info_span!("smtp", client = %peer, listener = %listener.name);
         async move {
             tracing::debug!("connected");
+            let timeout = services.config.smtp.command_timeout;
+            if listener.role.implicit_tls() {
+                // RFC 8314: the handshake first; the client speaks first in TLS, so there is no
+                // greeting delay to keep.
+                let stream = match super::tls::accept_implicit(stream, &services, timeout).await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::info!(%error, "TLS handshake failed");
+                        return;
+                    }
+                };
+                let conn = Conn::new(stream).with_write_timeout(timeout);
+                Session::new(conn, peer, listener, services)
+                    .serve_and_close()
+                    .await;
+                return;
+            }
             if !listener.greeting_delay.is_zero()
                 && talks_first(&stream, listener.greeting_delay).await
             {
@@ -104,29 +125,43 @@ impl Session {
                 conn.shutdown().await;
                 return;
             }
-            let mut session = Session {
-                conn: Conn::new(Stream::Plain(stream))
-                    .with_write_timeout(services.config.smtp.command_timeout),
-                client_ip: canonical(peer.ip()),
-                listener,
-                services,
-                greeting: Greeting::None,
-                transaction: Transaction::default(),
-                errors: 0,
-                auth_identity: None,
-                run: None,
-                tenant: None,
-                auth_tenant: None,
-                tenant_slot: None,
-            };
-            if let Err(error) = session.serve().await {
-                tracing::debug!(%error, "session ended with an I/O error");
-            }
-            session.conn.close_lingering().await;
-            tracing::debug!("disconnected");
+            let conn = Conn::new(Stream::Plain(stream)).with_write_timeout(timeout);
+            Session::new(conn, peer, listener, services)
+                .serve_and_close()
+                .await;
         }
         .instrument(span)
         .await
+    }
+
+    fn new(
+        conn: Conn,
+        peer: SocketAddr,
+        listener: Arc<ListenerConfig>,
+        services: Arc<Services>,
+    ) -> Session {
+        Session {
+            conn,
+            client_ip: canonical(peer.ip()),
+            listener,
+            services,
+            greeting: Greeting::None,
+            transaction: Transaction::default(),
+            errors: 0,
+            auth_identity: None,
+            run: None,
+            tenant: None,
+            auth_tenant: None,
+            tenant_slot: None,
+        }
+    }
+
+    async fn serve_and_close(mut self) {
+        if let Err(error) = self.serve().await {
+            tracing::debug!(%error, "session ended with an I/O error");
+        }
+        self.conn.close_lingering().await;
+        tracing::debug!("disconnected");
     }
 
     pub(super) fn config(&self) -> &crate::config::Config {

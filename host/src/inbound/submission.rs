@@ -6,14 +6,13 @@
 
 use super::sasl::{self, Credentials, Mechanism, MAX_AUTH_LINE};
 use super::session::{Flow, Greeting, Session};
-use crate::config::ListenerRole;
 use crate::mail::reply::Reply;
 use crate::net::line::LineEnd;
 
 impl Session {
     /// True when this listener offers AUTH at all (a submission listener with accounts).
     pub(super) fn offers_auth(&self) -> bool {
-        self.listener.role == ListenerRole::Submission && self.services.accounts.is_some()
+        self.listener.role.is_submission() && self.services.accounts.is_some()
     }
 
     /// The EHLO keyword, when AUTH may be used right now: never before TLS.
@@ -31,7 +30,7 @@ impl Session {
 
     /// `Some(reply)` when MAIL must be refused because the client has not authenticated.
     pub(super) fn authentication_required(&self) -> Option<Reply> {
-        let required = self.listener.role == ListenerRole::Submission
+        let required = self.listener.role.is_submission()
             && self.config().submission.require_auth
             && self.auth_identity.is_none()
             && !self.in_relay_networks();

@@ -1,10 +1,30 @@
 //! STARTTLS (RFC 3207): refused when commands were pipelined after it (CVE-2011-0411), then the
-//! handshake within the command timeout, and everything learnt before TLS forgotten.
+//! handshake within the command timeout, and everything learnt before TLS forgotten. And
+//! implicit TLS (RFC 8314), where the handshake comes before the greeting.
 
 use super::session::{Flow, Greeting, Session, Transaction};
 use crate::mail::reply::Reply;
 use crate::net::conn::Conn;
 use crate::net::stream::Stream;
+
+/// The handshake of an implicit-TLS listener, within `timeout`.
+pub(super) async fn accept_implicit(
+    tcp: tokio::net::TcpStream,
+    services: &super::services::Services,
+    timeout: std::time::Duration,
+) -> std::io::Result<Stream> {
+    let Some(acceptor) = services.tls_acceptor.clone() else {
+        return Err(std::io::Error::other(
+            "no certificate configured for implicit TLS",
+        ));
+    };
+    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+        })??;
+    Ok(Stream::ServerTls(Box::new(tls)))
+}
 
 impl Session {
     pub(super) fn starttls_command(&mut self, argument: &str) -> Flow {

@@ -3,6 +3,7 @@
 //! from outside. Nothing here does I/O or knows about plugins, queues or sessions.
 
 pub mod address;
+pub mod dsn_params;
 pub mod edit;
 pub mod header;
 pub mod reply;

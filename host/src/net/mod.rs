@@ -6,3 +6,4 @@ pub mod dns;
 pub mod line;
 pub mod stream;
 pub mod tls;
+pub mod verify;

@@ -1,13 +1,18 @@
-//! TLS set-up: the server certificate for STARTTLS on listeners, and the client configuration for
-//! STARTTLS when delivering.
+//! TLS set-up for listeners: the server certificate for STARTTLS and implicit TLS, and the PEM
+//! reading that the client side's CA file shares.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use std::collections::HashMap;
+
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::TlsFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -17,113 +22,151 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Loads a PEM certificate chain and private key into a server configuration.
-pub fn server_config(
-    certificate: &Path,
-    private_key: &Path,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let file_error = |path: &Path, message: String| TlsError::File {
+fn file_error(path: &Path, message: String) -> TlsError {
+    TlsError::File {
         path: path.display().to_string(),
         message,
-    };
-    let pem_error = |path: &Path, error: pem::Error, what: &str| match error {
+    }
+}
+
+fn pem_error(path: &Path, error: pem::Error, what: &str) -> TlsError {
+    match error {
         pem::Error::NoItemsFound => file_error(path, format!("no {what} in PEM file")),
         pem::Error::Io(error) => file_error(path, error.to_string()),
         other => file_error(path, other.to_string()),
-    };
-    let chains: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
-        .map_err(|error| pem_error(certificate, error, "certificate"))?
-        .collect::<Result<_, _>>()
-        .map_err(|error| pem_error(certificate, error, "certificate"))?;
-    if chains.is_empty() {
-        return Err(file_error(
-            certificate,
-            "no certificate in PEM file".to_string(),
-        ));
     }
+}
+
+/// Every certificate in a PEM file; an error when there is none.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|error| pem_error(path, error, "certificate"))?
+        .collect::<Result<_, _>>()
+        .map_err(|error| pem_error(path, error, "certificate"))?;
+    if certificates.is_empty() {
+        return Err(file_error(path, "no certificate in PEM file".to_string()));
+    }
+    Ok(certificates)
+}
+
+/// Loads a PEM certificate chain and private key into a signing key for a server.
+pub fn certified_key(
+    certificate: &Path,
+    private_key: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = read_certificates(certificate)?;
     let key = PrivateKeyDer::from_pem_file(private_key)
         .map_err(|error| pem_error(private_key, error, "private key"))?;
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|error| {
+        file_error(
+            private_key,
+            format!("does not go with {}: {error}", certificate.display()),
+        )
+    })?;
+    Ok(Arc::new(key))
+}
+
+/// The listeners' certificates: the default one, and more served to clients that ask (by SNI)
+/// for a name one of them carries.
+#[derive(Debug)]
+pub struct Certificates {
+    default: Arc<CertifiedKey>,
+    /// Lower-case DNS names (`*.example.com` for wildcards) to their certificate.
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl Certificates {
+    pub fn load(files: &TlsFiles) -> Result<Certificates, TlsError> {
+        let default = certified_key(&files.certificate, &files.private_key)?;
+        let mut by_name = HashMap::new();
+        for extra in &files.sni {
+            let key = certified_key(&extra.certificate, &extra.private_key)?;
+            let names =
+                dns_names(&key).map_err(|message| file_error(&extra.certificate, message))?;
+            if names.is_empty() {
+                return Err(file_error(
+                    &extra.certificate,
+                    "the certificate names no DNS name for SNI to choose it by".to_string(),
+                ));
+            }
+            for name in names {
+                by_name.insert(name, key.clone());
+            }
+        }
+        Ok(Certificates { default, by_name })
+    }
+
+    /// The certificate for the name a client asked for: an exact name, else a wildcard one
+    /// level up, else the default.
+    fn choose(&self, asked: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(asked) = asked.map(|name| name.trim_end_matches('.').to_ascii_lowercase()) else {
+            return self.default.clone();
+        };
+        if let Some(key) = self.by_name.get(&asked) {
+            return key.clone();
+        }
+        asked
+            .split_once('.')
+            .and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}")))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+/// The DNS names of a certificate's subject alternative names, lower case.
+fn dns_names(key: &CertifiedKey) -> Result<Vec<String>, String> {
+    let end_entity = key
+        .cert
+        .first()
+        .ok_or_else(|| "no certificate".to_string())?;
+    let parsed = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|error| format!("cannot read the certificate: {error}"))?;
+    Ok(parsed
+        .valid_dns_names()
+        .map(|name| name.to_ascii_lowercase())
+        .collect())
+}
+
+/// Chooses the certificate of each handshake from the current set, which a reload replaces
+/// while connections keep coming.
+#[derive(Debug)]
+pub struct CertificateResolver {
+    current: ArcSwap<Certificates>,
+}
+
+impl CertificateResolver {
+    pub fn new(certificates: Certificates) -> CertificateResolver {
+        CertificateResolver {
+            current: ArcSwap::from_pointee(certificates),
+        }
+    }
+
+    /// Loads the files again; on an error the certificates in use stay.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
+        self.current.store(Arc::new(Certificates::load(files)?));
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertificateResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().choose(hello.server_name()))
+    }
+}
+
+/// A server configuration whose certificate `resolver` chooses.
+pub fn server_config(
+    resolver: Arc<CertificateResolver>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chains, key)?;
+        .with_cert_resolver(resolver);
     Ok(Arc::new(config))
-}
-
-/// Client configuration for opportunistic and mandatory-unverified STARTTLS: encryption against
-/// passive eavesdropping, as Postfix's `may` and `encrypt` levels. Certificates are not checked
-/// because MX host names are not authenticated by plain DNS anyway (that is DANE's and MTA-STS's job).
-pub fn unverified_client_config() -> Arc<rustls::ClientConfig> {
-    let provider = provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map(|builder| {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-                .with_no_client_auth()
-        })
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))))
-                .with_no_client_auth()
-        });
-    Arc::new(config)
-}
-
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
@@ -141,9 +184,9 @@ mod tests {
         std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
         std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
         std::fs::write(&empty, "not PEM at all\n").expect("write empty");
-        assert!(server_config(&certificate, &key).is_ok());
+        assert!(certified_key(&certificate, &key).is_ok());
         let error = |certificate: &Path, key: &Path| {
-            server_config(certificate, key)
+            certified_key(certificate, key)
                 .err()
                 .map(|error| error.to_string())
                 .unwrap_or_default()
@@ -163,5 +206,49 @@ mod tests {
         );
         let missing = dir.path().join("missing.pem");
         assert!(error(&missing, &key).starts_with(&format!("{}: ", missing.display())));
+        // A key of another certificate.
+        let other = rcgen::generate_simple_self_signed(vec!["mx.test".to_string()]).expect("cert");
+        let other_key = dir.path().join("other.key");
+        std::fs::write(&other_key, other.signing_key.serialize_pem()).expect("write key");
+        assert!(error(&certificate, &other_key).contains("does not go with"));
+    }
+
+    #[test]
+    fn sni_chooses_by_exact_name_then_wildcard_then_the_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |stem: &str, names: &[&str]| {
+            let generated = rcgen::generate_simple_self_signed(
+                names
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .expect("certificate");
+            let certificate = dir.path().join(format!("{stem}.pem"));
+            let private_key = dir.path().join(format!("{stem}.key"));
+            std::fs::write(&certificate, generated.cert.pem()).expect("write");
+            std::fs::write(&private_key, generated.signing_key.serialize_pem()).expect("write");
+            crate::config::CertificateFiles {
+                certificate,
+                private_key,
+            }
+        };
+        let default = write("default", &["mx.provider.test"]);
+        let files = TlsFiles {
+            certificate: default.certificate.clone(),
+            private_key: default.private_key.clone(),
+            sni: vec![
+                write("acme", &["mail.acme.test"]),
+                write("bravo", &["*.bravo.test"]),
+            ],
+        };
+        let certificates = Certificates::load(&files).expect("load");
+        let leaf = |name: Option<&str>| certificates.choose(name).cert[0].clone();
+        let default_leaf = leaf(None);
+        assert_ne!(leaf(Some("MAIL.ACME.TEST.")), default_leaf);
+        assert_ne!(leaf(Some("smtp.bravo.test")), default_leaf);
+        assert_ne!(leaf(Some("smtp.bravo.test")), leaf(Some("mail.acme.test")));
+        assert_eq!(leaf(Some("a.b.bravo.test")), default_leaf);
+        assert_eq!(leaf(Some("unknown.test")), default_leaf);
     }
 }

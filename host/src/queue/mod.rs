@@ -15,6 +15,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::mail::dsn_params::{MessageDsn, RecipientDsn};
+
 /// Milliseconds since the Unix epoch: the queue's clock.
 pub type Millis = i64;
 
@@ -69,6 +71,8 @@ pub struct MessageMeta {
     pub eight_bit: bool,
     /// The tenant the message belongs to (`""`: none).
     pub tenant: String,
+    /// RET, ENVID and REQUIRETLS as the sender gave them.
+    pub dsn: MessageDsn,
 }
 
 /// A message ready to be written to the queue.
@@ -76,6 +80,8 @@ pub struct MessageMeta {
 pub struct NewMessage {
     pub meta: MessageMeta,
     pub recipients: Vec<String>,
+    /// NOTIFY and ORCPT of each recipient, in the same order (missing ones: not given).
+    pub recipient_dsn: Vec<RecipientDsn>,
     /// The whole message, headers and body, with CRLF line endings.
     pub content: Bytes,
     /// Held instead of delivered, for this reason (a data hook said so).
@@ -128,6 +134,9 @@ pub struct RecipientRow {
     pub attempts: i64,
     pub next_attempt: Millis,
     pub last_reply: Option<String>,
+    pub dsn: RecipientDsn,
+    /// A delay DSN was sent for it already.
+    pub delay_warned: bool,
 }
 
 /// A message with the recipients a claim handed over (or all of them, for listings).
@@ -153,6 +162,8 @@ pub struct RecipientResult {
     pub attempts: i64,
     pub outcome: Outcome,
     pub reply: String,
+    /// A delay DSN for it goes out with this record: it is not sent again.
+    pub delay_warned: bool,
 }
 
 #[async_trait]

@@ -55,8 +55,9 @@ impl TestClient {
         assert_eq!(reply.code, 220, "{reply:?}");
         assert!(self.reader.buffer().is_empty(), "data after the 220");
         let stream = self.reader.into_inner().unsplit(self.writer);
-        let connector =
-            tokio_rustls::TlsConnector::from(switchyard::net::tls::unverified_client_config());
+        let connector = tokio_rustls::TlsConnector::from(
+            switchyard::net::verify::accepting_config().expect("TLS config"),
+        );
         let name = rustls::pki_types::ServerName::try_from("mx.switchyard.test").expect("name");
         let tls = connector
             .connect(name, stream)

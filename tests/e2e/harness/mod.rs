@@ -1,4 +1,6 @@
+pub mod certs;
 pub mod client;
 pub mod dns;
+pub mod peers;
 pub mod router;
 pub mod sink;

@@ -72,20 +72,21 @@ pub fn plugin_path(name: &str) -> PathBuf {
     path
 }
 
-/// Writes a self-signed certificate for mx.switchyard.test and its key into `dir`; returns the
-/// `[tls]` section that uses them.
+/// Writes a certificate for mx.switchyard.test, issued by a CA made for the test, and its key
+/// into `dir`; returns the `[tls]` section that uses them. The CA is `dir/switchyard-test-ca.pem`.
 pub fn tls_section(dir: &std::path::Path) -> String {
-    let generated = rcgen::generate_simple_self_signed(vec!["mx.switchyard.test".to_string()])
-        .expect("certificate");
-    let certificate = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&certificate, generated.cert.pem()).expect("write cert");
-    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write key");
+    let issued =
+        super::certs::TestCa::new(dir, "switchyard-test").issue(dir, "mx", &["mx.switchyard.test"]);
     format!(
         "[tls]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
-        certificate.display(),
-        key.display()
+        issued.certificate.display(),
+        issued.private_key.display()
     )
+}
+
+/// The CA that signed the certificate [`tls_section`] wrote into `dir`.
+pub fn test_ca(dir: &std::path::Path) -> PathBuf {
+    dir.join("switchyard-test-ca.pem")
 }
 
 pub fn free_port() -> u16 {

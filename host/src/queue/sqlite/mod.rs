@@ -20,9 +20,11 @@ use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 
 use super::writer::Writer;
 use super::{
-    MessageMeta, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientResult,
-    RecipientRow, RecipientState,
+    MessageDsn, MessageMeta, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientDsn,
+    RecipientResult, RecipientRow, RecipientState,
 };
+use crate::mail::dsn_params::{Notify, Ret};
+use schema::{MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use write::{SqliteWriter, WriteOp, WriteOutput};
 
 impl From<sqlx::Error> for QueueError {
@@ -62,10 +64,9 @@ impl SqliteQueue {
     }
 
     async fn load_recipients(&self, id: &str) -> Result<Vec<RecipientRow>, QueueError> {
-        let rows = sqlx::query(
-            "SELECT idx, address, state, attempts, next_attempt, last_reply FROM recipients
-             WHERE message_id = ? ORDER BY idx",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY idx"
+        ))
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
@@ -81,6 +82,11 @@ fn recipient_from_row(row: &sqlx::sqlite::SqliteRow) -> RecipientRow {
         attempts: row.get("attempts"),
         next_attempt: row.get("next_attempt"),
         last_reply: row.get("last_reply"),
+        dsn: RecipientDsn {
+            notify: Notify::from_bits(row.get("notify")),
+            orcpt: row.get("orcpt"),
+        },
+        delay_warned: row.get::<i64, _>("delay_warned") != 0,
     }
 }
 
@@ -93,6 +99,13 @@ fn meta_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageMeta {
         smtputf8: row.get::<i64, _>("smtputf8") != 0,
         eight_bit: row.get::<i64, _>("eight_bit") != 0,
         tenant: row.get("tenant"),
+        dsn: MessageDsn {
+            ret: row
+                .get::<Option<String>, _>("dsn_ret")
+                .and_then(|ret| Ret::parse(&ret).ok()),
+            envid: row.get("dsn_envid"),
+            requiretls: row.get::<i64, _>("requiretls") != 0,
+        },
     }
 }
 
@@ -163,9 +176,11 @@ impl Queue for SqliteQueue {
     }
 
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {
-        let rows = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages ORDER BY received_at")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages ORDER BY received_at"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
             let meta = meta_from_row(row);
@@ -176,9 +191,9 @@ impl Queue for SqliteQueue {
     }
 
     async fn get(&self, id: &str) -> Result<Option<QueuedMessage>, QueueError> {
-        let row = sqlx::query(
-            "SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -225,11 +240,11 @@ impl Queue for SqliteQueue {
         // writer once the server commits in between (SQLITE_BUSY_SNAPSHOT, which no busy timeout
         // waits out); writing first waits for the write lock like any other writer.
         let mut transaction = self.pool.begin().await?;
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
              WHERE message_id = ?3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < ?4)
-             RETURNING message_id, idx, address, state, attempts, next_attempt, last_reply",
-        )
+             RETURNING message_id, {RECIPIENT_COLUMNS}"
+        ))
         .bind(owner)
         .bind(lease_until)
         .bind(id)
@@ -245,9 +260,9 @@ impl Queue for SqliteQueue {
         .bind(now)
         .fetch_one(&mut *transaction)
         .await?;
-        let meta = sqlx::query(
-            "SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?",
-        )
+        let meta = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        ))
         .bind(id)
         .fetch_optional(&mut *transaction)
         .await?;

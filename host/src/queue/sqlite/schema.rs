@@ -13,7 +13,10 @@ const TABLES: &[&str] = &[
         smtputf8 INTEGER NOT NULL,
         eight_bit INTEGER NOT NULL,
         content BLOB NOT NULL,
-        tenant TEXT NOT NULL DEFAULT ''
+        tenant TEXT NOT NULL DEFAULT '',
+        dsn_ret TEXT,
+        dsn_envid TEXT,
+        requiretls INTEGER NOT NULL DEFAULT 0
     )",
     "CREATE TABLE IF NOT EXISTS recipients (
         message_id TEXT NOT NULL,
@@ -25,6 +28,9 @@ const TABLES: &[&str] = &[
         last_reply TEXT,
         lease_owner TEXT,
         lease_until INTEGER,
+        notify INTEGER NOT NULL DEFAULT 0,
+        orcpt TEXT,
+        delay_warned INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (message_id, idx)
     )",
     "CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt)",
@@ -38,19 +44,43 @@ const TABLES: &[&str] = &[
     )",
 ];
 
-/// Creates whatever of the schema the file does not have yet. A queue written before tenants
-/// existed gains the `tenant` column (its messages are of no tenant).
+/// Columns added since the first release, with their definitions: a queue file written by an
+/// earlier version gains them when it opens (its messages asked for nothing of them).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("messages", "tenant", "TEXT NOT NULL DEFAULT ''"),
+    ("messages", "dsn_ret", "TEXT"),
+    ("messages", "dsn_envid", "TEXT"),
+    ("messages", "requiretls", "INTEGER NOT NULL DEFAULT 0"),
+    ("recipients", "notify", "INTEGER NOT NULL DEFAULT 0"),
+    ("recipients", "orcpt", "TEXT"),
+    ("recipients", "delay_warned", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// The message columns every query of messages reads.
+pub(super) const MESSAGE_COLUMNS: &str =
+    "id, sender, received_at, size, smtputf8, eight_bit, tenant, dsn_ret, dsn_envid, requiretls";
+
+/// The recipient columns every query of recipients reads.
+pub(super) const RECIPIENT_COLUMNS: &str =
+    "idx, address, state, attempts, next_attempt, last_reply, notify, orcpt, delay_warned";
+
+/// Creates whatever of the schema the file does not have yet.
 pub(super) async fn create(connection: &mut SqliteConnection) -> Result<(), QueueError> {
     for statement in TABLES {
         sqlx::query(statement).execute(&mut *connection).await?;
     }
-    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('messages')")
-        .fetch_all(&mut *connection)
-        .await?;
-    if !columns.iter().any(|column| column == "tenant") {
-        sqlx::query("ALTER TABLE messages ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+    for (table, column, definition) in ADDED_COLUMNS {
+        let columns: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT name FROM pragma_table_info('{table}')"))
+                .fetch_all(&mut *connection)
+                .await?;
+        if !columns.iter().any(|present| present == column) {
+            sqlx::query(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))
             .execute(&mut *connection)
             .await?;
+        }
     }
     Ok(())
 }

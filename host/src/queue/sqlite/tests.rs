@@ -54,8 +54,10 @@ fn message(id: &str, recipients: &[&str]) -> NewMessage {
             smtputf8: false,
             eight_bit: false,
             tenant: String::new(),
+            dsn: Default::default(),
         },
         recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        recipient_dsn: Vec::new(),
         content: Bytes::from_static(b"x\r\n"),
         quarantine: None,
     }
@@ -90,6 +92,7 @@ async fn enqueue_claim_record_cycle() {
         attempts: 1,
         outcome,
         reply: "250 ok".into(),
+        delay_warned: false,
     };
     queue
         .record(

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
 
+use super::schema::{MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use super::{meta_from_row, recipient_from_row};
 use crate::queue::writer::Apply;
 use crate::queue::{
@@ -64,8 +65,9 @@ impl SqliteWriter {
     ) -> Result<(), QueueError> {
         let meta = &message.meta;
         sqlx::query(
-            "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content, tenant)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content, tenant,
+                                   dsn_ret, dsn_envid, requiretls)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&meta.id)
         .bind(&meta.sender)
@@ -75,6 +77,9 @@ impl SqliteWriter {
         .bind(meta.eight_bit as i64)
         .bind(message.content.as_ref())
         .bind(&meta.tenant)
+        .bind(meta.dsn.ret.map(|ret| ret.as_str()))
+        .bind(meta.dsn.envid.as_deref())
+        .bind(meta.dsn.requiretls as i64)
         .execute(&mut self.connection)
         .await?;
         let state = if message.quarantine.is_some() {
@@ -83,9 +88,15 @@ impl SqliteWriter {
             RecipientState::Queued.as_i64()
         };
         for (index, address) in message.recipients.iter().enumerate() {
+            let dsn = message
+                .recipient_dsn
+                .get(index)
+                .cloned()
+                .unwrap_or_default();
             sqlx::query(
-                "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_reply, lease_owner, lease_until)
-                 VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+                "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt, last_reply,
+                                         lease_owner, lease_until, notify, orcpt)
+                 VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&meta.id)
             .bind(index as i64)
@@ -95,6 +106,8 @@ impl SqliteWriter {
             .bind(message.quarantine.as_deref())
             .bind(lease.map(|(owner, _)| owner.as_str()))
             .bind(lease.map(|(_, until)| *until))
+            .bind(dsn.notify.bits())
+            .bind(dsn.orcpt.as_deref())
             .execute(&mut self.connection)
             .await?;
         }
@@ -115,13 +128,15 @@ impl SqliteWriter {
             };
             sqlx::query(
                 "UPDATE recipients SET state = ?, attempts = ?, next_attempt = COALESCE(?, next_attempt),
-                 last_reply = ?, lease_owner = NULL, lease_until = NULL
+                 last_reply = ?, lease_owner = NULL, lease_until = NULL,
+                 delay_warned = MAX(delay_warned, ?)
                  WHERE message_id = ? AND idx = ?",
             )
             .bind(state.as_i64())
             .bind(result.attempts)
             .bind(next_attempt)
             .bind(&result.reply)
+            .bind(result.delay_warned as i64)
             .bind(&result.message_id)
             .bind(result.index)
             .execute(&mut self.connection)
@@ -219,15 +234,15 @@ impl SqliteWriter {
         lease_until: Millis,
         limit: i64,
     ) -> Result<Vec<QueuedMessage>, QueueError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
              WHERE state = 0 AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
                AND message_id IN (
                  SELECT message_id FROM recipients
                  WHERE state = 0 AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3)
                  GROUP BY message_id ORDER BY MIN(next_attempt) LIMIT ?4)
-             RETURNING message_id, idx, address, state, attempts, next_attempt, last_reply",
-        )
+             RETURNING message_id, {RECIPIENT_COLUMNS}"
+        ))
         .bind(owner)
         .bind(lease_until)
         .bind(now)
@@ -243,10 +258,12 @@ impl SqliteWriter {
         }
         let mut claimed = Vec::with_capacity(grouped.len());
         for (id, mut recipients) in grouped {
-            let meta = sqlx::query("SELECT id, sender, received_at, size, smtputf8, eight_bit, tenant FROM messages WHERE id = ?")
-                .bind(&id)
-                .fetch_optional(&mut self.connection)
-                .await?;
+            let meta = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+            ))
+            .bind(&id)
+            .fetch_optional(&mut self.connection)
+            .await?;
             match meta {
                 Some(row) => {
                     recipients.sort_by_key(|recipient| recipient.index);

@@ -1,0 +1,184 @@
+//! DKIM signing of outbound mail, judged by dkimpy (`tests/peers/dkim_verify.py`): RSA and
+//! Ed25519 keys made by `switchyard dkim keygen`, a selector rotated by a live reload, and mail
+//! from an untrusted client left unsigned.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::client::TestClient;
+use crate::harness::peers::{peers_dir, python, PySink};
+use crate::harness::router::{Router, RouterOptions};
+
+/// Runs `switchyard dkim keygen` and returns the record's name and text, as DNS would give it.
+fn keygen(dir: &Path, domain: &str, selector: &str, algorithm: &str) -> (String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "dkim",
+            "keygen",
+            domain,
+            selector,
+            "--algorithm",
+            algorithm,
+            "--out",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run switchyard dkim keygen");
+    let printed = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (name, text) = printed
+        .trim()
+        .split_once(". IN TXT ")
+        .expect("a zone file line");
+    // The zone file's strings, joined as a resolver joins them.
+    let text: String = text
+        .split('"')
+        .enumerate()
+        .filter(|(index, _)| index % 2 == 1)
+        .map(|(_, part)| part)
+        .collect();
+    (name.to_string(), text)
+}
+
+fn dkim_entry(dir: &Path, domain: &str, selector: &str, active: bool) -> String {
+    format!(
+        "[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nprivate_key = \"{}\"\nactive = {active}\n\n",
+        dir.join(format!("{domain}.{selector}.key")).display()
+    )
+}
+
+/// dkimpy's verdict on each signature of `message`: "SELECTOR ALGORITHM pass|fail".
+async fn dkimpy(message: &str, records: &BTreeMap<String, String>) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let message_file = dir.path().join("message.eml");
+    let records_file = dir.path().join("records.json");
+    std::fs::write(&message_file, message).expect("write message");
+    std::fs::write(&records_file, serde_json::to_string(records).expect("json")).expect("write");
+    python(vec![
+        peers_dir().join("dkim_verify.py").display().to_string(),
+        message_file.display().to_string(),
+        records_file.display().to_string(),
+    ])
+    .await
+}
+
+fn letter(subject: &str) -> String {
+    format!(
+        "From: Alice <alice@signer.test>\r\nTo: bob@example.test\r\nSubject: {subject}\r\n\
+         Date: Mon, 30 Nov 2026 12:00:00 +0000\r\n\r\nSigned body.\r\n.leading dot\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_and_ed25519_signatures_verify_with_dkimpy_and_a_selector_rotates_live() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let mut records = BTreeMap::new();
+    for (selector, algorithm) in [("rsa1", "rsa"), ("ed1", "ed25519"), ("rsa2", "rsa")] {
+        let (name, text) = keygen(keys.path(), "signer.test", selector, algorithm);
+        records.insert(name, text);
+    }
+    assert!(records["rsa1._domainkey.signer.test"].starts_with("v=DKIM1; k=rsa; p=MII"));
+    assert!(records["ed1._domainkey.signer.test"].starts_with("v=DKIM1; k=ed25519; p="));
+    let sink = PySink::start(None);
+    let entries = |rsa1: bool, rsa2: bool| {
+        [
+            dkim_entry(keys.path(), "signer.test", "rsa1", rsa1),
+            dkim_entry(keys.path(), "signer.test", "ed1", true),
+            dkim_entry(keys.path(), "signer.test", "rsa2", rsa2),
+        ]
+        .concat()
+    };
+    let router = Router::start(RouterOptions {
+        extra: entries(true, false),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("alice@signer.test", &["bob@example.test"], &letter("first"))
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    let first = received[0]["data"].as_str().expect("data").to_string();
+    assert_eq!(
+        dkimpy(&first, &records).await,
+        ["rsa1 rsa-sha256 pass", "ed1 ed25519-sha256 pass"],
+        "{first}"
+    );
+    // The verifier can say no: a changed Subject fails both signatures.
+    let tampered = first.replace("Subject: first", "Subject: changed");
+    assert_eq!(
+        dkimpy(&tampered, &records).await,
+        ["rsa1 rsa-sha256 fail", "ed1 ed25519-sha256 fail"]
+    );
+    // Over-signing: a second From: added on the way breaks the signatures too.
+    let added = format!("From: mallory@evil.test\r\n{first}");
+    assert!(dkimpy(&added, &records)
+        .await
+        .iter()
+        .all(|line| line.ends_with(" fail")));
+
+    // Rotation: rsa1 retires, rsa2 signs; the configuration is reloaded without a restart.
+    let text = std::fs::read_to_string(&router.config_path).expect("config");
+    let rotated = text.replace(&entries(true, false), &entries(false, true));
+    assert_ne!(text, rotated);
+    std::fs::write(&router.config_path, rotated).expect("write config");
+    router.log_with(&["DKIM keys reloaded"]).await;
+    client
+        .send_accepted(
+            "alice@signer.test",
+            &["bob@example.test"],
+            &letter("second"),
+        )
+        .await;
+    let received = sink.wait_for(2, Duration::from_secs(15)).await;
+    let second = received[1]["data"].as_str().expect("data").to_string();
+    assert_eq!(
+        dkimpy(&second, &records).await,
+        ["ed1 ed25519-sha256 pass", "rsa2 rsa-sha256 pass"],
+        "{second}"
+    );
+    // The retired key's record is still listed for publication.
+    let listed = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dkim", "records", "--config"])
+        .arg(&router.config_path)
+        .output()
+        .expect("dkim records");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(
+            "; tenant -, retired\nrsa1._domainkey.signer.test. IN TXT \"v=DKIM1; k=rsa; p="
+        ),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_an_untrusted_client_is_not_signed() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    keygen(keys.path(), "signer.test", "ed1", "ed25519");
+    let sink = PySink::start(None);
+    let router = Router::start(RouterOptions {
+        // 127.0.0.1 is no relay network here: it may only send to switchyard.test.
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        extra: dkim_entry(keys.path(), "signer.test", "ed1", true),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "alice@signer.test",
+            &["bob@switchyard.test"],
+            &letter("forged?"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    let data = received[0]["data"].as_str().expect("data");
+    assert!(!data.contains("DKIM-Signature"), "{data}");
+}

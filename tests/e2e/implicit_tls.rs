@@ -1,0 +1,122 @@
+//! Implicit TLS (RFC 8314) on a `submissions` listener, driven by Python's `smtplib.SMTP_SSL`:
+//! AUTH as on 587, a certificate chosen by SNI, and that certificate replaced without a restart.
+
+use std::time::Duration;
+
+use crate::harness::certs::TestCa;
+use crate::harness::peers::python;
+use crate::harness::router::test_ca;
+use crate::submission::{submission_as, ALICE, ALICE_PASSWORD};
+
+/// Connects to 127.0.0.1:PORT with implicit TLS asking for NAME (SNI), verifying the
+/// certificate against the CA files; then each ACTION: `login USER PASSWORD`, `send`, `cert`.
+const CLIENT: &str = r#"
+import hashlib, smtplib, socket, ssl, sys
+port, name, cas = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+context = ssl.create_default_context(cafile=cas[0])
+for ca in cas[1:]:
+    context.load_verify_locations(cafile=ca)
+
+class Pinned(smtplib.SMTP_SSL):
+    """SMTP_SSL to loopback, with NAME for SNI and the certificate check."""
+    def _get_socket(self, host, port, timeout):
+        sock = socket.create_connection(("127.0.0.1", port), timeout)
+        return self.context.wrap_socket(sock, server_hostname=name)
+
+client = Pinned("127.0.0.1", port, context=context, timeout=30)
+words = sys.argv[4:]
+while words:
+    action = words.pop(0)
+    if action == "cert":
+        der = client.sock.getpeercert(binary_form=True)
+        print("cert", hashlib.sha256(der).hexdigest()[:16])
+    elif action == "login":
+        user, password = words.pop(0), words.pop(0)
+        try:
+            code, _ = client.login(user, password)
+            print("login", code)
+        except smtplib.SMTPAuthenticationError as error:
+            print("login", error.smtp_code)
+    elif action == "send":
+        refused = client.sendmail(
+            "alice@example.test", ["bob@switchyard.test"],
+            "From: alice@example.test\r\nSubject: over 465\r\n\r\nHello.\r\n")
+        print("sent", len(refused))
+client.quit()
+"#;
+
+async fn smtplib(port: u16, name: &str, cas: &[&std::path::Path], actions: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "-c".to_string(),
+        CLIENT.to_string(),
+        port.to_string(),
+        name.to_string(),
+        cas.iter()
+            .map(|ca| ca.display().to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    ];
+    args.extend(actions.iter().map(|action| action.to_string()));
+    python(args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_ssl_logs_in_and_sends_and_sni_picks_a_certificate_that_reloads_live() {
+    let sni_files = tempfile::tempdir().expect("tempdir");
+    let sni_ca = TestCa::new(sni_files.path(), "hosted");
+    let acme = sni_ca.issue(sni_files.path(), "acme", &["mail.acme.test"]);
+    let server = submission_as(
+        "submissions",
+        &format!(
+            "[[tls.sni]]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+            acme.certificate.display(),
+            acme.private_key.display()
+        ),
+    )
+    .await;
+    let port = server.router.port;
+    let main_ca = test_ca(server.files.path());
+    let cas = [main_ca.as_path(), sni_ca.certificate.as_path()];
+
+    // The default certificate, AUTH and a message, as a mail client on port 465 does it.
+    let lines = smtplib(
+        port,
+        "mx.switchyard.test",
+        &cas,
+        &[
+            "cert",
+            "login",
+            "nobody@example.test",
+            "wrong",
+            "login",
+            ALICE,
+            ALICE_PASSWORD,
+            "send",
+        ],
+    )
+    .await;
+    assert_eq!(
+        lines[1..],
+        ["login 535", "login 235", "sent 0"],
+        "{lines:?}"
+    );
+    let default_cert = lines[0].clone();
+    let received = server.sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        received[0].data.contains("with ESMTPSA id"),
+        "{}",
+        received[0].data
+    );
+
+    // SNI: the hosted name gets its own certificate (Python checks it names mail.acme.test).
+    let lines = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
+    assert_ne!(lines[0], default_cert);
+    let acme_cert = lines[0].clone();
+
+    // A renewed certificate is served without a restart.
+    let renewed = sni_ca.issue(sni_files.path(), "acme", &["mail.acme.test"]);
+    assert_eq!(renewed.certificate, acme.certificate);
+    server.router.log_with(&["TLS certificates reloaded"]).await;
+    let lines = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
+    assert_ne!(lines[0], acme_cert, "the old certificate is still served");
+}

@@ -1,0 +1,204 @@
+//! Outbound trust: certificates checked on delivery. The receiving servers are aiosmtpd
+//! (`tests/peers/smtp_sink.py`), with certificates from a CA made for the test.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::harness::certs::TestCa;
+use crate::harness::client::{message, TestClient};
+use crate::harness::dns::DnsServer;
+use crate::harness::peers::PySink;
+use crate::harness::router::{Router, RouterOptions};
+
+fn route(domain: &str, host: &str, port: u16, tls: &str) -> String {
+    format!("[[route]]\ndomain = \"{domain}\"\nsmarthost = \"{host}:{port}\"\ntls = \"{tls}\"\n\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_verifies_the_chain_and_the_name_and_opportunistic_only_encrypts() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(certs.path(), "trusted");
+    let stranger_ca = TestCa::new(certs.path(), "stranger");
+    let good = PySink::start(Some(&ca.issue(certs.path(), "good", &["mx.good.test"])));
+    let misnamed = PySink::start(Some(&ca.issue(
+        certs.path(),
+        "misnamed",
+        &["elsewhere.test"],
+    )));
+    let stranger = PySink::start(Some(&stranger_ca.issue(
+        certs.path(),
+        "stranger",
+        &["mx.stranger.test"],
+    )));
+    let dns = DnsServer::start().await;
+    for host in ["mx.good.test", "mx.misnamed.test", "mx.stranger.test"] {
+        dns.a(host, Ipv4Addr::LOCALHOST);
+    }
+    let routes = [
+        route("good.test", "mx.good.test", good.port, "require"),
+        route(
+            "misnamed.test",
+            "mx.misnamed.test",
+            misnamed.port,
+            "require",
+        ),
+        route(
+            "stranger.test",
+            "mx.stranger.test",
+            stranger.port,
+            "require",
+        ),
+        route(
+            "anyway.test",
+            "mx.stranger.test",
+            stranger.port,
+            "opportunistic",
+        ),
+    ]
+    .concat();
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery: format!("ca_file = \"{}\"\n", ca.certificate.display()),
+        extra: routes,
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    let mut ids = Vec::new();
+    for recipient in [
+        "a@good.test",
+        "b@misnamed.test",
+        "c@stranger.test",
+        "d@anyway.test",
+    ] {
+        ids.push(
+            client
+                .send_accepted("sender@switchyard.test", &[recipient], &message(recipient))
+                .await,
+        );
+    }
+    let log = router
+        .log_with(&[
+            "to=<a@good.test>, relay=mx.good.test[127.0.0.1]",
+            "to=<b@misnamed.test>",
+            "to=<c@stranger.test>",
+            "to=<d@anyway.test>",
+        ])
+        .await;
+    let line = |recipient: &str| {
+        log.lines()
+            .find(|line| line.contains(&format!("to=<{recipient}>")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("a@good.test").contains("tls=verified"), "{log}");
+    assert!(line("a@good.test").contains("status=sent"), "{log}");
+    let misnamed_line = line("b@misnamed.test");
+    assert!(
+        misnamed_line.contains("status=deferred (451 4.7.5 ")
+            && misnamed_line.contains("certificate verification failed")
+            && misnamed_line.contains("not valid for name"),
+        "{misnamed_line}"
+    );
+    let stranger_line = line("c@stranger.test");
+    assert!(
+        stranger_line.contains("status=deferred (451 4.7.5 ")
+            && stranger_line.contains("UnknownIssuer"),
+        "{stranger_line}"
+    );
+    // The same unknown-CA server takes the mail under `opportunistic`: encrypted, not verified.
+    let anyway = line("d@anyway.test");
+    assert!(
+        anyway.contains("tls=unverified") && anyway.contains("status=sent"),
+        "{anyway}"
+    );
+
+    let delivered = good.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(delivered[0]["tls"], true);
+    assert_eq!(delivered[0]["rcpt_tos"][0], "a@good.test");
+    assert!(misnamed.received().is_empty());
+    let received = stranger.received();
+    assert_eq!(
+        received.len(),
+        1,
+        "only the opportunistic message: {received:?}"
+    );
+    assert_eq!(received[0]["rcpt_tos"][0], "d@anyway.test");
+
+    // The deferral's reason is the queue's last reply for the recipient.
+    let listing = router.queue(&["show", &ids[1]]);
+    let shown = String::from_utf8_lossy(&listing.stdout);
+    assert!(shown.contains("certificate verification failed"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smarthost_gets_auth_plain_over_tls_only_with_credentials_from_a_file() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(certs.path(), "relay");
+    let relay = PySink::start_with(
+        Some(&ca.issue(certs.path(), "relay", &["relay.provider.test"])),
+        Some("customer@provider.test:s3cret pass"),
+    );
+    let plain = PySink::start_with(None, Some("customer@provider.test:s3cret pass"));
+    let dns = DnsServer::start().await;
+    dns.a("relay.provider.test", Ipv4Addr::LOCALHOST);
+    let credentials = certs.path().join("relay-passwords");
+    std::fs::write(
+        &credentials,
+        format!(
+            "# smarthost passwords\nrelay.provider.test:{} customer@provider.test:s3cret pass\n\
+             127.0.0.1 customer@provider.test:s3cret pass\n",
+            relay.port
+        ),
+    )
+    .expect("write credentials");
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery: format!(
+            "ca_file = \"{}\"\ncredentials_file = \"{}\"\n",
+            ca.certificate.display(),
+            credentials.display()
+        ),
+        extra: [
+            route(
+                "provider.test",
+                "relay.provider.test",
+                relay.port,
+                "require",
+            ),
+            // The same password for a hop without TLS is never sent.
+            route("cleartext.test", "127.0.0.1", plain.port, "opportunistic"),
+        ]
+        .concat(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "a@switchyard.test",
+            &["x@provider.test"],
+            &message("relayed"),
+        )
+        .await;
+    client
+        .send_accepted("a@switchyard.test", &["y@cleartext.test"], &message("kept"))
+        .await;
+    let received = relay.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(received[0]["auth"], "customer@provider.test");
+    assert_eq!(received[0]["tls"], true);
+    let log = router
+        .log_with(&["to=<x@provider.test>", "to=<y@cleartext.test>"])
+        .await;
+    let cleartext = log
+        .lines()
+        .find(|line| line.contains("to=<y@cleartext.test>"))
+        .unwrap_or_default();
+    assert!(
+        cleartext.contains("status=deferred (451 4.7.11 ")
+            && cleartext.contains("credentials are sent only over TLS"),
+        "{cleartext}"
+    );
+    assert!(!log.contains("s3cret"), "a password reached the log");
+    assert!(plain.received().is_empty());
+}
