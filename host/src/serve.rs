@@ -68,6 +68,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         dns,
         client_tls,
         credentials,
+        opened.policies.clone(),
     ));
     let dispatcher = Dispatcher::new(
         config.clone(),

@@ -1,5 +1,6 @@
-//! Outbound trust: certificates checked on delivery. The receiving servers are aiosmtpd
-//! (`tests/peers/smtp_sink.py`), with certificates from a CA made for the test.
+//! Outbound trust: certificates checked on delivery, MTA-STS, smarthost AUTH. The receiving
+//! servers are aiosmtpd (`tests/peers/smtp_sink.py`) and the policy server Python's http.server
+//! (`tests/peers/https_policy.py`), with certificates from a CA made for the test.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -7,8 +8,25 @@ use std::time::Duration;
 use crate::harness::certs::TestCa;
 use crate::harness::client::{message, TestClient};
 use crate::harness::dns::DnsServer;
-use crate::harness::peers::PySink;
+use crate::harness::peers::{PolicyServer, PySink};
 use crate::harness::router::{Router, RouterOptions};
+
+/// Waits until the log has a delivery line for each of `recipients`; returns the log and a way
+/// to find a recipient's line.
+async fn delivery_lines(router: &Router, recipients: &[&str]) -> (String, impl Fn(&str) -> String) {
+    let wanted: Vec<String> = recipients.iter().map(|r| format!("to=<{r}>")).collect();
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let log = router.log_with(&wanted).await;
+    let lines = log.clone();
+    let line = move |recipient: &str| {
+        lines
+            .lines()
+            .find(|line| line.contains(&format!("to=<{recipient}>")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    (log, line)
+}
 
 fn route(domain: &str, host: &str, port: u16, tls: &str) -> String {
     format!("[[route]]\ndomain = \"{domain}\"\nsmarthost = \"{host}:{port}\"\ntls = \"{tls}\"\n\n")
@@ -77,20 +95,20 @@ async fn require_verifies_the_chain_and_the_name_and_opportunistic_only_encrypts
                 .await,
         );
     }
-    let log = router
-        .log_with(&[
-            "to=<a@good.test>, relay=mx.good.test[127.0.0.1]",
-            "to=<b@misnamed.test>",
-            "to=<c@stranger.test>",
-            "to=<d@anyway.test>",
-        ])
-        .await;
-    let line = |recipient: &str| {
-        log.lines()
-            .find(|line| line.contains(&format!("to=<{recipient}>")))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let (log, line) = delivery_lines(
+        &router,
+        &[
+            "a@good.test",
+            "b@misnamed.test",
+            "c@stranger.test",
+            "d@anyway.test",
+        ],
+    )
+    .await;
+    assert!(
+        line("a@good.test").contains("relay=mx.good.test[127.0.0.1]"),
+        "{log}"
+    );
     assert!(line("a@good.test").contains("tls=verified"), "{log}");
     assert!(line("a@good.test").contains("status=sent"), "{log}");
     let misnamed_line = line("b@misnamed.test");
@@ -201,4 +219,143 @@ async fn a_smarthost_gets_auth_plain_over_tls_only_with_credentials_from_a_file(
     );
     assert!(!log.contains("s3cret"), "a password reached the log");
     assert!(plain.received().is_empty());
+}
+
+fn policy(mode: &str, mx: &str) -> String {
+    format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
+}
+
+/// MTA-STS against policies served by Python's HTTPS server, records from the loopback DNS
+/// server, and aiosmtpd as every MX host (one certificate naming some of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_testing_only_reports() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(certs.path(), "web");
+    let mx = PySink::start(Some(&ca.issue(
+        certs.path(),
+        "mx",
+        &["mx.enforce.test", "mx.other.test"],
+    )));
+    let domains = ["enforce", "stray", "badcert", "testing"];
+    let policy_names: Vec<String> = domains
+        .iter()
+        .map(|domain| format!("mta-sts.{domain}.test"))
+        .collect();
+    let names: Vec<&str> = policy_names.iter().map(String::as_str).collect();
+    let web = PolicyServer::start(&ca.issue(certs.path(), "web", &names));
+    web.serve(
+        "mta-sts.enforce.test",
+        &policy("enforce", "mx.enforce.test"),
+    );
+    web.serve("mta-sts.stray.test", &policy("enforce", "mx.stray.test"));
+    web.serve("mta-sts.badcert.test", &policy("enforce", "*.badcert.test"));
+    web.serve(
+        "mta-sts.testing.test",
+        &policy("testing", "mx.testing.test"),
+    );
+    let dns = DnsServer::start().await;
+    for (domain, exchange) in [
+        ("enforce.test", "mx.enforce.test"),
+        ("stray.test", "mx.other.test"),
+        ("badcert.test", "mx.badcert.test"),
+        ("testing.test", "mx.other.test"),
+        ("nopolicy.test", "mx.badcert.test"),
+    ] {
+        dns.mx(domain, 10, exchange);
+        dns.a(exchange, Ipv4Addr::LOCALHOST);
+    }
+    for domain in domains {
+        dns.txt(
+            &format!("_mta-sts.{domain}.test"),
+            "v=STSv1; id=20261130T1;",
+        );
+        dns.a(&format!("mta-sts.{domain}.test"), Ipv4Addr::LOCALHOST);
+    }
+    let mut router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: mx.port,
+        delivery: format!("ca_file = \"{}\"\n", ca.certificate.display()),
+        extra: format!("[mta_sts]\nhttps_port = {}\n", web.port),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    for domain in ["enforce", "stray", "badcert", "testing", "nopolicy"] {
+        let recipient = format!("user@{domain}.test");
+        client
+            .send_accepted("a@switchyard.test", &[&recipient], &message(&recipient))
+            .await;
+    }
+    let (log, line) = delivery_lines(
+        &router,
+        &[
+            "user@enforce.test",
+            "user@stray.test",
+            "user@badcert.test",
+            "user@testing.test",
+            "user@nopolicy.test",
+        ],
+    )
+    .await;
+    let enforced = line("user@enforce.test");
+    assert!(
+        enforced.contains("tls=verified") && enforced.contains("status=sent"),
+        "{enforced}"
+    );
+    let stray = line("user@stray.test");
+    assert!(
+        stray.contains("status=deferred (451 4.7.5 MTA-STS policy of stray.test (enforce) allows none of its MX hosts (mx.other.test)"),
+        "{stray}"
+    );
+    let badcert = line("user@badcert.test");
+    assert!(
+        badcert.contains("status=deferred (451 4.7.5 ")
+            && badcert.contains("certificate verification failed"),
+        "{badcert}"
+    );
+    let testing = line("user@testing.test");
+    assert!(testing.contains("status=sent"), "{testing}");
+    assert!(
+        log.contains("MTA-STS testing policy of testing.test would refuse this delivery: MX host mx.other.test is not in the policy"),
+        "{log}"
+    );
+    // No policy: opportunistic TLS, the unmatched certificate taken as it is.
+    let open = line("user@nopolicy.test");
+    assert!(
+        open.contains("tls=unverified") && open.contains("status=sent"),
+        "{open}"
+    );
+    let delivered: Vec<String> = mx
+        .wait_for(3, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|message| {
+            message["rcpt_tos"][0]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        3,
+        "only enforce, testing and nopolicy: {delivered:?}"
+    );
+
+    // Cached in the queue's database: after a restart the same policy id is not fetched again.
+    let fetches = web.requests().len();
+    assert_eq!(fetches, 4, "{:?}", web.requests());
+    router.terminate();
+    router.wait_exit(Duration::from_secs(15)).await;
+    router.spawn().await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "a@switchyard.test",
+            &["again@enforce.test"],
+            &message("again"),
+        )
+        .await;
+    mx.wait_for(4, Duration::from_secs(10)).await;
+    assert_eq!(web.requests().len(), fetches, "{:?}", web.requests());
 }

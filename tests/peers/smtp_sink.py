@@ -2,7 +2,7 @@
 certificate. Each message it takes is appended to OUT as one JSON line; "ready PORT" is printed
 once it listens.
 
-    python3 smtp_sink.py OUT [--cert CERT --key KEY] [--auth USER:PASSWORD]
+    python3 smtp_sink.py OUT [--cert CERT --key KEY] [--auth USER:PASSWORD] [--port PORT]
 
 With --auth, MAIL needs AUTH (offered over TLS only) with those credentials.
 """
@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--auth")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     auth = {}
     if args.auth:
@@ -62,9 +63,11 @@ def main():
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.cert, args.key)
     # aiosmtpd connects to its own port to see it is up, so it needs the number beforehand.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = args.port
+    if not port:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
     controller = Controller(
         Recorder(args.out),
         hostname="127.0.0.1",

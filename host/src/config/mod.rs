@@ -74,6 +74,8 @@ pub struct Config {
     /// Many customers on one router: their files' directory and default limits. Without it
     /// all mail follows the global configuration (the tenant is `""`).
     pub tenants: Option<TenantsConfig>,
+    /// MTA-STS (RFC 8461) towards recipient domains that publish a policy.
+    pub mta_sts: MtaStsConfig,
     /// Keys that DKIM-sign mail of no tenant sent by trusted clients (`relay.networks` and
     /// authenticated users).
     #[serde(rename = "dkim")]
@@ -102,6 +104,7 @@ impl Default for Config {
             mailboxes: MailboxesConfig::default(),
             shutdown: ShutdownConfig::default(),
             tenants: None,
+            mta_sts: MtaStsConfig::default(),
             dkim: Vec::new(),
         }
     }
@@ -349,6 +352,32 @@ impl Default for DeliveryConfig {
             max_connections: 200,
             max_connections_per_destination: 20,
             max_messages_per_connection: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtaStsConfig {
+    /// Look for and apply recipient domains' policies.
+    pub enabled: bool,
+    /// How long a domain's `_mta-sts` record is trusted before it is looked at again.
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
+    /// Time allowed to fetch a policy file.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// The port of policy hosts (443 on the internet; tests use others).
+    pub https_port: u16,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            recheck: Duration::from_secs(300),
+            fetch_timeout: Duration::from_secs(10),
+            https_port: 443,
         }
     }
 }

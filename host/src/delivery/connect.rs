@@ -15,11 +15,14 @@ use super::client::{Client, ClientError, ConnectOptions, Envelope};
 use super::credentials::{Credentials, CredentialsFile};
 use super::mailbox;
 use super::route::NextHop;
+use super::sts::{Mode as StsMode, MtaSts, Policy as StsPolicy};
 use crate::config::{Config, TlsPolicy};
+use crate::mail::address::domain_key;
 use crate::mail::reply::Reply;
 use crate::mail::text::one_line;
 use crate::net::dns::{Dns, Target};
 use crate::net::verify::{ClientTls, TlsState};
+use crate::queue::policies::PolicyStore;
 use crate::queue::{MessageMeta, RecipientDsn};
 
 /// One message for some of its recipients, as a connection sends it.
@@ -74,10 +77,17 @@ impl Transports {
         dns: Arc<Dns>,
         client_tls: Arc<ClientTls>,
         credentials: CredentialsFile,
+        policies: Arc<dyn PolicyStore>,
     ) -> Transports {
         Transports {
             smtp: SmtpTransport {
                 config: config.clone(),
+                sts: MtaSts::new(
+                    config.mta_sts.clone(),
+                    dns.clone(),
+                    client_tls.clone(),
+                    policies,
+                ),
                 dns,
                 client_tls,
                 credentials,
@@ -107,6 +117,8 @@ pub struct SmtpTransport {
     client_tls: Arc<ClientTls>,
     /// Passwords for relays, by host (`[delivery] credentials_file`).
     credentials: CredentialsFile,
+    /// Recipient domains' MTA-STS policies.
+    sts: MtaSts,
 }
 
 impl SmtpTransport {
@@ -158,12 +170,36 @@ impl SmtpTransport {
 #[async_trait]
 impl Transport for SmtpTransport {
     async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
-        let targets = self.targets(hop).await?;
-        let tls = match hop {
+        let mut targets = self.targets(hop).await?;
+        let mut tls = match hop {
             NextHop::Relay { tls, .. } => *tls,
             NextHop::Mx { .. } => self.config.delivery.tls,
             NextHop::Mailbox { .. } => TlsPolicy::None,
         };
+        let policy = match hop {
+            NextHop::Mx { domain } => self.sts.policy_for(&domain_key(domain)).await,
+            _ => None,
+        };
+        let domain = match hop {
+            NextHop::Mx { domain } => domain.as_str(),
+            _ => "",
+        };
+        if let Some(policy) = policy.as_deref().filter(|p| p.mode == StsMode::Enforce) {
+            // RFC 8461 4: only the policy's MX hosts, over TLS verified for the MX name.
+            let listed: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+            targets.retain(|target| policy.allows(&target.name));
+            if targets.is_empty() {
+                return Err(Reply::new(
+                    451,
+                    "4.7.5",
+                    format!(
+                        "MTA-STS policy of {domain} (enforce) allows none of its MX hosts ({})",
+                        listed.join(", ")
+                    ),
+                ));
+            }
+            tls = TlsPolicy::Require;
+        }
         let credentials = match hop {
             NextHop::Relay { host, .. } => self.credentials.get(&host.host, host.port_or(25)),
             _ => None,
@@ -172,7 +208,14 @@ impl Transport for SmtpTransport {
         for target in &targets {
             for address in &target.addresses {
                 match self.connect(target, *address, tls, credentials).await {
-                    Ok(client) => return Ok(Box::new(client)),
+                    Ok(client) => {
+                        if let Some(policy) =
+                            policy.as_deref().filter(|p| p.mode == StsMode::Testing)
+                        {
+                            report_testing(domain, policy, target, &client);
+                        }
+                        return Ok(Box::new(client));
+                    }
                     Err(error) => {
                         tracing::info!(%error, "connection attempt failed; trying the next host");
                         last_error = error.reply();
@@ -181,6 +224,23 @@ impl Transport for SmtpTransport {
             }
         }
         Err(last_error)
+    }
+}
+
+/// Under a `testing` policy the delivery goes ahead; what enforcing would have refused is
+/// logged (RFC 8461 5: reported, not acted on).
+fn report_testing(domain: &str, policy: &StsPolicy, target: &Target, client: &Client) {
+    let mut problems = Vec::new();
+    if !policy.allows(&target.name) {
+        problems.push(format!("MX host {} is not in the policy", target.name));
+    }
+    if client.tls != TlsState::Verified {
+        problems.push(format!("TLS is {}", client.tls));
+    }
+    if problems.is_empty() {
+        tracing::debug!(%domain, host = %target.name, "MTA-STS testing policy satisfied");
+    } else {
+        tracing::warn!(%domain, host = %target.name, "MTA-STS testing policy of {domain} would refuse this delivery: {}", problems.join("; "));
     }
 }
 

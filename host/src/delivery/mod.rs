@@ -17,6 +17,7 @@ pub mod retry;
 pub mod route;
 mod routing;
 mod scanner;
+pub mod sts;
 #[cfg(test)]
 mod tests;
 

@@ -1,11 +1,12 @@
 //! The durable queue: messages and their recipients, each recipient with its own state, attempts,
 //! next attempt time and last reply.
 //!
-//! Two ports, [`Queue`] and [`kv::KvStore`], with one error type that names no driver, and one
+//! Three ports, [`Queue`], [`kv::KvStore`] and [`policies::PolicyStore`], with one error type that names no driver, and one
 //! engine behind them: SQLite ([`sqlite::SqliteQueue`]), opened by [`open`]. A claim carries its
 //! owner and an expiry: recipients whose claim has run out are due again.
 
 pub mod kv;
+pub mod policies;
 pub mod sqlite;
 mod writer;
 
@@ -39,6 +40,8 @@ pub enum QueueError {
 pub struct Opened {
     pub queue: Arc<dyn Queue>,
     pub kv: Arc<dyn kv::KvStore>,
+    /// The MTA-STS policy cache.
+    pub policies: Arc<dyn policies::PolicyStore>,
     /// Where it lives, for logs and errors.
     pub location: String,
 }
@@ -52,7 +55,8 @@ pub async fn open(
     let queue = Arc::new(sqlite::SqliteQueue::open(&path, config.commit_window).await?);
     Ok(Opened {
         queue: queue.clone(),
-        kv: queue,
+        kv: queue.clone(),
+        policies: queue,
         location: path.display().to_string(),
     })
 }

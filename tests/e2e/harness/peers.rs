@@ -69,17 +69,7 @@ impl PySink {
         if let Some(auth) = auth {
             command.arg("--auth").arg(auth);
         }
-        let mut child = command.spawn().expect("start python3 smtp_sink.py");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("sink's first line");
-        let port = line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("smtp_sink.py did not start: `{line}`"));
+        let (child, port) = spawn_ready(command);
         PySink {
             port,
             out,
@@ -108,6 +98,68 @@ impl PySink {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Starts a peer that prints `ready PORT` once it listens; returns it and the port.
+fn spawn_ready(mut command: Command) -> (Child, u16) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start a python3 peer");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the peer's first line");
+    let port = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("the peer did not start: `{line}`"));
+    (child, port)
+}
+
+/// Python's http.server over TLS, serving MTA-STS policy files by host name.
+pub struct PolicyServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl PolicyServer {
+    pub fn start(tls: &Issued) -> PolicyServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new("python3");
+        command
+            .arg(peers_dir().join("https_policy.py"))
+            .arg(dir.path())
+            .arg(&tls.certificate)
+            .arg(&tls.private_key);
+        let (child, port) = spawn_ready(command);
+        PolicyServer { port, dir, child }
+    }
+
+    /// Serves `policy` as `https://HOST/.well-known/mta-sts.txt`.
+    pub fn serve(&self, host: &str, policy: &str) {
+        std::fs::write(self.dir.path().join(format!("{host}.txt")), policy).expect("write policy");
+    }
+
+    /// The requests so far: "HOST PATH" lines.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

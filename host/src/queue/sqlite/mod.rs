@@ -4,6 +4,7 @@
 //! operations in `write.rs`). The plugins' kv store shares the file (`kv.rs`).
 
 mod kv;
+mod policies;
 mod schema;
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,13 @@ const TABLES: &[&str] = &[
         PRIMARY KEY (message_id, idx)
     )",
     "CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt)",
+    "CREATE TABLE IF NOT EXISTS sts_policies (
+        domain TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        fetched_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS kv (
         tenant TEXT NOT NULL,
         plugin TEXT NOT NULL,
