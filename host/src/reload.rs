@@ -248,7 +248,7 @@ pub async fn run(reloader: Reloader) {
                     // The plugin chains and the DKIM keys change live; the rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
                     reload_certificates(certificates.as_deref(), &loaded);
-                    match KeySet::load(&loaded.dkim) {
+                    match KeySet::load(&loaded.dkim).and_then(|keys| keys.with_sealer(&loaded.arc)) {
                         Ok(keys) => {
                             tracing::info!(keys = keys.keys().len(), "DKIM keys reloaded");
                             signer.set_global(keys);
@@ -360,7 +360,7 @@ async fn reload_tenant(
         manager.tenant_failed(&id, error.to_string());
         return;
     }
-    let keys = match KeySet::load(&config.dkim) {
+    let keys = match KeySet::load(&config.dkim).and_then(|keys| keys.with_sealer(&config.arc)) {
         Ok(keys) => keys,
         Err(error) => {
             tracing::error!(tenant = %id, %error, "tenant's DKIM keys do not load; its previous generation keeps running");

@@ -187,9 +187,12 @@ fn session_services(
 
 /// The global DKIM keys and every tenant's.
 fn load_signer(config: &Config, tenants: &[TenantConfig]) -> anyhow::Result<Signer> {
-    let signer = Signer::new(KeySet::load(&config.dkim)?);
+    let signer = Signer::new(KeySet::load(&config.dkim)?.with_sealer(&config.arc)?);
     for tenant in tenants {
-        signer.set_tenant(&tenant.id, Some(KeySet::load(&tenant.dkim)?));
+        signer.set_tenant(
+            &tenant.id,
+            Some(KeySet::load(&tenant.dkim)?.with_sealer(&tenant.arc)?),
+        );
     }
     let keys = config.dkim.len() + tenants.iter().map(|t| t.dkim.len()).sum::<usize>();
     if keys > 0 {

@@ -55,13 +55,22 @@ fn dkim_entry(dir: &Path, domain: &str, selector: &str, active: bool) -> String 
 
 /// dkimpy's verdict on each signature of `message`: "SELECTOR ALGORITHM pass|fail".
 async fn dkimpy(message: &str, records: &BTreeMap<String, String>) -> Vec<String> {
+    dkimpy_run("dkim_verify.py", message, records).await
+}
+
+/// Runs a dkimpy peer script on `message`, with `records` standing in for DNS.
+async fn dkimpy_run(
+    script: &str,
+    message: &str,
+    records: &BTreeMap<String, String>,
+) -> Vec<String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let message_file = dir.path().join("message.eml");
     let records_file = dir.path().join("records.json");
     std::fs::write(&message_file, message).expect("write message");
     std::fs::write(&records_file, serde_json::to_string(records).expect("json")).expect("write");
     python(vec![
-        peers_dir().join("dkim_verify.py").display().to_string(),
+        peers_dir().join(script).display().to_string(),
         message_file.display().to_string(),
         records_file.display().to_string(),
     ])
@@ -181,4 +190,102 @@ async fn mail_from_an_untrusted_client_is_not_signed() {
     let received = sink.wait_for(1, Duration::from_secs(15)).await;
     let data = received[0]["data"].as_str().expect("data");
     assert!(!data.contains("DKIM-Signature"), "{data}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_inbound_mail_is_arc_sealed_and_dkimpy_verifies_the_chain() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (name, text) = keygen(keys.path(), "forwarder.test", "arc1", "rsa");
+    let records = BTreeMap::from([(name, text)]);
+    let sink = PySink::start(None);
+    // The loopback DNS server turns the inbound checks on; 127.0.0.1 is no relay network, so
+    // the message is checked (and not DKIM-signed) and then forwarded to the sink.
+    let dns = crate::harness::dns::DnsServer::start().await;
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        extra: format!(
+            "{}[arc]\nseal = true\ndomain = \"forwarder.test\"\nselector = \"arc1\"\n",
+            dkim_entry(keys.path(), "forwarder.test", "arc1", true)
+        ),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "alice@sender.test",
+            &["bob@switchyard.test"],
+            &letter("forwarded"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    let data = received[0]["data"].as_str().expect("data").to_string();
+    assert!(data.starts_with("ARC-Seal: i=1; a=rsa-sha256;"), "{data}");
+    assert!(data.contains("cv=none"), "{data}");
+    assert!(
+        data.contains("arc=none"),
+        "the hop's results name the chain: {data}"
+    );
+    assert!(
+        !data.contains("\nDKIM-Signature:"),
+        "not ours to sign: {data}"
+    );
+    let verdict = dkimpy_run("arc_verify.py", &data, &records).await;
+    assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
+    // The verifier can say no: a changed body breaks the seal's message signature.
+    let tampered = data.replace("Signed body.", "Changed body.");
+    let verdict = dkimpy_run("arc_verify.py", &tampered, &records).await;
+    assert!(verdict[0].starts_with("fail"), "{verdict:?}");
+}
+
+/// Two forwarders: the second verifies the first one's seal (its results say `arc=pass`) and
+/// adds its own; dkimpy verifies the chain of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_forwarder_verifies_the_first_seal_and_extends_the_chain() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (first_name, first_text) = keygen(keys.path(), "first.test", "arc1", "rsa");
+    let (second_name, second_text) = keygen(keys.path(), "second.test", "arc2", "rsa");
+    let dns = crate::harness::dns::DnsServer::start().await;
+    dns.txt(&first_name, &first_text);
+    let records = BTreeMap::from([(first_name, first_text), (second_name, second_text)]);
+    let sink = PySink::start(None);
+    let forwarder = |domain: &str, selector: &str, next: String| RouterOptions {
+        dns: Some(dns.address),
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        extra: format!(
+            "{}[arc]\nseal = true\ndomain = \"{domain}\"\nselector = \"{selector}\"\n",
+            dkim_entry(keys.path(), domain, selector, true)
+        ),
+        ..RouterOptions::relaying_to(next, "")
+    };
+    let second = Router::start(forwarder(
+        "second.test",
+        "arc2",
+        format!("127.0.0.1:{}", sink.port),
+    ))
+    .await;
+    let first = Router::start(forwarder(
+        "first.test",
+        "arc1",
+        format!("127.0.0.1:{}", second.port),
+    ))
+    .await;
+    let mut client = TestClient::connect(first.port).await;
+    client
+        .send_accepted(
+            "alice@sender.test",
+            &["bob@switchyard.test"],
+            &letter("twice"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    let data = received[0]["data"].as_str().expect("data").to_string();
+    assert!(
+        data.starts_with("ARC-Seal: i=2; a=rsa-sha256;") && data.contains("cv=pass"),
+        "{data}"
+    );
+    assert!(data.contains("arc=pass"), "{data}");
+    let verdict = dkimpy_run("arc_verify.py", &data, &records).await;
+    assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
 }

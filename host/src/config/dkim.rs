@@ -122,6 +122,38 @@ impl DkimKeyConfig {
     }
 }
 
+/// `[arc]`: sealing (RFC 8617) of mail that arrived from the internet and was checked, so the
+/// next hop can trust this hop's authentication results when it forwards the mail on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArcConfig {
+    /// Seal every message this server checked (inbound from outside `relay.networks`).
+    pub seal: bool,
+    /// The `[[dkim]]` key that seals: its domain and selector.
+    pub domain: String,
+    pub selector: String,
+}
+
+impl ArcConfig {
+    /// With `seal` on, the key it names must be among `keys`.
+    pub fn problem(&self, keys: &[DkimKeyConfig]) -> Option<String> {
+        if !self.seal {
+            return None;
+        }
+        let domain = crate::mail::address::domain_key(&self.domain);
+        let found = keys.iter().any(|key| {
+            crate::mail::address::domain_key(&key.domain) == domain
+                && key.selector.eq_ignore_ascii_case(&self.selector)
+        });
+        (!found).then(|| {
+            format!(
+                "arc: no [[dkim]] key {}._domainkey.{} to seal with",
+                self.selector, self.domain
+            )
+        })
+    }
+}
+
 /// Two entries for one selector of one domain are a mistake: only one record can be published.
 pub fn duplicate(keys: &[DkimKeyConfig]) -> Option<String> {
     let mut seen = std::collections::HashSet::new();

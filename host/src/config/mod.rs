@@ -14,7 +14,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use dkim::DkimKeyConfig;
+pub use dkim::{ArcConfig, DkimKeyConfig};
 pub use plugin::{FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
 pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
@@ -80,6 +80,8 @@ pub struct Config {
     /// authenticated users).
     #[serde(rename = "dkim")]
     pub dkim: Vec<DkimKeyConfig>,
+    /// ARC sealing of checked inbound mail of no tenant.
+    pub arc: ArcConfig,
 }
 
 impl Default for Config {
@@ -106,6 +108,7 @@ impl Default for Config {
             tenants: None,
             mta_sts: MtaStsConfig::default(),
             dkim: Vec::new(),
+            arc: ArcConfig::default(),
         }
     }
 }

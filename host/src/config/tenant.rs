@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{line_and_column, ConfigError, DkimKeyConfig, PluginManifest};
+use super::{line_and_column, ArcConfig, ConfigError, DkimKeyConfig, PluginManifest};
 use crate::mail::address::domain_key;
 
 /// `[tenants]` in the main configuration file.
@@ -132,6 +132,8 @@ struct TenantFile {
     plugins: Vec<PluginManifest>,
     #[serde(default, rename = "dkim")]
     dkim: Vec<DkimKeyConfig>,
+    #[serde(default)]
+    arc: ArcConfig,
 }
 
 /// One tenant, loaded from its file, its limits resolved against the defaults.
@@ -148,6 +150,8 @@ pub struct TenantConfig {
     /// Keys that sign the tenant's outbound mail; each for one of its domains (or below one).
     /// Paths are resolved against the tenant file's directory.
     pub dkim: Vec<DkimKeyConfig>,
+    /// ARC sealing of the tenant's checked inbound mail, with one of its own keys.
+    pub arc: ArcConfig,
     /// The file it came from.
     pub path: PathBuf,
     /// Where in the file each domain and user was written, for errors about claims.
@@ -347,6 +351,9 @@ impl TenantConfig {
         if let Some(message) = super::dkim::duplicate(&dkim) {
             return Err(invalid(0, message));
         }
+        if let Some(message) = file.arc.problem(&dkim) {
+            return Err(invalid(text.find("[arc]").unwrap_or(0), message));
+        }
         Ok(TenantConfig {
             id: stem,
             domains,
@@ -354,6 +361,7 @@ impl TenantConfig {
             limits,
             plugins,
             dkim,
+            arc: file.arc,
             path: path.to_path_buf(),
             claims,
             text: text.to_string(),

@@ -49,8 +49,11 @@ fn dkim(config: &Config, problem: &Locate) -> Result<(), Problem> {
             return Err(problem("[[dkim]]", message));
         }
     }
-    match super::dkim::duplicate(&config.dkim) {
-        Some(message) => Err(problem("[[dkim]]", message)),
+    if let Some(message) = super::dkim::duplicate(&config.dkim) {
+        return Err(problem("[[dkim]]", message));
+    }
+    match config.arc.problem(&config.dkim) {
+        Some(message) => Err(problem("[arc]", message)),
         None => Ok(()),
     }
 }

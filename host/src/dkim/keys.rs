@@ -1,8 +1,10 @@
 //! A signing key loaded from its PEM file, ready to sign, and the DNS record that publishes it.
 
 use base64::Engine;
+use mail_auth::arc::ArcSealer;
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::{ArcOutput, AuthenticatedMessage, AuthenticationResults};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 
@@ -36,6 +38,10 @@ enum Prepared {
     Ed25519(Box<DkimSigner<Ed25519Key, Done>>),
 }
 
+/// The same key set up to seal an ARC set (RFC 8617 knows rsa-sha256 only, and verifiers such
+/// as dkimpy refuse anything else, so an Ed25519 key does not seal).
+struct PreparedSealer(Box<ArcSealer<RsaKey<Sha256>, Done>>);
+
 /// One configured key: where it signs, and the signer set up for it.
 pub struct SigningKey {
     /// Lower case, no trailing dot.
@@ -46,6 +52,7 @@ pub struct SigningKey {
     /// The public key as the `p=` tag carries it (base64).
     pub public_key: String,
     prepared: Prepared,
+    sealer: Option<PreparedSealer>,
 }
 
 impl SigningKey {
@@ -80,7 +87,9 @@ impl SigningKey {
                 ))
             }
         };
+        let sealer = sealer(&der, algorithm, &domain, config).map_err(&error)?;
         Ok(SigningKey {
+            sealer,
             domain,
             selector: config.selector.clone(),
             active: config.active,
@@ -98,6 +107,26 @@ impl SigningKey {
             Prepared::Ed25519(signer) => signer.sign(message)?,
         };
         Ok(signature.to_header())
+    }
+
+    /// Whether the key can seal ARC sets (an RSA key).
+    pub fn seals(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// The ARC set (`ARC-Seal`, `ARC-Message-Signature`, `ARC-Authentication-Results`) that
+    /// seals `message` with this hop's `results`, continuing the chain `arc` found.
+    pub fn seal(
+        &self,
+        message: &AuthenticatedMessage<'_>,
+        results: &AuthenticationResults<'_>,
+        arc: &ArcOutput<'_>,
+    ) -> Result<String, mail_auth::Error> {
+        use mail_auth::common::headers::HeaderWriter;
+        let Some(PreparedSealer(sealer)) = &self.sealer else {
+            return Err(mail_auth::Error::Arc(mail_auth::arc::ArcError::InvalidCV));
+        };
+        Ok(sealer.seal(message, results, arc)?.to_header())
     }
 
     /// Where the key's record lives.
@@ -129,6 +158,29 @@ fn prepare<K: mail_auth::common::crypto::SigningKey>(
         .header_canonicalization(Canonicalization::Relaxed)
         .body_canonicalization(Canonicalization::Relaxed)
         .expiration(config.expire.map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// The ARC sealer of an RSA key (`None` for Ed25519). ARC-Message-Signature covers the same
+/// fields as the DKIM signature, and the DKIM signatures themselves.
+fn sealer(
+    der: &PrivateKeyDer<'_>,
+    algorithm: Algorithm,
+    domain: &str,
+    config: &DkimKeyConfig,
+) -> Result<Option<PreparedSealer>, String> {
+    if algorithm != Algorithm::Rsa {
+        return Ok(None);
+    }
+    let mut headers = config.signed_headers();
+    headers.push("DKIM-Signature".to_string());
+    let key = RsaKey::<Sha256>::from_key_der(der.clone_key())
+        .map_err(|error| format!("not usable for ARC: {error}"))?;
+    Ok(Some(PreparedSealer(Box::new(
+        ArcSealer::from_key(key)
+            .domain(domain.to_string())
+            .selector(config.selector.clone())
+            .headers(headers),
+    ))))
 }
 
 fn rsa(

@@ -14,13 +14,15 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::DkimKeyConfig;
+use crate::config::{ArcConfig, DkimKeyConfig};
 pub use keys::{Algorithm, KeyError, SigningKey};
 
 /// The keys of one owner (the global configuration or one tenant).
 #[derive(Default)]
 pub struct KeySet {
     keys: Vec<Arc<SigningKey>>,
+    /// The key that ARC-seals checked inbound mail, when `[arc] seal` is on.
+    sealer: Option<Arc<SigningKey>>,
 }
 
 impl KeySet {
@@ -30,7 +32,33 @@ impl KeySet {
             .iter()
             .map(|config| SigningKey::load(config).map(Arc::new))
             .collect::<Result<_, _>>()?;
-        Ok(KeySet { keys })
+        Ok(KeySet { keys, sealer: None })
+    }
+
+    /// Seals with the key `arc` names, when it is on (the configuration checked that it
+    /// exists); an error when that key cannot seal (Ed25519: ARC knows RSA only).
+    pub fn with_sealer(mut self, arc: &ArcConfig) -> Result<KeySet, KeyError> {
+        if !arc.seal {
+            return Ok(self);
+        }
+        let domain = crate::mail::address::domain_key(&arc.domain);
+        let key = self
+            .keys
+            .iter()
+            .find(|key| key.domain == domain && key.selector.eq_ignore_ascii_case(&arc.selector))
+            .cloned();
+        match key {
+            Some(key) if key.seals() => {
+                self.sealer = Some(key);
+                Ok(self)
+            }
+            Some(key) => Err(KeyError::File {
+                path: key.record_name(),
+                message: "ARC seals with RSA keys only (RFC 8617 defines rsa-sha256 alone)"
+                    .to_string(),
+            }),
+            None => Ok(self),
+        }
     }
 
     /// Every key, active or retired, for `switchyard dkim records`.
@@ -107,6 +135,14 @@ impl Signer {
             };
             next
         });
+    }
+
+    /// The key that ARC-seals the checked inbound mail of `tenant` (`""`: no tenant), if any.
+    pub fn sealer(&self, tenant: &str) -> Option<Arc<SigningKey>> {
+        if tenant.is_empty() {
+            return self.global.load().sealer.clone();
+        }
+        self.tenants.load().get(tenant)?.sealer.clone()
     }
 
     /// Whether any owner has a key: without one, messages are not even parsed for a From.

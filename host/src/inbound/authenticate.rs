@@ -1,6 +1,7 @@
 //! Sender authentication on inbound mail, with mail-auth through the host's resolver: SPF
 //! (RFC 7208) of the envelope sender (or, for the null sender, of the HELO name), DKIM (RFC 6376)
-//! signatures, and DMARC (RFC 7489) of the From domain. The results go to the data hook and into
+//! signatures, the ARC chain (RFC 8617), and DMARC (RFC 7489) of the From domain; and the ARC
+//! seal this hop adds when it is configured to. The results go to the data hook and into
 //! an `Authentication-Results` header (RFC 8601) at the top of the message.
 //!
 //! Only mail from outside `relay.networks` on inbound listeners is checked: mail from the
@@ -13,8 +14,8 @@ use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    SpfResult,
+    ArcOutput, AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput,
+    DmarcResult, MessageAuthenticator, SpfOutput, SpfResult,
 };
 
 /// The three results as the WIT `auth-results` spells them, and the header that records them.
@@ -23,6 +24,9 @@ pub struct AuthVerdicts {
     pub spf: String,
     pub dkim: String,
     pub dmarc: String,
+    /// The ARC chain the message arrived with (RFC 8617): `none`, `pass` or `fail`; in the
+    /// header as `arc=`, where the data hook reads it.
+    pub arc: String,
     /// `Authentication-Results: ...\r\n`, to prepend to the message.
     pub header: String,
 }
@@ -45,51 +49,100 @@ pub struct Client {
 }
 
 pub async fn authenticate(check: Check, content: &[u8]) -> AuthVerdicts {
-    let Check {
-        authenticator,
-        hostname,
-        client,
-    } = check;
-    let (hostname, helo, sender) = (
-        hostname.as_str(),
-        client.helo.as_str(),
-        client.sender.as_str(),
-    );
-    let spf = authenticator
-        .verify_spf(SpfParameters::verify_mail_from(
-            client.ip, helo, hostname, sender,
-        ))
-        .await;
-    let mail_from_domain = sender.rsplit_once('@').map_or(helo, |(_, domain)| domain);
-    let results = AuthenticationResults::new(hostname)
-        .with_spf_mailfrom_result(&spf, client.ip, sender, helo);
     let Some(message) = AuthenticatedMessage::parse(content) else {
         // No header section mail-auth can read: nothing to verify a signature or a From against.
+        let (spf, results) = spf_only(&check).await;
         return AuthVerdicts {
             spf: spf_name(spf.result()).to_string(),
             dkim: "permerror".to_string(),
             dmarc: "permerror".to_string(),
+            arc: "permerror".to_string(),
             header: results.to_header(),
         };
     };
-    let dkim = authenticator.verify_dkim(&message).await;
-    let dmarc = authenticator
-        .verify_dmarc(DmarcParameters::new(
-            &message,
-            &dkim,
-            mail_from_domain,
-            &spf,
+    let verified = verify(&check, &message).await;
+    AuthVerdicts {
+        spf: spf_name(verified.spf.result()).to_string(),
+        dkim: dkim_name(verified.dkim.iter().map(|output| output.result())).to_string(),
+        dmarc: dmarc_name(&verified.dmarc.result()).to_string(),
+        arc: dkim_name(std::iter::once(verified.arc.result())).to_string(),
+        header: verified.results.to_header(),
+    }
+}
+
+/// The ARC set that seals `content` (RFC 8617) with this hop's results, checked again on the
+/// message as it will be sent (after the data hooks' edits); `None` when the message cannot be
+/// parsed or carries a broken chain (`cv=fail`), which must not be sealed.
+pub async fn seal(
+    check: Check,
+    content: &[u8],
+    key: &crate::dkim::SigningKey,
+) -> Result<Option<String>, String> {
+    let Some(message) = AuthenticatedMessage::parse(content) else {
+        return Ok(None);
+    };
+    let verified = verify(&check, &message).await;
+    if !verified.arc.can_be_sealed() {
+        return Ok(None);
+    }
+    key.seal(&message, &verified.results, &verified.arc)
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
+
+/// SPF of the envelope sender (or the HELO name), and the results it starts.
+async fn spf_only(check: &Check) -> (SpfOutput, AuthenticationResults<'_>) {
+    let client = &check.client;
+    let spf = check
+        .authenticator
+        .verify_spf(SpfParameters::verify_mail_from(
+            client.ip,
+            &client.helo,
+            &check.hostname,
+            &client.sender,
         ))
         .await;
-    let header = results
+    let results = AuthenticationResults::new(&check.hostname).with_spf_mailfrom_result(
+        &spf,
+        client.ip,
+        &client.sender,
+        &client.helo,
+    );
+    (spf, results)
+}
+
+/// Every check's output on one message.
+struct Verified<'m> {
+    spf: SpfOutput,
+    dkim: Vec<DkimOutput<'m>>,
+    arc: ArcOutput<'m>,
+    dmarc: DmarcOutput,
+    results: AuthenticationResults<'m>,
+}
+
+async fn verify<'m>(check: &'m Check, message: &'m AuthenticatedMessage<'m>) -> Verified<'m> {
+    let (spf, results) = spf_only(check).await;
+    let client = &check.client;
+    let mail_from_domain = client
+        .sender
+        .rsplit_once('@')
+        .map_or(client.helo.as_str(), |(_, domain)| domain);
+    let dkim = check.authenticator.verify_dkim(message).await;
+    let arc = check.authenticator.verify_arc(message).await;
+    let dmarc = check
+        .authenticator
+        .verify_dmarc(DmarcParameters::new(message, &dkim, mail_from_domain, &spf))
+        .await;
+    let results = results
         .with_dkim_results(&dkim, message.from())
-        .with_dmarc_result(&dmarc)
-        .to_header();
-    AuthVerdicts {
-        spf: spf_name(spf.result()).to_string(),
-        dkim: dkim_name(dkim.iter().map(|output| output.result())).to_string(),
-        dmarc: dmarc_name(&dmarc.result()).to_string(),
-        header,
+        .with_arc_result(&arc, client.ip)
+        .with_dmarc_result(&dmarc);
+    Verified {
+        spf,
+        dkim,
+        arc,
+        dmarc,
+        results,
     }
 }
 

@@ -9,7 +9,10 @@ use super::authenticate::{authenticate, Check, Client};
 use super::content::{self, Trace};
 use super::data_reader::{Chunk, ContentReader, Faults, Framing};
 use super::session::{Flow, Greeting, Session, Transaction};
+use std::sync::Arc;
+
 use crate::delivery::inbox::Accepted;
+use crate::dkim::SigningKey;
 use crate::mail::edit;
 use crate::mail::header;
 use crate::mail::reply::Reply;
@@ -197,6 +200,7 @@ impl Session {
             stamped = content::remove_forged_results(&stamped, &self.config().hostname);
             stamped.splice(0..0, verdicts.header.bytes());
         }
+        let checked = verdicts.is_some();
         let sender = envelope.sender.clone();
         let mut recipients = envelope.recipients.clone();
         let envelope_recipients = recipients.clone();
@@ -238,6 +242,11 @@ impl Session {
             match signed {
                 Ok(signed) => content = signed,
                 Err(reply) => return reply,
+            }
+        }
+        if let Some((key, check)) = self.arc_sealer(checked, &sender) {
+            if let Some(sealed) = arc_seal(check, &key, &queue_id, &content).await {
+                content = sealed;
             }
         }
         let tenant = self.current_tenant().cloned();
@@ -310,6 +319,16 @@ impl Session {
                 )))
             }
         }
+    }
+
+    /// The key and the checks for sealing this message (RFC 8617), when it was checked on
+    /// arrival and its owner seals checked inbound mail (`[arc] seal`).
+    fn arc_sealer(&self, checked: bool, sender: &str) -> Option<(Arc<SigningKey>, Check)> {
+        if !checked {
+            return None;
+        }
+        let key = self.services.signer.sealer(&self.tenant_id())?;
+        Some((key, self.sender_check(sender)?))
     }
 
     /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
@@ -390,4 +409,31 @@ fn dsn_of(
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// The message with an ARC set in front. Sealing is the last change to the message, after the
+/// data hooks and DKIM signing. A seal that fails leaves the message unsealed, with a log line:
+/// ARC helps the next hop, and its absence loses no mail.
+async fn arc_seal(
+    check: Check,
+    key: &SigningKey,
+    queue_id: &str,
+    content: &Bytes,
+) -> Option<Bytes> {
+    match super::authenticate::seal(check, content, key).await {
+        Ok(Some(set)) => {
+            let mut out = Vec::with_capacity(set.len() + content.len());
+            out.extend_from_slice(set.as_bytes());
+            out.extend_from_slice(content);
+            Some(Bytes::from(out))
+        }
+        Ok(None) => {
+            tracing::info!(queue_id = %queue_id, "not ARC-sealed: the chain it arrived with is broken");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(queue_id = %queue_id, %error, "ARC sealing failed; sent unsealed");
+            None
+        }
+    }
 }

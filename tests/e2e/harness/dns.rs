@@ -101,7 +101,13 @@ impl DnsServer {
     pub fn txt(&self, name: &str, text: &str) {
         self.add(
             name,
-            RData::TXT(hickory_proto::rr::rdata::TXT::new(vec![text.to_string()])),
+            // A TXT string holds 255 octets; longer texts (DKIM keys) are split, as in a zone.
+            RData::TXT(hickory_proto::rr::rdata::TXT::new(
+                text.as_bytes()
+                    .chunks(255)
+                    .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
+                    .collect(),
+            )),
         );
     }
 }
