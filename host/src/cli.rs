@@ -47,6 +47,13 @@ pub enum Command {
         #[command(subcommand)]
         action: DkimAction,
     },
+    /// TLS reports (RFC 8460) to the domains deliveries went to under a policy.
+    TlsReports {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: TlsReportsAction,
+    },
     /// Inspect and act on the queue (works while `serve` runs).
     Queue {
         #[arg(long, short, global = true)]
@@ -98,6 +105,46 @@ pub fn auth_command(action: AuthAction) -> anyhow::Result<()> {
                 bail!("empty password");
             }
             println!("{}", crate::accounts::hash_password(password)?);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum TlsReportsAction {
+    /// Build the reports of everything counted so far and queue them now (a running `serve`
+    /// delivers them at its next queue scan).
+    Send,
+}
+
+/// Runs a `tls-reports` command.
+pub async fn tls_reports_command(config: &Config, action: TlsReportsAction) -> anyhow::Result<()> {
+    match action {
+        TlsReportsAction::Send => {
+            let path = config.queue_path();
+            if !path.exists() {
+                bail!("no queue at {}", path.display());
+            }
+            let opened = crate::queue::open(&config.queue, &config.data_dir)
+                .await
+                .with_context(|| format!("opening the queue {}", path.display()))?;
+            let dns = crate::net::dns::Dns::new(&config.dns)?;
+            let sent = crate::delivery::tls_report::send_reports(
+                config,
+                opened.policies.as_ref(),
+                opened.queue.as_ref(),
+                &dns,
+            )
+            .await?;
+            for report in &sent {
+                println!(
+                    "queued {}: TLS report for {} to {}",
+                    report.queue_id,
+                    report.domain,
+                    report.to.join(", ")
+                );
+            }
+            println!("-- {} report(s)", sent.len());
             Ok(())
         }
     }

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchyard::cli::{
-    auth_command, dkim_command, load_config, plugins_command, queue_command, Cli, Command,
+    auth_command, dkim_command, load_config, plugins_command, queue_command, tls_reports_command,
+    Cli, Command,
 };
 use switchyard::config::Config;
 
@@ -57,6 +58,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Auth { action } => auth_command(action),
         Command::Dkim { action } => dkim_command(action),
+        Command::TlsReports { config, action } => {
+            let config = load_config(config.as_ref())?;
+            init_logging("warn");
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(tls_reports_command(&config, action))
+        }
         Command::Queue { config, action } => {
             let config = load_config(config.as_ref())?;
             init_logging("warn");

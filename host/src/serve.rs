@@ -63,6 +63,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         Some(path) => crate::delivery::credentials::CredentialsFile::load(path)?,
         None => Default::default(),
     };
+    if config.tls_reports.enabled {
+        tokio::spawn(send_tls_reports(
+            config.clone(),
+            opened.policies.clone(),
+            queue.clone(),
+            dns.clone(),
+        ));
+    }
     let transport = Arc::new(Transports::new(
         config.clone(),
         dns,
@@ -122,6 +130,31 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let _ = scanner.await;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// Queues the TLS reports every `[tls_reports] interval`.
+async fn send_tls_reports(
+    config: Arc<Config>,
+    store: Arc<dyn crate::queue::policies::PolicyStore>,
+    queue: Arc<dyn crate::queue::Queue>,
+    dns: Arc<Dns>,
+) {
+    let mut tick = tokio::time::interval(config.tls_reports.interval);
+    // The first tick is at once: the first reports go out one interval after the start.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let sent = crate::delivery::tls_report::send_reports(
+            &config,
+            store.as_ref(),
+            queue.as_ref(),
+            &dns,
+        )
+        .await;
+        if let Err(error) = sent {
+            tracing::warn!(%error, "TLS reports not sent; the counts wait for the next round");
+        }
+    }
 }
 
 /// Keeps each tenant's queued bytes up to date from the queue (which counts what delivery,

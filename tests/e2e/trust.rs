@@ -271,11 +271,16 @@ async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_test
         );
         dns.a(&format!("mta-sts.{domain}.test"), Ipv4Addr::LOCALHOST);
     }
+    let reports = PySink::start(None);
     let mut router = Router::start(RouterOptions {
         dns: Some(dns.address),
         delivery_port: mx.port,
         delivery: format!("ca_file = \"{}\"\n", ca.certificate.display()),
-        extra: format!("[mta_sts]\nhttps_port = {}\n", web.port),
+        extra: format!(
+            "[mta_sts]\nhttps_port = {}\n\n{}",
+            web.port,
+            route("reports.test", "127.0.0.1", reports.port, "opportunistic")
+        ),
         ..RouterOptions::default()
     })
     .await;
@@ -342,6 +347,59 @@ async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_test
         "only enforce, testing and nopolicy: {delivered:?}"
     );
 
+    // TLS reports (RFC 8460): to the rua address of each policy domain that asks for them.
+    for domain in ["enforce", "badcert"] {
+        dns.txt(
+            &format!("_smtp._tls.{domain}.test"),
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        );
+    }
+    // The counts are written beside the deliveries, not before their log lines.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = router.tls_reports(&["send"]);
+    let printed = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(printed.contains("-- 2 report(s)"), "{printed}");
+    let received = reports.wait_for(2, Duration::from_secs(20)).await;
+    let parsed: Vec<serde_json::Value> = received
+        .iter()
+        .map(|message| parse_tls_report(message["data"].as_str().unwrap_or_default()))
+        .collect();
+    let of = |domain: &str| {
+        parsed
+            .iter()
+            .find(|report| report["report_domain"] == domain)
+            .unwrap_or_else(|| panic!("no report for {domain}: {parsed:?}"))
+            .clone()
+    };
+    let good = of("enforce.test");
+    assert_eq!(good["content_type"], "multipart/report");
+    assert_eq!(good["report_type"], "tlsrpt");
+    let policy = &good["report"]["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "sts", "{good}");
+    assert_eq!(policy["policy"]["policy-domain"], "enforce.test");
+    assert_eq!(policy["policy"]["mx-host"][0], "mx.enforce.test");
+    assert_eq!(
+        policy["summary"]["total-successful-session-count"], 1,
+        "{good}"
+    );
+    assert_eq!(policy["summary"]["total-failure-session-count"], 0);
+    assert!(good["report"]["date-range"]["start-datetime"].is_string());
+    let bad = of("badcert.test");
+    let policy = &bad["report"]["policies"][0];
+    assert!(
+        policy["summary"]["total-failure-session-count"].as_u64() >= Some(1),
+        "{bad}"
+    );
+    let failure = &policy["failure-details"][0];
+    assert_eq!(failure["result-type"], "certificate-host-mismatch", "{bad}");
+    assert_eq!(failure["receiving-mx-hostname"], "mx.badcert.test");
+    assert_eq!(failure["receiving-ip"], "127.0.0.1");
+
     // Cached in the queue's database: after a restart the same policy id is not fetched again.
     let fetches = web.requests().len();
     assert_eq!(fetches, 4, "{:?}", web.requests());
@@ -358,4 +416,24 @@ async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_test
         .await;
     mx.wait_for(4, Duration::from_secs(10)).await;
     assert_eq!(web.requests().len(), fetches, "{:?}", web.requests());
+}
+
+/// A TLS report message as Python's email and json packages read it
+/// (`tests/peers/tlsrpt_parse.py`).
+fn parse_tls_report(message: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .arg(crate::harness::peers::peers_dir().join("tlsrpt_parse.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tlsrpt_parse.py");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(message.as_bytes())
+        .expect("write");
+    let output = child.wait_with_output().expect("tlsrpt_parse.py");
+    serde_json::from_slice(&output.stdout).expect("JSON from tlsrpt_parse.py")
 }

@@ -76,6 +76,8 @@ pub struct Config {
     pub tenants: Option<TenantsConfig>,
     /// MTA-STS (RFC 8461) towards recipient domains that publish a policy.
     pub mta_sts: MtaStsConfig,
+    /// TLS reports (RFC 8460) to domains with a policy.
+    pub tls_reports: TlsReportsConfig,
     /// Keys that DKIM-sign mail of no tenant sent by trusted clients (`relay.networks` and
     /// authenticated users).
     #[serde(rename = "dkim")]
@@ -107,6 +109,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             tenants: None,
             mta_sts: MtaStsConfig::default(),
+            tls_reports: TlsReportsConfig::default(),
             dkim: Vec::new(),
             arc: ArcConfig::default(),
         }
@@ -381,6 +384,25 @@ impl Default for MtaStsConfig {
             recheck: Duration::from_secs(300),
             fetch_timeout: Duration::from_secs(10),
             https_port: 443,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsReportsConfig {
+    /// Count deliveries' TLS outcomes to policy domains and send them reports.
+    pub enabled: bool,
+    /// How often reports go out (RFC 8460 asks for daily ones).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for TlsReportsConfig {
+    fn default() -> Self {
+        TlsReportsConfig {
+            enabled: true,
+            interval: Duration::from_secs(24 * 3600),
         }
     }
 }

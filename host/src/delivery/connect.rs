@@ -16,14 +16,16 @@ use super::credentials::{Credentials, CredentialsFile};
 use super::mailbox;
 use super::route::NextHop;
 use super::sts::{Mode as StsMode, MtaSts, Policy as StsPolicy};
+use super::tls_report;
 use crate::config::{Config, TlsPolicy};
 use crate::mail::address::domain_key;
 use crate::mail::reply::Reply;
 use crate::mail::text::one_line;
 use crate::net::dns::{Dns, Target};
 use crate::net::verify::{ClientTls, TlsState};
-use crate::queue::policies::PolicyStore;
+use crate::queue::policies::{PolicyStore, TlsOutcome};
 use crate::queue::{MessageMeta, RecipientDsn};
+use mail_auth::report::tlsrpt::ResultType;
 
 /// One message for some of its recipients, as a connection sends it.
 pub struct Outgoing<'a> {
@@ -86,8 +88,9 @@ impl Transports {
                     config.mta_sts.clone(),
                     dns.clone(),
                     client_tls.clone(),
-                    policies,
+                    policies.clone(),
                 ),
+                policies,
                 dns,
                 client_tls,
                 credentials,
@@ -119,6 +122,8 @@ pub struct SmtpTransport {
     credentials: CredentialsFile,
     /// Recipient domains' MTA-STS policies.
     sts: MtaSts,
+    /// Where TLS outcomes are counted for TLS reports.
+    policies: Arc<dyn PolicyStore>,
 }
 
 impl SmtpTransport {
@@ -189,6 +194,16 @@ impl Transport for SmtpTransport {
             let listed: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
             targets.retain(|target| policy.allows(&target.name));
             if targets.is_empty() {
+                self.count_outcome(
+                    domain,
+                    policy,
+                    listed.first().map(String::as_str).unwrap_or_default(),
+                    None,
+                    Err((
+                        ResultType::ValidationFailure,
+                        "mx-not-in-policy".to_string(),
+                    )),
+                );
                 return Err(Reply::new(
                     451,
                     "4.7.5",
@@ -209,14 +224,38 @@ impl Transport for SmtpTransport {
             for address in &target.addresses {
                 match self.connect(target, *address, tls, credentials).await {
                     Ok(client) => {
-                        if let Some(policy) =
-                            policy.as_deref().filter(|p| p.mode == StsMode::Testing)
-                        {
-                            report_testing(domain, policy, target, &client);
+                        if let Some(policy) = policy.as_deref() {
+                            let problems = policy_problems(policy, target, &client);
+                            let outcome = match problems.is_empty() {
+                                true => Ok(()),
+                                false => Err((ResultType::ValidationFailure, problems.join("; "))),
+                            };
+                            self.count_outcome(
+                                domain,
+                                policy,
+                                &target.name,
+                                Some(address),
+                                outcome,
+                            );
+                            if policy.mode == StsMode::Testing && !problems.is_empty() {
+                                tracing::warn!(%domain, host = %target.name, "MTA-STS testing policy of {domain} would refuse this delivery: {}", problems.join("; "));
+                            }
                         }
                         return Ok(Box::new(client));
                     }
                     Err(error) => {
+                        if let (Some(policy), Some(result)) =
+                            (policy.as_deref(), tls_report::result_type(&error))
+                        {
+                            let outcome = Err((result, error.to_string()));
+                            self.count_outcome(
+                                domain,
+                                policy,
+                                &target.name,
+                                Some(address),
+                                outcome,
+                            );
+                        }
                         tracing::info!(%error, "connection attempt failed; trying the next host");
                         last_error = error.reply();
                     }
@@ -227,9 +266,10 @@ impl Transport for SmtpTransport {
     }
 }
 
-/// Under a `testing` policy the delivery goes ahead; what enforcing would have refused is
-/// logged (RFC 8461 5: reported, not acted on).
-fn report_testing(domain: &str, policy: &StsPolicy, target: &Target, client: &Client) {
+/// What a policy would find wrong with a connection: an MX host it does not list, TLS that is
+/// not verified. Under `testing` the delivery goes ahead and this is logged and reported
+/// (RFC 8461 5); under `enforce` neither can happen.
+fn policy_problems(policy: &StsPolicy, target: &Target, client: &Client) -> Vec<String> {
     let mut problems = Vec::new();
     if !policy.allows(&target.name) {
         problems.push(format!("MX host {} is not in the policy", target.name));
@@ -237,10 +277,38 @@ fn report_testing(domain: &str, policy: &StsPolicy, target: &Target, client: &Cl
     if client.tls != TlsState::Verified {
         problems.push(format!("TLS is {}", client.tls));
     }
-    if problems.is_empty() {
-        tracing::debug!(%domain, host = %target.name, "MTA-STS testing policy satisfied");
-    } else {
-        tracing::warn!(%domain, host = %target.name, "MTA-STS testing policy of {domain} would refuse this delivery: {}", problems.join("; "));
+    problems
+}
+
+impl SmtpTransport {
+    /// Counts a connection's TLS outcome for the policy domain's TLS report.
+    fn count_outcome(
+        &self,
+        domain: &str,
+        policy: &StsPolicy,
+        mx_host: &str,
+        address: Option<&std::net::SocketAddr>,
+        outcome: Result<(), (ResultType, String)>,
+    ) {
+        if !self.config.tls_reports.enabled {
+            return;
+        }
+        let (result, reason) = match outcome {
+            Ok(()) => ("success".to_string(), String::new()),
+            Err((result, reason)) => (tls_report::result_name(result), reason),
+        };
+        tls_report::count(
+            &self.policies,
+            TlsOutcome {
+                domain: domain_key(domain),
+                policy_type: "sts".to_string(),
+                policy_text: policy.text.clone(),
+                mx_host: mx_host.to_string(),
+                result,
+                receiving_ip: address.map(|a| a.ip().to_string()).unwrap_or_default(),
+                reason,
+            },
+        );
     }
 }
 

@@ -20,6 +20,7 @@ mod scanner;
 pub mod sts;
 #[cfg(test)]
 mod tests;
+pub mod tls_report;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -271,6 +271,17 @@ impl Router {
         }
     }
 
+    /// Runs `switchyard tls-reports ...` against this router.
+    pub fn tls_reports(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("tls-reports")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run switchyard tls-reports")
+    }
+
     /// Runs `switchyard plugins ...` against this router.
     pub fn plugins(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_switchyard"))

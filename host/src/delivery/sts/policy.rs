@@ -32,6 +32,8 @@ pub struct Policy {
     pub mx: Vec<String>,
     /// Seconds the policy may be cached (at most a year, RFC 8461 3.2).
     pub max_age: u64,
+    /// The file as fetched, for TLS reports' `policy-string`.
+    pub text: String,
 }
 
 /// The longest `max_age` RFC 8461 allows: 31,557,600 seconds (about a year).
@@ -82,7 +84,12 @@ impl Policy {
         if mx.is_empty() && mode != Mode::None {
             return Err("no mx".to_string());
         }
-        Ok(Policy { mode, mx, max_age })
+        Ok(Policy {
+            mode,
+            mx,
+            max_age,
+            text: text.to_string(),
+        })
     }
 
     /// Whether the policy allows MX host `host` (RFC 8461 4.1): an exact name, or a wildcard

@@ -5,11 +5,87 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use super::SqliteQueue;
-use crate::queue::policies::{PolicyStore, StoredPolicy};
-use crate::queue::QueueError;
+use crate::queue::policies::{CountedOutcome, PolicyStore, StoredPolicy, TlsOutcome};
+use crate::queue::{Millis, QueueError};
 
 #[async_trait]
 impl PolicyStore for SqliteQueue {
+    async fn count_tls_outcome(&self, outcome: &TlsOutcome, at: Millis) -> Result<(), QueueError> {
+        sqlx::query(
+            "INSERT INTO tls_outcomes (domain, policy_type, policy_text, mx_host, result,
+                                       receiving_ip, reason, count, first_at, last_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
+             ON CONFLICT (domain, policy_type, policy_text, mx_host, result, receiving_ip, reason)
+             DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+        )
+        .bind(&outcome.domain)
+        .bind(&outcome.policy_type)
+        .bind(&outcome.policy_text)
+        .bind(&outcome.mx_host)
+        .bind(&outcome.result)
+        .bind(&outcome.receiving_ip)
+        .bind(&outcome.reason)
+        .bind(at)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn tls_outcomes(&self) -> Result<Vec<CountedOutcome>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT domain, policy_type, policy_text, mx_host, result, receiving_ip, reason,
+                    count, first_at, last_at
+             FROM tls_outcomes ORDER BY domain, result",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| CountedOutcome {
+                outcome: TlsOutcome {
+                    domain: row.get("domain"),
+                    policy_type: row.get("policy_type"),
+                    policy_text: row.get("policy_text"),
+                    mx_host: row.get("mx_host"),
+                    result: row.get("result"),
+                    receiving_ip: row.get("receiving_ip"),
+                    reason: row.get("reason"),
+                },
+                count: row.get("count"),
+                first_at: row.get("first_at"),
+                last_at: row.get("last_at"),
+            })
+            .collect())
+    }
+
+    async fn forget_tls_outcomes(&self, reported: &[CountedOutcome]) -> Result<(), QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        for counted in reported {
+            let outcome = &counted.outcome;
+            sqlx::query(
+                "UPDATE tls_outcomes SET count = count - ?
+                 WHERE domain = ? AND policy_type = ? AND policy_text = ? AND mx_host = ?
+                   AND result = ? AND receiving_ip = ? AND reason = ?",
+            )
+            .bind(counted.count)
+            .bind(&outcome.domain)
+            .bind(&outcome.policy_type)
+            .bind(&outcome.policy_text)
+            .bind(&outcome.mx_host)
+            .bind(&outcome.result)
+            .bind(&outcome.receiving_ip)
+            .bind(&outcome.reason)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        sqlx::query("DELETE FROM tls_outcomes WHERE count <= 0")
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
     async fn sts_policy(&self, domain: &str) -> Result<Option<StoredPolicy>, QueueError> {
         let row = sqlx::query(
             "SELECT id, policy, fetched_at, expires_at FROM sts_policies WHERE domain = ?",

@@ -41,6 +41,19 @@ const TABLES: &[&str] = &[
         fetched_at INTEGER NOT NULL,
         expires_at INTEGER NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS tls_outcomes (
+        domain TEXT NOT NULL,
+        policy_type TEXT NOT NULL,
+        policy_text TEXT NOT NULL,
+        mx_host TEXT NOT NULL,
+        result TEXT NOT NULL,
+        receiving_ip TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_at INTEGER NOT NULL,
+        last_at INTEGER NOT NULL,
+        PRIMARY KEY (domain, policy_type, policy_text, mx_host, result, receiving_ip, reason)
+    )",
     "CREATE TABLE IF NOT EXISTS kv (
         tenant TEXT NOT NULL,
         plugin TEXT NOT NULL,
