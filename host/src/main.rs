@@ -6,6 +6,7 @@ use switchyard::cli::{
     Cli, Command,
 };
 use switchyard::config::Config;
+use switchyard::dkim::KeySet;
 
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -29,9 +30,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 switchyard::delivery::credentials::CredentialsFile::load(credentials)?;
             }
             // Plugins are compiled and initialised too: a bad component or plugin config is a
-            // configuration error.
+            // configuration error; so are key files that do not load.
             let runtime = tokio::runtime::Runtime::new()?;
             let tenants = config.load_tenants()?;
+            KeySet::load(&config.dkim)?.with_sealer(&config.arc)?;
+            for tenant in &tenants {
+                KeySet::load(&tenant.dkim)?.with_sealer(&tenant.arc)?;
+            }
+            if let Some(files) = &config.tls {
+                switchyard::net::tls::Certificates::load(files)?;
+            }
             runtime.block_on(switchyard::plugins::check(&config.plugins, &tenants))?;
             if !tenants.is_empty() {
                 eprintln!("{} tenant file(s) valid", tenants.len());

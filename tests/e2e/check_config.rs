@@ -173,3 +173,79 @@ fn every_tenant_file_is_checked_and_a_domain_claimed_twice_is_named() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("2 tenant file(s) valid"), "{stderr}");
 }
+
+/// Trust settings that cannot work are refused by `check-config`, each with its reason.
+#[test]
+fn trust_settings_that_cannot_work_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keygen = |selector: &str, algorithm: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "dkim",
+                "keygen",
+                "example.test",
+                selector,
+                "--algorithm",
+                algorithm,
+                "--out",
+            ])
+            .arg(dir.path())
+            .output()
+            .expect("keygen");
+        assert!(output.status.success());
+        dir.path().join(format!("example.test.{selector}.key"))
+    };
+    let ed = keygen("ed", "ed25519");
+    let not_a_key = dir.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello\n").expect("write");
+    let credentials = dir.path().join("passwords");
+    std::fs::write(&credentials, "relay.test\n").expect("write");
+    let dkim = |selector: &str, key: &std::path::Path| {
+        format!(
+            "[[dkim]]\ndomain = \"example.test\"\nselector = \"{selector}\"\nprivate_key = \"{}\"\n",
+            key.display()
+        )
+    };
+    let cases = [
+        (
+            dkim("s1", &dir.path().join("missing.key")),
+            "dkim: example.test/s1: no such private_key file".to_string(),
+        ),
+        (
+            dkim("s1", &not_a_key),
+            format!("{}: no private key in PEM file", not_a_key.display()),
+        ),
+        (
+            format!("{}[arc]\nseal = true\ndomain = \"example.test\"\nselector = \"s9\"\n", dkim("ed", &ed)),
+            "arc: no [[dkim]] key s9._domainkey.example.test to seal with".to_string(),
+        ),
+        (
+            format!("{}[arc]\nseal = true\ndomain = \"example.test\"\nselector = \"ed\"\n", dkim("ed", &ed)),
+            "ARC seals with RSA keys only".to_string(),
+        ),
+        (
+            format!("{}{}", dkim("ed", &ed), dkim("ed", &ed)),
+            "dkim: ed._domainkey.example.test is configured twice".to_string(),
+        ),
+        (
+            "[[listener]]\nname = \"smtps\"\naddress = \"127.0.0.1:4650\"\nrole = \"submissions\"\n\n[submission]\nrequire_auth = false\n".to_string(),
+            "has role `submissions` (implicit TLS), which needs a certificate".to_string(),
+        ),
+        (
+            "[delivery]\nca_file = \"/nonexistent/ca.pem\"\n".to_string(),
+            "delivery.ca_file: no such file `/nonexistent/ca.pem`".to_string(),
+        ),
+        (
+            format!("[delivery]\ncredentials_file = \"{}\"\n", credentials.display()),
+            format!("{}:1: expected `HOST[:PORT] USERNAME:PASSWORD`", credentials.display()),
+        ),
+    ];
+    for (text, expected) in cases {
+        let (ok, _, stderr) = check(&text);
+        assert!(!ok, "{text:?} should be refused");
+        assert!(
+            stderr.contains(&expected),
+            "{text:?}: expected {expected:?} in {stderr:?}"
+        );
+    }
+}

@@ -257,3 +257,59 @@ async fn dsn_parameters_go_on_to_a_next_hop_that_offers_dsn() {
         "{shown}"
     );
 }
+
+/// Malformed DSN parameters get a precise 501 (or 555 when given twice), and the transaction
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_dsn_parameters_are_refused_precisely() {
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions::relaying_to(sink.address, "")).await;
+    let mut client = crate::harness::client::TestClient::connect(router.port).await;
+    let long_envid = format!("MAIL FROM:<a@x.test> ENVID={}", "x".repeat(101));
+    for (command, expected) in [
+        (
+            "MAIL FROM:<a@x.test> RET=ALL",
+            "501 5.5.4 RET takes FULL or HDRS",
+        ),
+        (
+            long_envid.as_str(),
+            "501 5.5.4 ENVID must be 1 to 100 characters of xtext",
+        ),
+        (
+            "MAIL FROM:<a@x.test> ENVID=a=b",
+            "501 5.5.4 ENVID must be 1 to 100 characters of xtext",
+        ),
+        (
+            "MAIL FROM:<a@x.test> RET=FULL RET=HDRS",
+            "555 5.5.4 Unsupported parameter RET",
+        ),
+        (
+            "MAIL FROM:<a@x.test> REQUIRETLS",
+            "530 5.7.10 REQUIRETLS needs a TLS session",
+        ),
+        ("MAIL FROM:<a@x.test> RET=HDRS ENVID=QQ1", "250 2.1.0 Ok"),
+        (
+            "RCPT TO:<b@x.test> NOTIFY=SOMETIMES",
+            "501 5.5.4 NOTIFY takes NEVER or a list of SUCCESS, FAILURE and DELAY",
+        ),
+        (
+            "RCPT TO:<b@x.test> NOTIFY=NEVER,DELAY",
+            "501 5.5.4 NOTIFY=NEVER cannot be combined with other values",
+        ),
+        (
+            "RCPT TO:<b@x.test> ORCPT=b@x.test",
+            "501 5.5.4 ORCPT must be addr-type;address",
+        ),
+        (
+            "RCPT TO:<b@x.test> NOTIFY=FAILURE NOTIFY=DELAY",
+            "555 5.5.4 Unsupported parameter NOTIFY",
+        ),
+        (
+            "RCPT TO:<b@x.test> NOTIFY=FAILURE ORCPT=rfc822;b@x.test",
+            "250 2.1.5 Ok",
+        ),
+    ] {
+        let reply = client.command(command).await;
+        assert_eq!(reply.text, expected, "{command}");
+    }
+}
