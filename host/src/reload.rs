@@ -69,19 +69,20 @@ struct Watched {
 
 impl Watched {
     fn new(config_path: &Path, config: &Config, tenants: &[TenantConfig]) -> Watched {
-        let mut global: HashSet<PathBuf> = config
-            .plugins
-            .iter()
-            .map(|plugin| absolute(&plugin.path))
-            .collect();
-        global.insert(absolute(config_path));
-        global.extend(config.dkim.iter().map(|key| absolute(&key.private_key)));
+        // Each file counts under both its names: the one written in the configuration (a
+        // symlink that a certificate renewal repoints) and the file it resolves to (which an
+        // editor may rewrite in place).
+        let mut global: HashSet<PathBuf> = HashSet::new();
+        let mut watch = |path: &Path| global.extend(both_names(path));
+        config.plugins.iter().for_each(|plugin| watch(&plugin.path));
+        watch(config_path);
+        config.dkim.iter().for_each(|key| watch(&key.private_key));
         if let Some(tls) = &config.tls {
-            global.insert(absolute(&tls.certificate));
-            global.insert(absolute(&tls.private_key));
+            watch(&tls.certificate);
+            watch(&tls.private_key);
             for extra in &tls.sni {
-                global.insert(absolute(&extra.certificate));
-                global.insert(absolute(&extra.private_key));
+                watch(&extra.certificate);
+                watch(&extra.private_key);
             }
         }
         let mut tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>> = HashMap::new();
@@ -92,10 +93,12 @@ impl Watched {
                 .map(|plugin| &plugin.path)
                 .chain(tenant.dkim.iter().map(|key| &key.private_key));
             for file in files {
-                tenant_plugins
-                    .entry(absolute(file))
-                    .or_default()
-                    .insert(absolute(&tenant.path));
+                for name in both_names(file) {
+                    tenant_plugins
+                        .entry(name)
+                        .or_default()
+                        .insert(absolute(&tenant.path));
+                }
             }
         }
         Watched {
@@ -115,16 +118,19 @@ impl Watched {
 
     /// What a change of `path` reloads; nothing for a file nobody uses.
     fn plan(&self, path: &Path, plan: &mut Plan) -> bool {
-        let path = absolute(path);
+        let names = both_names(path);
         let mut relevant = false;
-        if self.global.contains(&path) {
+        if names.iter().any(|name| self.global.contains(name)) {
             plan.global = true;
             relevant = true;
         }
-        if let Some(users) = self.tenant_plugins.get(&path) {
-            plan.tenant_files.extend(users.iter().cloned());
-            relevant = true;
+        for name in &names {
+            if let Some(users) = self.tenant_plugins.get(name) {
+                plan.tenant_files.extend(users.iter().cloned());
+                relevant = true;
+            }
         }
+        let path = absolute(path);
         let in_tenants = self.tenants_directory.as_deref() == path.parent()
             && path
                 .extension()
@@ -139,6 +145,21 @@ impl Watched {
         }
         relevant
     }
+}
+
+/// A file's path with its directory resolved but the file itself not (a symlink stays a
+/// symlink), and the path it resolves to.
+fn both_names(path: &Path) -> [PathBuf; 2] {
+    let joined = std::env::current_dir()
+        .map(|dir| dir.join(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let as_written = match (joined.parent(), joined.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|parent| parent.join(name))
+            .unwrap_or(joined.clone()),
+        _ => joined,
+    };
+    [as_written, absolute(path)]
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -397,7 +418,7 @@ fn start_watcher(
         }
         for path in &event.paths {
             let named = path.file_name().is_some_and(|name| names.contains(name))
-                && wanted.contains(&absolute(path));
+                && both_names(path).iter().any(|name| wanted.contains(name));
             let tenant_file = tenants_directory.is_some()
                 && path.parent().map(absolute) == tenants_directory
                 && path

@@ -191,6 +191,13 @@ async fn notify_ret_orcpt_envid_delay_reports_and_requiretls() {
     let received = sink.wait_for(5, Duration::from_secs(15)).await;
     let refused = parse(&received[4]);
     assert_eq!(refused["recipients"][0]["status"], "5.7.30", "{refused}");
+    // RFC 8689 5: the report is redacted: nothing of the protected message comes back.
+    assert_eq!(refused["returned"], serde_json::Value::Null, "{refused}");
+    assert!(
+        !received[4].data.contains("Subject: sealed") && !received[4].data.contains("secret body"),
+        "{}",
+        received[4].data
+    );
     assert!(received
         .iter()
         .all(|message| !message.rcpt_to.contains(&"sealed@x.test".to_string())));

@@ -64,13 +64,23 @@ async fn smtplib(port: u16, name: &str, cas: &[&std::path::Path], actions: &[&st
 async fn smtp_ssl_logs_in_and_sends_and_sni_picks_a_certificate_that_reloads_live() {
     let sni_files = tempfile::tempdir().expect("tempdir");
     let sni_ca = TestCa::new(sni_files.path(), "hosted");
-    let acme = sni_ca.issue(sni_files.path(), "acme", &["mail.acme.test"]);
+    // As certbot keeps them: live/ holds symlinks into archive/, and a renewal repoints them.
+    let (archive, live) = (
+        sni_files.path().join("archive"),
+        sni_files.path().join("live"),
+    );
+    std::fs::create_dir_all(&archive).expect("archive");
+    std::fs::create_dir_all(&live).expect("live");
+    let first = sni_ca.issue(&archive, "acme1", &["mail.acme.test"]);
+    let (certificate, private_key) = (live.join("acme.pem"), live.join("acme.key"));
+    std::os::unix::fs::symlink(&first.certificate, &certificate).expect("symlink");
+    std::os::unix::fs::symlink(&first.private_key, &private_key).expect("symlink");
     let server = submission_as(
         "submissions",
         &format!(
             "[[tls.sni]]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
-            acme.certificate.display(),
-            acme.private_key.display()
+            certificate.display(),
+            private_key.display()
         ),
     )
     .await;
@@ -113,9 +123,17 @@ async fn smtp_ssl_logs_in_and_sends_and_sni_picks_a_certificate_that_reloads_liv
     assert_ne!(lines[0], default_cert);
     let acme_cert = lines[0].clone();
 
-    // A renewed certificate is served without a restart.
-    let renewed = sni_ca.issue(sni_files.path(), "acme", &["mail.acme.test"]);
-    assert_eq!(renewed.certificate, acme.certificate);
+    // A renewed certificate is served without a restart: new files in archive/, the live/
+    // symlinks replaced by rename, as certbot does.
+    let renewed = sni_ca.issue(&archive, "acme2", &["mail.acme.test"]);
+    for (link, target) in [
+        (&certificate, &renewed.certificate),
+        (&private_key, &renewed.private_key),
+    ] {
+        let temporary = live.join("new-link");
+        std::os::unix::fs::symlink(target, &temporary).expect("symlink");
+        std::fs::rename(&temporary, link).expect("replace symlink");
+    }
     server.router.log_with(&["TLS certificates reloaded"]).await;
     let lines = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
     assert_ne!(lines[0], acme_cert, "the old certificate is still served");

@@ -214,7 +214,7 @@ async fn a_smarthost_gets_auth_plain_over_tls_only_with_credentials_from_a_file(
         .unwrap_or_default();
     assert!(
         cleartext.contains("status=deferred (451 4.7.11 ")
-            && cleartext.contains("credentials are sent only over TLS"),
+            && cleartext.contains("credentials are sent only over verified TLS"),
         "{cleartext}"
     );
     assert!(!log.contains("s3cret"), "a password reached the log");

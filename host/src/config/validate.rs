@@ -49,6 +49,12 @@ fn dkim(config: &Config, problem: &Locate) -> Result<(), Problem> {
             return Err(problem("[[dkim]]", message));
         }
     }
+    if config.tls_reports.interval.is_zero() || config.mta_sts.fetch_timeout.is_zero() {
+        return Err(problem(
+            "[tls_reports]",
+            "tls_reports.interval and mta_sts.fetch_timeout must be above 0".to_string(),
+        ));
+    }
     if let Some(message) = super::dkim::duplicate(&config.dkim) {
         return Err(problem("[[dkim]]", message));
     }

@@ -145,6 +145,10 @@ pub struct Client {
     pub transactions: usize,
     /// What protects the connection, for the delivery log line.
     pub tls: TlsState,
+    /// The host is the one the sender's path really leads to: a relay named by the
+    /// configuration or a route hook, or an MX host an MTA-STS `enforce` policy lists (plain
+    /// DNS authenticates no MX record). REQUIRETLS needs it (RFC 8689 4.2.1).
+    pub authenticated_host: bool,
 }
 
 impl Client {
@@ -184,6 +188,7 @@ impl Client {
             peer,
             transactions: 0,
             tls: TlsState::None,
+            authenticated_host: false,
         };
         let greeting = client.read_reply().await?;
         if !greeting.is_positive() {
@@ -213,7 +218,7 @@ impl Client {
         Ok(client)
     }
 
-    /// AUTH PLAIN (RFC 4954, RFC 4616) with the initial response, only over TLS.
+    /// AUTH PLAIN (RFC 4954, RFC 4616) with the initial response, only over verified TLS.
     async fn authenticate(&mut self, credentials: &Credentials) -> Result<(), ClientError> {
         use base64::Engine;
         let peer = self.peer.clone();
@@ -222,11 +227,15 @@ impl Client {
             status,
             message,
         };
-        if !self.is_tls() {
+        // Over TLS whose certificate verified: under opportunistic TLS anyone in the path
+        // could present a certificate and read the password.
+        if self.tls != TlsState::Verified {
             return Err(failed(
                 "4.7.11",
-                "credentials are sent only over TLS, and this connection is not encrypted"
-                    .to_string(),
+                format!(
+                    "credentials are sent only over verified TLS, and this connection's TLS is {}",
+                    self.tls
+                ),
             ));
         }
         if !self.capabilities.auth_plain {
@@ -350,6 +359,7 @@ impl Client {
             peer: self.peer,
             transactions: 0,
             tls: state,
+            authenticated_host: self.authenticated_host,
         })
     }
 
@@ -443,6 +453,8 @@ impl Client {
             // promises the same; a failure, not a fallback.
             let reason = if self.tls != TlsState::Verified {
                 Some("the connection's certificate is not verified")
+            } else if !self.authenticated_host {
+                Some("the MX host is not authenticated by an MTA-STS policy")
             } else if !self.capabilities.requiretls {
                 Some("the server does not offer REQUIRETLS")
             } else {

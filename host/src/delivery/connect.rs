@@ -223,7 +223,13 @@ impl Transport for SmtpTransport {
         for target in &targets {
             for address in &target.addresses {
                 match self.connect(target, *address, tls, credentials).await {
-                    Ok(client) => {
+                    Ok(mut client) => {
+                        client.authenticated_host = match hop {
+                            NextHop::Mx { .. } => policy
+                                .as_deref()
+                                .is_some_and(|p| p.mode == StsMode::Enforce),
+                            _ => true,
+                        };
                         if let Some(policy) = policy.as_deref() {
                             let problems = policy_problems(policy, target, &client);
                             let outcome = match problems.is_empty() {

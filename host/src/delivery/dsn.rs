@@ -129,9 +129,13 @@ pub fn build(
     ));
     text.push_str("\r\n");
 
-    text.push_str(&format!("--{boundary}\r\n"));
+    // RFC 8689 5: the report of a REQUIRETLS message is redacted (none of the original comes
+    // back), so it may travel without REQUIRETLS.
     let full = report == Report::Failure && original.dsn.ret == Some(Ret::Full);
-    let mut message = if full {
+    let mut message = if original.dsn.requiretls {
+        text.into_bytes()
+    } else if full {
+        text.push_str(&format!("--{boundary}\r\n"));
         text.push_str(
             "Content-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n\r\n",
         );
@@ -146,6 +150,7 @@ pub fn build(
             Report::Failure => "Undelivered Message Headers",
             _ => "Message Headers",
         };
+        text.push_str(&format!("--{boundary}\r\n"));
         text.push_str(&format!(
             "Content-Description: {description}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         ));
@@ -282,6 +287,8 @@ fn delivery_status(
 pub fn status_of(code: u16, enhanced: &str) -> String {
     if !enhanced.is_empty() {
         enhanced.to_string()
+    } else if code < 400 {
+        "2.0.0".to_string()
     } else if code >= 500 {
         "5.0.0".to_string()
     } else {

@@ -126,10 +126,12 @@ pub async fn send_reports(
 
 /// The `mailto:` addresses of a `v=TLSRPTv1` record (RFC 8460 3); `https:` ones are not used.
 pub fn report_addresses(records: &[String]) -> Vec<String> {
-    let Some(record) = records
+    let reporting: Vec<&String> = records
         .iter()
-        .find(|record| record.trim_start().starts_with("v=TLSRPTv1"))
-    else {
+        .filter(|record| record.trim_start().starts_with("v=TLSRPTv1"))
+        .collect();
+    // More than one record means no reporting (RFC 8460 3).
+    let [record] = reporting.as_slice() else {
         return Vec::new();
     };
     record
@@ -137,7 +139,11 @@ pub fn report_addresses(records: &[String]) -> Vec<String> {
         .filter_map(|field| field.trim().strip_prefix("rua="))
         .flat_map(|list| list.split(','))
         .filter_map(|uri| uri.trim().strip_prefix("mailto:"))
-        .filter(|address| address.contains('@') && !address.contains(char::is_whitespace))
+        // A mailto URI may carry `?subject=...`: the address is what comes before.
+        .map(|address| address.split('?').next().unwrap_or_default())
+        .filter(|address| {
+            address.contains('@') && !address.contains(|c: char| c.is_whitespace() || c == '%')
+        })
         .map(str::to_string)
         .collect()
 }
@@ -261,6 +267,13 @@ mod tests {
         ];
         assert_eq!(report_addresses(&records), ["a@x.test", "b@x.test"]);
         assert!(report_addresses(&["v=TLSRPTv1;".to_string()]).is_empty());
+        let two = vec![
+            "v=TLSRPTv1; rua=mailto:a@x.test".to_string(),
+            "v=TLSRPTv1; rua=mailto:b@x.test".to_string(),
+        ];
+        assert!(report_addresses(&two).is_empty());
+        let query = vec!["v=TLSRPTv1; rua=mailto:a@x.test?subject=tls".to_string()];
+        assert_eq!(report_addresses(&query), ["a@x.test"]);
     }
 
     #[test]

@@ -70,22 +70,28 @@ pub async fn authenticate(check: Check, content: &[u8]) -> AuthVerdicts {
     }
 }
 
-/// The ARC set that seals `content` (RFC 8617) with this hop's results, checked again on the
-/// message as it will be sent (after the data hooks' edits); `None` when the message cannot be
-/// parsed or carries a broken chain (`cv=fail`), which must not be sealed.
+/// The ARC set that seals `sent` (RFC 8617), the message as it will go out (after the data
+/// hooks' edits), with this hop's results and chain validation as they were on `arrived`, the
+/// message as it came in: edits made here must not turn the results this hop vouches for into
+/// failures. `None` when a message cannot be parsed or arrived with a broken chain (`cv=fail`),
+/// which must not be sealed.
 pub async fn seal(
     check: Check,
-    content: &[u8],
+    arrived: &[u8],
+    sent: &[u8],
     key: &crate::dkim::SigningKey,
 ) -> Result<Option<String>, String> {
-    let Some(message) = AuthenticatedMessage::parse(content) else {
+    let (Some(arrived), Some(sent)) = (
+        AuthenticatedMessage::parse(arrived),
+        AuthenticatedMessage::parse(sent),
+    ) else {
         return Ok(None);
     };
-    let verified = verify(&check, &message).await;
+    let verified = verify(&check, &arrived).await;
     if !verified.arc.can_be_sealed() {
         return Ok(None);
     }
-    key.seal(&message, &verified.results, &verified.arc)
+    key.seal(&sent, &verified.results, &verified.arc)
         .map(Some)
         .map_err(|error| error.to_string())
 }

@@ -12,7 +12,7 @@ use super::session::{Flow, Greeting, Session, Transaction};
 use std::sync::Arc;
 
 use crate::delivery::inbox::Accepted;
-use crate::dkim::SigningKey;
+use crate::dkim::{Signer, SigningKey};
 use crate::mail::edit;
 use crate::mail::header;
 use crate::mail::reply::Reply;
@@ -200,7 +200,10 @@ impl Session {
             stamped = content::remove_forged_results(&stamped, &self.config().hostname);
             stamped.splice(0..0, verdicts.header.bytes());
         }
-        let checked = verdicts.is_some();
+        // The message as checked, kept for the ARC seal's results when there is to be one.
+        let sealing =
+            verdicts.is_some() && self.services.signer.sealer(&self.tenant_id()).is_some();
+        let arrived = sealing.then(|| Bytes::from(stamped.clone()));
         let sender = envelope.sender.clone();
         let mut recipients = envelope.recipients.clone();
         let envelope_recipients = recipients.clone();
@@ -238,14 +241,14 @@ impl Session {
                 return queued;
             }
         }
-        if let Some(signed) = self.dkim_sign(&queue_id, &content) {
-            match signed {
+        if let Some((signer, tenant)) = self.dkim_signer() {
+            match dkim_sign(signer, tenant, &queue_id, content).await {
                 Ok(signed) => content = signed,
                 Err(reply) => return reply,
             }
         }
-        if let Some((key, check)) = self.arc_sealer(checked, &sender) {
-            if let Some(sealed) = arc_seal(check, &key, &queue_id, &content).await {
+        if let Some((arrived, (key, check))) = arrived.zip(self.arc_sealer(&sender)) {
+            if let Some(sealed) = arc_seal(check, &key, &queue_id, &arrived, &content).await {
                 content = sealed;
             }
         }
@@ -291,42 +294,23 @@ impl Session {
         }
     }
 
-    /// The message with its DKIM signatures in front, when it comes from a trusted client (an
-    /// authenticated user or `relay.networks`: mail from strangers claiming our From: is not
-    /// ours to sign) and a key of its owner covers its From: domain. Signed after the data
-    /// hooks' edits, so the signature covers what is sent. A key that fails to sign is a
-    /// temporary failure, not unsigned mail that the domain's DMARC policy would reject.
-    fn dkim_sign(&self, queue_id: &str, content: &Bytes) -> Option<Result<Bytes, Reply>> {
+    /// The signer and owner of this message, when it is to be DKIM-signed: it comes from a
+    /// trusted client (an authenticated user or `relay.networks`: mail from strangers claiming
+    /// our From: is not ours to sign). It is signed after the data hooks' edits, so the
+    /// signature covers what is sent, by a key of its owner that covers its From: domain. A key
+    /// that fails to sign is a temporary failure, not unsigned mail that the domain's DMARC
+    /// policy would reject.
+    fn dkim_signer(&self) -> Option<(Arc<Signer>, String)> {
         let signer = &self.services.signer;
         if signer.is_empty() || !(self.auth_identity.is_some() || self.in_relay_networks()) {
             return None;
         }
-        match signer.sign(&self.tenant_id(), content) {
-            Ok(None) => None,
-            Ok(Some(signed)) => {
-                tracing::debug!(queue_id = %queue_id, keys = ?signed.keys, "DKIM-signed");
-                let mut out = Vec::with_capacity(signed.headers.len() + content.len());
-                out.extend_from_slice(signed.headers.as_bytes());
-                out.extend_from_slice(content);
-                Some(Ok(Bytes::from(out)))
-            }
-            Err(error) => {
-                tracing::error!(queue_id = %queue_id, tenant = %self.tenant_id(), %error, "message refused: cannot sign");
-                Some(Err(Reply::new(
-                    451,
-                    "4.3.0",
-                    "Temporary failure: the message cannot be signed, please try again later",
-                )))
-            }
-        }
+        Some((signer.clone(), self.tenant_id()))
     }
 
-    /// The key and the checks for sealing this message (RFC 8617), when it was checked on
-    /// arrival and its owner seals checked inbound mail (`[arc] seal`).
-    fn arc_sealer(&self, checked: bool, sender: &str) -> Option<(Arc<SigningKey>, Check)> {
-        if !checked {
-            return None;
-        }
+    /// The key and the checks for sealing this message (RFC 8617), when its owner seals
+    /// checked inbound mail (`[arc] seal`).
+    fn arc_sealer(&self, sender: &str) -> Option<(Arc<SigningKey>, Check)> {
         let key = self.services.signer.sealer(&self.tenant_id())?;
         Some((key, self.sender_check(sender)?))
     }
@@ -418,9 +402,10 @@ async fn arc_seal(
     check: Check,
     key: &SigningKey,
     queue_id: &str,
+    arrived: &Bytes,
     content: &Bytes,
 ) -> Option<Bytes> {
-    match super::authenticate::seal(check, content, key).await {
+    match super::authenticate::seal(check, arrived, content, key).await {
         Ok(Some(set)) => {
             let mut out = Vec::with_capacity(set.len() + content.len());
             out.extend_from_slice(set.as_bytes());
@@ -434,6 +419,41 @@ async fn arc_seal(
         Err(error) => {
             tracing::warn!(queue_id = %queue_id, %error, "ARC sealing failed; sent unsealed");
             None
+        }
+    }
+}
+
+/// `content` with its DKIM signatures in front (unchanged when no key covers its From:
+/// domain). The RSA operation takes about a millisecond: it runs on the blocking pool, not on
+/// the session's worker.
+async fn dkim_sign(
+    signer: Arc<Signer>,
+    tenant: String,
+    queue_id: &str,
+    content: Bytes,
+) -> Result<Bytes, Reply> {
+    let signing = content.clone();
+    let owner = tenant.clone();
+    let signed = tokio::task::spawn_blocking(move || signer.sign(&owner, &signing))
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|signed| signed.map_err(|error| error.to_string()));
+    match signed {
+        Ok(None) => Ok(content),
+        Ok(Some(signed)) => {
+            tracing::debug!(queue_id = %queue_id, keys = ?signed.keys, "DKIM-signed");
+            let mut out = Vec::with_capacity(signed.headers.len() + content.len());
+            out.extend_from_slice(signed.headers.as_bytes());
+            out.extend_from_slice(&content);
+            Ok(Bytes::from(out))
+        }
+        Err(error) => {
+            tracing::error!(queue_id = %queue_id, %tenant, %error, "message refused: cannot sign");
+            Err(Reply::new(
+                451,
+                "4.3.0",
+                "Temporary failure: the message cannot be signed, please try again later",
+            ))
         }
     }
 }

@@ -22,6 +22,9 @@ use crate::net::verify::ClientTls;
 use crate::queue::now_millis;
 use crate::queue::policies::{PolicyStore, StoredPolicy};
 
+/// The number of remembered domains at which stale ones are dropped.
+const RECENT_PRUNE_AT: usize = 10_000;
+
 /// Per domain: when its record was last looked at, and the policy then in force.
 type Recent = HashMap<String, (Instant, Option<Arc<Policy>>)>;
 
@@ -61,8 +64,14 @@ impl MtaSts {
         }
         let policy = self.look_up(domain).await.map(Arc::new);
         let policy = policy.filter(|policy| policy.mode != Mode::None);
-        self.lock()
-            .insert(domain.to_string(), (Instant::now(), policy.clone()));
+        let mut recent = self.lock();
+        // One entry per recipient domain seen: those past their recheck time go once there are
+        // many, so the map stays as large as the domains of the last `recheck`.
+        if recent.len() >= RECENT_PRUNE_AT {
+            let recheck = self.config.recheck;
+            recent.retain(|_, (checked, _)| checked.elapsed() < recheck);
+        }
+        recent.insert(domain.to_string(), (Instant::now(), policy.clone()));
         policy
     }
 
