@@ -94,7 +94,7 @@ impl Session {
             if listener.role.implicit_tls() {
                 // RFC 8314: the handshake first; the client speaks first in TLS, so there is no
                 // greeting delay to keep.
-                let stream = match super::tls::accept_implicit(stream, &services, timeout).await {
+                let stream = match Session::accept_implicit(stream, &services, timeout).await {
                     Ok(stream) => stream,
                     Err(error) => {
                         tracing::info!(%error, "TLS handshake failed");

@@ -7,26 +7,26 @@ use crate::mail::reply::Reply;
 use crate::net::conn::Conn;
 use crate::net::stream::Stream;
 
-/// The handshake of an implicit-TLS listener, within `timeout`.
-pub(super) async fn accept_implicit(
-    tcp: tokio::net::TcpStream,
-    services: &super::services::Services,
-    timeout: std::time::Duration,
-) -> std::io::Result<Stream> {
-    let Some(acceptor) = services.tls_acceptor.clone() else {
-        return Err(std::io::Error::other(
-            "no certificate configured for implicit TLS",
-        ));
-    };
-    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-        })??;
-    Ok(Stream::ServerTls(Box::new(tls)))
-}
-
 impl Session {
+    /// The handshake of an implicit-TLS listener, within `timeout`.
+    pub(super) async fn accept_implicit(
+        tcp: tokio::net::TcpStream,
+        services: &super::services::Services,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Stream> {
+        let Some(acceptor) = services.tls_acceptor.clone() else {
+            return Err(std::io::Error::other(
+                "no certificate configured for implicit TLS",
+            ));
+        };
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })??;
+        Ok(Stream::ServerTls(Box::new(tls)))
+    }
+
     pub(super) fn starttls_command(&mut self, argument: &str) -> Flow {
         if !argument.trim().is_empty() {
             return self.error(Reply::new(501, "5.5.4", "Syntax: STARTTLS"));
