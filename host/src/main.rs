@@ -7,6 +7,7 @@ use switchyard::cli::{
 };
 use switchyard::config::Config;
 use switchyard::dkim::KeySet;
+use switchyard::net::tls::CertificateResolver;
 
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -39,6 +40,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(files) = &config.tls {
                 switchyard::net::tls::Certificates::load(files)?;
+                for tenant in &tenants {
+                    CertificateResolver::load_tenant(&tenant.certificates, &tenant.domains)?;
+                }
             }
             runtime.block_on(switchyard::plugins::check(&config.plugins, &tenants))?;
             if !tenants.is_empty() {

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::config::tenant::{is_tenant_file, tenant_files};
 use crate::config::{Config, TenantConfig};
 use crate::dkim::{KeySet, Signer};
+use crate::net::tls::CertificateResolver;
 use crate::plugins::PluginManager;
 use crate::tenants::Tenants;
 
@@ -91,7 +92,13 @@ impl Watched {
                 .plugins
                 .iter()
                 .map(|plugin| &plugin.path)
-                .chain(tenant.dkim.iter().map(|key| &key.private_key));
+                .chain(tenant.dkim.iter().map(|key| &key.private_key))
+                .chain(
+                    tenant
+                        .certificates
+                        .iter()
+                        .flat_map(|files| [&files.certificate, &files.private_key]),
+                );
             for file in files {
                 for name in both_names(file) {
                     tenant_plugins
@@ -189,7 +196,7 @@ pub struct Reloader {
     pub signer: Arc<Signer>,
     /// The listeners' certificates (when `[tls]` is set), loaded again with the configuration
     /// and when their files change (a renewal).
-    pub certificates: Option<Arc<crate::net::tls::CertificateResolver>>,
+    pub certificates: Option<Arc<CertificateResolver>>,
 }
 
 /// Runs forever: waits for reload triggers and refreshes the status file every second.
@@ -287,7 +294,15 @@ pub async fn run(reloader: Reloader) {
                     let (gone, present): (Vec<PathBuf>, Vec<PathBuf>) =
                         files.into_iter().partition(|file| !is_tenant_file(file));
                     for file in gone.iter().chain(&present) {
-                        reload_tenant(file, section, &manager, &tenants, &signer).await;
+                        reload_tenant(
+                            file,
+                            section,
+                            &manager,
+                            &tenants,
+                            &signer,
+                            certificates.as_deref(),
+                        )
+                        .await;
                     }
                 }
                 let files = Watched::new(path, &loaded, &tenants.configs());
@@ -355,6 +370,7 @@ async fn reload_tenant(
     manager: &PluginManager,
     tenants: &Tenants,
     signer: &Signer,
+    certificates: Option<&CertificateResolver>,
 ) {
     let id = file
         .file_stem()
@@ -366,6 +382,9 @@ async fn reload_tenant(
         manager.remove_tenant(&id).await;
         tenants.remove(&id);
         signer.set_tenant(&id, None);
+        if let Some(certificates) = certificates {
+            certificates.set_tenant(&id, None);
+        }
         return;
     }
     let config = match TenantConfig::load(file, &section.limits) {
@@ -389,9 +408,25 @@ async fn reload_tenant(
             return;
         }
     };
+    let served = match certificates {
+        Some(_) => match CertificateResolver::load_tenant(&config.certificates, &config.domains) {
+            Ok(served) => Some(served),
+            Err(error) => {
+                tracing::error!(tenant = %id, %error, "tenant's certificates do not load; its previous generation keeps running");
+                manager.tenant_failed(&id, error.to_string());
+                return;
+            }
+        },
+        None => None,
+    };
     if manager.reload_tenant(&config).await.is_ok() {
         match tenants.upsert(config) {
-            Ok(()) => signer.set_tenant(&id, Some(keys)),
+            Ok(()) => {
+                signer.set_tenant(&id, Some(keys));
+                if let Some(certificates) = certificates {
+                    certificates.set_tenant(&id, served);
+                }
+            }
             Err(error) => manager.tenant_failed(&id, error.to_string()),
         }
     }

@@ -182,9 +182,15 @@ fn session_services(
     shutdown: &Shutdown,
 ) -> anyhow::Result<Services> {
     let certificates = match &config.tls {
-        Some(files) => Some(Arc::new(CertificateResolver::new(Certificates::load(
-            files,
-        )?))),
+        Some(files) => {
+            let resolver = CertificateResolver::new(Certificates::load(files)?);
+            for tenant in tenants.configs() {
+                let served =
+                    CertificateResolver::load_tenant(&tenant.certificates, &tenant.domains)?;
+                resolver.set_tenant(&tenant.id, Some(served));
+            }
+            Some(Arc::new(resolver))
+        }
         None => None,
     };
     let tls_acceptor = match &certificates {

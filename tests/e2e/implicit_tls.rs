@@ -138,3 +138,42 @@ async fn smtp_ssl_logs_in_and_sends_and_sni_picks_a_certificate_that_reloads_liv
     let lines = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
     assert_ne!(lines[0], acme_cert, "the old certificate is still served");
 }
+
+/// A tenant file's `[[certificate]]` is served for the tenant's names; one naming another's
+/// domain is refused at reload and the tenant keeps the certificate it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_certificate_serves_its_names_and_no_others() {
+    let files = tempfile::tempdir().expect("tempdir");
+    let tenant_ca = TestCa::new(files.path(), "tenant");
+    let tenants = files.path().join("tenants");
+    std::fs::create_dir_all(&tenants).expect("tenants");
+    let tenant_file = |issued: &crate::harness::certs::Issued| {
+        format!(
+            "domains = [\"acme.test\"]\n\n[[certificate]]\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+            issued.certificate.display(),
+            issued.private_key.display()
+        )
+    };
+    let good = tenant_ca.issue(files.path(), "good", &["mail.acme.test"]);
+    std::fs::write(tenants.join("acme.toml"), tenant_file(&good)).expect("tenant file");
+    let server = submission_as(
+        "submissions",
+        &format!("[tenants]\ndirectory = \"{}\"\n", tenants.display()),
+    )
+    .await;
+    let port = server.router.port;
+    let cas = [test_ca(server.files.path()), tenant_ca.certificate.clone()];
+    let cas: Vec<&std::path::Path> = cas.iter().map(|ca| ca.as_path()).collect();
+    let served = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
+
+    let foreign = tenant_ca.issue(files.path(), "foreign", &["mail.bravo.test"]);
+    let temporary = tenants.join(".acme.toml.tmp");
+    std::fs::write(&temporary, tenant_file(&foreign)).expect("tenant file");
+    std::fs::rename(&temporary, tenants.join("acme.toml")).expect("rename");
+    server
+        .router
+        .log_with(&["`mail.bravo.test` is not one of the tenant's domains or below one"])
+        .await;
+    let after = smtplib(port, "mail.acme.test", &cas, &["cert"]).await;
+    assert_eq!(after, served, "the tenant keeps its certificate");
+}

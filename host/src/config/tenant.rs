@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{line_and_column, ArcConfig, ConfigError, DkimKeyConfig, PluginManifest};
+use super::{
+    line_and_column, ArcConfig, CertificateFiles, ConfigError, DkimKeyConfig, PluginManifest,
+};
 use crate::mail::address::domain_key;
 
 /// `[tenants]` in the main configuration file.
@@ -134,6 +136,9 @@ struct TenantFile {
     dkim: Vec<DkimKeyConfig>,
     #[serde(default)]
     arc: ArcConfig,
+    /// Certificates for the tenant's names, served by SNI on the listeners with `[tls]`.
+    #[serde(default, rename = "certificate")]
+    certificates: Vec<CertificateFiles>,
 }
 
 /// One tenant, loaded from its file, its limits resolved against the defaults.
@@ -152,6 +157,9 @@ pub struct TenantConfig {
     pub dkim: Vec<DkimKeyConfig>,
     /// ARC sealing of the tenant's checked inbound mail, with one of its own keys.
     pub arc: ArcConfig,
+    /// Certificates served to clients that ask (SNI) for one of the tenant's names; every DNS
+    /// name in them must be one of its domains or below one. Paths resolved against the file.
+    pub certificates: Vec<CertificateFiles>,
     /// The file it came from.
     pub path: PathBuf,
     /// Where in the file each domain and user was written, for errors about claims.
@@ -354,6 +362,20 @@ impl TenantConfig {
         if let Some(message) = file.arc.problem(&dkim) {
             return Err(invalid(text.find("[arc]").unwrap_or(0), message));
         }
+        let mut certificates = file.certificates;
+        for files in &mut certificates {
+            for path in [&mut files.certificate, &mut files.private_key] {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+                if !path.is_file() {
+                    return Err(invalid(
+                        text.find("[[certificate]]").unwrap_or(0),
+                        format!("certificate: no such file `{}`", path.display()),
+                    ));
+                }
+            }
+        }
         Ok(TenantConfig {
             id: stem,
             domains,
@@ -362,6 +384,7 @@ impl TenantConfig {
             plugins,
             dkim,
             arc: file.arc,
+            certificates,
             path: path.to_path_buf(),
             claims,
             text: text.to_string(),

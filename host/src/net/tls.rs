@@ -12,7 +12,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::TlsFiles;
+use crate::config::{CertificateFiles, TlsFiles};
+
+/// Certificates by the DNS names they are served for.
+pub type Named = Vec<(String, Arc<CertifiedKey>)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -84,37 +87,26 @@ impl Certificates {
         let default = certified_key(&files.certificate, &files.private_key)?;
         let mut by_name = HashMap::new();
         for extra in &files.sni {
-            let key = certified_key(&extra.certificate, &extra.private_key)?;
-            let names =
-                dns_names(&key).map_err(|message| file_error(&extra.certificate, message))?;
-            if names.is_empty() {
-                return Err(file_error(
-                    &extra.certificate,
-                    "the certificate names no DNS name for SNI to choose it by".to_string(),
-                ));
-            }
+            let (key, names) = named_key(extra)?;
             for name in names {
                 by_name.insert(name, key.clone());
             }
         }
         Ok(Certificates { default, by_name })
     }
+}
 
-    /// The certificate for the name a client asked for: an exact name, else a wildcard one
-    /// level up, else the default.
-    fn choose(&self, asked: Option<&str>) -> Arc<CertifiedKey> {
-        let Some(asked) = asked.map(|name| name.trim_end_matches('.').to_ascii_lowercase()) else {
-            return self.default.clone();
-        };
-        if let Some(key) = self.by_name.get(&asked) {
-            return key.clone();
-        }
-        asked
-            .split_once('.')
-            .and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}")))
-            .unwrap_or(&self.default)
-            .clone()
+/// A certificate for SNI and the names it is chosen by; an error when it names none.
+fn named_key(files: &CertificateFiles) -> Result<(Arc<CertifiedKey>, Vec<String>), TlsError> {
+    let key = certified_key(&files.certificate, &files.private_key)?;
+    let names = dns_names(&key).map_err(|message| file_error(&files.certificate, message))?;
+    if names.is_empty() {
+        return Err(file_error(
+            &files.certificate,
+            "the certificate names no DNS name for SNI to choose it by".to_string(),
+        ));
     }
+    Ok((key, names))
 }
 
 /// The DNS names of a certificate's subject alternative names, lower case.
@@ -132,16 +124,23 @@ fn dns_names(key: &CertifiedKey) -> Result<Vec<String>, String> {
 }
 
 /// Chooses the certificate of each handshake from the current set, which a reload replaces
-/// while connections keep coming.
+/// while connections keep coming: the operator's names first, then the tenants', then the
+/// default.
 #[derive(Debug)]
 pub struct CertificateResolver {
     current: ArcSwap<Certificates>,
+    /// Every tenant's names, merged for the handshake's lookup.
+    tenant_names: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    /// Each tenant's names and certificates, from which `tenant_names` is rebuilt.
+    tenants: std::sync::Mutex<HashMap<String, Named>>,
 }
 
 impl CertificateResolver {
     pub fn new(certificates: Certificates) -> CertificateResolver {
         CertificateResolver {
             current: ArcSwap::from_pointee(certificates),
+            tenant_names: ArcSwap::default(),
+            tenants: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,11 +149,78 @@ impl CertificateResolver {
         self.current.store(Arc::new(Certificates::load(files)?));
         Ok(())
     }
+
+    /// Loads a tenant's certificates: each must name only `domains` or names below them (a
+    /// tenant cannot take another's name). Nothing changes on an error.
+    pub fn load_tenant(files: &[CertificateFiles], domains: &[String]) -> Result<Named, TlsError> {
+        let mut loaded = Vec::new();
+        for entry in files {
+            let (key, names) = named_key(entry)?;
+            for name in names {
+                let bare = name.strip_prefix("*.").unwrap_or(&name);
+                let owned = domains.iter().any(|domain| {
+                    bare == domain
+                        || bare
+                            .strip_suffix(domain.as_str())
+                            .is_some_and(|prefix| prefix.ends_with('.'))
+                });
+                if !owned {
+                    return Err(file_error(
+                        &entry.certificate,
+                        format!("`{name}` is not one of the tenant's domains or below one"),
+                    ));
+                }
+                loaded.push((name, key.clone()));
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Replaces a tenant's certificates (`None`: the tenant is gone).
+    pub fn set_tenant(&self, tenant: &str, certificates: Option<Named>) {
+        let mut tenants = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match certificates {
+            Some(certificates) if !certificates.is_empty() => {
+                tenants.insert(tenant.to_string(), certificates);
+            }
+            _ => {
+                tenants.remove(tenant);
+            }
+        }
+        let merged: HashMap<String, Arc<CertifiedKey>> = tenants
+            .values()
+            .flatten()
+            .map(|(name, key)| (name.clone(), key.clone()))
+            .collect();
+        self.tenant_names.store(Arc::new(merged));
+    }
+
+    fn choose(&self, asked: Option<&str>) -> Arc<CertifiedKey> {
+        let current = self.current.load();
+        let Some(asked) = asked.map(|name| name.trim_end_matches('.').to_ascii_lowercase()) else {
+            return current.default.clone();
+        };
+        let tenants = self.tenant_names.load();
+        let wildcard = asked
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        let lookup = |map: &HashMap<String, Arc<CertifiedKey>>| {
+            map.get(&asked)
+                .or_else(|| wildcard.as_ref().and_then(|name| map.get(name)))
+                .cloned()
+        };
+        lookup(&current.by_name)
+            .or_else(|| lookup(&tenants))
+            .unwrap_or_else(|| current.default.clone())
+    }
 }
 
 impl ResolvesServerCert for CertificateResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load().choose(hello.server_name()))
+        Some(self.choose(hello.server_name()))
     }
 }
 
@@ -242,13 +308,36 @@ mod tests {
                 write("bravo", &["*.bravo.test"]),
             ],
         };
-        let certificates = Certificates::load(&files).expect("load");
-        let leaf = |name: Option<&str>| certificates.choose(name).cert[0].clone();
+        let resolver = CertificateResolver::new(Certificates::load(&files).expect("load"));
+        let leaf = |name: Option<&str>| resolver.choose(name).cert[0].clone();
         let default_leaf = leaf(None);
         assert_ne!(leaf(Some("MAIL.ACME.TEST.")), default_leaf);
         assert_ne!(leaf(Some("smtp.bravo.test")), default_leaf);
         assert_ne!(leaf(Some("smtp.bravo.test")), leaf(Some("mail.acme.test")));
         assert_eq!(leaf(Some("a.b.bravo.test")), default_leaf);
         assert_eq!(leaf(Some("unknown.test")), default_leaf);
+
+        // A tenant's certificate serves its own names; the operator's names come first.
+        let tenant = write("tenant", &["mail.tenant.test"]);
+        let served = CertificateResolver::load_tenant(
+            std::slice::from_ref(&tenant),
+            &["tenant.test".to_string()],
+        )
+        .expect("tenant certificate");
+        resolver.set_tenant("t1", Some(served));
+        assert_ne!(leaf(Some("mail.tenant.test")), default_leaf);
+        resolver.set_tenant("t1", None);
+        assert_eq!(leaf(Some("mail.tenant.test")), default_leaf);
+        let error = CertificateResolver::load_tenant(
+            std::slice::from_ref(&tenant),
+            &["other.test".to_string()],
+        )
+        .err()
+        .map(|error| error.to_string())
+        .unwrap_or_default();
+        assert!(
+            error.contains("`mail.tenant.test` is not one of the tenant's domains"),
+            "{error}"
+        );
     }
 }
