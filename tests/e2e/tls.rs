@@ -33,6 +33,7 @@ fn options(tls: TlsPolicy, certs: &std::path::Path) -> ConnectOptions<'static> {
         connect_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(10),
         credentials: None,
+        dane: None,
     }
 }
 

@@ -437,3 +437,118 @@ fn parse_tls_report(message: &str) -> serde_json::Value {
     let output = child.wait_with_output().expect("tlsrpt_parse.py");
     serde_json::from_slice(&output.stdout).expect("JSON from tlsrpt_parse.py")
 }
+
+/// The SHA-256 of a certificate file's SubjectPublicKeyInfo: the data of a `3 1 1` TLSA record.
+fn spki_sha256(certificate: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(certificate).expect("certificate");
+    let parsed = webpki::EndEntityCert::try_from(&der).expect("parse certificate");
+    sha2::Sha256::digest(parsed.subject_public_key_info().as_ref()).to_vec()
+}
+
+/// DANE (RFC 7672) with the loopback DNS server playing a validating resolver (the AD bit) and
+/// aiosmtpd as the MX hosts: a matching DANE-EE record authenticates a certificate no trusted CA
+/// vouches for, and so does a DANE-TA record naming the CA the server sends; a mismatching
+/// record defers without falling back to plain text, and unvalidated records are ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let own_ca = TestCa::new(certs.path(), "self-run");
+    let unrelated_ca = TestCa::new(certs.path(), "public");
+    let issued = own_ca.issue(
+        certs.path(),
+        "mx",
+        &[
+            "mx.dane.test",
+            "mx.wrong.test",
+            "mx.insecure.test",
+            "mx.ta.test",
+        ],
+    );
+    let digest = spki_sha256(&issued.certificate);
+    let ca_digest = spki_sha256(&own_ca.certificate);
+    // The server sends its CA's certificate after its own, as DANE-TA needs.
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(&issued.certificate).expect("leaf"),
+        std::fs::read_to_string(&own_ca.certificate).expect("ca")
+    );
+    std::fs::write(&issued.certificate, chain).expect("chain");
+    let mx = PySink::start(Some(&issued));
+    let dns = DnsServer::start().await;
+    for (domain, usage, data, secure) in [
+        ("dane.test", 3, digest.clone(), true),
+        ("ta.test", 2, ca_digest, true),
+        ("wrong.test", 3, vec![0u8; 32], true),
+        ("insecure.test", 3, vec![0u8; 32], false),
+    ] {
+        let host = format!("mx.{domain}");
+        dns.mx(domain, 10, &host);
+        dns.a(&host, Ipv4Addr::LOCALHOST);
+        let tlsa = format!("_{}._tcp.{host}", mx.port);
+        dns.tlsa(&tlsa, usage, 1, 1, data);
+        if secure {
+            dns.secure(domain);
+            dns.secure(&tlsa);
+        }
+    }
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: mx.port,
+        // The trust anchors do not include the MX hosts' CA: only DANE can vouch for them.
+        delivery: format!(
+            "dane = true\nca_file = \"{}\"\n",
+            unrelated_ca.certificate.display()
+        ),
+        extra: "[mta_sts]\nenabled = false\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    for recipient in [
+        "a@dane.test",
+        "b@wrong.test",
+        "c@insecure.test",
+        "d@ta.test",
+    ] {
+        client
+            .send_accepted("s@switchyard.test", &[recipient], &message(recipient))
+            .await;
+    }
+    let (log, line) = delivery_lines(
+        &router,
+        &[
+            "a@dane.test",
+            "b@wrong.test",
+            "c@insecure.test",
+            "d@ta.test",
+        ],
+    )
+    .await;
+    let trust_anchor = line("d@ta.test");
+    assert!(
+        trust_anchor.contains("tls=verified") && trust_anchor.contains("status=sent"),
+        "DANE-TA: {trust_anchor}"
+    );
+    let dane = line("a@dane.test");
+    assert!(
+        dane.contains("tls=verified") && dane.contains("status=sent"),
+        "{log}"
+    );
+    let wrong = line("b@wrong.test");
+    assert!(
+        wrong.contains("status=deferred (451 4.7.5 ")
+            && wrong.contains("DANE: no TLSA record matches"),
+        "{wrong}"
+    );
+    let insecure = line("c@insecure.test");
+    assert!(
+        insecure.contains("tls=unverified") && insecure.contains("status=sent"),
+        "{insecure}"
+    );
+    let delivered = mx.wait_for(3, Duration::from_secs(10)).await;
+    assert!(delivered
+        .iter()
+        .all(|message| message["rcpt_tos"][0] != "b@wrong.test"));
+}

@@ -327,6 +327,9 @@ pub struct DeliveryConfig {
     /// PEM file of the certificate authorities trusted when a certificate is verified; without
     /// it, the system's store (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the distribution's bundle).
     pub ca_file: Option<PathBuf>,
+    /// DANE (RFC 7672) towards MX hosts with DNSSEC-validated TLSA records, as the resolvers'
+    /// AD bit says: only with a validating resolver on this host.
+    pub dane: bool,
     /// Passwords for relays that want SMTP AUTH: lines of `HOST[:PORT] USERNAME:PASSWORD`,
     /// used for the smarthost, routes and plugin-chosen relays of that host, sent with AUTH
     /// PLAIN over TLS only.
@@ -352,6 +355,7 @@ impl Default for DeliveryConfig {
             smarthost: None,
             tls: TlsPolicy::Opportunistic,
             ca_file: None,
+            dane: false,
             credentials_file: None,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),

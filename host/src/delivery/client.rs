@@ -119,6 +119,18 @@ pub struct ConnectOptions<'a> {
     pub command_timeout: Duration,
     /// AUTH PLAIN with these after TLS (never without TLS).
     pub credentials: Option<Credentials>,
+    /// The MX host has validated TLSA records (DANE, RFC 7672): STARTTLS is required, and the
+    /// certificate is checked against them instead of the trust anchors.
+    pub dane: Option<Dane>,
+}
+
+/// What an MX host's validated TLSA records ask of its connection.
+#[derive(Clone)]
+pub enum Dane {
+    /// Usable records: a configuration whose verifier accepts only certificates they match.
+    Authenticate(Arc<rustls::ClientConfig>),
+    /// Records, none usable: TLS without authentication (RFC 7672 2.2).
+    EncryptOnly,
 }
 
 /// One mail transaction's envelope.
@@ -195,19 +207,20 @@ impl Client {
             return Err(client.refused(greeting));
         }
         client.hello(options.helo_name).await?;
-        let wants_tls = options.tls != TlsPolicy::None;
+        let required = options.tls == TlsPolicy::Require || options.dane.is_some();
+        let wants_tls = options.tls != TlsPolicy::None || options.dane.is_some();
         if wants_tls && client.capabilities.starttls {
             client.send_line("STARTTLS").await?;
             let reply = client.read_reply().await?;
             if reply.code != 220 {
-                if options.tls == TlsPolicy::Require {
+                if required {
                     return Err(client.refused(reply));
                 }
             } else {
                 client = client.start_tls(options).await?;
                 client.hello(options.helo_name).await?;
             }
-        } else if options.tls == TlsPolicy::Require {
+        } else if required {
             return Err(ClientError::TlsRequired {
                 peer: client.peer.clone(),
             });
@@ -304,9 +317,13 @@ impl Client {
                 message: "not a plain stream".to_string(),
             });
         };
-        // Under `require` the handshake itself refuses a certificate that does not check out;
-        // otherwise any certificate is taken and judged afterwards, for the log line.
-        let verify = options.tls == TlsPolicy::Require;
+        // Under `require` (or DANE) the handshake itself refuses a certificate that does not
+        // check out; otherwise any certificate is taken and judged afterwards, for the log line.
+        let dane = match &options.dane {
+            Some(Dane::Authenticate(config)) => Some(config.clone()),
+            _ => None,
+        };
+        let verify = options.tls == TlsPolicy::Require || dane.is_some();
         let unverified = |message: String| ClientError::Unverified {
             peer: peer.clone(),
             message,
@@ -318,7 +335,10 @@ impl Client {
             Err(_) => rustls::pki_types::ServerName::try_from("invalid.invalid")
                 .map_err(|error| unverified(error.to_string()))?,
         };
-        let config = options.client_tls.config(verify).map_err(&unverified)?;
+        let config = match dane {
+            Some(config) => config,
+            None => options.client_tls.config(verify).map_err(&unverified)?,
+        };
         let connector = tokio_rustls::TlsConnector::from(config);
         let handshake =
             tokio::time::timeout(options.command_timeout, connector.connect(name, tcp)).await;

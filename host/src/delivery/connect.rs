@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::client::{Client, ClientError, ConnectOptions, Envelope};
+use super::client::{Client, ClientError, ConnectOptions, Dane, Envelope};
 use super::credentials::{Credentials, CredentialsFile};
 use super::mailbox;
 use super::route::NextHop;
@@ -21,6 +21,7 @@ use crate::config::{Config, TlsPolicy};
 use crate::mail::address::domain_key;
 use crate::mail::reply::Reply;
 use crate::mail::text::one_line;
+use crate::net::dane::{DaneVerifier, TlsaAnswer};
 use crate::net::dns::{Dns, Target};
 use crate::net::verify::{ClientTls, TlsState};
 use crate::queue::policies::{PolicyStore, TlsOutcome};
@@ -151,8 +152,11 @@ impl SmtpTransport {
         address: std::net::SocketAddr,
         tls: TlsPolicy,
         credentials: Option<&Credentials>,
+        dane: Option<Dane>,
     ) -> Result<Client, ClientError> {
         let delivery = &self.config.delivery;
+        // A host with validated TLSA records never falls back to plain text.
+        let may_fall_back = tls == TlsPolicy::Opportunistic && dane.is_none();
         let mut options = ConnectOptions {
             helo_name: self.config.helo_name(),
             tls,
@@ -161,9 +165,10 @@ impl SmtpTransport {
             connect_timeout: delivery.connect_timeout,
             command_timeout: delivery.command_timeout,
             credentials: credentials.cloned(),
+            dane,
         };
         let result = Client::connect(address, &options).await;
-        if matches!(result, Err(ClientError::Tls { .. })) && tls == TlsPolicy::Opportunistic {
+        if matches!(result, Err(ClientError::Tls { .. })) && may_fall_back {
             tracing::info!(host = %target.name, %address, "TLS handshake failed; retrying without TLS");
             options.tls = TlsPolicy::None;
             return Client::connect(address, &options).await;
@@ -189,10 +194,14 @@ impl Transport for SmtpTransport {
             NextHop::Mx { domain } => domain.as_str(),
             _ => "",
         };
+        let dane = self.dane_of(hop, &targets).await;
+        let dane_for = |name: &str| dane.iter().find(|(host, _)| host == name).map(|(_, d)| d);
         if let Some(policy) = policy.as_deref().filter(|p| p.mode == StsMode::Enforce) {
-            // RFC 8461 4: only the policy's MX hosts, over TLS verified for the MX name.
+            // RFC 8461 4: only the policy's MX hosts, over TLS verified for the MX name; a host
+            // with DANE is held to its TLSA records instead (DANE beats MTA-STS, RFC 8461 2).
             let listed: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-            targets.retain(|target| policy.allows(&target.name));
+            targets
+                .retain(|target| policy.allows(&target.name) || dane_for(&target.name).is_some());
             if targets.is_empty() {
                 self.count_outcome(
                     domain,
@@ -221,9 +230,30 @@ impl Transport for SmtpTransport {
         };
         let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
         for target in &targets {
+            let host_dane = match dane_for(&target.name) {
+                Some(Ok(host_dane)) => Some(host_dane.clone()),
+                Some(Err(reply)) => {
+                    last_error = reply.clone();
+                    continue;
+                }
+                None => None,
+            };
+            // Policy checks are MTA-STS's; a DANE host answers to DANE alone.
+            let policy = if host_dane.is_some() {
+                None
+            } else {
+                policy.clone()
+            };
             for address in &target.addresses {
-                match self.connect(target, *address, tls, credentials).await {
+                match self
+                    .connect(target, *address, tls, credentials, host_dane.clone())
+                    .await
+                {
                     Ok(mut client) => {
+                        if host_dane.is_some() {
+                            client.authenticated_host = true;
+                            return Ok(Box::new(client));
+                        }
                         client.authenticated_host = match hop {
                             NextHop::Mx { .. } => policy
                                 .as_deref()
@@ -269,6 +299,42 @@ impl Transport for SmtpTransport {
             }
         }
         Err(last_error)
+    }
+}
+
+impl SmtpTransport {
+    /// The DANE requirement of each MX host whose TLSA records a validating resolver vouches
+    /// for (with `[delivery] dane` on and the MX records themselves validated): `Ok` the way to
+    /// check its certificate, `Err` the reply when its TLSA lookup failed (the host is not tried:
+    /// RFC 7672 2.2 forbids falling back). Hosts without validated records are not listed.
+    async fn dane_of(
+        &self,
+        hop: &NextHop,
+        targets: &[Target],
+    ) -> Vec<(String, Result<Dane, Reply>)> {
+        let NextHop::Mx { domain } = hop else {
+            return Vec::new();
+        };
+        if !self.config.delivery.dane || !self.dns.mx_is_authentic(domain).await {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for target in targets {
+            let requirement = match self.dns.tlsa(&target.name, self.config.delivery.port).await {
+                Ok(TlsaAnswer::Insecure) => continue,
+                Ok(TlsaAnswer::Unusable) => Ok(Dane::EncryptOnly),
+                Ok(TlsaAnswer::Usable(records)) => DaneVerifier::client_config(records)
+                    .map(Dane::Authenticate)
+                    .map_err(|error| Reply::new(451, "4.7.5", format!("DANE: {error}"))),
+                Err(error) => Err(Reply::new(
+                    451,
+                    "4.7.5",
+                    format!("DANE: TLSA lookup for {} failed: {error}", target.name),
+                )),
+            };
+            found.push((target.name.clone(), requirement));
+        }
+        found
     }
 }
 

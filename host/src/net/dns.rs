@@ -21,6 +21,10 @@ pub struct Target {
 
 pub struct Dns {
     resolver: TokioResolver,
+    /// The resolvers asked directly for DNSSEC-validated answers (DANE): the configured ones,
+    /// else those of /etc/resolv.conf.
+    validating: Vec<SocketAddr>,
+    timeout: std::time::Duration,
 }
 
 impl Dns {
@@ -28,6 +32,15 @@ impl Dns {
         let mut options = ResolverOpts::default();
         options.timeout = config.timeout;
         options.attempts = 2;
+        let mut validating = Vec::new();
+        for server in &config.nameservers {
+            if let Ok(ip) = server.host.parse::<IpAddr>() {
+                validating.push(SocketAddr::new(ip, server.port_or(53)));
+            }
+        }
+        if validating.is_empty() {
+            validating = system_nameservers();
+        }
         let builder = if config.nameservers.is_empty() {
             TokioResolver::builder_tokio()?
         } else {
@@ -48,7 +61,26 @@ impl Dns {
             )
         };
         let resolver = builder.with_options(options).build()?;
-        Ok(Dns { resolver })
+        Ok(Dns {
+            resolver,
+            validating,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Whether a validating resolver vouches (AD bit) for `domain`'s MX records: only then is
+    /// an MX host's name trusted enough for DANE (RFC 7672 2.2.1).
+    pub async fn mx_is_authentic(&self, domain: &str) -> bool {
+        use hickory_resolver::proto::rr::RecordType;
+        match super::dane::query(&self.validating, domain, RecordType::MX, self.timeout).await {
+            Ok(answer) => answer.authentic && !answer.records.is_empty(),
+            Err(_) => false,
+        }
+    }
+
+    /// The validated TLSA records of `host`'s SMTP service on `port`.
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<super::dane::TlsaAnswer, String> {
+        super::dane::tlsa_for(&self.validating, host, port, self.timeout).await
     }
 
     /// SPF, DKIM and DMARC verification through this resolver (same nameservers and cache).
@@ -214,4 +246,15 @@ impl Dns {
             )),
         }
     }
+}
+
+/// The `nameserver` lines of /etc/resolv.conf (port 53).
+fn system_nameservers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
 }

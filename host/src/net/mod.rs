@@ -2,6 +2,7 @@
 //! with bounds), and the DNS resolver every part shares.
 
 pub mod conn;
+pub mod dane;
 pub mod dns;
 pub mod line;
 pub mod stream;

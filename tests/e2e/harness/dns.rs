@@ -13,6 +13,8 @@ use tokio::net::UdpSocket;
 #[derive(Default)]
 struct Zone {
     records: HashMap<String, Vec<RData>>,
+    /// Names whose answers carry the AD bit, as a validating resolver's would.
+    secure: std::collections::HashSet<String>,
 }
 
 pub struct DnsServer {
@@ -51,6 +53,7 @@ impl DnsServer {
                 if let Some(query) = request.queries.first() {
                     let name = key(&query.name().to_string());
                     let zone = served.lock().expect("zone");
+                    response.metadata.authentic_data = zone.secure.contains(&name);
                     match zone.records.get(&name) {
                         None => response.metadata.response_code = ResponseCode::NXDomain,
                         Some(records) => {
@@ -83,6 +86,26 @@ impl DnsServer {
             .entry(key(name))
             .or_default()
             .push(rdata);
+    }
+
+    /// Answers for `name` carry the AD bit from now on: DNSSEC-validated, as far as a client
+    /// that trusts its resolver can tell.
+    pub fn secure(&self, name: &str) {
+        self.zone.lock().expect("zone").secure.insert(key(name));
+    }
+
+    /// A TLSA record (RFC 6698): usage, selector, matching type and data.
+    pub fn tlsa(&self, name: &str, usage: u8, selector: u8, matching: u8, data: Vec<u8>) {
+        use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector, TLSA};
+        self.add(
+            name,
+            RData::TLSA(TLSA::new(
+                CertUsage::from(usage),
+                Selector::from(selector),
+                Matching::from(matching),
+                data,
+            )),
+        );
     }
 
     pub fn mx(&self, domain: &str, preference: u16, exchange: &str) {
