@@ -356,26 +356,8 @@ async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_test
     }
     // The counts are written beside the deliveries, not before their log lines.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = router.tls_reports(&["send"]);
-    let printed = String::from_utf8_lossy(&sent.stdout);
-    assert!(
-        sent.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    assert!(printed.contains("-- 2 report(s)"), "{printed}");
-    let received = reports.wait_for(2, Duration::from_secs(20)).await;
-    let parsed: Vec<serde_json::Value> = received
-        .iter()
-        .map(|message| parse_tls_report(message["data"].as_str().unwrap_or_default()))
-        .collect();
-    let of = |domain: &str| {
-        parsed
-            .iter()
-            .find(|report| report["report_domain"] == domain)
-            .unwrap_or_else(|| panic!("no report for {domain}: {parsed:?}"))
-            .clone()
-    };
+    let parsed = send_tls_reports(&router, &reports, 2).await;
+    let of = |domain: &str| report_of(&parsed, domain);
     let good = of("enforce.test");
     assert_eq!(good["content_type"], "multipart/report");
     assert_eq!(good["report_type"], "tlsrpt");
@@ -416,6 +398,35 @@ async fn mta_sts_enforce_refuses_unlisted_mx_hosts_and_bad_certificates_and_test
         .await;
     mx.wait_for(4, Duration::from_secs(10)).await;
     assert_eq!(web.requests().len(), fetches, "{:?}", web.requests());
+}
+
+/// Runs `switchyard tls-reports send`, waits for `count` reports at the sink, and reads them.
+async fn send_tls_reports(router: &Router, sink: &PySink, count: usize) -> Vec<serde_json::Value> {
+    let sent = router.tls_reports(&["send"]);
+    let printed = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        printed.contains(&format!("-- {count} report(s)")),
+        "{printed}"
+    );
+    sink.wait_for(count, Duration::from_secs(20))
+        .await
+        .iter()
+        .map(|message| parse_tls_report(message["data"].as_str().unwrap_or_default()))
+        .collect()
+}
+
+/// The report for `domain` among `parsed`.
+fn report_of(parsed: &[serde_json::Value], domain: &str) -> serde_json::Value {
+    parsed
+        .iter()
+        .find(|report| report["report_domain"] == domain)
+        .unwrap_or_else(|| panic!("no report for {domain}: {parsed:?}"))
+        .clone()
 }
 
 /// A TLS report message as Python's email and json packages read it
@@ -477,6 +488,18 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
     std::fs::write(&issued.certificate, chain).expect("chain");
     let mx = PySink::start(Some(&issued));
     let dns = DnsServer::start().await;
+    // dane.test also publishes an MTA-STS policy that does not list its MX host: DANE wins.
+    let web = PolicyServer::start(&unrelated_ca.issue(certs.path(), "web", &["mta-sts.dane.test"]));
+    web.serve("mta-sts.dane.test", &policy("enforce", "mx.elsewhere.test"));
+    dns.txt("_mta-sts.dane.test", "v=STSv1; id=1;");
+    dns.a("mta-sts.dane.test", Ipv4Addr::LOCALHOST);
+    for domain in ["dane.test", "wrong.test"] {
+        dns.txt(
+            &format!("_smtp._tls.{domain}"),
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        );
+    }
+    let reports = PySink::start(None);
     for (domain, usage, data, secure) in [
         ("dane.test", 3, digest.clone(), true),
         ("ta.test", 2, ca_digest, true),
@@ -501,7 +524,11 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
             "dane = true\nca_file = \"{}\"\n",
             unrelated_ca.certificate.display()
         ),
-        extra: "[mta_sts]\nenabled = false\n".to_string(),
+        extra: format!(
+            "[mta_sts]\nhttps_port = {}\n\n{}",
+            web.port,
+            route("reports.test", "127.0.0.1", reports.port, "opportunistic")
+        ),
         ..RouterOptions::default()
     })
     .await;
@@ -551,4 +578,30 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
     assert!(delivered
         .iter()
         .all(|message| message["rcpt_tos"][0] != "b@wrong.test"));
+    assert_eq!(
+        web.requests().len(),
+        1,
+        "the MTA-STS policy was fetched, and lost to DANE"
+    );
+
+    // TLS reports of DANE hosts: policy type tlsa, one per MX host, the records as the string.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let parsed = send_tls_reports(&router, &reports, 2).await;
+    let of = |domain: &str| report_of(&parsed, domain)["report"]["policies"][0].clone();
+    let good = of("dane.test");
+    assert_eq!(good["policy"]["policy-type"], "tlsa", "{good}");
+    assert_eq!(good["policy"]["mx-host"][0], "mx.dane.test");
+    assert!(good["policy"]["policy-string"][0]
+        .as_str()
+        .is_some_and(|record| record.starts_with("3 1 1 ")));
+    assert_eq!(
+        good["summary"]["total-successful-session-count"], 1,
+        "{good}"
+    );
+    let bad = of("wrong.test");
+    assert_eq!(bad["policy"]["policy-type"], "tlsa");
+    assert!(
+        bad["summary"]["total-failure-session-count"].as_u64() >= Some(1),
+        "{bad}"
+    );
 }

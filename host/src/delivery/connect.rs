@@ -203,11 +203,9 @@ impl Transport for SmtpTransport {
             targets
                 .retain(|target| policy.allows(&target.name) || dane_for(&target.name).is_some());
             if targets.is_empty() {
+                let mx_host = listed.first().map(String::as_str).unwrap_or_default();
                 self.count_outcome(
-                    domain,
-                    policy,
-                    listed.first().map(String::as_str).unwrap_or_default(),
-                    None,
+                    Counted::sts(domain, policy, mx_host, None),
                     Err((
                         ResultType::ValidationFailure,
                         "mx-not-in-policy".to_string(),
@@ -244,14 +242,15 @@ impl Transport for SmtpTransport {
             } else {
                 policy.clone()
             };
+            let dane_records = host_dane.as_ref().map(|(_, text)| text.clone());
             for address in &target.addresses {
-                match self
-                    .connect(target, *address, tls, credentials, host_dane.clone())
-                    .await
-                {
+                let dane = host_dane.as_ref().map(|(dane, _)| dane.clone());
+                match self.connect(target, *address, tls, credentials, dane).await {
                     Ok(mut client) => {
-                        if host_dane.is_some() {
+                        if let Some(records) = &dane_records {
                             client.authenticated_host = true;
+                            let counted = Counted::dane(domain, records, &target.name, address);
+                            self.count_outcome(counted, Ok(()));
                             return Ok(Box::new(client));
                         }
                         client.authenticated_host = match hop {
@@ -266,13 +265,8 @@ impl Transport for SmtpTransport {
                                 true => Ok(()),
                                 false => Err((ResultType::ValidationFailure, problems.join("; "))),
                             };
-                            self.count_outcome(
-                                domain,
-                                policy,
-                                &target.name,
-                                Some(address),
-                                outcome,
-                            );
+                            let counted = Counted::sts(domain, policy, &target.name, Some(address));
+                            self.count_outcome(counted, outcome);
                             if policy.mode == StsMode::Testing && !problems.is_empty() {
                                 tracing::warn!(%domain, host = %target.name, "MTA-STS testing policy of {domain} would refuse this delivery: {}", problems.join("; "));
                             }
@@ -280,17 +274,19 @@ impl Transport for SmtpTransport {
                         return Ok(Box::new(client));
                     }
                     Err(error) => {
-                        if let (Some(policy), Some(result)) =
-                            (policy.as_deref(), tls_report::result_type(&error))
+                        let counted = match (&dane_records, policy.as_deref()) {
+                            (Some(records), _) => {
+                                Some(Counted::dane(domain, records, &target.name, address))
+                            }
+                            (None, Some(policy)) => {
+                                Some(Counted::sts(domain, policy, &target.name, Some(address)))
+                            }
+                            (None, None) => None,
+                        };
+                        if let (Some(counted), Some(result)) =
+                            (counted, tls_report::result_type(&error))
                         {
-                            let outcome = Err((result, error.to_string()));
-                            self.count_outcome(
-                                domain,
-                                policy,
-                                &target.name,
-                                Some(address),
-                                outcome,
-                            );
+                            self.count_outcome(counted, Err((result, error.to_string())));
                         }
                         tracing::info!(%error, "connection attempt failed; trying the next host");
                         last_error = error.reply();
@@ -311,7 +307,7 @@ impl SmtpTransport {
         &self,
         hop: &NextHop,
         targets: &[Target],
-    ) -> Vec<(String, Result<Dane, Reply>)> {
+    ) -> Vec<(String, Result<(Dane, String), Reply>)> {
         let NextHop::Mx { domain } = hop else {
             return Vec::new();
         };
@@ -322,10 +318,17 @@ impl SmtpTransport {
         for target in targets {
             let requirement = match self.dns.tlsa(&target.name, self.config.delivery.port).await {
                 Ok(TlsaAnswer::Insecure) => continue,
-                Ok(TlsaAnswer::Unusable) => Ok(Dane::EncryptOnly),
-                Ok(TlsaAnswer::Usable(records)) => DaneVerifier::client_config(records)
-                    .map(Dane::Authenticate)
-                    .map_err(|error| Reply::new(451, "4.7.5", format!("DANE: {error}"))),
+                Ok(TlsaAnswer::Unusable) => Ok((Dane::EncryptOnly, String::new())),
+                Ok(TlsaAnswer::Usable(records)) => {
+                    let text = records
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    DaneVerifier::client_config(records)
+                        .map(|config| (Dane::Authenticate(config), text))
+                        .map_err(|error| Reply::new(451, "4.7.5", format!("DANE: {error}")))
+                }
                 Err(error) => Err(Reply::new(
                     451,
                     "4.7.5",
@@ -354,14 +357,7 @@ fn policy_problems(policy: &StsPolicy, target: &Target, client: &Client) -> Vec<
 
 impl SmtpTransport {
     /// Counts a connection's TLS outcome for the policy domain's TLS report.
-    fn count_outcome(
-        &self,
-        domain: &str,
-        policy: &StsPolicy,
-        mx_host: &str,
-        address: Option<&std::net::SocketAddr>,
-        outcome: Result<(), (ResultType, String)>,
-    ) {
+    fn count_outcome(&self, counted: Counted<'_>, outcome: Result<(), (ResultType, String)>) {
         if !self.config.tls_reports.enabled {
             return;
         }
@@ -372,15 +368,61 @@ impl SmtpTransport {
         tls_report::count(
             &self.policies,
             TlsOutcome {
-                domain: domain_key(domain),
-                policy_type: "sts".to_string(),
-                policy_text: policy.text.clone(),
-                mx_host: mx_host.to_string(),
+                domain: domain_key(counted.domain),
+                policy_type: counted.policy_type.to_string(),
+                policy_text: counted.policy_text.to_string(),
+                mx_host: counted.mx_host.to_string(),
                 result,
-                receiving_ip: address.map(|a| a.ip().to_string()).unwrap_or_default(),
+                receiving_ip: counted
+                    .address
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default(),
                 reason,
             },
         );
+    }
+}
+
+/// Which policy a connection's TLS outcome is counted under, for TLS reports (RFC 8460).
+struct Counted<'a> {
+    domain: &'a str,
+    /// `sts` or `tlsa`.
+    policy_type: &'static str,
+    /// The MTA-STS policy file, or the TLSA records one per line.
+    policy_text: &'a str,
+    mx_host: &'a str,
+    address: Option<&'a std::net::SocketAddr>,
+}
+
+impl<'a> Counted<'a> {
+    fn sts(
+        domain: &'a str,
+        policy: &'a StsPolicy,
+        mx_host: &'a str,
+        address: Option<&'a std::net::SocketAddr>,
+    ) -> Counted<'a> {
+        Counted {
+            domain,
+            policy_type: "sts",
+            policy_text: &policy.text,
+            mx_host,
+            address,
+        }
+    }
+
+    fn dane(
+        domain: &'a str,
+        records: &'a str,
+        mx_host: &'a str,
+        address: &'a std::net::SocketAddr,
+    ) -> Counted<'a> {
+        Counted {
+            domain,
+            policy_type: "tlsa",
+            policy_text: records,
+            mx_host,
+            address: Some(address),
+        }
     }
 }
 

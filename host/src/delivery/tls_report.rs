@@ -1,5 +1,5 @@
 //! SMTP TLS reporting (RFC 8460): the TLS outcome of every delivery to a domain with an MTA-STS
-//! policy is counted in the queue's database; a report per domain is built with mail-auth and
+//! policy, or to an MX host with DANE, is counted in the queue's database; a report per domain is built with mail-auth and
 //! queued to the `rua` addresses of the domain's `_smtp._tls` record, every
 //! `[tls_reports] interval` and on `switchyard tls-reports send`.
 
@@ -161,18 +161,29 @@ fn report_message(
     let mut policies: Vec<ReportPolicy> = Vec::new();
     for row in rows {
         let outcome = &row.outcome;
-        let index = match policies
-            .iter()
-            .position(|policy| policy.policy.policy_string == policy_lines(&outcome.policy_text))
-        {
+        let sts = outcome.policy_type == "sts";
+        let index = match policies.iter().position(|policy| {
+            policy.policy.policy_string == policy_lines(&outcome.policy_text)
+                && (policy.policy.policy_type == PolicyType::Sts) == sts
+                && (sts || policy.policy.mx_host == [outcome.mx_host.clone()])
+        }) {
             Some(index) => index,
             None => {
                 policies.push(ReportPolicy {
                     policy: PolicyDetails {
-                        policy_type: PolicyType::Sts,
+                        // A DANE policy is the TLSA records of one MX host (RFC 8460 4.3.1).
+                        policy_type: if sts {
+                            PolicyType::Sts
+                        } else {
+                            PolicyType::Tlsa
+                        },
                         policy_string: policy_lines(&outcome.policy_text),
                         policy_domain: domain.to_string(),
-                        mx_host: mx_patterns(&outcome.policy_text),
+                        mx_host: if sts {
+                            mx_patterns(&outcome.policy_text)
+                        } else {
+                            vec![outcome.mx_host.clone()]
+                        },
                     },
                     summary: Summary {
                         total_success: 0,

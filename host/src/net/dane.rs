@@ -211,6 +211,17 @@ fn usable(record: &hickory_resolver::proto::rr::rdata::TLSA) -> Option<Tlsa> {
     })
 }
 
+impl std::fmt::Display for Tlsa {
+    /// The presentation form (RFC 6698 2.2): `3 1 1 <hex>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {} ", self.usage, self.selector, self.matching)?;
+        for byte in &self.data {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Tlsa {
     /// Whether `certificate` matches this record.
     fn matches(&self, certificate: &CertificateDer<'_>) -> bool {
