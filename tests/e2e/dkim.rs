@@ -192,17 +192,36 @@ async fn mail_from_an_untrusted_client_is_not_signed() {
     assert!(!data.contains("DKIM-Signature"), "{data}");
 }
 
+/// A forwarder's sealing key (`forwarder.test`, selector `arc1`, RSA), its record for dkimpy,
+/// a sink, and the loopback DNS server that turns the inbound checks on.
+struct ArcFixture {
+    keys: tempfile::TempDir,
+    records: BTreeMap<String, String>,
+    sink: PySink,
+    dns: crate::harness::dns::DnsServer,
+}
+
+impl ArcFixture {
+    async fn new() -> ArcFixture {
+        let keys = tempfile::tempdir().expect("tempdir");
+        let (name, text) = keygen(keys.path(), "forwarder.test", "arc1", "rsa");
+        ArcFixture {
+            keys,
+            records: BTreeMap::from([(name, text)]),
+            sink: PySink::start(None),
+            dns: crate::harness::dns::DnsServer::start().await,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checked_inbound_mail_is_arc_sealed_and_dkimpy_verifies_the_chain() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    let (name, text) = keygen(keys.path(), "forwarder.test", "arc1", "rsa");
-    let records = BTreeMap::from([(name, text)]);
-    let sink = PySink::start(None);
-    // The loopback DNS server turns the inbound checks on; 127.0.0.1 is no relay network, so
-    // the message is checked (and not DKIM-signed) and then forwarded to the sink.
-    let dns = crate::harness::dns::DnsServer::start().await;
+    // 127.0.0.1 is no relay network here, so the message is checked (and not DKIM-signed)
+    // and then forwarded to the sink.
+    let fixture = ArcFixture::new().await;
+    let (keys, records, sink) = (&fixture.keys, &fixture.records, &fixture.sink);
     let router = Router::start(RouterOptions {
-        dns: Some(dns.address),
+        dns: Some(fixture.dns.address),
         relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
         extra: format!(
             "{}[arc]\nseal = true\ndomain = \"forwarder.test\"\nselector = \"arc1\"\n",
@@ -231,11 +250,11 @@ async fn checked_inbound_mail_is_arc_sealed_and_dkimpy_verifies_the_chain() {
         !data.contains("\nDKIM-Signature:"),
         "not ours to sign: {data}"
     );
-    let verdict = dkimpy_run("arc_verify.py", &data, &records).await;
+    let verdict = dkimpy_run("arc_verify.py", &data, records).await;
     assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
     // The verifier can say no: a changed body breaks the seal's message signature.
     let tampered = data.replace("Signed body.", "Changed body.");
-    let verdict = dkimpy_run("arc_verify.py", &tampered, &records).await;
+    let verdict = dkimpy_run("arc_verify.py", &tampered, records).await;
     assert!(verdict[0].starts_with("fail"), "{verdict:?}");
 }
 
@@ -288,4 +307,46 @@ async fn a_second_forwarder_verifies_the_first_seal_and_extends_the_chain() {
     assert!(data.contains("arc=pass"), "{data}");
     let verdict = dkimpy_run("arc_verify.py", &data, &records).await;
     assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
+}
+
+/// `arc_seal` on a route seals the checked mail forwarded through it, and only that mail, when
+/// `[arc] seal` itself is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_arc_seal_seals_what_it_forwards_and_nothing_else() {
+    let fixture = ArcFixture::new().await;
+    let (keys, records, sink) = (&fixture.keys, &fixture.records, &fixture.sink);
+    let router = Router::start(RouterOptions {
+        dns: Some(fixture.dns.address),
+        relay: "domains = [\"forward.test\", \"plain.test\"]\nnetworks = []\n".to_string(),
+        extra: format!(
+            "{}[arc]\ndomain = \"forwarder.test\"\nselector = \"arc1\"\n\n\
+             [[route]]\ndomain = \"forward.test\"\nsmarthost = \"127.0.0.1:{port}\"\narc_seal = true\n\n\
+             [[route]]\ndomain = \"plain.test\"\nsmarthost = \"127.0.0.1:{port}\"\n",
+            dkim_entry(keys.path(), "forwarder.test", "arc1", true),
+            port = sink.port
+        ),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    for recipient in ["bob@forward.test", "bob@plain.test"] {
+        client
+            .send_accepted("alice@sender.test", &[recipient], &letter(recipient))
+            .await;
+    }
+    let received = sink.wait_for(2, Duration::from_secs(15)).await;
+    let data_for = |recipient: &str| {
+        received
+            .iter()
+            .find(|message| message["rcpt_tos"][0] == recipient)
+            .and_then(|message| message["data"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let forwarded = data_for("bob@forward.test");
+    assert!(forwarded.starts_with("ARC-Seal: i=1;"), "{forwarded}");
+    let verdict = dkimpy_run("arc_verify.py", &forwarded, records).await;
+    assert!(verdict[0].starts_with("pass"), "{verdict:?}");
+    let plain = data_for("bob@plain.test");
+    assert!(!plain.contains("ARC-Seal"), "{plain}");
 }

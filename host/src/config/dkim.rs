@@ -135,9 +135,14 @@ pub struct ArcConfig {
 }
 
 impl ArcConfig {
-    /// With `seal` on, the key it names must be among `keys`.
-    pub fn problem(&self, keys: &[DkimKeyConfig]) -> Option<String> {
-        if !self.seal {
+    /// A key to seal with is named (for `seal`, or for routes with `arc_seal`).
+    pub fn names_key(&self) -> bool {
+        !self.domain.is_empty() && !self.selector.is_empty()
+    }
+
+    /// With `seal` on (or `needed` by a route), the key it names must be among `keys`.
+    pub fn problem(&self, keys: &[DkimKeyConfig], needed: bool) -> Option<String> {
+        if !self.seal && !needed && !self.names_key() {
             return None;
         }
         let domain = crate::mail::address::domain_key(&self.domain);

@@ -421,6 +421,10 @@ pub struct RouteConfig {
     pub smarthost: HostPort,
     /// STARTTLS policy towards that host; defaults to `delivery.tls`.
     pub tls: Option<TlsPolicy>,
+    /// ARC-seal checked inbound mail with a recipient on this route (forwarded through it),
+    /// with the `[arc]` key, even when `[arc] seal` is off.
+    #[serde(default)]
+    pub arc_seal: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -359,7 +359,7 @@ impl TenantConfig {
         if let Some(message) = super::dkim::duplicate(&dkim) {
             return Err(invalid(0, message));
         }
-        if let Some(message) = file.arc.problem(&dkim) {
+        if let Some(message) = file.arc.problem(&dkim, false) {
             return Err(invalid(text.find("[arc]").unwrap_or(0), message));
         }
         let mut certificates = file.certificates;

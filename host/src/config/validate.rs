@@ -58,7 +58,8 @@ fn dkim(config: &Config, problem: &Locate) -> Result<(), Problem> {
     if let Some(message) = super::dkim::duplicate(&config.dkim) {
         return Err(problem("[[dkim]]", message));
     }
-    match config.arc.problem(&config.dkim) {
+    let routes_seal = config.routes.iter().any(|route| route.arc_seal);
+    match config.arc.problem(&config.dkim, routes_seal) {
         Some(message) => Err(problem("[arc]", message)),
         None => Ok(()),
     }

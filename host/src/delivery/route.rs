@@ -1,6 +1,6 @@
 //! The next hop of a recipient domain: a configured route, the global smarthost, or its MX records.
 
-use crate::config::{Config, HostPort, TlsPolicy};
+use crate::config::{Config, HostPort, RouteConfig, TlsPolicy};
 use crate::mail::address::domain_key;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,11 +24,10 @@ impl NextHop {
     }
 }
 
-/// Chooses the next hop for a recipient domain: the most specific `[[route]]`, then
-/// `delivery.smarthost`, then MX.
-pub fn next_hop(config: &Config, domain: &str) -> NextHop {
+/// The most specific `[[route]]` for a recipient domain, if one matches.
+pub fn route_for<'a>(config: &'a Config, domain: &str) -> Option<&'a RouteConfig> {
     let domain = domain_key(domain);
-    let matching = config
+    config
         .routes
         .iter()
         .filter(|route| {
@@ -38,8 +37,14 @@ pub fn next_hop(config: &Config, domain: &str) -> NextHop {
                 None => domain == pattern,
             }
         })
-        .max_by_key(|route| (!route.domain.starts_with("*."), route.domain.len()));
-    if let Some(route) = matching {
+        .max_by_key(|route| (!route.domain.starts_with("*."), route.domain.len()))
+}
+
+/// Chooses the next hop for a recipient domain: the most specific `[[route]]`, then
+/// `delivery.smarthost`, then MX.
+pub fn next_hop(config: &Config, domain: &str) -> NextHop {
+    let domain = domain_key(domain);
+    if let Some(route) = route_for(config, &domain) {
         return NextHop::Relay {
             host: route.smarthost.clone(),
             tls: route.tls.unwrap_or(config.delivery.tls),

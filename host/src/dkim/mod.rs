@@ -21,8 +21,10 @@ pub use keys::{Algorithm, KeyError, SigningKey};
 #[derive(Default)]
 pub struct KeySet {
     keys: Vec<Arc<SigningKey>>,
-    /// The key that ARC-seals checked inbound mail, when `[arc] seal` is on.
+    /// The key that ARC-seals checked inbound mail, when `[arc]` names one.
     sealer: Option<Arc<SigningKey>>,
+    /// `[arc] seal`: every checked message, not only those routed through `arc_seal` routes.
+    seal_all: bool,
 }
 
 impl KeySet {
@@ -32,13 +34,18 @@ impl KeySet {
             .iter()
             .map(|config| SigningKey::load(config).map(Arc::new))
             .collect::<Result<_, _>>()?;
-        Ok(KeySet { keys, sealer: None })
+        Ok(KeySet {
+            keys,
+            sealer: None,
+            seal_all: false,
+        })
     }
 
-    /// Seals with the key `arc` names, when it is on (the configuration checked that it
-    /// exists); an error when that key cannot seal (Ed25519: ARC knows RSA only).
+    /// Seals with the key `arc` names (the configuration checked that it exists), for all
+    /// checked mail (`seal`) or for routes with `arc_seal`; an error when that key cannot seal
+    /// (Ed25519: ARC knows RSA only).
     pub fn with_sealer(mut self, arc: &ArcConfig) -> Result<KeySet, KeyError> {
-        if !arc.seal {
+        if !arc.seal && !arc.names_key() {
             return Ok(self);
         }
         let domain = crate::mail::address::domain_key(&arc.domain);
@@ -50,6 +57,7 @@ impl KeySet {
         match key {
             Some(key) if key.seals() => {
                 self.sealer = Some(key);
+                self.seal_all = arc.seal;
                 Ok(self)
             }
             Some(key) => Err(KeyError::File {
@@ -137,12 +145,15 @@ impl Signer {
         });
     }
 
-    /// The key that ARC-seals the checked inbound mail of `tenant` (`""`: no tenant), if any.
-    pub fn sealer(&self, tenant: &str) -> Option<Arc<SigningKey>> {
-        if tenant.is_empty() {
-            return self.global.load().sealer.clone();
-        }
-        self.tenants.load().get(tenant)?.sealer.clone()
+    /// The key that ARC-seals the checked inbound mail of `tenant` (`""`: no tenant), if any,
+    /// and whether it seals all of it (`[arc] seal`) or only mail on `arc_seal` routes.
+    pub fn sealer(&self, tenant: &str) -> Option<(Arc<SigningKey>, bool)> {
+        let keys = if tenant.is_empty() {
+            self.global.load_full()
+        } else {
+            self.tenants.load().get(tenant)?.clone()
+        };
+        Some((keys.sealer.clone()?, keys.seal_all))
     }
 
     /// Whether any owner has a key: without one, messages are not even parsed for a From.

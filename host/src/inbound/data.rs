@@ -201,8 +201,7 @@ impl Session {
             stamped.splice(0..0, verdicts.header.bytes());
         }
         // The message as checked, kept for the ARC seal's results when there is to be one.
-        let sealing =
-            verdicts.is_some() && self.services.signer.sealer(&self.tenant_id()).is_some();
+        let sealing = verdicts.is_some() && self.seals(&envelope.recipients);
         let arrived = sealing.then(|| Bytes::from(stamped.clone()));
         let sender = envelope.sender.clone();
         let mut recipients = envelope.recipients.clone();
@@ -311,8 +310,21 @@ impl Session {
     /// The key and the checks for sealing this message (RFC 8617), when its owner seals
     /// checked inbound mail (`[arc] seal`).
     fn arc_sealer(&self, sender: &str) -> Option<(Arc<SigningKey>, Check)> {
-        let key = self.services.signer.sealer(&self.tenant_id())?;
+        let (key, _) = self.services.signer.sealer(&self.tenant_id())?;
         Some((key, self.sender_check(sender)?))
+    }
+
+    /// Whether this message is to be sealed: its owner seals all checked mail, or one of its
+    /// recipients is routed through a `[[route]]` with `arc_seal` (mail forwarded through it).
+    fn seals(&self, recipients: &[String]) -> bool {
+        let Some((_, all)) = self.services.signer.sealer(&self.tenant_id()) else {
+            return false;
+        };
+        all || recipients.iter().any(|recipient| {
+            let domain = recipient.rsplit_once('@').map_or("", |(_, domain)| domain);
+            crate::delivery::route::route_for(self.config(), domain)
+                .is_some_and(|route| route.arc_seal)
+        })
     }
 
     /// What SPF, DKIM and DMARC checks of this message need, if it is to be checked: verification
