@@ -51,7 +51,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Limits applied to every SMTP session.
     pub smtp: SmtpLimits,
-    /// Certificate for STARTTLS on the listeners. Without it STARTTLS is not offered.
+    /// Certificates for STARTTLS and implicit TLS on the listeners (a default, more chosen by
+    /// SNI). Without it STARTTLS is not offered.
     pub tls: Option<TlsFiles>,
     /// Which recipients are accepted, and for whom the server relays.
     pub relay: RelayConfig,
