@@ -55,12 +55,18 @@ fn dkim_entry(dir: &Path, domain: &str, selector: &str, active: bool) -> String 
 
 /// dkimpy's verdict on each signature of `message`: "SELECTOR ALGORITHM pass|fail".
 async fn dkimpy(message: &str, records: &BTreeMap<String, String>) -> Vec<String> {
-    dkimpy_run("dkim_verify.py", message, records).await
+    dkimpy_run(&[], message, records).await
 }
 
-/// Runs a dkimpy peer script on `message`, with `records` standing in for DNS.
+/// dkimpy's verdict on the ARC chain of `message`: "CV REASON".
+async fn dkimpy_arc(message: &str, records: &BTreeMap<String, String>) -> Vec<String> {
+    dkimpy_run(&["--arc"], message, records).await
+}
+
+/// Runs `tests/peers/dkim_verify.py` with `options` on `message`, with `records` standing in
+/// for DNS.
 async fn dkimpy_run(
-    script: &str,
+    options: &[&str],
     message: &str,
     records: &BTreeMap<String, String>,
 ) -> Vec<String> {
@@ -69,12 +75,11 @@ async fn dkimpy_run(
     let records_file = dir.path().join("records.json");
     std::fs::write(&message_file, message).expect("write message");
     std::fs::write(&records_file, serde_json::to_string(records).expect("json")).expect("write");
-    python(vec![
-        peers_dir().join(script).display().to_string(),
-        message_file.display().to_string(),
-        records_file.display().to_string(),
-    ])
-    .await
+    let mut args = vec![peers_dir().join("dkim_verify.py").display().to_string()];
+    args.extend(options.iter().map(|option| option.to_string()));
+    args.push(message_file.display().to_string());
+    args.push(records_file.display().to_string());
+    python(args).await
 }
 
 fn letter(subject: &str) -> String {
@@ -250,11 +255,11 @@ async fn checked_inbound_mail_is_arc_sealed_and_dkimpy_verifies_the_chain() {
         !data.contains("\nDKIM-Signature:"),
         "not ours to sign: {data}"
     );
-    let verdict = dkimpy_run("arc_verify.py", &data, records).await;
+    let verdict = dkimpy_arc(&data, records).await;
     assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
     // The verifier can say no: a changed body breaks the seal's message signature.
     let tampered = data.replace("Signed body.", "Changed body.");
-    let verdict = dkimpy_run("arc_verify.py", &tampered, records).await;
+    let verdict = dkimpy_arc(&tampered, records).await;
     assert!(verdict[0].starts_with("fail"), "{verdict:?}");
 }
 
@@ -305,7 +310,7 @@ async fn a_second_forwarder_verifies_the_first_seal_and_extends_the_chain() {
         "{data}"
     );
     assert!(data.contains("arc=pass"), "{data}");
-    let verdict = dkimpy_run("arc_verify.py", &data, &records).await;
+    let verdict = dkimpy_arc(&data, &records).await;
     assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{data}");
 }
 
@@ -345,7 +350,7 @@ async fn a_route_with_arc_seal_seals_what_it_forwards_and_nothing_else() {
     };
     let forwarded = data_for("bob@forward.test");
     assert!(forwarded.starts_with("ARC-Seal: i=1;"), "{forwarded}");
-    let verdict = dkimpy_run("arc_verify.py", &forwarded, records).await;
+    let verdict = dkimpy_arc(&forwarded, records).await;
     assert!(verdict[0].starts_with("pass"), "{verdict:?}");
     let plain = data_for("bob@plain.test");
     assert!(!plain.contains("ARC-Seal"), "{plain}");

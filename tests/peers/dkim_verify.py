@@ -1,7 +1,7 @@
-"""Verifies every DKIM signature of a message with dkimpy, the independent verifier, and
-prints one line per signature: "SELECTOR ALGORITHM pass|fail".
+"""Verifies a message with dkimpy, the independent verifier.
 
-    python3 dkim_verify.py MESSAGE RECORDS
+    python3 dkim_verify.py MESSAGE RECORDS          every DKIM signature: "SELECTOR ALGORITHM pass|fail"
+    python3 dkim_verify.py --arc MESSAGE RECORDS    the ARC chain (RFC 8617): "CV REASON"
 
 RECORDS is a JSON object from record names ("sel._domainkey.example.com") to their TXT text;
 it stands in for DNS so the test talks to nothing but files.
@@ -15,14 +15,22 @@ import dkim
 
 
 def main():
-    message = open(sys.argv[1], "rb").read()
-    records = json.load(open(sys.argv[2], encoding="utf-8"))
+    arguments = sys.argv[1:]
+    arc = arguments[0] == "--arc"
+    if arc:
+        arguments = arguments[1:]
+    message = open(arguments[0], "rb").read()
+    records = json.load(open(arguments[1], encoding="utf-8"))
 
     def dnsfunc(name, timeout=5):
         key = name.decode() if isinstance(name, bytes) else name
         text = records.get(key.rstrip("."))
         return text.encode() if text is not None else None
 
+    if arc:
+        cv, _results, reason = dkim.arc_verify(message, dnsfunc=dnsfunc)
+        print(cv.decode(), reason)
+        return 0
     verifier = dkim.DKIM(message)
     signatures = [
         value
