@@ -11,24 +11,18 @@ use crate::queue::{Millis, QueueError};
 #[async_trait]
 impl PolicyStore for SqliteQueue {
     async fn count_tls_outcome(&self, outcome: &TlsOutcome, at: Millis) -> Result<(), QueueError> {
-        sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO tls_outcomes (domain, policy_type, policy_text, mx_host, result,
                                        receiving_ip, reason, count, first_at, last_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
              ON CONFLICT (domain, policy_type, policy_text, mx_host, result, receiving_ip, reason)
              DO UPDATE SET count = count + 1, last_at = excluded.last_at",
-        )
-        .bind(&outcome.domain)
-        .bind(&outcome.policy_type)
-        .bind(&outcome.policy_text)
-        .bind(&outcome.mx_host)
-        .bind(&outcome.result)
-        .bind(&outcome.receiving_ip)
-        .bind(&outcome.reason)
-        .bind(at)
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
+        );
+        bind_key(query, outcome)
+            .bind(at)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -63,21 +57,13 @@ impl PolicyStore for SqliteQueue {
         let mut transaction = self.pool.begin().await?;
         for counted in reported {
             let outcome = &counted.outcome;
-            sqlx::query(
+            let query = sqlx::query(
                 "UPDATE tls_outcomes SET count = count - ?
                  WHERE domain = ? AND policy_type = ? AND policy_text = ? AND mx_host = ?
                    AND result = ? AND receiving_ip = ? AND reason = ?",
             )
-            .bind(counted.count)
-            .bind(&outcome.domain)
-            .bind(&outcome.policy_type)
-            .bind(&outcome.policy_text)
-            .bind(&outcome.mx_host)
-            .bind(&outcome.result)
-            .bind(&outcome.receiving_ip)
-            .bind(&outcome.reason)
-            .execute(&mut *transaction)
-            .await?;
+            .bind(counted.count);
+            bind_key(query, outcome).execute(&mut *transaction).await?;
         }
         sqlx::query("DELETE FROM tls_outcomes WHERE count <= 0")
             .execute(&mut *transaction)
@@ -121,4 +107,18 @@ impl PolicyStore for SqliteQueue {
         .await?;
         Ok(())
     }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds the seven columns that tell one kind of TLS outcome from another, in table order.
+fn bind_key<'q>(query: SqliteQuery<'q>, outcome: &'q TlsOutcome) -> SqliteQuery<'q> {
+    query
+        .bind(&outcome.domain)
+        .bind(&outcome.policy_type)
+        .bind(&outcome.policy_text)
+        .bind(&outcome.mx_host)
+        .bind(&outcome.result)
+        .bind(&outcome.receiving_ip)
+        .bind(&outcome.reason)
 }
