@@ -83,6 +83,8 @@ pub enum QueueAction {
     Delete { id: String },
     /// Fail a message's remaining recipients and return it to its sender with a DSN.
     Bounce { id: String },
+    /// Create the queue's schema or bring it up to this version's (also done by `serve`).
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -121,13 +123,7 @@ pub enum TlsReportsAction {
 pub async fn tls_reports_command(config: &Config, action: TlsReportsAction) -> anyhow::Result<()> {
     match action {
         TlsReportsAction::Send => {
-            let path = config.queue_path();
-            if !path.exists() {
-                bail!("no queue at {}", path.display());
-            }
-            let opened = crate::queue::open(&config.queue, &config.data_dir)
-                .await
-                .with_context(|| format!("opening the queue {}", path.display()))?;
+            let opened = open_existing(config).await?;
             let dns = crate::net::dns::Dns::new(&config.dns)?;
             let sent = crate::delivery::tls_report::send_reports(
                 config,
@@ -355,18 +351,18 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Result<()> {
-    let path = config.queue_path();
-    if !path.exists() {
-        bail!(
-            "no queue at {} (has `switchyard serve` run with this configuration?)",
-            path.display()
-        );
+    if let QueueAction::Migrate = action {
+        let location = crate::queue::location(&config.queue, &config.data_dir);
+        let opened = crate::queue::open(&config.queue, &config.data_dir)
+            .await
+            .with_context(|| format!("migrating the queue {location}"))?;
+        let version = opened.queue.schema_version().await?;
+        println!("{location}: schema at version {version}");
+        return Ok(());
     }
-    let queue = crate::queue::open(&config.queue, &config.data_dir)
-        .await
-        .with_context(|| format!("opening the queue {}", path.display()))?
-        .queue;
+    let queue = open_existing(config).await?.queue;
     match action {
+        QueueAction::Migrate => {}
         QueueAction::List { tenant } => list(queue.as_ref(), tenant.as_deref()).await?,
         QueueAction::Show { id } => show(queue.as_ref(), &id).await?,
         QueueAction::Retry { id, all } => {
@@ -386,6 +382,18 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
         QueueAction::Bounce { id } => bounce(config, queue.as_ref(), &id).await?,
     }
     Ok(())
+}
+
+/// Opens the queue of `config` for a command that reads or changes what is in it: an SQLite
+/// file must exist already (a typo in the path should not create an empty queue).
+async fn open_existing(config: &Config) -> anyhow::Result<crate::queue::Opened> {
+    let location = crate::queue::location(&config.queue, &config.data_dir);
+    if config.queue.engine == crate::config::QueueEngine::Sqlite && !config.queue_path().exists() {
+        bail!("no queue at {location} (has `switchyard serve` run with this configuration?)");
+    }
+    crate::queue::open(&config.queue, &config.data_dir)
+        .await
+        .with_context(|| format!("opening the queue {location}"))
 }
 
 /// `queue list`: one line per message (with its tenant, `-` for none), one per pending
@@ -432,8 +440,13 @@ async fn list(queue: &dyn Queue, tenant: Option<&str>) -> anyhow::Result<()> {
             } else {
                 ""
             };
+            let now = crate::queue::now_millis();
+            let leased = match &recipient.lease {
+                Some(lease) if lease.until >= now => format!("  leased-by={}", lease.owner),
+                _ => String::new(),
+            };
             println!(
-                "    {}  attempts={}{held}{reason}",
+                "    {}  attempts={}{leased}{held}{reason}",
                 recipient.address, recipient.attempts
             );
         }
@@ -558,7 +571,7 @@ async fn take_from_delivery(queue: &dyn Queue, id: &str) -> anyhow::Result<Queue
         bail!("no message {id} in the queue");
     };
     if busy > 0 {
-        queue.release_leases(Some(&owner)).await?;
+        queue.release_leases(&owner).await?;
         bail!(
             "{busy} recipient(s) of {id} are being delivered right now; \
              try again once the attempt is over (`queue show {id}`)"

@@ -1,5 +1,6 @@
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use switchyard::cli::{
     auth_command, dkim_command, load_config, plugins_command, queue_command, tls_reports_command,
@@ -45,6 +46,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             runtime.block_on(switchyard::plugins::check(&config.plugins, &tenants))?;
+            if config.queue.engine == switchyard::config::QueueEngine::Postgres {
+                let location = switchyard::queue::location(&config.queue, &config.data_dir);
+                let version = runtime
+                    .block_on(switchyard::queue::postgres::check(&config.queue))
+                    .with_context(|| format!("connecting to the queue {location}"))?;
+                eprintln!("queue {location} reachable, schema version {version}");
+            }
             if !tenants.is_empty() {
                 eprintln!("{} tenant file(s) valid", tenants.len());
             }

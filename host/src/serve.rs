@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::config::{Config, TenantConfig};
 use crate::delivery::connect::Transports;
 use crate::delivery::inbox::Inbox;
-use crate::delivery::{run_scanner, Dispatcher};
+use crate::delivery::{run_lease_renewal, run_scanner, Dispatcher};
 use crate::dkim::{KeySet, Signer};
 use crate::inbound::services::Services;
 use crate::inbound::{self, SessionLimits};
@@ -25,17 +25,24 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let config = Arc::new(config);
     let opened = crate::queue::open(&config.queue, &config.data_dir)
         .await
-        .with_context(|| format!("opening the queue {}", config.queue_path().display()))?;
+        .with_context(|| {
+            format!(
+                "opening the queue {}",
+                crate::queue::location(&config.queue, &config.data_dir)
+            )
+        })?;
     let queue = opened.queue;
-    // The embedded queue belongs to this process alone: leases left by an earlier run (a crash)
-    // are void, and their messages are due again at once.
-    let released = queue.release_leases(None).await?;
+    let node_id = config.node_id().to_string();
+    // Leases left by an earlier run of this node (a crash) are void, and their messages are
+    // due again at once; a shared queue keeps the other nodes' leases.
+    let released = queue.recover_leases(&node_id).await?;
     if released > 0 {
         tracing::info!(
             recipients = released,
             "recovered recipients claimed by an earlier run"
         );
     }
+    tracing::info!(node = %node_id, queue = %opened.location, "queue open");
     // Before the plugins load: their call counters register with the recorder.
     crate::metrics::install(&config.metrics)?;
     let dns = Arc::new(Dns::new(&config.dns)?);
@@ -86,7 +93,6 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tenants.clone(),
         shutdown.clone(),
     );
-    let node_id = format!("{}:{}", config.hostname, std::process::id());
     let inbox = Inbox::new(
         queue.clone(),
         dispatcher.clone(),
@@ -108,6 +114,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             .map_err(|error| anyhow::anyhow!("mailboxes.root `{}`: {error}", root.display()))?;
     }
     listen(&config, &services, &shutdown).await?;
+    tokio::spawn(run_lease_renewal(dispatcher.clone(), node_id.clone()));
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     if tenants.enabled() {
         tokio::spawn(count_queued_bytes(queue, tenants.clone()));

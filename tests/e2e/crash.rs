@@ -1,10 +1,11 @@
-//! SIGKILL under load: every message that got a 250 is delivered after a restart.
+//! SIGKILL under load: every message that got a 250 is delivered after a restart, on either
+//! queue engine.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::harness::client::TestClient;
-use crate::harness::router::{Router, RouterOptions};
+use crate::harness::router::{postgres_queue, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
 const CLIENTS: usize = 8;
@@ -13,9 +14,22 @@ const PER_CLIENT: usize = 400;
 const KILL_AFTER: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_accepted_message_is_lost_when_killed() {
+async fn no_accepted_message_is_lost_when_killed_sqlite() {
+    no_accepted_message_is_lost_when_killed(String::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_accepted_message_is_lost_when_killed_postgres() {
+    no_accepted_message_is_lost_when_killed(postgres_queue("10s").0).await
+}
+
+async fn no_accepted_message_is_lost_when_killed(queue: String) {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
-    let mut router = Router::start(RouterOptions::relaying_to(sink.address, "")).await;
+    let mut router = Router::start(RouterOptions {
+        queue,
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
     let port = router.port;
     let accepted_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();

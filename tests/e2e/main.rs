@@ -4,6 +4,7 @@
 mod harness;
 
 mod check_config;
+mod cluster;
 mod crash;
 mod delivery;
 mod dkim;

@@ -44,6 +44,10 @@ pub enum ConfigError {
 pub struct Config {
     /// The name this server uses in its greeting, EHLO, Received headers and Message-IDs.
     pub hostname: String,
+    /// This node's name in a shared queue: the owner written on the leases it takes. Each node
+    /// of a cluster needs its own; a restarted node takes back what it held under it. Default:
+    /// `hostname`.
+    pub node_id: Option<String>,
     /// Where the queue and other state live. In a file, a relative path is relative to the file.
     pub data_dir: PathBuf,
     /// Where to listen for SMTP.
@@ -91,6 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: default_hostname(),
+            node_id: None,
             data_dir: PathBuf::from("./switchyard-data"),
             listeners: vec![ListenerConfig::default()],
             smtp: SmtpLimits::default(),
@@ -241,12 +246,25 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
+    /// Where the queue lives: one SQLite file (the default) or a PostgreSQL database that
+    /// several nodes share.
+    pub engine: QueueEngine,
     /// The SQLite file, relative to `data_dir`.
     pub path: PathBuf,
+    /// The PostgreSQL database (`postgres://user:password@host:port/database`); without it the
+    /// standard `PG*` environment variables (PGHOST, PGUSER, PGDATABASE...) are read.
+    pub url: Option<String>,
+    /// The PostgreSQL schema the queue's tables live in (created if missing): one database can
+    /// hold several separate queues. Default: the server's search path (`public`).
+    pub schema: Option<String>,
+    /// Most connections to PostgreSQL each node keeps open.
+    pub max_connections: u32,
     /// How often the queue is scanned for messages due for another attempt.
     #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
-    /// How long a claim on a message lasts before another worker may take it over.
+    /// How long a claim on a message lasts before another worker may take it over. A node
+    /// renews its claims while it holds them (every third of this); a node that dies leaves
+    /// them to run out, so this is how long its messages wait for another node.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// Longest time to wait to group concurrent commits into one transaction.
@@ -254,10 +272,22 @@ pub struct QueueConfig {
     pub commit_window: Duration,
 }
 
+/// The queue's storage engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueEngine {
+    Sqlite,
+    Postgres,
+}
+
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
+            engine: QueueEngine::Sqlite,
             path: PathBuf::from("queue.db"),
+            url: None,
+            schema: None,
+            max_connections: 16,
             scan_interval: Duration::from_secs(1),
             lease: Duration::from_secs(600),
             commit_window: Duration::from_millis(0),
@@ -648,6 +678,11 @@ impl Config {
 
     pub fn queue_path(&self) -> PathBuf {
         self.data_dir.join(&self.queue.path)
+    }
+
+    /// This node's name on queue leases.
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or(&self.hostname)
     }
 
     /// Every tenant file of `[tenants]`, loaded and checked against each other (none without

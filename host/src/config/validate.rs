@@ -39,7 +39,59 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
     files(config, &problem)?;
     submission(config, &problem)?;
     dkim(config, &problem)?;
+    queue(config, &problem)?;
     names(config, &problem)
+}
+
+/// The queue's engine settings: PostgreSQL ones only with that engine, a lease long enough to
+/// be renewed in time, names that go into SQL and leases as they are.
+fn queue(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    use super::QueueEngine;
+    let queue = &config.queue;
+    if queue.engine == QueueEngine::Sqlite && (queue.url.is_some() || queue.schema.is_some()) {
+        return Err(problem(
+            "url",
+            "queue.url and queue.schema are for engine = \"postgres\"".to_string(),
+        ));
+    }
+    if let Some(schema) = &queue.schema {
+        let valid = !schema.is_empty()
+            && schema.len() <= 63
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            return Err(problem(
+                "schema",
+                format!(
+                    "queue.schema `{schema}`: use lower-case letters, digits and _ (at most 63)"
+                ),
+            ));
+        }
+    }
+    if queue.max_connections < 2 {
+        return Err(problem(
+            "max_connections",
+            "queue.max_connections must be at least 2 (one writer, one reader)".to_string(),
+        ));
+    }
+    if queue.lease < std::time::Duration::from_secs(3) {
+        return Err(problem(
+            "lease",
+            "queue.lease must be at least 3s: it is renewed every third of it".to_string(),
+        ));
+    }
+    let node = config.node_id();
+    if node.is_empty() || node.len() > 200 || node.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(problem(
+            "node_id",
+            format!(
+                "node_id `{node}`: a name without spaces or control characters, at most 200 bytes"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Signing keys: each usable on its own, no selector twice.

@@ -3,6 +3,7 @@
 //! lease the accepting node takes so it can deliver at once without a scan, the plugin instances
 //! held for the message's delivery hooks, and the dispatcher. A session knows none of them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct Inbox {
     node_id: String,
     /// How long the accepting node's claim lasts before another may take the message over.
     lease: Duration,
+    /// The last write failed and a probe has not yet seen the database answer: sessions are
+    /// refused at MAIL rather than after a whole message was sent.
+    queue_down: Arc<AtomicBool>,
 }
 
 impl Inbox {
@@ -66,7 +70,38 @@ impl Inbox {
             plugins,
             node_id,
             lease,
+            queue_down: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether new mail can be queued: false from a failed write until the database answers
+    /// again.
+    pub fn queue_available(&self) -> bool {
+        !self.queue_down.load(Ordering::Acquire)
+    }
+
+    /// Refuses new transactions until a probe (once a second) finds the database answering.
+    fn mark_queue_down(&self) {
+        if self.queue_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        metrics::gauge!("switchyard_queue_available").set(0.0);
+        let queue = self.queue.clone();
+        let down = self.queue_down.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match queue.ping().await {
+                    Ok(()) => {
+                        tracing::info!("queue database answers again; accepting mail");
+                        metrics::gauge!("switchyard_queue_available").set(1.0);
+                        down.store(false, Ordering::Release);
+                        return;
+                    }
+                    Err(error) => tracing::warn!(%error, "queue database still unavailable"),
+                }
+            }
+        });
     }
 
     /// A new queue id: sortable by time (a ULID), and known before the message is queued, since
@@ -110,6 +145,7 @@ impl Inbox {
         };
         if let Err(error) = self.queue.enqueue(new, lease).await {
             tracing::error!(queue_id = %meta.id, %error, "cannot queue message");
+            self.mark_queue_down();
             return Err(error);
         }
         tracing::info!(
@@ -156,6 +192,7 @@ fn first_attempts(recipients: Vec<String>, dsn: Vec<RecipientDsn>, due: i64) -> 
             last_reply: None,
             dsn: dsn.get(index).cloned().unwrap_or_default(),
             delay_warned: false,
+            lease: None,
         })
         .collect()
 }

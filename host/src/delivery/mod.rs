@@ -38,7 +38,7 @@ use connect::{Connection, Outgoing, Transport};
 use outcome::Attempt;
 use route::NextHop;
 
-pub use scanner::run_scanner;
+pub use scanner::{run_lease_renewal, run_scanner};
 
 /// Recipients of one message that go to one destination.
 struct Job {
@@ -548,6 +548,13 @@ impl Dispatcher {
                 None
             }
         }
+    }
+
+    /// The messages with recipients held in memory: the leases this node renews.
+    pub fn in_flight_messages(&self) -> Vec<String> {
+        let state = self.state();
+        let ids: HashSet<&String> = state.in_flight.iter().map(|(id, _)| id).collect();
+        ids.into_iter().cloned().collect()
     }
 
     /// Drops a job's recipients from the in-flight set without recording anything.

@@ -35,7 +35,30 @@ pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = dispatcher.queue.work_arrived() => {}
             _ = dispatcher.shutdown.stopping() => {}
+        }
+    }
+}
+
+/// Renews this node's leases on the messages it holds in memory, every third of their length,
+/// for as long as the process runs: what it works on stays its own however long delivery
+/// takes, while a lease it no longer works on (its result could not be recorded) and those of a
+/// node that died run out within one lease length, after which any node claims them.
+pub async fn run_lease_renewal(dispatcher: Arc<Dispatcher>, node_id: String) {
+    let lease = dispatcher.config.queue.lease;
+    let mut ticks = tokio::time::interval(lease / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let held = dispatcher.in_flight_messages();
+        if held.is_empty() {
+            continue;
+        }
+        let until = now_millis() + lease.as_millis() as i64;
+        match dispatcher.queue.renew_leases(&node_id, &held, until).await {
+            Ok(renewed) => tracing::debug!(renewed, "queue leases renewed"),
+            Err(error) => tracing::warn!(%error, "cannot renew queue leases"),
         }
     }
 }

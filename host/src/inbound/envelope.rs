@@ -59,6 +59,14 @@ impl Session {
         if self.transaction.sender.is_some() {
             return self.error(Reply::new(503, "5.5.1", "Error: nested MAIL command"));
         }
+        if !self.services.inbox.queue_available() {
+            self.reply(Reply::new(
+                451,
+                "4.3.0",
+                "Queue unavailable, please try again later",
+            ));
+            return Flow::Continue;
+        }
         let parsed = match path_argument(argument, "FROM:", "Syntax: MAIL FROM:<address>") {
             Ok(parsed) => parsed,
             Err(reply) => return self.error(reply),

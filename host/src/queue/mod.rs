@@ -1,13 +1,21 @@
 //! The durable queue: messages and their recipients, each recipient with its own state, attempts,
 //! next attempt time and last reply.
 //!
-//! Three ports, [`Queue`], [`kv::KvStore`] and [`policies::PolicyStore`], with one error type that names no driver, and one
-//! engine behind them: SQLite ([`sqlite::SqliteQueue`]), opened by [`open`]. A claim carries its
-//! owner and an expiry: recipients whose claim has run out are due again.
+//! Three ports, [`Queue`], [`kv::KvStore`] and [`policies::PolicyStore`], with one error type
+//! that names no driver, and two engines behind them, chosen by `[queue] engine` and opened by
+//! [`open`]: SQLite ([`sqlite::SqliteQueue`], one file, one node) and PostgreSQL
+//! ([`postgres::PgQueue`], one database shared by several nodes). A claim carries its owner
+//! (the node's id) and an expiry: recipients whose claim has run out are due again, whichever
+//! node claimed them.
 
 pub mod kv;
+mod migrations;
 pub mod policies;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::path::Path;
@@ -15,6 +23,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+
+use crate::config::QueueEngine;
 
 pub use crate::mail::dsn_params::{MessageDsn, RecipientDsn};
 
@@ -34,6 +44,12 @@ pub enum QueueError {
     Io(#[from] std::io::Error),
     #[error("queue writer has stopped")]
     WriterGone,
+    /// The database was migrated by a newer Switchyard than this one.
+    #[error(
+        "the queue's schema is at version {found}, newer than this Switchyard knows (up to {known}): \
+         run the newer version, or restore a database of this version"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// An open queue: the queue itself and the kv store that lives beside it.
@@ -46,19 +62,41 @@ pub struct Opened {
     pub location: String,
 }
 
-/// Opens the queue `config` names (its file relative to `data_dir`), creating it if needed.
+/// Opens the queue `config` names (an SQLite file relative to `data_dir`, or a PostgreSQL
+/// database), creating and migrating its schema if needed.
 pub async fn open(
     config: &crate::config::QueueConfig,
     data_dir: &Path,
 ) -> Result<Opened, QueueError> {
-    let path = data_dir.join(&config.path);
-    let queue = Arc::new(sqlite::SqliteQueue::open(&path, config.commit_window).await?);
-    Ok(Opened {
-        queue: queue.clone(),
-        kv: queue.clone(),
-        policies: queue,
-        location: path.display().to_string(),
-    })
+    match config.engine {
+        QueueEngine::Sqlite => {
+            let path = data_dir.join(&config.path);
+            let queue = Arc::new(sqlite::SqliteQueue::open(&path, config.commit_window).await?);
+            Ok(Opened {
+                queue: queue.clone(),
+                kv: queue.clone(),
+                policies: queue,
+                location: path.display().to_string(),
+            })
+        }
+        QueueEngine::Postgres => {
+            let queue = Arc::new(postgres::PgQueue::open(config).await?);
+            Ok(Opened {
+                location: queue.location(),
+                queue: queue.clone(),
+                kv: queue.clone(),
+                policies: queue,
+            })
+        }
+    }
+}
+
+/// Where `config`'s queue lives, for messages before it is opened.
+pub fn location(config: &crate::config::QueueConfig, data_dir: &Path) -> String {
+    match config.engine {
+        QueueEngine::Sqlite => data_dir.join(&config.path).display().to_string(),
+        QueueEngine::Postgres => postgres::describe(config),
+    }
 }
 
 /// Facts about a queued message that delivery needs, without its content.
@@ -141,6 +179,15 @@ pub struct RecipientRow {
     pub dsn: RecipientDsn,
     /// A delay DSN was sent for it already.
     pub delay_warned: bool,
+    /// Who holds it for delivery, and until when (as last written: it may have run out).
+    pub lease: Option<Lease>,
+}
+
+/// A claim on a recipient: the node (or operator command) delivering it, and its expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub until: Millis,
 }
 
 /// A message with the recipients a claim handed over (or all of them, for listings).
@@ -228,7 +275,31 @@ pub trait Queue: Send + Sync {
     /// Removes a message without delivering or bouncing it; false if there was none.
     async fn delete(&self, id: &str) -> Result<bool, QueueError>;
 
-    /// Drops every lease (held by `owner`, or by anyone with `None`): used at start-up by the node
-    /// that owns an embedded queue, whose earlier process can no longer be delivering.
-    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, QueueError>;
+    /// Drops the leases held by `owner`; returns how many.
+    async fn release_leases(&self, owner: &str) -> Result<u64, QueueError>;
+
+    /// At start: takes back what an earlier run of this node left leased, so it is due again at
+    /// once. The embedded engine belongs to one process and voids every lease; a shared one
+    /// voids only `node_id`'s (other nodes' leases run out by themselves if those nodes died).
+    async fn recover_leases(&self, node_id: &str) -> Result<u64, QueueError>;
+
+    /// Extends the leases `owner` holds on queued recipients of `message_ids` to `until`: a node
+    /// renews its claims while it works on them, so only a node that stopped loses them.
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        message_ids: &[String],
+        until: Millis,
+    ) -> Result<u64, QueueError>;
+
+    /// Resolves when work may have become due (a message queued without a lease, a retry
+    /// ordered), on this node or, for a shared engine, on any; a scanner waits on it between
+    /// scans. It may also resolve for nothing.
+    async fn work_arrived(&self);
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), QueueError>;
+
+    /// The newest schema version applied to the database.
+    async fn schema_version(&self) -> Result<i64, QueueError>;
 }

@@ -19,6 +19,10 @@ pub struct RouterOptions {
     pub delivery: String,
     /// Lines for the [retry] section.
     pub retry: String,
+    /// Lines for the [queue] section (the scan interval is set already).
+    pub queue: String,
+    /// The node's name on queue leases (default: the hostname).
+    pub node_id: Option<String>,
     /// Anything else ([[route]] tables...).
     pub extra: String,
 }
@@ -34,6 +38,8 @@ impl Default for RouterOptions {
             relay: "domains = [\"switchyard.test\"]\nnetworks = [\"127.0.0.0/8\"]\n".to_string(),
             delivery: String::new(),
             retry: "intervals = [\"1s\"]\n".to_string(),
+            queue: String::new(),
+            node_id: None,
             extra: String::new(),
         }
     }
@@ -89,6 +95,25 @@ pub fn test_ca(dir: &std::path::Path) -> PathBuf {
     dir.join("switchyard-test-ca.pem")
 }
 
+/// The PostgreSQL server the tests use (`scripts/test` starts it where it is down).
+pub fn database_url() -> String {
+    std::env::var("SWITCHYARD_TEST_DATABASE")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// `[queue]` lines for a PostgreSQL queue in a schema of its own (its name, lower case, is
+/// returned too): nodes given the same lines share the queue.
+pub fn postgres_queue(lease: &str) -> (String, String) {
+    let schema = format!("e2e_{}", ulid::Ulid::new()).to_lowercase();
+    (
+        format!(
+            "engine = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\nlease = \"{lease}\"\n",
+            database_url()
+        ),
+        schema,
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -135,11 +160,15 @@ impl Router {
         } else {
             "[authentication]\nverify = false\n\n"
         };
+        let node_id = options
+            .node_id
+            .map(|node| format!("node_id = \"{node}\"\n"))
+            .unwrap_or_default();
         let config = format!(
-            "hostname = \"mx.switchyard.test\"\ndata_dir = \"{dir}\"\n\n\
+            "hostname = \"mx.switchyard.test\"\n{node_id}data_dir = \"{dir}\"\n\n\
              [[listener]]\nname = \"{role}\"\nrole = \"{role}\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
-             [queue]\nscan_interval = \"200ms\"\n\n[retry]\n{retry}\n\
+             [queue]\nscan_interval = \"200ms\"\n{queue}\n[retry]\n{retry}\n\
              [dns]\n{nameservers}timeout = \"2s\"\n\n\
              {authentication}\
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
@@ -149,6 +178,7 @@ impl Router {
             smtp = options.smtp,
             relay = options.relay,
             retry = options.retry,
+            queue = options.queue,
             delivery_port = options.delivery_port,
             delivery = options.delivery,
             extra = options.extra,

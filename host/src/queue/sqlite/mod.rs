@@ -6,26 +6,24 @@
 mod kv;
 mod policies;
 mod schema;
-#[cfg(test)]
-mod tests;
 mod write;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
 
+use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use super::writer::Writer;
 use super::{
-    MessageDsn, MessageMeta, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientDsn,
-    RecipientResult, RecipientRow, RecipientState,
+    migrations, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientResult, RecipientRow,
 };
-use crate::mail::dsn_params::{Notify, Ret};
-use schema::{MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use write::{SqliteWriter, WriteOp, WriteOutput};
 
 impl From<sqlx::Error> for QueueError {
@@ -39,6 +37,8 @@ impl From<sqlx::Error> for QueueError {
 pub struct SqliteQueue {
     pool: SqlitePool,
     writer: Writer<SqliteWriter>,
+    /// Wakes this process's scanner when unleased work is queued (one process owns the file).
+    work: Arc<Notify>,
 }
 
 impl SqliteQueue {
@@ -55,13 +55,17 @@ impl SqliteQueue {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
         let mut connection = SqliteConnection::connect_with(&options).await?;
-        schema::create(&mut connection).await?;
+        schema::migrate(&mut connection).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
         let writer = Writer::spawn(SqliteWriter::new(connection), commit_window);
-        Ok(SqliteQueue { pool, writer })
+        Ok(SqliteQueue {
+            pool,
+            writer,
+            work: Arc::new(Notify::new()),
+        })
     }
 
     async fn load_recipients(&self, id: &str) -> Result<Vec<RecipientRow>, QueueError> {
@@ -75,41 +79,6 @@ impl SqliteQueue {
     }
 }
 
-fn recipient_from_row(row: &sqlx::sqlite::SqliteRow) -> RecipientRow {
-    RecipientRow {
-        index: row.get("idx"),
-        address: row.get("address"),
-        state: RecipientState::from_i64(row.get("state")),
-        attempts: row.get("attempts"),
-        next_attempt: row.get("next_attempt"),
-        last_reply: row.get("last_reply"),
-        dsn: RecipientDsn {
-            notify: Notify::from_bits(row.get("notify")),
-            orcpt: row.get("orcpt"),
-        },
-        delay_warned: row.get::<i64, _>("delay_warned") != 0,
-    }
-}
-
-fn meta_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageMeta {
-    MessageMeta {
-        id: row.get("id"),
-        sender: row.get("sender"),
-        received_at: row.get("received_at"),
-        size: row.get::<i64, _>("size").max(0) as u64,
-        smtputf8: row.get::<i64, _>("smtputf8") != 0,
-        eight_bit: row.get::<i64, _>("eight_bit") != 0,
-        tenant: row.get("tenant"),
-        dsn: MessageDsn {
-            ret: row
-                .get::<Option<String>, _>("dsn_ret")
-                .and_then(|ret| Ret::parse(&ret).ok()),
-            envid: row.get("dsn_envid"),
-            requiretls: row.get::<i64, _>("requiretls") != 0,
-        },
-    }
-}
-
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(
@@ -117,10 +86,14 @@ impl Queue for SqliteQueue {
         message: NewMessage,
         lease: Option<(String, Millis)>,
     ) -> Result<(), QueueError> {
+        let unleased = lease.is_none();
         self.writer
             .submit(WriteOp::Enqueue { message, lease })
-            .await
-            .map(|_| ())
+            .await?;
+        if unleased {
+            self.work.notify_one();
+        }
+        Ok(())
     }
 
     async fn claim_due(
@@ -170,10 +143,14 @@ impl Queue for SqliteQueue {
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
     ) -> Result<(), QueueError> {
+        let bounced = !bounces.is_empty();
         self.writer
             .submit(WriteOp::Record { results, bounces })
-            .await
-            .map(|_| ())
+            .await?;
+        if bounced {
+            self.work.notify_one();
+        }
+        Ok(())
     }
 
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {
@@ -227,6 +204,7 @@ impl Queue for SqliteQueue {
                     .await?
             }
         };
+        self.work.notify_one();
         Ok(result.rows_affected())
     }
 
@@ -296,20 +274,58 @@ impl Queue for SqliteQueue {
         Ok(deleted > 0)
     }
 
-    async fn release_leases(&self, owner: Option<&str>) -> Result<u64, QueueError> {
-        let result = match owner {
-            Some(owner) => {
-                sqlx::query("UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
-                    .bind(owner)
-                    .execute(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query("UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
-                    .execute(&self.pool)
-                    .await?
-            }
-        };
+    async fn release_leases(&self, owner: &str) -> Result<u64, QueueError> {
+        let result = sqlx::query(
+            "UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(result.rows_affected())
+    }
+
+    async fn recover_leases(&self, _node_id: &str) -> Result<u64, QueueError> {
+        // The file belongs to this process: whoever held a lease before it started is gone.
+        let result = sqlx::query(
+            "UPDATE recipients SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        message_ids: &[String],
+        until: Millis,
+    ) -> Result<u64, QueueError> {
+        // The ids as one JSON array: SQLite binds no arrays.
+        let ids = serde_json::to_string(message_ids).unwrap_or_else(|_| "[]".to_string());
+        let result = sqlx::query(
+            "UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND state IN (0, 3)
+             AND message_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(until)
+        .bind(owner)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn work_arrived(&self) {
+        self.work.notified().await;
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn schema_version(&self) -> Result<i64, QueueError> {
+        Ok(sqlx::query_scalar(migrations::APPLIED_VERSION)
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

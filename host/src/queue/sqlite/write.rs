@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
 
-use super::schema::{MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
-use super::{meta_from_row, recipient_from_row};
+use crate::queue::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use crate::queue::writer::Apply;
 use crate::queue::{
     Millis, NewMessage, Outcome, QueueError, QueuedMessage, RecipientResult, RecipientRow,

@@ -1,0 +1,124 @@
+//! The PostgreSQL engine's policy cache and TLS-report counts, shared by every node: a policy
+//! one node fetched protects the others' deliveries, and one report counts every node's.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::PgQueue;
+use crate::queue::policies::{CountedOutcome, PolicyStore, StoredPolicy, TlsOutcome};
+use crate::queue::{Millis, QueueError};
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the seven columns that tell one kind of TLS outcome from another ($1..$7).
+fn bind_key<'q>(query: PgQuery<'q>, outcome: &'q TlsOutcome) -> PgQuery<'q> {
+    query
+        .bind(&outcome.domain)
+        .bind(&outcome.policy_type)
+        .bind(&outcome.policy_text)
+        .bind(&outcome.mx_host)
+        .bind(&outcome.result)
+        .bind(&outcome.receiving_ip)
+        .bind(&outcome.reason)
+}
+
+#[async_trait]
+impl PolicyStore for PgQueue {
+    async fn count_tls_outcome(&self, outcome: &TlsOutcome, at: Millis) -> Result<(), QueueError> {
+        let query = sqlx::query(
+            "INSERT INTO tls_outcomes (domain, policy_type, policy_text, mx_host, result,
+                                       receiving_ip, reason, count, first_at, last_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8)
+             ON CONFLICT (domain, policy_type, policy_text, mx_host, result, receiving_ip, reason)
+             DO UPDATE SET count = tls_outcomes.count + 1, last_at = excluded.last_at",
+        );
+        bind_key(query, outcome)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn tls_outcomes(&self) -> Result<Vec<CountedOutcome>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT domain, policy_type, policy_text, mx_host, result, receiving_ip, reason,
+                    count, first_at, last_at
+             FROM tls_outcomes ORDER BY domain, result",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| CountedOutcome {
+                outcome: TlsOutcome {
+                    domain: row.get("domain"),
+                    policy_type: row.get("policy_type"),
+                    policy_text: row.get("policy_text"),
+                    mx_host: row.get("mx_host"),
+                    result: row.get("result"),
+                    receiving_ip: row.get("receiving_ip"),
+                    reason: row.get("reason"),
+                },
+                count: row.get("count"),
+                first_at: row.get("first_at"),
+                last_at: row.get("last_at"),
+            })
+            .collect())
+    }
+
+    async fn forget_tls_outcomes(&self, reported: &[CountedOutcome]) -> Result<(), QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        for counted in reported {
+            let query = sqlx::query(
+                "UPDATE tls_outcomes SET count = count - $8
+                 WHERE domain = $1 AND policy_type = $2 AND policy_text = $3 AND mx_host = $4
+                   AND result = $5 AND receiving_ip = $6 AND reason = $7",
+            );
+            bind_key(query, &counted.outcome)
+                .bind(counted.count)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        sqlx::query("DELETE FROM tls_outcomes WHERE count <= 0")
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn sts_policy(&self, domain: &str) -> Result<Option<StoredPolicy>, QueueError> {
+        let row = sqlx::query(
+            "SELECT id, policy, fetched_at, expires_at FROM sts_policies WHERE domain = $1",
+        )
+        .bind(domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| StoredPolicy {
+            id: row.get("id"),
+            text: row.get("policy"),
+            fetched_at: row.get("fetched_at"),
+            expires_at: row.get("expires_at"),
+        }))
+    }
+
+    async fn store_sts_policy(
+        &self,
+        domain: &str,
+        policy: &StoredPolicy,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "INSERT INTO sts_policies (domain, id, policy, fetched_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (domain) DO UPDATE SET id = excluded.id, policy = excluded.policy,
+               fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
+        )
+        .bind(domain)
+        .bind(&policy.id)
+        .bind(&policy.text)
+        .bind(policy.fetched_at)
+        .bind(policy.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,632 @@
+//! One suite, two engines: every test of the queue's contract runs against a real SQLite file
+//! and against the real PostgreSQL server (`SWITCHYARD_TEST_DATABASE`, by default
+//! `postgres://postgres@127.0.0.1:5432/test`), each test in a schema of its own so they run in
+//! parallel. Engine-specific settings (durability, lease recovery) have tests of their own.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::postgres::PgQueue;
+use super::sqlite::SqliteQueue;
+use super::*;
+use crate::config::{QueueConfig, QueueEngine};
+
+/// The test server; `scripts/test` starts it where it is down.
+fn database_url() -> String {
+    std::env::var("SWITCHYARD_TEST_DATABASE")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// Where a test's queue lives: a temporary directory, or a fresh schema.
+struct Place {
+    engine: QueueEngine,
+    config: QueueConfig,
+    dir: tempfile::TempDir,
+}
+
+impl Place {
+    fn new(engine: QueueEngine) -> Place {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = QueueConfig {
+            engine,
+            ..QueueConfig::default()
+        };
+        if engine == QueueEngine::Postgres {
+            config.url = Some(database_url());
+            config.schema = Some(format!("unit_{}", ulid::Ulid::new()).to_lowercase());
+            config.max_connections = 8;
+        }
+        Place {
+            engine,
+            config,
+            dir,
+        }
+    }
+
+    /// Opens the queue here (again: a second node, or a restart).
+    async fn open(&self) -> Opened {
+        open(&self.config, self.dir.path()).await.expect("open")
+    }
+}
+
+/// Runs a test once per engine, each as its own test.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Place::new(crate::config::QueueEngine::Sqlite)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::Place::new(crate::config::QueueEngine::Postgres)).await
+            }
+        })*
+    };
+}
+
+both_engines!(
+    enqueue_claim_record_cycle,
+    kv_counters_expire_and_are_scoped,
+    concurrent_enqueues_share_commits,
+    concurrent_claims_never_overlap,
+    expired_leases_pass_to_another_node,
+    renewed_leases_hold,
+    operator_lease_reports_busy_recipients,
+    a_newer_schema_is_refused,
+    unleased_work_wakes_the_scanner,
+    listing_shows_lease_holders,
+);
+
+fn message(id: &str, recipients: &[&str]) -> NewMessage {
+    NewMessage {
+        meta: MessageMeta {
+            id: id.to_string(),
+            sender: "a@example.com".to_string(),
+            received_at: now_millis(),
+            size: 5,
+            smtputf8: false,
+            eight_bit: false,
+            tenant: String::new(),
+            dsn: Default::default(),
+        },
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        recipient_dsn: Vec::new(),
+        content: Bytes::from_static(b"x\r\n"),
+        quarantine: None,
+    }
+}
+
+fn result(id: &str, index: i64, outcome: Outcome) -> RecipientResult {
+    RecipientResult {
+        message_id: id.into(),
+        index,
+        attempts: 1,
+        outcome,
+        reply: "250 ok".into(),
+        delay_warned: false,
+    }
+}
+
+async fn enqueue_claim_record_cycle(place: Place) {
+    let queue = place.open().await.queue;
+    queue
+        .enqueue(message("m1", &["b@x.test", "c@y.test"]), None)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        queue.content("m1").await.expect("content").as_deref(),
+        Some(&b"x\r\n"[..])
+    );
+    let now = now_millis();
+    let claimed = queue
+        .claim_due("node", now + 1, now + 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].recipients.len(), 2);
+    assert_eq!(claimed[0].meta.sender, "a@example.com");
+    // Leased: a second claim finds nothing.
+    assert!(queue
+        .claim_due("other", now + 1, now + 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    queue
+        .record(
+            vec![
+                result("m1", 0, Outcome::Delivered),
+                result(
+                    "m1",
+                    1,
+                    Outcome::Deferred {
+                        next_attempt: now + 5000,
+                    },
+                ),
+            ],
+            vec![],
+        )
+        .await
+        .expect("record");
+    let listed = queue.get("m1").await.expect("get").expect("still queued");
+    assert_eq!(listed.recipients[0].state, RecipientState::Delivered);
+    assert_eq!(listed.recipients[1].state, RecipientState::Queued);
+    assert_eq!(listed.recipients[1].lease, None, "recording ends the lease");
+    assert!(queue
+        .claim_due("node", now + 1, now + 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        queue
+            .claim_due("node", now + 6000, now + 60_000, 10)
+            .await
+            .expect("claim")
+            .len(),
+        1
+    );
+    queue
+        .record(
+            vec![result("m1", 1, Outcome::Failed)],
+            vec![message("bounce", &["a@example.com"])],
+        )
+        .await
+        .expect("record");
+    assert!(
+        queue.get("m1").await.expect("get").is_none(),
+        "finished message removed"
+    );
+    assert!(
+        queue.get("bounce").await.expect("get").is_some(),
+        "bounce queued atomically"
+    );
+    assert_eq!(queue.retry_now(Some("bounce")).await.expect("retry"), 1);
+    assert!(queue.delete("bounce").await.expect("delete"));
+    assert!(queue.list().await.expect("list").is_empty());
+}
+
+async fn kv_counters_expire_and_are_scoped(place: Place) {
+    let kv = place.open().await.kv;
+    assert_eq!(kv.increment("t", "p", "k", 1, 60).await.expect("inc"), 1);
+    assert_eq!(kv.increment("t", "p", "k", 2, 60).await.expect("inc"), 3);
+    assert_eq!(
+        kv.increment("t", "other", "k", 1, 60).await.expect("inc"),
+        1,
+        "per plugin"
+    );
+    assert_eq!(
+        kv.get("t", "p", "k").await.expect("get"),
+        Some(b"3".to_vec())
+    );
+    kv.set("t", "p", "gone", b"x", Some(0)).await.expect("set");
+    assert_eq!(
+        kv.get("t", "p", "gone").await.expect("get"),
+        None,
+        "expired"
+    );
+    assert_eq!(
+        kv.increment("t", "p", "gone", 5, 60).await.expect("inc"),
+        5,
+        "expired counter restarts"
+    );
+    kv.delete("t", "p", "k").await.expect("delete");
+    assert_eq!(kv.get("t", "p", "k").await.expect("get"), None);
+}
+
+async fn concurrent_enqueues_share_commits(place: Place) {
+    let queue = place.open().await.queue;
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            queue
+                .enqueue(message(&format!("m{n}"), &["b@x.test"]), None)
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("join").expect("enqueue");
+    }
+    assert_eq!(queue.list().await.expect("list").len(), 200);
+    // A duplicate id fails alone, without failing the rest of its group.
+    let (dup, fresh) = tokio::join!(
+        queue.enqueue(message("m1", &["b@x.test"]), None),
+        queue.enqueue(message("fresh", &["b@x.test"]), None)
+    );
+    assert!(dup.is_err());
+    assert!(fresh.is_ok());
+}
+
+/// Two nodes (two opened queues) claiming the same due work at once take disjoint parts of it,
+/// and together all of it.
+async fn concurrent_claims_never_overlap(place: Place) {
+    let first = place.open().await.queue;
+    let second = place.open().await.queue;
+    for n in 0..300 {
+        first
+            .enqueue(message(&format!("m{n:03}"), &["b@x.test"]), None)
+            .await
+            .expect("enqueue");
+    }
+    let claim = |queue: std::sync::Arc<dyn Queue>, node: &'static str| async move {
+        let mut ids = Vec::new();
+        loop {
+            let now = now_millis();
+            let claimed = queue
+                .claim_due(node, now, now + 60_000, 25)
+                .await
+                .expect("claim");
+            if claimed.is_empty() {
+                return ids;
+            }
+            ids.extend(claimed.into_iter().map(|message| message.meta.id));
+        }
+    };
+    let (a, b) = tokio::join!(claim(first, "a"), claim(second, "b"));
+    let a: HashSet<String> = a.into_iter().collect();
+    let b: HashSet<String> = b.into_iter().collect();
+    assert!(a.is_disjoint(&b), "a recipient claimed by two nodes");
+    assert_eq!(a.len() + b.len(), 300, "every message claimed");
+}
+
+async fn expired_leases_pass_to_another_node(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(
+            message("m1", &["b@x.test"]),
+            Some(("dead".into(), now + 1000)),
+        )
+        .await
+        .expect("enqueue");
+    assert!(
+        queue
+            .claim_due("alive", now + 10, now + 60_000, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "leased by the accepting node"
+    );
+    let taken = queue
+        .claim_due("alive", now + 1001, now + 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(taken.len(), 1, "taken over once the lease ran out");
+    let listed = queue.get("m1").await.expect("get").expect("queued");
+    assert_eq!(
+        listed.recipients[0]
+            .lease
+            .as_ref()
+            .map(|l| l.owner.as_str()),
+        Some("alive")
+    );
+}
+
+async fn renewed_leases_hold(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(
+            message("m1", &["b@x.test"]),
+            Some(("node".into(), now + 1000)),
+        )
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        queue
+            .renew_leases("node", &["other".into()], now + 60_000)
+            .await
+            .expect("renew"),
+        0,
+        "only the messages named"
+    );
+    assert_eq!(
+        queue
+            .renew_leases("node", &["m1".into()], now + 60_000)
+            .await
+            .expect("renew"),
+        1
+    );
+    assert!(queue
+        .claim_due("other", now + 5000, now + 60_000, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    // A restart of the same node takes its own leases back; the engines differ on the others'.
+    queue
+        .enqueue(
+            message("m2", &["c@x.test"]),
+            Some(("neighbour".into(), now + 60_000)),
+        )
+        .await
+        .expect("enqueue");
+    let recovered = queue.recover_leases("node").await.expect("recover");
+    match place.engine {
+        QueueEngine::Sqlite => assert_eq!(recovered, 2, "one process owns the file"),
+        QueueEngine::Postgres => assert_eq!(recovered, 1, "only this node's leases"),
+    }
+}
+
+async fn operator_lease_reports_busy_recipients(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(
+            message("m1", &["b@x.test"]),
+            Some(("node".into(), now + 60_000)),
+        )
+        .await
+        .expect("enqueue");
+    let (message, busy) = queue
+        .lease_message("m1", "admin", now, now + 60_000)
+        .await
+        .expect("lease")
+        .expect("exists");
+    assert_eq!((message.recipients.len(), busy), (0, 1));
+    assert!(queue
+        .lease_message("none", "admin", now, now + 60_000)
+        .await
+        .expect("lease")
+        .is_none());
+    assert_eq!(queue.release_leases("node").await.expect("release"), 1);
+    let (message, busy) = queue
+        .lease_message("m1", "admin", now, now + 60_000)
+        .await
+        .expect("lease")
+        .expect("exists");
+    assert_eq!((message.recipients.len(), busy), (1, 0));
+}
+
+/// A database migrated by a newer Switchyard (a migration this binary does not have) is
+/// refused, by name.
+async fn a_newer_schema_is_refused(place: Place) {
+    let opened = place.open().await;
+    assert_eq!(opened.queue.schema_version().await.expect("version"), 1);
+    drop(opened);
+    let insert =
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+                  VALUES (9999, 'from the future', TRUE, x'00', 0)";
+    match place.engine {
+        QueueEngine::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&format!(
+                "sqlite://{}",
+                place.dir.path().join(&place.config.path).display()
+            ))
+            .await
+            .expect("connect");
+            sqlx::query(insert).execute(&pool).await.expect("insert");
+        }
+        QueueEngine::Postgres => {
+            let schema = place.config.schema.clone().expect("schema");
+            let pool = sqlx::PgPool::connect(&database_url())
+                .await
+                .expect("connect");
+            sqlx::query(&format!(
+                "{} ",
+                insert
+                    .replace("_sqlx_migrations", &format!("{schema}._sqlx_migrations"))
+                    .replace("x'00'", "'\\x00'::bytea")
+            ))
+            .execute(&pool)
+            .await
+            .expect("insert");
+            let refused = postgres::check(&place.config).await;
+            assert!(
+                matches!(refused, Err(QueueError::SchemaTooNew { found: 9999, .. })),
+                "check-config refuses it too"
+            );
+        }
+    }
+    let error = open(&place.config, place.dir.path())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            error,
+            QueueError::SchemaTooNew {
+                found: 9999,
+                known: 1
+            }
+        ),
+        "{error}"
+    );
+    assert!(error
+        .to_string()
+        .contains("newer than this Switchyard knows"));
+}
+
+/// Unleased work (a bounce queued, a retry ordered) wakes a waiting scanner, on this node and,
+/// for the shared engine, on another.
+async fn unleased_work_wakes_the_scanner(place: Place) {
+    let writer = place.open().await.queue;
+    let waiter = match place.engine {
+        QueueEngine::Sqlite => writer.clone(),
+        QueueEngine::Postgres => place.open().await.queue,
+    };
+    // The first wait starts the listener; give it time to LISTEN before the work arrives.
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.work_arrived().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer
+        .enqueue(message("bounce", &["a@example.com"]), None)
+        .await
+        .expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken")
+        .expect("join");
+}
+
+async fn listing_shows_lease_holders(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(
+            message("m1", &["b@x.test", "c@x.test"]),
+            Some(("node-7".into(), now + 60_000)),
+        )
+        .await
+        .expect("enqueue");
+    queue
+        .enqueue(message("m2", &["d@x.test"]), None)
+        .await
+        .expect("enqueue");
+    let listed = queue.list().await.expect("list");
+    assert_eq!(listed.len(), 2);
+    let m1 = listed.iter().find(|m| m.meta.id == "m1").expect("m1");
+    assert_eq!(m1.recipients.len(), 2);
+    assert!(m1.recipients.iter().all(|r| r.lease
+        == Some(Lease {
+            owner: "node-7".into(),
+            until: now + 60_000
+        })));
+    let m2 = listed.iter().find(|m| m.meta.id == "m2").expect("m2");
+    assert_eq!(m2.recipients[0].lease, None);
+}
+
+#[tokio::test]
+async fn sqlite_commits_are_durable_wal_with_full_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    SqliteQueue::open(&path, Duration::ZERO)
+        .await
+        .expect("open");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .expect("pragma");
+    assert_eq!(mode, "wal");
+}
+
+/// A queue file written before the schema had migrations (no DSN columns, no migration table)
+/// opens, gains the columns, and keeps its messages.
+#[tokio::test]
+async fn sqlite_file_from_before_migrations_is_upgraded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .expect("connect");
+        for statement in [
+            "CREATE TABLE messages (id TEXT PRIMARY KEY, sender TEXT NOT NULL, received_at INTEGER NOT NULL,
+               size INTEGER NOT NULL, smtputf8 INTEGER NOT NULL, eight_bit INTEGER NOT NULL, content BLOB NOT NULL)",
+            "CREATE TABLE recipients (message_id TEXT NOT NULL, idx INTEGER NOT NULL, address TEXT NOT NULL,
+               state INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt INTEGER NOT NULL,
+               last_reply TEXT, lease_owner TEXT, lease_until INTEGER, PRIMARY KEY (message_id, idx))",
+            "INSERT INTO messages VALUES ('old', 'a@x.test', 1, 3, 0, 0, x'782e0d0a')",
+            "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES ('old', 0, 'b@y.test', 0, 1)",
+        ] {
+            sqlx::query(statement).execute(&pool).await.expect("old schema");
+        }
+    }
+    let queue = SqliteQueue::open(&path, Duration::ZERO)
+        .await
+        .expect("open");
+    let old = Queue::get(&queue, "old").await.expect("get").expect("kept");
+    assert_eq!(old.recipients[0].address, "b@y.test");
+    assert_eq!(queue.schema_version().await.expect("version"), 1);
+}
+
+#[tokio::test]
+async fn postgres_commits_wait_for_the_disk() {
+    let place = Place::new(QueueEngine::Postgres);
+    let queue = PgQueue::open(&place.config).await.expect("open");
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&queue.pool)
+        .await
+        .expect("show");
+    assert_eq!(setting, "on");
+}
+
+/// A wrong password or database is refused when the queue opens, with the server's reason.
+#[tokio::test]
+async fn postgres_bad_address_is_refused_clearly() {
+    let mut config = Place::new(QueueEngine::Postgres).config;
+    config.url = Some("postgres://postgres@127.0.0.1:5432/no_such_database_here".into());
+    let error = PgQueue::open(&config).await.err().expect("refused");
+    assert!(
+        error.to_string().contains("no_such_database_here"),
+        "{error}"
+    );
+    assert!(!describe_hides_password().contains("secret"));
+}
+
+fn describe_hides_password() -> String {
+    let config = QueueConfig {
+        engine: QueueEngine::Postgres,
+        url: Some("postgres://mail:secret@db.internal:5433/queue".into()),
+        ..QueueConfig::default()
+    };
+    let described = postgres::describe(&config);
+    assert_eq!(described, "postgres://mail@db.internal:5433/queue");
+    described
+}
+
+/// The database drops the writer's connections while sessions are queueing: every enqueue that
+/// was answered Ok is in the queue (no `250` without a commit), and the queue works again once
+/// connections can be made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_loss_never_acknowledges_an_uncommitted_message() {
+    let place = Place::new(QueueEngine::Postgres);
+    let queue = place.open().await.queue;
+    let schema = place.config.schema.clone().expect("schema");
+    let admin = sqlx::PgPool::connect(&database_url())
+        .await
+        .expect("connect");
+    let mut tasks = Vec::new();
+    for n in 0..400 {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("m{n}");
+            let result = queue.enqueue(message(&id, &["b@x.test"]), None).await;
+            (id, result.is_ok())
+        }));
+        if n % 100 == 50 {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(format!("switchyard/{schema}"))
+            .execute(&admin)
+            .await
+            .expect("terminate");
+        }
+    }
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (id, ok) = task.await.expect("join");
+        if ok {
+            acknowledged.push(id);
+        } else {
+            refused += 1;
+        }
+    }
+    let stored: HashSet<String> = queue
+        .list()
+        .await
+        .expect("list after the loss")
+        .into_iter()
+        .map(|message| message.meta.id)
+        .collect();
+    for id in &acknowledged {
+        assert!(stored.contains(id), "{id} acknowledged but not stored");
+    }
+    eprintln!(
+        "acknowledged {}, refused {refused}, stored {}",
+        acknowledged.len(),
+        stored.len()
+    );
+    queue
+        .enqueue(message("after", &["b@x.test"]), None)
+        .await
+        .expect("works again");
+}
