@@ -16,17 +16,36 @@ build_switchyard() {
   bin="$root/target/release/switchyard"
 }
 
+# Postfix as a plain relay to the sink (its logs go to syslog, which may not run: less work for
+# it): loopback only, no DNS, no local delivery, an empty queue.
+start_postfix_relay() {
+  postfix stop >/dev/null 2>&1 || true
+  postconf -e \
+    "inet_interfaces = 127.0.0.1" "inet_protocols = ipv4" "myhostname = postfix.bench.test" \
+    "mydestination =" "mynetworks = 127.0.0.0/8" "relayhost = [127.0.0.1]:$SINK_PORT" \
+    "smtpd_relay_restrictions = permit_mynetworks, reject" "smtp_tls_security_level = none" \
+    "smtpd_tls_security_level = none" "smtpd_peername_lookup = no" "default_process_limit = 100" \
+    "message_size_limit = 20480000"
+  postconf -X maillog_file
+  postfix start
+  postsuper -d ALL >/dev/null 2>&1 || true
+}
+
+postfix_queue_empty() { postqueue -p 2>/dev/null | grep -q 'Mail queue is empty'; }
+
 start_sink() {
   smtp-sink -u postfix 127.0.0.1:$SINK_PORT 1000 &
   sink_pid=$!
 }
 
-# start_switchyard NAME PORT EXTRA_TOML: a release Switchyard relaying everything to the sink.
+# start_switchyard NAME PORT EXTRA_TOML [TOP_TOML]: a release Switchyard relaying everything to
+# the sink; EXTRA_TOML goes at the end (tables), TOP_TOML among the top-level keys.
 start_switchyard() {
-  local name=$1 port=$2 extra=$3
+  local name=$1 port=$2 extra=$3 top=${4:-}
   cat > "$work/$name.toml" <<TOML
 hostname = "switchyard.bench.test"
 data_dir = "$work/$name-data"
+$top
 
 [[listener]]
 name = "bench"

@@ -30,20 +30,9 @@ ensure_postfix_tools
 build_switchyard
 start_sink
 
-# Postfix as a plain relay to the sink (its logs go to syslog, which may not run: less work for it): loopback only, no DNS, no local delivery.
-postfix stop >/dev/null 2>&1 || true
-postconf -e \
-  "inet_interfaces = 127.0.0.1" "inet_protocols = ipv4" "myhostname = postfix.bench.test" \
-  "mydestination =" "mynetworks = 127.0.0.0/8" "relayhost = [127.0.0.1]:$SINK_PORT" \
-  "smtpd_relay_restrictions = permit_mynetworks, reject" "smtp_tls_security_level = none" \
-  "smtpd_tls_security_level = none" "smtpd_peername_lookup = no" "default_process_limit = 100" \
-  "message_size_limit = 20480000"
-postconf -X maillog_file
-postfix start
-postsuper -d ALL >/dev/null 2>&1 || true
+start_postfix_relay
 
 start_switchyard switchyard $SWITCHYARD_PORT ""
-postfix_queue_empty() { postqueue -p 2>/dev/null | grep -q 'Mail queue is empty'; }
 direct_done() { true; }
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS $(nproc) cores, Postfix $(postconf -h mail_version)"

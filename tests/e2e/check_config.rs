@@ -249,3 +249,61 @@ fn trust_settings_that_cannot_work_are_named() {
         );
     }
 }
+
+/// Queue settings: PostgreSQL keys with the SQLite engine, bad names and leases are refused
+/// with the line; a PostgreSQL queue is connected to, and a wrong address, user or database
+/// fails with the server's reason.
+#[test]
+fn queue_engine_settings_are_checked_and_the_database_reached() {
+    let cases = [
+        (
+            "[queue]\nurl = \"postgres://x@127.0.0.1/test\"\n",
+            "FILE:2:1: queue.url and queue.schema are for engine = \"postgres\"",
+        ),
+        (
+            "[queue]\nengine = \"postgres\"\nschema = \"Bad-Name\"\n",
+            "FILE:3:1: queue.schema `Bad-Name`: use lower-case letters, digits and _",
+        ),
+        (
+            "[queue]\nlease = \"1s\"\n",
+            "FILE:2:1: queue.lease must be at least 3s",
+        ),
+        (
+            "node_id = \"two words\"\n",
+            "FILE:1:1: node_id `two words`: a name without spaces",
+        ),
+        (
+            "[queue]\nengine = \"mysql\"\n",
+            "FILE:2:10: unknown variant `mysql`, expected `sqlite` or `postgres`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (ok, _, stderr) = check(text);
+        assert!(!ok, "{text} accepted");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+    }
+    let url = crate::harness::router::database_url();
+    let (ok, _, stderr) = check(&format!(
+        "[queue]\nengine = \"postgres\"\nurl = \"{url}\"\nschema = \"check_config_probe\"\n"
+    ));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("reachable, schema version"), "{stderr}");
+    for (wrong, reason) in [
+        (
+            "postgres://postgres@127.0.0.1:5432/no_such_db",
+            "no_such_db",
+        ),
+        (
+            "postgres://no_such_role@127.0.0.1:5432/test",
+            "no_such_role",
+        ),
+        ("postgres://postgres@127.0.0.1:1/test", "Connection refused"),
+    ] {
+        let (ok, _, stderr) = check(&format!(
+            "[queue]\nengine = \"postgres\"\nurl = \"{wrong}\"\n"
+        ));
+        assert!(!ok, "{wrong} accepted");
+        assert!(stderr.contains("connecting to the queue"), "{stderr}");
+        assert!(stderr.contains(reason), "{wrong}: {stderr}");
+    }
+}

@@ -384,3 +384,60 @@ async fn a_node_that_loses_the_database_refuses_mail_then_recovers() {
         .execute(&admin)
         .await;
 }
+
+/// The plugins' kv store is the cluster's: a greylisted triplet retried on another node passes
+/// there (one first-seen record, written by compare-and-swap), and a rate limit counts a
+/// sender's messages on every node together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greylisting_and_rate_limits_hold_across_nodes() {
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let (queue, _schema) = postgres_queue("10s");
+    let plugins = format!(
+        "[[plugin]]\nname = \"greylist\"\npath = \"{}\"\ngrants = [\"kv\", \"clock\"]\ntime_limit = \"5s\"\n\
+         [plugin.config]\ndelay_seconds = 1\nretry_window_seconds = 600\n\n\
+         [[plugin]]\nname = \"rate\"\npath = \"{}\"\ngrants = [\"kv\", \"metrics\"]\ntime_limit = \"5s\"\n\
+         [plugin.config]\nper_sender = {{ limit = 3, window_seconds = 600 }}\n",
+        crate::harness::router::plugin_path("greylist").display(),
+        crate::harness::router::plugin_path("rate-limit").display(),
+    );
+    let mut nodes = Vec::new();
+    for n in 0..2 {
+        nodes.push(
+            Router::start(RouterOptions {
+                queue: queue.clone(),
+                node_id: Some(format!("node-{n}")),
+                extra: plugins.clone(),
+                ..RouterOptions::relaying_to(sink.address, "")
+            })
+            .await,
+        );
+    }
+    let mut a = TestClient::connect(nodes[0].port).await;
+    let mut b = TestClient::connect(nodes[1].port).await;
+    assert_eq!(a.command("MAIL FROM:<grey@sender.test>").await.code, 250);
+    let first = a.command("RCPT TO:<x@switchyard.test>").await;
+    assert_eq!(first.code, 451, "greylisted on node-0: {first:?}");
+    // Too early on the other node: the same record says wait.
+    assert_eq!(b.command("MAIL FROM:<grey@sender.test>").await.code, 250);
+    assert_eq!(b.command("RCPT TO:<x@switchyard.test>").await.code, 451);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let retried = b.command("RCPT TO:<x@switchyard.test>").await;
+    assert_eq!(
+        retried.code, 250,
+        "passes on node-1 after the delay: {retried:?}"
+    );
+    assert_eq!(b.command("RSET").await.code, 250);
+    // Back on node-0, the triplet is remembered as passed.
+    let again = a.command("RCPT TO:<x@switchyard.test>").await;
+    assert_eq!(again.code, 250, "{again:?}");
+    assert_eq!(a.command("RSET").await.code, 250);
+    // Three MAILs of one sender spread over both nodes; the fourth is over the limit anywhere.
+    for turn in 0..3 {
+        let client = if turn == 1 { &mut b } else { &mut a };
+        let reply = client.command("MAIL FROM:<busy@sender.test>").await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+        assert_eq!(client.command("RSET").await.code, 250);
+    }
+    let limited = b.command("MAIL FROM:<busy@sender.test>").await;
+    assert_eq!(limited.code, 450, "counted across nodes: {limited:?}");
+}

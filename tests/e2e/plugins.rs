@@ -367,7 +367,7 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
         .err()
         .expect("a plugin importing an ungranted interface must not load");
     assert!(
-        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.0`, which its manifest does not grant; add \"kv\" to its grants"),
+        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.1`, which its manifest does not grant; add \"kv\" to its grants"),
         "{log}"
     );
 }
@@ -1058,4 +1058,27 @@ async fn reused_slots_never_show_what_the_last_instance_wrote() {
     }
     let log = router.log();
     assert!(!log.contains("plugin failed"), "{log}");
+}
+
+/// A plugin built against WIT 0.2.0 as released (its frozen copy, not the SDK) loads in this
+/// 0.2.1 host: its `kv@0.2.0` import is linked to the host's kv and its `hooks@0.2.0` export is
+/// found; it counts recipients and refuses the third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_for_wit_0_2_0_still_loads_and_runs() {
+    let settings = format!("grants = [\"kv\"]\n{KV_TIME_LIMIT}\n[plugin.config]\nlimit = 2\n");
+    let (router, _sink) = router_with(&plugin("old", "kv-counter-0-2-0", &settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    for n in 1..=2 {
+        let reply = client
+            .command(&format!("RCPT TO:<r{n}@switchyard.test>"))
+            .await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+    }
+    let reply = client.command("RCPT TO:<r3@switchyard.test>").await;
+    assert_eq!(reply.code, 550, "{reply:?}");
+    assert!(
+        reply.text.contains("refused by a 0.2.0 plugin"),
+        "{reply:?}"
+    );
 }

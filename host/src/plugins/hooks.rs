@@ -18,9 +18,11 @@ use super::bindings::types::{
 };
 use super::host::{BodyHandle, HostState, SessionHandle};
 
-/// The interface a plugin exports, as the component names it (the package version in `wit/`; a
-/// component built for another version fails to load here, naming this export).
-const HOOKS: &str = "switchyard:plugin/hooks@0.2.0";
+/// The interface a plugin exports, as the component names it (the package version in `wit/`).
+/// A component built against an earlier 0.2.x exports it under its own version, which the
+/// component model's semver rule matches to this one; one of another line fails to load here,
+/// naming this export.
+const HOOKS: &str = "switchyard:plugin/hooks@0.2.1";
 
 /// `call_NAME(store, args) -> wasmtime::Result<RESULT>` for one export, like the generated
 /// bindings. A hook without a result (`delivery-result`) has the results `()`, not `((),)`.

@@ -70,6 +70,7 @@ macro_rules! both_engines {
 both_engines!(
     enqueue_claim_record_cycle,
     kv_counters_expire_and_are_scoped,
+    kv_compare_and_swap_is_atomic,
     concurrent_enqueues_share_commits,
     concurrent_claims_never_overlap,
     expired_leases_pass_to_another_node,
@@ -629,4 +630,87 @@ async fn postgres_connection_loss_never_acknowledges_an_uncommitted_message() {
         .enqueue(message("after", &["b@x.test"]), None)
         .await
         .expect("works again");
+}
+
+async fn kv_compare_and_swap_is_atomic(place: Place) {
+    use super::kv::Swap;
+    let kv = place.open().await.kv;
+    let swap = |expected: Option<&'static [u8]>, value: &'static [u8]| Swap {
+        key: "k",
+        expected,
+        value,
+        ttl_seconds: None,
+    };
+    assert!(kv
+        .compare_and_swap("t", "p", swap(None, b"1"))
+        .await
+        .expect("cas"));
+    assert!(
+        !kv.compare_and_swap("t", "p", swap(None, b"2"))
+            .await
+            .expect("cas"),
+        "present: not swapped as missing"
+    );
+    assert!(
+        !kv.compare_and_swap("t", "p", swap(Some(b"9"), b"2"))
+            .await
+            .expect("cas"),
+        "another value expected"
+    );
+    assert!(kv
+        .compare_and_swap("t", "p", swap(Some(b"1"), b"2"))
+        .await
+        .expect("cas"));
+    assert_eq!(
+        kv.get("t", "p", "k").await.expect("get"),
+        Some(b"2".to_vec())
+    );
+    // A counter's text compares as its bytes.
+    kv.increment("t", "p", "n", 7, 60).await.expect("inc");
+    let counter = Swap {
+        key: "n",
+        expected: Some(b"7"),
+        value: b"0",
+        ttl_seconds: Some(60),
+    };
+    assert!(kv.compare_and_swap("t", "p", counter).await.expect("cas"));
+    // An expired key counts as missing.
+    kv.set("t", "p", "old", b"x", Some(0)).await.expect("set");
+    let revive = Swap {
+        key: "old",
+        expected: None,
+        value: b"y",
+        ttl_seconds: None,
+    };
+    assert!(kv.compare_and_swap("t", "p", revive).await.expect("cas"));
+    // Racing from the same value, exactly one wins (two nodes: two opened stores).
+    let other = place.open().await.kv;
+    let mut racers = Vec::new();
+    for n in 0..20u8 {
+        let kv = if n % 2 == 0 {
+            kv.clone()
+        } else {
+            other.clone()
+        };
+        racers.push(tokio::spawn(async move {
+            let value = [n];
+            kv.compare_and_swap(
+                "t",
+                "p",
+                Swap {
+                    key: "race",
+                    expected: None,
+                    value: &value,
+                    ttl_seconds: None,
+                },
+            )
+            .await
+            .expect("cas")
+        }));
+    }
+    let mut winners = 0;
+    for racer in racers {
+        winners += racer.await.expect("join") as usize;
+    }
+    assert_eq!(winners, 1);
 }

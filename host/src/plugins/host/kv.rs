@@ -5,6 +5,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use super::HostState;
 use crate::plugins::bindings::switchyard::plugin::kv;
+use crate::queue::kv::Swap;
 
 impl HostState {
     /// The current plugin's kv scope: the tenant whose chain it is in, and its name.
@@ -56,6 +57,32 @@ impl kv::Host for HostState {
         counted.unwrap_or_else(|error| {
             tracing::warn!(plugin = %name, %error, "kv increment failed");
             0
+        })
+    }
+
+    async fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_seconds: Option<u32>,
+    ) -> bool {
+        let Some(store) = self.kv.clone() else {
+            return false;
+        };
+        let (owner, name) = self.kv_scope();
+        let swap = Swap {
+            key: &key,
+            expected: expected.as_deref(),
+            value: &value,
+            ttl_seconds,
+        };
+        let swapped = self
+            .off_cpu(async { store.compare_and_swap(&owner, &name, swap).await })
+            .await;
+        swapped.unwrap_or_else(|error| {
+            tracing::warn!(plugin = %name, %error, "kv compare-and-swap failed");
+            false
         })
     }
 

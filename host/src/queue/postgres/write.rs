@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::queue::kv::{KvWrite, KvWritten};
 use crate::queue::writer::Apply;
 use crate::queue::{Millis, NewMessage, Outcome, QueueError, RecipientResult, RecipientState};
 
@@ -19,28 +20,12 @@ pub(crate) enum WriteOp {
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
     },
-    KvSet {
-        scope: (String, String),
-        key: String,
-        value: Vec<u8>,
-        expires_at: Option<Millis>,
-    },
-    KvIncrement {
-        scope: (String, String),
-        key: String,
-        delta: i64,
-        now: Millis,
-        expires_at: Millis,
-    },
-    KvDelete {
-        scope: (String, String),
-        key: String,
-    },
+    Kv(KvWrite),
 }
 
 pub(crate) enum WriteOutput {
     Done,
-    Counter(i64),
+    Kv(KvWritten),
 }
 
 pub(crate) struct PgWriter {
@@ -196,10 +181,10 @@ impl PgWriter {
 
     /// The plugins' key-value operations. Counters are stored as decimal text, as in the
     /// SQLite engine; an expired one starts again from the delta.
-    async fn apply_kv(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+    async fn apply_kv(&mut self, op: &KvWrite) -> Result<KvWritten, QueueError> {
         let transaction = self.transaction()?;
         match op {
-            WriteOp::KvSet {
+            KvWrite::Set {
                 scope,
                 key,
                 value,
@@ -217,9 +202,9 @@ impl PgWriter {
                 .bind(expires_at)
                 .execute(&mut **transaction)
                 .await?;
-                Ok(WriteOutput::Done)
+                Ok(KvWritten::Done)
             }
-            WriteOp::KvIncrement {
+            KvWrite::Increment {
                 scope,
                 key,
                 delta,
@@ -245,18 +230,53 @@ impl PgWriter {
                 .bind(now)
                 .fetch_one(&mut **transaction)
                 .await?;
-                Ok(WriteOutput::Counter(value))
+                Ok(KvWritten::Counter(value))
             }
-            WriteOp::KvDelete { scope, key } => {
+            KvWrite::Swap {
+                scope,
+                key,
+                expected,
+                value,
+                now,
+                expires_at,
+            } => {
+                // Atomic across nodes: the upsert takes the row lock, and a concurrent UPDATE
+                // re-checks its WHERE on the row another node just wrote (so one of them wins).
+                let statement = match expected {
+                    None => {
+                        "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (tenant, plugin, key) DO UPDATE
+                         SET value = excluded.value, expires_at = excluded.expires_at
+                         WHERE kv.expires_at IS NOT NULL AND kv.expires_at <= $6"
+                    }
+                    Some(_) => {
+                        "UPDATE kv SET value = $4, expires_at = $5
+                         WHERE tenant = $1 AND plugin = $2 AND key = $3 AND value = $7
+                           AND (expires_at IS NULL OR expires_at > $6)"
+                    }
+                };
+                let mut query = sqlx::query(statement)
+                    .bind(&scope.0)
+                    .bind(&scope.1)
+                    .bind(key)
+                    .bind(value)
+                    .bind(expires_at)
+                    .bind(now);
+                if let Some(expected) = expected {
+                    query = query.bind(expected);
+                }
+                let written = query.execute(&mut **transaction).await?.rows_affected();
+                Ok(KvWritten::Swapped(written == 1))
+            }
+            KvWrite::Delete { scope, key } => {
                 sqlx::query("DELETE FROM kv WHERE tenant = $1 AND plugin = $2 AND key = $3")
                     .bind(&scope.0)
                     .bind(&scope.1)
                     .bind(key)
                     .execute(&mut **transaction)
                     .await?;
-                Ok(WriteOutput::Done)
+                Ok(KvWritten::Done)
             }
-            _ => Ok(WriteOutput::Done),
         }
     }
 }
@@ -282,7 +302,7 @@ impl Apply for PgWriter {
                 self.record(results, bounces).await?;
                 Ok(WriteOutput::Done)
             }
-            kv => self.apply_kv(kv).await,
+            WriteOp::Kv(write) => Ok(WriteOutput::Kv(self.apply_kv(write).await?)),
         }
     }
 

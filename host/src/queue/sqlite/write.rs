@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
 
+use crate::queue::kv::{KvWrite, KvWritten};
 use crate::queue::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use crate::queue::writer::Apply;
 use crate::queue::{
@@ -29,23 +30,7 @@ pub(crate) enum WriteOp {
         lease_until: Millis,
         limit: i64,
     },
-    KvSet {
-        scope: (String, String),
-        key: String,
-        value: Vec<u8>,
-        expires_at: Option<Millis>,
-    },
-    KvIncrement {
-        scope: (String, String),
-        key: String,
-        delta: i64,
-        now: Millis,
-        expires_at: Millis,
-    },
-    KvDelete {
-        scope: (String, String),
-        key: String,
-    },
+    Kv(KvWrite),
 }
 
 pub(crate) struct SqliteWriter {
@@ -164,9 +149,9 @@ impl SqliteWriter {
     }
 
     /// The plugins' key-value operations.
-    async fn apply_kv(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+    async fn apply_kv(&mut self, op: &KvWrite) -> Result<KvWritten, QueueError> {
         match op {
-            WriteOp::KvSet {
+            KvWrite::Set {
                 scope,
                 key,
                 value,
@@ -183,9 +168,9 @@ impl SqliteWriter {
                 .bind(expires_at)
                 .execute(&mut self.connection)
                 .await?;
-                Ok(WriteOutput::Done)
+                Ok(KvWritten::Done)
             }
-            WriteOp::KvIncrement {
+            KvWrite::Increment {
                 scope,
                 key,
                 delta,
@@ -211,18 +196,54 @@ impl SqliteWriter {
                 .bind(now)
                 .fetch_one(&mut self.connection)
                 .await?;
-                Ok(WriteOutput::Counter(value))
+                Ok(KvWritten::Counter(value))
             }
-            WriteOp::KvDelete { scope, key } => {
+            KvWrite::Swap {
+                scope,
+                key,
+                expected,
+                value,
+                now,
+                expires_at,
+            } => {
+                // Missing or expired: insert, or replace only an expired row. Otherwise: replace
+                // only the row that holds the expected bytes (counters are text: compared as
+                // bytes).
+                let statement = match expected {
+                    None => {
+                        "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant, plugin, key) DO UPDATE
+                         SET value = excluded.value, expires_at = excluded.expires_at
+                         WHERE kv.expires_at IS NOT NULL AND kv.expires_at <= ?6"
+                    }
+                    Some(_) => {
+                        "UPDATE kv SET value = ?4, expires_at = ?5
+                         WHERE tenant = ?1 AND plugin = ?2 AND key = ?3 AND CAST(value AS BLOB) = ?7
+                           AND (expires_at IS NULL OR expires_at > ?6)"
+                    }
+                };
+                let mut query = sqlx::query(statement)
+                    .bind(&scope.0)
+                    .bind(&scope.1)
+                    .bind(key)
+                    .bind(value)
+                    .bind(expires_at)
+                    .bind(now);
+                if let Some(expected) = expected {
+                    query = query.bind(expected);
+                }
+                let written = query.execute(&mut self.connection).await?.rows_affected();
+                Ok(KvWritten::Swapped(written == 1))
+            }
+            KvWrite::Delete { scope, key } => {
                 sqlx::query("DELETE FROM kv WHERE tenant = ? AND plugin = ? AND key = ?")
                     .bind(&scope.0)
                     .bind(&scope.1)
                     .bind(key)
                     .execute(&mut self.connection)
                     .await?;
-                Ok(WriteOutput::Done)
+                Ok(KvWritten::Done)
             }
-            _ => Ok(WriteOutput::Done),
         }
     }
 
@@ -287,7 +308,7 @@ impl SqliteWriter {
 pub(crate) enum WriteOutput {
     Done,
     Claimed(Vec<QueuedMessage>),
-    Counter(i64),
+    Kv(KvWritten),
 }
 
 #[async_trait]
@@ -320,7 +341,7 @@ impl Apply for SqliteWriter {
             } => Ok(WriteOutput::Claimed(
                 self.claim(owner, *now, *lease_until, *limit).await?,
             )),
-            kv => self.apply_kv(kv).await,
+            WriteOp::Kv(write) => Ok(WriteOutput::Kv(self.apply_kv(write).await?)),
         }
     }
 
