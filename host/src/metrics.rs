@@ -13,7 +13,11 @@
 //!   afresh because held runs already kept their share of the instance pool (see `plugins::hold`);
 //! - `auth_total{result}`: SMTP AUTH attempts, `ok`, `failed` (password) or `refused` (a plugin);
 //! - `plugin_counter_total{plugin,tenant,name}` and `plugin_histogram{plugin,tenant,name}`: what
-//!   plugins record (the tenant of the mail they were deciding on).
+//!   plugins record (the tenant of the mail they were deciding on);
+//! - `queue_messages`, `queue_recipients{state}` (`queued`, `quarantined`, `leased`) and
+//!   `queue_leased_here`: the queue's counts every 5 s (on a shared queue, the whole queue's,
+//!   as every node sees it, except `queue_leased_here`: this node's leases);
+//! - `queue_available`: 0 from a failed queue write until the database answers again, else 1.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -115,6 +115,9 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     listen(&config, &services, &shutdown).await?;
     tokio::spawn(run_lease_renewal(dispatcher.clone(), node_id.clone()));
+    if config.metrics.listen.is_some() {
+        tokio::spawn(report_queue_stats(queue.clone(), node_id.clone()));
+    }
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     if tenants.enabled() {
         tokio::spawn(count_queued_bytes(queue, tenants.clone()));
@@ -167,6 +170,31 @@ async fn send_tls_reports(
 /// Keeps each tenant's queued bytes up to date from the queue (which counts what delivery,
 /// bounces and operators removed, here or in another process); accepted messages count at once
 /// in between.
+/// The queue's counts as gauges, every 5 s: `queue_messages`, `queue_recipients{state}`
+/// (`queued`, `quarantined`, `leased`: by any node) and `queue_leased_here` (by this node). On a
+/// shared queue every node reports the whole queue's counts; sum only `queue_leased_here`.
+async fn report_queue_stats(queue: Arc<dyn crate::queue::Queue>, node_id: String) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match queue.stats(&node_id, crate::queue::now_millis()).await {
+            Ok(stats) => {
+                metrics::gauge!("switchyard_queue_messages").set(stats.messages as f64);
+                for (state, count) in [
+                    ("queued", stats.queued),
+                    ("quarantined", stats.quarantined),
+                    ("leased", stats.leased),
+                ] {
+                    metrics::gauge!("switchyard_queue_recipients", "state" => state)
+                        .set(count as f64);
+                }
+                metrics::gauge!("switchyard_queue_leased_here").set(stats.leased_here as f64);
+            }
+            Err(error) => tracing::warn!(%error, "cannot count the queue"),
+        }
+    }
+}
+
 async fn count_queued_bytes(queue: Arc<dyn crate::queue::Queue>, tenants: Arc<Tenants>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {

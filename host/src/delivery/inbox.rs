@@ -64,14 +64,16 @@ impl Inbox {
         node_id: String,
         lease: Duration,
     ) -> Inbox {
-        Inbox {
+        let inbox = Inbox {
             queue,
             dispatcher,
             plugins,
             node_id,
             lease,
             queue_down: Arc::new(AtomicBool::new(false)),
-        }
+        };
+        metrics::gauge!("switchyard_queue_available").set(1.0);
+        inbox
     }
 
     /// Whether new mail can be queued: false from a failed write until the database answers

@@ -183,6 +183,19 @@ pub struct RecipientRow {
     pub lease: Option<Lease>,
 }
 
+/// How much is in the queue. Recipients, except `messages`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub messages: i64,
+    /// Still to deliver (leased or not).
+    pub queued: i64,
+    pub quarantined: i64,
+    /// Queued and held by a live lease: being delivered by some node.
+    pub leased: i64,
+    /// Of those, held by the node asking.
+    pub leased_here: i64,
+}
+
 /// A claim on a recipient: the node (or operator command) delivering it, and its expiry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -296,6 +309,9 @@ pub trait Queue: Send + Sync {
     /// ordered), on this node or, for a shared engine, on any; a scanner waits on it between
     /// scans. It may also resolve for nothing.
     async fn work_arrived(&self);
+
+    /// Counts of the whole queue (every node's, for a shared one), for the metrics.
+    async fn stats(&self, node_id: &str, now: Millis) -> Result<QueueStats, QueueError>;
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), QueueError>;

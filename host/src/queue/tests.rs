@@ -79,6 +79,7 @@ both_engines!(
     a_newer_schema_is_refused,
     unleased_work_wakes_the_scanner,
     listing_shows_lease_holders,
+    stats_count_the_whole_queue,
 );
 
 fn message(id: &str, recipients: &[&str]) -> NewMessage {
@@ -713,4 +714,52 @@ async fn kv_compare_and_swap_is_atomic(place: Place) {
         winners += racer.await.expect("join") as usize;
     }
     assert_eq!(winners, 1);
+}
+
+async fn stats_count_the_whole_queue(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(
+            message("m1", &["a@x.test", "b@x.test"]),
+            Some(("here".into(), now + 60_000)),
+        )
+        .await
+        .expect("enqueue");
+    queue
+        .enqueue(
+            message("m2", &["c@x.test"]),
+            Some(("there".into(), now + 60_000)),
+        )
+        .await
+        .expect("enqueue");
+    let mut held = message("m3", &["d@x.test"]);
+    held.quarantine = Some("suspicious".into());
+    queue.enqueue(held, None).await.expect("enqueue");
+    let stats = queue.stats("here", now).await.expect("stats");
+    assert_eq!(
+        stats,
+        QueueStats {
+            messages: 3,
+            queued: 3,
+            quarantined: 1,
+            leased: 3,
+            leased_here: 2,
+        }
+    );
+}
+
+/// `sslmode=require` in the URL: the queue's connections are encrypted (the test server has
+/// Debian's default certificate; `require` does not verify it, `verify-full` would).
+#[tokio::test]
+async fn postgres_connections_can_be_encrypted() {
+    let mut place = Place::new(QueueEngine::Postgres);
+    place.config.url = Some(format!("{}?sslmode=require", database_url()));
+    let queue = PgQueue::open(&place.config).await.expect("open over TLS");
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&queue.pool)
+            .await
+            .expect("pg_stat_ssl");
+    assert!(encrypted);
 }

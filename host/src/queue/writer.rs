@@ -19,7 +19,9 @@ pub(crate) trait Apply: Send + 'static {
     type Output: Send + 'static;
 
     async fn begin(&mut self) -> Result<(), QueueError>;
-    async fn apply(&mut self, op: &Self::Op) -> Result<Self::Output, QueueError>;
+    /// Applies a group's operations in the open transaction, returning one output per
+    /// operation, in order; an error fails the whole group.
+    async fn apply(&mut self, ops: &[&Self::Op]) -> Result<Vec<Self::Output>, QueueError>;
     async fn commit(&mut self) -> Result<(), QueueError>;
     async fn rollback(&mut self);
 }
@@ -78,16 +80,13 @@ async fn run_transaction<A: Apply>(
     ops: &[&A::Op],
 ) -> Result<Vec<A::Output>, QueueError> {
     applier.begin().await?;
-    let mut outputs = Vec::with_capacity(ops.len());
-    for op in ops {
-        match applier.apply(op).await {
-            Ok(output) => outputs.push(output),
-            Err(error) => {
-                applier.rollback().await;
-                return Err(error);
-            }
+    let outputs = match applier.apply(ops).await {
+        Ok(outputs) => outputs,
+        Err(error) => {
+            applier.rollback().await;
+            return Err(error);
         }
-    }
+    };
     if let Err(error) = applier.commit().await {
         applier.rollback().await;
         return Err(error);

@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use super::writer::Writer;
 use super::{
-    migrations, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientResult, RecipientRow,
+    migrations, Millis, NewMessage, Queue, QueueError, QueueStats, QueuedMessage, RecipientResult,
+    RecipientRow,
 };
 use crate::config::QueueConfig;
 use write::{PgWriter, WriteOp};
@@ -439,6 +440,28 @@ impl Queue for PgQueue {
             tokio::spawn(listen::run(queue.pool, queue.channel, queue.work));
         });
         self.work.notified().await;
+    }
+
+    async fn stats(&self, node_id: &str, now: Millis) -> Result<QueueStats, QueueError> {
+        let (messages, queued, quarantined, leased, leased_here): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM messages),
+                        COUNT(*) FILTER (WHERE state = 0), COUNT(*) FILTER (WHERE state = 3),
+                        COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2),
+                        COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2 AND lease_owner = $1)
+                 FROM recipients",
+            )
+            .bind(node_id)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(QueueStats {
+            messages,
+            queued,
+            quarantined,
+            leased,
+            leased_here,
+        })
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -1,7 +1,7 @@
 //! The PostgreSQL engine's write operations, applied by the group-commit writer inside one
-//! transaction per group: enqueue, record results (and DSNs), and the kv store's writes. Each
-//! operation is a fixed number of statements, whatever its recipients (arrays unnested), since
-//! every statement is a round trip to the server.
+//! transaction per group: enqueue, record results (and DSNs), and the kv store's writes. A
+//! whole group's messages and results take a fixed number of statements, whatever their number
+//! (columns bound as arrays and unnested), since every statement is a round trip to the server.
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -28,6 +28,79 @@ pub(crate) enum WriteOutput {
     Kv(KvWritten),
 }
 
+/// The message columns of a group, one array per column (bound to `UNNEST`).
+#[derive(Default)]
+struct MessageColumns<'a> {
+    id: Vec<&'a str>,
+    sender: Vec<&'a str>,
+    received_at: Vec<i64>,
+    size: Vec<i64>,
+    smtputf8: Vec<i64>,
+    eight_bit: Vec<i64>,
+    content: Vec<&'a [u8]>,
+    tenant: Vec<&'a str>,
+    dsn_ret: Vec<Option<&'static str>>,
+    dsn_envid: Vec<Option<&'a str>>,
+    requiretls: Vec<i64>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn push(&mut self, message: &'a NewMessage) {
+        let meta = &message.meta;
+        self.id.push(&meta.id);
+        self.sender.push(&meta.sender);
+        self.received_at.push(meta.received_at);
+        self.size.push(meta.size as i64);
+        self.smtputf8.push(meta.smtputf8 as i64);
+        self.eight_bit.push(meta.eight_bit as i64);
+        self.content.push(message.content.as_ref());
+        self.tenant.push(&meta.tenant);
+        self.dsn_ret.push(meta.dsn.ret.map(|ret| ret.as_str()));
+        self.dsn_envid.push(meta.dsn.envid.as_deref());
+        self.requiretls.push(meta.dsn.requiretls as i64);
+    }
+}
+
+/// The recipient columns of a group's messages, one array per column.
+#[derive(Default)]
+struct RecipientColumns<'a> {
+    message_id: Vec<&'a str>,
+    idx: Vec<i64>,
+    address: Vec<&'a str>,
+    state: Vec<i64>,
+    next_attempt: Vec<i64>,
+    last_reply: Vec<Option<&'a str>>,
+    lease_owner: Vec<Option<&'a str>>,
+    lease_until: Vec<Option<i64>>,
+    notify: Vec<i64>,
+    orcpt: Vec<Option<&'a str>>,
+}
+
+impl<'a> RecipientColumns<'a> {
+    fn push(&mut self, message: &'a NewMessage, lease: Option<&'a (String, Millis)>) {
+        let state = if message.quarantine.is_some() {
+            RecipientState::Quarantined
+        } else {
+            RecipientState::Queued
+        };
+        for (index, address) in message.recipients.iter().enumerate() {
+            let dsn = message.recipient_dsn.get(index);
+            self.message_id.push(&message.meta.id);
+            self.idx.push(index as i64);
+            self.address.push(address);
+            self.state.push(state.as_i64());
+            self.next_attempt.push(message.meta.received_at);
+            self.last_reply.push(message.quarantine.as_deref());
+            self.lease_owner
+                .push(lease.map(|(owner, _)| owner.as_str()));
+            self.lease_until.push(lease.map(|(_, until)| *until));
+            self.notify
+                .push(dsn.map(|dsn| dsn.notify.bits()).unwrap_or_default());
+            self.orcpt.push(dsn.and_then(|dsn| dsn.orcpt.as_deref()));
+        }
+    }
+}
+
 pub(crate) struct PgWriter {
     pool: PgPool,
     /// The queue's NOTIFY channel, told of unleased work at commit.
@@ -52,78 +125,68 @@ impl PgWriter {
         self.transaction.as_mut().ok_or(QueueError::WriterGone)
     }
 
+    /// Inserts every message of the group, and all their recipients: two statements in all.
     async fn insert(
         &mut self,
-        message: &NewMessage,
-        lease: Option<&(String, Millis)>,
+        messages: &[(&NewMessage, Option<&(String, Millis)>)],
     ) -> Result<(), QueueError> {
-        let meta = &message.meta;
+        let mut rows = MessageColumns::default();
+        let mut recipients = RecipientColumns::default();
+        for (message, lease) in messages {
+            rows.push(message);
+            recipients.push(message, *lease);
+            if lease.is_none() {
+                self.notify = true;
+            }
+        }
         let transaction = self.transaction()?;
         sqlx::query(
             "INSERT INTO messages (id, sender, received_at, size, smtputf8, eight_bit, content, tenant,
                                    dsn_ret, dsn_envid, requiretls)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                  $6::bigint[], $7::bytea[], $8::text[], $9::text[], $10::text[],
+                                  $11::bigint[])",
         )
-        .bind(&meta.id)
-        .bind(&meta.sender)
-        .bind(meta.received_at)
-        .bind(meta.size as i64)
-        .bind(meta.smtputf8 as i64)
-        .bind(meta.eight_bit as i64)
-        .bind(message.content.as_ref())
-        .bind(&meta.tenant)
-        .bind(meta.dsn.ret.map(|ret| ret.as_str()))
-        .bind(meta.dsn.envid.as_deref())
-        .bind(meta.dsn.requiretls as i64)
+        .bind(&rows.id)
+        .bind(&rows.sender)
+        .bind(&rows.received_at)
+        .bind(&rows.size)
+        .bind(&rows.smtputf8)
+        .bind(&rows.eight_bit)
+        .bind(&rows.content)
+        .bind(&rows.tenant)
+        .bind(&rows.dsn_ret)
+        .bind(&rows.dsn_envid)
+        .bind(&rows.requiretls)
         .execute(&mut **transaction)
         .await?;
-        let state = if message.quarantine.is_some() {
-            RecipientState::Quarantined.as_i64()
-        } else {
-            RecipientState::Queued.as_i64()
-        };
-        let count = message.recipients.len();
-        let indexes: Vec<i64> = (0..count as i64).collect();
-        let (notify, orcpt): (Vec<i64>, Vec<Option<String>>) = (0..count)
-            .map(|index| {
-                let dsn = message
-                    .recipient_dsn
-                    .get(index)
-                    .cloned()
-                    .unwrap_or_default();
-                (dsn.notify.bits(), dsn.orcpt)
-            })
-            .unzip();
         sqlx::query(
             "INSERT INTO recipients (message_id, idx, address, state, attempts, next_attempt,
                                      last_reply, lease_owner, lease_until, notify, orcpt)
-             SELECT $1, r.idx, r.address, $2, 0, $3, $4, $5, $6, r.notify, r.orcpt
-             FROM UNNEST($7::bigint[], $8::text[], $9::bigint[], $10::text[])
-                  AS r(idx, address, notify, orcpt)",
+             SELECT r.message_id, r.idx, r.address, r.state, 0, r.next_attempt, r.last_reply,
+                    r.lease_owner, r.lease_until, r.notify, r.orcpt
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+                         $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::text[])
+                  AS r(message_id, idx, address, state, next_attempt, last_reply, lease_owner,
+                       lease_until, notify, orcpt)",
         )
-        .bind(&meta.id)
-        .bind(state)
-        .bind(meta.received_at)
-        .bind(message.quarantine.as_deref())
-        .bind(lease.map(|(owner, _)| owner.as_str()))
-        .bind(lease.map(|(_, until)| *until))
-        .bind(&indexes)
-        .bind(&message.recipients)
-        .bind(&notify)
-        .bind(&orcpt)
+        .bind(&recipients.message_id)
+        .bind(&recipients.idx)
+        .bind(&recipients.address)
+        .bind(&recipients.state)
+        .bind(&recipients.next_attempt)
+        .bind(&recipients.last_reply)
+        .bind(&recipients.lease_owner)
+        .bind(&recipients.lease_until)
+        .bind(&recipients.notify)
+        .bind(&recipients.orcpt)
         .execute(&mut **transaction)
         .await?;
-        if lease.is_none() {
-            self.notify = true;
-        }
         Ok(())
     }
 
-    async fn record(
-        &mut self,
-        results: &[RecipientResult],
-        bounces: &[NewMessage],
-    ) -> Result<(), QueueError> {
+    /// Records every result of the group, and removes the messages it finished: two statements.
+    async fn record(&mut self, results: &[&RecipientResult]) -> Result<(), QueueError> {
         let mut ids = Vec::with_capacity(results.len());
         let mut indexes = Vec::with_capacity(results.len());
         let mut states = Vec::with_capacity(results.len());
@@ -173,9 +236,6 @@ impl PgWriter {
         .bind(&ids)
         .execute(&mut **transaction)
         .await?;
-        for bounce in bounces {
-            self.insert(bounce, None).await?;
-        }
         Ok(())
     }
 
@@ -292,18 +352,39 @@ impl Apply for PgWriter {
         Ok(())
     }
 
-    async fn apply(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
-        match op {
-            WriteOp::Enqueue { message, lease } => {
-                self.insert(message, lease.as_ref()).await?;
-                Ok(WriteOutput::Done)
+    /// The whole group in a fixed number of statements (each is a round trip to the server):
+    /// its results, then its new messages (those queued and the DSNs of the results), then its
+    /// kv writes one by one, in order (two increments of one key must see each other).
+    async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteOutput>, QueueError> {
+        let mut messages = Vec::new();
+        let mut results = Vec::new();
+        for op in ops {
+            match op {
+                WriteOp::Enqueue { message, lease } => messages.push((message, lease.as_ref())),
+                WriteOp::Record {
+                    results: recorded,
+                    bounces,
+                } => {
+                    results.extend(recorded);
+                    messages.extend(bounces.iter().map(|bounce| (bounce, None)));
+                }
+                WriteOp::Kv(_) => {}
             }
-            WriteOp::Record { results, bounces } => {
-                self.record(results, bounces).await?;
-                Ok(WriteOutput::Done)
-            }
-            WriteOp::Kv(write) => Ok(WriteOutput::Kv(self.apply_kv(write).await?)),
         }
+        if !results.is_empty() {
+            self.record(&results).await?;
+        }
+        if !messages.is_empty() {
+            self.insert(&messages).await?;
+        }
+        let mut outputs = Vec::with_capacity(ops.len());
+        for op in ops {
+            outputs.push(match op {
+                WriteOp::Kv(write) => WriteOutput::Kv(self.apply_kv(write).await?),
+                _ => WriteOutput::Done,
+            });
+        }
+        Ok(outputs)
     }
 
     async fn commit(&mut self) -> Result<(), QueueError> {

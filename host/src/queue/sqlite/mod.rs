@@ -22,7 +22,8 @@ use tokio::sync::Notify;
 use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use super::writer::Writer;
 use super::{
-    migrations, Millis, NewMessage, Queue, QueueError, QueuedMessage, RecipientResult, RecipientRow,
+    migrations, Millis, NewMessage, Queue, QueueError, QueueStats, QueuedMessage, RecipientResult,
+    RecipientRow,
 };
 use write::{SqliteWriter, WriteOp, WriteOutput};
 
@@ -316,6 +317,28 @@ impl Queue for SqliteQueue {
 
     async fn work_arrived(&self) {
         self.work.notified().await;
+    }
+
+    async fn stats(&self, node_id: &str, now: Millis) -> Result<QueueStats, QueueError> {
+        let (messages, queued, quarantined, leased, leased_here): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM messages),
+                        COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 3), 0),
+                        COALESCE(SUM(state = 0 AND lease_until >= ?2), 0),
+                        COALESCE(SUM(state = 0 AND lease_until >= ?2 AND lease_owner = ?1), 0)
+                 FROM recipients",
+            )
+            .bind(node_id)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(QueueStats {
+            messages,
+            queued,
+            quarantined,
+            leased,
+            leased_here,
+        })
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

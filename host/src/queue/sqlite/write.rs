@@ -303,6 +303,28 @@ impl SqliteWriter {
         }
         Ok(claimed)
     }
+
+    async fn apply_one(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
+        match op {
+            WriteOp::Enqueue { message, lease } => {
+                self.insert(message, lease.as_ref()).await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::Record { results, bounces } => {
+                self.record(results, bounces).await?;
+                Ok(WriteOutput::Done)
+            }
+            WriteOp::Claim {
+                owner,
+                now,
+                lease_until,
+                limit,
+            } => Ok(WriteOutput::Claimed(
+                self.claim(owner, *now, *lease_until, *limit).await?,
+            )),
+            WriteOp::Kv(write) => Ok(WriteOutput::Kv(self.apply_kv(write).await?)),
+        }
+    }
 }
 
 pub(crate) enum WriteOutput {
@@ -323,26 +345,13 @@ impl Apply for SqliteWriter {
         Ok(())
     }
 
-    async fn apply(&mut self, op: &WriteOp) -> Result<WriteOutput, QueueError> {
-        match op {
-            WriteOp::Enqueue { message, lease } => {
-                self.insert(message, lease.as_ref()).await?;
-                Ok(WriteOutput::Done)
-            }
-            WriteOp::Record { results, bounces } => {
-                self.record(results, bounces).await?;
-                Ok(WriteOutput::Done)
-            }
-            WriteOp::Claim {
-                owner,
-                now,
-                lease_until,
-                limit,
-            } => Ok(WriteOutput::Claimed(
-                self.claim(owner, *now, *lease_until, *limit).await?,
-            )),
-            WriteOp::Kv(write) => Ok(WriteOutput::Kv(self.apply_kv(write).await?)),
+    async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteOutput>, QueueError> {
+        // In-process statements cost no round trip: one operation at a time.
+        let mut outputs = Vec::with_capacity(ops.len());
+        for op in ops {
+            outputs.push(self.apply_one(op).await?);
         }
+        Ok(outputs)
     }
 
     async fn commit(&mut self) -> Result<(), QueueError> {
