@@ -70,10 +70,10 @@ fn queue(config: &Config, problem: &Locate) -> Result<(), Problem> {
             ));
         }
     }
-    if queue.max_connections < 2 {
+    if queue.max_connections < 5 {
         return Err(problem(
             "max_connections",
-            "queue.max_connections must be at least 2 (one writer, one reader)".to_string(),
+            "queue.max_connections must be at least 5 (three writers, reads, wake-ups)".to_string(),
         ));
     }
     if queue.lease < std::time::Duration::from_secs(3) {

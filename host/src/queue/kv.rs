@@ -81,6 +81,19 @@ pub(crate) enum KvWrite {
     },
 }
 
+impl KvWrite {
+    /// The row it writes: (tenant, plugin, key).
+    pub(crate) fn key(&self) -> (&str, &str, &str) {
+        let (scope, key) = match self {
+            KvWrite::Set { scope, key, .. }
+            | KvWrite::Increment { scope, key, .. }
+            | KvWrite::Delete { scope, key }
+            | KvWrite::Swap { scope, key, .. } => (scope, key),
+        };
+        (&scope.0, &scope.1, key)
+    }
+}
+
 /// Whose keys: (tenant, plugin).
 pub(crate) type Scope = (String, String);
 

@@ -21,11 +21,18 @@ pub(crate) const SQLITE: Steps = &[(
     include_str!("../../migrations/sqlite/0001_queue.sql"),
 )];
 
-pub(crate) const POSTGRES: Steps = &[(
-    1,
-    "queue",
-    include_str!("../../migrations/postgres/0001_queue.sql"),
-)];
+pub(crate) const POSTGRES: Steps = &[
+    (
+        1,
+        "queue",
+        include_str!("../../migrations/postgres/0001_queue.sql"),
+    ),
+    (
+        2,
+        "content lz4",
+        include_str!("../../migrations/postgres/0002_content_lz4.sql"),
+    ),
+];
 
 /// The newest version a step list knows.
 pub(crate) fn newest(steps: Steps) -> i64 {

@@ -1,8 +1,9 @@
-//! Group commit: one task owns the database's write connection and applies every write that arrives
-//! while the previous commit was being flushed in a single transaction. Concurrent SMTP sessions
-//! thereby share one fsync instead of paying one each, and a 250 reply still waits for its own
-//! commit.
+//! Group commit: a writer task applies every write that arrived while the previous commit was
+//! being flushed in a single transaction. Concurrent SMTP sessions thereby share one fsync instead
+//! of paying one each, and a 250 reply still waits for its own commit. SQLite has one writer
+//! task (one write connection); PostgreSQL several, each committing its own group.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -45,24 +46,21 @@ impl<A: Apply> Clone for Writer<A> {
 }
 
 impl<A: Apply> Writer<A> {
-    /// Starts the writer task. `window` is how long to wait for company before committing.
-    pub fn spawn(mut applier: A, window: Duration) -> Writer<A> {
-        let (sender, mut receiver) = mpsc::unbounded_channel::<Request<A>>();
-        tokio::spawn(async move {
-            while let Some(first) = receiver.recv().await {
-                let mut batch = vec![first];
-                if !window.is_zero() {
-                    tokio::time::sleep(window).await;
+    /// Starts one writer task per applier. `window` is how long to wait for company before
+    /// committing. With several, a task gathers the next group while the others commit theirs
+    /// (for a server engine, whose transactions can run side by side); each request is in
+    /// exactly one group.
+    pub fn spawn(appliers: Vec<A>, window: Duration) -> Writer<A> {
+        let (sender, receiver) = mpsc::unbounded_channel::<Request<A>>();
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for mut applier in appliers {
+            let receiver = receiver.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = gather(&receiver, window).await {
+                    commit_batch(&mut applier, batch).await;
                 }
-                while batch.len() < MAX_BATCH {
-                    match receiver.try_recv() {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
-                    }
-                }
-                commit_batch(&mut applier, batch).await;
-            }
-        });
+            });
+        }
         Writer { sender }
     }
 
@@ -73,6 +71,28 @@ impl<A: Apply> Writer<A> {
             .map_err(|_| QueueError::WriterGone)?;
         answer.await.map_err(|_| QueueError::WriterGone)?
     }
+}
+
+/// The next group: the first request to arrive, and what else arrives within `window` (or is
+/// waiting already), up to [`MAX_BATCH`]. `None` once every handle is gone.
+async fn gather<A: Apply>(
+    receiver: &tokio::sync::Mutex<mpsc::UnboundedReceiver<Request<A>>>,
+    window: Duration,
+) -> Option<Vec<Request<A>>> {
+    // Held while gathering: the next group is gathered by one task at a time.
+    let mut receiver = receiver.lock().await;
+    let first = receiver.recv().await?;
+    let mut batch = vec![first];
+    if !window.is_zero() {
+        tokio::time::sleep(window).await;
+    }
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 async fn run_transaction<A: Apply>(

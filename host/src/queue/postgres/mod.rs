@@ -40,6 +40,10 @@ use write::{PgWriter, WriteOp};
 /// session): a database that is down must not hold sessions for the pool's default 30 s.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Groups committed side by side: while one waits for its WAL flush, the next is sent. (Each
+/// holds a pooled connection while it commits.)
+const WRITERS: usize = 3;
+
 /// The PostgreSQL queue. Cheap to clone.
 #[derive(Clone)]
 pub struct PgQueue {
@@ -94,10 +98,10 @@ impl PgQueue {
             .map_err(|error| migrations::error(error, migrations::POSTGRES))?;
         drop(connection);
         let channel = format!("switchyard_work_{schema}");
-        let writer = Writer::spawn(
-            PgWriter::new(pool.clone(), channel.clone()),
-            config.commit_window,
-        );
+        let writers = (0..WRITERS)
+            .map(|_| PgWriter::new(pool.clone(), channel.clone()))
+            .collect();
+        let writer = Writer::spawn(writers, config.commit_window);
         Ok(PgQueue {
             pool,
             writer,

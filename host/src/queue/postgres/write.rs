@@ -209,6 +209,13 @@ impl PgWriter {
             warned.push(result.delay_warned as i64);
         }
         let transaction = self.transaction()?;
+        // The messages first, in id order: two transactions recording recipients of one message
+        // (two nodes, or two writers) take turns, so the second sees the first's results and
+        // removes the message if it is finished, and neither can deadlock on the other.
+        sqlx::query("SELECT id FROM messages WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut **transaction)
+            .await?;
         sqlx::query(
             "UPDATE recipients AS r SET state = u.state, attempts = u.attempts,
                next_attempt = COALESCE(u.next_attempt, r.next_attempt), last_reply = u.reply,
@@ -354,7 +361,7 @@ impl Apply for PgWriter {
 
     /// The whole group in a fixed number of statements (each is a round trip to the server):
     /// its results, then its new messages (those queued and the DSNs of the results), then its
-    /// kv writes one by one, in order (two increments of one key must see each other).
+    /// kv writes one by one.
     async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteOutput>, QueueError> {
         let mut messages = Vec::new();
         let mut results = Vec::new();
@@ -377,12 +384,20 @@ impl Apply for PgWriter {
         if !messages.is_empty() {
             self.insert(&messages).await?;
         }
-        let mut outputs = Vec::with_capacity(ops.len());
-        for op in ops {
-            outputs.push(match op {
-                WriteOp::Kv(write) => WriteOutput::Kv(self.apply_kv(write).await?),
-                _ => WriteOutput::Done,
-            });
+        let mut outputs: Vec<WriteOutput> = ops.iter().map(|_| WriteOutput::Done).collect();
+        // Kv writes in key order, so that concurrent groups lock keys in one order (no
+        // deadlock); writes to one key keep their order (a stable sort).
+        let mut writes: Vec<(usize, &KvWrite)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(position, op)| match op {
+                WriteOp::Kv(write) => Some((position, write)),
+                _ => None,
+            })
+            .collect();
+        writes.sort_by(|a, b| a.1.key().cmp(&b.1.key()));
+        for (position, write) in writes {
+            outputs[position] = WriteOutput::Kv(self.apply_kv(write).await?);
         }
         Ok(outputs)
     }

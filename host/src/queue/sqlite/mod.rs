@@ -61,7 +61,7 @@ impl SqliteQueue {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let writer = Writer::spawn(SqliteWriter::new(connection), commit_window);
+        let writer = Writer::spawn(vec![SqliteWriter::new(connection)], commit_window);
         Ok(SqliteQueue {
             pool,
             writer,
