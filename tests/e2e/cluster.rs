@@ -441,3 +441,81 @@ async fn greylisting_and_rate_limits_hold_across_nodes() {
     let limited = b.command("MAIL FROM:<busy@sender.test>").await;
     assert_eq!(limited.code, 450, "counted across nodes: {limited:?}");
 }
+
+/// The operator's view of a shared queue, from any node: `queue list` on node-1 shows what
+/// node-0 accepted, with its attempts; node-1's metrics count the whole queue; and `queue
+/// retry --all` run against node-1's configuration makes a node try again at once: the nodes
+/// scan only hourly, so only the NOTIFY of the retry order can wake them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_and_metrics_see_the_shared_queue() {
+    let rule: crate::harness::sink::Rule = Arc::new(|_: &str, _| Some("451 4.2.0 hold".into()));
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, Some(rule)).await;
+    let (queue, _schema) = postgres_queue("10s");
+    let metrics_port = crate::harness::router::free_port();
+    let mut nodes = Vec::new();
+    for n in 0..2 {
+        let metrics = if n == 1 {
+            format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        } else {
+            String::new()
+        };
+        nodes.push(
+            Router::start(RouterOptions {
+                queue: format!("{queue}scan_interval = \"1h\"\n"),
+                node_id: Some(format!("node-{n}")),
+                // Far apart: only a retry order brings the second attempt soon.
+                retry: "intervals = [\"1h\"]\n".into(),
+                extra: metrics,
+                ..RouterOptions::relaying_to(sink.address, "")
+            })
+            .await,
+        );
+    }
+    let mut client = TestClient::connect(nodes[0].port).await;
+    for n in 0..3 {
+        client
+            .send_accepted(
+                "a@sender.test",
+                &["b@switchyard.test"],
+                &crate::harness::client::message(&format!("held-{n}")),
+            )
+            .await;
+    }
+    let listed = |node: &Router| String::from_utf8_lossy(&node.queue(&["list"]).stdout).to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = listed(&nodes[1]);
+        if text.matches("attempts=1").count() == 3 {
+            assert!(text.contains("-- 3 message(s) in queue"), "{text}");
+            assert!(text.contains("451 4.2.0 hold"), "{text}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let scraped = crate::harness::router::scrape_metrics(metrics_port).await;
+        if scraped.contains("switchyard_queue_messages 3")
+            && scraped.contains("switchyard_queue_recipients{state=\"queued\"} 3")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{scraped}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let retried = nodes[1].queue(&["retry", "--all"]);
+    assert!(retried.status.success(), "{retried:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = listed(&nodes[0]);
+        if text.matches("attempts=2").count() == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry after the order: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

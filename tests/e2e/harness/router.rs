@@ -19,7 +19,7 @@ pub struct RouterOptions {
     pub delivery: String,
     /// Lines for the [retry] section.
     pub retry: String,
-    /// Lines for the [queue] section (the scan interval is set already).
+    /// Lines for the [queue] section (the scan interval is 200 ms unless they set it).
     pub queue: String,
     /// The node's name on queue leases (default: the hostname).
     pub node_id: Option<String>,
@@ -168,7 +168,7 @@ impl Router {
             "hostname = \"mx.switchyard.test\"\n{node_id}data_dir = \"{dir}\"\n\n\
              [[listener]]\nname = \"{role}\"\nrole = \"{role}\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
-             [queue]\nscan_interval = \"200ms\"\n{queue}\n[retry]\n{retry}\n\
+             [queue]\n{scan}{queue}\n[retry]\n{retry}\n\
              [dns]\n{nameservers}timeout = \"2s\"\n\n\
              {authentication}\
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
@@ -178,6 +178,12 @@ impl Router {
             smtp = options.smtp,
             relay = options.relay,
             retry = options.retry,
+            // A test's own scan interval replaces the quick default.
+            scan = if options.queue.contains("scan_interval") {
+                ""
+            } else {
+                "scan_interval = \"200ms\"\n"
+            },
             queue = options.queue,
             delivery_port = options.delivery_port,
             delivery = options.delivery,
