@@ -39,7 +39,7 @@ pub fn now_millis() -> Millis {
 pub enum QueueError {
     /// The engine's database failed; the source is the driver's error.
     #[error("queue database: {0}")]
-    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Database(Box<dyn std::error::Error + Send + Sync>),
     #[error("queue files: {0}")]
     Io(#[from] std::io::Error),
     #[error("queue writer has stopped")]

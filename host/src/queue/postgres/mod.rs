@@ -1,9 +1,10 @@
 //! The shared queue engine: one PostgreSQL database that several nodes use at once.
 //!
 //! - A `250` waits for its message's commit, with `synchronous_commit = on` whatever the
-//!   server's default; writes go through the same group-commit writer as the SQLite engine
-//!   (`super::writer`, operations in `write.rs`), on a connection taken from the pool for each
-//!   group, so a lost connection costs one group (answered `451`) and the next group reconnects.
+//!   server's default; writes go through the same group commit as the SQLite engine
+//!   (`super::writer`, operations in `write.rs`), with three writers committing side by side,
+//!   each on a connection taken from the pool for each group, so a lost connection costs one
+//!   group (answered `451`) and the next group reconnects.
 //! - Claims take due recipients with `FOR UPDATE SKIP LOCKED`, so nodes scanning at once never
 //!   wait for each other nor take the same recipient; each lease names the node and expires.
 //! - Nodes wake each other with `NOTIFY` when unleased work is queued (`listen.rs`); the scan
