@@ -235,6 +235,13 @@ async fn three_nodes_share_the_queue_and_lose_nothing_when_one_is_killed() {
         "SELECT COUNT(*) FROM {schema}.recipients WHERE lease_owner = 'node-1' AND state = 0",
     )
     .await;
+    // The operator sees, from a surviving node, which node holds what.
+    let listed = nodes[0].queue(&["list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        orphaned == 0 || listed.contains("leased-by=node-1"),
+        "queue list names the dead node's leases:\n{listed}"
+    );
     wait_for(2 * total / 3).await;
     nodes[2].terminate();
     nodes[2].wait_exit(Duration::from_secs(60)).await;
