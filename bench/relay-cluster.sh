@@ -88,7 +88,7 @@ for size in $SIZES; do
 
   schema="bench_one_$size"
   psql_ "DROP SCHEMA IF EXISTS $schema CASCADE" 2>/dev/null
-  start_node one $PG_PORT "$(pg_queue $schema)"
+  start_node one $PG_PORT "$(pg_queue $schema)" 'node_id = "one"'
   read -r pg_acc pg_del <<<"$(run $PG_PORT "$size" pg_queue_empty $schema)"
   stop_nodes
 

@@ -503,7 +503,7 @@ async fn show(queue: &dyn Queue, id: &str) -> anyhow::Result<()> {
 
 /// `queue bounce ID`: fails every pending recipient now and returns the message to its sender.
 async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<()> {
-    let message = take_from_delivery(queue, id).await?;
+    let (message, owner) = take_from_delivery(queue, id).await?;
     let content = queue.content(id).await?.unwrap_or_default();
     let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
     // Recipients that asked not to hear of failures (NOTIFY) are failed without a notice.
@@ -520,7 +520,7 @@ async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<
             orcpt: recipient.dsn.orcpt.clone(),
         })
         .collect();
-    let results = message
+    let results: Vec<RecipientResult> = message
         .recipients
         .iter()
         .map(|recipient| RecipientResult {
@@ -541,7 +541,12 @@ async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<
         None,
     );
     let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
-    queue.record(results, bounce.into_iter().collect()).await?;
+    let stale = queue
+        .record(&owner, results, bounce.into_iter().collect())
+        .await?;
+    if stale > 0 {
+        bail!("{id} was taken back by delivery while this command ran (its lease ran out); nothing was bounced");
+    }
     match dsn_id {
         Some(dsn_id) => {
             println!("bounced {id}: {} recipient(s), DSN {dsn_id}", failed.len())
@@ -554,6 +559,13 @@ async fn bounce(config: &Config, queue: &dyn Queue, id: &str) -> anyhow::Result<
     Ok(())
 }
 
+/// This machine's name, for operator leases.
+fn config_hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// How long an operator's command may hold a message away from delivery; if the command dies,
 /// delivery takes the message back after this.
 const ADMIN_LEASE_MILLIS: i64 = 60_000;
@@ -561,8 +573,17 @@ const ADMIN_LEASE_MILLIS: i64 = 60_000;
 /// Leases a message's pending recipients to this command so that a running server cannot
 /// deliver them while the command bounces or deletes the message (which would deliver and bounce
 /// it, or deliver a deleted one). Refuses while a delivery of the message is under way.
-async fn take_from_delivery(queue: &dyn Queue, id: &str) -> anyhow::Result<QueuedMessage> {
-    let owner = format!("admin-{}", std::process::id());
+async fn take_from_delivery(
+    queue: &dyn Queue,
+    id: &str,
+) -> anyhow::Result<(QueuedMessage, String)> {
+    // Unique across machines and runs: the command may run anywhere against a shared queue.
+    let owner = format!(
+        "admin-{}-{}-{:08x}",
+        config_hostname(),
+        std::process::id(),
+        fastrand::u32(..)
+    );
     let now = crate::queue::now_millis();
     let Some((message, busy)) = queue
         .lease_message(id, &owner, now, now + ADMIN_LEASE_MILLIS)
@@ -577,5 +598,5 @@ async fn take_from_delivery(queue: &dyn Queue, id: &str) -> anyhow::Result<Queue
              try again once the attempt is over (`queue show {id}`)"
         );
     }
-    Ok(message)
+    Ok((message, owner))
 }

@@ -93,13 +93,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tenants.clone(),
         shutdown.clone(),
     );
-    let inbox = Inbox::new(
-        queue.clone(),
-        dispatcher.clone(),
-        plugins.clone(),
-        node_id.clone(),
-        config.queue.lease,
-    );
+    let inbox = Inbox::new(queue.clone(), dispatcher.clone(), plugins.clone());
     let services = Arc::new(session_services(
         &config,
         Arc::new(inbox),

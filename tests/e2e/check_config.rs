@@ -261,8 +261,12 @@ fn queue_engine_settings_are_checked_and_the_database_reached() {
             "FILE:2:1: queue.url and queue.schema are for engine = \"postgres\"",
         ),
         (
-            "[queue]\nengine = \"postgres\"\nschema = \"Bad-Name\"\n",
-            "FILE:3:1: queue.schema `Bad-Name`: use lower-case letters, digits and _",
+            "node_id = \"a\"\n[queue]\nengine = \"postgres\"\nschema = \"Bad-Name\"\n",
+            "FILE:4:1: queue.schema `Bad-Name`: use lower-case letters, digits and _",
+        ),
+        (
+            "[queue]\nengine = \"postgres\"\n",
+            "FILE:2:1: engine = \"postgres\" needs a node_id of this node's own",
         ),
         (
             "[queue]\nlease = \"1s\"\n",
@@ -284,7 +288,7 @@ fn queue_engine_settings_are_checked_and_the_database_reached() {
     }
     let url = crate::harness::router::database_url();
     let (ok, _, stderr) = check(&format!(
-        "[queue]\nengine = \"postgres\"\nurl = \"{url}\"\nschema = \"check_config_probe\"\n"
+        "node_id = \"a\"\n[queue]\nengine = \"postgres\"\nurl = \"{url}\"\nschema = \"check_config_probe\"\n"
     ));
     assert!(ok, "{stderr}");
     assert!(stderr.contains("reachable, schema version"), "{stderr}");
@@ -300,7 +304,7 @@ fn queue_engine_settings_are_checked_and_the_database_reached() {
         ("postgres://postgres@127.0.0.1:1/test", "Connection refused"),
     ] {
         let (ok, _, stderr) = check(&format!(
-            "[queue]\nengine = \"postgres\"\nurl = \"{wrong}\"\n"
+            "node_id = \"a\"\n[queue]\nengine = \"postgres\"\nurl = \"{wrong}\"\n"
         ));
         assert!(!ok, "{wrong} accepted");
         assert!(stderr.contains("connecting to the queue"), "{stderr}");

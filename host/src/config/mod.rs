@@ -44,9 +44,9 @@ pub enum ConfigError {
 pub struct Config {
     /// The name this server uses in its greeting, EHLO, Received headers and Message-IDs.
     pub hostname: String,
-    /// This node's name in a shared queue: the owner written on the leases it takes. Each node
-    /// of a cluster needs its own; a restarted node takes back what it held under it. Default:
-    /// `hostname`.
+    /// This node's name in a shared queue: the owner written on the leases it takes. Required
+    /// with the PostgreSQL engine, unique per node; a restarted node takes back what it held
+    /// under it. Default (SQLite): `hostname`.
     pub node_id: Option<String>,
     /// Where the queue and other state live. In a file, a relative path is relative to the file.
     pub data_dir: PathBuf,

@@ -47,10 +47,6 @@ pub struct Inbox {
     queue: Arc<dyn Queue>,
     dispatcher: Arc<Dispatcher>,
     plugins: Arc<PluginManager>,
-    /// This node's name for queue leases.
-    node_id: String,
-    /// How long the accepting node's claim lasts before another may take the message over.
-    lease: Duration,
     /// The last write failed and a probe has not yet seen the database answer: sessions are
     /// refused at MAIL rather than after a whole message was sent.
     queue_down: Arc<AtomicBool>,
@@ -61,15 +57,11 @@ impl Inbox {
         queue: Arc<dyn Queue>,
         dispatcher: Arc<Dispatcher>,
         plugins: Arc<PluginManager>,
-        node_id: String,
-        lease: Duration,
     ) -> Inbox {
         let inbox = Inbox {
             queue,
             dispatcher,
             plugins,
-            node_id,
-            lease,
             queue_down: Arc::new(AtomicBool::new(false)),
         };
         metrics::gauge!("switchyard_queue_available").set(1.0);
@@ -133,11 +125,14 @@ impl Inbox {
             tenant: message.tenant,
             dsn: message.dsn,
         };
-        let lease_until = received_at + self.lease.as_millis() as i64;
+        // The accepting node claims the message at once, under the name the dispatcher records
+        // its results under (`node_id`), for one lease length.
+        let config = &self.dispatcher.config;
+        let lease_until = received_at + config.queue.lease.as_millis() as i64;
         let lease = message
             .quarantine
             .is_none()
-            .then(|| (self.node_id.clone(), lease_until));
+            .then(|| (config.node_id().to_string(), lease_until));
         let new = NewMessage {
             meta: meta.clone(),
             recipients: message.recipients.clone(),

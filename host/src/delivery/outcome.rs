@@ -278,12 +278,21 @@ impl Dispatcher {
             .into_iter()
             .map(|one| (one.result, one.report))
             .unzip();
-        let recorded = self.queue.record(results, bounces).await;
+        let recorded = self
+            .queue
+            .record(self.config.node_id(), results, bounces)
+            .await;
         self.forget(&job);
         match recorded {
             // Observers hear of an outcome once it is recorded, never of one that a crash could
             // undo.
-            Ok(()) => observe::delivery_results(&mut run, &reports).await,
+            Ok(0) => observe::delivery_results(&mut run, &reports).await,
+            // Another holder (a node that took the lease over, an operator's command) decides.
+            Ok(stale) => tracing::warn!(
+                queue_id = %meta.id,
+                stale,
+                "results not recorded: the recipients' lease had passed to another holder"
+            ),
             // The recipients stay leased and are tried again once the lease expires.
             Err(error) => {
                 tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results")

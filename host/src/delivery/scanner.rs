@@ -20,7 +20,10 @@ pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
             .await
         {
             Ok(messages) => {
-                let full = messages.len() as i64 == CLAIM_BATCH;
+                // The limit counts messages on one engine and recipients on the other: either
+                // count reaching it means more may be due.
+                let recipients: usize = messages.iter().map(|m| m.recipients.len()).sum();
+                let full = messages.len() as i64 >= CLAIM_BATCH || recipients as i64 >= CLAIM_BATCH;
                 if !messages.is_empty() {
                     tracing::debug!(messages = messages.len(), "claimed due messages");
                 }
@@ -43,8 +46,9 @@ pub async fn run_scanner(dispatcher: Arc<Dispatcher>, node_id: String) {
 
 /// Renews this node's leases on the messages it holds in memory, every third of their length,
 /// for as long as the process runs: what it works on stays its own however long delivery
-/// takes, while a lease it no longer works on (its result could not be recorded) and those of a
-/// node that died run out within one lease length, after which any node claims them.
+/// takes. A lease on a message it no longer holds (a result that could not be recorded) runs
+/// out within one lease length of the last of that message's recipients leaving memory, and
+/// those of a node that died within one lease length; then any node claims them.
 pub async fn run_lease_renewal(dispatcher: Arc<Dispatcher>, node_id: String) {
     let lease = dispatcher.config.queue.lease;
     let mut ticks = tokio::time::interval(lease / 3);

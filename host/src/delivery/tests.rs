@@ -166,7 +166,8 @@ async fn bench(config: Config) -> Bench {
     bench_with(config, crate::tenants::Tenants::none()).await
 }
 
-async fn bench_with(config: Config, tenants: crate::tenants::Tenants) -> Bench {
+async fn bench_with(mut config: Config, tenants: crate::tenants::Tenants) -> Bench {
+    config.node_id = Some("test-node".to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let queue = Arc::new(
         SqliteQueue::open(&dir.path().join("queue.db"), Duration::ZERO)
@@ -194,13 +195,7 @@ async fn bench_with(config: Config, tenants: crate::tenants::Tenants) -> Bench {
         Arc::new(tenants),
         shutdown.clone(),
     );
-    let inbox = Inbox::new(
-        queue.clone(),
-        dispatcher.clone(),
-        plugins,
-        "test-node".to_string(),
-        Duration::from_secs(600),
-    );
+    let inbox = Inbox::new(queue.clone(), dispatcher.clone(), plugins);
     Bench {
         queue,
         dispatcher,

@@ -44,12 +44,50 @@ pub enum QueueError {
     Io(#[from] std::io::Error),
     #[error("queue writer has stopped")]
     WriterGone,
+    /// The database cannot be reached or takes no writes now (connection lost, server shutting
+    /// down or in recovery, a lock held past `lock_timeout`): nothing in the same transaction
+    /// can succeed, so a group fails whole instead of being retried one by one.
+    #[error("queue database unavailable: {0}")]
+    Unavailable(String),
     /// The database was migrated by a newer Switchyard than this one.
     #[error(
         "the queue's schema is at version {found}, newer than this Switchyard knows (up to {known}): \
          run the newer version, or restore a database of this version"
     )]
     SchemaTooNew { found: i64, known: i64 },
+}
+
+impl QueueError {
+    /// Whether every other operation would fail the same way now (see `Unavailable`).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, QueueError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(error: sqlx::Error) -> QueueError {
+        let unavailable = match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE classes 08 (connection), 57P (operator intervention: shutdown,
+            // terminated backend), 25006 (a standby: read-only), 55P03 (lock timeout).
+            sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "25006"
+                    || code == "55P03"
+            }),
+            _ => false,
+        };
+        if unavailable {
+            QueueError::Unavailable(error.to_string())
+        } else {
+            QueueError::Database(Box::new(error))
+        }
+    }
 }
 
 /// An open queue: the queue itself and the kv store that lives beside it.
@@ -240,8 +278,9 @@ pub trait Queue: Send + Sync {
         lease: Option<(String, Millis)>,
     ) -> Result<(), QueueError>;
 
-    /// Claims up to `limit` messages with recipients due at `now` and not leased by anyone, leasing
-    /// those recipients to `owner` until `lease_until`.
+    /// Claims messages with recipients due at `now` and not leased by anyone, leasing those
+    /// recipients to `owner` until `lease_until`: up to `limit` messages (SQLite) or `limit`
+    /// recipients (PostgreSQL, whose claim locks rows, not messages).
     async fn claim_due(
         &self,
         owner: &str,
@@ -253,13 +292,17 @@ pub trait Queue: Send + Sync {
     /// The content of a message.
     async fn content(&self, id: &str) -> Result<Option<Bytes>, QueueError>;
 
-    /// Records attempt results and, in the same transaction, queues `bounces` (DSNs). A message
-    /// none of whose recipients is still queued is removed.
+    /// Records attempt results made under `owner`'s leases and, in the same transaction, queues
+    /// `bounces` (DSNs). A result for a recipient no longer leased to `owner` (its lease ran out
+    /// and another node took it over, or an operator's command did) is stale and not applied,
+    /// and then neither are the bounces: what the current holder records stands. Returns how
+    /// many results were stale. A message none of whose recipients is still queued is removed.
     async fn record(
         &self,
+        owner: &str,
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
-    ) -> Result<(), QueueError>;
+    ) -> Result<usize, QueueError>;
 
     /// Every message in the queue with all its recipients, oldest first.
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError>;

@@ -81,6 +81,7 @@ both_engines!(
     listing_shows_lease_holders,
     stats_count_the_whole_queue,
     two_nodes_recording_one_message_at_once_finish_it,
+    a_result_under_a_lease_that_passed_on_is_not_applied,
 );
 
 fn message(id: &str, recipients: &[&str]) -> NewMessage {
@@ -139,6 +140,7 @@ async fn enqueue_claim_record_cycle(place: Place) {
         .is_empty());
     queue
         .record(
+            "node",
             vec![
                 result("m1", 0, Outcome::Delivered),
                 result(
@@ -172,6 +174,7 @@ async fn enqueue_claim_record_cycle(place: Place) {
     );
     queue
         .record(
+            "node",
             vec![result("m1", 1, Outcome::Failed)],
             vec![message("bounce", &["a@example.com"])],
         )
@@ -559,11 +562,17 @@ async fn postgres_bodies_use_lz4() {
 async fn postgres_commits_wait_for_the_disk() {
     let place = Place::new(QueueEngine::Postgres);
     let queue = PgQueue::open(&place.config).await.expect("open");
-    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
-        .fetch_one(&queue.pool)
-        .await
-        .expect("show");
-    assert_eq!(setting, "on");
+    for (name, expected) in [
+        ("synchronous_commit", "on"),
+        ("lock_timeout", "5s"),
+        ("idle_in_transaction_session_timeout", "15s"),
+    ] {
+        let setting: String = sqlx::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&queue.pool)
+            .await
+            .expect("show");
+        assert_eq!(setting, expected, "{name}");
+    }
 }
 
 /// A wrong password or database is refused when the queue opens, with the server's reason.
@@ -788,8 +797,10 @@ async fn two_nodes_recording_one_message_at_once_finish_it(place: Place) {
     let first = place.open().await.queue;
     let second = place.open().await.queue;
     for n in 0..40 {
+        // Leased to one owner for brevity: what matters is two transactions at once.
+        let lease = Some(("node".to_string(), now_millis() + 60_000));
         first
-            .enqueue(message(&format!("m{n}"), &["a@x.test", "b@y.test"]), None)
+            .enqueue(message(&format!("m{n}"), &["a@x.test", "b@y.test"]), lease)
             .await
             .expect("enqueue");
     }
@@ -799,7 +810,7 @@ async fn two_nodes_recording_one_message_at_once_finish_it(place: Place) {
             recorders.push(tokio::spawn(async move {
                 let id = format!("m{n}");
                 queue
-                    .record(vec![result(&id, index, Outcome::Delivered)], vec![])
+                    .record("node", vec![result(&id, index, Outcome::Delivered)], vec![])
                     .await
             }));
         }
@@ -808,4 +819,43 @@ async fn two_nodes_recording_one_message_at_once_finish_it(place: Place) {
         recorder.await.expect("join").expect("record");
     }
     assert!(first.list().await.expect("list").is_empty());
+}
+
+/// A node whose lease ran out (it froze) and was taken over records late: its result is stale,
+/// not applied, and its DSN is not queued; the new holder's lease stands.
+async fn a_result_under_a_lease_that_passed_on_is_not_applied(place: Place) {
+    let queue = place.open().await.queue;
+    let now = now_millis();
+    queue
+        .enqueue(message("m1", &["b@x.test"]), Some(("frozen".into(), now + 1000)))
+        .await
+        .expect("enqueue");
+    let taken = queue
+        .claim_due("alive", now + 1001, now + 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(taken.len(), 1);
+    let stale = queue
+        .record(
+            "frozen",
+            vec![result("m1", 0, Outcome::Failed)],
+            vec![message("late-bounce", &["a@example.com"])],
+        )
+        .await
+        .expect("record");
+    assert_eq!(stale, 1);
+    let kept = queue.get("m1").await.expect("get").expect("still queued");
+    assert_eq!(kept.recipients[0].state, RecipientState::Queued);
+    assert_eq!(
+        kept.recipients[0].lease.as_ref().map(|l| l.owner.as_str()),
+        Some("alive")
+    );
+    assert!(queue.get("late-bounce").await.expect("get").is_none());
+    // The holder's own result is applied.
+    let stale = queue
+        .record("alive", vec![result("m1", 0, Outcome::Delivered)], vec![])
+        .await
+        .expect("record");
+    assert_eq!(stale, 0);
+    assert!(queue.get("m1").await.expect("get").is_none());
 }

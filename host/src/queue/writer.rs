@@ -127,6 +127,21 @@ async fn commit_batch<A: Apply>(applier: &mut A, batch: Vec<Request<A>>) {
                 let _ = request.reply.send(Err(error));
             }
         }
+        Err(error) if error.is_unavailable() => {
+            // Nothing else would commit now either: every operation of the group is answered
+            // at once (a session gets its 451 now, not after one retry per neighbour). After a
+            // COMMIT whose answer was lost, retrying could also apply an operation twice.
+            tracing::warn!(%error, operations = batch.len(), "group commit failed: database unavailable");
+            let text = match &error {
+                QueueError::Unavailable(text) => text.clone(),
+                other => other.to_string(),
+            };
+            for request in batch {
+                let _ = request
+                    .reply
+                    .send(Err(QueueError::Unavailable(text.clone())));
+            }
+        }
         Err(error) => {
             // One bad operation must not fail its neighbours: retry each on its own.
             tracing::warn!(%error, operations = batch.len(), "group commit failed; retrying one by one");

@@ -160,8 +160,15 @@ impl Router {
         } else {
             "[authentication]\nverify = false\n\n"
         };
+        // A shared queue needs each node named; a test of one node gets a name of its own.
         let node_id = options
             .node_id
+            .or_else(|| {
+                options
+                    .queue
+                    .contains("postgres")
+                    .then(|| "solo".to_string())
+            })
             .map(|node| format!("node_id = \"{node}\"\n"))
             .unwrap_or_default();
         let config = format!(

@@ -35,7 +35,7 @@ use super::{
     RecipientRow,
 };
 use crate::config::QueueConfig;
-use write::{PgWriter, WriteOp};
+use write::{PgWriter, WriteOp, WriteOutput};
 
 /// How long a caller waits for a connection before its operation fails (a `451` for a
 /// session): a database that is down must not hold sessions for the pool's default 30 s.
@@ -83,14 +83,25 @@ impl PgQueue {
     /// needed, migrates it and starts the writer.
     pub async fn open(config: &QueueConfig) -> Result<PgQueue, QueueError> {
         let (options, schema) = connect_options(config)?;
+        if let Some(schema) = &config.schema {
+            // Before the pool: its connections' search path names the schema.
+            create_schema(&mut connect(config).await?, schema).await?;
+        }
+        let settings = session_settings(config);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |connection, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    use sqlx::Executor;
+                    // No arguments: the simple protocol, which takes several statements.
+                    connection.execute(settings.as_str()).await?;
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
-        if let Some(schema) = &config.schema {
-            create_schema(&pool, schema).await?;
-        }
         let mut connection = pool.acquire().await?;
         let migrator = migrations::migrator(migrations::POSTGRES).await?;
         migrator
@@ -158,22 +169,46 @@ fn connect_options(config: &QueueConfig) -> Result<(PgConnectOptions, String), Q
         .schema
         .clone()
         .unwrap_or_else(|| "public".to_string());
-    options = options
-        .application_name(&format!("switchyard/{schema}"))
-        .options([("synchronous_commit", "on")]);
-    if config.schema.is_some() {
-        options = options.options([("search_path", schema.as_str())]);
-    }
+    options = options.application_name(&format!("switchyard/{schema}"));
     Ok((options, schema))
+}
+
+/// The settings every connection starts with, sent as `SET` statements rather than startup
+/// options so that a pooler in session mode (which passes few startup options on) keeps them:
+/// - `synchronous_commit = on`: a commit, and so a `250`, waits for the WAL flush (and for a
+///   synchronous standby), whatever the server's default;
+/// - `lock_timeout`: a group waiting for rows that a frozen node's transaction holds fails
+///   (its messages answered `451`) instead of waiting for ever;
+/// - `idle_in_transaction_session_timeout`: the server ends the transaction of a node that
+///   froze or lost the network mid-group, releasing its locks;
+/// - `search_path`: the queue's schema, when one is configured.
+fn session_settings(config: &QueueConfig) -> String {
+    let mut settings = "SET synchronous_commit = on; SET lock_timeout = '5s'; \
+                        SET idle_in_transaction_session_timeout = '15s';"
+        .to_string();
+    if let Some(schema) = &config.schema {
+        // The name is checked by the configuration (lower-case letters, digits, _).
+        settings.push_str(&format!(" SET search_path = \"{schema}\";"));
+    }
+    settings
+}
+
+/// Opens one connection with [`session_settings`] applied.
+async fn connect(config: &QueueConfig) -> Result<sqlx::PgConnection, QueueError> {
+    use sqlx::Connection;
+    let (options, _) = connect_options(config)?;
+    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    sqlx::raw_sql(&session_settings(config))
+        .execute(&mut connection)
+        .await?;
+    Ok(connection)
 }
 
 /// For `check-config`: connects as the queue would (so a wrong address, user or password is
 /// found) and reads the schema version without changing anything; a schema newer than this
 /// binary knows is refused. Returns the version (0: not created yet).
 pub async fn check(config: &QueueConfig) -> Result<i64, QueueError> {
-    use sqlx::Connection;
-    let (options, _) = connect_options(config)?;
-    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    let mut connection = connect(config).await?;
     let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(&mut connection)
         .await?;
@@ -194,17 +229,27 @@ pub async fn check(config: &QueueConfig) -> Result<i64, QueueError> {
     Ok(version)
 }
 
-/// Creates the queue's schema; nodes starting together take turns (an advisory lock), since
-/// `CREATE SCHEMA IF NOT EXISTS` may still collide when two run at once.
-async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), QueueError> {
-    let mut transaction = pool.begin().await?;
+/// Creates the queue's schema if it is missing: only then, since creating needs the right to
+/// create schemas in the database, which a role given a schema made by its administrator does
+/// not have. Nodes starting together take turns (an advisory lock): `CREATE SCHEMA IF NOT
+/// EXISTS` may still collide when two run at once.
+async fn create_schema(connection: &mut sqlx::PgConnection, schema: &str) -> Result<(), QueueError> {
+    use sqlx::Connection;
+    let mut transaction = connection.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('switchyard schema'))")
         .execute(&mut *transaction)
         .await?;
-    // The name is checked by the configuration (lower-case letters, digits, _).
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .execute(&mut *transaction)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *transaction)
+            .await?;
+    if !exists {
+        // The name is checked by the configuration (lower-case letters, digits, _).
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(&mut *transaction)
+            .await?;
+    }
     transaction.commit().await?;
     Ok(())
 }
@@ -231,6 +276,8 @@ impl Queue for PgQueue {
     ) -> Result<Vec<QueuedMessage>, QueueError> {
         // SKIP LOCKED: recipients another node is claiming right now are left to it. The limit
         // counts recipients; a message cut by it has the rest claimed by the next scan.
+        // One transaction: a claim whose message read failed leaves nothing leased.
+        let mut transaction = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
             "WITH due AS (
                SELECT message_id AS due_id, idx AS due_idx FROM recipients
@@ -245,7 +292,7 @@ impl Queue for PgQueue {
         .bind(lease_until)
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
         let mut grouped: BTreeMap<String, Vec<RecipientRow>> = BTreeMap::new();
         for row in &rows {
@@ -255,6 +302,7 @@ impl Queue for PgQueue {
                 .push(recipient_from_row(row));
         }
         if grouped.is_empty() {
+            transaction.commit().await?;
             return Ok(Vec::new());
         }
         let ids: Vec<&String> = grouped.keys().collect();
@@ -262,8 +310,9 @@ impl Queue for PgQueue {
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ANY($1)"
         ))
         .bind(&ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
+        transaction.commit().await?;
         let mut claimed = Vec::with_capacity(metas.len());
         for row in &metas {
             let meta = meta_from_row(row);
@@ -288,13 +337,22 @@ impl Queue for PgQueue {
 
     async fn record(
         &self,
+        owner: &str,
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
-    ) -> Result<(), QueueError> {
-        self.writer
-            .submit(WriteOp::Record { results, bounces })
-            .await
-            .map(|_| ())
+    ) -> Result<usize, QueueError> {
+        let output = self
+            .writer
+            .submit(WriteOp::Record {
+                owner: owner.to_string(),
+                results,
+                bounces,
+            })
+            .await?;
+        Ok(match output {
+            WriteOutput::Recorded { stale } => stale,
+            _ => 0,
+        })
     }
 
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {
@@ -470,7 +528,16 @@ impl Queue for PgQueue {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Answering is not enough: a standby, or a primary demoted by a failover, answers too
+        // but takes no write.
+        let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&self.pool)
+            .await?;
+        if recovering {
+            return Err(QueueError::Database(
+                "the queue's database is a standby (in recovery): it takes no writes".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 //! whole group's messages and results take a fixed number of statements, whatever their number
 //! (columns bound as arrays and unnested), since every statement is a round trip to the server.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -17,6 +19,7 @@ pub(crate) enum WriteOp {
         lease: Option<(String, Millis)>,
     },
     Record {
+        owner: String,
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
     },
@@ -26,6 +29,9 @@ pub(crate) enum WriteOp {
 pub(crate) enum WriteOutput {
     Done,
     Kv(KvWritten),
+    Recorded {
+        stale: usize,
+    },
 }
 
 /// The message columns of a group, one array per column (bound to `UNNEST`).
@@ -185,8 +191,13 @@ impl PgWriter {
         Ok(())
     }
 
-    /// Records every result of the group, and removes the messages it finished: two statements.
-    async fn record(&mut self, results: &[&RecipientResult]) -> Result<(), QueueError> {
+    /// Records every result of the group made under its owner's lease, and removes the messages
+    /// it finished: three statements. Returns the (message, index) of the results applied.
+    async fn record(
+        &mut self,
+        results: &[(&str, &RecipientResult)],
+    ) -> Result<HashSet<(String, i64)>, QueueError> {
+        let mut owners = Vec::with_capacity(results.len());
         let mut ids = Vec::with_capacity(results.len());
         let mut indexes = Vec::with_capacity(results.len());
         let mut states = Vec::with_capacity(results.len());
@@ -194,12 +205,13 @@ impl PgWriter {
         let mut next_attempts: Vec<Option<Millis>> = Vec::with_capacity(results.len());
         let mut replies = Vec::with_capacity(results.len());
         let mut warned = Vec::with_capacity(results.len());
-        for result in results {
+        for (owner, result) in results {
             let (state, next_attempt) = match result.outcome {
                 Outcome::Delivered => (RecipientState::Delivered, None),
                 Outcome::Deferred { next_attempt } => (RecipientState::Queued, Some(next_attempt)),
                 Outcome::Failed => (RecipientState::Failed, None),
             };
+            owners.push(*owner);
             ids.push(result.message_id.as_str());
             indexes.push(result.index);
             states.push(state.as_i64());
@@ -216,15 +228,19 @@ impl PgWriter {
             .bind(&ids)
             .execute(&mut **transaction)
             .await?;
-        sqlx::query(
+        // Only under the lease the result was made under: a node whose lease ran out and was
+        // taken over must not overwrite the new holder's state.
+        let applied: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE recipients AS r SET state = u.state, attempts = u.attempts,
                next_attempt = COALESCE(u.next_attempt, r.next_attempt), last_reply = u.reply,
                lease_owner = NULL, lease_until = NULL,
                delay_warned = GREATEST(r.delay_warned, u.warned)
              FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                         $6::text[], $7::bigint[])
-                  AS u(message_id, idx, state, attempts, next_attempt, reply, warned)
-             WHERE r.message_id = u.message_id AND r.idx = u.idx",
+                         $6::text[], $7::bigint[], $8::text[])
+                  AS u(message_id, idx, state, attempts, next_attempt, reply, warned, owner)
+             WHERE r.message_id = u.message_id AND r.idx = u.idx
+               AND r.lease_owner = u.owner AND r.state IN (0, 3)
+             RETURNING r.message_id, r.idx",
         )
         .bind(&ids)
         .bind(&indexes)
@@ -233,7 +249,8 @@ impl PgWriter {
         .bind(&next_attempts)
         .bind(&replies)
         .bind(&warned)
-        .execute(&mut **transaction)
+        .bind(&owners)
+        .fetch_all(&mut **transaction)
         .await?;
         // A message none of whose recipients is left to deliver goes, its recipients with it.
         sqlx::query(
@@ -243,7 +260,7 @@ impl PgWriter {
         .bind(&ids)
         .execute(&mut **transaction)
         .await?;
-        Ok(())
+        Ok(applied.into_iter().collect())
     }
 
     /// The plugins' key-value operations. Counters are stored as decimal text, as in the
@@ -363,28 +380,52 @@ impl Apply for PgWriter {
     /// its results, then its new messages (those queued and the DSNs of the results), then its
     /// kv writes one by one.
     async fn apply(&mut self, ops: &[&WriteOp]) -> Result<Vec<WriteOutput>, QueueError> {
+        let results: Vec<(&str, &RecipientResult)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Record { owner, results, .. } => Some((owner.as_str(), results)),
+                _ => None,
+            })
+            .flat_map(|(owner, results)| results.iter().map(move |result| (owner, result)))
+            .collect();
+        let applied = if results.is_empty() {
+            HashSet::new()
+        } else {
+            self.record(&results).await?
+        };
         let mut messages = Vec::new();
-        let mut results = Vec::new();
-        for op in ops {
+        let mut stale_counts = vec![0; ops.len()];
+        for (position, op) in ops.iter().enumerate() {
             match op {
                 WriteOp::Enqueue { message, lease } => messages.push((message, lease.as_ref())),
                 WriteOp::Record {
-                    results: recorded,
-                    bounces,
+                    results, bounces, ..
                 } => {
-                    results.extend(recorded);
-                    messages.extend(bounces.iter().map(|bounce| (bounce, None)));
+                    let stale = results
+                        .iter()
+                        .filter(|r| !applied.contains(&(r.message_id.clone(), r.index)))
+                        .count();
+                    stale_counts[position] = stale;
+                    if stale == 0 {
+                        messages.extend(bounces.iter().map(|bounce| (bounce, None)));
+                    } else if !bounces.is_empty() {
+                        tracing::warn!(stale, "results for recipients no longer leased here: their DSNs are dropped");
+                    }
                 }
                 WriteOp::Kv(_) => {}
             }
         }
-        if !results.is_empty() {
-            self.record(&results).await?;
-        }
         if !messages.is_empty() {
             self.insert(&messages).await?;
         }
-        let mut outputs: Vec<WriteOutput> = ops.iter().map(|_| WriteOutput::Done).collect();
+        let mut outputs: Vec<WriteOutput> = ops
+            .iter()
+            .zip(&stale_counts)
+            .map(|(op, stale)| match op {
+                WriteOp::Record { .. } => WriteOutput::Recorded { stale: *stale },
+                _ => WriteOutput::Done,
+            })
+            .collect();
         // Kv writes in key order, so that concurrent groups lock keys in one order (no
         // deadlock); writes to one key keep their order (a stable sort).
         let mut writes: Vec<(usize, &KvWrite)> = ops

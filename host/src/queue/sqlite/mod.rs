@@ -27,12 +27,6 @@ use super::{
 };
 use write::{SqliteWriter, WriteOp, WriteOutput};
 
-impl From<sqlx::Error> for QueueError {
-    fn from(error: sqlx::Error) -> QueueError {
-        QueueError::Database(Box::new(error))
-    }
-}
-
 /// The SQLite queue. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteQueue {
@@ -141,17 +135,27 @@ impl Queue for SqliteQueue {
 
     async fn record(
         &self,
+        owner: &str,
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
-    ) -> Result<(), QueueError> {
+    ) -> Result<usize, QueueError> {
         let bounced = !bounces.is_empty();
-        self.writer
-            .submit(WriteOp::Record { results, bounces })
+        let output = self
+            .writer
+            .submit(WriteOp::Record {
+                owner: owner.to_string(),
+                results,
+                bounces,
+            })
             .await?;
-        if bounced {
+        let stale = match output {
+            WriteOutput::Recorded { stale } => stale,
+            _ => 0,
+        };
+        if bounced && stale == 0 {
             self.work.notify_one();
         }
-        Ok(())
+        Ok(stale)
     }
 
     async fn list(&self) -> Result<Vec<QueuedMessage>, QueueError> {

@@ -21,6 +21,7 @@ pub(crate) enum WriteOp {
         lease: Option<(String, Millis)>,
     },
     Record {
+        owner: String,
         results: Vec<RecipientResult>,
         bounces: Vec<NewMessage>,
     },
@@ -98,23 +99,26 @@ impl SqliteWriter {
         Ok(())
     }
 
+    /// Returns how many results were stale (their recipient no longer leased to `owner`).
     async fn record(
         &mut self,
+        owner: &str,
         results: &[RecipientResult],
         bounces: &[NewMessage],
-    ) -> Result<(), QueueError> {
+    ) -> Result<usize, QueueError> {
         let mut touched: Vec<&str> = Vec::new();
+        let mut stale = 0;
         for result in results {
             let (state, next_attempt) = match result.outcome {
                 Outcome::Delivered => (RecipientState::Delivered, None),
                 Outcome::Deferred { next_attempt } => (RecipientState::Queued, Some(next_attempt)),
                 Outcome::Failed => (RecipientState::Failed, None),
             };
-            sqlx::query(
+            let written = sqlx::query(
                 "UPDATE recipients SET state = ?, attempts = ?, next_attempt = COALESCE(?, next_attempt),
                  last_reply = ?, lease_owner = NULL, lease_until = NULL,
                  delay_warned = MAX(delay_warned, ?)
-                 WHERE message_id = ? AND idx = ?",
+                 WHERE message_id = ? AND idx = ? AND lease_owner = ? AND state IN (0, 3)",
             )
             .bind(state.as_i64())
             .bind(result.attempts)
@@ -123,8 +127,12 @@ impl SqliteWriter {
             .bind(result.delay_warned as i64)
             .bind(&result.message_id)
             .bind(result.index)
+            .bind(owner)
             .execute(&mut self.connection)
             .await?;
+            if written.rows_affected() == 0 {
+                stale += 1;
+            }
             if !touched.contains(&result.message_id.as_str()) {
                 touched.push(&result.message_id);
             }
@@ -142,10 +150,16 @@ impl SqliteWriter {
                 .execute(&mut self.connection)
                 .await?;
         }
+        if stale > 0 {
+            if !bounces.is_empty() {
+                tracing::warn!(stale, "results for recipients no longer leased here: their DSNs are dropped");
+            }
+            return Ok(stale);
+        }
         for bounce in bounces {
             self.insert(bounce, None).await?;
         }
-        Ok(())
+        Ok(0)
     }
 
     /// The plugins' key-value operations.
@@ -310,10 +324,13 @@ impl SqliteWriter {
                 self.insert(message, lease.as_ref()).await?;
                 Ok(WriteOutput::Done)
             }
-            WriteOp::Record { results, bounces } => {
-                self.record(results, bounces).await?;
-                Ok(WriteOutput::Done)
-            }
+            WriteOp::Record {
+                owner,
+                results,
+                bounces,
+            } => Ok(WriteOutput::Recorded {
+                stale: self.record(owner, results, bounces).await?,
+            }),
             WriteOp::Claim {
                 owner,
                 now,
@@ -331,6 +348,9 @@ pub(crate) enum WriteOutput {
     Done,
     Claimed(Vec<QueuedMessage>),
     Kv(KvWritten),
+    Recorded {
+        stale: usize,
+    },
 }
 
 #[async_trait]
