@@ -353,9 +353,13 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Result<()> {
     if let QueueAction::Migrate = action {
         let location = crate::queue::location(&config.queue, &config.data_dir);
-        let opened = crate::queue::open(&config.queue, &config.data_dir)
-            .await
-            .with_context(|| format!("migrating the queue {location}"))?;
+        let opened = crate::queue::open(
+            &config.queue,
+            &config.data_dir,
+            crate::queue::Schema::Migrate,
+        )
+        .await
+        .with_context(|| format!("migrating the queue {location}"))?;
         let version = opened.queue.schema_version().await?;
         println!("{location}: schema at version {version}");
         return Ok(());
@@ -391,7 +395,7 @@ async fn open_existing(config: &Config) -> anyhow::Result<crate::queue::Opened> 
     if config.queue.engine == crate::config::QueueEngine::Sqlite && !config.queue_path().exists() {
         bail!("no queue at {location} (has `switchyard serve` run with this configuration?)");
     }
-    crate::queue::open(&config.queue, &config.data_dir)
+    crate::queue::open(&config.queue, &config.data_dir, crate::queue::Schema::AsIs)
         .await
         .with_context(|| format!("opening the queue {location}"))
 }

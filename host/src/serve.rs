@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -23,14 +24,18 @@ use crate::tenants::Tenants;
 /// reloads read it again.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let opened = crate::queue::open(&config.queue, &config.data_dir)
-        .await
-        .with_context(|| {
-            format!(
-                "opening the queue {}",
-                crate::queue::location(&config.queue, &config.data_dir)
-            )
-        })?;
+    let opened = crate::queue::open(
+        &config.queue,
+        &config.data_dir,
+        crate::queue::Schema::Migrate,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "opening the queue {}",
+            crate::queue::location(&config.queue, &config.data_dir)
+        )
+    })?;
     let queue = opened.queue;
     let node_id = config.node_id().to_string();
     // Leases left by an earlier run of this node (a crash) are void, and their messages are
@@ -48,7 +53,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let dns = Arc::new(Dns::new(&config.dns)?);
     let engine = crate::plugins::engine::new_engine(&config.data_dir.join("plugin-cache"))?;
     let plugin_services = PluginServices {
-        kv: Some(opened.kv),
+        kv: Some(opened.kv.clone()),
         resolver: Some(dns.clone()),
     };
     let tenant_configs = config.load_tenants()?;
@@ -75,6 +80,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             config.clone(),
             opened.policies.clone(),
             queue.clone(),
+            opened.kv.clone(),
             dns.clone(),
         ));
     }
@@ -137,17 +143,49 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
 }
 
 /// Queues the TLS reports every `[tls_reports] interval`.
+/// The host's own scope in the kv store: no plugin has an empty name.
+const HOST_KV_SCOPE: (&str, &str) = ("", "");
+
+/// Whether this node's turn to send TLS reports has come: the turn is a kv key that expires
+/// after one interval, taken by compare-and-swap, so on a shared queue one node sends each
+/// interval's reports (they cover every node's counts) instead of each sending part of them.
+async fn reports_turn(kv: &dyn crate::queue::kv::KvStore, config: &Config, take: bool) -> bool {
+    let ttl = u32::try_from(config.tls_reports.interval.as_secs().max(1)).unwrap_or(u32::MAX);
+    let swap = crate::queue::kv::Swap {
+        key: "tls-reports-turn",
+        expected: None,
+        value: config.node_id().as_bytes(),
+        ttl_seconds: Some(ttl),
+    };
+    match kv
+        .compare_and_swap(HOST_KV_SCOPE.0, HOST_KV_SCOPE.1, swap)
+        .await
+    {
+        Ok(taken) => taken && take,
+        Err(error) => {
+            tracing::warn!(%error, "cannot take the TLS reports' turn");
+            false
+        }
+    }
+}
+
 async fn send_tls_reports(
     config: Arc<Config>,
     store: Arc<dyn crate::queue::policies::PolicyStore>,
     queue: Arc<dyn crate::queue::Queue>,
+    kv: Arc<dyn crate::queue::kv::KvStore>,
     dns: Arc<Dns>,
 ) {
-    let mut tick = tokio::time::interval(config.tls_reports.interval);
-    // The first tick is at once: the first reports go out one interval after the start.
+    // The first reports go out one interval after the first node started: its start takes a
+    // turn without sending.
+    reports_turn(kv.as_ref(), &config, false).await;
+    let mut tick = tokio::time::interval(config.tls_reports.interval.min(Duration::from_secs(60)));
     tick.tick().await;
     loop {
         tick.tick().await;
+        if !reports_turn(kv.as_ref(), &config, true).await {
+            continue;
+        }
         let sent = crate::delivery::tls_report::send_reports(
             &config,
             store.as_ref(),
@@ -336,5 +374,37 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One turn per interval, however many nodes ask: the first start takes a turn without
+    /// sending, and the turn comes round again once the interval is over.
+    #[tokio::test]
+    async fn tls_reports_take_one_turn_per_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue =
+            crate::queue::sqlite::SqliteQueue::open(&dir.path().join("queue.db"), Duration::ZERO)
+                .await
+                .expect("queue");
+        let mut config = Config::default();
+        config.tls_reports.interval = Duration::from_secs(1);
+        assert!(
+            !reports_turn(&queue, &config, false).await,
+            "the start sends nothing"
+        );
+        assert!(
+            !reports_turn(&queue, &config, true).await,
+            "turn taken for this interval"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(
+            reports_turn(&queue, &config, true).await,
+            "the next interval's turn"
+        );
+        assert!(!reports_turn(&queue, &config, true).await, "taken once");
     }
 }

@@ -49,6 +49,12 @@ pub enum QueueError {
     /// can succeed, so a group fails whole instead of being retried one by one.
     #[error("queue database unavailable: {0}")]
     Unavailable(String),
+    /// The database's schema is older than this Switchyard's, and the caller may not migrate.
+    #[error(
+        "the queue's schema is at version {found}, this Switchyard needs {needed}: run \
+         `switchyard queue migrate` (or start a node of this version)"
+    )]
+    SchemaTooOld { found: i64, needed: i64 },
     /// The database was migrated by a newer Switchyard than this one.
     #[error(
         "the queue's schema is at version {found}, newer than this Switchyard knows (up to {known}): \
@@ -100,11 +106,23 @@ pub struct Opened {
     pub location: String,
 }
 
+/// Whether opening a queue may change its schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// Create it or bring it up to this binary's version (`serve`, `queue migrate`).
+    Migrate,
+    /// Use it only at this binary's version (the operator's commands): on a shared queue, a
+    /// command run with a newer binary must not migrate the schema under the running nodes.
+    /// The embedded engine, which one node owns, migrates either way.
+    AsIs,
+}
+
 /// Opens the queue `config` names (an SQLite file relative to `data_dir`, or a PostgreSQL
-/// database), creating and migrating its schema if needed.
+/// database).
 pub async fn open(
     config: &crate::config::QueueConfig,
     data_dir: &Path,
+    schema: Schema,
 ) -> Result<Opened, QueueError> {
     match config.engine {
         QueueEngine::Sqlite => {
@@ -118,7 +136,7 @@ pub async fn open(
             })
         }
         QueueEngine::Postgres => {
-            let queue = Arc::new(postgres::PgQueue::open(config).await?);
+            let queue = Arc::new(postgres::PgQueue::open(config, schema).await?);
             Ok(Opened {
                 location: queue.location(),
                 queue: queue.clone(),

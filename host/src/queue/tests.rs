@@ -47,7 +47,9 @@ impl Place {
 
     /// Opens the queue here (again: a second node, or a restart).
     async fn open(&self) -> Opened {
-        open(&self.config, self.dir.path()).await.expect("open")
+        open(&self.config, self.dir.path(), Schema::Migrate)
+            .await
+            .expect("open")
     }
 }
 
@@ -429,7 +431,7 @@ async fn a_newer_schema_is_refused(place: Place) {
             );
         }
     }
-    let error = open(&place.config, place.dir.path())
+    let error = open(&place.config, place.dir.path(), Schema::Migrate)
         .await
         .err()
         .expect("refused");
@@ -547,7 +549,9 @@ async fn sqlite_file_from_before_migrations_is_upgraded() {
 #[tokio::test]
 async fn postgres_bodies_use_lz4() {
     let place = Place::new(QueueEngine::Postgres);
-    let queue = PgQueue::open(&place.config).await.expect("open");
+    let queue = PgQueue::open(&place.config, Schema::Migrate)
+        .await
+        .expect("open");
     let compression: Option<String> = sqlx::query_scalar(
         "SELECT NULLIF(attcompression, '')::text FROM pg_attribute
          WHERE attrelid = 'messages'::regclass AND attname = 'content'",
@@ -561,7 +565,9 @@ async fn postgres_bodies_use_lz4() {
 #[tokio::test]
 async fn postgres_commits_wait_for_the_disk() {
     let place = Place::new(QueueEngine::Postgres);
-    let queue = PgQueue::open(&place.config).await.expect("open");
+    let queue = PgQueue::open(&place.config, Schema::Migrate)
+        .await
+        .expect("open");
     for (name, expected) in [
         ("synchronous_commit", "on"),
         ("lock_timeout", "5s"),
@@ -580,7 +586,10 @@ async fn postgres_commits_wait_for_the_disk() {
 async fn postgres_bad_address_is_refused_clearly() {
     let mut config = Place::new(QueueEngine::Postgres).config;
     config.url = Some("postgres://postgres@127.0.0.1:5432/no_such_database_here".into());
-    let error = PgQueue::open(&config).await.err().expect("refused");
+    let error = PgQueue::open(&config, Schema::Migrate)
+        .await
+        .err()
+        .expect("refused");
     assert!(
         error.to_string().contains("no_such_database_here"),
         "{error}"
@@ -781,7 +790,9 @@ async fn stats_count_the_whole_queue(place: Place) {
 async fn postgres_connections_can_be_encrypted() {
     let mut place = Place::new(QueueEngine::Postgres);
     place.config.url = Some(format!("{}?sslmode=require", database_url()));
-    let queue = PgQueue::open(&place.config).await.expect("open over TLS");
+    let queue = PgQueue::open(&place.config, Schema::Migrate)
+        .await
+        .expect("open over TLS");
     let encrypted: bool =
         sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
             .fetch_one(&queue.pool)
@@ -827,7 +838,10 @@ async fn a_result_under_a_lease_that_passed_on_is_not_applied(place: Place) {
     let queue = place.open().await.queue;
     let now = now_millis();
     queue
-        .enqueue(message("m1", &["b@x.test"]), Some(("frozen".into(), now + 1000)))
+        .enqueue(
+            message("m1", &["b@x.test"]),
+            Some(("frozen".into(), now + 1000)),
+        )
         .await
         .expect("enqueue");
     let taken = queue
@@ -858,4 +872,25 @@ async fn a_result_under_a_lease_that_passed_on_is_not_applied(place: Place) {
         .expect("record");
     assert_eq!(stale, 0);
     assert!(queue.get("m1").await.expect("get").is_none());
+}
+
+/// The operator's commands use a shared schema as it is: on one not yet migrated to this
+/// version they refuse, naming `queue migrate`, and change nothing.
+#[tokio::test]
+async fn postgres_operator_commands_never_migrate() {
+    let place = Place::new(QueueEngine::Postgres);
+    let error = open(&place.config, place.dir.path(), Schema::AsIs)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(error, QueueError::SchemaTooOld { found: 0, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("switchyard queue migrate"));
+    assert_eq!(postgres::check(&place.config).await.expect("check"), 0);
+    place.open().await;
+    open(&place.config, place.dir.path(), Schema::AsIs)
+        .await
+        .expect("at this version");
 }

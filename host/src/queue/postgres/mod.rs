@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 
 use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use super::writer::Writer;
+use super::Schema;
 use super::{
     migrations, Millis, NewMessage, Queue, QueueError, QueueStats, QueuedMessage, RecipientResult,
     RecipientRow,
@@ -81,7 +82,7 @@ pub fn describe(config: &QueueConfig) -> String {
 impl PgQueue {
     /// Connects (failing at once on a wrong address, user or password), creates the schema if
     /// needed, migrates it and starts the writer.
-    pub async fn open(config: &QueueConfig) -> Result<PgQueue, QueueError> {
+    pub async fn open(config: &QueueConfig, schema_use: Schema) -> Result<PgQueue, QueueError> {
         let (options, schema) = connect_options(config)?;
         if let Some(schema) = &config.schema {
             // Before the pool: its connections' search path names the schema.
@@ -103,11 +104,28 @@ impl PgQueue {
             .connect_with(options)
             .await?;
         let mut connection = pool.acquire().await?;
-        let migrator = migrations::migrator(migrations::POSTGRES).await?;
-        migrator
-            .run(&mut *connection)
-            .await
-            .map_err(|error| migrations::error(error, migrations::POSTGRES))?;
+        match schema_use {
+            Schema::Migrate => {
+                let migrator = migrations::migrator(migrations::POSTGRES).await?;
+                migrator
+                    .run(&mut *connection)
+                    .await
+                    .map_err(|error| migrations::error(error, migrations::POSTGRES))?;
+            }
+            Schema::AsIs => {
+                let found = applied_version(&mut connection).await?;
+                let needed = migrations::newest(migrations::POSTGRES);
+                if found > needed {
+                    return Err(QueueError::SchemaTooNew {
+                        found,
+                        known: needed,
+                    });
+                }
+                if found < needed {
+                    return Err(QueueError::SchemaTooOld { found, needed });
+                }
+            }
+        }
         drop(connection);
         let channel = format!("switchyard_work_{schema}");
         let writers = (0..WRITERS)
@@ -209,16 +227,7 @@ async fn connect(config: &QueueConfig) -> Result<sqlx::PgConnection, QueueError>
 /// binary knows is refused. Returns the version (0: not created yet).
 pub async fn check(config: &QueueConfig) -> Result<i64, QueueError> {
     let mut connection = connect(config).await?;
-    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(&mut connection)
-        .await?;
-    let version: i64 = if has_table {
-        sqlx::query_scalar(migrations::APPLIED_VERSION)
-            .fetch_one(&mut connection)
-            .await?
-    } else {
-        0
-    };
+    let version = applied_version(&mut connection).await?;
     let known = migrations::newest(migrations::POSTGRES);
     if version > known {
         return Err(QueueError::SchemaTooNew {
@@ -229,11 +238,27 @@ pub async fn check(config: &QueueConfig) -> Result<i64, QueueError> {
     Ok(version)
 }
 
+/// The newest migration applied to the schema on the search path (0: none yet).
+async fn applied_version(connection: &mut sqlx::PgConnection) -> Result<i64, QueueError> {
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *connection)
+        .await?;
+    if !has_table {
+        return Ok(0);
+    }
+    Ok(sqlx::query_scalar(migrations::APPLIED_VERSION)
+        .fetch_one(&mut *connection)
+        .await?)
+}
+
 /// Creates the queue's schema if it is missing: only then, since creating needs the right to
 /// create schemas in the database, which a role given a schema made by its administrator does
 /// not have. Nodes starting together take turns (an advisory lock): `CREATE SCHEMA IF NOT
 /// EXISTS` may still collide when two run at once.
-async fn create_schema(connection: &mut sqlx::PgConnection, schema: &str) -> Result<(), QueueError> {
+async fn create_schema(
+    connection: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<(), QueueError> {
     use sqlx::Connection;
     let mut transaction = connection.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('switchyard schema'))")

@@ -29,9 +29,7 @@ pub(crate) enum WriteOp {
 pub(crate) enum WriteOutput {
     Done,
     Kv(KvWritten),
-    Recorded {
-        stale: usize,
-    },
+    Recorded { stale: usize },
 }
 
 /// The message columns of a group, one array per column (bound to `UNNEST`).
@@ -409,7 +407,10 @@ impl Apply for PgWriter {
                     if stale == 0 {
                         messages.extend(bounces.iter().map(|bounce| (bounce, None)));
                     } else if !bounces.is_empty() {
-                        tracing::warn!(stale, "results for recipients no longer leased here: their DSNs are dropped");
+                        tracing::warn!(
+                            stale,
+                            "results for recipients no longer leased here: their DSNs are dropped"
+                        );
                     }
                 }
                 WriteOp::Kv(_) => {}

@@ -152,7 +152,10 @@ impl SqliteWriter {
         }
         if stale > 0 {
             if !bounces.is_empty() {
-                tracing::warn!(stale, "results for recipients no longer leased here: their DSNs are dropped");
+                tracing::warn!(
+                    stale,
+                    "results for recipients no longer leased here: their DSNs are dropped"
+                );
             }
             return Ok(stale);
         }
@@ -348,9 +351,7 @@ pub(crate) enum WriteOutput {
     Done,
     Claimed(Vec<QueuedMessage>),
     Kv(KvWritten),
-    Recorded {
-        stale: usize,
-    },
+    Recorded { stale: usize },
 }
 
 #[async_trait]
