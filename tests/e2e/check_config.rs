@@ -265,10 +265,6 @@ fn queue_engine_settings_are_checked_and_the_database_reached() {
             "FILE:4:1: queue.schema `Bad-Name`: use lower-case letters, digits and _",
         ),
         (
-            "[queue]\nengine = \"postgres\"\n",
-            "FILE:2:1: engine = \"postgres\" needs a node_id of this node's own",
-        ),
-        (
             "[queue]\nlease = \"1s\"\n",
             "FILE:2:1: queue.lease must be at least 3s",
         ),

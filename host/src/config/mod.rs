@@ -44,9 +44,10 @@ pub enum ConfigError {
 pub struct Config {
     /// The name this server uses in its greeting, EHLO, Received headers and Message-IDs.
     pub hostname: String,
-    /// This node's name in a shared queue: the owner written on the leases it takes. Required
-    /// with the PostgreSQL engine, unique per node; a restarted node takes back what it held
-    /// under it. Default (SQLite): `hostname`.
+    /// This node's name in a shared queue: the owner written on the leases it takes; unique per
+    /// node. A restarted node takes back what it held under it. Default: this machine's name
+    /// (`/etc/hostname`), not the configured `hostname`; two processes on one machine sharing a
+    /// queue must each set their own.
     pub node_id: Option<String>,
     /// Where the queue and other state live. In a file, a relative path is relative to the file.
     pub data_dir: PathBuf,
@@ -123,11 +124,21 @@ impl Default for Config {
 }
 
 fn default_hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
+    machine_name().to_string()
+}
+
+/// This machine's name (`/etc/hostname`), read once: the default greeting name, and the default
+/// node id, which unlike a configured `hostname` (often the same greeting name on every node of
+/// a cluster) differs from machine to machine.
+fn machine_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "localhost".to_string())
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -682,7 +693,7 @@ impl Config {
 
     /// This node's name on queue leases.
     pub fn node_id(&self) -> &str {
-        self.node_id.as_deref().unwrap_or(&self.hostname)
+        self.node_id.as_deref().unwrap_or_else(|| machine_name())
     }
 
     /// Every tenant file of `[tenants]`, loaded and checked against each other (none without

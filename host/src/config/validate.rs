@@ -54,14 +54,6 @@ fn queue(config: &Config, problem: &Locate) -> Result<(), Problem> {
             "queue.url and queue.schema are for engine = \"postgres\"".to_string(),
         ));
     }
-    if queue.engine == QueueEngine::Postgres && config.node_id.is_none() {
-        // The hostname is the greeting name, often the same on every node of a cluster; two
-        // nodes under one id would take each other's leases back at every start.
-        return Err(problem(
-            "engine",
-            "engine = \"postgres\" needs a node_id of this node's own (top level), unique in the cluster".to_string(),
-        ));
-    }
     if let Some(schema) = &queue.schema {
         // 47: the NOTIFY channel `switchyard_work_SCHEMA` must fit PostgreSQL's 63 bytes.
         let valid = !schema.is_empty()
