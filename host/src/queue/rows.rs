@@ -3,7 +3,10 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{Lease, MessageDsn, MessageMeta, RecipientDsn, RecipientRow, RecipientState};
+use super::policies::{CountedOutcome, StoredPolicy, TlsOutcome};
+use super::{
+    Lease, MessageDsn, MessageMeta, QueueStats, RecipientDsn, RecipientRow, RecipientState,
+};
 use crate::mail::dsn_params::{Notify, Ret};
 
 /// The message columns every query of messages reads.
@@ -84,5 +87,52 @@ pub(crate) fn meta_from_row(row: &impl QueueRow) -> MessageMeta {
             envid: row.optional_text("dsn_envid"),
             requiretls: row.int("requiretls") != 0,
         },
+    }
+}
+
+/// Every TLS outcome counted so far: the same query on both engines.
+pub(crate) const SELECT_TLS_OUTCOMES: &str =
+    "SELECT domain, policy_type, policy_text, mx_host, result, receiving_ip, reason,
+            count, first_at, last_at
+     FROM tls_outcomes ORDER BY domain, result";
+
+pub(crate) fn counted_outcome_from_row(row: &impl QueueRow) -> CountedOutcome {
+    CountedOutcome {
+        outcome: TlsOutcome {
+            domain: row.text("domain"),
+            policy_type: row.text("policy_type"),
+            policy_text: row.text("policy_text"),
+            mx_host: row.text("mx_host"),
+            result: row.text("result"),
+            receiving_ip: row.text("receiving_ip"),
+            reason: row.text("reason"),
+        },
+        count: row.int("count"),
+        first_at: row.int("first_at"),
+        last_at: row.int("last_at"),
+    }
+}
+
+/// A row of `id, policy, fetched_at, expires_at` from `sts_policies`.
+pub(crate) fn stored_policy_from_row(row: &impl QueueRow) -> StoredPolicy {
+    StoredPolicy {
+        id: row.text("id"),
+        text: row.text("policy"),
+        fetched_at: row.int("fetched_at"),
+        expires_at: row.int("expires_at"),
+    }
+}
+
+/// The queue's counts as both engines' stats queries return them, in this order.
+pub(crate) type StatsRow = (i64, i64, i64, i64, i64);
+
+pub(crate) fn stats_from_row(row: StatsRow) -> QueueStats {
+    let (messages, queued, quarantined, leased, leased_here) = row;
+    QueueStats {
+        messages,
+        queued,
+        quarantined,
+        leased,
+        leased_here,
     }
 }

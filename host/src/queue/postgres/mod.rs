@@ -28,7 +28,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
-use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
+use super::rows::{
+    meta_from_row, recipient_from_row, stats_from_row, StatsRow, MESSAGE_COLUMNS, RECIPIENT_COLUMNS,
+};
 use super::writer::Writer;
 use super::Schema;
 use super::{
@@ -531,25 +533,18 @@ impl Queue for PgQueue {
     }
 
     async fn stats(&self, node_id: &str, now: Millis) -> Result<QueueStats, QueueError> {
-        let (messages, queued, quarantined, leased, leased_here): (i64, i64, i64, i64, i64) =
-            sqlx::query_as(
-                "SELECT (SELECT COUNT(*) FROM messages),
+        let row: StatsRow = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM messages),
                         COUNT(*) FILTER (WHERE state = 0), COUNT(*) FILTER (WHERE state = 3),
                         COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2),
                         COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2 AND lease_owner = $1)
                  FROM recipients",
-            )
-            .bind(node_id)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(QueueStats {
-            messages,
-            queued,
-            quarantined,
-            leased,
-            leased_here,
-        })
+        )
+        .bind(node_id)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(stats_from_row(row))
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -2,10 +2,10 @@
 //! one node fetched protects the others' deliveries, and one report counts every node's.
 
 use async_trait::async_trait;
-use sqlx::Row;
 
 use super::PgQueue;
 use crate::queue::policies::{CountedOutcome, PolicyStore, StoredPolicy, TlsOutcome};
+use crate::queue::rows::{counted_outcome_from_row, stored_policy_from_row, SELECT_TLS_OUTCOMES};
 use crate::queue::{Millis, QueueError};
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -40,30 +40,10 @@ impl PolicyStore for PgQueue {
     }
 
     async fn tls_outcomes(&self) -> Result<Vec<CountedOutcome>, QueueError> {
-        let rows = sqlx::query(
-            "SELECT domain, policy_type, policy_text, mx_host, result, receiving_ip, reason,
-                    count, first_at, last_at
-             FROM tls_outcomes ORDER BY domain, result",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| CountedOutcome {
-                outcome: TlsOutcome {
-                    domain: row.get("domain"),
-                    policy_type: row.get("policy_type"),
-                    policy_text: row.get("policy_text"),
-                    mx_host: row.get("mx_host"),
-                    result: row.get("result"),
-                    receiving_ip: row.get("receiving_ip"),
-                    reason: row.get("reason"),
-                },
-                count: row.get("count"),
-                first_at: row.get("first_at"),
-                last_at: row.get("last_at"),
-            })
-            .collect())
+        let rows = sqlx::query(SELECT_TLS_OUTCOMES)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(counted_outcome_from_row).collect())
     }
 
     async fn forget_tls_outcomes(&self, reported: &[CountedOutcome]) -> Result<(), QueueError> {
@@ -93,12 +73,7 @@ impl PolicyStore for PgQueue {
         .bind(domain)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|row| StoredPolicy {
-            id: row.get("id"),
-            text: row.get("policy"),
-            fetched_at: row.get("fetched_at"),
-            expires_at: row.get("expires_at"),
-        }))
+        Ok(row.as_ref().map(stored_policy_from_row))
     }
 
     async fn store_sts_policy(

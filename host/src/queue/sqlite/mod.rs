@@ -19,7 +19,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 
-use super::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
+use super::rows::{
+    meta_from_row, recipient_from_row, stats_from_row, StatsRow, MESSAGE_COLUMNS, RECIPIENT_COLUMNS,
+};
 use super::writer::Writer;
 use super::{
     migrations, Millis, NewMessage, Queue, QueueError, QueueStats, QueuedMessage, RecipientResult,
@@ -324,25 +326,18 @@ impl Queue for SqliteQueue {
     }
 
     async fn stats(&self, node_id: &str, now: Millis) -> Result<QueueStats, QueueError> {
-        let (messages, queued, quarantined, leased, leased_here): (i64, i64, i64, i64, i64) =
-            sqlx::query_as(
-                "SELECT (SELECT COUNT(*) FROM messages),
+        let row: StatsRow = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM messages),
                         COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 3), 0),
                         COALESCE(SUM(state = 0 AND lease_until >= ?2), 0),
                         COALESCE(SUM(state = 0 AND lease_until >= ?2 AND lease_owner = ?1), 0)
                  FROM recipients",
-            )
-            .bind(node_id)
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(QueueStats {
-            messages,
-            queued,
-            quarantined,
-            leased,
-            leased_here,
-        })
+        )
+        .bind(node_id)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(stats_from_row(row))
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
