@@ -69,6 +69,8 @@ fn main() -> anyhow::Result<()> {
             failure_policy: FailurePolicy::Tempfail,
             config: Default::default(),
             preinitialize: true,
+            sha256: None,
+            breaker: Default::default(),
         };
         let cache = std::env::temp_dir().join("switchyard-bench-cache");
         // `HOOK_CALL_MESSAGES=N`: only N messages through five plugins, untimed, for

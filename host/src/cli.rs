@@ -79,12 +79,51 @@ pub enum QueueAction {
         #[arg(long, conflicts_with = "id")]
         all: bool,
     },
+    /// Hold a message (or every message with --all): its queued recipients are not delivered,
+    /// and do not expire, until released. Recipients being delivered finish their attempt.
+    Hold {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Release a held message (or every held message with --all): due at once.
+    Release {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
     /// Remove a message without delivering or bouncing it.
     Delete { id: String },
     /// Fail a message's remaining recipients and return it to its sender with a DSN.
     Bounce { id: String },
     /// Create the queue's schema or bring it up to this version's (also done by `serve`).
     Migrate,
+    /// What the plugins decided about a message, as a timeline: every hook call of its SMTP
+    /// transaction, routing and delivery attempts (kept for `[trace] keep`, also after
+    /// delivery).
+    Trace {
+        id: String,
+        /// Print the records as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Traces of transactions refused before a message was queued, newest first.
+    Traces {
+        /// Only those from this client address.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only those with this envelope sender (as the client gave it).
+        #[arg(long)]
+        sender: Option<String>,
+        /// Only those of the last ... (`30m`, `2h`, `1d`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print the records as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -364,8 +403,39 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
         println!("{location}: schema at version {version}");
         return Ok(());
     }
-    let queue = open_existing(config).await?.queue;
+    let opened = open_existing(config).await?;
+    let queue = opened.queue;
     match action {
+        QueueAction::Trace { id, json } => {
+            let records = opened.traces.message_trace(&id).await?;
+            if records.is_empty() {
+                bail!("no trace of {id} (tracing off, never traced, or older than [trace] keep)");
+            }
+            print_traces(&records, json)?;
+        }
+        QueueAction::Traces {
+            client,
+            sender,
+            since,
+            limit,
+            json,
+        } => {
+            let since = since.map(|ago| {
+                crate::queue::now_millis() - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)
+            });
+            let query = crate::queue::traces::TraceQuery {
+                client_ip: client,
+                sender,
+                since,
+                until: None,
+                limit: limit.max(1),
+            };
+            let records = opened.traces.refused_traces(&query).await?;
+            print_traces(&records, json)?;
+            if !json {
+                println!("-- {} refused transaction(s)", records.len());
+            }
+        }
         QueueAction::Migrate => {}
         QueueAction::List { tenant } => list(queue.as_ref(), tenant.as_deref()).await?,
         QueueAction::Show { id } => show(queue.as_ref(), &id).await?,
@@ -376,6 +446,25 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             let count = queue.retry_now(id.as_deref()).await?;
             println!("{count} recipient(s) scheduled for immediate retry");
         }
+        QueueAction::Hold { id, all } => {
+            if id.is_none() && !all {
+                bail!("give a queue id or --all");
+            }
+            let (held, busy) = queue
+                .hold(id.as_deref(), crate::queue::now_millis())
+                .await?;
+            println!("{held} recipient(s) held");
+            if busy > 0 {
+                println!("{busy} recipient(s) are being delivered now; hold again after their attempt if they stay queued");
+            }
+        }
+        QueueAction::Release { id, all } => {
+            if id.is_none() && !all {
+                bail!("give a queue id or --all");
+            }
+            let released = queue.release(id.as_deref()).await?;
+            println!("{released} recipient(s) released");
+        }
         QueueAction::Delete { id } => {
             take_from_delivery(queue.as_ref(), &id).await?;
             if !queue.delete(&id).await? {
@@ -384,6 +473,17 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
             println!("deleted {id}");
         }
         QueueAction::Bounce { id } => bounce(config, queue.as_ref(), &id).await?,
+    }
+    Ok(())
+}
+
+fn print_traces(records: &[crate::queue::traces::TraceRecord], json: bool) -> anyhow::Result<()> {
+    if json {
+        for record in records {
+            println!("{}", serde_json::to_string(record)?);
+        }
+    } else {
+        print!("{}", crate::queue::traces::timeline(records));
     }
     Ok(())
 }
@@ -430,7 +530,7 @@ async fn list(queue: &dyn Queue, tenant: Option<&str>) -> anyhow::Result<()> {
         let pending = message.recipients.iter().filter(|r| {
             matches!(
                 r.state,
-                RecipientState::Queued | RecipientState::Quarantined
+                RecipientState::Queued | RecipientState::Quarantined | RecipientState::Held
             )
         });
         for recipient in pending {
@@ -439,10 +539,10 @@ async fn list(queue: &dyn Queue, tenant: Option<&str>) -> anyhow::Result<()> {
                 .as_deref()
                 .map(|r| format!("  ({r})"))
                 .unwrap_or_default();
-            let held = if recipient.state == RecipientState::Quarantined {
-                "  QUARANTINED"
-            } else {
-                ""
+            let held = match recipient.state {
+                RecipientState::Quarantined => "  QUARANTINED",
+                RecipientState::Held => "  HELD",
+                _ => "",
             };
             let now = crate::queue::now_millis();
             let leased = match &recipient.lease {

@@ -273,8 +273,10 @@ pub async fn run(reloader: Reloader) {
                     Ok(loaded) => loaded,
                 };
                 if plan.global {
-                    // The plugin chains and the DKIM keys change live; the rest needs a restart.
+                    // The plugin chains, tracing on or off and the DKIM keys change live; the
+                    // rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
+                    crate::plugins::trace::set_tracing(loaded.trace.enabled);
                     reload_certificates(certificates.as_deref(), &loaded);
                     match KeySet::load(&loaded.dkim).and_then(|keys| keys.with_sealer(&loaded.arc)) {
                         Ok(keys) => {

@@ -16,6 +16,7 @@ use crate::inbound::services::Services;
 use crate::inbound::{self, SessionLimits};
 use crate::net::dns::Dns;
 use crate::net::tls::{CertificateResolver, Certificates};
+use crate::plugins::trace::TraceSink;
 use crate::plugins::{PluginManager, PluginServices};
 use crate::shutdown::{Drained, Shutdown};
 use crate::tenants::Tenants;
@@ -52,9 +53,11 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     crate::metrics::install(&config.metrics)?;
     let dns = Arc::new(Dns::new(&config.dns)?);
     let engine = crate::plugins::engine::new_engine(&config.data_dir.join("plugin-cache"))?;
+    crate::plugins::trace::set_tracing(config.trace.enabled);
     let plugin_services = PluginServices {
         kv: Some(opened.kv.clone()),
         resolver: Some(dns.clone()),
+        traces: TraceSink::start(opened.traces.clone(), config.trace.keep),
     };
     let tenant_configs = config.load_tenants()?;
     let tenants = Arc::new(Tenants::new(
@@ -215,6 +218,7 @@ async fn report_queue_stats(queue: Arc<dyn crate::queue::Queue>, node_id: String
                 for (state, count) in [
                     ("queued", stats.queued),
                     ("quarantined", stats.quarantined),
+                    ("held", stats.held),
                     ("leased", stats.leased),
                 ] {
                     metrics::gauge!("switchyard_queue_recipients", "state" => state)

@@ -18,4 +18,5 @@ mod smuggling;
 mod submission;
 mod tenants;
 mod tls;
+mod trace;
 mod trust;

@@ -8,7 +8,7 @@ use crate::harness::dns::DnsServer;
 use crate::harness::router::{free_port, plugin_path, scrape_metrics, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
-fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
+pub(crate) fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
     format!(
         "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{settings}\n",
         plugin_path(crate_name).display()
@@ -16,7 +16,7 @@ fn plugin(name: &str, crate_name: &str, settings: &str) -> String {
 }
 
 /// A router relaying to a sink, with these [[plugin]] tables.
-async fn router_with(plugins: &str) -> (Router, Sink) {
+pub(crate) async fn router_with(plugins: &str) -> (Router, Sink) {
     let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
     let router = Router::start(RouterOptions {
         extra: plugins.to_string(),
@@ -464,7 +464,7 @@ fn subjects(sink: &Sink) -> Vec<(usize, usize)> {
 }
 
 /// The generation `switchyard plugins list` reports.
-fn generation(router: &Router) -> u64 {
+pub(crate) fn generation(router: &Router) -> u64 {
     let output = router.plugins(&["list"]);
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -573,7 +573,8 @@ async fn routing_plugin_is_replaced_twice_under_load_without_losing_mail() {
     let listing = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
     assert!(
         listing.contains("generation 3")
-            && listing.contains("-  routes  generation=3  hooks=[route]")
+            && listing.contains("-  routes  generation=3  sha256=")
+            && listing.contains("hooks=[route]")
             && listing.contains("last reload failed")
             && listing.contains("missing_plugin.wasm"),
         "{listing}"

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use dkim::{ArcConfig, DkimKeyConfig};
-pub use plugin::{FailurePolicy, Grant, PluginManifest};
+pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
 pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
 pub use types::{HostPort, ListenerRole, TlsPolicy};
@@ -73,6 +73,8 @@ pub struct Config {
     pub plugins: Vec<PluginManifest>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    /// The plugins' decision traces (`switchyard queue trace`).
+    pub trace: TraceConfig,
     pub authentication: AuthenticationConfig,
     pub submission: SubmissionConfig,
     pub mailboxes: MailboxesConfig,
@@ -110,6 +112,7 @@ impl Default for Config {
             plugins: Vec::new(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            trace: TraceConfig::default(),
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
             mailboxes: MailboxesConfig::default(),
@@ -481,6 +484,27 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
+        }
+    }
+}
+
+/// Decision traces: every hook call of every transaction and delivery attempt, kept beside the
+/// queue for `switchyard queue trace` and `queue traces`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// Record traces (the default). Off, only plugins' refusals are logged.
+    pub enabled: bool,
+    /// How long traces are kept, those of refused transactions and of messages alike.
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            enabled: true,
+            keep: Duration::from_secs(3 * 24 * 3600),
         }
     }
 }

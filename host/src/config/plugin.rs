@@ -37,6 +37,70 @@ pub struct PluginManifest {
     /// Components above 4 MiB always run `init` per instance (see `plugins::preinit`).
     #[serde(default = "default_preinitialize")]
     pub preinitialize: bool,
+    /// The SHA-256 of the component file, in hex: when set, a file with any other digest is
+    /// refused at start and at reload (the running generation keeps serving), so the code that
+    /// runs is the code that was reviewed.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// When the plugin's failures open its circuit: it is then skipped, answering with its
+    /// failure policy, until the cool-down has passed.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// A plugin's circuit breaker: after `failures` failures (traps, timeouts, memory overruns)
+/// within `window`, the plugin is not called for `cooldown`; its failure policy answers for it.
+/// Then one call is let through: a success closes the circuit, a failure opens it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Failures within the window that open the circuit; 0 turns the breaker off.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: default_breaker_failures(),
+            window: default_breaker_window(),
+            cooldown: default_breaker_cooldown(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    10
+}
+
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl PluginManifest {
+    /// The pinned digest, lowercased, when it is well formed: 64 hexadecimal digits.
+    pub fn pinned_digest(&self) -> Result<Option<[u8; 32]>, String> {
+        let Some(text) = &self.sha256 else {
+            return Ok(None);
+        };
+        let text = text.trim().to_ascii_lowercase();
+        let mut digest = [0u8; 32];
+        if text.len() != 64 || hex::decode_to_slice(&text, &mut digest).is_err() {
+            return Err(format!(
+                "plugin `{}`: sha256 must be 64 hexadecimal digits, as `sha256sum` prints them",
+                self.name
+            ));
+        }
+        Ok(Some(digest))
+    }
 }
 
 fn default_preinitialize() -> bool {

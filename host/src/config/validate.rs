@@ -330,6 +330,20 @@ fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
                 ),
             ));
         }
+        plugin
+            .pinned_digest()
+            .map_err(|message| problem("sha256", message))?;
+        if plugin.breaker.failures > 0
+            && (plugin.breaker.window.is_zero() || plugin.breaker.cooldown.is_zero())
+        {
+            return Err(problem(
+                "breaker",
+                format!(
+                    "plugin `{}`: breaker window and cooldown must be above 0",
+                    plugin.name
+                ),
+            ));
+        }
     }
     for domain in &config.relay.domains {
         if domain.is_empty() || domain.contains(['@', ' ']) {

@@ -33,6 +33,34 @@ struct Classified {
     notice: Option<(Notice, DsnRecipient)>,
 }
 
+/// The recipients of an attempt and what became of each, for its trace record.
+fn attempt_summary(job: &Job, results: &[RecipientResult]) -> (Vec<String>, String) {
+    let recipients: Vec<String> = job
+        .recipients
+        .iter()
+        .map(|recipient| recipient.address.clone())
+        .collect();
+    let outcome = results
+        .iter()
+        .map(|result| {
+            let address = job
+                .recipients
+                .iter()
+                .find(|recipient| recipient.index == result.index)
+                .map(|recipient| recipient.address.as_str())
+                .unwrap_or("?");
+            let what = match result.outcome {
+                Outcome::Delivered => "delivered",
+                Outcome::Deferred { .. } => "deferred",
+                Outcome::Failed => "failed",
+            };
+            format!("{address}: {what} ({})", result.reply)
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    (recipients, outcome)
+}
+
 /// Which DSN a recipient goes into.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Notice {
@@ -278,6 +306,7 @@ impl Dispatcher {
             .into_iter()
             .map(|one| (one.result, one.report))
             .unzip();
+        let traced = (run.traced() && !set.is_empty()).then(|| attempt_summary(&job, &results));
         let recorded = self
             .queue
             .record(self.config.node_id(), results, bounces)
@@ -297,6 +326,14 @@ impl Dispatcher {
             Err(error) => {
                 tracing::error!(queue_id = %meta.id, %error, "cannot record delivery results")
             }
+        }
+        if let (Some((recipients, outcome)), Some(mut record)) =
+            (traced, run.take_trace("delivery"))
+        {
+            record.sender = meta.sender.clone();
+            record.recipients = recipients;
+            record.outcome = outcome;
+            self.plugins.traces().submit(record);
         }
     }
 }

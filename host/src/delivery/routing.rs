@@ -62,6 +62,26 @@ impl Dispatcher {
                 }),
             }
         }
+        if let Some(mut record) = run.take_trace("route") {
+            let hops = routed
+                .iter()
+                .map(|(hop, recipient)| format!("{} -> {}", recipient.address, hop.key()));
+            let refused = settled.iter().map(|attempt| {
+                format!(
+                    "{} -> {}",
+                    attempt.recipient.address,
+                    attempt.reply.one_line()
+                )
+            });
+            record.outcome = hops.chain(refused).collect::<Vec<_>>().join("; ");
+            record.sender = meta.sender.clone();
+            record.recipients = routed
+                .iter()
+                .map(|(_, recipient)| recipient.address.clone())
+                .chain(settled.iter().map(|a| a.recipient.address.clone()))
+                .collect();
+            self.plugins.traces().submit(record);
+        }
         let mut run = Some(run);
         if !settled.is_empty() {
             // The run goes with the settled recipients when nothing else is left to deliver.

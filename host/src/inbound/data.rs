@@ -152,8 +152,8 @@ impl Session {
             return Flow::Continue;
         };
         tracing::info!(tenant = %self.tenant_id(), reply = %refusal.reply, close = refusal.close, "message refused");
-        self.transaction = Transaction::default();
         self.end_plugin_run();
+        self.transaction = Transaction::default();
         self.reply(refusal.reply);
         if !refusal.close {
             return Flow::Continue;
@@ -180,6 +180,9 @@ impl Session {
 
     async fn accept_message(&mut self, message: Vec<u8>) -> Reply {
         let envelope = self.wit_envelope();
+        if self.run.is_some() {
+            self.traced_envelope = Some(envelope.clone());
+        }
         let transaction = std::mem::take(&mut self.transaction);
         let limits = &self.services.config.smtp;
         if header::count(&message, "Received") > limits.max_received_headers {
@@ -277,8 +280,11 @@ impl Session {
             eight_bit_mime: transaction.eight_bit_mime,
             quarantine,
         };
+        let trace = self.take_trace();
         // The transaction's plugin instances go on to serve the message's delivery hooks.
-        match self.services.inbox.accept(accepted, self.run.take()).await {
+        let accepted_id = accepted.id.clone();
+        let result = self.services.inbox.accept(accepted, self.run.take()).await;
+        let reply = match result {
             Ok(_) => {
                 if let Some(tenant) = &tenant {
                     tenant.usage.accepted(recipient_count, size);
@@ -290,7 +296,17 @@ impl Session {
                 "4.3.0",
                 "Temporary queue failure, please try again later",
             ),
+        };
+        if let Some(mut record) = trace {
+            if reply.code == 250 {
+                record.message_id = Some(accepted_id.clone());
+                record.outcome = format!("queued as {accepted_id}");
+            } else {
+                record.outcome = reply.one_line();
+            }
+            self.services.plugins.traces().submit(record);
         }
+        reply
     }
 
     /// The signer and owner of this message, when it is to be DKIM-signed: it comes from a

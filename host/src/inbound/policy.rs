@@ -13,6 +13,7 @@ use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::{PluginRun, RunContext};
+use crate::queue::traces::TraceRecord;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -46,10 +47,33 @@ impl Session {
     }
 
     /// Ends the plugin run with the transaction: the next one gets fresh instances, on the
-    /// generation current by then.
+    /// generation current by then. Its trace, if it made calls, is recorded as a transaction
+    /// that queued nothing.
     pub(super) fn end_plugin_run(&mut self) {
+        if let Some(mut record) = self.take_trace() {
+            if !record.calls.is_empty() {
+                record.outcome = unqueued_outcome(&record);
+                self.services.plugins.traces().submit(record);
+            }
+        }
         self.run = None;
         self.tenant = None;
+        self.traced_envelope = None;
+    }
+
+    /// The calls the transaction's run noted so far, as a record of this client and envelope
+    /// (the envelope as the transaction had it, or as it was when DATA began).
+    pub(super) fn take_trace(&mut self) -> Option<TraceRecord> {
+        let mut record = self.run.as_mut()?.take_trace("smtp")?;
+        let envelope = self
+            .traced_envelope
+            .take()
+            .unwrap_or_else(|| self.wit_envelope());
+        record.message_id = None;
+        record.client_ip = self.client_ip.to_string();
+        record.sender = envelope.sender;
+        record.recipients = envelope.recipients;
+        Some(record)
     }
 
     pub(super) fn wit_session(&self) -> Arc<SessionFacts> {
@@ -200,6 +224,30 @@ impl Session {
             )
             .await,
         )
+    }
+}
+
+/// How a transaction that queued nothing ended, as its trace tells: the last refusal or
+/// failure among its calls.
+fn unqueued_outcome(record: &TraceRecord) -> String {
+    let last = record.calls.iter().rev().find(|call| {
+        matches!(
+            call.verdict.as_str(),
+            "reject" | "tempfail" | "failed" | "skipped" | "discard"
+        )
+    });
+    match last {
+        Some(call) => format!(
+            "{} at {} by plugin {}{}",
+            call.verdict,
+            call.hook,
+            call.plugin,
+            call.detail
+                .as_deref()
+                .map(|detail| format!(": {detail}"))
+                .unwrap_or_default()
+        ),
+        None => "no message queued".to_string(),
     }
 }
 

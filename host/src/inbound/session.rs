@@ -71,6 +71,9 @@ pub struct Session {
     pub(super) auth_identity: Option<String>,
     /// Plugin instances of the transaction under way (see `policy.rs`).
     pub(super) run: Option<PluginRun>,
+    /// The envelope as DATA began (the transaction is taken apart then), for the trace of a
+    /// message refused after it.
+    pub(super) traced_envelope: Option<crate::plugins::bindings::types::Envelope>,
     /// The tenant of the transaction under way, once its first recipient fixed it (see
     /// `tenancy.rs`).
     pub(super) tenant: Option<Arc<Tenant>>,
@@ -150,6 +153,7 @@ impl Session {
             errors: 0,
             auth_identity: None,
             run: None,
+            traced_envelope: None,
             tenant: None,
             auth_tenant: None,
             tenant_slot: None,
@@ -160,6 +164,8 @@ impl Session {
         if let Err(error) = self.serve().await {
             tracing::debug!(%error, "session ended with an I/O error");
         }
+        // Calls of a transaction the client left (and of connect and helo hooks) are traced too.
+        self.end_plugin_run();
         self.conn.close_lingering().await;
         tracing::debug!("disconnected");
     }
@@ -290,8 +296,8 @@ impl Session {
             "BDAT" => return self.bdat(argument).await,
             "AUTH" => return self.auth_command(argument).await,
             "RSET" => {
-                self.transaction = Transaction::default();
                 self.end_plugin_run();
+                self.transaction = Transaction::default();
                 self.reply(Reply::new(250, "2.0.0", "Ok"));
                 Flow::Continue
             }

@@ -8,6 +8,7 @@ use wasmtime::component::{Resource, ResourceTableError};
 use wasmtime::Store;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::bindings::types::{
     self as wit, AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict,
@@ -127,27 +128,33 @@ fn decision_of(verdict: Verdict) -> Option<Decision> {
     }
 }
 
-/// Calls one hook on plugin `$index` with its time limit armed, accounting for the result.
+/// Calls one hook on plugin `$index` with its time limit armed, accounting for the result and
+/// noting it for the trace (`$subject`: what the call is about, if one thing).
 macro_rules! call {
-    ($run:expr, $index:expr, $method:ident ( $($arg:expr),* )) => {{
+    ($run:expr, $index:expr, $hook:expr, $subject:expr, $method:ident ( $($arg:expr),* )) => {{
+        let started = Instant::now();
         let limit = $run.set.plugins[$index].manifest.time_limit;
-        match $run.instance($index).await {
+        let result = match $run.instance($index).await {
             Err(failure) => Err(failure),
             Ok((store, hooks)) => {
                 arm(store, limit);
                 let result = hooks.$method(store, $($arg),*).await;
-                $run.finish($index, result)
+                $run.finish($index, $hook, started, result)
             }
-        }
+        };
+        $run.note($index, $hook, started, $subject, &result);
+        result
     }};
 }
 
 /// Like `call!` for a hook whose first argument is the session: lends the instance a `session`
 /// handle for the call and takes it back after.
 macro_rules! call_in_session {
-    ($run:expr, $index:expr, $session:expr, $method:ident ( $($arg:expr),* )) => {{
+    ($run:expr, $index:expr, $hook:expr, $subject:expr, $session:expr,
+     $method:ident ( $($arg:expr),* )) => {{
+        let started = Instant::now();
         let limit = $run.set.plugins[$index].manifest.time_limit;
-        match $run.instance($index).await {
+        let result = match $run.instance($index).await {
             Err(failure) => Err(failure),
             Ok((store, hooks)) => {
                 let result = match lend(store, SessionHandle(Arc::clone($session))) {
@@ -161,9 +168,11 @@ macro_rules! call_in_session {
                     }
                     Err(error) => Err(wasmtime::format_err!("cannot lend the session: {error}")),
                 };
-                $run.finish($index, result)
+                $run.finish($index, $hook, started, result)
             }
-        }
+        };
+        $run.note($index, $hook, started, $subject, &result);
+        result
     }};
 }
 
@@ -184,7 +193,14 @@ fn borrow<T: 'static>(lent: &Resource<T>) -> Resource<T> {
 impl PluginRun {
     pub async fn connect(&mut self, session: &Arc<SessionFacts>) -> Decision {
         for index in self.implementing(HookKind::Connect) {
-            if let Some(decision) = settle(call_in_session!(self, index, session, call_connect())) {
+            if let Some(decision) = settle(call_in_session!(
+                self,
+                index,
+                HookKind::Connect,
+                None,
+                session,
+                call_connect()
+            )) {
                 return decision;
             }
         }
@@ -193,8 +209,14 @@ impl PluginRun {
 
     pub async fn helo(&mut self, session: &Arc<SessionFacts>, name: &str) -> Decision {
         for index in self.implementing(HookKind::Helo) {
-            if let Some(decision) = settle(call_in_session!(self, index, session, call_helo(name)))
-            {
+            if let Some(decision) = settle(call_in_session!(
+                self,
+                index,
+                HookKind::Helo,
+                Some(name),
+                session,
+                call_helo(name)
+            )) {
                 return decision;
             }
         }
@@ -211,6 +233,8 @@ impl PluginRun {
             if let Some(decision) = settle(call_in_session!(
                 self,
                 index,
+                HookKind::Auth,
+                Some(identity),
                 session,
                 call_auth(mechanism, identity)
             )) {
@@ -254,7 +278,14 @@ impl PluginRun {
             .implementing(HookKind::MailFrom)
             .filter(move |&index| index >= start)
         {
-            let answer = call_in_session!(self, index, session, call_mail_from(&sender, params));
+            let answer = call_in_session!(
+                self,
+                index,
+                HookKind::MailFrom,
+                Some(sender.as_str()),
+                session,
+                call_mail_from(&sender, params)
+            );
             if let Some(decision) = settle_address(answer, &mut sender) {
                 return (decision, sender);
             }
@@ -275,6 +306,8 @@ impl PluginRun {
             let answer = call_in_session!(
                 self,
                 index,
+                HookKind::RcptTo,
+                Some(recipient.as_str()),
                 session,
                 call_rcpt_to(envelope, &recipient, params)
             );
@@ -295,13 +328,19 @@ impl PluginRun {
     ) -> (DataDecision, Vec<Edit>) {
         let mut edits = Vec::new();
         for index in self.implementing(HookKind::Data) {
+            let started = Instant::now();
             let limit = self.set.plugins[index].manifest.time_limit;
             let (store, hooks) = match self.instance(index).await {
                 Ok(instance) => instance,
-                Err(failure) => match failure_reply(&failure) {
-                    Some(decision) => return (data_decision(decision), edits),
-                    None => continue,
-                },
+                Err(failure) => {
+                    let failed: Result<wit::DataDecision, _> = Err(failure);
+                    self.note(index, HookKind::Data, started, None, &failed);
+                    let Err(failure) = failed else { continue };
+                    match failure_reply(&failure) {
+                        Some(decision) => return (data_decision(decision), edits),
+                        None => continue,
+                    }
+                }
             };
             let lent = lend(store, body.clone()).and_then(|body| {
                 match lend(store, SessionHandle(Arc::clone(session))) {
@@ -333,7 +372,9 @@ impl PluginRun {
             let table = &mut store.data_mut().table;
             let _ = table.delete(body);
             let _ = table.delete(lent_session);
-            match self.finish(index, result) {
+            let result = self.finish(index, HookKind::Data, started, result);
+            self.note(index, HookKind::Data, started, None, &result);
+            match result {
                 Ok(answer) => {
                     let decision = match answer.verdict {
                         DataVerdict::Continue => None,
@@ -367,7 +408,13 @@ impl PluginRun {
 
     pub async fn route(&mut self, message: &MessageFacts, recipient: &str) -> RouteDecision {
         for index in self.implementing(HookKind::Route) {
-            match call!(self, index, call_route(message, recipient)) {
+            match call!(
+                self,
+                index,
+                HookKind::Route,
+                Some(recipient),
+                call_route(message, recipient)
+            ) {
                 Ok(NextHop::Continue) => {}
                 Ok(hop) => return RouteDecision::Hop(hop),
                 Err(failure) => match failure_reply(&failure) {
@@ -385,14 +432,21 @@ impl PluginRun {
     /// only).
     pub async fn delivery_result(&mut self, report: &DeliveryReport) {
         for index in self.implementing(HookKind::DeliveryResult) {
-            let _ = call!(self, index, call_delivery_result(report));
+            let _ = call!(
+                self,
+                index,
+                HookKind::DeliveryResult,
+                None,
+                call_delivery_result(report)
+            );
         }
     }
 
     /// The first bounce text a plugin offers.
     pub async fn bounce(&mut self, report: &BounceReport) -> Option<BounceText> {
         for index in self.implementing(HookKind::Bounce) {
-            if let Ok(Some(text)) = call!(self, index, call_bounce(report)) {
+            if let Ok(Some(text)) = call!(self, index, HookKind::Bounce, None, call_bounce(report))
+            {
                 return Some(text);
             }
         }
@@ -488,6 +542,8 @@ mod tests {
                 failure_policy: FailurePolicy::Tempfail,
                 config: toml::from_str(config).expect("plugin config"),
                 preinitialize: true,
+                sha256: None,
+                breaker: Default::default(),
             }
         }
 

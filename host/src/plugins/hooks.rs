@@ -129,6 +129,11 @@ hooks! {
 }
 
 impl HookKind {
+    /// The hook's position in [`HookKind::ALL`].
+    pub fn index(self) -> usize {
+        (self as u16).trailing_zeros() as usize
+    }
+
     pub fn from_name(name: &str) -> Option<HookKind> {
         HookKind::ALL.into_iter().find(|hook| hook.name() == name)
     }

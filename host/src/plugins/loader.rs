@@ -11,6 +11,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
 
 use super::bindings::PluginPre;
+use super::breaker::Breaker;
 use super::engine::MEMORY_CAP;
 use super::hooks::{HookIndices, HookSet};
 use super::host::{check_imports, linker, HostState, ImportError};
@@ -48,6 +49,15 @@ pub enum LoadError {
         limit: u64,
         cap: u64,
     },
+    #[error("plugin `{plugin}`: {path} has sha256 {found}, but the manifest pins {pinned}; refusing to load it")]
+    DigestMismatch {
+        plugin: String,
+        path: String,
+        pinned: String,
+        found: String,
+    },
+    #[error("{0}")]
+    BadPin(String),
     #[error("plugin `{plugin}`: init failed: {message}")]
     Init { plugin: String, message: String },
     #[error("tenant `{tenant}`: {source}")]
@@ -120,6 +130,16 @@ pub async fn load(
             message: error.to_string(),
         })?;
     let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    if let Some(pinned) = manifest.pinned_digest().map_err(LoadError::BadPin)? {
+        if pinned != digest {
+            return Err(LoadError::DigestMismatch {
+                plugin,
+                path: manifest.path.display().to_string(),
+                pinned: hex::encode(pinned),
+                found: hex::encode(digest),
+            });
+        }
+    }
     let component = compile(engine, &plugin, digest, bytes.clone(), compiled).await?;
     check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
         ImportError::NotGranted { import, grant } => LoadError::NotGranted {
@@ -152,6 +172,7 @@ pub async fn load(
         config_json,
         preinitialized: false,
         stats: PluginStats::new(&plugin, owner),
+        breaker: Breaker::new(manifest.breaker),
     };
     initialise(engine, &linker, &mut loaded, bytes, services, compiled).await?;
     Ok(Arc::new(loaded))

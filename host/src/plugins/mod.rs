@@ -8,6 +8,7 @@
 //!   swapped atomically on reload (a tenant's alone when only its file changed).
 
 pub mod bindings;
+pub mod breaker;
 pub mod chain;
 pub mod engine;
 pub mod hooks;
@@ -18,6 +19,7 @@ pub mod plugin;
 pub mod preinit;
 pub mod run;
 pub mod store;
+pub mod trace;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -41,6 +43,8 @@ pub use store::RunContext;
 pub struct PluginServices {
     pub kv: Option<Arc<dyn KvStore>>,
     pub resolver: Option<Arc<crate::net::dns::Dns>>,
+    /// Where runs' decision traces go once their transaction or stage ends.
+    pub traces: trace::TraceSink,
 }
 
 /// One chain as loaded at one moment: the global chain, or the global chain followed by one
@@ -160,6 +164,11 @@ impl PluginManager {
             compiled: tokio::sync::Mutex::new(compiled),
             reloading: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Where finished runs' decision traces go.
+    pub fn traces(&self) -> &trace::TraceSink {
+        &self.services.traces
     }
 
     /// The global chain new transactions start with.
@@ -396,9 +405,11 @@ impl PluginManager {
 /// One line of `plugins list`.
 fn describe_plugin(out: &mut String, tenant: &str, generation: u64, plugin: &LoadedPlugin) {
     let stats = &plugin.stats;
+    let breaker = &plugin.breaker;
     out.push_str(&format!(
-        "{tenant}  {}  generation={generation}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}\n",
+        "{tenant}  {}  generation={generation}  sha256={}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}  circuit={}  trips={}  skipped={}\n",
         plugin.name,
+        plugin.digest_hex(),
         plugin.hooks.names().join(","),
         if plugin.preinitialized {
             "snapshot"
@@ -412,6 +423,9 @@ fn describe_plugin(out: &mut String, tenant: &str, generation: u64, plugin: &Loa
         stats.failures.load(Ordering::Relaxed),
         stats.timeouts.load(Ordering::Relaxed),
         stats.out_of_memory.load(Ordering::Relaxed),
+        breaker.state(std::time::Instant::now()),
+        breaker.trips(),
+        stats.skipped.load(Ordering::Relaxed),
     ));
 }
 
@@ -427,9 +441,10 @@ pub async fn check(manifests: &[PluginManifest], tenants: &[TenantConfig]) -> an
     let global = manager.current();
     for plugin in &global.plugins {
         eprintln!(
-            "plugin {}: loads; hooks {}",
+            "plugin {}: loads; hooks {}; sha256 {}",
             plugin.name,
-            plugin.hooks.names().join(", ")
+            plugin.hooks.names().join(", "),
+            plugin.digest_hex()
         );
     }
     for tenant in tenants {
@@ -542,6 +557,7 @@ fn log_generation(set: &PluginSet) {
             generation = set.generation,
             plugin = %plugin.name,
             hooks = %plugin.hooks.names().join(","),
+            sha256 = %plugin.digest_hex(),
             "plugin loaded"
         );
     }

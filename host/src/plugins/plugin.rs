@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use wasmtime::component::InstancePre;
 
-use super::hooks::{HookIndices, HookSet};
+use super::breaker::Breaker;
+use super::hooks::{HookIndices, HookKind, HookSet};
 use super::host::HostState;
 use crate::config::PluginManifest;
 
@@ -20,6 +21,11 @@ pub struct PluginStats {
     pub failures: AtomicU64,
     pub timeouts: AtomicU64,
     pub out_of_memory: AtomicU64,
+    /// Calls not made because the plugin's circuit was open (its failure policy answered).
+    pub skipped: AtomicU64,
+    /// `switchyard_plugin_call_seconds{plugin,tenant,hook}`, one handle per hook (indexed by
+    /// [`HookKind::index`]).
+    pub latency: [metrics::Histogram; HookKind::ALL.len()],
 }
 
 impl PluginStats {
@@ -34,6 +40,15 @@ impl PluginStats {
             failures: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             out_of_memory: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            latency: HookKind::ALL.map(|hook| {
+                metrics::histogram!(
+                    "switchyard_plugin_call_seconds",
+                    "plugin" => plugin.to_string(),
+                    "tenant" => owner.to_string(),
+                    "hook" => hook.name(),
+                )
+            }),
         }
     }
 }
@@ -58,4 +73,12 @@ pub struct LoadedPlugin {
     /// instances then start initialised and `init` is not called again.
     pub preinitialized: bool,
     pub stats: PluginStats,
+    pub breaker: Breaker,
+}
+
+impl LoadedPlugin {
+    /// The component's digest as `sha256sum` prints it.
+    pub fn digest_hex(&self) -> String {
+        hex::encode(self.digest)
+    }
 }

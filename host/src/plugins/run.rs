@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use wasmtime::Store;
 
+use super::breaker::{Admission, Transition};
 use super::hooks::{HookKind, HookSet, Hooks};
 use super::host::{CpuPlace, HostState, PluginState};
 use super::plugin::LoadedPlugin;
@@ -32,6 +33,8 @@ pub enum FailureKind {
     OutOfMemory,
     Trap,
     Init,
+    /// Not called: its circuit is open (see [`super::breaker`]).
+    CircuitOpen,
 }
 
 #[derive(Debug, Clone)]
@@ -52,7 +55,9 @@ pub struct PluginRun {
     hooks: Vec<Option<Hooks>>,
     /// Each plugin's failure in this run, if it failed: it answers every later call.
     failures: Vec<Option<PluginFailure>>,
-    context: RunContext,
+    pub(super) context: RunContext,
+    /// The calls noted for the decision trace, when tracing is on (see [`super::trace`]).
+    pub(super) trace: Option<Box<super::trace::RunTrace>>,
     /// Present while the run is held for its message's delivery stages (see
     /// [`super::PluginManager::hold`]): the run's share of the bound on held instances.
     pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -75,6 +80,7 @@ impl PluginRun {
             set,
             store: None,
             context,
+            trace: PluginRun::new_trace(),
             hold: None,
             tenant_share: None,
         }
@@ -311,6 +317,22 @@ impl PluginRun {
         if let Some(failure) = &self.failures[index] {
             return Err(failure.clone());
         }
+        let plugin = &self.set.plugins[index];
+        if plugin.breaker.admit(Instant::now()) == Admission::Skip {
+            plugin.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(
+                "switchyard_plugin_skipped_total",
+                "plugin" => plugin.name.to_string(),
+                "tenant" => plugin.owner.to_string(),
+            )
+            .increment(1);
+            return Err(PluginFailure {
+                plugin: plugin.name.clone(),
+                kind: FailureKind::CircuitOpen,
+                message: "its circuit is open after repeated failures".to_string(),
+                policy: plugin.manifest.failure_policy,
+            });
+        }
         // A tenant's plugin runs within the tenant's share of the CPU: so many of its calls at
         // once, over all its transactions (a host function waiting for I/O gives its place up
         // meanwhile). The wait is the tenant's own: no deadline runs yet.
@@ -367,16 +389,25 @@ impl PluginRun {
     pub(super) fn finish<R>(
         &mut self,
         index: usize,
+        hook: HookKind,
+        started: Instant,
         result: wasmtime::Result<R>,
     ) -> Result<R, PluginFailure> {
         if let Some(store) = &mut self.store {
             store.data_mut().cpu = CpuPlace::default();
         }
-        let stats = &self.set.plugins[index].stats;
+        let plugin = &self.set.plugins[index];
+        let stats = &plugin.stats;
         stats.calls.fetch_add(1, Ordering::Relaxed);
         stats.exported_calls.increment(1);
+        stats.latency[hook.index()].record(started.elapsed().as_secs_f64());
         match result {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                if plugin.breaker.succeeded() == Some(Transition::Closed) {
+                    circuit_changed(plugin, false);
+                }
+                Ok(value)
+            }
             Err(error) => Err(self.call_failed(index, error)),
         }
     }
@@ -411,6 +442,9 @@ impl PluginRun {
     fn failed(&mut self, index: usize, kind: FailureKind, message: String) -> PluginFailure {
         let plugin = self.set.plugins[index].clone();
         plugin.stats.failures.fetch_add(1, Ordering::Relaxed);
+        if plugin.breaker.failed(Instant::now()) == Some(Transition::Opened) {
+            circuit_changed(&plugin, true);
+        }
         metrics::counter!(
             "switchyard_plugin_failures_total",
             "plugin" => plugin.name.to_string(),
@@ -452,6 +486,36 @@ impl PluginRun {
         self.hooks[index] = None;
         self.failures[index] = Some(failure.clone());
         failure
+    }
+}
+
+/// Reports a plugin's circuit opening or closing, in the log and the metrics.
+fn circuit_changed(plugin: &LoadedPlugin, open: bool) {
+    metrics::gauge!(
+        "switchyard_plugin_circuit_open",
+        "plugin" => plugin.name.to_string(),
+        "tenant" => plugin.owner.to_string(),
+    )
+    .set(if open { 1.0 } else { 0.0 });
+    let config = plugin.breaker.config();
+    if open {
+        metrics::counter!(
+            "switchyard_plugin_circuit_trips_total",
+            "plugin" => plugin.name.to_string(),
+            "tenant" => plugin.owner.to_string(),
+        )
+        .increment(1);
+        tracing::warn!(
+            plugin = %plugin.name,
+            tenant = %plugin.owner,
+            failures = config.failures,
+            window = ?config.window,
+            cooldown = ?config.cooldown,
+            policy = ?plugin.manifest.failure_policy,
+            "plugin circuit opened: the plugin is skipped, its failure policy answers, until the cool-down ends"
+        );
+    } else {
+        tracing::info!(plugin = %plugin.name, tenant = %plugin.owner, "plugin circuit closed: the plugin is called again");
     }
 }
 

@@ -15,11 +15,18 @@ use super::QueueError;
 /// One engine's migrations: (version, description, SQL).
 type Steps = &'static [(i64, &'static str, &'static str)];
 
-pub(crate) const SQLITE: Steps = &[(
-    1,
-    "queue",
-    include_str!("../../migrations/sqlite/0001_queue.sql"),
-)];
+pub(crate) const SQLITE: Steps = &[
+    (
+        1,
+        "queue",
+        include_str!("../../migrations/sqlite/0001_queue.sql"),
+    ),
+    (
+        2,
+        "traces",
+        include_str!("../../migrations/sqlite/0002_traces.sql"),
+    ),
+];
 
 pub(crate) const POSTGRES: Steps = &[
     (
@@ -31,6 +38,11 @@ pub(crate) const POSTGRES: Steps = &[
         2,
         "content lz4",
         include_str!("../../migrations/postgres/0002_content_lz4.sql"),
+    ),
+    (
+        3,
+        "traces",
+        include_str!("../../migrations/postgres/0003_traces.sql"),
     ),
 ];
 

@@ -1,9 +1,9 @@
 //! The durable queue: messages and their recipients, each recipient with its own state, attempts,
 //! next attempt time and last reply.
 //!
-//! Three ports, [`Queue`], [`kv::KvStore`] and [`policies::PolicyStore`], with one error type
-//! that names no driver, and two engines behind them, chosen by `[queue] engine` and opened by
-//! [`open`]: SQLite ([`sqlite::SqliteQueue`], one file, one node) and PostgreSQL
+//! Four ports, [`Queue`], [`kv::KvStore`], [`policies::PolicyStore`] and
+//! [`traces::TraceStore`], with one error type that names no driver, and two engines behind
+//! them, chosen by `[queue] engine` and opened by [`open`]: SQLite ([`sqlite::SqliteQueue`], one file, one node) and PostgreSQL
 //! ([`postgres::PgQueue`], one database shared by several nodes). A claim carries its owner
 //! (the node's id) and an expiry: recipients whose claim has run out are due again, whichever
 //! node claimed them.
@@ -16,6 +16,7 @@ mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
+pub mod traces;
 mod writer;
 
 use std::path::Path;
@@ -102,6 +103,8 @@ pub struct Opened {
     pub kv: Arc<dyn kv::KvStore>,
     /// The MTA-STS policy cache.
     pub policies: Arc<dyn policies::PolicyStore>,
+    /// The plugins' decision traces.
+    pub traces: Arc<dyn traces::TraceStore>,
     /// Where it lives, for logs and errors.
     pub location: String,
 }
@@ -131,7 +134,8 @@ pub async fn open(
             Ok(Opened {
                 queue: queue.clone(),
                 kv: queue.clone(),
-                policies: queue,
+                policies: queue.clone(),
+                traces: queue,
                 location: path.display().to_string(),
             })
         }
@@ -141,7 +145,8 @@ pub async fn open(
                 location: queue.location(),
                 queue: queue.clone(),
                 kv: queue.clone(),
-                policies: queue,
+                policies: queue.clone(),
+                traces: queue,
             })
         }
     }
@@ -193,6 +198,9 @@ pub enum RecipientState {
     Failed,
     /// Held by a plugin's quarantine verdict; `queue retry` releases it.
     Quarantined,
+    /// Held by an operator (`queue hold`): not delivered, and not expired, until `queue
+    /// release`.
+    Held,
 }
 
 impl RecipientState {
@@ -202,6 +210,7 @@ impl RecipientState {
             RecipientState::Delivered => 1,
             RecipientState::Failed => 2,
             RecipientState::Quarantined => 3,
+            RecipientState::Held => 4,
         }
     }
 
@@ -210,6 +219,7 @@ impl RecipientState {
             1 => RecipientState::Delivered,
             2 => RecipientState::Failed,
             3 => RecipientState::Quarantined,
+            4 => RecipientState::Held,
             _ => RecipientState::Queued,
         }
     }
@@ -220,6 +230,7 @@ impl RecipientState {
             RecipientState::Delivered => "delivered",
             RecipientState::Failed => "failed",
             RecipientState::Quarantined => "quarantined",
+            RecipientState::Held => "held",
         }
     }
 }
@@ -246,6 +257,8 @@ pub struct QueueStats {
     /// Still to deliver (leased or not).
     pub queued: i64,
     pub quarantined: i64,
+    /// Held by an operator (`queue hold`) until released.
+    pub held: i64,
     /// Queued and held by a live lease: being delivered by some node.
     pub leased: i64,
     /// Of those, held by the node asking.
@@ -331,6 +344,15 @@ pub trait Queue: Send + Sync {
     /// Makes queued recipients due now and releases quarantined ones (one message, or all with
     /// `None`); returns how many.
     async fn retry_now(&self, id: Option<&str>) -> Result<u64, QueueError>;
+
+    /// Holds the queued recipients of a message (or of every message with `None`) that nobody
+    /// is delivering at `now`: they stay in the queue, undelivered and unexpired, until
+    /// released. Returns how many were held, and how many are being delivered (their attempt
+    /// finishes; hold them again after it if they are still queued).
+    async fn hold(&self, id: Option<&str>, now: Millis) -> Result<(u64, u64), QueueError>;
+
+    /// Releases held recipients (of one message, or all): due at once. Returns how many.
+    async fn release(&self, id: Option<&str>) -> Result<u64, QueueError>;
 
     /// Takes a message's queued (and quarantined) recipients away from delivery for an
     /// operator's command: leases those that nobody is delivering now to `owner` until `lease_until`, atomically. Returns the

@@ -4,6 +4,7 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::policies::{CountedOutcome, StoredPolicy, TlsOutcome};
+use super::traces::{StoredBody, TraceRecord};
 use super::{
     Lease, MessageDsn, MessageMeta, QueueStats, RecipientDsn, RecipientRow, RecipientState,
 };
@@ -123,15 +124,30 @@ pub(crate) fn stored_policy_from_row(row: &impl QueueRow) -> StoredPolicy {
     }
 }
 
+/// The trace columns every query of traces reads.
+pub(crate) const TRACE_COLUMNS: &str = "message_id, at, phase, client_ip, sender, body";
+
+pub(crate) fn trace_from_row(row: &impl QueueRow) -> TraceRecord {
+    StoredBody::record(
+        row.optional_text("message_id"),
+        row.int("at"),
+        row.text("phase"),
+        row.text("client_ip"),
+        row.text("sender"),
+        &row.text("body"),
+    )
+}
+
 /// The queue's counts as both engines' stats queries return them, in this order.
-pub(crate) type StatsRow = (i64, i64, i64, i64, i64);
+pub(crate) type StatsRow = (i64, i64, i64, i64, i64, i64);
 
 pub(crate) fn stats_from_row(row: StatsRow) -> QueueStats {
-    let (messages, queued, quarantined, leased, leased_here) = row;
+    let (messages, queued, quarantined, leased, leased_here, held) = row;
     QueueStats {
         messages,
         queued,
         quarantined,
+        held,
         leased,
         leased_here,
     }

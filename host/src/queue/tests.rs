@@ -84,7 +84,151 @@ both_engines!(
     stats_count_the_whole_queue,
     two_nodes_recording_one_message_at_once_finish_it,
     a_result_under_a_lease_that_passed_on_is_not_applied,
+    held_recipients_wait_for_release_and_keep_their_message,
+    traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_time,
 );
+
+async fn held_recipients_wait_for_release_and_keep_their_message(place: Place) {
+    let queue = place.open().await.queue;
+    queue
+        .enqueue(message("h1", &["b@x.test", "c@y.test"]), None)
+        .await
+        .expect("enqueue");
+    queue
+        .enqueue(message("h2", &["d@x.test"]), None)
+        .await
+        .expect("enqueue");
+    let now = now_millis();
+    // One recipient of h1 is being delivered: holding leaves it to finish its attempt.
+    let (leased, _) = queue
+        .lease_message("h1", "node", now, now + 60_000)
+        .await
+        .expect("lease")
+        .expect("message");
+    assert_eq!(leased.recipients.len(), 2);
+    queue
+        .record(
+            "node",
+            vec![result("h1", 1, Outcome::Deferred { next_attempt: now })],
+            vec![],
+        )
+        .await
+        .expect("record");
+    assert_eq!(queue.hold(Some("h1"), now).await.expect("hold"), (1, 1));
+    // The busy recipient is delivered; the message stays for its held one.
+    queue
+        .record("node", vec![result("h1", 0, Outcome::Delivered)], vec![])
+        .await
+        .expect("record");
+    let h1 = queue
+        .get("h1")
+        .await
+        .expect("get")
+        .expect("kept for the held recipient");
+    assert_eq!(h1.recipients[1].state, RecipientState::Held);
+    // Held recipients are never claimed, however due.
+    let claimed = queue
+        .claim_due("node", now + 10_000, now + 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|m| m.meta.id.as_str())
+            .collect::<Vec<_>>(),
+        ["h2"]
+    );
+    assert_eq!(queue.stats("node", now).await.expect("stats").held, 1);
+    // A message of no held recipients is left alone; `None` releases every one.
+    assert_eq!(queue.release(Some("h2")).await.expect("release"), 0);
+    assert_eq!(queue.release(None).await.expect("release"), 1);
+    let claimed = queue
+        .claim_due("node", now_millis() + 1, now + 60_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].meta.id, "h1");
+}
+
+async fn traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_time(place: Place) {
+    use super::traces::{TraceQuery, TraceRecord, TracedCall, TracedPlugin};
+    let traces = place.open().await.traces;
+    let record = |message_id: Option<&str>, at: Millis, client: &str, sender: &str| TraceRecord {
+        message_id: message_id.map(str::to_string),
+        at,
+        phase: "smtp".to_string(),
+        client_ip: client.to_string(),
+        sender: sender.to_string(),
+        recipients: vec!["r@x.test".to_string()],
+        outcome: "done".to_string(),
+        plugins: vec![TracedPlugin {
+            name: "p".to_string(),
+            tenant: String::new(),
+            generation: 2,
+            sha256: "ab".repeat(32),
+        }],
+        calls: vec![TracedCall {
+            at,
+            hook: "rcpt-to".to_string(),
+            plugin: "p".to_string(),
+            tenant: String::new(),
+            subject: Some("r@x.test".to_string()),
+            verdict: "reject".to_string(),
+            detail: Some("550 5.7.1 no".to_string()),
+            rewrite: None,
+            edits: Vec::new(),
+            micros: 42,
+            failure: None,
+        }],
+    };
+    let now = now_millis();
+    let mut delivery = record(Some("m1"), now + 5, "", "a@x.test");
+    delivery.phase = "delivery".to_string();
+    let written = vec![
+        record(Some("m1"), now, "192.0.2.1", "a@x.test"),
+        delivery,
+        record(None, now - 60_000, "192.0.2.1", "old@x.test"),
+        record(None, now, "192.0.2.1", "b@x.test"),
+        record(None, now, "192.0.2.9", "c@x.test"),
+    ];
+    traces.append_traces(&written).await.expect("append");
+    let m1 = traces.message_trace("m1").await.expect("trace");
+    assert_eq!(m1, written[..2], "oldest first, whole");
+    let query = |client: Option<&str>, sender: Option<&str>, since: Option<Millis>| TraceQuery {
+        client_ip: client.map(str::to_string),
+        sender: sender.map(str::to_string),
+        since,
+        until: None,
+        limit: 10,
+    };
+    let senders = |records: Vec<TraceRecord>| -> Vec<String> {
+        records.into_iter().map(|record| record.sender).collect()
+    };
+    let found = traces
+        .refused_traces(&query(Some("192.0.2.1"), None, None))
+        .await
+        .expect("search");
+    assert_eq!(senders(found), ["b@x.test", "old@x.test"], "newest first");
+    let found = traces
+        .refused_traces(&query(Some("192.0.2.1"), None, Some(now - 1000)))
+        .await
+        .expect("search");
+    assert_eq!(senders(found), ["b@x.test"]);
+    let found = traces
+        .refused_traces(&query(None, Some("c@x.test"), None))
+        .await
+        .expect("search");
+    assert_eq!(senders(found), ["c@x.test"]);
+    assert_eq!(traces.prune_traces(now - 1000).await.expect("prune"), 1);
+    assert_eq!(
+        traces
+            .refused_traces(&query(None, None, None))
+            .await
+            .expect("search")
+            .len(),
+        2
+    );
+}
 
 fn message(id: &str, recipients: &[&str]) -> NewMessage {
     NewMessage {
@@ -542,7 +686,11 @@ async fn sqlite_file_from_before_migrations_is_upgraded() {
         .expect("open");
     let old = Queue::get(&queue, "old").await.expect("get").expect("kept");
     assert_eq!(old.recipients[0].address, "b@y.test");
-    assert_eq!(queue.schema_version().await.expect("version"), 1);
+    assert_eq!(
+        queue.schema_version().await.expect("version"),
+        migrations::newest(migrations::SQLITE),
+        "upgraded, then migrated to this version"
+    );
 }
 
 /// Bodies are compressed with lz4 where the server has it (migration 2).
@@ -778,6 +926,7 @@ async fn stats_count_the_whole_queue(place: Place) {
             messages: 3,
             queued: 3,
             quarantined: 1,
+            held: 0,
             leased: 3,
             leased_here: 2,
         }

@@ -15,6 +15,7 @@
 mod kv;
 mod listen;
 mod policies;
+mod traces;
 mod write;
 
 use std::collections::BTreeMap;
@@ -420,6 +421,49 @@ impl Queue for PgQueue {
         Ok(result.rows_affected())
     }
 
+    async fn hold(&self, id: Option<&str>, now: Millis) -> Result<(u64, u64), QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        let held = sqlx::query(
+            "UPDATE recipients SET state = 4
+             WHERE state = 0 AND ($1::text IS NULL OR message_id = $1)
+               AND (lease_until IS NULL OR lease_until < $2)",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients
+             WHERE state = 0 AND ($1::text IS NULL OR message_id = $1) AND lease_until >= $2",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_one(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok((held, busy.max(0) as u64))
+    }
+
+    async fn release(&self, id: Option<&str>) -> Result<u64, QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        let released = sqlx::query(
+            "UPDATE recipients SET state = 0, next_attempt = $1
+             WHERE state = 4 AND ($2::text IS NULL OR message_id = $2)",
+        )
+        .bind(super::now_millis())
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(released)
+    }
+
     async fn lease_message(
         &self,
         id: &str,
@@ -439,7 +483,7 @@ impl Queue for PgQueue {
         };
         let rows = sqlx::query(&format!(
             "UPDATE recipients SET lease_owner = $1, lease_until = $2
-             WHERE message_id = $3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < $4)
+             WHERE message_id = $3 AND state IN (0, 3, 4) AND (lease_until IS NULL OR lease_until < $4)
              RETURNING {RECIPIENT_COLUMNS}"
         ))
         .bind(owner)
@@ -537,7 +581,8 @@ impl Queue for PgQueue {
             "SELECT (SELECT COUNT(*) FROM messages),
                         COUNT(*) FILTER (WHERE state = 0), COUNT(*) FILTER (WHERE state = 3),
                         COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2),
-                        COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2 AND lease_owner = $1)
+                        COUNT(*) FILTER (WHERE state = 0 AND lease_until >= $2 AND lease_owner = $1),
+                        COUNT(*) FILTER (WHERE state = 4)
                  FROM recipients",
         )
         .bind(node_id)

@@ -253,7 +253,7 @@ impl PgWriter {
         // A message none of whose recipients is left to deliver goes, its recipients with it.
         sqlx::query(
             "DELETE FROM messages AS m WHERE m.id = ANY($1)
-             AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state IN (0, 3))",
+             AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state IN (0, 3, 4))",
         )
         .bind(&ids)
         .execute(&mut **transaction)

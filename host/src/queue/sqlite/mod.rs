@@ -6,6 +6,7 @@
 mod kv;
 mod policies;
 mod schema;
+mod traces;
 mod write;
 
 use std::path::Path;
@@ -215,6 +216,44 @@ impl Queue for SqliteQueue {
         Ok(result.rows_affected())
     }
 
+    async fn hold(&self, id: Option<&str>, now: Millis) -> Result<(u64, u64), QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        let held = sqlx::query(
+            "UPDATE recipients SET state = 4
+             WHERE state = 0 AND (?1 IS NULL OR message_id = ?1)
+               AND (lease_until IS NULL OR lease_until < ?2)",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recipients
+             WHERE state = 0 AND (?1 IS NULL OR message_id = ?1) AND lease_until >= ?2",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_one(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok((held, busy.max(0) as u64))
+    }
+
+    async fn release(&self, id: Option<&str>) -> Result<u64, QueueError> {
+        let released = sqlx::query(
+            "UPDATE recipients SET state = 0, next_attempt = ?1
+             WHERE state = 4 AND (?2 IS NULL OR message_id = ?2)",
+        )
+        .bind(super::now_millis())
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        self.work.notify_one();
+        Ok(released)
+    }
+
     async fn lease_message(
         &self,
         id: &str,
@@ -228,7 +267,7 @@ impl Queue for SqliteQueue {
         let mut transaction = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
             "UPDATE recipients SET lease_owner = ?1, lease_until = ?2
-             WHERE message_id = ?3 AND state IN (0, 3) AND (lease_until IS NULL OR lease_until < ?4)
+             WHERE message_id = ?3 AND state IN (0, 3, 4) AND (lease_until IS NULL OR lease_until < ?4)
              RETURNING message_id, {RECIPIENT_COLUMNS}"
         ))
         .bind(owner)
@@ -330,7 +369,8 @@ impl Queue for SqliteQueue {
             "SELECT (SELECT COUNT(*) FROM messages),
                         COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 3), 0),
                         COALESCE(SUM(state = 0 AND lease_until >= ?2), 0),
-                        COALESCE(SUM(state = 0 AND lease_until >= ?2 AND lease_owner = ?1), 0)
+                        COALESCE(SUM(state = 0 AND lease_until >= ?2 AND lease_owner = ?1), 0),
+                        COALESCE(SUM(state = 4), 0)
                  FROM recipients",
         )
         .bind(node_id)

@@ -140,7 +140,7 @@ impl SqliteWriter {
         for id in touched {
             sqlx::query(
                 "DELETE FROM recipients WHERE message_id = ?1
-                 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3))",
+                 AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1 AND state IN (0, 3, 4))",
             )
             .bind(id)
             .execute(&mut self.connection)

@@ -1,0 +1,15 @@
+-- Decision traces: one row per SMTP transaction, delivery attempt, routing or bounce of a
+-- message, and per transaction refused before a message was queued (message_id NULL). The
+-- calls are JSON: read whole, never queried inside.
+CREATE TABLE traces (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT,
+    at INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    client_ip TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX traces_message ON traces (message_id) WHERE message_id IS NOT NULL;
+CREATE INDEX traces_refused ON traces (at) WHERE message_id IS NULL;
+CREATE INDEX traces_at ON traces (at);

@@ -1,0 +1,397 @@
+//! The decision trace: every hook call of a run, noted as it returns (hook, plugin, verdict,
+//! edits, time taken, failure), taken from the run when its transaction or delivery stage ends
+//! and written in batches by the [`TraceSink`]. Also where a plugin's refusal is logged with its
+//! name, trace on or off.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::bindings::types::{AddressDecision, BounceText, DataDecision, DataVerdict, NextHop};
+use super::bindings::types::{Edit, TlsPolicy, Verdict};
+use super::chain::reply_of;
+use super::hooks::HookKind;
+use super::run::{FailureKind, PluginFailure, PluginRun};
+use crate::config::FailurePolicy;
+use crate::queue::now_millis;
+use crate::queue::traces::{TraceRecord, TraceStore, TracedCall, TracedPlugin};
+
+/// Whether runs note their calls: `[trace] enabled`, set at start and at each reload.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+pub fn set_tracing(on: bool) {
+    TRACING.store(on, Ordering::Relaxed);
+}
+
+pub(super) fn tracing_on() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// The calls a run noted since its trace was last taken.
+#[derive(Default)]
+pub(super) struct RunTrace {
+    calls: Vec<TracedCall>,
+    /// Which plugins of the run's set made a call, by index.
+    used: Vec<bool>,
+}
+
+/// How a hook's answer reads in a trace.
+pub(super) struct Described {
+    verdict: &'static str,
+    detail: Option<String>,
+    rewrite: Option<String>,
+    edits: Vec<String>,
+}
+
+impl Described {
+    fn plain(verdict: &'static str) -> Described {
+        Described {
+            verdict,
+            detail: None,
+            rewrite: None,
+            edits: Vec::new(),
+        }
+    }
+
+    fn with_detail(verdict: &'static str, detail: String) -> Described {
+        Described {
+            detail: Some(detail),
+            ..Described::plain(verdict)
+        }
+    }
+}
+
+/// A hook's result, as a trace describes it.
+pub(super) trait Describe {
+    /// Whether the answer could matter to an operator even without a trace (a refusal).
+    fn refuses(&self) -> bool;
+    fn describe(&self) -> Described;
+}
+
+fn describe_verdict(verdict: &Verdict) -> Described {
+    match verdict {
+        Verdict::Continue => Described::plain("continue"),
+        Verdict::Accept => Described::plain("accept"),
+        Verdict::Reject(reply) => {
+            Described::with_detail("reject", reply_of(reply.clone(), true).one_line())
+        }
+        Verdict::Tempfail(reply) => {
+            Described::with_detail("tempfail", reply_of(reply.clone(), false).one_line())
+        }
+    }
+}
+
+impl Describe for Verdict {
+    fn refuses(&self) -> bool {
+        matches!(self, Verdict::Reject(_) | Verdict::Tempfail(_))
+    }
+
+    fn describe(&self) -> Described {
+        describe_verdict(self)
+    }
+}
+
+impl Describe for AddressDecision {
+    fn refuses(&self) -> bool {
+        self.verdict.refuses()
+    }
+
+    fn describe(&self) -> Described {
+        Described {
+            rewrite: self.rewrite.clone(),
+            ..describe_verdict(&self.verdict)
+        }
+    }
+}
+
+impl Describe for DataDecision {
+    fn refuses(&self) -> bool {
+        matches!(
+            self.verdict,
+            DataVerdict::Reject(_) | DataVerdict::Tempfail(_)
+        )
+    }
+
+    fn describe(&self) -> Described {
+        let mut described = match &self.verdict {
+            DataVerdict::Continue => Described::plain("continue"),
+            DataVerdict::Accept => Described::plain("accept"),
+            DataVerdict::Reject(reply) => {
+                Described::with_detail("reject", reply_of(reply.clone(), true).one_line())
+            }
+            DataVerdict::Tempfail(reply) => {
+                Described::with_detail("tempfail", reply_of(reply.clone(), false).one_line())
+            }
+            DataVerdict::Quarantine(reason) => Described::with_detail(
+                "quarantine",
+                crate::mail::text::one_line(reason).into_owned(),
+            ),
+            DataVerdict::Discard => Described::plain("discard"),
+        };
+        described.edits = self.edits.iter().map(describe_edit).collect();
+        described
+    }
+}
+
+fn describe_edit(edit: &Edit) -> String {
+    let line = |text: &str| crate::mail::text::one_line(text).into_owned();
+    match edit {
+        Edit::AddHeader(header) => {
+            format!("add-header {}: {}", line(&header.name), line(&header.value))
+        }
+        Edit::RemoveHeader(name) => format!("remove-header {}", line(name)),
+        Edit::ReplaceHeader(header) => {
+            format!(
+                "replace-header {}: {}",
+                line(&header.name),
+                line(&header.value)
+            )
+        }
+        Edit::AddRecipient(address) => format!("add-recipient {}", line(address)),
+        Edit::RemoveRecipient(address) => format!("remove-recipient {}", line(address)),
+    }
+}
+
+impl Describe for NextHop {
+    fn refuses(&self) -> bool {
+        matches!(self, NextHop::Fail(_))
+    }
+
+    fn describe(&self) -> Described {
+        let line = |text: &str| crate::mail::text::one_line(text).into_owned();
+        match self {
+            NextHop::Continue => Described::plain("continue"),
+            NextHop::Mx(domain) => Described::with_detail("hop", format!("mx {}", line(domain))),
+            NextHop::Smarthost(smarthost) => Described::with_detail(
+                "hop",
+                format!(
+                    "smarthost {}:{} tls={}",
+                    line(&smarthost.host),
+                    smarthost.port,
+                    match smarthost.tls {
+                        TlsPolicy::None => "none",
+                        TlsPolicy::Opportunistic => "opportunistic",
+                        TlsPolicy::Require => "require",
+                    }
+                ),
+            ),
+            NextHop::Mailbox(name) => {
+                Described::with_detail("hop", format!("mailbox {}", line(name)))
+            }
+            NextHop::Discard => Described::with_detail("hop", "discard".to_string()),
+            NextHop::Fail(reply) => {
+                Described::with_detail("reject", reply_of(reply.clone(), true).one_line())
+            }
+        }
+    }
+}
+
+impl Describe for () {
+    fn refuses(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> Described {
+        Described::plain("observed")
+    }
+}
+
+impl Describe for Option<BounceText> {
+    fn refuses(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> Described {
+        match self {
+            Some(text) => Described::with_detail(
+                "text",
+                crate::mail::text::one_line(&text.subject).into_owned(),
+            ),
+            None => Described::plain("continue"),
+        }
+    }
+}
+
+/// The reply a failure policy gives, in words, for the trace.
+fn policy_reply(failure: &PluginFailure) -> String {
+    match failure.policy {
+        FailurePolicy::Tempfail => "451 4.3.0 (failure policy tempfail)".to_string(),
+        FailurePolicy::Reject => "550 5.3.0 (failure policy reject)".to_string(),
+        FailurePolicy::Continue => "skipped (failure policy continue)".to_string(),
+    }
+}
+
+impl PluginRun {
+    /// Notes a hook call of plugin `index` that began at `started`: in the run's trace when
+    /// tracing, and in the log when the plugin refused (or failed and its policy refuses).
+    pub(super) fn note<R: Describe>(
+        &mut self,
+        index: usize,
+        hook: HookKind,
+        started: Instant,
+        subject: Option<&str>,
+        result: &Result<R, PluginFailure>,
+    ) {
+        let refused = match result {
+            Ok(answer) => answer.refuses(),
+            Err(failure) => failure.policy != FailurePolicy::Continue,
+        };
+        if self.trace.is_none() && !refused {
+            return;
+        }
+        let described = match result {
+            Ok(answer) => answer.describe(),
+            Err(failure) if failure.kind == FailureKind::CircuitOpen => {
+                Described::with_detail("skipped", policy_reply(failure))
+            }
+            Err(failure) => Described::with_detail("failed", policy_reply(failure)),
+        };
+        let plugin = &self.set.plugins[index];
+        if refused {
+            tracing::info!(
+                plugin = %plugin.name,
+                tenant = %plugin.owner,
+                hook = hook.name(),
+                subject = subject.unwrap_or("-"),
+                queue_id = self.context.queue_id.as_deref().unwrap_or("-"),
+                reply = described.detail.as_deref().unwrap_or("-"),
+                "plugin refused"
+            );
+        }
+        let Some(trace) = &mut self.trace else {
+            return;
+        };
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let at = now_millis() - i64::try_from(micros / 1000).unwrap_or(0);
+        if trace.used.len() <= index {
+            trace.used.resize(index + 1, false);
+        }
+        trace.used[index] = true;
+        trace.calls.push(TracedCall {
+            at,
+            hook: hook.name().to_string(),
+            plugin: plugin.name.to_string(),
+            tenant: plugin.owner.to_string(),
+            subject: subject.map(|text| crate::mail::text::one_line(text).into_owned()),
+            verdict: described.verdict.to_string(),
+            detail: described.detail,
+            rewrite: described.rewrite,
+            edits: described.edits,
+            micros,
+            failure: result
+                .as_ref()
+                .err()
+                .map(|failure| format!("{:?}: {}", failure.kind, failure.message)),
+        });
+    }
+
+    /// The calls noted since the last take, as a record of `phase` (the caller fills in the
+    /// message, client, envelope and outcome). `None` when tracing is off for this run.
+    pub fn take_trace(&mut self, phase: &str) -> Option<TraceRecord> {
+        let trace = self.trace.as_mut()?;
+        let calls = std::mem::take(&mut trace.calls);
+        let used = std::mem::take(&mut trace.used);
+        let plugins = used
+            .iter()
+            .enumerate()
+            .filter(|(_, used)| **used)
+            .filter_map(|(index, _)| self.set.plugins.get(index))
+            .map(|plugin| TracedPlugin {
+                name: plugin.name.to_string(),
+                tenant: plugin.owner.to_string(),
+                generation: if plugin.owner.is_empty() {
+                    self.set.generation
+                } else {
+                    self.set.tenant_generation
+                },
+                sha256: plugin.digest_hex(),
+            })
+            .collect();
+        Some(TraceRecord {
+            message_id: self.context.queue_id.clone(),
+            at: now_millis(),
+            phase: phase.to_string(),
+            client_ip: String::new(),
+            sender: String::new(),
+            recipients: Vec::new(),
+            outcome: String::new(),
+            plugins,
+            calls,
+        })
+    }
+
+    /// Whether the run notes its calls for the trace.
+    pub fn traced(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// Starts noting calls, if tracing is on.
+    pub(super) fn new_trace() -> Option<Box<RunTrace>> {
+        tracing_on().then(Box::default)
+    }
+}
+
+/// Queue depth of records waiting to be written; past it records are dropped and counted
+/// (`switchyard_trace_dropped_total`): tracing must never hold up mail.
+const PENDING: usize = 10_000;
+/// Records written in one transaction at most.
+const BATCH: usize = 512;
+
+/// Where finished records go: a task writing them in batches to the trace store, and pruning
+/// those older than the retention.
+#[derive(Clone, Default)]
+pub struct TraceSink {
+    sender: Option<mpsc::Sender<TraceRecord>>,
+}
+
+impl TraceSink {
+    /// A sink that drops everything (tracing off, or tools that do not serve).
+    pub fn off() -> TraceSink {
+        TraceSink::default()
+    }
+
+    /// Starts the writer. Records older than `keep` are pruned every few minutes.
+    pub fn start(store: Arc<dyn TraceStore>, keep: Duration) -> TraceSink {
+        let (sender, mut receiver) = mpsc::channel::<TraceRecord>(PENDING);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut pruned_at = Instant::now() - Duration::from_secs(3600);
+            loop {
+                batch.clear();
+                if receiver.recv_many(&mut batch, BATCH).await == 0 {
+                    break;
+                }
+                if let Err(error) = store.append_traces(&batch).await {
+                    metrics::counter!("switchyard_trace_dropped_total")
+                        .increment(batch.len() as u64);
+                    tracing::warn!(%error, records = batch.len(), "cannot store decision traces");
+                }
+                if pruned_at.elapsed() >= Duration::from_secs(300) {
+                    pruned_at = Instant::now();
+                    let keep_millis = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+                    let before = now_millis().saturating_sub(keep_millis);
+                    match store.prune_traces(before).await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::debug!(pruned, "old decision traces pruned"),
+                        Err(error) => tracing::warn!(%error, "cannot prune decision traces"),
+                    }
+                }
+            }
+        });
+        TraceSink {
+            sender: Some(sender),
+        }
+    }
+
+    /// Hands a record to the writer; never waits.
+    pub fn submit(&self, record: TraceRecord) {
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        if sender.try_send(record).is_err() {
+            metrics::counter!("switchyard_trace_dropped_total").increment(1);
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The trace port: what the plugin chain decided, kept beside the queue so an operator can ask
+//! why a message was refused, delayed or routed where it went (`switchyard queue trace`).
+//!
+//! A trace is a list of records, one per SMTP transaction and one per delivery attempt (or
+//! routing, or bounce) of a message; each record lists the hook calls made, in order. Records
+//! of transactions refused before a message was queued carry no message id and are found by
+//! client address, sender and time. Records are written in batches after the fact (see
+//! `plugins::trace`), not in the message's own commit: a crash can lose the last fraction of a
+//! second of traces, never mail.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{Millis, QueueError};
+
+/// One plugin as a record's calls refer to it: the code that ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedPlugin {
+    pub name: String,
+    /// The tenant whose chain it is in (`""`: the global chain).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// The generation of its chain (global or tenant's).
+    pub generation: u64,
+    /// The component file's SHA-256, in hex.
+    pub sha256: String,
+}
+
+/// One hook call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedCall {
+    /// When the call began (Unix milliseconds).
+    pub at: Millis,
+    /// The hook (`rcpt-to`, `route`...).
+    pub hook: String,
+    /// The plugin, by name; its tenant, generation and digest are in the record's `plugins`.
+    pub plugin: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// What the call was about, when the hook is about one thing: the sender at `mail-from`,
+    /// the recipient at `rcpt-to` and `route`, the HELO name at `helo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `continue`, `accept`, `reject`, `tempfail`, `quarantine`, `discard`, `hop`, `text`
+    /// (a bounce text), `observed` (delivery-result), `failed` (the plugin trapped, timed out
+    /// or overran its memory) or `skipped` (its circuit is open).
+    pub verdict: String,
+    /// The reply the verdict carries, as the host would send it (`550 5.7.1 ...`), or the next
+    /// hop, the quarantine reason, or the failure policy's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// An address the call rewrote, as rewritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
+    /// Edits the call made (data hook), in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edits: Vec<String>,
+    /// Time the call took, instantiation included, in microseconds.
+    pub micros: u64,
+    /// Why the plugin failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// What the chain did in one transaction or one delivery stage of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    /// The queued message; `None` for a transaction refused before anything was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// When the record was closed (Unix milliseconds).
+    pub at: Millis,
+    /// `smtp` (a transaction), `delivery` (an attempt), or `bounce`.
+    pub phase: String,
+    /// The SMTP client's address (`smtp` records; empty for the others).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_ip: String,
+    /// The envelope sender as the client gave it (empty: the null sender or not given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sender: String,
+    /// The recipients the transaction or attempt was about.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// How it ended, in words: `queued as ID`, `refused: 550 5.7.1 ...`, `sent`, `deferred`...
+    pub outcome: String,
+    pub plugins: Vec<TracedPlugin>,
+    pub calls: Vec<TracedCall>,
+}
+
+impl TraceRecord {
+    /// The record of plugin `name` of `tenant`, if one of the calls made it.
+    pub fn plugin(&self, name: &str, tenant: &str) -> Option<&TracedPlugin> {
+        self.plugins
+            .iter()
+            .find(|plugin| plugin.name == name && plugin.tenant == tenant)
+    }
+}
+
+/// Which records of refused transactions to find.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceQuery {
+    pub client_ip: Option<String>,
+    pub sender: Option<String>,
+    /// From this time on (Unix milliseconds).
+    pub since: Option<Millis>,
+    /// Up to this time.
+    pub until: Option<Millis>,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+#[async_trait]
+pub trait TraceStore: Send + Sync {
+    /// Stores records, in one transaction.
+    async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError>;
+    /// Every record of a message, oldest first.
+    async fn message_trace(&self, message_id: &str) -> Result<Vec<TraceRecord>, QueueError>;
+    /// Records of refused transactions (no message id) matching `query`, newest first.
+    async fn refused_traces(&self, query: &TraceQuery) -> Result<Vec<TraceRecord>, QueueError>;
+    /// Forgets records closed before `before`; returns how many.
+    async fn prune_traces(&self, before: Millis) -> Result<u64, QueueError>;
+}
+
+/// The JSON kept in a record's row (what is not a column of its own).
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredBody {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    pub outcome: String,
+    pub plugins: Vec<TracedPlugin>,
+    pub calls: Vec<TracedCall>,
+}
+
+impl StoredBody {
+    pub(super) fn of(record: &TraceRecord) -> String {
+        let body = StoredBody {
+            recipients: record.recipients.clone(),
+            outcome: record.outcome.clone(),
+            plugins: record.plugins.clone(),
+            calls: record.calls.clone(),
+        };
+        serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
+    }
+
+    /// The record of a row's columns and body; a body that does not parse (written by a newer
+    /// version, or damaged) still shows the columns.
+    pub(super) fn record(
+        message_id: Option<String>,
+        at: Millis,
+        phase: String,
+        client_ip: String,
+        sender: String,
+        body: &str,
+    ) -> TraceRecord {
+        let body: StoredBody = serde_json::from_str(body).unwrap_or_else(|error| StoredBody {
+            recipients: Vec::new(),
+            outcome: format!("(unreadable trace: {error})"),
+            plugins: Vec::new(),
+            calls: Vec::new(),
+        });
+        TraceRecord {
+            message_id,
+            at,
+            phase,
+            client_ip,
+            sender,
+            recipients: body.recipients,
+            outcome: body.outcome,
+            plugins: body.plugins,
+            calls: body.calls,
+        }
+    }
+}
+
+/// Records as a readable timeline: one block per record, one line per call, and the plugins'
+/// digests under each block.
+pub fn timeline(records: &[TraceRecord]) -> String {
+    let mut out = String::new();
+    for record in records {
+        let mut head = format!("{}  {}", clock(record.at), record.phase);
+        if let Some(id) = &record.message_id {
+            head.push_str(&format!("  message {id}"));
+        }
+        if !record.client_ip.is_empty() {
+            head.push_str(&format!("  client {}", record.client_ip));
+        }
+        head.push_str(&format!("  from <{}>", record.sender));
+        if !record.recipients.is_empty() {
+            let to: Vec<String> = record.recipients.iter().map(|r| format!("<{r}>")).collect();
+            head.push_str(&format!("  to {}", to.join(" ")));
+        }
+        out.push_str(&head);
+        out.push('\n');
+        for call in &record.calls {
+            let mut line = format!("  {}  {:<15} {}", clock(call.at), call.hook, call.plugin);
+            if !call.tenant.is_empty() {
+                line.push_str(&format!(" (tenant {})", call.tenant));
+            }
+            if let Some(subject) = &call.subject {
+                line.push_str(&format!("  <{subject}>"));
+            }
+            line.push_str(&format!("  {}", call.verdict));
+            if let Some(detail) = &call.detail {
+                line.push_str(&format!(" {detail}"));
+            }
+            if let Some(rewrite) = &call.rewrite {
+                line.push_str(&format!("  rewrite <{rewrite}>"));
+            }
+            for edit in &call.edits {
+                line.push_str(&format!("  [{edit}]"));
+            }
+            line.push_str(&format!("  {:.3}ms", call.micros as f64 / 1000.0));
+            if let Some(failure) = &call.failure {
+                line.push_str(&format!("  failure: {failure}"));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str(&format!("  => {}\n", record.outcome));
+        for plugin in &record.plugins {
+            let tenant = if plugin.tenant.is_empty() {
+                String::new()
+            } else {
+                format!(" tenant {}", plugin.tenant)
+            };
+            out.push_str(&format!(
+                "     {}{tenant}: generation {}, sha256 {}\n",
+                plugin.name, plugin.generation, plugin.sha256
+            ));
+        }
+    }
+    out
+}
+
+/// A time as the timeline shows it (UTC, milliseconds).
+fn clock(at: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(at)
+        .map(|time| time.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| at.to_string())
+}
