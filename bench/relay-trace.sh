@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What the decision trace costs: one release build, two servers with the same chain of five noop
+# plugins (every hook of every message called, so every message's trace has its ~20 calls), one
+# with `[trace] enabled = false`, one with tracing on (the default). The servers take turns,
+# ROUNDS times; each round prints both delivered rates and CPU time per message (from /proc).
+#
+#   N=4000 SESSIONS=20 ROUNDS=6 bench/relay-trace.sh
+set -euo pipefail
+N=${N:-4000}
+SESSIONS=${SESSIONS:-20}
+ROUNDS=${ROUNDS:-6}
+SIZE=${SIZE:-1024}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/switchyard-trace.XXXXXX)
+source "$root/bench/lib.sh"
+cleanup() { kill ${off_pid:-} ${on_pid:-} ${sink_pid:-} 2>/dev/null || true; }
+trap cleanup EXIT
+
+ensure_postfix_tools
+build_switchyard
+start_sink
+start_switchyard off 2625 "$(noop_chain)
+[trace]
+enabled = false"
+start_switchyard on 2626 "$(noop_chain)"
+
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ticks_per_second=$(getconf CLK_TCK)
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE, five noop plugins"
+echo "| round | trace off delivered/s | off CPU µs/msg | trace on delivered/s | on CPU µs/msg | on/off |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for round in $(seq "$ROUNDS"); do
+  row="| $round"
+  rates=()
+  for name in off on; do
+    pid_var=${name}_pid
+    port=2625
+    [ "$name" = on ] && port=2626
+    before=$(cpu_ticks "${!pid_var}")
+    read -r _ delivered <<<"$(run "$port" "$SIZE" switchyard_queue_empty "$name")"
+    cpu=$(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / ticks_per_second / N ))
+    rates+=("$delivered")
+    row+=" | $delivered | $cpu"
+  done
+  echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
+done
+# The traces written: one smtp, one route and one delivery record per message.
+echo "trace rows: $(sqlite3 "$work/on-data/queue.db" 'SELECT COUNT(*) FROM traces' 2>/dev/null || echo '?')"
