@@ -74,7 +74,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins { config, action } => {
             let config = load_config(config.as_ref())?;
             init_logging("warn");
-            plugins_command(&config, action)
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(plugins_command(&config, action))
         }
         Command::Auth { action } => auth_command(action),
         Command::Dkim { action } => dkim_command(action),

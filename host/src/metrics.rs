@@ -8,13 +8,17 @@
 //!   `bounced` or `expired`, as in the delivery log line;
 //! - `plugin_calls_total{plugin,tenant}` and `plugin_failures_total{plugin,tenant,kind}` (the
 //!   tenant whose chain the plugin is in, `""` for the global chain);
+//! - `plugin_call_seconds{plugin,tenant,hook}`: a histogram of hook calls' durations;
+//! - `plugin_circuit_open{plugin,tenant}` (1 while open), `plugin_circuit_trips_total` and
+//!   `plugin_skipped_total` (calls an open circuit answered), per plugin (see `plugins::breaker`);
+//! - `trace_dropped_total`: decision-trace records not stored (a backlog, a failed write);
 //! - `tenant_limited_total{tenant,limit}`: transactions refused by a tenant's limit;
 //! - `plugin_hold_refused_total`: messages whose delivery stages had to instantiate their plugins
 //!   afresh because held runs already kept their share of the instance pool (see `plugins::hold`);
 //! - `auth_total{result}`: SMTP AUTH attempts, `ok`, `failed` (password) or `refused` (a plugin);
 //! - `plugin_counter_total{plugin,tenant,name}` and `plugin_histogram{plugin,tenant,name}`: what
 //!   plugins record (the tenant of the mail they were deciding on);
-//! - `queue_messages`, `queue_recipients{state}` (`queued`, `quarantined`, `leased`) and
+//! - `queue_messages`, `queue_recipients{state}` (`queued`, `quarantined`, `held`, `leased`) and
 //!   `queue_leased_here`: the queue's counts every 5 s (on a shared queue, the whole queue's,
 //!   as every node sees it, except `queue_leased_here`: this node's leases);
 //! - `queue_available`: 0 from a failed queue write until the database answers again, else 1.
@@ -23,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::config::MetricsConfig;
 
@@ -42,6 +46,16 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<()> {
     };
     PrometheusBuilder::new()
         .with_http_listener(listen)
+        // Real buckets (not a summary) for hook calls: quantiles can then be summed over
+        // nodes and plugins. From 10 µs (a call into a warm instance) to the longest limits.
+        .set_buckets_for_metric(
+            Matcher::Full("switchyard_plugin_call_seconds".to_string()),
+            &[
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
+        )
+        .map_err(|error| anyhow::anyhow!("metrics buckets: {error}"))?
         .install()
         .map_err(|error| anyhow::anyhow!("cannot serve metrics on {listen}: {error}"))?;
     EXPORTING.store(true, Ordering::Relaxed);

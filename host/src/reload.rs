@@ -43,6 +43,8 @@ pub fn pid_path(config: &Config) -> PathBuf {
 enum Trigger {
     /// SIGHUP: everything.
     Hangup,
+    /// The admin API's `POST /v1/plugins/reload`: everything, as SIGHUP.
+    Admin,
     /// A watched file or a file of the tenants' directory changed.
     Changed(PathBuf),
 }
@@ -197,6 +199,29 @@ pub struct Reloader {
     /// The listeners' certificates (when `[tls]` is set), loaded again with the configuration
     /// and when their files change (a renewal).
     pub certificates: Option<Arc<CertificateResolver>>,
+    pub triggers: Triggers,
+}
+
+/// Asks the reload task for a reload of everything, as SIGHUP does.
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::UnboundedSender<Trigger>);
+
+impl ReloadHandle {
+    /// False when the reload task has stopped.
+    pub fn request(&self) -> bool {
+        self.0.send(Trigger::Admin).is_ok()
+    }
+}
+
+/// The reload task's inbox, made before the task so others can hold a [`ReloadHandle`].
+pub struct Triggers {
+    sender: mpsc::UnboundedSender<Trigger>,
+    receiver: mpsc::UnboundedReceiver<Trigger>,
+}
+
+pub fn triggers() -> (ReloadHandle, Triggers) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (ReloadHandle(sender.clone()), Triggers { sender, receiver })
 }
 
 /// Runs forever: waits for reload triggers and refreshes the status file every second.
@@ -209,9 +234,13 @@ pub async fn run(reloader: Reloader) {
         config_path,
         config,
         tenant_configs,
+        triggers:
+            Triggers {
+                sender: trigger,
+                receiver: mut triggers,
+            },
     } = reloader;
     let status_file = status_path(&config);
-    let (trigger, mut triggers) = mpsc::unbounded_channel::<Trigger>();
     let hangups = trigger.clone();
     tokio::spawn(async move {
         let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -247,6 +276,11 @@ pub async fn run(reloader: Reloader) {
                             plan.global = true;
                             plan.all_tenants = true;
                             reasons.push("SIGHUP".to_string());
+                        }
+                        Trigger::Admin => {
+                            plan.global = true;
+                            plan.all_tenants = true;
+                            reasons.push("admin API".to_string());
                         }
                         Trigger::Changed(path) => {
                             if watched.plan(&path, &mut plan) {

@@ -123,7 +123,19 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
     if tenants.enabled() {
-        tokio::spawn(count_queued_bytes(queue, tenants.clone()));
+        tokio::spawn(count_queued_bytes(queue.clone(), tenants.clone()));
+    }
+    let (reload, triggers) = crate::reload::triggers();
+    if let Some(listen) = config.admin.listen {
+        let admin = crate::admin::server::AdminState {
+            queue: queue.clone(),
+            traces: opened.traces.clone(),
+            plugins: services.plugins.clone(),
+            reload,
+            hostname: config.hostname.clone(),
+            tokens_file: config.admin.tokens_file.clone().unwrap_or_default(),
+        };
+        crate::admin::server::start(listen, admin, &shutdown).await?;
     }
     tokio::spawn(crate::reload::run(crate::reload::Reloader {
         plugins: services.plugins.clone(),
@@ -133,6 +145,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tenant_configs,
         signer,
         certificates: services.certificates.clone(),
+        triggers,
     }));
     let pid_file = crate::reload::pid_path(&config);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin;
 mod check_config;
 mod cluster;
 mod crash;

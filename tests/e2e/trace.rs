@@ -6,18 +6,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
-use crate::harness::router::{plugin_path, Router};
+use crate::harness::router::{free_port, plugin_path, scrape_metrics, stdout, Router};
 use crate::harness::sink::Sink;
 use crate::plugins::{generation, plugin, router_with};
-
-fn stdout(output: &std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// The digest `sha256sum` (coreutils, not our code) prints for a plugin's component.
 fn sha256sum(crate_name: &str) -> String {
@@ -264,7 +255,12 @@ async fn rcpt(router: &Router, recipient: &str) -> (String, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_plugin_trips_its_breaker_and_is_called_again_after_the_cooldown() {
     let settings = "grants = [\"kv\"]\ntime_limit = \"300ms\"\nbreaker = { failures = 2, window = \"1m\", cooldown = \"3s\" }\n[plugin.config]\nmode = \"loop\"\n";
-    let (router, _sink) = router_with(&plugin("spinner", "misbehave", settings)).await;
+    let metrics = free_port();
+    let (router, _sink) = router_with(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        plugin("spinner", "misbehave", settings)
+    ))
+    .await;
     let failed = "451 4.3.0 plugin spinner failed, try again later";
     // Two transactions that each spend the plugin's whole time limit: the circuit opens.
     for _ in 0..2 {
@@ -284,6 +280,15 @@ async fn a_looping_plugin_trips_its_breaker_and_is_called_again_after_the_cooldo
         "skipped, not called: {took:?}"
     );
     listing_with(&router, &["skipped=1"]).await;
+    let page = scrape_metrics(metrics).await;
+    for series in [
+        "switchyard_plugin_circuit_open{plugin=\"spinner\",tenant=\"\"} 1",
+        "switchyard_plugin_circuit_trips_total{plugin=\"spinner\",tenant=\"\"} 1",
+        "switchyard_plugin_skipped_total{plugin=\"spinner\",tenant=\"\"} 1",
+        "switchyard_plugin_call_seconds_bucket{plugin=\"spinner\",tenant=\"\",hook=\"rcpt-to\",le=\"0.5\"} 2",
+    ] {
+        assert!(page.contains(series), "{series} missing:\n{page}");
+    }
     // After the cool-down the next call is the trial; it succeeds and closes the circuit.
     tokio::time::sleep(Duration::from_millis(3200)).await;
     let (reply, _) = rcpt(&router, "friend@switchyard.test").await;

@@ -5,6 +5,7 @@
 //! span several values (two listeners on one address, TLS asked for without a certificate) run after,
 //! in [`validate`], and also point at a line.
 
+mod admin;
 pub mod dkim;
 mod plugin;
 pub mod tenant;
@@ -14,6 +15,7 @@ mod validate;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use admin::AdminConfig;
 pub use dkim::{ArcConfig, DkimKeyConfig};
 pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest};
 use serde::{Deserialize, Serialize};
@@ -75,6 +77,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The plugins' decision traces (`switchyard queue trace`).
     pub trace: TraceConfig,
+    /// The admin HTTP API (off unless `listen` is set).
+    pub admin: AdminConfig,
     pub authentication: AuthenticationConfig,
     pub submission: SubmissionConfig,
     pub mailboxes: MailboxesConfig,
@@ -113,6 +117,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             trace: TraceConfig::default(),
+            admin: AdminConfig::default(),
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
             mailboxes: MailboxesConfig::default(),
@@ -133,7 +138,7 @@ fn default_hostname() -> String {
 /// This machine's name (`/etc/hostname`), read once: the default greeting name, and the default
 /// node id, which unlike a configured `hostname` (often the same greeting name on every node of
 /// a cluster) differs from machine to machine.
-fn machine_name() -> &'static str {
+pub fn machine_name() -> &'static str {
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NAME.get_or_init(|| {
         std::fs::read_to_string("/etc/hostname")
@@ -652,6 +657,9 @@ impl Config {
         }
         if let Some(users) = &mut config.submission.users_file {
             resolve(users);
+        }
+        if let Some(tokens) = &mut config.admin.tokens_file {
+            resolve(tokens);
         }
         if let Some(ca_file) = &mut config.delivery.ca_file {
             resolve(ca_file);

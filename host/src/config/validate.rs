@@ -40,6 +40,7 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
     submission(config, &problem)?;
     dkim(config, &problem)?;
     queue(config, &problem)?;
+    admin(config, &problem)?;
     names(config, &problem)
 }
 
@@ -195,6 +196,36 @@ fn limits(config: &Config, problem: &Locate) -> Result<(), Problem> {
 }
 
 /// Files the server will open: they exist and are what they should be.
+/// `[admin]`: a token file with `listen`, and loopback unless remote use is allowed.
+fn admin(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    let admin = &config.admin;
+    let Some(listen) = admin.listen else {
+        return Ok(());
+    };
+    if !listen.ip().is_loopback() && !admin.allow_remote {
+        return Err(problem(
+            "listen",
+            format!(
+                "admin.listen {listen} is not a loopback address: the API speaks plain HTTP;                  set allow_remote = true to serve it there anyway (behind a TLS proxy)"
+            ),
+        ));
+    }
+    match &admin.tokens_file {
+        None => Err(problem(
+            "listen",
+            "admin.listen needs admin.tokens_file: every request carries a token".to_string(),
+        )),
+        Some(path) if !path.is_file() => Err(problem(
+            "tokens_file",
+            format!(
+                "admin.tokens_file {} is not a readable file",
+                path.display()
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 fn files(config: &Config, problem: &Locate) -> Result<(), Problem> {
     if let Some(tls) = &config.tls {
         let sni = tls.sni.iter().flat_map(|extra| {

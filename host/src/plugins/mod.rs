@@ -18,6 +18,7 @@ pub mod loader;
 pub mod plugin;
 pub mod preinit;
 pub mod run;
+pub mod status;
 pub mod store;
 pub mod trace;
 
@@ -360,73 +361,96 @@ impl PluginManager {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A human-readable table of the running chains (the first column is the tenant, `-` for
-    /// the global chain) and the last reload errors.
-    pub fn describe(&self) -> String {
+    /// The running chains, their plugins' counters and circuits, and the reloads' outcome.
+    pub fn status(&self) -> status::ChainsStatus {
         let set = self.current();
-        let mut out = format!("generation {}\n", set.generation);
-        for plugin in &set.plugins {
-            describe_plugin(&mut out, "-", set.generation, plugin);
-        }
         let tenants = self.tenants.load();
         let mut ids: Vec<&Arc<str>> = tenants.keys().collect();
         ids.sort();
-        for id in ids {
-            let chain = &tenants[id];
-            out.push_str(&format!(
-                "{id}  tenant  generation={}  plugins={}  instance_share={}  instances_in_use={}\n",
-                chain.generation,
-                chain.plugins.len(),
-                chain.share_size,
-                chain.share_size - chain.share.available_permits(),
-            ));
-            for plugin in &chain.plugins {
-                describe_plugin(&mut out, id, chain.generation, plugin);
-            }
-        }
-        let mut errors: Vec<(String, String)> = self
+        let tenant_chains = ids
+            .into_iter()
+            .map(|id| {
+                let chain = &tenants[id];
+                status::TenantStatus {
+                    tenant: id.to_string(),
+                    generation: chain.generation,
+                    instance_share: chain.share_size,
+                    instances_in_use: chain.share_size - chain.share.available_permits(),
+                    plugins: chain
+                        .plugins
+                        .iter()
+                        .map(|plugin| plugin_status(chain.generation, plugin))
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut tenant_errors: Vec<status::TenantError> = self
             .tenant_errors_mut()
             .iter()
-            .map(|(id, error)| (id.clone(), error.clone()))
+            .map(|(tenant, error)| status::TenantError {
+                tenant: tenant.clone(),
+                error: error.clone(),
+            })
             .collect();
-        errors.sort();
-        for (id, error) in errors {
-            out.push_str(&format!("{id}  last reload failed: {error}\n"));
+        tenant_errors.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let reloads = self.status_mut().clone();
+        status::ChainsStatus {
+            generation: set.generation,
+            plugins: set
+                .plugins
+                .iter()
+                .map(|plugin| plugin_status(set.generation, plugin))
+                .collect(),
+            tenants: tenant_chains,
+            tenant_errors,
+            reload_attempts: reloads.attempts,
+            last_reload_error: reloads.last_error,
         }
-        let status = self.status_mut().clone();
-        out.push_str(&format!("reload attempts: {}\n", status.attempts));
-        if let Some(error) = &status.last_error {
-            out.push_str(&format!("last reload failed: {error}\n"));
-        }
-        out
+    }
+
+    /// The running chains as `plugins list` prints them.
+    pub fn describe(&self) -> String {
+        self.status().to_text()
     }
 }
 
-/// One line of `plugins list`.
-fn describe_plugin(out: &mut String, tenant: &str, generation: u64, plugin: &LoadedPlugin) {
+/// One plugin's line of the status.
+fn plugin_status(generation: u64, plugin: &LoadedPlugin) -> status::PluginStatus {
     let stats = &plugin.stats;
     let breaker = &plugin.breaker;
-    out.push_str(&format!(
-        "{tenant}  {}  generation={generation}  sha256={}  hooks=[{}]  init={}  time_limit={:?}  memory_limit={}  failure_policy={:?}  calls={}  failures={}  timeouts={}  out_of_memory={}  circuit={}  trips={}  skipped={}\n",
-        plugin.name,
-        plugin.digest_hex(),
-        plugin.hooks.names().join(","),
-        if plugin.preinitialized {
+    status::PluginStatus {
+        name: plugin.name.to_string(),
+        tenant: plugin.owner.to_string(),
+        generation,
+        sha256: plugin.digest_hex(),
+        hooks: plugin
+            .hooks
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        init: if plugin.preinitialized {
             "snapshot"
         } else {
             "per-instance"
-        },
-        plugin.manifest.time_limit,
-        plugin.manifest.memory_limit,
-        plugin.manifest.failure_policy,
-        stats.calls.load(Ordering::Relaxed),
-        stats.failures.load(Ordering::Relaxed),
-        stats.timeouts.load(Ordering::Relaxed),
-        stats.out_of_memory.load(Ordering::Relaxed),
-        breaker.state(std::time::Instant::now()),
-        breaker.trips(),
-        stats.skipped.load(Ordering::Relaxed),
-    ));
+        }
+        .to_string(),
+        time_limit_ms: u64::try_from(plugin.manifest.time_limit.as_millis()).unwrap_or(u64::MAX),
+        memory_limit: plugin.manifest.memory_limit,
+        failure_policy: match plugin.manifest.failure_policy {
+            crate::config::FailurePolicy::Tempfail => "tempfail",
+            crate::config::FailurePolicy::Reject => "reject",
+            crate::config::FailurePolicy::Continue => "continue",
+        }
+        .to_string(),
+        calls: stats.calls.load(Ordering::Relaxed),
+        failures: stats.failures.load(Ordering::Relaxed),
+        timeouts: stats.timeouts.load(Ordering::Relaxed),
+        out_of_memory: stats.out_of_memory.load(Ordering::Relaxed),
+        circuit: breaker.state(std::time::Instant::now()).to_string(),
+        trips: breaker.trips(),
+        skipped: stats.skipped.load(Ordering::Relaxed),
+    }
 }
 
 /// Compiles and initialises the global chain and every tenant's as a server would, without

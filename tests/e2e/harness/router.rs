@@ -354,6 +354,16 @@ impl Drop for Router {
     }
 }
 
+/// What a command that must succeed printed (its error output is the failure message).
+pub fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The Prometheus page of a router's metrics endpoint.
 pub async fn scrape_metrics(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
