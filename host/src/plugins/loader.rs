@@ -166,6 +166,7 @@ pub async fn load(
         name: Arc::from(plugin.as_str()),
         owner: owner.clone(),
         digest,
+        sha256: Arc::from(hex::encode(digest)),
         pre,
         indices,
         hooks: HookSet::default(),

@@ -62,6 +62,8 @@ pub struct LoadedPlugin {
     pub owner: Arc<str>,
     /// SHA-256 of the component file: plugins with the same digest share one compiled component.
     pub digest: [u8; 32],
+    /// `digest` in hex, made once for traces and listings.
+    pub sha256: Arc<str>,
     /// Instantiates the plugin (or its pre-initialised snapshot) for a transaction.
     pub pre: InstancePre<HostState>,
     /// Where `pre`'s component exports each hook.
@@ -79,6 +81,6 @@ pub struct LoadedPlugin {
 impl LoadedPlugin {
     /// The component's digest as `sha256sum` prints it.
     pub fn digest_hex(&self) -> String {
-        hex::encode(self.digest)
+        self.sha256.to_string()
     }
 }

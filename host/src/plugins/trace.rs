@@ -338,6 +338,10 @@ impl PluginRun {
 const PENDING: usize = 10_000;
 /// Records written in one transaction at most.
 const BATCH: usize = 512;
+/// How long the writer gathers records before writing them: one commit (one fsync) per this
+/// much time at most, instead of one per record, so traces never compete with mail for the
+/// disk.
+const GATHER: Duration = Duration::from_millis(250);
 
 /// Where finished records go: a task writing them in batches to the trace store, and pruning
 /// those older than the retention.
@@ -362,6 +366,15 @@ impl TraceSink {
                 batch.clear();
                 if receiver.recv_many(&mut batch, BATCH).await == 0 {
                     break;
+                }
+                if batch.len() < BATCH {
+                    tokio::time::sleep(GATHER).await;
+                    while batch.len() < BATCH {
+                        match receiver.try_recv() {
+                            Ok(record) => batch.push(record),
+                            Err(_) => break,
+                        }
+                    }
                 }
                 if let Err(error) = store.append_traces(&batch).await {
                     metrics::counter!("switchyard_trace_dropped_total")
