@@ -11,5 +11,4 @@ CREATE TABLE traces (
     body TEXT NOT NULL
 );
 CREATE INDEX traces_message ON traces (message_id) WHERE message_id IS NOT NULL;
-CREATE INDEX traces_refused ON traces (at) WHERE message_id IS NULL;
 CREATE INDEX traces_at ON traces (at);

@@ -15,18 +15,11 @@ use super::QueueError;
 /// One engine's migrations: (version, description, SQL).
 type Steps = &'static [(i64, &'static str, &'static str)];
 
-pub(crate) const SQLITE: Steps = &[
-    (
-        1,
-        "queue",
-        include_str!("../../migrations/sqlite/0001_queue.sql"),
-    ),
-    (
-        2,
-        "traces",
-        include_str!("../../migrations/sqlite/0002_traces.sql"),
-    ),
-];
+pub(crate) const SQLITE: Steps = &[(
+    1,
+    "queue",
+    include_str!("../../migrations/sqlite/0001_queue.sql"),
+)];
 
 pub(crate) const POSTGRES: Steps = &[
     (

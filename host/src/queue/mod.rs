@@ -131,11 +131,12 @@ pub async fn open(
         QueueEngine::Sqlite => {
             let path = data_dir.join(&config.path);
             let queue = Arc::new(sqlite::SqliteQueue::open(&path, config.commit_window).await?);
+            let traces = Arc::new(sqlite::traces::SqliteTraces::open(&path).await?);
             Ok(Opened {
                 queue: queue.clone(),
                 kv: queue.clone(),
-                policies: queue.clone(),
-                traces: queue,
+                policies: queue,
+                traces,
                 location: path.display().to_string(),
             })
         }

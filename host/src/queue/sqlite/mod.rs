@@ -6,7 +6,7 @@
 mod kv;
 mod policies;
 mod schema;
-mod traces;
+pub mod traces;
 mod write;
 
 use std::path::Path;

@@ -1,15 +1,67 @@
-//! The SQLite engine's trace records, written straight through the pool in one transaction per
-//! batch (the trace writer batches them; the queue's own writer stays for mail).
+//! The SQLite engine's trace records, in a file of their own beside the queue
+//! (`queue.db-traces`): SQLite has one writer per file, and trace batches must never make a
+//! message's commit wait for the write lock. Durability is `synchronous=NORMAL` (WAL): a power
+//! cut may lose the last traces, never corrupt the file; mail's own commits are unaffected.
+//! The schema is created here, not by the queue's migrations: traces are disposable, and a
+//! schema change may start the file afresh.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
 
-use super::SqliteQueue;
 use crate::queue::rows::{trace_from_row, TRACE_COLUMNS};
 use crate::queue::traces::{StoredBody, TraceQuery, TraceRecord, TraceStore};
 use crate::queue::{Millis, QueueError};
 
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS traces (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT,
+    at INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    client_ip TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_message ON traces (message_id) WHERE message_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS traces_at ON traces (at);
+";
+
+/// The traces of the SQLite queue at a path.
+pub struct SqliteTraces {
+    pool: SqlitePool,
+}
+
+/// Where the traces of the queue at `queue` live.
+pub fn traces_path(queue: &Path) -> PathBuf {
+    let mut name = queue.as_os_str().to_owned();
+    name.push("-traces");
+    PathBuf::from(name)
+}
+
+impl SqliteTraces {
+    pub async fn open(queue: &Path) -> Result<SqliteTraces, QueueError> {
+        let path = traces_path(queue);
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(SqliteTraces { pool })
+    }
+}
+
 #[async_trait]
-impl TraceStore for SqliteQueue {
+impl TraceStore for SqliteTraces {
     async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError> {
         let mut transaction = self.pool.begin().await?;
         for record in records {
