@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use crate::queue::rows::{trace_from_row, TRACE_COLUMNS};
 use crate::queue::traces::{StoredBody, TraceQuery, TraceRecord, TraceStore};
@@ -19,7 +19,7 @@ use crate::queue::{Millis, QueueError};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS traces (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     message_id TEXT,
     at INTEGER NOT NULL,
     phase TEXT NOT NULL,
@@ -28,8 +28,11 @@ CREATE TABLE IF NOT EXISTS traces (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS traces_message ON traces (message_id) WHERE message_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS traces_at ON traces (at);
+CREATE INDEX IF NOT EXISTS traces_refused ON traces (at) WHERE message_id IS NULL;
 ";
+
+/// Rows in one INSERT: six parameters each, well under SQLite's limit of 32,766.
+const ROWS_PER_STATEMENT: usize = 1000;
 
 /// The traces of the SQLite queue at a path.
 pub struct SqliteTraces {
@@ -63,20 +66,22 @@ impl SqliteTraces {
 #[async_trait]
 impl TraceStore for SqliteTraces {
     async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError> {
+        // A few statements per batch, not one per record: every statement is a round trip to
+        // the driver's thread.
         let mut transaction = self.pool.begin().await?;
-        for record in records {
-            sqlx::query(
-                "INSERT INTO traces (message_id, at, phase, client_ip, sender, body)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&record.message_id)
-            .bind(record.at)
-            .bind(&record.phase)
-            .bind(&record.client_ip)
-            .bind(&record.sender)
-            .bind(StoredBody::of(record))
-            .execute(&mut *transaction)
-            .await?;
+        for chunk in records.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO traces (message_id, at, phase, client_ip, sender, body) ",
+            );
+            insert.push_values(chunk, |mut row, record| {
+                row.push_bind(record.message_id.clone())
+                    .push_bind(record.at)
+                    .push_bind(record.phase.clone())
+                    .push_bind(record.client_ip.clone())
+                    .push_bind(record.sender.clone())
+                    .push_bind(StoredBody::of(record));
+            });
+            insert.build().execute(&mut *transaction).await?;
         }
         transaction.commit().await?;
         Ok(())
@@ -115,10 +120,22 @@ impl TraceStore for SqliteTraces {
     }
 
     async fn prune_traces(&self, before: Millis) -> Result<u64, QueueError> {
-        let done = sqlx::query("DELETE FROM traces WHERE at < ?")
+        // Rows are appended in time order, so the old ones are the first ones: walk from the
+        // oldest by rowid, a slice at a time, instead of keeping an index of times that every
+        // insert would pay for.
+        let mut pruned = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM traces WHERE seq IN
+                     (SELECT seq FROM traces ORDER BY seq LIMIT 5000) AND at < ?",
+            )
             .bind(before)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected())
+            pruned += done.rows_affected();
+            if done.rows_affected() < 5000 {
+                return Ok(pruned);
+            }
+        }
     }
 }
