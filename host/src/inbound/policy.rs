@@ -13,7 +13,7 @@ use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::{PluginRun, RunContext};
-use crate::queue::traces::TraceRecord;
+use crate::queue::traces::PendingTrace;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -63,7 +63,7 @@ impl Session {
 
     /// The calls the transaction's run noted so far, as a record of this client and envelope
     /// (the envelope as the transaction had it, or as it was when DATA began).
-    pub(super) fn take_trace(&mut self) -> Option<TraceRecord> {
+    pub(super) fn take_trace(&mut self) -> Option<PendingTrace> {
         let mut record = self.run.as_mut()?.take_trace("smtp")?;
         let envelope = self
             .traced_envelope
@@ -229,21 +229,24 @@ impl Session {
 
 /// How a transaction that queued nothing ended, as its trace tells: the last refusal or
 /// failure among its calls.
-fn unqueued_outcome(record: &TraceRecord) -> String {
+fn unqueued_outcome(record: &PendingTrace) -> String {
     let last = record.calls.iter().rev().find(|call| {
         matches!(
-            call.verdict.as_str(),
+            call.verdict(),
             "reject" | "tempfail" | "failed" | "skipped" | "discard"
         )
     });
     match last {
         Some(call) => format!(
             "{} at {} by plugin {}{}",
-            call.verdict,
-            call.hook,
-            call.plugin,
-            call.detail
-                .as_deref()
+            call.verdict(),
+            call.hook(),
+            record
+                .plugins
+                .get(call.plugin())
+                .map(|plugin| plugin.name.as_str())
+                .unwrap_or("?"),
+            call.detail()
                 .map(|detail| format!(": {detail}"))
                 .unwrap_or_default()
         ),

@@ -3,6 +3,7 @@
 //! and written in batches by the [`TraceSink`]. Also where a plugin's refusal is logged with its
 //! name, trace on or off.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use super::hooks::HookKind;
 use super::run::{FailureKind, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
 use crate::queue::now_millis;
-use crate::queue::traces::{TraceRecord, TraceStore, TracedCall, TracedPlugin};
+use crate::queue::traces::{PendingTrace, StoredCall, TraceStore, TracedPlugin};
 
 /// Whether runs note their calls: `[trace] enabled`, set at start and at each reload.
 static TRACING: AtomicBool = AtomicBool::new(false);
@@ -29,12 +30,13 @@ pub(super) fn tracing_on() -> bool {
     TRACING.load(Ordering::Relaxed)
 }
 
-/// The calls a run noted since its trace was last taken.
+/// The calls a run noted since its trace was last taken: each with its absolute time and the
+/// plugin's index in the run's set until the record is taken.
 #[derive(Default)]
 pub(super) struct RunTrace {
-    calls: Vec<TracedCall>,
-    /// Which plugins of the run's set made a call, by index.
-    used: Vec<bool>,
+    calls: Vec<StoredCall>,
+    /// The last call's subject: the next plugin asked about the same address shares it.
+    last_subject: Option<Arc<str>>,
 }
 
 /// How a hook's answer reads in a trace.
@@ -265,54 +267,72 @@ impl PluginRun {
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let at = now_millis() - i64::try_from(micros / 1000).unwrap_or(0);
-        if trace.used.len() <= index {
-            trace.used.resize(index + 1, false);
-        }
-        trace.used[index] = true;
-        trace.calls.push(TracedCall {
+        let subject = subject.map(|text| match &trace.last_subject {
+            Some(last) if **last == *text => last.clone(),
+            _ => {
+                let shared: Arc<str> = Arc::from(crate::mail::text::one_line(text).as_ref());
+                trace.last_subject = Some(shared.clone());
+                shared
+            }
+        });
+        trace.calls.push(StoredCall(
             at,
-            hook: hook.name().to_string(),
-            plugin: plugin.name.to_string(),
-            tenant: plugin.owner.to_string(),
-            subject: subject.map(|text| crate::mail::text::one_line(text).into_owned()),
-            verdict: described.verdict.to_string(),
-            detail: described.detail,
-            rewrite: described.rewrite,
-            edits: described.edits,
+            Cow::Borrowed(hook.name()),
+            u16::try_from(index).unwrap_or(u16::MAX),
+            Cow::Borrowed(described.verdict),
             micros,
-            failure: result
+            subject,
+            described.detail,
+            described.rewrite,
+            result
                 .as_ref()
                 .err()
                 .map(|failure| format!("{:?}: {}", failure.kind, failure.message)),
-        });
+            described.edits,
+        ));
     }
 
     /// The calls noted since the last take, as a record of `phase` (the caller fills in the
     /// message, client, envelope and outcome). `None` when tracing is off for this run.
-    pub fn take_trace(&mut self, phase: &str) -> Option<TraceRecord> {
+    pub fn take_trace(&mut self, phase: &'static str) -> Option<PendingTrace> {
         let trace = self.trace.as_mut()?;
-        let calls = std::mem::take(&mut trace.calls);
-        let used = std::mem::take(&mut trace.used);
-        let plugins = used
-            .iter()
-            .enumerate()
-            .filter(|(_, used)| **used)
-            .filter_map(|(index, _)| self.set.plugins.get(index))
-            .map(|plugin| TracedPlugin {
-                name: plugin.name.to_string(),
-                tenant: plugin.owner.to_string(),
-                generation: if plugin.owner.is_empty() {
-                    self.set.generation
-                } else {
-                    self.set.tenant_generation
-                },
-                sha256: plugin.digest_hex(),
-            })
-            .collect();
-        Some(TraceRecord {
+        let mut calls = std::mem::take(&mut trace.calls);
+        trace.last_subject = None;
+        let at = now_millis();
+        // The plugins the calls name, in order of first call; each call's index is remapped
+        // from the run's set to this list.
+        let mut positions: Vec<(u16, u16)> = Vec::new();
+        let mut plugins = Vec::new();
+        for call in &mut calls {
+            let index = call.2;
+            let position = match positions.iter().find(|(set_index, _)| *set_index == index) {
+                Some((_, position)) => *position,
+                None => {
+                    let Some(plugin) = self.set.plugins.get(usize::from(index)) else {
+                        continue;
+                    };
+                    let position = u16::try_from(plugins.len()).unwrap_or(u16::MAX);
+                    plugins.push(TracedPlugin {
+                        name: plugin.name.to_string(),
+                        tenant: plugin.owner.to_string(),
+                        generation: if plugin.owner.is_empty() {
+                            self.set.generation
+                        } else {
+                            self.set.tenant_generation
+                        },
+                        sha256: plugin.digest_hex(),
+                    });
+                    positions.push((index, position));
+                    position
+                }
+            };
+            call.2 = position;
+            call.0 -= at;
+        }
+        Some(PendingTrace {
             message_id: self.context.queue_id.clone(),
-            at: now_millis(),
-            phase: phase.to_string(),
+            at,
+            phase,
             client_ip: String::new(),
             sender: String::new(),
             recipients: Vec::new(),
@@ -347,7 +367,7 @@ const GATHER: Duration = Duration::from_millis(250);
 /// those older than the retention.
 #[derive(Clone, Default)]
 pub struct TraceSink {
-    sender: Option<mpsc::Sender<TraceRecord>>,
+    sender: Option<mpsc::Sender<PendingTrace>>,
 }
 
 impl TraceSink {
@@ -358,7 +378,7 @@ impl TraceSink {
 
     /// Starts the writer. Records older than `keep` are pruned every few minutes.
     pub fn start(store: Arc<dyn TraceStore>, keep: Duration) -> TraceSink {
-        let (sender, mut receiver) = mpsc::channel::<TraceRecord>(PENDING);
+        let (sender, mut receiver) = mpsc::channel::<PendingTrace>(PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             let mut pruned_at = Instant::now() - Duration::from_secs(3600);
@@ -399,7 +419,7 @@ impl TraceSink {
     }
 
     /// Hands a record to the writer; never waits.
-    pub fn submit(&self, record: TraceRecord) {
+    pub fn submit(&self, record: PendingTrace) {
         let Some(sender) = &self.sender else {
             return;
         };

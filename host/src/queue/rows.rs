@@ -4,7 +4,7 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::policies::{CountedOutcome, StoredPolicy, TlsOutcome};
-use super::traces::{StoredBody, TraceRecord};
+use super::traces::{record_of_row, TraceRecord};
 use super::{
     Lease, MessageDsn, MessageMeta, QueueStats, RecipientDsn, RecipientRow, RecipientState,
 };
@@ -128,7 +128,7 @@ pub(crate) fn stored_policy_from_row(row: &impl QueueRow) -> StoredPolicy {
 pub(crate) const TRACE_COLUMNS: &str = "message_id, at, phase, client_ip, sender, body";
 
 pub(crate) fn trace_from_row(row: &impl QueueRow) -> TraceRecord {
-    StoredBody::record(
+    record_of_row(
         row.optional_text("message_id"),
         row.int("at"),
         row.text("phase"),

@@ -8,6 +8,9 @@
 //! `plugins::trace`), not in the message's own commit: a crash can lose the last fraction of a
 //! second of traces, never mail.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +115,7 @@ pub struct TraceQuery {
 #[async_trait]
 pub trait TraceStore: Send + Sync {
     /// Stores records, in one transaction.
-    async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError>;
+    async fn append_traces(&self, records: &[PendingTrace]) -> Result<(), QueueError>;
     /// Every record of a message, oldest first.
     async fn message_trace(&self, message_id: &str) -> Result<Vec<TraceRecord>, QueueError>;
     /// Records of refused transactions (no message id) matching `query`, newest first.
@@ -121,54 +124,184 @@ pub trait TraceStore: Send + Sync {
     async fn prune_traces(&self, before: Millis) -> Result<u64, QueueError>;
 }
 
-/// The JSON kept in a record's row (what is not a column of its own).
-#[derive(Serialize, Deserialize)]
-pub(super) struct StoredBody {
-    #[serde(default)]
+/// One hook call as a run notes it and the store keeps it: a JSON array, not an object, with
+/// the plugin as an index into its record's `plugins` and the times relative to the record's,
+/// so a message's record costs a few hundred bytes instead of kilobytes (every message of a
+/// busy router writes three). Made on the hot path without allocating for names: the hook and
+/// verdict are static strings, the subject is shared with the neighbouring calls about the same
+/// address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCall(
+    /// Milliseconds from the record's `at` to the call's start (negative: before it).
+    pub i64,
+    /// The hook.
+    pub Cow<'static, str>,
+    /// The plugin: its index in the record's `plugins`.
+    pub u16,
+    /// The verdict (see [`TracedCall::verdict`]).
+    pub Cow<'static, str>,
+    /// Microseconds taken.
+    pub u64,
+    /// Subject, detail, rewrite, failure (see [`TracedCall`]), null when absent.
+    pub Option<Arc<str>>,
+    pub Option<String>,
+    pub Option<String>,
+    pub Option<String>,
+    /// Edits.
+    pub Vec<String>,
+);
+
+impl StoredCall {
+    pub fn hook(&self) -> &str {
+        &self.1
+    }
+
+    pub fn verdict(&self) -> &str {
+        &self.3
+    }
+
+    pub fn detail(&self) -> Option<&str> {
+        self.6.as_deref()
+    }
+
+    pub fn plugin(&self) -> usize {
+        usize::from(self.2)
+    }
+}
+
+/// A record on its way to the store: what [`TraceRecord`] reads back, with its calls in their
+/// stored form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingTrace {
+    pub message_id: Option<String>,
+    pub at: Millis,
+    pub phase: &'static str,
+    pub client_ip: String,
+    pub sender: String,
     pub recipients: Vec<String>,
     pub outcome: String,
     pub plugins: Vec<TracedPlugin>,
-    pub calls: Vec<TracedCall>,
+    pub calls: Vec<StoredCall>,
 }
 
-impl StoredBody {
-    pub(super) fn of(record: &TraceRecord) -> String {
+/// The JSON kept in a record's row (what is not a column of its own).
+#[derive(Serialize, Deserialize)]
+struct StoredBody<'a> {
+    #[serde(default, rename = "r")]
+    recipients: Cow<'a, [String]>,
+    #[serde(rename = "o")]
+    outcome: Cow<'a, str>,
+    #[serde(rename = "p")]
+    plugins: Cow<'a, [TracedPlugin]>,
+    #[serde(rename = "c")]
+    calls: Cow<'a, [StoredCall]>,
+}
+
+impl PendingTrace {
+    /// The row's JSON body.
+    pub(super) fn body(&self) -> String {
         let body = StoredBody {
-            recipients: record.recipients.clone(),
-            outcome: record.outcome.clone(),
-            plugins: record.plugins.clone(),
-            calls: record.calls.clone(),
+            recipients: Cow::Borrowed(&self.recipients),
+            outcome: Cow::Borrowed(&self.outcome),
+            plugins: Cow::Borrowed(&self.plugins),
+            calls: Cow::Borrowed(&self.calls),
         };
         serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
     }
 
-    /// The record of a row's columns and body; a body that does not parse (written by a newer
-    /// version, or damaged) still shows the columns.
-    pub(super) fn record(
-        message_id: Option<String>,
-        at: Millis,
-        phase: String,
-        client_ip: String,
-        sender: String,
-        body: &str,
-    ) -> TraceRecord {
-        let body: StoredBody = serde_json::from_str(body).unwrap_or_else(|error| StoredBody {
-            recipients: Vec::new(),
-            outcome: format!("(unreadable trace: {error})"),
-            plugins: Vec::new(),
-            calls: Vec::new(),
-        });
-        TraceRecord {
+    /// The record as it reads back.
+    pub fn expand(&self) -> TraceRecord {
+        expand(
+            self.message_id.clone(),
+            self.at,
+            self.phase.to_string(),
+            self.client_ip.clone(),
+            self.sender.clone(),
+            self.recipients.clone(),
+            self.outcome.clone(),
+            self.plugins.clone(),
+            &self.calls,
+        )
+    }
+}
+
+/// The record of a row's columns and body; a body that does not parse (written by a newer
+/// version, or damaged) still shows the columns.
+pub(super) fn record_of_row(
+    message_id: Option<String>,
+    at: Millis,
+    phase: String,
+    client_ip: String,
+    sender: String,
+    body: &str,
+) -> TraceRecord {
+    match serde_json::from_str::<StoredBody>(body) {
+        Ok(body) => expand(
             message_id,
             at,
             phase,
             client_ip,
             sender,
-            recipients: body.recipients,
-            outcome: body.outcome,
-            plugins: body.plugins,
-            calls: body.calls,
-        }
+            body.recipients.into_owned(),
+            body.outcome.into_owned(),
+            body.plugins.into_owned(),
+            &body.calls,
+        ),
+        Err(error) => TraceRecord {
+            message_id,
+            at,
+            phase,
+            client_ip,
+            sender,
+            recipients: Vec::new(),
+            outcome: format!("(unreadable trace: {error})"),
+            plugins: Vec::new(),
+            calls: Vec::new(),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expand(
+    message_id: Option<String>,
+    at: Millis,
+    phase: String,
+    client_ip: String,
+    sender: String,
+    recipients: Vec<String>,
+    outcome: String,
+    plugins: Vec<TracedPlugin>,
+    calls: &[StoredCall],
+) -> TraceRecord {
+    let calls = calls
+        .iter()
+        .map(|call| {
+            let plugin = plugins.get(call.plugin());
+            TracedCall {
+                at: at + call.0,
+                hook: call.1.to_string(),
+                plugin: plugin.map(|p| p.name.clone()).unwrap_or_default(),
+                tenant: plugin.map(|p| p.tenant.clone()).unwrap_or_default(),
+                subject: call.5.as_deref().map(str::to_string),
+                verdict: call.3.to_string(),
+                detail: call.6.clone(),
+                rewrite: call.7.clone(),
+                edits: call.9.clone(),
+                micros: call.4,
+                failure: call.8.clone(),
+            }
+        })
+        .collect();
+    TraceRecord {
+        message_id,
+        at,
+        phase,
+        client_ip,
+        sender,
+        recipients,
+        outcome,
+        plugins,
+        calls,
     }
 }
 

@@ -5,20 +5,20 @@ use async_trait::async_trait;
 
 use super::PgQueue;
 use crate::queue::rows::{trace_from_row, TRACE_COLUMNS};
-use crate::queue::traces::{StoredBody, TraceQuery, TraceRecord, TraceStore};
+use crate::queue::traces::{PendingTrace, TraceQuery, TraceRecord, TraceStore};
 use crate::queue::{Millis, QueueError};
 
 #[async_trait]
 impl TraceStore for PgQueue {
-    async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError> {
+    async fn append_traces(&self, records: &[PendingTrace]) -> Result<(), QueueError> {
         // One statement for the whole batch: arrays bound and unnested.
         let message_ids: Vec<Option<String>> =
             records.iter().map(|r| r.message_id.clone()).collect();
         let ats: Vec<Millis> = records.iter().map(|r| r.at).collect();
-        let phases: Vec<String> = records.iter().map(|r| r.phase.clone()).collect();
+        let phases: Vec<&str> = records.iter().map(|r| r.phase).collect();
         let clients: Vec<String> = records.iter().map(|r| r.client_ip.clone()).collect();
         let senders: Vec<String> = records.iter().map(|r| r.sender.clone()).collect();
-        let bodies: Vec<String> = records.iter().map(StoredBody::of).collect();
+        let bodies: Vec<String> = records.iter().map(PendingTrace::body).collect();
         sqlx::query(
             "INSERT INTO traces (message_id, at, phase, client_ip, sender, body)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],

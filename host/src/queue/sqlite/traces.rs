@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use crate::queue::rows::{trace_from_row, TRACE_COLUMNS};
-use crate::queue::traces::{StoredBody, TraceQuery, TraceRecord, TraceStore};
+use crate::queue::traces::{PendingTrace, TraceQuery, TraceRecord, TraceStore};
 use crate::queue::{Millis, QueueError};
 
 const SCHEMA: &str = "
@@ -65,7 +65,7 @@ impl SqliteTraces {
 
 #[async_trait]
 impl TraceStore for SqliteTraces {
-    async fn append_traces(&self, records: &[TraceRecord]) -> Result<(), QueueError> {
+    async fn append_traces(&self, records: &[PendingTrace]) -> Result<(), QueueError> {
         // A few statements per batch, not one per record: every statement is a round trip to
         // the driver's thread.
         let mut transaction = self.pool.begin().await?;
@@ -76,10 +76,10 @@ impl TraceStore for SqliteTraces {
             insert.push_values(chunk, |mut row, record| {
                 row.push_bind(record.message_id.clone())
                     .push_bind(record.at)
-                    .push_bind(record.phase.clone())
+                    .push_bind(record.phase)
                     .push_bind(record.client_ip.clone())
                     .push_bind(record.sender.clone())
-                    .push_bind(StoredBody::of(record));
+                    .push_bind(record.body());
             });
             insert.build().execute(&mut *transaction).await?;
         }
