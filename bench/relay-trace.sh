@@ -45,4 +45,4 @@ for round in $(seq "$ROUNDS"); do
   echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
 done
 # The traces written: one smtp, one route and one delivery record per message.
-echo "trace rows: $(sqlite3 "$work/on-data/queue.db-traces" 'SELECT COUNT(*) FROM traces' 2>/dev/null || echo '?')"
+echo "trace rows: $(sqlite3 "$work/on-data/queue.db-traces" 'SELECT COUNT(*), SUM(LENGTH(body)) / COUNT(*) FROM traces' 2>/dev/null || echo '?') (count, mean body bytes)"
