@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the decision trace costs: one release build, two servers with the same chain of five noop
-# plugins (every hook of every message called, so every message's trace has its ~20 calls), one
+# plugins (every hook of every message called, so every message's trace has its ~35 calls), one
 # with `[trace] enabled = false`, one with tracing on (the default). The servers take turns,
 # ROUNDS times; each round prints both delivered rates and CPU time per message (from /proc).
 #

@@ -43,8 +43,8 @@ pub fn pid_path(config: &Config) -> PathBuf {
 enum Trigger {
     /// SIGHUP: everything.
     Hangup,
-    /// The admin API's `POST /v1/plugins/reload`: everything, as SIGHUP.
-    Admin,
+    /// The admin API's `POST /v1/plugins/reload`: everything, as SIGHUP; told when done.
+    Admin(tokio::sync::oneshot::Sender<()>),
     /// A watched file or a file of the tenants' directory changed.
     Changed(PathBuf),
 }
@@ -207,9 +207,12 @@ pub struct Reloader {
 pub struct ReloadHandle(mpsc::UnboundedSender<Trigger>);
 
 impl ReloadHandle {
-    /// False when the reload task has stopped.
-    pub fn request(&self) -> bool {
-        self.0.send(Trigger::Admin).is_ok()
+    /// Asks for a reload; the answer resolves once it is over (with an error if the reload
+    /// task dropped it, which also means it is over). `None` when the reload task has stopped.
+    pub fn request(&self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (done, over) = tokio::sync::oneshot::channel();
+        self.0.send(Trigger::Admin(done)).ok()?;
+        Some(over)
     }
 }
 
@@ -269,6 +272,8 @@ pub async fn run(reloader: Reloader) {
                 tokio::time::sleep(SETTLE).await;
                 let mut plan = Plan::default();
                 let mut reasons = Vec::new();
+                // Told once this reload is over, status file written (dropped early: told too).
+                let mut waiting = Vec::new();
                 let mut next = Some(first);
                 while let Some(trigger) = next.take().or_else(|| triggers.try_recv().ok()) {
                     match trigger {
@@ -277,10 +282,11 @@ pub async fn run(reloader: Reloader) {
                             plan.all_tenants = true;
                             reasons.push("SIGHUP".to_string());
                         }
-                        Trigger::Admin => {
+                        Trigger::Admin(done) => {
                             plan.global = true;
                             plan.all_tenants = true;
                             reasons.push("admin API".to_string());
+                            waiting.push(done);
                         }
                         Trigger::Changed(path) => {
                             if watched.plan(&path, &mut plan) {
@@ -347,6 +353,9 @@ pub async fn run(reloader: Reloader) {
                     watcher = start_watcher(&watched, trigger.clone());
                 }
                 write_status(&status_file, &manager);
+                for done in waiting {
+                    let _ = done.send(());
+                }
             }
             _ = tick.tick() => {
                 // The status of a thousand tenants' chains is a large file: it is refreshed less

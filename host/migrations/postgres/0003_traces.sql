@@ -1,5 +1,4 @@
--- Decision traces: one row per SMTP transaction, delivery attempt, routing or bounce of a
--- message, and per transaction refused before a message was queued (message_id NULL). The
+-- Decision traces: one row per SMTP transaction, routing and delivery attempt of a message, and per transaction refused before a message was queued (message_id NULL). The
 -- calls are JSON text: read whole, never queried inside.
 CREATE TABLE traces (
     seq BIGSERIAL PRIMARY KEY,

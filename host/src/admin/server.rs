@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
@@ -95,8 +95,7 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     let Some(offered) = offered else {
         return refuse("missing bearer token");
     };
@@ -114,6 +113,13 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
             )
         }
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case, RFC 9110 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn refuse(why: &str) -> Response {
@@ -287,32 +293,30 @@ async fn plugins(State(state): State<AdminState>) -> Json<crate::plugins::status
     Json(state.plugins.status())
 }
 
-/// Reloads the configuration's plugin chains (as SIGHUP) and answers once the reload is done:
-/// 200 with the new status, or 422 with it when the reload failed (the previous generation
-/// keeps running).
+/// Reloads the configuration's plugin chains and tenant files (as SIGHUP) and answers once the
+/// reload is over: 200 with the new status, or 422 with it when the reload, or a tenant's file,
+/// failed (what failed keeps running its previous generation).
 async fn reload(State(state): State<AdminState>) -> Response {
-    let before = state.plugins.status().reload_attempts;
-    if !state.reload.request() {
+    let Some(over) = state.reload.request() else {
         return failure(
             StatusCode::SERVICE_UNAVAILABLE,
             "the reload task has stopped",
         );
+    };
+    if tokio::time::timeout(Duration::from_secs(120), over)
+        .await
+        .is_err()
+    {
+        return failure(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the reload did not finish within 120 s",
+        );
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let status = state.plugins.status();
-        if status.reload_attempts > before {
-            let code = if status.last_reload_error.is_some() {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::OK
-            };
-            return (code, Json(status)).into_response();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    failure(
-        StatusCode::GATEWAY_TIMEOUT,
-        "the reload did not finish within 120 s",
-    )
+    let status = state.plugins.status();
+    let code = if status.last_reload_error.is_some() || !status.tenant_errors.is_empty() {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(status)).into_response()
 }

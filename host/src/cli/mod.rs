@@ -119,6 +119,7 @@ pub enum QueueAction {
         /// Only those of the last ... (`30m`, `2h`, `1d`).
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<std::time::Duration>,
+        /// At most this many (1 to 1000).
         #[arg(long, default_value_t = 20)]
         limit: i64,
         /// Print the records as JSON, one per line.
@@ -322,7 +323,7 @@ pub async fn plugins_command(config: &Config, action: PluginsAction) -> anyhow::
                 let status: crate::plugins::status::ChainsStatus =
                     api.post("/v1/plugins/reload").await?;
                 print!("{}", status.to_text());
-                if status.last_reload_error.is_some() {
+                if status.last_reload_error.is_some() || !status.tenant_errors.is_empty() {
                     bail!("reload failed; the previous generation keeps running");
                 }
                 Ok(())

@@ -48,7 +48,7 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
                 sender,
                 since,
                 until: None,
-                limit: limit.max(1),
+                limit: limit.clamp(1, 1000),
             };
             let records = target.refused(&query).await?;
             print_traces(&records, json)?;

@@ -15,7 +15,8 @@ pub struct AdminConfig {
     /// network can be read on the way (put a TLS proxy in front for remote use).
     pub listen: Option<SocketAddr>,
     /// One token per line (blank lines and lines starting with `#` are skipped), each at least
-    /// 16 characters. Required with `listen`. Read again when the configuration reloads.
+    /// 16 characters. Required with `listen`. Read at every request (a token removed is refused
+    /// at once); a new path takes a restart.
     pub tokens_file: Option<PathBuf>,
     /// Allow `listen` on an address that is not loopback.
     pub allow_remote: bool,

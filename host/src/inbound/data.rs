@@ -152,7 +152,7 @@ impl Session {
             return Flow::Continue;
         };
         tracing::info!(tenant = %self.tenant_id(), reply = %refusal.reply, close = refusal.close, "message refused");
-        self.end_plugin_run();
+        self.end_plugin_run(Some(&refusal.reply));
         self.transaction = Transaction::default();
         self.reply(refusal.reply);
         if !refusal.close {
@@ -174,7 +174,7 @@ impl Session {
     /// The reply is 250 only once the queue has committed the message.
     async fn finish_message(&mut self, message: Vec<u8>) -> Reply {
         let reply = self.accept_message(message).await;
-        self.end_plugin_run();
+        self.end_plugin_run(Some(&reply));
         reply
     }
 

@@ -14,6 +14,10 @@ impl Session {
             let verb = if extended { "EHLO" } else { "HELO" };
             return self.error(Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname")));
         }
+        if self.transaction.sender.is_some() {
+            // A new greeting ends the transaction under way: its calls are its own record.
+            self.close_trace(None);
+        }
         self.leave_tenant();
         self.transaction = Transaction::default();
         if let Some(refusal) = self.ask_helo(name).await {
@@ -99,9 +103,18 @@ impl Session {
             return Flow::Continue;
         }
         transaction.params = super::policy::wit_params(&parsed);
+        self.traced_sender = Some(
+            parsed
+                .mailbox
+                .as_ref()
+                .map(|mailbox| mailbox.to_string())
+                .unwrap_or_default(),
+        );
         let sender = match self.ask_mail_from(&parsed).await {
             Ok(sender) => sender,
             Err(refusal) => {
+                // Refused at MAIL: the attempt is a transaction of its own in the trace.
+                self.close_trace(Some(&refusal));
                 self.reply(refusal);
                 return Flow::Continue;
             }

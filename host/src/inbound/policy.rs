@@ -13,7 +13,7 @@ use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::{PluginRun, RunContext};
-use crate::queue::traces::PendingTrace;
+use crate::queue::traces::{PendingTrace, StoredCall};
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -48,21 +48,40 @@ impl Session {
 
     /// Ends the plugin run with the transaction: the next one gets fresh instances, on the
     /// generation current by then. Its trace, if it made calls, is recorded as a transaction
-    /// that queued nothing.
-    pub(super) fn end_plugin_run(&mut self) {
+    /// that queued nothing, ended by `reply` (the last reply of the transaction, when there is
+    /// one that tells).
+    pub(super) fn end_plugin_run(&mut self, reply: Option<&Reply>) {
+        self.close_trace(reply);
+        self.run = None;
+        self.tenant = None;
+    }
+
+    /// Records the calls noted so far as a transaction that queued nothing (if there were
+    /// any), and starts the next record; the run goes on. For a transaction cut short by a new
+    /// greeting, STARTTLS or a refused MAIL, whose calls must not be counted to the next one.
+    pub(super) fn close_trace(&mut self, reply: Option<&Reply>) {
+        let queue_id = self
+            .run
+            .as_ref()
+            .and_then(|run| run.queue_id().map(str::to_string));
         if let Some(mut record) = self.take_trace() {
             if !record.calls.is_empty() {
-                record.outcome = unqueued_outcome(&record);
+                record.outcome = unqueued_outcome(&record, reply);
+                // Told 250 but not queued (discarded, or no recipient left): the client has a
+                // queue id, and the trace is found by it.
+                if reply.is_some_and(|reply| reply.code < 300) {
+                    record.message_id = queue_id;
+                }
                 self.services.plugins.traces().submit(record);
             }
         }
-        self.run = None;
-        self.tenant = None;
         self.traced_envelope = None;
+        self.traced_sender = None;
     }
 
     /// The calls the transaction's run noted so far, as a record of this client and envelope
-    /// (the envelope as the transaction had it, or as it was when DATA began).
+    /// (the envelope as the transaction had it, or as it was when DATA began; the sender as the
+    /// client gave it).
     pub(super) fn take_trace(&mut self) -> Option<PendingTrace> {
         let mut record = self.run.as_mut()?.take_trace("smtp")?;
         let envelope = self
@@ -71,7 +90,7 @@ impl Session {
             .unwrap_or_else(|| self.wit_envelope());
         record.message_id = None;
         record.client_ip = self.client_ip.to_string();
-        record.sender = envelope.sender;
+        record.sender = self.traced_sender.take().unwrap_or(envelope.sender);
         record.recipients = envelope.recipients;
         Some(record)
     }
@@ -227,18 +246,18 @@ impl Session {
     }
 }
 
-/// How a transaction that queued nothing ended, as its trace tells: the last refusal or
-/// failure among its calls.
-fn unqueued_outcome(record: &PendingTrace) -> String {
-    let last = record.calls.iter().rev().find(|call| {
+/// How a transaction that queued nothing ended: its last reply when given (with the plugin
+/// that gave it, if one did), else the last refusal or failure among its calls.
+fn unqueued_outcome(record: &PendingTrace, reply: Option<&Reply>) -> String {
+    let decisive = record.calls.iter().rev().find(|call| {
         matches!(
             call.verdict(),
             "reject" | "tempfail" | "failed" | "skipped" | "discard"
         )
     });
-    match last {
-        Some(call) => format!(
-            "{} at {} by plugin {}{}",
+    let by = |call: &StoredCall| {
+        format!(
+            "{} at {} by plugin {}",
             call.verdict(),
             call.hook(),
             record
@@ -246,11 +265,28 @@ fn unqueued_outcome(record: &PendingTrace) -> String {
                 .get(call.plugin())
                 .map(|plugin| plugin.name.as_str())
                 .unwrap_or("?"),
+        )
+    };
+    match (reply, decisive) {
+        (Some(reply), decisive) => {
+            let text = reply.one_line();
+            let from_plugin = decisive.filter(|call| {
+                call.verdict() == "discard" || call.detail().is_some_and(|detail| detail == text)
+            });
+            let prefix = if reply.code < 300 { "not queued: " } else { "" };
+            match from_plugin {
+                Some(call) => format!("{prefix}{text} ({})", by(call)),
+                None => format!("{prefix}{text}"),
+            }
+        }
+        (None, Some(call)) => format!(
+            "{}{}",
+            by(call),
             call.detail()
                 .map(|detail| format!(": {detail}"))
                 .unwrap_or_default()
         ),
-        None => "no message queued".to_string(),
+        (None, None) => "no message queued".to_string(),
     }
 }
 

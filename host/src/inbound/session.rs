@@ -74,6 +74,8 @@ pub struct Session {
     /// The envelope as DATA began (the transaction is taken apart then), for the trace of a
     /// message refused after it.
     pub(super) traced_envelope: Option<crate::plugins::bindings::types::Envelope>,
+    /// The sender of the transaction under way as the client gave it, for its trace.
+    pub(super) traced_sender: Option<String>,
     /// The tenant of the transaction under way, once its first recipient fixed it (see
     /// `tenancy.rs`).
     pub(super) tenant: Option<Arc<Tenant>>,
@@ -154,6 +156,7 @@ impl Session {
             auth_identity: None,
             run: None,
             traced_envelope: None,
+            traced_sender: None,
             tenant: None,
             auth_tenant: None,
             tenant_slot: None,
@@ -165,7 +168,7 @@ impl Session {
             tracing::debug!(%error, "session ended with an I/O error");
         }
         // Calls of a transaction the client left (and of connect and helo hooks) are traced too.
-        self.end_plugin_run();
+        self.end_plugin_run(None);
         self.conn.close_lingering().await;
         tracing::debug!("disconnected");
     }
@@ -296,7 +299,7 @@ impl Session {
             "BDAT" => return self.bdat(argument).await,
             "AUTH" => return self.auth_command(argument).await,
             "RSET" => {
-                self.end_plugin_run();
+                self.end_plugin_run(None);
                 self.transaction = Transaction::default();
                 self.reply(Reply::new(250, "2.0.0", "Ok"));
                 Flow::Continue

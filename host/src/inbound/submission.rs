@@ -238,7 +238,7 @@ impl Session {
             metrics::counter!("switchyard_auth_total", "result" => "refused").increment(1);
             self.auth_tenant = None;
             self.tenant_slot = None;
-            self.end_plugin_run();
+            self.end_plugin_run(Some(&refusal));
             return Ok(refusal);
         }
         tracing::info!(identity = %identity, mechanism = mechanism.name(), tenant = %self.tenant_id(), "authenticated");

@@ -64,6 +64,9 @@ impl Session {
             })??;
         self.conn = Conn::new(Stream::ServerTls(Box::new(tls))).with_write_timeout(timeout);
         // RFC 3207 4.2: forget everything learnt before TLS.
+        if self.transaction.sender.is_some() {
+            self.close_trace(None);
+        }
         self.greeting = Greeting::None;
         self.forget_tenants();
         self.transaction = Transaction::default();

@@ -62,6 +62,8 @@ struct Inner {
     /// Failures within the window, oldest first.
     failures: VecDeque<Instant>,
     open_until: Option<Instant>,
+    /// When the trial call of a half-open circuit was let through.
+    trial_at: Option<Instant>,
     trips: u64,
 }
 
@@ -76,38 +78,48 @@ impl Breaker {
 
     /// Whether to call the plugin now.
     pub fn admit(&self, now: Instant) -> Admission {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Admission::Call;
+        }
+        let mut inner = self.lock();
         match self.state.load(Ordering::Acquire) {
             CLOSED => Admission::Call,
-            HALF_OPEN => Admission::Skip,
-            _ => {
-                let inner = self.lock();
-                match inner.open_until {
-                    Some(until) if now < until => Admission::Skip,
-                    // The cool-down is over: this call is the trial; the others wait for it.
-                    _ => match self.state.compare_exchange(
-                        OPEN,
-                        HALF_OPEN,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    ) {
-                        Ok(_) => Admission::Call,
-                        Err(_) => Admission::Skip,
-                    },
+            // One trial at a time; a trial that never reported (its transaction was dropped
+            // mid-call) is given up after a cool-down, and another is let through.
+            HALF_OPEN => match inner.trial_at {
+                Some(at) if now.duration_since(at) < self.config.cooldown => Admission::Skip,
+                _ => {
+                    inner.trial_at = Some(now);
+                    Admission::Call
                 }
-            }
+            },
+            _ => match inner.open_until {
+                Some(until) if now < until => Admission::Skip,
+                // The cool-down is over: this call is the trial; the others wait for it.
+                _ => {
+                    self.state.store(HALF_OPEN, Ordering::Release);
+                    inner.trial_at = Some(now);
+                    Admission::Call
+                }
+            },
         }
     }
 
-    /// A call succeeded.
+    /// A call succeeded. Only the trial's success closes an open circuit: a slow call admitted
+    /// before the circuit opened does not cut the cool-down short.
     pub fn succeeded(&self) -> Option<Transition> {
-        if self.state.load(Ordering::Acquire) == CLOSED {
+        if self.state.load(Ordering::Acquire) != HALF_OPEN {
             return None;
         }
         let mut inner = self.lock();
+        if self.state.load(Ordering::Acquire) != HALF_OPEN {
+            return None;
+        }
         inner.failures.clear();
         inner.open_until = None;
-        let was = self.state.swap(CLOSED, Ordering::AcqRel);
-        (was != CLOSED).then_some(Transition::Closed)
+        inner.trial_at = None;
+        self.state.store(CLOSED, Ordering::Release);
+        Some(Transition::Closed)
     }
 
     /// A call failed (trap, timeout, memory overrun, failed `init`).
@@ -131,6 +143,7 @@ impl Breaker {
             return None;
         }
         inner.open_until = Some(now + self.config.cooldown);
+        inner.trial_at = None;
         inner.trips += 1;
         self.state.store(OPEN, Ordering::Release);
         Some(Transition::Opened)
@@ -203,6 +216,28 @@ mod tests {
         assert_eq!(breaker.trips(), 2);
         // The window starts empty after closing.
         assert_eq!(breaker.failed(again), None);
+    }
+
+    #[test]
+    fn a_stale_success_does_not_close_and_a_lost_trial_is_replaced() {
+        let breaker = breaker(1);
+        let start = Instant::now();
+        assert_eq!(breaker.failed(start), Some(Transition::Opened));
+        // A call admitted before the circuit opened succeeds late: still open.
+        assert_eq!(breaker.succeeded(), None);
+        assert_eq!(breaker.admit(start), Admission::Skip);
+        // The trial is let through, then never reports; after a cool-down another goes.
+        let trial = start + Duration::from_secs(6);
+        assert_eq!(breaker.admit(trial), Admission::Call);
+        assert_eq!(
+            breaker.admit(trial + Duration::from_secs(1)),
+            Admission::Skip
+        );
+        assert_eq!(
+            breaker.admit(trial + Duration::from_secs(6)),
+            Admission::Call
+        );
+        assert_eq!(breaker.succeeded(), Some(Transition::Closed));
     }
 
     #[test]

@@ -175,6 +175,13 @@ pub async fn load(
         stats: PluginStats::new(&plugin, owner),
         breaker: Breaker::new(manifest.breaker),
     };
+    // A loaded plugin starts with its circuit closed, whatever its previous generation's was.
+    metrics::gauge!(
+        "switchyard_plugin_circuit_open",
+        "plugin" => plugin.clone(),
+        "tenant" => owner.to_string(),
+    )
+    .set(0.0);
     initialise(engine, &linker, &mut loaded, bytes, services, compiled).await?;
     Ok(Arc::new(loaded))
 }

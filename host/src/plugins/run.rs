@@ -264,6 +264,11 @@ impl PluginRun {
         self.set.generation
     }
 
+    /// The queue id of the message the run works for, once known.
+    pub fn queue_id(&self) -> Option<&str> {
+        self.context.queue_id.as_deref()
+    }
+
     /// Sets the queue id that plugin log lines carry from now on.
     pub fn set_queue_id(&mut self, queue_id: &str) {
         self.context.queue_id = Some(queue_id.to_string());

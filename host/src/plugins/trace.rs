@@ -30,11 +30,15 @@ pub(super) fn tracing_on() -> bool {
     TRACING.load(Ordering::Relaxed)
 }
 
-/// The calls a run noted since its trace was last taken: each with its absolute time and the
-/// plugin's index in the run's set until the record is taken.
+/// The calls a run noted since its trace was last taken (each with its absolute time until the
+/// record is taken), and the plugins they name, resolved when each call is noted: a run's set
+/// changes when it enters or leaves a tenant's chain, so an index into it would not last.
 #[derive(Default)]
 pub(super) struct RunTrace {
     calls: Vec<StoredCall>,
+    plugins: Vec<TracedPlugin>,
+    /// Each plugin of `plugins` by the address of its `LoadedPlugin`.
+    seen: Vec<(usize, u16)>,
     /// The last call's subject: the next plugin asked about the same address shares it.
     last_subject: Option<Arc<str>>,
 }
@@ -267,6 +271,25 @@ impl PluginRun {
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let at = now_millis() - i64::try_from(micros / 1000).unwrap_or(0);
+        let key = Arc::as_ptr(plugin) as usize;
+        let position = match trace.seen.iter().find(|(seen, _)| *seen == key) {
+            Some((_, position)) => *position,
+            None => {
+                let position = u16::try_from(trace.plugins.len()).unwrap_or(u16::MAX);
+                trace.plugins.push(TracedPlugin {
+                    name: plugin.name.to_string(),
+                    tenant: plugin.owner.to_string(),
+                    generation: if plugin.owner.is_empty() {
+                        self.set.generation
+                    } else {
+                        self.set.tenant_generation
+                    },
+                    sha256: plugin.digest_hex(),
+                });
+                trace.seen.push((key, position));
+                position
+            }
+        };
         let subject = subject.map(|text| match &trace.last_subject {
             Some(last) if **last == *text => last.clone(),
             _ => {
@@ -278,7 +301,7 @@ impl PluginRun {
         trace.calls.push(StoredCall(
             at,
             Cow::Borrowed(hook.name()),
-            u16::try_from(index).unwrap_or(u16::MAX),
+            position,
             Cow::Borrowed(described.verdict),
             micros,
             subject,
@@ -297,36 +320,11 @@ impl PluginRun {
     pub fn take_trace(&mut self, phase: &'static str) -> Option<PendingTrace> {
         let trace = self.trace.as_mut()?;
         let mut calls = std::mem::take(&mut trace.calls);
+        let plugins = std::mem::take(&mut trace.plugins);
+        trace.seen.clear();
         trace.last_subject = None;
         let at = now_millis();
-        // The plugins the calls name, in order of first call; each call's index is remapped
-        // from the run's set to this list.
-        let mut positions: Vec<(u16, u16)> = Vec::new();
-        let mut plugins = Vec::new();
         for call in &mut calls {
-            let index = call.2;
-            let position = match positions.iter().find(|(set_index, _)| *set_index == index) {
-                Some((_, position)) => *position,
-                None => {
-                    let Some(plugin) = self.set.plugins.get(usize::from(index)) else {
-                        continue;
-                    };
-                    let position = u16::try_from(plugins.len()).unwrap_or(u16::MAX);
-                    plugins.push(TracedPlugin {
-                        name: plugin.name.to_string(),
-                        tenant: plugin.owner.to_string(),
-                        generation: if plugin.owner.is_empty() {
-                            self.set.generation
-                        } else {
-                            self.set.tenant_generation
-                        },
-                        sha256: plugin.digest_hex(),
-                    });
-                    positions.push((index, position));
-                    position
-                }
-            };
-            call.2 = position;
             call.0 -= at;
         }
         Some(PendingTrace {
@@ -363,6 +361,19 @@ const BATCH: usize = 512;
 /// disk.
 const GATHER: Duration = Duration::from_millis(250);
 
+/// How often records older than `[trace] keep` are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+
+async fn prune_old(store: &dyn TraceStore, keep: Duration) {
+    let keep_millis = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+    let before = now_millis().saturating_sub(keep_millis);
+    match store.prune_traces(before).await {
+        Ok(0) => {}
+        Ok(pruned) => tracing::debug!(pruned, "old decision traces pruned"),
+        Err(error) => tracing::warn!(%error, "cannot prune decision traces"),
+    }
+}
+
 /// Where finished records go: a task writing them in batches to the trace store, and pruning
 /// those older than the retention.
 #[derive(Clone, Default)]
@@ -381,11 +392,21 @@ impl TraceSink {
         let (sender, mut receiver) = mpsc::channel::<PendingTrace>(PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
-            let mut pruned_at = Instant::now() - Duration::from_secs(3600);
+            // Pruning runs on its own clock, so an idle server (or one with tracing turned
+            // off) forgets old records too.
+            let mut prune = tokio::time::interval(PRUNE_EVERY);
             loop {
                 batch.clear();
-                if receiver.recv_many(&mut batch, BATCH).await == 0 {
-                    break;
+                tokio::select! {
+                    received = receiver.recv_many(&mut batch, BATCH) => {
+                        if received == 0 {
+                            break;
+                        }
+                    }
+                    _ = prune.tick() => {
+                        prune_old(store.as_ref(), keep).await;
+                        continue;
+                    }
                 }
                 if batch.len() < BATCH {
                     tokio::time::sleep(GATHER).await;
@@ -400,16 +421,6 @@ impl TraceSink {
                     metrics::counter!("switchyard_trace_dropped_total")
                         .increment(batch.len() as u64);
                     tracing::warn!(%error, records = batch.len(), "cannot store decision traces");
-                }
-                if pruned_at.elapsed() >= Duration::from_secs(300) {
-                    pruned_at = Instant::now();
-                    let keep_millis = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-                    let before = now_millis().saturating_sub(keep_millis);
-                    match store.prune_traces(before).await {
-                        Ok(0) => {}
-                        Ok(pruned) => tracing::debug!(pruned, "old decision traces pruned"),
-                        Err(error) => tracing::warn!(%error, "cannot prune decision traces"),
-                    }
                 }
             }
         });

@@ -148,6 +148,23 @@ async fn held_recipients_wait_for_release_and_keep_their_message(place: Place) {
         .expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].meta.id, "h1");
+
+    // An operator bounces a held message: every recipient fails and the DSN is queued.
+    queue
+        .enqueue(message("h3", &["e@x.test", "f@x.test"]), None)
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        queue.hold(Some("h3"), now_millis()).await.expect("hold"),
+        (2, 0)
+    );
+    let bounced = crate::admin::actions::bounce(queue.as_ref(), "mx.test", "h3")
+        .await
+        .expect("bounced");
+    assert_eq!(bounced.notified, 2);
+    let dsn = bounced.dsn.expect("a DSN to a@example.com");
+    assert!(queue.get("h3").await.expect("get").is_none(), "all failed");
+    assert!(queue.get(&dsn).await.expect("get").is_some(), "DSN queued");
 }
 
 async fn traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_time(place: Place) {

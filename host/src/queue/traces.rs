@@ -1,8 +1,9 @@
 //! The trace port: what the plugin chain decided, kept beside the queue so an operator can ask
 //! why a message was refused, delayed or routed where it went (`switchyard queue trace`).
 //!
-//! A trace is a list of records, one per SMTP transaction and one per delivery attempt (or
-//! routing, or bounce) of a message; each record lists the hook calls made, in order. Records
+//! A trace is a list of records, one per SMTP transaction, one per routing and one per delivery
+//! attempt of a message (phases `smtp`, `route`, `delivery`); each record lists the hook calls
+//! made, in order (a delivery record includes its bounce and delivery-result calls). Records
 //! of transactions refused before a message was queued carry no message id and are found by
 //! client address, sender and time. Records are written in batches after the fact (see
 //! `plugins::trace`), not in the message's own commit: a crash can lose the last fraction of a
@@ -73,7 +74,8 @@ pub struct TraceRecord {
     pub message_id: Option<String>,
     /// When the record was closed (Unix milliseconds).
     pub at: Millis,
-    /// `smtp` (a transaction), `delivery` (an attempt), or `bounce`.
+    /// `smtp` (a transaction), `route` (the route hooks), or `delivery` (an attempt, with its
+    /// bounce and delivery-result calls).
     pub phase: String,
     /// The SMTP client's address (`smtp` records; empty for the others).
     #[serde(default, skip_serializing_if = "String::is_empty")]

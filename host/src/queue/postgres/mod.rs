@@ -558,7 +558,7 @@ impl Queue for PgQueue {
     ) -> Result<u64, QueueError> {
         let result = sqlx::query(
             "UPDATE recipients SET lease_until = $1
-             WHERE lease_owner = $2 AND message_id = ANY($3) AND state IN (0, 3)",
+             WHERE lease_owner = $2 AND message_id = ANY($3) AND state IN (0, 3, 4)",
         )
         .bind(until)
         .bind(owner)

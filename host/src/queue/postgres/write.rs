@@ -237,7 +237,7 @@ impl PgWriter {
                          $6::text[], $7::bigint[], $8::text[])
                   AS u(message_id, idx, state, attempts, next_attempt, reply, warned, owner)
              WHERE r.message_id = u.message_id AND r.idx = u.idx
-               AND r.lease_owner = u.owner AND r.state IN (0, 3)
+               AND r.lease_owner = u.owner AND r.state IN (0, 3, 4)
              RETURNING r.message_id, r.idx",
         )
         .bind(&ids)

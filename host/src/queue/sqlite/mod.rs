@@ -349,7 +349,7 @@ impl Queue for SqliteQueue {
         // The ids as one JSON array: SQLite binds no arrays.
         let ids = serde_json::to_string(message_ids).unwrap_or_else(|_| "[]".to_string());
         let result = sqlx::query(
-            "UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND state IN (0, 3)
+            "UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND state IN (0, 3, 4)
              AND message_id IN (SELECT value FROM json_each(?))",
         )
         .bind(until)

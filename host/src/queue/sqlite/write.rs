@@ -118,7 +118,7 @@ impl SqliteWriter {
                 "UPDATE recipients SET state = ?, attempts = ?, next_attempt = COALESCE(?, next_attempt),
                  last_reply = ?, lease_owner = NULL, lease_until = NULL,
                  delay_warned = MAX(delay_warned, ?)
-                 WHERE message_id = ? AND idx = ? AND lease_owner = ? AND state IN (0, 3)",
+                 WHERE message_id = ? AND idx = ? AND lease_owner = ? AND state IN (0, 3, 4)",
             )
             .bind(state.as_i64())
             .bind(result.attempts)
