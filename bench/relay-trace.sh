@@ -3,13 +3,17 @@
 # plugins (every hook of every message called, so every message's trace has its ~35 calls), one
 # with `[trace] enabled = false`, one with tracing on (the default). The servers take turns,
 # ROUNDS times; each round prints both delivered rates and CPU time per message (from /proc).
+# COMPARE=shadow measures shadow mode instead: both servers trace, and in the second each of the
+# five plugins has a shadow candidate (another noop), asked on every call.
 #
 #   N=4000 SESSIONS=20 ROUNDS=6 bench/relay-trace.sh
+#   COMPARE=shadow N=4000 SESSIONS=20 ROUNDS=6 bench/relay-trace.sh
 set -euo pipefail
 N=${N:-4000}
 SESSIONS=${SESSIONS:-20}
 ROUNDS=${ROUNDS:-6}
 SIZE=${SIZE:-1024}
+COMPARE=${COMPARE:-trace}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d /tmp/switchyard-trace.XXXXXX)
 source "$root/bench/lib.sh"
@@ -19,15 +23,23 @@ trap cleanup EXIT
 ensure_postfix_tools
 build_switchyard
 start_sink
-start_switchyard off 2625 "$(noop_chain)
+if [ "$COMPARE" = shadow ]; then
+  noop="$root/target/wasm32-wasip2/plugin/noop.wasm"
+  start_switchyard off 2625 "$(noop_chain)"
+  start_switchyard on 2626 "$(noop_chain | sed "s|^path = .*|&\nshadow = \"$noop\"|")"
+  labels=("no shadow" "five shadows")
+else
+  start_switchyard off 2625 "$(noop_chain)
 [trace]
 enabled = false"
-start_switchyard on 2626 "$(noop_chain)"
+  start_switchyard on 2626 "$(noop_chain)"
+  labels=("trace off" "trace on")
+fi
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ticks_per_second=$(getconf CLK_TCK)
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE, five noop plugins"
-echo "| round | trace off delivered/s | off CPU µs/msg | trace on delivered/s | on CPU µs/msg | on/off |"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE, five noop plugins, $COMPARE"
+echo "| round | ${labels[0]} delivered/s | CPU µs/msg | ${labels[1]} delivered/s | CPU µs/msg | ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
   row="| $round"

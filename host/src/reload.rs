@@ -77,7 +77,12 @@ impl Watched {
         // editor may rewrite in place).
         let mut global: HashSet<PathBuf> = HashSet::new();
         let mut watch = |path: &Path| global.extend(both_names(path));
-        config.plugins.iter().for_each(|plugin| watch(&plugin.path));
+        for plugin in &config.plugins {
+            watch(&plugin.path);
+            if let Some(shadow) = &plugin.shadow {
+                watch(shadow);
+            }
+        }
         watch(config_path);
         config.dkim.iter().for_each(|key| watch(&key.private_key));
         if let Some(tls) = &config.tls {

@@ -298,3 +298,60 @@ async fn a_looping_plugin_trips_its_breaker_and_is_called_again_after_the_cooldo
         .await;
     listing_with(&router, &["circuit=closed", "trips=1"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_candidate_is_asked_and_counted_but_the_live_verdict_rules() {
+    // Live: refuses `victim@` at RCPT. Candidate: `noop`, which answers continue to everything.
+    let settings = format!(
+        "grants = [\"kv\"]\nshadow = \"{}\"\n[plugin.config]\nmode = \"seed\"\n",
+        plugin_path("noop").display()
+    );
+    let (router, sink) = router_with(&plugin("gate", "misbehave", &settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    let refused = client.command("RCPT TO:<victim@switchyard.test>").await;
+    assert_eq!(refused.code, 550, "the live plugin decides: {refused:?}");
+    assert_eq!(client.command("RSET").await.code, 250);
+    let id = client
+        .send_accepted(
+            "s@sender.test",
+            &["friend@switchyard.test"],
+            &message("both agree"),
+        )
+        .await;
+    sink.wait_for(1, Duration::from_secs(15)).await;
+    // rcpt-to twice (one disagreement, one agreement) and data once (agreement).
+    let listing = listing_with(
+        &router,
+        &[
+            "-  gate~shadow  candidate of gate",
+            "agree=2  disagree=1  failures=0",
+        ],
+    )
+    .await;
+    assert!(
+        listing.contains(&format!("sha256={}", sha256sum("noop"))),
+        "{listing}"
+    );
+    // The trace shows both answers, the candidate's marked as agreeing or not.
+    let timeline = trace_with(
+        &router,
+        &id,
+        &[
+            "rcpt-to         gate  <friend@switchyard.test>  continue",
+            "rcpt-to         gate~shadow  <friend@switchyard.test>  continue [agrees]",
+            "data            gate~shadow  continue [agrees]",
+            &format!("gate~shadow: generation 1, sha256 {}", sha256sum("noop")),
+        ],
+    )
+    .await;
+    assert!(!timeline.contains("disagrees"), "{timeline}");
+    let refused = stdout(&router.queue(&["traces", "--sender", "s@sender.test"]));
+    assert!(
+        refused.contains("rcpt-to         gate  <victim@switchyard.test>  reject 550 5.7.1 seed")
+            && refused.contains(
+                "rcpt-to         gate~shadow  <victim@switchyard.test>  continue [disagrees]"
+            ),
+        "{refused}"
+    );
+}

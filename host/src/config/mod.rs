@@ -672,6 +672,9 @@ impl Config {
         }
         for plugin in &mut config.plugins {
             resolve(&mut plugin.path);
+            if let Some(shadow) = &mut plugin.shadow {
+                resolve(shadow);
+            }
         }
         if let Some(tenants) = &mut config.tenants {
             resolve(&mut tenants.directory);

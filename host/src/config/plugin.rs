@@ -46,6 +46,11 @@ pub struct PluginManifest {
     /// failure policy, until the cool-down has passed.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// A candidate version of the component, run beside this one on the same inputs (with the
+    /// same config, limits and grants): its answers are recorded in the trace and counted as
+    /// agreeing or not, never applied. Global chain only. Relative to the configuration file.
+    #[serde(default)]
+    pub shadow: Option<PathBuf>,
 }
 
 /// A plugin's circuit breaker: after `failures` failures (traps, timeouts, memory overruns)
@@ -86,6 +91,19 @@ fn default_breaker_cooldown() -> Duration {
 }
 
 impl PluginManifest {
+    /// The manifest of this plugin's shadow candidate, if it has one: the same plugin under the
+    /// name `NAME~shadow` (its own kv keys, log lines and counters), without pin or shadow.
+    pub fn shadow_manifest(&self) -> Option<PluginManifest> {
+        let path = self.shadow.clone()?;
+        Some(PluginManifest {
+            name: format!("{}~shadow", self.name),
+            path,
+            sha256: None,
+            shadow: None,
+            ..self.clone()
+        })
+    }
+
     /// The pinned digest, lowercased, when it is well formed: 64 hexadecimal digits.
     pub fn pinned_digest(&self) -> Result<Option<[u8; 32]>, String> {
         let Some(text) = &self.sha256 else {

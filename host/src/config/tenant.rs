@@ -309,6 +309,15 @@ impl TenantConfig {
                 ));
             }
             names.push(plugin.name.clone());
+            if plugin.shadow.is_some() {
+                return Err(invalid(
+                    offset_of_name(text, &plugin.name),
+                    format!(
+                        "plugin `{}`: shadow is only supported in the global chain for now",
+                        plugin.name
+                    ),
+                ));
+            }
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);
             }

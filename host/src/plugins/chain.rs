@@ -128,10 +128,10 @@ fn decision_of(verdict: Verdict) -> Option<Decision> {
     }
 }
 
-/// Calls one hook on plugin `$index` with its time limit armed, accounting for the result and
-/// noting it for the trace (`$subject`: what the call is about, if one thing).
-macro_rules! call {
-    ($run:expr, $index:expr, $hook:expr, $subject:expr, $method:ident ( $($arg:expr),* )) => {{
+/// Calls one hook on plugin `$index` of `$run` with its time limit armed, accounting for the
+/// result: `(result, started)`.
+macro_rules! answer {
+    ($run:expr, $index:expr, $hook:expr, $method:ident ( $($arg:expr),* )) => {{
         let started = Instant::now();
         let limit = $run.set.plugins[$index].manifest.time_limit;
         let result = match $run.instance($index).await {
@@ -142,16 +142,14 @@ macro_rules! call {
                 $run.finish($index, $hook, started, result)
             }
         };
-        $run.note($index, $hook, started, $subject, &result);
-        result
+        (result, started)
     }};
 }
 
-/// Like `call!` for a hook whose first argument is the session: lends the instance a `session`
-/// handle for the call and takes it back after.
-macro_rules! call_in_session {
-    ($run:expr, $index:expr, $hook:expr, $subject:expr, $session:expr,
-     $method:ident ( $($arg:expr),* )) => {{
+/// Like `answer!` for a hook whose first argument is the session: lends the instance a
+/// `session` handle for the call and takes it back after.
+macro_rules! answer_in_session {
+    ($run:expr, $index:expr, $hook:expr, $session:expr, $method:ident ( $($arg:expr),* )) => {{
         let started = Instant::now();
         let limit = $run.set.plugins[$index].manifest.time_limit;
         let result = match $run.instance($index).await {
@@ -171,7 +169,47 @@ macro_rules! call_in_session {
                 $run.finish($index, $hook, started, result)
             }
         };
+        (result, started)
+    }};
+}
+
+/// Calls one hook on plugin `$index`, notes it for the trace (`$subject`: what the call is
+/// about, if one thing), and asks the plugin's shadow candidate the same, if it has one.
+macro_rules! call {
+    ($run:expr, $index:expr, $hook:expr, $subject:expr, $method:ident ( $($arg:expr),* )) => {{
+        let (result, started) = answer!($run, $index, $hook, $method($($arg),*));
         $run.note($index, $hook, started, $subject, &result);
+        let shadowed = match $run.shadow_of($index, $hook) {
+            Some(shadow) => Some(answer!(shadow, $index, $hook, $method($($arg),*))),
+            None => None,
+        };
+        if let Some((candidate, candidate_started)) = shadowed {
+            $run.compare_shadow($index, $hook, candidate_started, $subject, &result, &candidate);
+        }
+        result
+    }};
+}
+
+/// Like `call!` for a hook whose first argument is the session.
+macro_rules! call_in_session {
+    ($run:expr, $index:expr, $hook:expr, $subject:expr, $session:expr,
+     $method:ident ( $($arg:expr),* )) => {{
+        let (result, started) =
+            answer_in_session!($run, $index, $hook, $session, $method($($arg),*));
+        $run.note($index, $hook, started, $subject, &result);
+        let shadowed = match $run.shadow_of($index, $hook) {
+            Some(shadow) => Some(answer_in_session!(
+                shadow,
+                $index,
+                $hook,
+                $session,
+                $method($($arg),*)
+            )),
+            None => None,
+        };
+        if let Some((candidate, candidate_started)) = shadowed {
+            $run.compare_shadow($index, $hook, candidate_started, $subject, &result, &candidate);
+        }
         result
     }};
 }
@@ -328,52 +366,26 @@ impl PluginRun {
     ) -> (DataDecision, Vec<Edit>) {
         let mut edits = Vec::new();
         for index in self.implementing(HookKind::Data) {
-            let started = Instant::now();
-            let limit = self.set.plugins[index].manifest.time_limit;
-            let (store, hooks) = match self.instance(index).await {
-                Ok(instance) => instance,
-                Err(failure) => {
-                    let failed: Result<wit::DataDecision, _> = Err(failure);
-                    self.note(index, HookKind::Data, started, None, &failed);
-                    let Err(failure) = failed else { continue };
-                    match failure_reply(&failure) {
-                        Some(decision) => return (data_decision(decision), edits),
-                        None => continue,
-                    }
-                }
-            };
-            let lent = lend(store, body.clone()).and_then(|body| {
-                match lend(store, SessionHandle(Arc::clone(session))) {
-                    Ok(session) => Ok((body, session)),
-                    Err(error) => {
-                        let _ = store.data_mut().table.delete(body);
-                        Err(error)
-                    }
-                }
-            });
-            let (body, lent_session) = match lent {
-                Ok(handles) => handles,
-                Err(error) => {
-                    tracing::error!(%error, "cannot hand the message to a plugin");
-                    return (
-                        DataDecision::Tempfail(Reply::new(
-                            451,
-                            "4.3.0",
-                            "temporary plugin failure",
-                        )),
-                        edits,
-                    );
-                }
-            };
-            arm(store, limit);
-            let result = hooks
-                .call_data(store, borrow(&lent_session), envelope, auth, borrow(&body))
-                .await;
-            let table = &mut store.data_mut().table;
-            let _ = table.delete(body);
-            let _ = table.delete(lent_session);
-            let result = self.finish(index, HookKind::Data, started, result);
+            let (result, started) = self.data_answer(index, session, envelope, auth, body).await;
             self.note(index, HookKind::Data, started, None, &result);
+            let shadowed = match self.shadow_of(index, HookKind::Data) {
+                Some(shadow) => Some(
+                    shadow
+                        .data_answer(index, session, envelope, auth, body)
+                        .await,
+                ),
+                None => None,
+            };
+            if let Some((candidate, candidate_started)) = shadowed {
+                self.compare_shadow(
+                    index,
+                    HookKind::Data,
+                    candidate_started,
+                    None,
+                    &result,
+                    &candidate,
+                );
+            }
             match result {
                 Ok(answer) => {
                     let decision = match answer.verdict {
@@ -404,6 +416,48 @@ impl PluginRun {
             }
         }
         (DataDecision::Continue, edits)
+    }
+
+    /// One data hook call: the message and the session lent to plugin `index` for the call.
+    async fn data_answer(
+        &mut self,
+        index: usize,
+        session: &Arc<SessionFacts>,
+        envelope: &Envelope,
+        auth: &AuthResults,
+        body: &BodyHandle,
+    ) -> (Result<wit::DataDecision, PluginFailure>, Instant) {
+        let started = Instant::now();
+        let limit = self.set.plugins[index].manifest.time_limit;
+        let (store, hooks) = match self.instance(index).await {
+            Ok(instance) => instance,
+            Err(failure) => return (Err(failure), started),
+        };
+        let lent = lend(store, body.clone()).and_then(|body| {
+            match lend(store, SessionHandle(Arc::clone(session))) {
+                Ok(session) => Ok((body, session)),
+                Err(error) => {
+                    let _ = store.data_mut().table.delete(body);
+                    Err(error)
+                }
+            }
+        });
+        let result = match lent {
+            Ok((body, lent_session)) => {
+                arm(store, limit);
+                let result = hooks
+                    .call_data(store, borrow(&lent_session), envelope, auth, borrow(&body))
+                    .await;
+                let table = &mut store.data_mut().table;
+                let _ = table.delete(body);
+                let _ = table.delete(lent_session);
+                result
+            }
+            Err(error) => Err(wasmtime::format_err!(
+                "cannot hand the message to the plugin: {error}"
+            )),
+        };
+        (self.finish(index, HookKind::Data, started, result), started)
     }
 
     pub async fn route(&mut self, message: &MessageFacts, recipient: &str) -> RouteDecision {
@@ -544,6 +598,7 @@ mod tests {
                 preinitialize: true,
                 sha256: None,
                 breaker: Default::default(),
+                shadow: None,
             }
         }
 

@@ -114,6 +114,22 @@ pub async fn load(
     services: &PluginServices,
     compiled: &mut Compiled,
 ) -> Result<Arc<LoadedPlugin>, LoadError> {
+    let mut loaded = load_one(engine, manifest, owner, services, compiled).await?;
+    if let Some(candidate) = manifest.shadow_manifest() {
+        let shadow = load_one(engine, &candidate, owner, services, compiled).await?;
+        loaded.shadow = Some(Arc::new(shadow));
+    }
+    Ok(Arc::new(loaded))
+}
+
+/// Loads one component (a plugin, or its shadow candidate).
+async fn load_one(
+    engine: &Engine,
+    manifest: &PluginManifest,
+    owner: &Arc<str>,
+    services: &PluginServices,
+    compiled: &mut Compiled,
+) -> Result<LoadedPlugin, LoadError> {
     let plugin = manifest.name.clone();
     if manifest.memory_limit > MEMORY_CAP {
         return Err(LoadError::MemoryCap {
@@ -174,6 +190,7 @@ pub async fn load(
         preinitialized: false,
         stats: PluginStats::new(&plugin, owner),
         breaker: Breaker::new(manifest.breaker),
+        shadow: None,
     };
     // A loaded plugin starts with its circuit closed, whatever its previous generation's was.
     metrics::gauge!(
@@ -183,7 +200,7 @@ pub async fn load(
     )
     .set(0.0);
     initialise(engine, &linker, &mut loaded, bytes, services, compiled).await?;
-    Ok(Arc::new(loaded))
+    Ok(loaded)
 }
 
 /// Runs `init` once per load: in the instance that becomes the snapshot when the plugin can be

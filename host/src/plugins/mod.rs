@@ -450,6 +450,12 @@ fn plugin_status(generation: u64, plugin: &LoadedPlugin) -> status::PluginStatus
         circuit: breaker.state(std::time::Instant::now()).to_string(),
         trips: breaker.trips(),
         skipped: stats.skipped.load(Ordering::Relaxed),
+        shadow: plugin.shadow.as_ref().map(|shadow| status::ShadowStatus {
+            sha256: shadow.digest_hex(),
+            agree: stats.shadow_agree.load(Ordering::Relaxed),
+            disagree: stats.shadow_disagree.load(Ordering::Relaxed),
+            failures: shadow.stats.failures.load(Ordering::Relaxed),
+        }),
     }
 }
 

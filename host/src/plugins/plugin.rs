@@ -23,6 +23,9 @@ pub struct PluginStats {
     pub out_of_memory: AtomicU64,
     /// Calls not made because the plugin's circuit was open (its failure policy answered).
     pub skipped: AtomicU64,
+    /// Calls of its shadow candidate that answered as it did, and that did not.
+    pub shadow_agree: AtomicU64,
+    pub shadow_disagree: AtomicU64,
     /// `switchyard_plugin_call_seconds{plugin,tenant,hook}`, one handle per hook (indexed by
     /// [`HookKind::index`]).
     pub latency: [metrics::Histogram; HookKind::ALL.len()],
@@ -41,6 +44,8 @@ impl PluginStats {
             timeouts: AtomicU64::new(0),
             out_of_memory: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            shadow_agree: AtomicU64::new(0),
+            shadow_disagree: AtomicU64::new(0),
             latency: HookKind::ALL.map(|hook| {
                 metrics::histogram!(
                     "switchyard_plugin_call_seconds",
@@ -76,6 +81,8 @@ pub struct LoadedPlugin {
     pub preinitialized: bool,
     pub stats: PluginStats,
     pub breaker: Breaker,
+    /// The candidate run beside it (`shadow` in the manifest), never applied.
+    pub shadow: Option<Arc<LoadedPlugin>>,
 }
 
 impl LoadedPlugin {

@@ -58,6 +58,9 @@ pub struct PluginRun {
     pub(super) context: RunContext,
     /// The calls noted for the decision trace, when tracing is on (see [`super::trace`]).
     pub(super) trace: Option<Box<super::trace::RunTrace>>,
+    /// The run of the global chain's shadow candidates (see [`PluginRun::shadow_of`]), made on
+    /// the first call of a plugin that has one.
+    pub(super) shadow: Option<Box<PluginRun>>,
     /// Present while the run is held for its message's delivery stages (see
     /// [`super::PluginManager::hold`]): the run's share of the bound on held instances.
     pub(super) hold: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -81,6 +84,7 @@ impl PluginRun {
             store: None,
             context,
             trace: PluginRun::new_trace(),
+            shadow: None,
             hold: None,
             tenant_share: None,
         }
@@ -264,6 +268,42 @@ impl PluginRun {
         self.set.generation
     }
 
+    /// The run in which plugin `index`'s shadow candidate answers the same call, if it has one
+    /// that implements `hook`: a run of its own (its own store, instances and failures), whose
+    /// answers are compared, traced and counted but never applied. Global plugins only.
+    pub(super) fn shadow_of(&mut self, index: usize, hook: HookKind) -> Option<&mut PluginRun> {
+        if index >= self.set.global_len {
+            return None;
+        }
+        let candidate = self.set.plugins[index].shadow.as_ref()?;
+        if !candidate.hooks.contains(hook) {
+            return None;
+        }
+        if self.shadow.is_none() {
+            // The global chain with each plugin that has a candidate replaced by it: the
+            // indices stay the chain's, and only the candidates are ever called.
+            let plugins = self.set.plugins[..self.set.global_len]
+                .iter()
+                .map(|plugin| plugin.shadow.clone().unwrap_or_else(|| plugin.clone()))
+                .collect::<Vec<_>>();
+            let set = Arc::new(PluginSet {
+                generation: self.set.generation,
+                tenant: Arc::from(""),
+                tenant_generation: 0,
+                engine: self.set.engine.clone(),
+                global_len: plugins.len(),
+                plugins,
+                services: self.set.services.clone(),
+                share: None,
+                calls: None,
+            });
+            let mut run = PluginRun::new(set, self.context.clone());
+            run.trace = None;
+            self.shadow = Some(Box::new(run));
+        }
+        self.shadow.as_deref_mut()
+    }
+
     /// The queue id of the message the run works for, once known.
     pub fn queue_id(&self) -> Option<&str> {
         self.context.queue_id.as_deref()
@@ -271,6 +311,9 @@ impl PluginRun {
 
     /// Sets the queue id that plugin log lines carry from now on.
     pub fn set_queue_id(&mut self, queue_id: &str) {
+        if let Some(shadow) = &mut self.shadow {
+            shadow.set_queue_id(queue_id);
+        }
         self.context.queue_id = Some(queue_id.to_string());
         if let Some(store) = &mut self.store {
             store.data_mut().queue_id = Some(queue_id.to_string());

@@ -57,6 +57,17 @@ pub struct PluginStatus {
     pub trips: u64,
     /// Calls not made while the circuit was open.
     pub skipped: u64,
+    /// Its shadow candidate, if it has one.
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// A plugin's shadow candidate: its code and how often it answered as the live plugin did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    pub sha256: String,
+    pub agree: u64,
+    pub disagree: u64,
+    pub failures: u64,
 }
 
 impl ChainsStatus {
@@ -113,4 +124,10 @@ fn plugin_line(out: &mut String, tenant: &str, plugin: &PluginStatus) {
         plugin.trips,
         plugin.skipped,
     ));
+    if let Some(shadow) = &plugin.shadow {
+        out.push_str(&format!(
+            "{tenant}  {}~shadow  candidate of {}  sha256={}  agree={}  disagree={}  failures={}\n",
+            plugin.name, plugin.name, shadow.sha256, shadow.agree, shadow.disagree, shadow.failures,
+        ));
+    }
 }

@@ -14,6 +14,7 @@ use super::bindings::types::{AddressDecision, BounceText, DataDecision, DataVerd
 use super::bindings::types::{Edit, TlsPolicy, Verdict};
 use super::chain::reply_of;
 use super::hooks::HookKind;
+use super::plugin::LoadedPlugin;
 use super::run::{FailureKind, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
 use crate::queue::now_millis;
@@ -43,7 +44,80 @@ pub(super) struct RunTrace {
     last_subject: Option<Arc<str>>,
 }
 
+impl RunTrace {
+    /// Notes one call of `plugin` (of chain generation `generation`).
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        plugin: &Arc<LoadedPlugin>,
+        generation: u64,
+        hook: HookKind,
+        started: Instant,
+        subject: Option<&str>,
+        described: Described,
+        failure: Option<String>,
+    ) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let at = now_millis() - i64::try_from(micros / 1000).unwrap_or(0);
+        let key = Arc::as_ptr(plugin) as usize;
+        let position = match self.seen.iter().find(|(seen, _)| *seen == key) {
+            Some((_, position)) => *position,
+            None => {
+                let position = u16::try_from(self.plugins.len()).unwrap_or(u16::MAX);
+                self.plugins.push(TracedPlugin {
+                    name: plugin.name.to_string(),
+                    tenant: plugin.owner.to_string(),
+                    generation,
+                    sha256: plugin.digest_hex(),
+                });
+                self.seen.push((key, position));
+                position
+            }
+        };
+        let subject = subject.map(|text| match &self.last_subject {
+            Some(last) if **last == *text => last.clone(),
+            _ => {
+                let shared: Arc<str> = Arc::from(crate::mail::text::one_line(text).as_ref());
+                self.last_subject = Some(shared.clone());
+                shared
+            }
+        });
+        self.calls.push(StoredCall(
+            at,
+            Cow::Borrowed(hook.name()),
+            position,
+            Cow::Borrowed(described.verdict),
+            micros,
+            subject,
+            described.detail,
+            described.rewrite,
+            failure,
+            described.edits,
+        ));
+    }
+}
+
+/// Why a call failed, for its trace.
+fn failure_text<R>(result: &Result<R, PluginFailure>) -> Option<String> {
+    result
+        .as_ref()
+        .err()
+        .map(|failure| format!("{:?}: {}", failure.kind, failure.message))
+}
+
+/// An answer, or the failure standing for it, as a trace describes it.
+fn describe_result<R: Describe>(result: &Result<R, PluginFailure>) -> Described {
+    match result {
+        Ok(answer) => answer.describe(),
+        Err(failure) if failure.kind == FailureKind::CircuitOpen => {
+            Described::with_detail("skipped", policy_reply(failure))
+        }
+        Err(failure) => Described::with_detail("failed", policy_reply(failure)),
+    }
+}
+
 /// How a hook's answer reads in a trace.
+#[derive(PartialEq, Eq)]
 pub(super) struct Described {
     verdict: &'static str,
     detail: Option<String>,
@@ -247,13 +321,7 @@ impl PluginRun {
         if self.trace.is_none() && !refused {
             return;
         }
-        let described = match result {
-            Ok(answer) => answer.describe(),
-            Err(failure) if failure.kind == FailureKind::CircuitOpen => {
-                Described::with_detail("skipped", policy_reply(failure))
-            }
-            Err(failure) => Described::with_detail("failed", policy_reply(failure)),
-        };
+        let described = describe_result(result);
         let plugin = &self.set.plugins[index];
         if refused {
             tracing::info!(
@@ -266,53 +334,69 @@ impl PluginRun {
                 "plugin refused"
             );
         }
+        let generation = if plugin.owner.is_empty() {
+            self.set.generation
+        } else {
+            self.set.tenant_generation
+        };
+        let failure = failure_text(result);
+        if let Some(trace) = &mut self.trace {
+            trace.push(
+                plugin, generation, hook, started, subject, described, failure,
+            );
+        }
+    }
+
+    /// Compares the answer of plugin `index`'s shadow candidate (`candidate`, begun at
+    /// `started`) with the live one's (`live`): counts agreement, and notes the candidate's
+    /// call in the trace with it. Never changes what the chain decides.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn compare_shadow<R: Describe>(
+        &mut self,
+        index: usize,
+        hook: HookKind,
+        started: Instant,
+        subject: Option<&str>,
+        live: &Result<R, PluginFailure>,
+        candidate: &Result<R, PluginFailure>,
+    ) {
+        let plugin = &self.set.plugins[index];
+        let Some(shadow) = &plugin.shadow else {
+            return;
+        };
+        let (live_said, mut said) = (describe_result(live), describe_result(candidate));
+        let agrees = live_said == said;
+        let stats = &plugin.stats;
+        if agrees {
+            stats.shadow_agree.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.shadow_disagree.fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!(
+            "switchyard_plugin_shadow_total",
+            "plugin" => plugin.name.to_string(),
+            "hook" => hook.name(),
+            "result" => if agrees { "agree" } else { "disagree" },
+        )
+        .increment(1);
         let Some(trace) = &mut self.trace else {
             return;
         };
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let at = now_millis() - i64::try_from(micros / 1000).unwrap_or(0);
-        let key = Arc::as_ptr(plugin) as usize;
-        let position = match trace.seen.iter().find(|(seen, _)| *seen == key) {
-            Some((_, position)) => *position,
-            None => {
-                let position = u16::try_from(trace.plugins.len()).unwrap_or(u16::MAX);
-                trace.plugins.push(TracedPlugin {
-                    name: plugin.name.to_string(),
-                    tenant: plugin.owner.to_string(),
-                    generation: if plugin.owner.is_empty() {
-                        self.set.generation
-                    } else {
-                        self.set.tenant_generation
-                    },
-                    sha256: plugin.digest_hex(),
-                });
-                trace.seen.push((key, position));
-                position
-            }
-        };
-        let subject = subject.map(|text| match &trace.last_subject {
-            Some(last) if **last == *text => last.clone(),
-            _ => {
-                let shared: Arc<str> = Arc::from(crate::mail::text::one_line(text).as_ref());
-                trace.last_subject = Some(shared.clone());
-                shared
-            }
+        let verdict = if agrees { "agrees" } else { "disagrees" };
+        said.detail = Some(match said.detail {
+            Some(detail) => format!("{detail} [{verdict}]"),
+            None => format!("[{verdict}]"),
         });
-        trace.calls.push(StoredCall(
-            at,
-            Cow::Borrowed(hook.name()),
-            position,
-            Cow::Borrowed(described.verdict),
-            micros,
+        let generation = self.set.generation;
+        trace.push(
+            shadow,
+            generation,
+            hook,
+            started,
             subject,
-            described.detail,
-            described.rewrite,
-            result
-                .as_ref()
-                .err()
-                .map(|failure| format!("{:?}: {}", failure.kind, failure.message)),
-            described.edits,
-        ));
+            said,
+            failure_text(candidate),
+        );
     }
 
     /// The calls noted since the last take, as a record of `phase` (the caller fills in the
