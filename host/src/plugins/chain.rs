@@ -16,6 +16,7 @@ use super::bindings::types::{
 };
 use super::hooks::HookKind;
 use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
+pub use super::reply::reply_of;
 use super::run::{PluginFailure, PluginRun};
 use super::store::arm;
 use crate::config::FailurePolicy;
@@ -64,35 +65,6 @@ fn failure_reply(failure: &PluginFailure) -> Option<Decision> {
         FailurePolicy::Reject => Some(Decision::Reject(Reply::new(550, "5.3.0", text))),
         FailurePolicy::Continue => None,
     }
-}
-
-/// A plugin's reply as the host will use it: the code of the asked class (else 550 or 451), a
-/// well-formed enhanced code of that class (else 5.7.1 or 4.7.1), and text without control
-/// characters (it goes into SMTP replies, DSN fields and logs).
-pub fn reply_of(reply: super::bindings::types::Reply, permanent: bool) -> Reply {
-    let valid = if permanent {
-        (500..600).contains(&reply.code)
-    } else {
-        (400..500).contains(&reply.code)
-    };
-    let code = if valid {
-        reply.code
-    } else if permanent {
-        550
-    } else {
-        451
-    };
-    // The enhanced code must be well formed and of the same class as the code.
-    let class = if permanent { "5." } else { "4." };
-    let enhanced = if valid
-        && crate::mail::reply::is_enhanced_code(&reply.enhanced)
-        && reply.enhanced.starts_with(class)
-    {
-        reply.enhanced
-    } else {
-        if permanent { "5.7.1" } else { "4.7.1" }.to_string()
-    };
-    Reply::new(code, &enhanced, crate::mail::text::one_line(&reply.text))
 }
 
 /// A verdict hook's answer, or its failure policy: `Some` decides the stage.

@@ -9,6 +9,7 @@
 
 pub mod bindings;
 pub mod breaker;
+pub mod calls;
 pub mod chain;
 pub mod engine;
 pub mod hooks;
@@ -17,6 +18,7 @@ pub mod limits;
 pub mod loader;
 pub mod plugin;
 pub mod preinit;
+pub mod reply;
 pub mod run;
 pub mod status;
 pub mod store;

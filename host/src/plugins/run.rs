@@ -57,7 +57,7 @@ pub struct PluginRun {
     failures: Vec<Option<PluginFailure>>,
     pub(super) context: RunContext,
     /// The calls noted for the decision trace, when tracing is on (see [`super::trace`]).
-    pub(super) trace: Option<Box<super::trace::RunTrace>>,
+    pub(super) trace: Option<Box<super::calls::RunTrace>>,
     /// The run of the global chain's shadow candidates (see [`PluginRun::shadow_of`]), made on
     /// the first call of a plugin that has one.
     pub(super) shadow: Option<Box<PluginRun>>,
