@@ -30,20 +30,13 @@ bin=$1 start_switchyard a 2625 "$(chain "${NOOP_A:-}")"
 bin=$2 start_switchyard b 2626 "$(chain "${NOOP_B:-}")"
 bin=$2
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-ticks_per_second=$(getconf CLK_TCK)
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE chain=$CHAIN, A=$1, B=$2"
 echo "| round | A delivered/s | A CPU µs/msg | B delivered/s | B CPU µs/msg |"
 echo "| --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
   row="| $round"
-  for name in a b; do
-    pid_var=${name}_pid
-    port=2625
-    [ "$name" = b ] && port=2626
-    before=$(cpu_ticks "${!pid_var}")
-    read -r _ delivered <<<"$(run "$port" "$SIZE" switchyard_queue_empty "$name")"
-    cpu=$(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / ticks_per_second / N ))
+  for server in "a 2625" "b 2626"; do
+    read -r delivered cpu <<<"$(measure $server)"
     row+=" | $delivered | $cpu"
   done
   echo "$row |"

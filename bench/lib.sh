@@ -90,4 +90,16 @@ run() {
   awk -v n="$N" -v s="$start" -v a="$accepted" -v d="$done" 'BEGIN { printf "%.0f %.0f", n/(a-s), n/(d-s) }'
 }
 
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# measure NAME PORT -> prints "delivered_rate cpu_us_per_message": one timed run of N messages of
+# SIZE bytes against the server start_switchyard started as NAME, and the CPU time that server
+# spent on it (from /proc: it does not depend on what else the machine was doing).
+measure() {
+  local name=$1 port=$2 pid_var=${1}_pid before delivered
+  before=$(cpu_ticks "${!pid_var}")
+  read -r _ delivered <<<"$(run "$port" "$SIZE" switchyard_queue_empty "$name")"
+  echo "$delivered $(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / $(getconf CLK_TCK) / N ))"
+}
+
 sent_count() { grep -c 'status=sent' "$work/$1.log"; }

@@ -27,8 +27,6 @@ start_switchyard chain 2626 "$(noop_chain)"
 # so the two servers take turns, ROUNDS times, and each round gives one ratio; the median ratio is
 # the result. The servers' CPU time per message (from /proc) is printed too: it does not depend
 # on what else the machine was doing.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-ticks_per_second=$(getconf CLK_TCK)
 ratios=()
 plain_cpus=()
 chain_cpus=()
@@ -36,12 +34,8 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE B, $(npro
 echo "| round | no plugins, delivered/s | CPU µs/msg | 5 plugins, delivered/s | CPU µs/msg | ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
-  before=$(cpu_ticks "$plain_pid")
-  read -r _ plain_del <<<"$(run 2625 "$SIZE" switchyard_queue_empty plain)"
-  plain_cpu=$(( ($(cpu_ticks "$plain_pid") - before) * 1000000 / ticks_per_second / N ))
-  before=$(cpu_ticks "$chain_pid")
-  read -r _ chain_del <<<"$(run 2626 "$SIZE" switchyard_queue_empty chain)"
-  chain_cpu=$(( ($(cpu_ticks "$chain_pid") - before) * 1000000 / ticks_per_second / N ))
+  read -r plain_del plain_cpu <<<"$(measure plain 2625)"
+  read -r chain_del chain_cpu <<<"$(measure chain 2626)"
   ratio=$(awk -v a="$chain_del" -v b="$plain_del" 'BEGIN { printf "%.0f", 100*a/b }')
   ratios+=("$ratio")
   plain_cpus+=("$plain_cpu")

@@ -36,25 +36,20 @@ enabled = false"
   labels=("trace off" "trace on")
 fi
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-ticks_per_second=$(getconf CLK_TCK)
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE, five noop plugins, $COMPARE"
 echo "| round | ${labels[0]} delivered/s | CPU µs/msg | ${labels[1]} delivered/s | CPU µs/msg | ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for round in $(seq "$ROUNDS"); do
   row="| $round"
   rates=()
-  for name in off on; do
-    pid_var=${name}_pid
-    port=2625
-    [ "$name" = on ] && port=2626
-    before=$(cpu_ticks "${!pid_var}")
-    read -r _ delivered <<<"$(run "$port" "$SIZE" switchyard_queue_empty "$name")"
-    cpu=$(( ($(cpu_ticks "${!pid_var}") - before) * 1000000 / ticks_per_second / N ))
+  for server in "off 2625" "on 2626"; do
+    read -r delivered cpu <<<"$(measure $server)"
     rates+=("$delivered")
     row+=" | $delivered | $cpu"
   done
   echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
 done
-# The traces written: one smtp, one route and one delivery record per message.
+# The traces written: one smtp, one route and one delivery record per message (after the
+# writer's last batch, which it gathers for 250 ms).
+sleep 1
 echo "trace rows: $(sqlite3 "$work/on-data/queue.db-traces" 'SELECT COUNT(*), SUM(LENGTH(body)) / COUNT(*) FROM traces' 2>/dev/null || echo '?') (count, mean body bytes)"
