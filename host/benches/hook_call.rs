@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             sha256: None,
             breaker: Default::default(),
             shadow: None,
+            canary: None,
         };
         let cache = std::env::temp_dir().join("switchyard-bench-cache");
         // `HOOK_CALL_MESSAGES=N`: only N messages through five plugins, untimed, for

@@ -71,11 +71,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             served
         }
-        Command::Plugins { config, action } => {
-            let config = load_config(config.as_ref())?;
+        Command::Plugins {
+            config: config_path,
+            action,
+        } => {
+            let config = load_config(config_path.as_ref())?;
             init_logging("warn");
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(plugins_command(&config, action))
+            runtime.block_on(plugins_command(config_path.as_deref(), &config, action))
         }
         Command::Auth { action } => auth_command(action),
         Command::Dkim { action } => dkim_command(action),

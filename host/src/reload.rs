@@ -82,6 +82,9 @@ impl Watched {
             if let Some(shadow) = &plugin.shadow {
                 watch(shadow);
             }
+            if let Some(canary) = &plugin.canary {
+                watch(&canary.path);
+            }
         }
         watch(config_path);
         config.dkim.iter().for_each(|key| watch(&key.private_key));
@@ -98,7 +101,10 @@ impl Watched {
             let files = tenant
                 .plugins
                 .iter()
-                .map(|plugin| &plugin.path)
+                .flat_map(|plugin| {
+                    std::iter::once(&plugin.path)
+                        .chain(plugin.canary.as_ref().map(|canary| &canary.path))
+                })
                 .chain(tenant.dkim.iter().map(|key| &key.private_key))
                 .chain(
                     tenant

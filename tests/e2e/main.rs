@@ -13,6 +13,7 @@ mod dsn;
 mod examples;
 mod implicit_tls;
 mod plugins;
+mod rollout;
 mod shutdown;
 mod smtp_in;
 mod smuggling;

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+mod plugins;
 mod queue;
+pub use plugins::{plugins_command, PluginsAction};
 pub use queue::queue_command;
 
 #[derive(Parser)]
@@ -297,112 +299,6 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-#[derive(Subcommand)]
-pub enum PluginsAction {
-    /// Each plugin's tenant (`-`: the global chain), generation, hooks, limits and call/failure
-    /// counts, and the last reload errors.
-    List {
-        /// Only the global chain and this tenant's.
-        #[arg(long)]
-        tenant: Option<String>,
-    },
-    /// Load the configured plugins beside the running ones and swap them in; prints the outcome.
-    Reload,
-}
-
-pub async fn plugins_command(config: &Config, action: PluginsAction) -> anyhow::Result<()> {
-    if let Some(api) = crate::admin::client::AdminClient::reach(config).await? {
-        return match action {
-            PluginsAction::List { tenant } => {
-                let status: crate::plugins::status::ChainsStatus = api.get("/v1/plugins").await?;
-                print_listing(&status.to_text(), tenant.as_deref())
-            }
-            PluginsAction::Reload => {
-                let status: crate::plugins::status::ChainsStatus =
-                    api.post("/v1/plugins/reload").await?;
-                print!("{}", status.to_text());
-                if status.last_reload_error.is_some() || !status.tenant_errors.is_empty() {
-                    bail!("reload failed; the previous generation keeps running");
-                }
-                Ok(())
-            }
-        };
-    }
-    let status_file = crate::reload::status_path(config);
-    let read_status = || std::fs::read_to_string(&status_file).unwrap_or_default();
-    let attempts = |status: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("reload attempts: "))
-            .and_then(|count| count.trim().parse::<u64>().ok())
-    };
-    match action {
-        PluginsAction::List { tenant } => {
-            let status = read_status();
-            if status.is_empty() {
-                bail!("no plugin status at {} (is `switchyard serve` running with this configuration?)", status_file.display());
-            }
-            print_listing(&status, tenant.as_deref())
-        }
-        PluginsAction::Reload => {
-            let pid_file = crate::reload::pid_path(config);
-            let pid: i32 = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|text| text.trim().parse().ok())
-                .with_context(|| {
-                    format!("no running server: cannot read {}", pid_file.display())
-                })?;
-            let before = attempts(&read_status()).unwrap_or(0);
-            // SAFETY: kill(2) with a pid read from our own pid file and a valid signal number.
-            if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-                bail!(
-                    "cannot signal process {pid}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while std::time::Instant::now() < deadline {
-                let status = read_status();
-                if attempts(&status).is_some_and(|count| count > before) {
-                    print!("{status}");
-                    if status.contains("last reload failed") {
-                        bail!("reload failed; the previous generation keeps running");
-                    }
-                    return Ok(());
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            bail!("the server did not report the reload within 120 s")
-        }
-    }
-}
-
-/// `plugins list`: every chain, or the global chain and one tenant's.
-fn print_listing(status: &str, tenant: Option<&str>) -> anyhow::Result<()> {
-    let Some(tenant) = tenant else {
-        print!("{status}");
-        return Ok(());
-    };
-    // Lines of a chain start with its tenant; the global chain's with `-`, and the summary
-    // lines with neither.
-    let columns = |line: &str| line.split("  ").next().unwrap_or("").to_string();
-    let chains: std::collections::HashSet<String> = status
-        .lines()
-        .filter(|line| line.contains("  "))
-        .map(columns)
-        .collect();
-    if !chains.contains(tenant) {
-        bail!("no tenant `{tenant}` in the running server's plugin status");
-    }
-    for line in status.lines() {
-        let first = columns(line);
-        if first == tenant || first == "-" || !line.contains("  ") {
-            println!("{line}");
-        }
-    }
-    Ok(())
 }
 
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {

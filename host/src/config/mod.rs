@@ -8,6 +8,7 @@
 mod admin;
 pub mod dkim;
 mod plugin;
+pub mod rollout;
 pub mod tenant;
 mod types;
 mod validate;
@@ -674,6 +675,9 @@ impl Config {
             resolve(&mut plugin.path);
             if let Some(shadow) = &mut plugin.shadow {
                 resolve(shadow);
+            }
+            if let Some(canary) = &mut plugin.canary {
+                resolve(&mut canary.path);
             }
         }
         if let Some(tenants) = &mut config.tenants {

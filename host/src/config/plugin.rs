@@ -51,6 +51,35 @@ pub struct PluginManifest {
     /// agreeing or not, never applied. Global chain only. Relative to the configuration file.
     #[serde(default)]
     pub shadow: Option<PathBuf>,
+    /// A candidate version that decides for a share of the transactions (chosen per
+    /// transaction, and kept through that message's delivery), with the same config, limits and
+    /// grants and the same kv keys as this one. Not together with `shadow`.
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
+}
+
+/// `canary = { path = "...", percent = 10 }`: the candidate and the share of transactions it
+/// decides for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The candidate component. A relative path is relative to the file that names it.
+    pub path: PathBuf,
+    /// The share of transactions, above 0 and at most 100 (hundredths count: 0.5 is one in
+    /// two hundred).
+    pub percent: f64,
+    /// The candidate's pinned digest, as the plugin's own `sha256`.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+impl CanaryConfig {
+    /// The share in ten-thousandths, the unit of a transaction's draw
+    /// ([`crate::plugins::canary::draw_of`]).
+    pub fn basis_points(&self) -> u16 {
+        // Validated to (0, 100]: at most 10,000.
+        (self.percent * 100.0).round().clamp(0.0, 10_000.0) as u16
+    }
 }
 
 /// A plugin's circuit breaker: after `failures` failures (traps, timeouts, memory overruns)
@@ -100,8 +129,46 @@ impl PluginManifest {
             path,
             sha256: None,
             shadow: None,
+            canary: None,
             ..self.clone()
         })
+    }
+
+    /// The manifest of this plugin's canary, if it has one: the same plugin under the name
+    /// `NAME~canary` (its own log lines and counters; its kv keys are the plugin's), pinned by
+    /// the canary's own `sha256`.
+    pub fn canary_manifest(&self) -> Option<PluginManifest> {
+        let canary = self.canary.clone()?;
+        Some(PluginManifest {
+            name: format!("{}~canary", self.name),
+            path: canary.path,
+            sha256: canary.sha256,
+            shadow: None,
+            canary: None,
+            ..self.clone()
+        })
+    }
+
+    /// The candidates' settings checked: a percent in (0, 100], not both a shadow and a canary.
+    pub fn check_candidates(&self) -> Result<(), String> {
+        if let Some(canary) = &self.canary {
+            if self.shadow.is_some() {
+                return Err(format!(
+                    "plugin `{}`: a plugin may have a shadow or a canary, not both",
+                    self.name
+                ));
+            }
+            if !(canary.percent > 0.0 && canary.percent <= 100.0) {
+                return Err(format!(
+                    "plugin `{}`: canary percent must be above 0 and at most 100, not {}",
+                    self.name, canary.percent
+                ));
+            }
+            if let Some(candidate) = self.canary_manifest() {
+                candidate.pinned_digest()?;
+            }
+        }
+        Ok(())
     }
 
     /// The pinned digest, lowercased, when it is well formed: 64 hexadecimal digits.

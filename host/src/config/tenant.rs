@@ -318,8 +318,16 @@ impl TenantConfig {
                     ),
                 ));
             }
+            plugin
+                .check_candidates()
+                .map_err(|message| invalid(offset_of_name(text, &plugin.name), message))?;
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);
+            }
+            if let Some(canary) = &mut plugin.canary {
+                if canary.path.is_relative() {
+                    canary.path = base.join(&canary.path);
+                }
             }
             // The tenant's caps bound its plugins whatever their manifests ask.
             plugin.time_limit = plugin.time_limit.min(limits.plugin_time_limit);

@@ -364,6 +364,9 @@ fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
         plugin
             .pinned_digest()
             .map_err(|message| problem("sha256", message))?;
+        plugin
+            .check_candidates()
+            .map_err(|message| problem("canary", message))?;
         if plugin.breaker.failures > 0
             && (plugin.breaker.window.is_zero() || plugin.breaker.cooldown.is_zero())
         {

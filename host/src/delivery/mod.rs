@@ -212,7 +212,7 @@ impl Dispatcher {
         if recipients.is_empty() {
             return;
         }
-        let set = self.plugins.set_for(&meta.tenant);
+        let set = self.plugins.set_for_message(&meta.tenant, &meta.id);
         if set.implements(HookKind::Route) {
             let dispatcher = self.clone();
             self.shutdown.spawn_delivery(async move {

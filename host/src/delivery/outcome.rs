@@ -275,7 +275,7 @@ impl Dispatcher {
             notices(Notice::Delay),
             notices(Notice::Success),
         );
-        let set = self.plugins.set_for(&meta.tenant);
+        let set = self.plugins.set_for_message(&meta.tenant, &meta.id);
         let mut run = self.plugin_run(&set, &meta, job.plugins.take());
         let mut bounces = Vec::new();
         if !failed.is_empty() || !delayed.is_empty() || !succeeded.is_empty() {

@@ -192,7 +192,7 @@ impl Session {
                 "Too many hops: Received headers suggest a mail loop",
             );
         }
-        let queue_id = self.services.inbox.new_id();
+        let queue_id = self.queue_id().to_string();
         let queued = Reply::new(250, "2.0.0", format!("Ok: queued as {queue_id}"));
         let mut stamped = self.stamp(message, &transaction, &queue_id);
         let verdicts = match self.sender_check(&envelope.sender) {

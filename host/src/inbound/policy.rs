@@ -12,7 +12,7 @@ use crate::mail::reply::Reply;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
-use crate::plugins::{PluginRun, RunContext};
+use crate::plugins::PluginRun;
 use crate::queue::traces::{PendingTrace, StoredCall};
 
 /// A refusal to send instead of the normal reply.
@@ -22,9 +22,22 @@ impl Session {
     /// The plugin run of the current transaction, started on the current global generation if
     /// there is none yet.
     pub(super) fn plugin_run(&mut self) -> &mut PluginRun {
-        let plugins = &self.services.plugins;
-        self.run
-            .get_or_insert_with(|| PluginRun::new(plugins.current(), RunContext::default()))
+        let run = match self.run.take() {
+            Some(run) => run,
+            None => {
+                let queue_id = self.queue_id().to_string();
+                self.services.plugins.start_transaction(&queue_id)
+            }
+        };
+        self.run.insert(run)
+    }
+
+    /// The id the transaction's message will be queued as: chosen when the transaction's
+    /// first plugin call (or its DATA) needs it, since a canary's share is drawn from it
+    /// (`plugins/canary.rs`) and the message's delivery draws again from the queued id.
+    pub(super) fn queue_id(&mut self) -> &str {
+        let inbox = &self.services.inbox;
+        self.queue_id.get_or_insert_with(|| inbox.new_id())
     }
 
     /// The plugin run of the current transaction, on the chain of its tenant (when known).
@@ -53,6 +66,7 @@ impl Session {
     pub(super) fn end_plugin_run(&mut self, reply: Option<&Reply>) {
         self.close_trace(reply);
         self.run = None;
+        self.queue_id = None;
         self.tenant = None;
     }
 

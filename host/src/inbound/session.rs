@@ -71,6 +71,8 @@ pub struct Session {
     pub(super) auth_identity: Option<String>,
     /// Plugin instances of the transaction under way (see `policy.rs`).
     pub(super) run: Option<PluginRun>,
+    /// The id the transaction's message will be queued as, once chosen (see `policy.rs`).
+    pub(super) queue_id: Option<String>,
     /// The envelope as DATA began (the transaction is taken apart then), for the trace of a
     /// message refused after it.
     pub(super) traced_envelope: Option<crate::plugins::bindings::types::Envelope>,
@@ -155,6 +157,7 @@ impl Session {
             errors: 0,
             auth_identity: None,
             run: None,
+            queue_id: None,
             traced_envelope: None,
             traced_sender: None,
             tenant: None,

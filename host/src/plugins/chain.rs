@@ -571,6 +571,7 @@ mod tests {
                 sha256: None,
                 breaker: Default::default(),
                 shadow: None,
+                canary: None,
             }
         }
 

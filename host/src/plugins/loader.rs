@@ -119,10 +119,18 @@ pub async fn load(
         let shadow = load_one(engine, &candidate, owner, services, compiled).await?;
         loaded.shadow = Some(Arc::new(shadow));
     }
+    if let (Some(candidate), Some(canary)) = (manifest.canary_manifest(), &manifest.canary) {
+        let mut plugin = load_one(engine, &candidate, owner, services, compiled).await?;
+        plugin.kv_name = loaded.name.clone();
+        loaded.canary = Some(super::canary::Canary {
+            plugin: Arc::new(plugin),
+            basis_points: canary.basis_points(),
+        });
+    }
     Ok(Arc::new(loaded))
 }
 
-/// Loads one component (a plugin, or its shadow candidate).
+/// Loads one component (a plugin, or one of its candidates).
 async fn load_one(
     engine: &Engine,
     manifest: &PluginManifest,
@@ -180,6 +188,7 @@ async fn load_one(
     let mut loaded = LoadedPlugin {
         manifest: manifest.clone(),
         name: Arc::from(plugin.as_str()),
+        kv_name: Arc::from(plugin.as_str()),
         owner: owner.clone(),
         digest,
         sha256: Arc::from(hex::encode(digest)),
@@ -191,6 +200,7 @@ async fn load_one(
         stats: PluginStats::new(&plugin, owner),
         breaker: Breaker::new(manifest.breaker),
         shadow: None,
+        canary: None,
     };
     // A loaded plugin starts with its circuit closed, whatever its previous generation's was.
     metrics::gauge!(

@@ -10,6 +10,7 @@
 pub mod bindings;
 pub mod breaker;
 pub mod calls;
+pub mod canary;
 pub mod chain;
 pub mod engine;
 pub mod hooks;
@@ -87,6 +88,21 @@ impl PluginSet {
     /// The tenant's part of the chain.
     pub fn tenant_plugins(&self) -> &[Arc<LoadedPlugin>] {
         &self.plugins[self.global_len..]
+    }
+
+    /// This set with other plugins in the same places (a candidate for a live one).
+    pub(crate) fn with_plugins(&self, plugins: Vec<Arc<LoadedPlugin>>) -> PluginSet {
+        PluginSet {
+            generation: self.generation,
+            tenant: self.tenant.clone(),
+            tenant_generation: self.tenant_generation,
+            engine: self.engine.clone(),
+            plugins,
+            global_len: self.global_len,
+            services: self.services.clone(),
+            share: self.share.clone(),
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -194,6 +210,22 @@ impl PluginManager {
     /// Starts a run for a new transaction on the current global generation.
     pub fn run(&self, context: RunContext) -> PluginRun {
         PluginRun::new(self.current(), context)
+    }
+
+    /// Starts the run of a new SMTP transaction, whose message (if it queues one) will be
+    /// queued as `queue_id`: on the current global generation, with the canaries that the
+    /// id's draw falls to (see [`canary`]).
+    pub fn start_transaction(&self, queue_id: &str) -> PluginRun {
+        let draw = canary::draw_of(queue_id);
+        let mut run = PluginRun::new(self.current().for_draw(draw), RunContext::default());
+        run.draw = Some(draw);
+        run
+    }
+
+    /// The chain of the message queued as `queue_id` for `tenant`: the one its SMTP
+    /// transaction ran, the same canaries included.
+    pub fn set_for_message(&self, tenant: &str, queue_id: &str) -> Arc<PluginSet> {
+        self.set_for(tenant).for_draw(canary::draw_of(queue_id))
     }
 
     /// Keeps a finished SMTP transaction's (or routing's) run for the later stages of the same
@@ -337,9 +369,19 @@ impl PluginManager {
 
     /// Forgets compiled components that no loaded plugin uses any more.
     fn prune(&self, compiled: &mut loader::Compiled) {
-        let mut used: HashSet<[u8; 32]> = self.current().plugins.iter().map(|p| p.digest).collect();
+        // A plugin's candidates are compiled components too.
+        let digests = |plugin: &Arc<LoadedPlugin>| {
+            [
+                Some(plugin.digest),
+                plugin.shadow.as_ref().map(|shadow| shadow.digest),
+                plugin.canary.as_ref().map(|canary| canary.plugin.digest),
+            ]
+            .into_iter()
+            .flatten()
+        };
+        let mut used: HashSet<[u8; 32]> = self.current().plugins.iter().flat_map(digests).collect();
         for chain in self.tenants.load().values() {
-            used.extend(chain.plugins.iter().map(|plugin| plugin.digest));
+            used.extend(chain.plugins.iter().flat_map(digests));
         }
         compiled.retain(|digest| used.contains(digest));
     }
@@ -419,7 +461,6 @@ impl PluginManager {
 /// One plugin's line of the status.
 fn plugin_status(generation: u64, plugin: &LoadedPlugin) -> status::PluginStatus {
     let stats = &plugin.stats;
-    let breaker = &plugin.breaker;
     status::PluginStatus {
         name: plugin.name.to_string(),
         tenant: plugin.owner.to_string(),
@@ -445,19 +486,32 @@ fn plugin_status(generation: u64, plugin: &LoadedPlugin) -> status::PluginStatus
             crate::config::FailurePolicy::Continue => "continue",
         }
         .to_string(),
-        calls: stats.calls.load(Ordering::Relaxed),
-        failures: stats.failures.load(Ordering::Relaxed),
-        timeouts: stats.timeouts.load(Ordering::Relaxed),
-        out_of_memory: stats.out_of_memory.load(Ordering::Relaxed),
-        circuit: breaker.state(std::time::Instant::now()).to_string(),
-        trips: breaker.trips(),
-        skipped: stats.skipped.load(Ordering::Relaxed),
+        health: health(plugin),
         shadow: plugin.shadow.as_ref().map(|shadow| status::ShadowStatus {
             sha256: shadow.digest_hex(),
             agree: stats.shadow_agree.load(Ordering::Relaxed),
             disagree: stats.shadow_disagree.load(Ordering::Relaxed),
             failures: shadow.stats.failures.load(Ordering::Relaxed),
         }),
+        canary: plugin.canary.as_ref().map(|canary| status::CanaryStatus {
+            sha256: canary.plugin.digest_hex(),
+            percent: f64::from(canary.basis_points) / 100.0,
+            health: health(&canary.plugin),
+        }),
+    }
+}
+
+/// A plugin's counters and circuit.
+fn health(plugin: &LoadedPlugin) -> status::Health {
+    let stats = &plugin.stats;
+    status::Health {
+        calls: stats.calls.load(Ordering::Relaxed),
+        failures: stats.failures.load(Ordering::Relaxed),
+        timeouts: stats.timeouts.load(Ordering::Relaxed),
+        out_of_memory: stats.out_of_memory.load(Ordering::Relaxed),
+        circuit: plugin.breaker.state(std::time::Instant::now()).to_string(),
+        trips: plugin.breaker.trips(),
+        skipped: stats.skipped.load(Ordering::Relaxed),
     }
 }
 

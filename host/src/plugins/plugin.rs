@@ -62,6 +62,10 @@ impl PluginStats {
 pub struct LoadedPlugin {
     pub manifest: PluginManifest,
     pub name: Arc<str>,
+    /// The name its kv keys are kept under: its own, except a canary's, which are the live
+    /// plugin's (a new version of a greylist or a rate limit must see the state the old one
+    /// keeps).
+    pub kv_name: Arc<str>,
     /// The tenant whose chain it is in (`""`: the global chain). Its kv keys are the owner's,
     /// so two tenants running one plugin under one name never see each other's.
     pub owner: Arc<str>,
@@ -83,6 +87,8 @@ pub struct LoadedPlugin {
     pub breaker: Breaker,
     /// The candidate run beside it (`shadow` in the manifest), never applied.
     pub shadow: Option<Arc<LoadedPlugin>>,
+    /// The candidate deciding for a share of the transactions (`canary` in the manifest).
+    pub canary: Option<super::canary::Canary>,
 }
 
 impl LoadedPlugin {

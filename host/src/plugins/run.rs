@@ -67,6 +67,9 @@ pub struct PluginRun {
     /// The permits a transaction of a tenant holds from the tenant's share of the instance pool
     /// (see [`PluginRun::enter_tenant`]).
     pub(super) tenant_share: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The transaction's canary draw (see [`super::canary`]), when it has one: a tenant's
+    /// chain, entered later, takes its canaries by the same draw.
+    pub(super) draw: Option<u16>,
 }
 
 /// A tenant's transactions already hold its whole share of the instance pool.
@@ -87,6 +90,7 @@ impl PluginRun {
             shadow: None,
             hold: None,
             tenant_share: None,
+            draw: None,
         }
     }
 
@@ -104,6 +108,10 @@ impl PluginRun {
         if *self.set.tenant == *set.tenant {
             return Ok(());
         }
+        let set = &match self.draw {
+            Some(draw) => set.for_draw(draw),
+            None => set.clone(),
+        };
         self.leave_tenant();
         if set.tenant.is_empty() {
             return Ok(());
@@ -155,15 +163,12 @@ impl PluginRun {
         if let Some(store) = &mut self.store {
             let state = store.data_mut();
             state.tenant = combined.tenant.to_string();
-            state
-                .plugins
-                .extend(combined.tenant_plugins().iter().map(|plugin| {
-                    PluginState::new(
-                        plugin.name.clone(),
-                        plugin.owner.clone(),
-                        plugin.manifest.memory_limit as usize,
-                    )
-                }));
+            state.plugins.extend(
+                combined
+                    .tenant_plugins()
+                    .iter()
+                    .map(|plugin| PluginState::of(plugin)),
+            );
         }
         self.hooks.resize_with(combined.plugins.len(), || None);
         self.failures.resize_with(combined.plugins.len(), || None);
@@ -224,13 +229,13 @@ impl PluginRun {
         })
     }
 
-    /// `held` if it is a run of `set`'s generation, otherwise a fresh run on `set`: the delivery
+    /// `held` if it is a run of `set`'s chain (generation and canaries), otherwise a fresh run on `set`: the delivery
     /// stages of a message reuse the instances of its SMTP transaction (or of its routing) when
     /// they can, and never mix generations. A reused run starts with empty bags, as a fresh one
     /// does, so what a plugin sees never depends on whether the host could reuse its instance.
     pub fn resume(set: &Arc<PluginSet>, held: Option<PluginRun>, context: RunContext) -> PluginRun {
         match held {
-            Some(mut run) if Arc::ptr_eq(&run.set, set) => {
+            Some(mut run) if run.set.same_chain(set) => {
                 run.clear_bags();
                 if let Some(queue_id) = &context.queue_id {
                     run.set_queue_id(queue_id);
@@ -287,15 +292,12 @@ impl PluginRun {
                 .map(|plugin| plugin.shadow.clone().unwrap_or_else(|| plugin.clone()))
                 .collect::<Vec<_>>();
             let set = Arc::new(PluginSet {
-                generation: self.set.generation,
                 tenant: Arc::from(""),
                 tenant_generation: 0,
-                engine: self.set.engine.clone(),
                 global_len: plugins.len(),
-                plugins,
-                services: self.set.services.clone(),
                 share: None,
                 calls: None,
+                ..self.set.with_plugins(plugins)
             });
             let mut run = PluginRun::new(set, self.context.clone());
             run.trace = None;

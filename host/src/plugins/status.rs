@@ -47,6 +47,28 @@ pub struct PluginStatus {
     pub memory_limit: u64,
     /// `tempfail`, `reject` or `continue`.
     pub failure_policy: String,
+    #[serde(flatten)]
+    pub health: Health,
+    /// Its shadow candidate, if it has one.
+    pub shadow: Option<ShadowStatus>,
+    /// Its canary, if it has one.
+    #[serde(default)]
+    pub canary: Option<CanaryStatus>,
+}
+
+/// A plugin's canary: its code, its share of the transactions and how it has fared.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub sha256: String,
+    /// The share of transactions it decides for, in percent.
+    pub percent: f64,
+    #[serde(flatten)]
+    pub health: Health,
+}
+
+/// How a plugin's calls have gone since it loaded, and its circuit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
     pub calls: u64,
     pub failures: u64,
     pub timeouts: u64,
@@ -57,8 +79,22 @@ pub struct PluginStatus {
     pub trips: u64,
     /// Calls not made while the circuit was open.
     pub skipped: u64,
-    /// Its shadow candidate, if it has one.
-    pub shadow: Option<ShadowStatus>,
+}
+
+impl Health {
+    /// The columns `plugins list` prints.
+    fn columns(&self) -> String {
+        format!(
+            "calls={}  failures={}  timeouts={}  out_of_memory={}  circuit={}  trips={}  skipped={}",
+            self.calls,
+            self.failures,
+            self.timeouts,
+            self.out_of_memory,
+            self.circuit,
+            self.trips,
+            self.skipped
+        )
+    }
 }
 
 /// A plugin's shadow candidate: its code and how often it answered as the live plugin did.
@@ -107,7 +143,7 @@ impl ChainsStatus {
 
 fn plugin_line(out: &mut String, tenant: &str, plugin: &PluginStatus) {
     out.push_str(&format!(
-        "{tenant}  {}  generation={}  sha256={}  hooks=[{}]  init={}  time_limit={}ms  memory_limit={}  failure_policy={}  calls={}  failures={}  timeouts={}  out_of_memory={}  circuit={}  trips={}  skipped={}\n",
+        "{tenant}  {}  generation={}  sha256={}  hooks=[{}]  init={}  time_limit={}ms  memory_limit={}  failure_policy={}  {}\n",
         plugin.name,
         plugin.generation,
         plugin.sha256,
@@ -116,18 +152,22 @@ fn plugin_line(out: &mut String, tenant: &str, plugin: &PluginStatus) {
         plugin.time_limit_ms,
         plugin.memory_limit,
         plugin.failure_policy,
-        plugin.calls,
-        plugin.failures,
-        plugin.timeouts,
-        plugin.out_of_memory,
-        plugin.circuit,
-        plugin.trips,
-        plugin.skipped,
+        plugin.health.columns(),
     ));
     if let Some(shadow) = &plugin.shadow {
         out.push_str(&format!(
             "{tenant}  {}~shadow  candidate of {}  sha256={}  agree={}  disagree={}  failures={}\n",
             plugin.name, plugin.name, shadow.sha256, shadow.agree, shadow.disagree, shadow.failures,
+        ));
+    }
+    if let Some(canary) = &plugin.canary {
+        out.push_str(&format!(
+            "{tenant}  {}~canary  canary of {}  percent={}  sha256={}  {}\n",
+            plugin.name,
+            plugin.name,
+            canary.percent,
+            canary.sha256,
+            canary.health.columns(),
         ));
     }
 }

@@ -27,16 +27,7 @@ pub(super) fn new_store<'a>(
     let state = HostState {
         wasi: None,
         table: ResourceTable::new(),
-        plugins: plugins
-            .into_iter()
-            .map(|plugin| {
-                PluginState::new(
-                    plugin.name.clone(),
-                    plugin.owner.clone(),
-                    plugin.manifest.memory_limit as usize,
-                )
-            })
-            .collect(),
+        plugins: plugins.into_iter().map(PluginState::of).collect(),
         current: 0,
         // Set by `arm` before anything runs in the store.
         deadline: Instant::now(),

@@ -8,9 +8,10 @@ use crate::plugins::bindings::switchyard::plugin::kv;
 use crate::queue::kv::Swap;
 
 impl HostState {
-    /// The current plugin's kv scope: the tenant whose chain it is in, and its name.
+    /// The current plugin's kv scope: the tenant whose chain it is in, and its name (a
+    /// canary's is the live plugin's).
     fn kv_scope(&self) -> (std::sync::Arc<str>, std::sync::Arc<str>) {
-        (self.plugin().owner.clone(), self.plugin().name.clone())
+        (self.plugin().owner.clone(), self.plugin().kv_name.clone())
     }
 }
 

@@ -29,6 +29,8 @@ pub use session::{SessionFacts, SessionHandle};
 /// What the host keeps for one plugin of a run.
 pub struct PluginState {
     pub name: Arc<str>,
+    /// Its kv keys' name (see [`crate::plugins::plugin::LoadedPlugin::kv_name`]).
+    pub kv_name: Arc<str>,
     /// The tenant whose chain the plugin is in: its kv keys are that tenant's.
     pub owner: Arc<str>,
     /// Caps the plugin's linear memories, whichever run's store they are in.
@@ -38,11 +40,15 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    pub fn new(name: Arc<str>, owner: Arc<str>, memory_limit: usize) -> PluginState {
+    /// The state of `plugin`'s instance in a run.
+    pub fn of(plugin: &crate::plugins::plugin::LoadedPlugin) -> PluginState {
         PluginState {
-            name,
-            owner,
-            limits: crate::plugins::limits::MemoryBudget::new(memory_limit),
+            name: plugin.name.clone(),
+            kv_name: plugin.kv_name.clone(),
+            owner: plugin.owner.clone(),
+            limits: crate::plugins::limits::MemoryBudget::new(
+                plugin.manifest.memory_limit as usize,
+            ),
             bag: HashMap::new(),
         }
     }

@@ -1,0 +1,321 @@
+//! `switchyard plugins`: list and reload the running chains, and finish (`promote`) or undo
+//! (`rollback`) a plugin's canary or shadow. Each goes through the admin API when the server
+//! serves one, and otherwise through the status file and SIGHUP.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use sha2::{Digest, Sha256};
+
+use crate::admin::client::AdminClient;
+use crate::config::rollout::{self, CandidateKind};
+use crate::config::Config;
+use crate::plugins::status::ChainsStatus;
+
+#[derive(Subcommand)]
+pub enum PluginsAction {
+    /// Each plugin's tenant (`-`: the global chain), generation, hooks, limits and call/failure
+    /// counts, its candidates, and the last reload errors.
+    List {
+        /// Only the global chain and this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Load the configured plugins beside the running ones and swap them in; prints the outcome.
+    Reload,
+    /// Make a plugin's candidate (its `canary` or `shadow`) its live version: edits the file
+    /// that declares the plugin (comments kept) and reloads. A pinned plugin is pinned to the
+    /// candidate.
+    Promote {
+        name: String,
+        /// The plugin is in this tenant's chain (its tenant file is edited).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Drop a plugin's candidate (its `canary` or `shadow`): edits the file and reloads.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+pub async fn plugins_command(
+    config_path: Option<&Path>,
+    config: &Config,
+    action: PluginsAction,
+) -> anyhow::Result<()> {
+    match action {
+        PluginsAction::List { tenant } => {
+            let status = running_status(config).await?.with_context(|| {
+                format!(
+                    "no plugin status at {} (is `switchyard serve` running with this configuration?)",
+                    crate::reload::status_path(config).display()
+                )
+            })?;
+            print_listing(&status, tenant.as_deref())
+        }
+        PluginsAction::Reload => {
+            let reloaded = reload(config)
+                .await?
+                .context("no running server: it has no admin API and no pid file answers")?;
+            print!("{}", reloaded.status);
+            if reloaded.failed {
+                bail!("reload failed; the previous generation keeps running");
+            }
+            Ok(())
+        }
+        PluginsAction::Promote { name, tenant } => {
+            change(
+                config_path,
+                config,
+                &name,
+                tenant.as_deref(),
+                Change::Promote,
+            )
+            .await
+        }
+        PluginsAction::Rollback { name, tenant } => {
+            change(
+                config_path,
+                config,
+                &name,
+                tenant.as_deref(),
+                Change::Rollback,
+            )
+            .await
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Promote,
+    Rollback,
+}
+
+/// Edits the file that declares plugin `name` and has the server reload it. A reload that fails
+/// puts the file back as it was, so file and server agree.
+async fn change(
+    config_path: Option<&Path>,
+    config: &Config,
+    name: &str,
+    tenant: Option<&str>,
+    change: Change,
+) -> anyhow::Result<()> {
+    let file = match tenant {
+        None => config_path
+            .context("give the configuration file (--config): it declares the plugin")?
+            .to_path_buf(),
+        Some(tenant) => tenant_file(config, tenant)?,
+    };
+    let origin = file.display().to_string();
+    let before = std::fs::read_to_string(&file).with_context(|| format!("cannot read {origin}"))?;
+    let candidate = rollout::candidate(&before, &origin, name)?;
+    let after = match change {
+        Change::Promote => {
+            let path = file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&candidate.path);
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("cannot read {name}'s candidate {}", path.display()))?;
+            let digest = hex::encode(Sha256::digest(&bytes));
+            check_running(config, tenant, name, candidate.kind, &digest).await?;
+            rollout::promote(&before, &origin, name, &digest)?
+        }
+        Change::Rollback => rollout::rollback(&before, &origin, name)?,
+    };
+    write_in_place(&file, &after)?;
+    let done = match change {
+        Change::Promote => format!(
+            "{name}: {} {} promoted in {origin}",
+            candidate.kind.key(),
+            candidate.path
+        ),
+        Change::Rollback => format!(
+            "{name}: {} {} rolled back in {origin}",
+            candidate.kind.key(),
+            candidate.path
+        ),
+    };
+    match reload(config).await? {
+        None => {
+            println!("{done}; no server is running: it takes effect when one starts");
+            Ok(())
+        }
+        Some(reloaded) if reloaded.failed => {
+            write_in_place(&file, &before)?;
+            print!("{}", reloaded.status);
+            bail!("the reload failed, so {origin} is back as it was and nothing changed")
+        }
+        Some(reloaded) => {
+            print!("{}", reloaded.status);
+            println!("{done}; reloaded");
+            Ok(())
+        }
+    }
+}
+
+/// Refuses to promote a candidate whose file is not the code the server has been running as
+/// that candidate: what was watched in shadow or canary is what goes live.
+async fn check_running(
+    config: &Config,
+    tenant: Option<&str>,
+    name: &str,
+    kind: CandidateKind,
+    digest: &str,
+) -> anyhow::Result<()> {
+    let Some(status) = running_status(config).await? else {
+        return Ok(());
+    };
+    let chain = tenant.unwrap_or("-");
+    let prefix = format!("{chain}  {name}~{}  ", kind.key());
+    let Some(line) = status.lines().find(|line| line.starts_with(&prefix)) else {
+        bail!(
+            "the running server has no {} of {name}{}: reload first, so that what goes live is what ran",
+            kind.key(),
+            tenant.map(|t| format!(" in tenant {t}")).unwrap_or_default()
+        );
+    };
+    let running = line
+        .split("  ")
+        .find_map(|column| column.strip_prefix("sha256="))
+        .unwrap_or("");
+    if running != digest {
+        bail!(
+            "the {} file of {name} has sha256 {digest}, but the running {} is {running}: the file changed since it was loaded; reload and watch it again first",
+            kind.key(),
+            kind.key()
+        );
+    }
+    Ok(())
+}
+
+/// The tenant file that declares tenant `id`.
+fn tenant_file(config: &Config, id: &str) -> anyhow::Result<PathBuf> {
+    let tenants = config
+        .tenants
+        .as_ref()
+        .context("the configuration has no [tenants] directory")?;
+    let loaded = crate::config::tenant::load_all(tenants, &config.relay.domains)?;
+    loaded
+        .into_iter()
+        .find(|tenant| tenant.id == id)
+        .map(|tenant| tenant.path)
+        .with_context(|| format!("no tenant `{id}` in {}", tenants.directory.display()))
+}
+
+/// Replaces `file`'s content at once (a new file renamed over it, with its permissions), so
+/// the server's watcher never reads half of it.
+fn write_in_place(file: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let directory = file.parent().unwrap_or(Path::new("."));
+    let name = file
+        .file_name()
+        .with_context(|| format!("{} is not a file", file.display()))?;
+    // Hidden, so the tenants' directory does not take it for a tenant.
+    let temporary = directory.join(format!(".{}.switchyard-new", name.to_string_lossy()));
+    let permissions = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .permissions();
+    let mut out = std::fs::File::create(&temporary)
+        .with_context(|| format!("cannot create {}", temporary.display()))?;
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::set_permissions(&temporary, permissions)?;
+    std::fs::rename(&temporary, file).with_context(|| format!("cannot replace {}", file.display()))
+}
+
+/// A reload's outcome as the server reported it.
+struct Reloaded {
+    status: String,
+    failed: bool,
+}
+
+/// The running server's plugin status (`None`: no server has written one).
+async fn running_status(config: &Config) -> anyhow::Result<Option<String>> {
+    if let Some(api) = AdminClient::reach(config).await? {
+        let status: ChainsStatus = api.get("/v1/plugins").await?;
+        return Ok(Some(status.to_text()));
+    }
+    let status = std::fs::read_to_string(crate::reload::status_path(config)).unwrap_or_default();
+    Ok((!status.is_empty()).then_some(status))
+}
+
+/// Has the running server reload everything and waits for the outcome: through the admin API,
+/// else by SIGHUP and the status file. `None` when no server runs.
+async fn reload(config: &Config) -> anyhow::Result<Option<Reloaded>> {
+    if let Some(api) = AdminClient::reach(config).await? {
+        let status: ChainsStatus = api.post("/v1/plugins/reload").await?;
+        return Ok(Some(Reloaded {
+            failed: status.last_reload_error.is_some() || !status.tenant_errors.is_empty(),
+            status: status.to_text(),
+        }));
+    }
+    let status_file = crate::reload::status_path(config);
+    let read_status = || std::fs::read_to_string(&status_file).unwrap_or_default();
+    let attempts = |status: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("reload attempts: "))
+            .and_then(|count| count.trim().parse::<u64>().ok())
+    };
+    let pid_file = crate::reload::pid_path(config);
+    let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+    else {
+        return Ok(None);
+    };
+    let before = attempts(&read_status()).unwrap_or(0);
+    // SAFETY: kill(2) with a pid read from our own pid file and a valid signal number.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            // A pid file left by a server that is gone.
+            return Ok(None);
+        }
+        bail!("cannot signal process {pid}: {error}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        let status = read_status();
+        if attempts(&status).is_some_and(|count| count > before) {
+            return Ok(Some(Reloaded {
+                failed: status.contains("last reload failed"),
+                status,
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    bail!("the server did not report the reload within 120 s")
+}
+
+/// `plugins list`: every chain, or the global chain and one tenant's.
+fn print_listing(status: &str, tenant: Option<&str>) -> anyhow::Result<()> {
+    let Some(tenant) = tenant else {
+        print!("{status}");
+        return Ok(());
+    };
+    // Lines of a chain start with its tenant; the global chain's with `-`, and the summary
+    // lines with neither.
+    let columns = |line: &str| line.split("  ").next().unwrap_or("").to_string();
+    let chains: std::collections::HashSet<String> = status
+        .lines()
+        .filter(|line| line.contains("  "))
+        .map(columns)
+        .collect();
+    if !chains.contains(tenant) {
+        bail!("no tenant `{tenant}` in the running server's plugin status");
+    }
+    for line in status.lines() {
+        let first = columns(line);
+        if first == tenant || first == "-" || !line.contains("  ") {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
