@@ -328,6 +328,11 @@ pub async fn run(reloader: Reloader) {
                     // rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
                     crate::plugins::trace::set_tracing(loaded.trace.enabled);
+                    if let Err(error) =
+                        crate::plugins::record::apply(manager.records(), loaded.record.settings())
+                    {
+                        tracing::error!(%error, "recording stays as it was");
+                    }
                     reload_certificates(certificates.as_deref(), &loaded);
                     match KeySet::load(&loaded.dkim).and_then(|keys| keys.with_sealer(&loaded.arc)) {
                         Ok(keys) => {

@@ -58,7 +58,9 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         kv: Some(opened.kv.clone()),
         resolver: Some(dns.clone()),
         traces: TraceSink::start(opened.traces.clone(), config.trace.keep),
+        records: Default::default(),
     };
+    crate::plugins::record::apply(&plugin_services.records, config.record.settings())?;
     let tenant_configs = config.load_tenants()?;
     let tenants = Arc::new(Tenants::new(
         config.tenants.is_some(),

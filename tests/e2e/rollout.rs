@@ -1,6 +1,7 @@
 //! Rolling out a plugin: a canary decides for its share of the transactions, the same version
-//! decides a message from its first hook to its delivery, and `plugins promote` / `rollback`
-//! finish or undo it under load without a failed transaction.
+//! decides a message from its first hook to its delivery, `plugins promote` / `rollback` finish
+//! or undo it under load without a failed transaction, and recorded traffic replayed against a
+//! changed configuration shows exactly what it would decide differently.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -277,4 +278,131 @@ fn sha256_hex(path: &std::path::Path) -> String {
     hex::encode(sha2::Sha256::digest(
         std::fs::read(path).expect("plugin file"),
     ))
+}
+
+/// Runs `switchyard plugins replay` against the configuration at `config`.
+fn replay(recordings: &std::path::Path, config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["plugins", "replay", "--recording"])
+        .arg(recordings)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run plugins replay")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_replayed_against_a_changed_config_reports_exactly_the_changed_verdicts() {
+    let chain = [
+        plugin(
+            "clients",
+            "client-policy",
+            "[plugin.config]\nblocked_helo = [\"bad.example\"]\nhelo_reply = \"550 5.7.1 Not that name\"\n",
+        ),
+        plugin(
+            "aliases",
+            "address-rewrite",
+            "[plugin.config]\nrecipients = { \"info@switchyard.test\" = \"team@switchyard.test\" }\n",
+        ),
+        plugin(
+            "filter",
+            "content-filter",
+            "[plugin.config]\nrules = [{ header = \"Subject\", contains = \"[spam]\", action = \"reject\", reply = \"550 5.7.1 Looks like spam\" }]\n",
+        ),
+    ]
+    .concat();
+    let (router, sink) = router_with(&format!(
+        "[record]\ndirectory = \"recordings\"\npercent = 100\nbodies = true\n\n{chain}"
+    ))
+    .await;
+    let recordings = router.dir.path().join("recordings");
+
+    // One message rewritten and delivered, one refused at DATA, one client refused at EHLO.
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["info@switchyard.test"],
+            &message("hello"),
+        )
+        .await;
+    let refused = client
+        .send_mail(
+            "s@sender.test",
+            &["friend@switchyard.test"],
+            &message("[spam] buy now"),
+        )
+        .await;
+    assert_eq!(refused.code, 550, "{refused:?}");
+    assert_eq!(client.command("QUIT").await.code, 221);
+    let mut stranger = TestClient::connect_raw(router.port).await;
+    assert_eq!(stranger.reply().await.code, 220);
+    assert_eq!(stranger.command("EHLO bad.example").await.code, 550);
+    assert_eq!(stranger.command("QUIT").await.code, 221);
+    sink.wait_for(1, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let files = || {
+        std::fs::read_dir(&recordings)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    while files() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "recordings: {}\n{}",
+            files(),
+            router.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The same configuration decides the same.
+    let same = replay(&recordings, &router.config_path);
+    let said = String::from_utf8_lossy(&same.stdout).into_owned();
+    assert!(
+        same.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    assert!(
+        said.contains(", 0 changed, 0 data steps not replayed"),
+        "{said}"
+    );
+
+    // Another alias and another refusal text: exactly those two verdicts change.
+    let original = std::fs::read_to_string(&router.config_path).expect("config");
+    let changed_path = router.dir.path().join("candidate.toml");
+    std::fs::write(
+        &changed_path,
+        original
+            .replace("\"team@switchyard.test\"", "\"help@switchyard.test\"")
+            .replace("Looks like spam", "No spam here"),
+    )
+    .expect("write candidate");
+    let changed = replay(&recordings, &changed_path);
+    let said = String::from_utf8_lossy(&changed.stdout).into_owned();
+    assert!(!changed.status.success(), "a change fails the run:\n{said}");
+    assert!(
+        String::from_utf8_lossy(&changed.stderr).contains("2 verdicts changed"),
+        "{}",
+        String::from_utf8_lossy(&changed.stderr)
+    );
+    assert_eq!(said.matches("changed  message ").count(), 2, "{said}");
+    assert!(
+        said.contains("rcpt-to  <info@switchyard.test>\n  was: continue, rewrite <team@switchyard.test>\n  now: continue, rewrite <help@switchyard.test>\n"),
+        "{said}"
+    );
+    assert!(
+        said.contains("data  from <s@sender.test>\n  was: reject 550 5.7.1 Looks like spam\n  now: reject 550 5.7.1 No spam here\n"),
+        "{said}"
+    );
+    // Nothing was sent by the replays: the sink has the one message it had.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.received().len(), 1);
 }

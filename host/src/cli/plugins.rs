@@ -39,6 +39,57 @@ pub enum PluginsAction {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Ask the chains of `--config` the questions of recorded transactions (`[record]`), with
+    /// the recorded clock and DNS answers, sending nothing; print every verdict that changed.
+    /// Exits non-zero when one did.
+    Replay {
+        /// The directory of recordings.
+        #[arg(long)]
+        recording: PathBuf,
+    },
+}
+
+/// `plugins replay`: loads the chains of `config` as a server would, on a kv store of their own
+/// (a scratch SQLite file, removed after), and replays every recording of `directory`.
+async fn replay(config: &Config, directory: &Path) -> anyhow::Result<()> {
+    use crate::plugins::{replay, PluginManager, PluginServices};
+    let recordings = replay::read_recordings(directory)?;
+    if recordings.is_empty() {
+        bail!("no recordings (*.json) in {}", directory.display());
+    }
+    let tenants = config.load_tenants()?;
+    let scratch = std::env::temp_dir().join(format!("switchyard-replay-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let replayed = async {
+        let kv = crate::queue::open(
+            &crate::config::QueueConfig::default(),
+            &scratch,
+            crate::queue::Schema::Migrate,
+        )
+        .await?
+        .kv;
+        let engine =
+            crate::plugins::new_engine(&std::env::temp_dir().join("switchyard-plugin-cache"))?;
+        let services = PluginServices {
+            kv: Some(kv),
+            ..PluginServices::default()
+        };
+        let manager = PluginManager::start(engine, &config.plugins, &tenants, services).await?;
+        anyhow::Ok(replay::replay(&manager, &recordings).await)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = replayed?;
+    print!("{}", report.to_text());
+    if !report.changes.is_empty() {
+        bail!(
+            "{} verdicts changed against {} transactions recorded",
+            report.changes.len(),
+            report.transactions
+        );
+    }
+    Ok(())
 }
 
 pub async fn plugins_command(
@@ -85,6 +136,10 @@ pub async fn plugins_command(
                 Change::Rollback,
             )
             .await
+        }
+        PluginsAction::Replay { recording } => {
+            config_path.context("give the configuration to replay against (--config NEW.toml)")?;
+            replay(config, &recording).await
         }
     }
 }

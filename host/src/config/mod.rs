@@ -78,6 +78,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The plugins' decision traces (`switchyard queue trace`).
     pub trace: TraceConfig,
+    /// Recording sampled transactions for replay.
+    pub record: RecordConfig,
     /// The admin HTTP API (off unless `listen` is set).
     pub admin: AdminConfig,
     pub authentication: AuthenticationConfig,
@@ -118,6 +120,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             trace: TraceConfig::default(),
+            record: RecordConfig::default(),
             admin: AdminConfig::default(),
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
@@ -515,6 +518,45 @@ impl Default for TraceConfig {
     }
 }
 
+/// Recording transactions for `switchyard plugins replay`: off unless `directory` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordConfig {
+    /// Where recordings are written, one JSON file per transaction (created if missing). A
+    /// relative path is relative to the configuration file.
+    pub directory: Option<PathBuf>,
+    /// The share of transactions recorded whatever their outcome, in percent (0 to 100).
+    pub percent: f64,
+    /// Record every refused transaction too.
+    pub refused: bool,
+    /// Keep message content (what the data hooks saw). Off by default: without it the data
+    /// stage is not replayed.
+    pub bodies: bool,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        RecordConfig {
+            directory: None,
+            percent: 1.0,
+            refused: false,
+            bodies: false,
+        }
+    }
+}
+
+impl RecordConfig {
+    /// What the record sink applies; `None` when recording is off.
+    pub fn settings(&self) -> Option<crate::plugins::record::RecordSettings> {
+        Some(crate::plugins::record::RecordSettings {
+            directory: self.directory.clone()?,
+            basis_points: (self.percent * 100.0).round().clamp(0.0, 10_000.0) as u32,
+            refused: self.refused,
+            bodies: self.bodies,
+        })
+    }
+}
+
 /// Sender authentication of inbound mail.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -683,6 +725,9 @@ impl Config {
         if let Some(tenants) = &mut config.tenants {
             resolve(&mut tenants.directory);
         }
+        if let Some(directory) = &mut config.record.directory {
+            resolve(directory);
+        }
         config.validate_against(&text, &origin)?;
         Ok(config)
     }
@@ -797,6 +842,48 @@ mod tests {
             .expect_err("bad network")
             .to_string();
         assert!(message.starts_with("c.toml:2:"), "{message}");
+    }
+
+    #[test]
+    fn bad_candidates_and_record_shares_are_refused_with_a_reason() {
+        let plugin = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n";
+        for (extra, expected) in [
+            (
+                "canary = { path = \"v2.wasm\", percent = 0 }\n",
+                "canary percent must be above 0 and at most 100, not 0",
+            ),
+            (
+                "canary = { path = \"v2.wasm\", percent = 150 }\n",
+                "canary percent must be above 0 and at most 100, not 150",
+            ),
+            (
+                "shadow = \"v2.wasm\"\ncanary = { path = \"v3.wasm\", percent = 5 }\n",
+                "a plugin may have a shadow or a canary, not both",
+            ),
+            (
+                "canary = { path = \"v2.wasm\", percent = 5, sha256 = \"abc\" }\n",
+                "sha256 must be 64 hexadecimal digits",
+            ),
+        ] {
+            let message = Config::parse(&format!("{plugin}{extra}"), "c.toml")
+                .expect_err(extra)
+                .to_string();
+            assert!(message.contains(expected), "{extra}: {message}");
+        }
+        let accepted = Config::parse(
+            &format!("{plugin}canary = {{ path = \"v2.wasm\", percent = 0.5 }}\n"),
+            "c.toml",
+        )
+        .expect("a half percent");
+        let canary = accepted.plugins[0].canary.as_ref().expect("canary");
+        assert_eq!(canary.basis_points(), 50);
+        let message = Config::parse("[record]\ndirectory = \"r\"\npercent = 101\n", "c.toml")
+            .expect_err("share above 100")
+            .to_string();
+        assert!(
+            message.contains("record: percent must be from 0 to 100"),
+            "{message}"
+        );
     }
 
     #[test]

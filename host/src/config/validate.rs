@@ -341,6 +341,15 @@ fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
             ));
         }
     }
+    if !(0.0..=100.0).contains(&config.record.percent) {
+        return Err(problem(
+            "percent",
+            format!(
+                "record: percent must be from 0 to 100, not {}",
+                config.record.percent
+            ),
+        ));
+    }
     let mut names = HashSet::new();
     for plugin in &config.plugins {
         if plugin.name.is_empty() || !names.insert(plugin.name.as_str()) {

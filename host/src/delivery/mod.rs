@@ -245,6 +245,7 @@ impl Dispatcher {
             RunContext {
                 tenant: meta.tenant.clone(),
                 queue_id: Some(meta.id.clone()),
+                tape: None,
             },
         )
     }

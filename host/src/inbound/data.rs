@@ -281,6 +281,7 @@ impl Session {
             quarantine,
         };
         let trace = self.take_trace();
+        let recording = self.run.as_mut().and_then(|run| run.take_recording());
         // The transaction's plugin instances go on to serve the message's delivery hooks.
         let accepted_id = accepted.id.clone();
         let result = self.services.inbox.accept(accepted, self.run.take()).await;
@@ -297,6 +298,10 @@ impl Session {
                 "Temporary queue failure, please try again later",
             ),
         };
+        self.services
+            .plugins
+            .records()
+            .finish(recording, reply.code >= 400);
         if let Some(mut record) = trace {
             if reply.code == 250 {
                 record.message_id = Some(accepted_id.clone());

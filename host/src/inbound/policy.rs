@@ -12,8 +12,10 @@ use crate::mail::reply::Reply;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
 use crate::plugins::host::{BodyHandle, SessionFacts};
+use crate::plugins::record::{data_verdict_of, verdict_of, Input, Params};
 use crate::plugins::PluginRun;
 use crate::queue::traces::{PendingTrace, StoredCall};
+use base64::Engine as _;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -78,6 +80,7 @@ impl Session {
             .run
             .as_ref()
             .and_then(|run| run.queue_id().map(str::to_string));
+        self.finish_recording(reply.is_some_and(|reply| reply.code >= 400));
         if let Some(mut record) = self.take_trace() {
             if !record.calls.is_empty() {
                 record.outcome = unqueued_outcome(&record, reply);
@@ -96,6 +99,13 @@ impl Session {
     /// The calls the transaction's run noted so far, as a record of this client and envelope
     /// (the envelope as the transaction had it, or as it was when DATA began; the sender as the
     /// client gave it).
+    /// Hands the transaction's recording, if it has one, to be written (when sampled, or
+    /// refused and refusals are recorded); the run records on into a new one.
+    pub(super) fn finish_recording(&mut self, refused: bool) {
+        let recording = self.run.as_mut().and_then(PluginRun::take_recording);
+        self.services.plugins.records().finish(recording, refused);
+    }
+
     pub(super) fn take_trace(&mut self) -> Option<PendingTrace> {
         let mut record = self.run.as_mut()?.take_trace("smtp")?;
         let envelope = self
@@ -132,7 +142,14 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
-        refusal(run.connect(&session).await)
+        let decision = run.connect(&session).await;
+        run.record(
+            || Input::Connect {
+                session: (*session).clone(),
+            },
+            || verdict_of(&decision, None, None),
+        );
+        refusal(decision)
     }
 
     pub(super) async fn ask_helo(&mut self, name: &str) -> Option<Refusal> {
@@ -141,7 +158,15 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
-        refusal(run.helo(&session, name).await)
+        let decision = run.helo(&session, name).await;
+        run.record(
+            || Input::Helo {
+                session: (*session).clone(),
+                name: name.to_string(),
+            },
+            || verdict_of(&decision, None, None),
+        );
+        refusal(decision)
     }
 
     /// The auth hook, after the host checked the password: `Some(reply)` refuses the identity.
@@ -151,7 +176,16 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
-        refusal(run.auth(&session, mechanism, identity).await)
+        let decision = run.auth(&session, mechanism, identity).await;
+        run.record(
+            || Input::Auth {
+                session: (*session).clone(),
+                mechanism: mechanism.to_string(),
+                identity: identity.to_string(),
+            },
+            || verdict_of(&decision, None, None),
+        );
+        refusal(decision)
     }
 
     /// The mail-from hook: the sender to use (possibly rewritten), or a refusal.
@@ -170,6 +204,14 @@ impl Session {
             return Ok(parsed.mailbox.clone());
         };
         let (decision, rewritten) = run.mail_from(&session, &sender, &params).await;
+        run.record(
+            || Input::MailFrom {
+                session: (*session).clone(),
+                sender: sender.clone(),
+                params: Params::from(params.as_slice()).0,
+            },
+            || verdict_of(&decision, Some(&sender), Some(&rewritten)),
+        );
         if let Some(reply) = refusal(decision) {
             return Err(reply);
         }
@@ -197,6 +239,15 @@ impl Session {
             return Ok((recipient.clone(), false));
         };
         let (decision, rewritten) = run.rcpt_to(&session, &envelope, &address, &params).await;
+        run.record(
+            || Input::RcptTo {
+                session: (*session).clone(),
+                envelope: (&envelope).into(),
+                recipient: address.clone(),
+                params: Params::from(params.as_slice()).0,
+            },
+            || verdict_of(&decision, Some(&address), Some(&rewritten)),
+        );
         let accepted = decision == Decision::Accept;
         if let Some(reply) = refusal(decision) {
             return Err(reply);
@@ -243,20 +294,33 @@ impl Session {
             dkim: verdicts.dkim,
             dmarc: verdicts.dmarc,
         };
+        let bodies = self.services.plugins.records().bodies();
         let run = match self.plugins() {
             Ok(run) => run?,
             Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
         };
         run.set_queue_id(queue_id);
-        Some(
-            run.data(
+        let (decision, edits) = run
+            .data(
                 &session,
                 &envelope,
                 &auth,
                 &BodyHandle::new(content.clone()),
             )
-            .await,
-        )
+            .await;
+        if run.recording() {
+            run.record(
+                || Input::Data {
+                    session: (*session).clone(),
+                    envelope: (&envelope).into(),
+                    auth: (&auth).into(),
+                    content: bodies
+                        .then(|| base64::engine::general_purpose::STANDARD.encode(content)),
+                },
+                || data_verdict_of(&decision, &edits),
+            );
+        }
+        Some((decision, edits))
     }
 }
 

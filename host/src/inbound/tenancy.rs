@@ -12,6 +12,7 @@
 //! the global one. For inbound mail that is at the first recipient: the tenant's mail-from hooks
 //! are asked then, and their refusal refuses that recipient.
 
+use crate::plugins::record::{verdict_of, Input, Params};
 use std::sync::Arc;
 
 use super::session::Session;
@@ -235,6 +236,14 @@ impl Session {
         };
         self.transaction.global_sender = self.transaction.sender.clone();
         let (decision, rewritten) = run.tenant_mail_from(&session, &sender, &params).await;
+        run.record(
+            || Input::TenantMailFrom {
+                session: (*session).clone(),
+                sender: sender.clone(),
+                params: Params::from(params.as_slice()).0,
+            },
+            || verdict_of(&decision, Some(&sender), Some(&rewritten)),
+        );
         match decision {
             Decision::Reject(reply) | Decision::Tempfail(reply) => return Err(reply),
             Decision::Continue | Decision::Accept => {}

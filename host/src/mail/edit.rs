@@ -25,6 +25,32 @@ pub enum Edit {
     RemoveRecipient(String),
 }
 
+/// An edit on one line, as traces and recordings show it (control characters made spaces).
+impl std::fmt::Display for Edit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = |text: &str| super::text::one_line(text).into_owned();
+        match self {
+            Edit::AddHeader(header) => {
+                write!(
+                    f,
+                    "add-header {}: {}",
+                    line(&header.name),
+                    line(&header.value)
+                )
+            }
+            Edit::RemoveHeader(name) => write!(f, "remove-header {}", line(name)),
+            Edit::ReplaceHeader(header) => write!(
+                f,
+                "replace-header {}: {}",
+                line(&header.name),
+                line(&header.value)
+            ),
+            Edit::AddRecipient(address) => write!(f, "add-recipient {}", line(address)),
+            Edit::RemoveRecipient(address) => write!(f, "remove-recipient {}", line(address)),
+        }
+    }
+}
+
 /// Applies the data hooks' header edits in chain order: additions go to the top of the header
 /// section (in the order made), removals drop every field of that name, replacements do both.
 /// Edits with a malformed name or a value holding a control character (CR, LF, NUL...) are

@@ -190,22 +190,7 @@ impl Describe for DataDecision {
 }
 
 fn describe_edit(edit: &Edit) -> String {
-    let line = |text: &str| crate::mail::text::one_line(text).into_owned();
-    match edit {
-        Edit::AddHeader(header) => {
-            format!("add-header {}: {}", line(&header.name), line(&header.value))
-        }
-        Edit::RemoveHeader(name) => format!("remove-header {}", line(name)),
-        Edit::ReplaceHeader(header) => {
-            format!(
-                "replace-header {}: {}",
-                line(&header.name),
-                line(&header.value)
-            )
-        }
-        Edit::AddRecipient(address) => format!("add-recipient {}", line(address)),
-        Edit::RemoveRecipient(address) => format!("remove-recipient {}", line(address)),
-    }
+    super::reply::host_edit(edit.clone()).to_string()
 }
 
 impl Describe for NextHop {

@@ -16,11 +16,12 @@ use super::bindings::types::{
 };
 use super::hooks::HookKind;
 use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
+use super::reply::host_edit;
 pub use super::reply::reply_of;
 use super::run::{PluginFailure, PluginRun};
 use super::store::arm;
 use crate::config::FailurePolicy;
-use crate::mail::edit::{Edit, Header};
+use crate::mail::edit::Edit;
 use crate::mail::reply::Reply;
 
 /// A stage's decision.
@@ -477,21 +478,6 @@ impl PluginRun {
             }
         }
         None
-    }
-}
-
-/// A plugin's edit as the host applies it.
-fn host_edit(edit: wit::Edit) -> Edit {
-    let header = |header: wit::Header| Header {
-        name: header.name,
-        value: header.value,
-    };
-    match edit {
-        wit::Edit::AddHeader(added) => Edit::AddHeader(header(added)),
-        wit::Edit::RemoveHeader(name) => Edit::RemoveHeader(name),
-        wit::Edit::ReplaceHeader(replacement) => Edit::ReplaceHeader(header(replacement)),
-        wit::Edit::AddRecipient(address) => Edit::AddRecipient(address),
-        wit::Edit::RemoveRecipient(address) => Edit::RemoveRecipient(address),
     }
 }
 

@@ -19,6 +19,8 @@ pub mod limits;
 pub mod loader;
 pub mod plugin;
 pub mod preinit;
+pub mod record;
+pub mod replay;
 pub mod reply;
 pub mod run;
 pub mod status;
@@ -49,6 +51,8 @@ pub struct PluginServices {
     pub resolver: Option<Arc<crate::net::dns::Dns>>,
     /// Where runs' decision traces go once their transaction or stage ends.
     pub traces: trace::TraceSink,
+    /// Where sampled transactions' recordings go (`[record]`).
+    pub records: record::RecordSink,
 }
 
 /// One chain as loaded at one moment: the global chain, or the global chain followed by one
@@ -185,7 +189,7 @@ impl PluginManager {
         }))
     }
 
-    /// Where finished runs' decision traces go.
+    /// Where finished runs' decision traces go (`queue trace`).
     pub fn traces(&self) -> &trace::TraceSink {
         &self.services.traces
     }
@@ -217,9 +221,20 @@ impl PluginManager {
     /// id's draw falls to (see [`canary`]).
     pub fn start_transaction(&self, queue_id: &str) -> PluginRun {
         let draw = canary::draw_of(queue_id);
-        let mut run = PluginRun::new(self.current().for_draw(draw), RunContext::default());
+        let mut context = RunContext::default();
+        let recorder = self.services.records.recorder(queue_id);
+        if recorder.is_some() {
+            context.tape = Some(record::SharedTape::default());
+        }
+        let mut run = PluginRun::new(self.current().for_draw(draw), context);
         run.draw = Some(draw);
+        run.recorder = recorder;
         run
+    }
+
+    /// Where finished transactions' recordings go.
+    pub fn records(&self) -> &record::RecordSink {
+        &self.services.records
     }
 
     /// The chain of the message queued as `queue_id` for `tenant`: the one its SMTP

@@ -70,6 +70,8 @@ pub struct PluginRun {
     /// The transaction's canary draw (see [`super::canary`]), when it has one: a tenant's
     /// chain, entered later, takes its canaries by the same draw.
     pub(super) draw: Option<u16>,
+    /// The transaction's recording, when `[record]` samples it (see [`super::record`]).
+    pub(super) recorder: Option<Box<super::record::Recorder>>,
 }
 
 /// A tenant's transactions already hold its whole share of the instance pool.
@@ -91,6 +93,7 @@ impl PluginRun {
             hold: None,
             tenant_share: None,
             draw: None,
+            recorder: None,
         }
     }
 
@@ -159,6 +162,12 @@ impl PluginRun {
                 calls: set.calls.clone(),
             })
         };
+        self.record(
+            || super::record::Input::EnterTenant {
+                tenant: combined.tenant.to_string(),
+            },
+            String::new,
+        );
         self.context.tenant = combined.tenant.to_string();
         if let Some(store) = &mut self.store {
             let state = store.data_mut();
@@ -182,6 +191,7 @@ impl PluginRun {
         if self.set.tenant.is_empty() {
             return;
         }
+        self.record(|| super::record::Input::LeaveTenant, String::new);
         let global_len = self.set.global_len;
         // The tenant's instances (and their memory) live in the store until it is dropped: if
         // any was made, the run moves to a fresh store, so a client that keeps choosing and

@@ -15,6 +15,9 @@ use super::PluginServices;
 pub struct RunContext {
     pub tenant: String,
     pub queue_id: Option<String>,
+    /// The lookups recorded for a recording, or answered from one on replay (see
+    /// [`super::record`]).
+    pub tape: Option<super::record::SharedTape>,
 }
 
 /// A store for instances of `plugins`, the run's chain in order (one plugin when loading).
@@ -35,6 +38,7 @@ pub(super) fn new_store<'a>(
         queue_id: context.queue_id.clone(),
         kv: services.kv.clone(),
         resolver: services.resolver.clone(),
+        tape: context.tape.clone(),
         cpu: super::host::CpuPlace::default(),
     };
     let mut store = Store::new(engine, state);

@@ -84,6 +84,8 @@ pub struct HostState {
     pub queue_id: Option<String>,
     pub kv: Option<Arc<dyn KvStore>>,
     pub resolver: Option<Arc<crate::net::dns::Dns>>,
+    /// Recording: lookups are noted on it. Replaying: lookups and the clock are answered from it.
+    pub tape: Option<crate::plugins::record::SharedTape>,
     /// The current call's place in its tenant's share of the CPU, if it is a tenant's plugin.
     pub cpu: CpuPlace,
 }

@@ -7,7 +7,7 @@ use super::HostState;
 use crate::plugins::bindings::switchyard::plugin::types;
 
 /// What a hook can learn about the SMTP session through the `session` resource.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionFacts {
     pub client_ip: String,
     pub listener: String,
