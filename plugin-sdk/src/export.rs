@@ -8,6 +8,7 @@ use crate::bindings::switchyard::plugin::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataDecision, DeliveryReport, Envelope,
     MessageFacts, NextHop, Param, PluginInfo, Session, Verdict,
 };
+use crate::facts;
 use crate::Plugin;
 
 /// Where an instance keeps the plugin `init` built: a static of the plugin's concrete type, so a
@@ -68,16 +69,16 @@ impl<P: Exported> crate::bindings::exports::switchyard::plugin::hooks::Guest for
         init::<P>(config)
     }
     fn connect(session: &Session) -> Verdict {
-        with::<P, _>(|p| p.connect(session))
+        with::<P, _>(|p| p.connect(&facts::Session::host(session)))
     }
     fn helo(session: &Session, name: String) -> Verdict {
-        with::<P, _>(|p| p.helo(session, &name))
+        with::<P, _>(|p| p.helo(&facts::Session::host(session), &name))
     }
     fn auth(session: &Session, mechanism: String, identity: String) -> Verdict {
-        with::<P, _>(|p| p.auth(session, &mechanism, &identity))
+        with::<P, _>(|p| p.auth(&facts::Session::host(session), &mechanism, &identity))
     }
     fn mail_from(session: &Session, sender: String, params: Vec<Param>) -> AddressDecision {
-        with::<P, _>(|p| p.mail_from(session, &sender, &params))
+        with::<P, _>(|p| p.mail_from(&facts::Session::host(session), &sender, &params))
     }
     fn rcpt_to(
         session: &Session,
@@ -85,10 +86,24 @@ impl<P: Exported> crate::bindings::exports::switchyard::plugin::hooks::Guest for
         recipient: String,
         params: Vec<Param>,
     ) -> AddressDecision {
-        with::<P, _>(|p| p.rcpt_to(session, &envelope, &recipient, &params))
+        with::<P, _>(|p| {
+            p.rcpt_to(
+                &facts::Session::host(session),
+                &envelope,
+                &recipient,
+                &params,
+            )
+        })
     }
     fn data(session: &Session, envelope: Envelope, auth: AuthResults, body: &Body) -> DataDecision {
-        with::<P, _>(|p| p.data(session, &envelope, &auth, body))
+        with::<P, _>(|p| {
+            p.data(
+                &facts::Session::host(session),
+                &envelope,
+                &auth,
+                &facts::Body::host(body),
+            )
+        })
     }
     fn route(message: MessageFacts, recipient: String) -> NextHop {
         with::<P, _>(|p| p.route(&message, &recipient))

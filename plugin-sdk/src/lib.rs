@@ -24,6 +24,9 @@
 //!
 //! export_plugin!(Blocklist);
 //! ```
+//!
+//! Built natively, [`testing::Harness`] calls the hooks with sessions and messages made in the
+//! test, and the [`host`] functions answer from a mock host: a plugin's tests are `cargo test`.
 
 #[doc(hidden)]
 pub mod bindings {
@@ -33,30 +36,26 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_world",
         default_bindings_module: "switchyard_plugin_sdk::bindings",
+        // Verdicts and decisions compare in a plugin's tests (`assert_eq!`).
+        additional_derives: [PartialEq],
     });
 }
 
 mod builders;
 #[doc(hidden)]
 pub mod export;
+mod facts;
+#[path = "host_api.rs"]
+pub mod host;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
-pub use bindings::switchyard::plugin::message::Body;
 pub use bindings::switchyard::plugin::types::{
     AddressDecision, AuthResults, BounceReport, BounceText, DataDecision, DataVerdict,
     DeliveryReport, DeliveryStatus, Edit, Envelope, FailedRecipient, Header, Level, MessageFacts,
-    NextHop, Param, Reply, Session, Smarthost, TlsPolicy, Verdict,
+    NextHop, Param, Reply, Smarthost, TlsPolicy, Verdict,
 };
-
-/// Host functions. Each module needs the matching grant in the plugin's manifest
-/// (`grants = ["log", "kv", ...]`), except `bag` and `body`, which every plugin has.
-pub mod host {
-    pub use crate::bindings::switchyard::plugin::bag;
-    pub use crate::bindings::switchyard::plugin::clock;
-    pub use crate::bindings::switchyard::plugin::dns;
-    pub use crate::bindings::switchyard::plugin::kv;
-    pub use crate::bindings::switchyard::plugin::log;
-    pub use crate::bindings::switchyard::plugin::metrics;
-}
+pub use facts::{Body, Session, SessionFacts};
 
 /// The hooks a plugin can implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,21 +118,26 @@ pub trait Plugin: Sized + 'static {
     /// A client connected. Every session hook gets the session lent for the call: read the facts
     /// you need with its methods (`session.client_ip()`, `session.helo()`, ...), which copy
     /// nothing into the plugin until called.
-    fn connect(&self, _session: &Session) -> Verdict {
+    fn connect(&self, _session: &Session<'_>) -> Verdict {
         Verdict::Continue
     }
-    fn helo(&self, _session: &Session, _name: &str) -> Verdict {
+    fn helo(&self, _session: &Session<'_>, _name: &str) -> Verdict {
         Verdict::Continue
     }
-    fn auth(&self, _session: &Session, _mechanism: &str, _identity: &str) -> Verdict {
+    fn auth(&self, _session: &Session<'_>, _mechanism: &str, _identity: &str) -> Verdict {
         Verdict::Continue
     }
-    fn mail_from(&self, _session: &Session, _sender: &str, _params: &[Param]) -> AddressDecision {
+    fn mail_from(
+        &self,
+        _session: &Session<'_>,
+        _sender: &str,
+        _params: &[Param],
+    ) -> AddressDecision {
         AddressDecision::next()
     }
     fn rcpt_to(
         &self,
-        _session: &Session,
+        _session: &Session<'_>,
         _envelope: &Envelope,
         _recipient: &str,
         _params: &[Param],
@@ -144,10 +148,10 @@ pub trait Plugin: Sized + 'static {
     /// the plugin only when asked); the content is read in chunks with `body.read`.
     fn data(
         &self,
-        _session: &Session,
+        _session: &Session<'_>,
         _envelope: &Envelope,
         _auth: &AuthResults,
-        _body: &Body,
+        _body: &Body<'_>,
     ) -> DataDecision {
         DataDecision::next()
     }

@@ -14,6 +14,7 @@ mod examples;
 mod implicit_tls;
 mod plugins;
 mod rollout;
+mod scaffold;
 mod shutdown;
 mod smtp_in;
 mod smuggling;

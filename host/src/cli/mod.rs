@@ -9,6 +9,7 @@ use crate::config::Config;
 
 mod plugins;
 mod queue;
+mod scaffold;
 pub use plugins::{plugins_command, PluginsAction};
 pub use queue::queue_command;
 

@@ -47,6 +47,21 @@ pub enum PluginsAction {
         #[arg(long)]
         recording: PathBuf,
     },
+    /// Write a new plugin project that builds and passes its own tests (with the SDK's mock
+    /// host) at once.
+    New {
+        name: String,
+        /// Only `rust` for now.
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// Where to write it (default: ./NAME); must not exist yet, or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The SDK's directory (default: plugin-sdk/ of the source tree this binary was built
+        /// from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// `plugins replay`: loads the chains of `config` as a server would, on a kv store of their own
@@ -136,6 +151,23 @@ pub async fn plugins_command(
                 Change::Rollback,
             )
             .await
+        }
+        PluginsAction::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            if lang != "rust" {
+                bail!("--lang {lang}: only rust projects can be written for now (see docs/plugin-guide.md for Python)");
+            }
+            let directory = dir.unwrap_or_else(|| PathBuf::from(&name));
+            super::scaffold::new_plugin(&name, &directory, sdk.as_deref())?;
+            println!(
+                "wrote {}: `cargo test` there runs its tests; `cargo build --target wasm32-wasip2 --release` builds it",
+                directory.display()
+            );
+            Ok(())
         }
         PluginsAction::Replay { recording } => {
             config_path.context("give the configuration to replay against (--config NEW.toml)")?;

@@ -212,6 +212,34 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_retries_after_the_delay_passes_through_the_hook() {
+        use switchyard_plugin_sdk::testing::Harness;
+        let harness = Harness::<Greylist>::new(r#"{"delay_seconds": 60}"#).expect("config");
+        let envelope = Envelope {
+            sender: "s@sender.example".to_string(),
+            recipients: Vec::new(),
+        };
+        harness.host(|host| host.now_millis = 1_000_000);
+        let first = harness.rcpt_to_in(&envelope, "r@example.com", &[]);
+        assert!(
+            matches!(first.verdict, Verdict::Tempfail(_)),
+            "{:?}",
+            first.verdict
+        );
+        harness.host(|host| host.now_millis += 30_000);
+        let early = harness.rcpt_to_in(&envelope, "r@example.com", &[]);
+        assert!(matches!(early.verdict, Verdict::Tempfail(_)), "too early");
+        harness.host(|host| host.now_millis += 31_000);
+        let later = harness.rcpt_to_in(&envelope, "r@example.com", &[]);
+        assert_eq!(later.verdict, Verdict::Continue);
+        // An authenticated client is never greylisted.
+        let mut trusted = harness;
+        trusted.session.auth_identity = Some("user@example.com".to_string());
+        let other = trusted.rcpt_to_in(&envelope, "new@example.com", &[]);
+        assert_eq!(other.verdict, Verdict::Continue);
+    }
+
+    #[test]
     fn a_triplet_waits_then_passes_then_is_remembered() {
         let config = config();
         assert_eq!(step(None, 1_000, &config), Step::Start);

@@ -104,6 +104,37 @@ export_plugin!(RateLimit);
 mod tests {
     use super::*;
 
+    use switchyard_plugin_sdk::testing::Harness;
+
+    #[test]
+    fn the_sender_past_its_limit_is_deferred_and_counted() {
+        // The plugin as the host builds it, its kv and metrics answered by the SDK's mock host.
+        let harness = Harness::<RateLimit>::new(
+            r#"{"per_sender": {"limit": 2, "window_seconds": 60}, "reply": "451 4.7.1 Later"}"#,
+        )
+        .expect("config");
+        for _ in 0..2 {
+            assert_eq!(
+                harness.mail_from("A@Example.com").verdict,
+                Verdict::Continue
+            );
+        }
+        let third = harness.mail_from("a@example.com");
+        assert!(
+            matches!(&third.verdict, Verdict::Tempfail(reply) if reply.code == 451 && reply.text == "Later"),
+            "{:?}",
+            third.verdict
+        );
+        assert_eq!(
+            harness.mail_from("b@example.com").verdict,
+            Verdict::Continue
+        );
+        harness.host(|host| {
+            assert_eq!(host.kv["sender:a@example.com"], b"3");
+            assert_eq!(host.counters["limited_total"], 1);
+        });
+    }
+
     #[test]
     fn replies_must_be_temporary() {
         assert_eq!(parse_reply("450 4.7.1 slow down").expect("ok").code, 450);
