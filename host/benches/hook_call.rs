@@ -74,7 +74,6 @@ fn main() -> anyhow::Result<()> {
             shadow: None,
             canary: None,
         };
-        let cache = std::env::temp_dir().join("switchyard-bench-cache");
         // `HOOK_CALL_MESSAGES=N`: only N messages through five plugins, untimed, for
         // `bench/instructions.sh`, which counts their instructions under valgrind: a count that
         // does not depend on what else the machine is doing. Valgrind cannot map the full pool.
@@ -92,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             },
             pagemap_scan,
         };
-        let engine = engine::new_engine_with(&cache, tuning)?;
+        let engine = engine::new_engine_with(tuning)?;
         let session = Arc::new(SessionFacts {
             client_ip: "192.0.2.1".to_string(),
             listener: "bench".to_string(),

@@ -45,7 +45,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     CertificateResolver::load_tenant(&tenant.certificates, &tenant.domains)?;
                 }
             }
-            runtime.block_on(switchyard::plugins::check(&config.plugins, &tenants))?;
+            runtime.block_on(switchyard::plugins::check(
+                &config.plugins,
+                &tenants,
+                &config.data_dir.join("plugin-cache"),
+            ))?;
             if config.queue.engine == switchyard::config::QueueEngine::Postgres {
                 let location = switchyard::queue::location(&config.queue, &config.data_dir);
                 let version = runtime

@@ -9,7 +9,10 @@
 //!   alone is reloaded; the others' chains keep running untouched. A tenant file that does not
 //!   load, or claims another tenant's domain, keeps the tenant's previous generation running,
 //!   and the error shows in `switchyard plugins list`.
-//! - SIGHUP does both: the global chain and every tenant file.
+//! - `[submission] users_file` or `[delivery] credentials_file` changed (or the configuration
+//!   file): the accounts AUTH accepts and the relays' passwords are read again; a file that does
+//!   not load keeps the previous accounts, logged. New users log in without a restart.
+//! - SIGHUP does all of it: the global chain, the account files and every tenant file.
 //!
 //! Also keeps the status file that `switchyard plugins list` prints.
 
@@ -21,8 +24,10 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::accounts::{Accounts, SharedAccounts};
 use crate::config::tenant::{is_tenant_file, tenant_files};
 use crate::config::{Config, TenantConfig};
+use crate::delivery::credentials::{CredentialsFile, SharedCredentials};
 use crate::dkim::{KeySet, Signer};
 use crate::net::tls::CertificateResolver;
 use crate::plugins::PluginManager;
@@ -53,6 +58,8 @@ enum Trigger {
 #[derive(Default)]
 struct Plan {
     global: bool,
+    /// The users file and the relays' credentials (with `global`, always).
+    accounts: bool,
     /// Every tenant file again (added, changed and removed).
     all_tenants: bool,
     /// Tenant files to load again (or to drop, when gone).
@@ -64,6 +71,8 @@ struct Plan {
 struct Watched {
     /// The configuration file, the global chain's plugins and the global DKIM keys.
     global: HashSet<PathBuf>,
+    /// The users file and the relays' credentials file.
+    accounts: HashSet<PathBuf>,
     /// Plugin and DKIM key files of tenants, with the tenant files that use them.
     tenant_plugins: HashMap<PathBuf, BTreeSet<PathBuf>>,
     /// The tenants' directory: any `*.toml` in it is a tenant file.
@@ -80,7 +89,7 @@ impl Watched {
         for plugin in &config.plugins {
             watch(&plugin.path);
             if let Some(shadow) = &plugin.shadow {
-                watch(shadow);
+                watch(&shadow.path);
             }
             if let Some(canary) = &plugin.canary {
                 watch(&canary.path);
@@ -121,8 +130,17 @@ impl Watched {
                 }
             }
         }
+        let accounts = [
+            &config.submission.users_file,
+            &config.delivery.credentials_file,
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(|file| both_names(file))
+        .collect();
         Watched {
             global,
+            accounts,
             tenant_plugins,
             tenants_directory: config.tenants.as_ref().map(|t| absolute(&t.directory)),
         }
@@ -131,6 +149,7 @@ impl Watched {
     fn files(&self) -> HashSet<PathBuf> {
         self.global
             .iter()
+            .chain(&self.accounts)
             .chain(self.tenant_plugins.keys())
             .cloned()
             .collect()
@@ -142,6 +161,10 @@ impl Watched {
         let mut relevant = false;
         if names.iter().any(|name| self.global.contains(name)) {
             plan.global = true;
+            relevant = true;
+        }
+        if names.iter().any(|name| self.accounts.contains(name)) {
+            plan.accounts = true;
             relevant = true;
         }
         for name in &names {
@@ -210,6 +233,10 @@ pub struct Reloader {
     /// The listeners' certificates (when `[tls]` is set), loaded again with the configuration
     /// and when their files change (a renewal).
     pub certificates: Option<Arc<CertificateResolver>>,
+    /// The accounts AUTH accepts (when `users_file` is set), read again when it changes.
+    pub accounts: Option<SharedAccounts>,
+    /// The relays' passwords, read again when `credentials_file` changes.
+    pub credentials: SharedCredentials,
     pub triggers: Triggers,
 }
 
@@ -243,6 +270,8 @@ pub async fn run(reloader: Reloader) {
     let Reloader {
         signer,
         certificates,
+        accounts,
+        credentials,
         plugins: manager,
         tenants,
         config_path,
@@ -316,7 +345,7 @@ pub async fn run(reloader: Reloader) {
                 tracing::info!(reason = %reasons.join(", "), "reloading");
                 let loaded = match Config::load(path) {
                     Err(error) => {
-                        tracing::error!(%error, "configuration does not load; plugins unchanged");
+                        tracing::error!(%error, "configuration does not load; what runs stays as it was");
                         manager.reload_failed(error.to_string());
                         write_status(&status_file, &manager);
                         continue;
@@ -341,6 +370,9 @@ pub async fn run(reloader: Reloader) {
                         }
                         Err(error) => tracing::error!(%error, "DKIM keys do not load; the previous keys keep signing"),
                     }
+                }
+                if plan.global || plan.accounts {
+                    reload_accounts(&loaded, accounts.as_ref(), &credentials);
                 }
                 if let Some(section) = &config.tenants {
                     let files = if plan.all_tenants {
@@ -402,6 +434,39 @@ fn reload_certificates(resolver: Option<&crate::net::tls::CertificateResolver>, 
         },
         (None, None) => {}
         _ => tracing::warn!("[tls] was added or removed: restart to apply"),
+    }
+}
+
+/// The users file and the relays' credentials from the reloaded configuration. Offering AUTH or
+/// not is decided at start (the listeners' EHLO changes): adding or removing `users_file` needs
+/// a restart. A file that does not load keeps what was loaded before.
+fn reload_accounts(
+    loaded: &Config,
+    accounts: Option<&SharedAccounts>,
+    credentials: &SharedCredentials,
+) {
+    match (accounts, &loaded.submission.users_file) {
+        (Some(accounts), Some(path)) => match Accounts::load(path) {
+            Ok(fresh) => {
+                tracing::info!(users = fresh.len(), file = %path.display(), "SMTP AUTH accounts reloaded");
+                accounts.store(Arc::new(fresh));
+            }
+            Err(error) => {
+                tracing::error!(%error, "users file does not load; the previous accounts stay")
+            }
+        },
+        (None, None) => {}
+        _ => tracing::warn!("[submission] users_file was added or removed: restart to apply"),
+    }
+    let fresh = match &loaded.delivery.credentials_file {
+        Some(path) => CredentialsFile::load(path),
+        None => Ok(CredentialsFile::default()),
+    };
+    match fresh {
+        Ok(fresh) => credentials.store(Arc::new(fresh)),
+        Err(error) => {
+            tracing::error!(%error, "credentials file does not load; the previous passwords stay")
+        }
     }
 }
 

@@ -52,14 +52,20 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     // Before the plugins load: their call counters register with the recorder.
     crate::metrics::install(&config.metrics)?;
     let dns = Arc::new(Dns::new(&config.dns)?);
-    let engine = crate::plugins::engine::new_engine(&config.data_dir.join("plugin-cache"))?;
+    let engine = crate::plugins::engine::new_engine()?;
+    let cache_dir = config.data_dir.join("plugin-cache");
+    let compile_cache = crate::plugins::compile_cache::CompileCache::open(&cache_dir, &engine)
+        .with_context(|| format!("cannot open the plugin cache {}", cache_dir.display()))?;
     crate::plugins::trace::set_tracing(config.trace.enabled);
     let plugin_services = PluginServices {
         kv: Some(opened.kv.clone()),
         resolver: Some(dns.clone()),
         traces: TraceSink::start(opened.traces.clone(), config.trace.keep),
         records: Default::default(),
+        compile_cache: Some(Arc::new(compile_cache)),
+        kv_quota: config.kv.quota(),
     };
+    tokio::spawn(purge_kv(opened.kv.clone(), config.kv.clone()));
     crate::plugins::record::apply(&plugin_services.records, config.record.settings())?;
     let tenant_configs = config.load_tenants()?;
     let tenants = Arc::new(Tenants::new(
@@ -76,10 +82,12 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         config.delivery.ca_file.as_deref(),
     )?);
     tracing::info!(anchors = ?client_tls.anchors, count = client_tls.anchor_count, "trust anchors for delivery loaded");
-    let credentials = match &config.delivery.credentials_file {
-        Some(path) => crate::delivery::credentials::CredentialsFile::load(path)?,
-        None => Default::default(),
-    };
+    let credentials: crate::delivery::credentials::SharedCredentials = Arc::new(
+        arc_swap::ArcSwap::from_pointee(match &config.delivery.credentials_file {
+            Some(path) => crate::delivery::credentials::CredentialsFile::load(path)?,
+            None => Default::default(),
+        }),
+    );
     if config.tls_reports.enabled {
         tokio::spawn(send_tls_reports(
             config.clone(),
@@ -93,7 +101,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         config.clone(),
         dns,
         client_tls,
-        credentials,
+        credentials.clone(),
         opened.policies.clone(),
     ));
     let dispatcher = Dispatcher::new(
@@ -147,6 +155,8 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tenant_configs,
         signer,
         certificates: services.certificates.clone(),
+        accounts: services.accounts.clone(),
+        credentials,
         triggers,
     }));
     let pid_file = crate::reload::pid_path(&config);
@@ -158,6 +168,49 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let _ = scanner.await;
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// Every `[kv] purge_interval`: deletes expired kv keys in batches of `purge_batch` (each its own
+/// short transaction, with a pause between them), then exports what each plugin holds as the
+/// gauges `switchyard_kv_keys` and `switchyard_kv_bytes` (by tenant and plugin).
+async fn purge_kv(kv: Arc<dyn crate::queue::kv::KvStore>, settings: crate::config::KvConfig) {
+    let mut tick = tokio::time::interval(settings.purge_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = crate::queue::now_millis();
+        let mut purged = 0;
+        loop {
+            match kv.purge_expired(now, settings.purge_batch).await {
+                Ok(count) => {
+                    purged += count;
+                    if count < u64::from(settings.purge_batch) {
+                        break;
+                    }
+                    // Room for the mail between two batches.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "kv purge failed; trying again at the next interval");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(keys = purged, "expired kv keys purged");
+            metrics::counter!("switchyard_kv_purged_total").increment(purged);
+        }
+        match kv.usage().await {
+            Ok(owners) => {
+                for owner in owners {
+                    let labels = [("tenant", owner.tenant), ("plugin", owner.plugin)];
+                    metrics::gauge!("switchyard_kv_keys", &labels).set(owner.keys as f64);
+                    metrics::gauge!("switchyard_kv_bytes", &labels).set(owner.bytes as f64);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the kv usage"),
+        }
+    }
 }
 
 /// Queues the TLS reports every `[tls_reports] interval`.
@@ -174,6 +227,7 @@ async fn reports_turn(kv: &dyn crate::queue::kv::KvStore, config: &Config, take:
         expected: None,
         value: config.node_id().as_bytes(),
         ttl_seconds: Some(ttl),
+        quota: crate::queue::kv::Quota::UNLIMITED,
     };
     match kv
         .compare_and_swap(HOST_KV_SCOPE.0, HOST_KV_SCOPE.1, swap)
@@ -289,7 +343,7 @@ fn session_services(
         Some(path) => {
             let accounts = crate::accounts::Accounts::load(path)?;
             tracing::info!(users = accounts.len(), file = %path.display(), "SMTP AUTH accounts loaded");
-            Some(Arc::new(accounts))
+            Some(Arc::new(arc_swap::ArcSwap::from_pointee(accounts)))
         }
         None => None,
     };
@@ -304,6 +358,7 @@ fn session_services(
         accounts,
         auth_budget: Arc::new(inbound::AuthBudget::new(
             config.submission.auth_failures.clone(),
+            config.smtp.client_prefixes(),
         )),
         signer,
         shutdown: shutdown.clone(),
@@ -337,7 +392,11 @@ async fn listen(
     for listener in &config.listeners {
         sockets.push((inbound::bind(listener).await?, listener.clone()));
     }
-    let limits = SessionLimits::new(config.smtp.max_sessions, config.smtp.max_sessions_per_ip);
+    let limits = SessionLimits::new(
+        config.smtp.max_sessions,
+        config.smtp.max_sessions_per_ip,
+        config.smtp.client_prefixes(),
+    );
     for (socket, listener) in sockets {
         tracing::info!(listener = %listener.name, address = %listener.address.get_ref(), role = ?listener.role, "listening");
         shutdown.spawn_session(inbound::serve(

@@ -74,9 +74,34 @@ pub mod metrics {
 }
 
 /// The key-value store, shared by the plugin's instances (and by the nodes of a shared queue).
+/// Keys are at most [`MAX_KEY_BYTES`], values at most [`MAX_VALUE_BYTES`], and the operator
+/// gives each plugin a quota of keys and bytes: the `try_` functions say why a write was
+/// refused.
 pub mod kv {
     #[cfg(target_arch = "wasm32")]
     use crate::bindings::switchyard::plugin::kv as host;
+
+    pub use crate::bindings::switchyard::plugin::kv::KvError;
+
+    /// The longest key the host takes, in bytes.
+    pub const MAX_KEY_BYTES: usize = 1024;
+    /// The largest value the host takes, in bytes.
+    pub const MAX_VALUE_BYTES: usize = 65536;
+
+    /// What the mock host refuses, as the real one would.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn mock_refusal(m: &crate::testing::MockHost, key: &str, value: &[u8]) -> Result<(), KvError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(KvError::KeyTooLong(MAX_KEY_BYTES as u32));
+        }
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(KvError::ValueTooLarge(MAX_VALUE_BYTES as u32));
+        }
+        match &m.kv_refuses {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
 
     pub fn get(key: &str) -> Option<Vec<u8>> {
         dispatch!(
@@ -85,29 +110,74 @@ pub mod kv {
         )
     }
 
+    /// Stores a value; a refused write (see [`try_set`]) is logged by the host and ignored.
     pub fn set(key: &str, value: &[u8], ttl_seconds: Option<u32>) {
+        dispatch!(host::set(key, value, ttl_seconds), {
+            let _ = try_set(key, value, ttl_seconds);
+        })
+    }
+
+    /// Adds `delta` to the counter at `key` (0 when missing) and returns the new value. When
+    /// the count cannot be made the plugin traps (its failure policy answers): see
+    /// [`try_increment`] to decide for itself.
+    pub fn increment(key: &str, delta: i64, ttl_seconds: u32) -> i64 {
         dispatch!(
-            host::set(key, value, ttl_seconds),
+            host::increment(key, delta, ttl_seconds),
+            match try_increment(key, delta, ttl_seconds) {
+                Ok(next) => next,
+                Err(error) => panic!("kv increment refused: {error:?}"),
+            }
+        )
+    }
+
+    /// `set`, saying why when the write is refused.
+    pub fn try_set(key: &str, value: &[u8], ttl_seconds: Option<u32>) -> Result<(), KvError> {
+        dispatch!(
+            host::try_set(key, value, ttl_seconds),
             crate::testing::mock(|m| {
                 let _ = ttl_seconds;
+                mock_refusal(m, key, value)?;
                 m.kv.insert(key.to_string(), value.to_vec());
+                Ok(())
             })
         )
     }
 
-    /// Adds `delta` to the counter at `key` (0 when missing) and returns the new value.
-    pub fn increment(key: &str, delta: i64, ttl_seconds: u32) -> i64 {
+    /// `increment`, with an error instead of a trap.
+    pub fn try_increment(key: &str, delta: i64, ttl_seconds: u32) -> Result<i64, KvError> {
         dispatch!(
-            host::increment(key, delta, ttl_seconds),
+            host::try_increment(key, delta, ttl_seconds),
             crate::testing::mock(|m| {
                 let _ = ttl_seconds;
+                mock_refusal(m, key, b"")?;
                 let current =
                     m.kv.get(key)
                         .and_then(|bytes| std::str::from_utf8(bytes).ok()?.parse::<i64>().ok())
                         .unwrap_or(0);
                 let next = current.saturating_add(delta);
                 m.kv.insert(key.to_string(), next.to_string().into_bytes());
-                next
+                Ok(next)
+            })
+        )
+    }
+
+    /// `compare_and_swap`, with an error instead of `false` when the write is refused.
+    pub fn try_compare_and_swap(
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        ttl_seconds: Option<u32>,
+    ) -> Result<bool, KvError> {
+        dispatch!(
+            host::try_compare_and_swap(key, expected, value, ttl_seconds),
+            crate::testing::mock(|m| {
+                let _ = ttl_seconds;
+                mock_refusal(m, key, value)?;
+                if m.kv.get(key).map(Vec::as_slice) != expected {
+                    return Ok(false);
+                }
+                m.kv.insert(key.to_string(), value.to_vec());
+                Ok(true)
             })
         )
     }
@@ -121,7 +191,8 @@ pub mod kv {
         )
     }
 
-    /// Sets `key` to `value` if it holds `expected` (`None`: if it is missing).
+    /// Sets `key` to `value` if it holds `expected` (`None`: if it is missing); `false` too
+    /// when the write is refused.
     pub fn compare_and_swap(
         key: &str,
         expected: Option<&[u8]>,
@@ -130,14 +201,7 @@ pub mod kv {
     ) -> bool {
         dispatch!(
             host::compare_and_swap(key, expected, value, ttl_seconds),
-            crate::testing::mock(|m| {
-                let _ = ttl_seconds;
-                if m.kv.get(key).map(Vec::as_slice) != expected {
-                    return false;
-                }
-                m.kv.insert(key.to_string(), value.to_vec());
-                true
-            })
+            try_compare_and_swap(key, expected, value, ttl_seconds).unwrap_or(false)
         )
     }
 }

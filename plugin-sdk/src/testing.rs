@@ -27,6 +27,10 @@ use crate::{
 pub struct MockHost {
     /// The kv store (TTLs are not kept: nothing expires during a test).
     pub kv: HashMap<String, Vec<u8>>,
+    /// When set, every kv write is refused with this error (a spent quota, a store that is
+    /// down), as the real host refuses one: the `try_` functions return it, `increment`
+    /// panics as the real one traps.
+    pub kv_refuses: Option<crate::host::kv::KvError>,
     /// The transaction's bag.
     pub bag: HashMap<String, String>,
     /// What `clock::now_millis` answers.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::client::{message, TestClient};
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{free_port, stdout, Router, RouterOptions};
 use crate::harness::sink::Sink;
 use crate::plugins::plugin;
@@ -158,8 +159,7 @@ async fn schemathesis_finds_the_answers_conform_to_the_document() {
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
         .args(["--max-examples", "10", "--seed", "1"])
         .env("SCHEMATHESIS_HOOKS", "")
-        .output()
-        .expect("schemathesis runs (scripts/test installs it from tests/peers/requirements.txt)");
+        .output_within(COMMAND_LIMIT);
     let said = format!(
         "{}\n{}",
         String::from_utf8_lossy(&output.stdout),
@@ -235,5 +235,105 @@ async fn the_cli_goes_through_the_api_while_the_server_runs_and_holds_and_releas
     assert!(
         !listing.contains("updated:"),
         "from the API, not the file: {listing}"
+    );
+}
+
+/// A counter that plugin `stats` (delivery-stats) exported, as the metrics endpoint shows it.
+async fn stats_counter(metrics_port: u16, name: &str) -> Option<String> {
+    let scraped = crate::harness::router::scrape_metrics(metrics_port).await;
+    let series =
+        format!("switchyard_plugin_counter_total{{plugin=\"stats\",tenant=\"\",name=\"{name}\"}} ");
+    scraped
+        .lines()
+        .find_map(|line| line.strip_prefix(&series).map(str::to_string))
+}
+
+/// An operator's bounce is a failure like any other: the message's bounce hook writes the
+/// DSN's words and its delivery-result hook hears of each recipient, whether the bounce goes
+/// through the server's API or, with no server running, straight to the queue (the command then
+/// loads the plugins itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_bounce_runs_the_bounce_and_delivery_result_hooks() {
+    let smarthost = free_port();
+    let metrics_port = free_port();
+    let chain = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n{}{}",
+        plugin(
+            "branding",
+            "bounce-branding",
+            "[plugin.config]\nsubject = \"Returned: {subject}\"\ntext = \"ACME returns:\\n{failures}\"\n"
+        ),
+        plugin("stats", "delivery-stats", "grants = [\"metrics\"]\n")
+    );
+    let (mut router, _api, _secrets) = router_with_api(smarthost, &chain).await;
+    let mut client = TestClient::connect(router.port).await;
+    let first = client
+        .send_accepted("s@sender.test", &["a@elsewhere.test"], &message("first"))
+        .await;
+    let second = client
+        .send_accepted("s@sender.test", &["b@elsewhere.test"], &message("second"))
+        .await;
+    // Nothing listens at the smarthost: both are deferred, next try in an hour.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stdout(&router.queue(&["list"]))
+        .matches("attempts=1")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "never deferred");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The DSNs' next hop listens from now on (the deferred messages wait an hour).
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), smarthost, None).await;
+
+    // Through the API: the server's plugins run.
+    let said = stdout(&router.queue(&["bounce", &first]));
+    assert!(
+        said.contains(&format!("bounced {first}: 1 recipient(s), DSN ")),
+        "{said}"
+    );
+    let dsn = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        dsn[0].data.contains("Subject: Returned: first\r\n"),
+        "{}",
+        dsn[0].data
+    );
+    assert!(
+        dsn[0].data.contains("ACME returns:\r\n  a@elsewhere.test: 550 5.0.0 message returned by the administrator\r\n"),
+        "{}",
+        dsn[0].data
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_counter(metrics_port, "failed_total").await.as_deref() != Some("1") {
+        assert!(
+            Instant::now() < deadline,
+            "the delivery-result hook never heard of the failure:\n{}",
+            crate::harness::router::scrape_metrics(metrics_port).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No server: the command loads the plugins and runs them itself.
+    router.terminate();
+    router.wait_exit(Duration::from_secs(20)).await;
+    let said = stdout(&router.queue(&["bounce", &second]));
+    assert!(
+        said.contains(&format!("bounced {second}: 1 recipient(s), DSN ")),
+        "{said}"
+    );
+    router.spawn().await;
+    let dsn = sink.wait_for(2, Duration::from_secs(15)).await;
+    assert!(
+        dsn[1].data.contains("Subject: Returned: second\r\n"),
+        "{}",
+        dsn[1].data
+    );
+    assert!(
+        dsn[1]
+            .data
+            .contains("ACME returns:\r\n  b@elsewhere.test: 550 5.0.0"),
+        "{}",
+        dsn[1].data
     );
 }

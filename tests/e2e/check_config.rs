@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
+
 fn check(text: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("switchyard.toml");
@@ -9,8 +11,7 @@ fn check(text: &str) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("check-config")
         .arg(&path)
-        .output()
-        .expect("run check-config");
+        .output_within(COMMAND_LIMIT);
     let stderr =
         String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
     (
@@ -111,8 +112,7 @@ fn a_bad_users_file_line_is_named() {
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("check-config")
         .arg(&config)
-        .output()
-        .expect("run check-config");
+        .output_within(COMMAND_LIMIT);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -138,8 +138,7 @@ fn every_tenant_file_is_checked_and_a_domain_claimed_twice_is_named() {
         let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .arg("check-config")
             .arg(&config)
-            .output()
-            .expect("run check-config");
+            .output_within(COMMAND_LIMIT);
         (
             output.status.success(),
             String::from_utf8_lossy(&output.stderr).to_string(),
@@ -190,8 +189,7 @@ fn trust_settings_that_cannot_work_are_named() {
                 "--out",
             ])
             .arg(dir.path())
-            .output()
-            .expect("keygen");
+            .output_within(COMMAND_LIMIT);
         assert!(output.status.success());
         dir.path().join(format!("example.test.{selector}.key"))
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::harness::client::TestClient;
 use crate::harness::peers::{peers_dir, python, PySink};
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{Router, RouterOptions};
 
 /// Runs `switchyard dkim keygen` and returns the record's name and text, as DNS would give it.
@@ -24,8 +25,7 @@ fn keygen(dir: &Path, domain: &str, selector: &str, algorithm: &str) -> (String,
             "--out",
         ])
         .arg(dir)
-        .output()
-        .expect("run switchyard dkim keygen");
+        .output_within(COMMAND_LIMIT);
     let printed = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         output.status.success(),
@@ -161,14 +161,155 @@ async fn rsa_and_ed25519_signatures_verify_with_dkimpy_and_a_selector_rotates_li
     let listed = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["dkim", "records", "--config"])
         .arg(&router.config_path)
-        .output()
-        .expect("dkim records");
+        .output_within(COMMAND_LIMIT);
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(
         listed.contains(
             "; tenant -, retired\nrsa1._domainkey.signer.test. IN TXT \"v=DKIM1; k=rsa; p="
         ),
         "{listed}"
+    );
+}
+
+/// Sends a [`letter`] from `sender` to `recipient` through `router`, which relays it to `sink`,
+/// and returns the message as the sink received it (the first it received).
+async fn relayed(
+    router: &Router,
+    sink: &PySink,
+    (sender, recipient): (&str, &str),
+    subject: &str,
+) -> String {
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted(sender, &[recipient], &letter(subject))
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    received[0]["data"].as_str().expect("data").to_string()
+}
+
+/// Runs `openssl ARGS FILE`; panics with what it said unless it succeeds; returns its stdout.
+fn openssl(args: &[&str], file: &Path) -> Vec<u8> {
+    openssl_around(args, file, &[])
+}
+
+/// Runs `openssl BEFORE FILE AFTER` (genrsa takes the size after the file), as [`openssl`].
+fn openssl_around(before: &[&str], file: &Path, after: &[&str]) -> Vec<u8> {
+    let args = before;
+    let output = Command::new("openssl")
+        .args(before)
+        .arg(file)
+        .args(after)
+        .output_within(COMMAND_LIMIT);
+    assert!(
+        output.status.success(),
+        "openssl {args:?} {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// The DKIM record of the key in `file`, made by OpenSSL from the key: `p=` is the
+/// SubjectPublicKeyInfo for RSA, the raw 32 bytes for Ed25519 (RFC 8463).
+fn openssl_record(file: &Path, algorithm: &str) -> String {
+    use base64::Engine;
+    let spki = openssl(&["pkey", "-pubout", "-outform", "DER", "-in"], file);
+    let public = match algorithm {
+        "ed25519" => spki[spki.len() - 32..].to_vec(),
+        _ => spki,
+    };
+    format!(
+        "v=DKIM1; k={algorithm}; p={}",
+        base64::engine::general_purpose::STANDARD.encode(public)
+    )
+}
+
+/// Keys travel both ways: OpenSSL reads every key `dkim keygen` writes, and keys OpenSSL makes
+/// (Ed25519 and RSA in PKCS#8, as `genpkey` writes them; RSA in PKCS#1, as `genrsa
+/// -traditional` and opendkim-genkey do) sign mail that dkimpy verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_made_by_openssl_sign_and_openssl_reads_the_keys_keygen_writes() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    for (selector, algorithm) in [("ours-rsa", "rsa"), ("ours-ed", "ed25519")] {
+        keygen(keys.path(), "signer.test", selector, algorithm);
+        let file = keys.path().join(format!("signer.test.{selector}.key"));
+        let text = String::from_utf8_lossy(&openssl(&["pkey", "-noout", "-text", "-in"], &file))
+            .into_owned();
+        let kind = if algorithm == "rsa" {
+            "Private-Key: (2048 bit"
+        } else {
+            "ED25519 Private-Key:"
+        };
+        assert!(text.contains(kind), "{selector}: {text}");
+    }
+
+    let mut records = BTreeMap::new();
+    let mut entries = String::new();
+    // (selector, algorithm, openssl's arguments before the file, after it)
+    let made: [(&str, &str, &[&str], &[&str]); 3] = [
+        (
+            "ossl-ed",
+            "ed25519",
+            &["genpkey", "-algorithm", "ed25519", "-out"],
+            &[],
+        ),
+        (
+            "ossl-rsa8",
+            "rsa",
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ],
+            &[],
+        ),
+        (
+            "ossl-rsa1",
+            "rsa",
+            &["genrsa", "-traditional", "-out"],
+            &["2048"],
+        ),
+    ];
+    for (selector, algorithm, before, after) in made {
+        let file = keys.path().join(format!("signer.test.{selector}.key"));
+        openssl_around(before, &file, after);
+        let pem = std::fs::read_to_string(&file).expect("key");
+        let header = if selector == "ossl-rsa1" {
+            "-----BEGIN RSA PRIVATE KEY-----"
+        } else {
+            "-----BEGIN PRIVATE KEY-----"
+        };
+        assert!(pem.starts_with(header), "{selector}: {pem}");
+        records.insert(
+            format!("{selector}._domainkey.signer.test"),
+            openssl_record(&file, algorithm),
+        );
+        entries.push_str(&dkim_entry(keys.path(), "signer.test", selector, true));
+    }
+    let sink = PySink::start(None);
+    let router = Router::start(RouterOptions {
+        extra: entries,
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let signed = relayed(
+        &router,
+        &sink,
+        ("alice@signer.test", "bob@example.test"),
+        "openssl keys",
+    )
+    .await;
+    assert_eq!(
+        dkimpy(&signed, &records).await,
+        [
+            "ossl-ed ed25519-sha256 pass",
+            "ossl-rsa8 rsa-sha256 pass",
+            "ossl-rsa1 rsa-sha256 pass"
+        ],
+        "{signed}"
     );
 }
 
@@ -235,16 +376,13 @@ async fn checked_inbound_mail_is_arc_sealed_and_dkimpy_verifies_the_chain() {
         ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
     })
     .await;
-    let mut client = TestClient::connect(router.port).await;
-    client
-        .send_accepted(
-            "alice@sender.test",
-            &["bob@switchyard.test"],
-            &letter("forwarded"),
-        )
-        .await;
-    let received = sink.wait_for(1, Duration::from_secs(15)).await;
-    let data = received[0]["data"].as_str().expect("data").to_string();
+    let data = relayed(
+        &router,
+        sink,
+        ("alice@sender.test", "bob@switchyard.test"),
+        "forwarded",
+    )
+    .await;
     assert!(data.starts_with("ARC-Seal: i=1; a=rsa-sha256;"), "{data}");
     assert!(data.contains("cv=none"), "{data}");
     assert!(

@@ -61,7 +61,11 @@ fn parse(dsn: &Received) -> serde_json::Value {
         .expect("stdin")
         .write_all(dsn.data.as_bytes())
         .expect("write");
-    let output = child.wait_with_output().expect("dsn_parse.py");
+    let output = crate::harness::process::wait_within(
+        child,
+        crate::harness::process::COMMAND_LIMIT,
+        "dsn_parse.py",
+    );
     serde_json::from_slice(&output.stdout).expect("JSON from dsn_parse.py")
 }
 

@@ -2,13 +2,14 @@
 
 use std::process::Command;
 
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
+
 #[test]
 fn example_configuration_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/switchyard.toml");
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["check-config", path])
-        .output()
-        .expect("run check-config");
+        .output_within(COMMAND_LIMIT);
     assert!(
         output.status.success(),
         "{}",
@@ -26,8 +27,7 @@ fn tenants_example_is_valid() {
     );
     let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["check-config", path])
-        .output()
-        .expect("run check-config");
+        .output_within(COMMAND_LIMIT);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(

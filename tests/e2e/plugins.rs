@@ -354,6 +354,41 @@ async fn init_runs_once_per_load() {
     assert_eq!(reply, "550 5.7.1 inits 2");
 }
 
+/// The time is a grant: WASI's wall clock, which every toolchain links, tells a plugin the real
+/// time only when its manifest grants `clock`; otherwise it reads the Unix epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_plugin_granted_clock_reads_the_time_from_wasi() {
+    for (grants, granted) in [
+        ("grants = [\"kv\"]", false),
+        ("grants = [\"kv\", \"clock\"]", true),
+    ] {
+        let settings = format!("{grants}\n[plugin.config]\nmode = \"wasi-clock\"\n");
+        let (router, _sink) = router_with(&plugin("timer", "misbehave", &settings)).await;
+        let mut client = TestClient::connect(router.port).await;
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        let reply = client
+            .command("RCPT TO:<victim@switchyard.test>")
+            .await
+            .text;
+        let seconds: u64 = reply
+            .strip_prefix("550 5.7.1 wasi clock ")
+            .and_then(|seconds| seconds.parse().ok())
+            .unwrap_or_else(|| panic!("{reply}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        if granted {
+            assert!(
+                now.abs_diff(seconds) < 60,
+                "granted: {seconds} against {now}"
+            );
+        } else {
+            assert_eq!(seconds, 0, "not granted: the epoch");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
     let (_router, reply, _) = misbehave("kv", KV_TIME_LIMIT).await;
@@ -367,7 +402,7 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
         .err()
         .expect("a plugin importing an ungranted interface must not load");
     assert!(
-        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.1`, which its manifest does not grant; add \"kv\" to its grants"),
+        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.2`, which its manifest does not grant; add \"kv\" to its grants"),
         "{log}"
     );
 }
@@ -926,8 +961,8 @@ async fn spf_and_dmarc_results_reach_the_data_hook_and_the_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugins_from_one_file_share_code_but_not_config_or_state() {
-    // Two tenants' policies from the same component: compiled once, each with its own config.
+async fn plugins_from_one_file_keep_their_own_config_and_state() {
+    // Two policies from the same component, each with its own config.
     let first = "[plugin.config]\nblocked_helo = [\"first.example\"]\n\
         helo_reply = \"550 5.7.1 refused by the first\"\n";
     let second = "[plugin.config]\nblocked_helo = [\"second.example\"]\n\
@@ -954,6 +989,27 @@ async fn plugins_from_one_file_share_code_but_not_config_or_state() {
     assert!(
         listed.contains("first") && listed.contains("second"),
         "{listed}"
+    );
+
+    // State: two rate limits from one file, two messages a sender each. Were their kv counts
+    // one, each MAIL would count twice and the second would be refused.
+    let limit =
+        "grants = [\"kv\", \"metrics\"]\n[plugin.config]\nper_sender = { limit = 2, window_seconds = 3600 }\n";
+    let (router, _sink) = router_with(&format!(
+        "{}{}",
+        plugin("limit-a", "rate-limit", limit),
+        plugin("limit-b", "rate-limit", limit)
+    ))
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    for _ in 0..2 {
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        assert_eq!(client.command("RSET").await.code, 250);
+    }
+    assert_eq!(
+        client.command("MAIL FROM:<s@sender.test>").await.code,
+        450,
+        "the third message is past each plugin's own limit"
     );
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{plugin_path, stdout, Router};
 use crate::plugins::{generation, plugin, router_with};
 
@@ -183,9 +184,17 @@ async fn generation_reaches(router: &Router, wanted: u64) {
 async fn promote_and_rollback_switch_under_load_without_a_failed_transaction() {
     let noop_digest = sha256_hex(&plugin_path("noop"));
     let pinned = format!("sha256 = \"{}\"\n", sha256_hex(&plugin_path("misbehave")));
-    let (router, sink) =
-        router_with(&gate_with_canary(50).replacen("canary = ", &format!("{pinned}canary = "), 1))
-            .await;
+    // A pinned plugin's canary is pinned too.
+    let (router, sink) = router_with(
+        &gate_with_canary(50)
+            .replacen("canary = ", &format!("{pinned}canary = "), 1)
+            .replacen(
+                "percent = 50 }",
+                &format!("percent = 50, sha256 = \"{noop_digest}\" }}"),
+                1,
+            ),
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     let senders = load(router.port, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -212,7 +221,7 @@ async fn promote_and_rollback_switch_under_load_without_a_failed_transaction() {
         config.replacen(
             &pinned,
             &format!(
-                "{pinned}canary = {{ path = \"{}\", percent = 50 }}\n",
+                "{pinned}canary = {{ path = \"{}\", percent = 50, sha256 = \"{noop_digest}\" }}\n",
                 plugin_path("noop").display()
             ),
             1,
@@ -287,8 +296,7 @@ fn replay(recordings: &std::path::Path, config: &std::path::Path) -> std::proces
         .arg(recordings)
         .arg("--config")
         .arg(config)
-        .output()
-        .expect("run plugins replay")
+        .output_within(COMMAND_LIMIT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::harness::client::TestClient;
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{stdout, Router, RouterOptions};
 
 /// The workspace's target directory (the binary under test is in `target/debug/`).
@@ -24,8 +25,8 @@ fn cargo(project: &Path, args: &[&str]) -> std::process::Output {
         .arg("--offline")
         .current_dir(project)
         .env("CARGO_TARGET_DIR", target_dir().join("scaffold"))
-        .output()
-        .expect("run cargo")
+        // A first build of the project compiles the SDK and its dependencies twice (native, wasm).
+        .output_within(std::time::Duration::from_secs(900))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,8 +36,7 @@ async fn a_new_rust_plugin_passes_its_tests_builds_and_decides_in_the_router() {
     let written = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["plugins", "new", "deny-list", "--dir"])
         .arg(&project)
-        .output()
-        .expect("run plugins new");
+        .output_within(COMMAND_LIMIT);
     assert!(stdout(&written).contains("wrote"));
 
     let tested = cargo(&project, &["test"]);
@@ -61,14 +61,12 @@ async fn a_new_rust_plugin_passes_its_tests_builds_and_decides_in_the_router() {
     let again = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["plugins", "new", "deny-list", "--dir"])
         .arg(&project)
-        .output()
-        .expect("run plugins new");
+        .output_within(COMMAND_LIMIT);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists and is not empty"));
     let bad = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["plugins", "new", "Bad Name"])
-        .output()
-        .expect("run plugins new");
+        .output_within(COMMAND_LIMIT);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("lower-case letters"));
 
     let manifest = std::fs::read_to_string(project.join("manifest.toml"))

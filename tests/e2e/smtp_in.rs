@@ -460,6 +460,84 @@ async fn sessions_per_ip_are_limited() {
     );
 }
 
+/// Connects from `source` to `target` and reads the first reply line; keeps the connection.
+async fn greeting(source: &str, target: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncBufReadExt;
+    let source: std::net::IpAddr = source.parse().expect("source");
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket.bind((source, 0).into()).expect("bind the source");
+    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(target))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let (read, write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .expect("a reply in time")
+        .expect("read");
+    let stream = reader.into_inner().reunite(write).expect("one stream");
+    (stream, line.trim_end().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_counted_by_network_an_ipv6_one_by_its_64() {
+    let router = Router::start_with(|dir, port| {
+        format!(
+            "hostname = \"mx.switchyard.test\"\ndata_dir = \"{}\"\n\n\
+             [[listener]]\nname = \"v4\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"0s\"\n\n\
+             [[listener]]\nname = \"v6\"\naddress = \"[::1]:{port}\"\ngreeting_delay = \"0s\"\n\n\
+             [smtp]\nmax_sessions_per_ip = 2\nclient_prefix_v4 = 24\n\n\
+             [authentication]\nverify = false\n",
+            dir.display()
+        )
+    })
+    .await;
+    // The harness's readiness probe was a session too: let it end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v6: std::net::SocketAddr = format!("[::1]:{}", router.port).parse().expect("addr");
+    let (_first, reply) = greeting("::1", v6).await;
+    assert!(reply.starts_with("220 "), "{reply}");
+    let (_second, reply) = greeting("::1", v6).await;
+    assert!(reply.starts_with("220 "), "{reply}");
+    let (_third, reply) = greeting("::1", v6).await;
+    assert_eq!(
+        reply,
+        "421 4.7.0 Too many connections from ::/64, try again later"
+    );
+
+    // IPv4 by the configured /24: three loopback addresses, one count.
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{}", router.port).parse().expect("addr");
+    let (_a, reply) = greeting("127.0.0.2", v4).await;
+    assert!(reply.starts_with("220 "), "{reply}");
+    let (_b, reply) = greeting("127.0.0.3", v4).await;
+    assert!(reply.starts_with("220 "), "{reply}");
+    let (_c, reply) = greeting("127.0.0.4", v4).await;
+    assert_eq!(
+        reply,
+        "421 4.7.0 Too many connections from 127.0.0.0/24, try again later"
+    );
+    // Another /24 is not counted with them.
+    let (_d, reply) = greeting("127.0.1.1", v4).await;
+    assert!(reply.starts_with("220 "), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_never_echo_a_clients_non_ascii_bytes() {
+    let (router, _sink) = router_with_sink("").await;
+    let mut client = TestClient::connect(router.port).await;
+    let reply = client.command("MAIL FROM:<a@sender.test> Föö=1").await;
+    assert_eq!(reply.text, "501 5.5.4 Bad parameter syntax: F??=1");
+    let reply = client.command("MAIL FROM:<a@sender.test> X=1 Ünï=2").await;
+    assert!(reply.text.is_ascii(), "{reply:?}");
+    assert_eq!(reply.code, 501);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_client_is_timed_out() {
     let (router, _sink) = router_with_sink("command_timeout = \"1s\"\n").await;

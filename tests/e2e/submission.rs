@@ -10,6 +10,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
 use crate::harness::client::{message, TestClient};
+use crate::harness::peers::python;
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{plugin_path, tls_section, Router, RouterOptions};
 use crate::harness::sink::Sink;
 
@@ -27,7 +29,11 @@ fn hash(password: &str) -> String {
         .spawn()
         .expect("run auth hash");
     writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
-    let output = child.wait_with_output().expect("auth hash");
+    let output = crate::harness::process::wait_within(
+        child,
+        crate::harness::process::COMMAND_LIMIT,
+        "auth hash",
+    );
     assert!(output.status.success());
     let hash = String::from_utf8(output.stdout).expect("utf-8");
     assert!(hash.starts_with("$argon2id$"), "{hash}");
@@ -249,6 +255,80 @@ async fn inbound_listeners_do_not_offer_auth() {
     );
 }
 
+/// The resident memory of process `pid`, in KiB (`VmRSS` in /proc).
+fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the router's /proc status")
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// 200 failed logins at once from 200 loopback addresses (so the per-address budget holds none
+/// of them back): each check needs argon2's 19 MiB, and the server's resident memory must stay
+/// within a bound while they run and fall back after them, because only a fixed number of
+/// checks run at once, on workers that reuse their memory and give it back when idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_failed_logins_at_once_keep_memory_bounded_and_it_falls_back() {
+    const LOGINS: usize = 200;
+    /// What the logins may add to the resident memory at their peak: the checkers' block
+    /// memory (19 MiB for each of at most 8 workers) and 200 TLS sessions.
+    const PEAK_BOUND_KIB: u64 = 200 * 1024;
+    /// What may be left some seconds after the burst.
+    const AFTER_BOUND_KIB: u64 = 60 * 1024;
+    let server = submission("[submission.auth_failures]\nlimit = 5\ndelay = \"10ms\"\n").await;
+    let port = server.router.port;
+    let pid = server.router.pid();
+    let before = resident_kib(pid);
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(resident_kib(pid));
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            peak
+        })
+    };
+    let mut logins = Vec::new();
+    for n in 0..LOGINS {
+        let source = std::net::Ipv4Addr::new(127, 0, 2, u8::try_from(n + 1).expect("an octet"));
+        logins.push(tokio::spawn(async move {
+            let mut client = TestClient::connect_raw_from(source, port).await;
+            assert_eq!(client.reply().await.code, 220);
+            assert_eq!(client.command("EHLO client.test").await.code, 250);
+            let mut client = client.starttls().await;
+            client
+                .command(&format!("AUTH PLAIN {}", plain(ALICE, "wrong")))
+                .await
+                .text
+        }));
+    }
+    for login in logins {
+        assert_eq!(
+            login.await.expect("login"),
+            "535 5.7.8 Authentication credentials invalid"
+        );
+    }
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.await.expect("sampler");
+    // The workers give their memory back after 5 s idle.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let after = resident_kib(pid);
+    eprintln!("resident memory: {before} KiB before, {peak} KiB at the peak, {after} KiB after");
+    assert!(
+        peak.saturating_sub(before) < PEAK_BOUND_KIB,
+        "{before} KiB before, {peak} KiB at the peak"
+    );
+    assert!(
+        after.saturating_sub(before) < AFTER_BOUND_KIB,
+        "{before} KiB before, {after} KiB after"
+    );
+}
+
 /// Password guessing across sessions: 20 sessions of one wrong password each, as an attacker
 /// would open them. Each failure is answered later than the last; the fifth bans the address,
 /// and from then on it gets 421 4.7.0 at connect, right password or not, until the ban ends.
@@ -381,8 +461,7 @@ for attempt in range(5):
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
             .args(["-c", script, &port, ALICE, ALICE_PASSWORD])
-            .output()
-            .expect("run python3")
+            .output_within(COMMAND_LIMIT)
     })
     .await
     .expect("python");
@@ -408,9 +487,9 @@ for attempt in range(5):
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
-    // alice is acme's user; acme owns example.test, bravo owns bravo.test.
+/// A submission server with two tenants: `acme` (domain example.test, user alice) and `other`
+/// (domain `other`.test). Returns the tenants' directory with it.
+async fn alice_of_acme_beside(other: &str) -> (tempfile::TempDir, Submission) {
     let tenants = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         tenants.path().join("acme.toml"),
@@ -418,15 +497,22 @@ async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
     )
     .expect("write acme");
     std::fs::write(
-        tenants.path().join("bravo.toml"),
-        "domains = [\"bravo.test\"]\n",
+        tenants.path().join(format!("{other}.toml")),
+        format!("domains = [\"{other}.test\"]\n"),
     )
-    .expect("write bravo");
+    .expect("write the other tenant");
     let server = submission(&format!(
         "[tenants]\ndirectory = \"{}\"\n",
         tenants.path().display()
     ))
     .await;
+    (tenants, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
+    // alice is acme's user; acme owns example.test, bravo owns bravo.test.
+    let (_tenants, server) = alice_of_acme_beside("bravo").await;
     let (client, _) = connect(server.router.port).await;
     let mut client = client.starttls().await;
     client.command("EHLO client.test").await;
@@ -445,8 +531,9 @@ async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
         "a domain of no tenant is not acme's either: {reply:?}"
     );
     // Her own tenant's domain goes through, to anywhere, and the message is acme's.
+    let letter = message("from acme").replace("From: a@sender.test", &format!("From: {ALICE}"));
     client
-        .send_accepted(ALICE, &["bob@bravo.test"], &message("from acme"))
+        .send_accepted(ALICE, &["bob@bravo.test"], &letter)
         .await;
     server.sink.wait_for(1, Duration::from_secs(10)).await;
     let log = server.router.log();
@@ -466,4 +553,127 @@ async fn a_tenants_user_cannot_send_as_another_tenants_domain() {
             .code,
         250
     );
+}
+
+/// Python's smtplib as a tenant's user: the envelope sender is her own, but a `From:` of another
+/// tenant's domain (or of no tenant's) is refused after the data with 550 5.7.1 naming the rule;
+/// her own `From:` goes through and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_user_cannot_put_another_domain_in_the_header_from() {
+    let (_tenants, server) = alice_of_acme_beside("globex").await;
+    let script = r#"
+import smtplib, ssl, sys
+from email.message import EmailMessage
+port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+for author in ["CEO <ceo@globex.test>", "someone@elsewhere.example", "Alice <%s>, ceo@globex.test" % user, "Alice <%s>" % user]:
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = author, "bob@bravo.example", "hello"
+    message.set_content("From a tenant's user.")
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=context)
+        client.login(user, password)
+        try:
+            client.send_message(message, from_addr=user)
+            print("accepted")
+        except smtplib.SMTPDataError as error:
+            print(error.smtp_code, error.smtp_error.decode())
+"#;
+    let lines = python(vec![
+        "-c".to_string(),
+        script.to_string(),
+        server.router.port.to_string(),
+        ALICE.to_string(),
+        ALICE_PASSWORD.to_string(),
+    ])
+    .await;
+    assert_eq!(
+        lines,
+        [
+            "550 5.7.1 From: domain globex.test is not one of your domains (header_from = \"own-domains\")",
+            "550 5.7.1 From: domain elsewhere.example is not one of your domains (header_from = \"own-domains\")",
+            "550 5.7.1 From: domain globex.test is not one of your domains (header_from = \"own-domains\")",
+            "accepted",
+        ]
+    );
+    let received = server.sink.wait_for(1, Duration::from_secs(10)).await;
+    assert!(received[0].data.contains(&format!("From: Alice <{ALICE}>")));
+    server
+        .router
+        .log_with(&["From: outside the tenant's domains refused"])
+        .await;
+}
+
+/// AUTH PLAIN as `identity` in a new session over STARTTLS: the reply's code.
+async fn login_code(port: u16, identity: &str, password: &str) -> u16 {
+    let (client, _) = connect(port).await;
+    let mut client = client.starttls().await;
+    client
+        .command(&format!("AUTH PLAIN {}", plain(identity, password)))
+        .await
+        .code
+}
+
+/// An account added to the users file logs in without a restart, while alice keeps sending:
+/// the file is read again when it changes. A broken file keeps the accounts loaded before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_added_to_the_users_file_log_in_without_a_restart() {
+    const CAROL: &str = "carol@example.test";
+    let server = submission("[submission.auth_failures]\nlimit = 0\n").await;
+    let port = server.router.port;
+    let users = server.files.path().join("users");
+    assert_eq!(login_code(port, CAROL, "carol's secret").await, 535);
+
+    // Live traffic: alice sends a message per session until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (client, _) = connect(port).await;
+                let mut client = client.starttls().await;
+                let reply = client
+                    .command(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PASSWORD)))
+                    .await;
+                assert_eq!(reply.code, 235, "alice during the reload: {reply:?}");
+                client
+                    .send_accepted(ALICE, &["bob@elsewhere.example"], &message("live"))
+                    .await;
+                sent += 1;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&users)
+        .expect("users file");
+    writeln!(file, "{CAROL}:{}", hash("carol's secret")).expect("add carol");
+    drop(file);
+    server
+        .router
+        .log_with(&["SMTP AUTH accounts reloaded users=3"])
+        .await;
+    assert_eq!(login_code(port, CAROL, "carol's secret").await, 235);
+
+    // A broken file: logged with its line, and the accounts stay as they were.
+    let before = std::fs::read_to_string(&users).expect("users");
+    std::fs::write(&users, format!("{before}dave-without-a-hash\n")).expect("break");
+    server
+        .router
+        .log_with(&[
+            "configuration does not load; what runs stays as it was",
+            "users:5: expected `name:hash`",
+        ])
+        .await;
+    assert_eq!(login_code(port, CAROL, "carol's secret").await, 235);
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = traffic.await.expect("alice's traffic");
+    assert!(sent >= 2, "alice sent {sent} messages during the reloads");
+    server.sink.wait_for(sent, Duration::from_secs(20)).await;
 }

@@ -387,13 +387,14 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_whose_plugin_loops_slows_no_other_tenant() {
     // acme's plugin loops on every recipient it is asked about (until its time limit); bravo's
-    // mail must all be accepted and delivered meanwhile.
+    // mail must all be accepted and delivered meanwhile. The breaker is off: an open circuit
+    // would skip the looping plugin and hide what its calls cost.
     let acme = format!(
         "domains = [\"acme.test\"]\n{}",
         plugin(
             "looping",
             "misbehave",
-            "grants = [\"kv\"]\ntime_limit = \"200ms\"\n[plugin.config]\nmode = \"loop\"\n"
+            "grants = [\"kv\"]\ntime_limit = \"200ms\"\nbreaker = { failures = 0 }\n[plugin.config]\nmode = \"loop\"\n"
         ),
     );
     let setup = router_with_tenants(
@@ -449,4 +450,158 @@ async fn a_tenant_whose_plugin_loops_slows_no_other_tenant() {
     );
     let log = setup.router.log();
     assert!(log.contains("kind=Timeout"), "{log}");
+    assert!(
+        !log.contains("plugin circuit opened"),
+        "every call of the looping plugin ran to its limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_limits_cap_its_plugins_memory_and_instances() {
+    // The plugin asks for 64 MiB; acme's limits give each instance 8 MiB and the tenant two
+    // instances at once.
+    let acme = format!(
+        "domains = [\"acme.test\"]\n{}",
+        plugin(
+            "hoarder",
+            "misbehave",
+            "grants = [\"kv\"]\nmemory_limit = 67108864\n[plugin.config]\nmode = \"alloc\"\n"
+        ),
+    );
+    let setup = router_with_tenants(
+        &[("acme.toml", acme)],
+        "plugin_memory_limit = 8388608\nplugin_instances = 2\n",
+    )
+    .await;
+    let port = setup.router.port;
+
+    // Memory: the instance is stopped at the tenant's cap, not the plugin's own limit.
+    let mut client = TestClient::connect(port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<victim@acme.test>").await.text,
+        "451 4.3.0 plugin hoarder failed, try again later"
+    );
+    setup
+        .router
+        .log_with(&["kind=OutOfMemory", "over its memory_limit of 8388608 bytes"])
+        .await;
+    assert_eq!(client.command("QUIT").await.code, 221);
+
+    // Instances: two open transactions of acme hold its two; a third waits for one to end.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut client = TestClient::connect(port).await;
+        assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        assert_eq!(client.command("RCPT TO:<friend@acme.test>").await.code, 250);
+        open.push(client);
+    }
+    let mut third = TestClient::connect(port).await;
+    assert_eq!(third.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    assert_eq!(
+        third.command("RCPT TO:<friend@acme.test>").await.text,
+        "451 4.7.1 Tenant limit reached: 2 plugin instances at once, try again later"
+    );
+    let mut first = open.remove(0);
+    assert_eq!(first.command("QUIT").await.code, 221);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(third.command("RSET").await.code, 250);
+        assert_eq!(third.command("MAIL FROM:<s@sender.test>").await.code, 250);
+        let reply = third.command("RCPT TO:<friend@acme.test>").await;
+        if reply.code == 250 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed instance never came: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tenant's plugins hold at most their tenant's kv quota. acme's rate limit counts each new
+/// sender under a key of its own: past three keys the count cannot be made, and the limit fails
+/// closed (451) instead of letting mail through; once the keys expire and the host purges
+/// them, there is room again. bravo runs a plugin built for WIT 0.2.0, whose `increment` cannot
+/// say why: past its one key it traps, and its failure policy answers. The gauges show what
+/// each holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_plugins_keep_to_its_kv_quota_and_expired_keys_are_purged() {
+    let acme = format!(
+        "domains = [\"acme.test\"]\n{}[limits]\nkv_keys = 3\n",
+        plugin(
+            "limit",
+            "rate-limit",
+            "grants = [\"kv\", \"metrics\"]\ntime_limit = \"5s\"\n[plugin.config]\nper_sender = { limit = 100, window_seconds = 1 }\n"
+        ),
+    );
+    let bravo = format!(
+        "domains = [\"bravo.test\"]\n{}[limits]\nkv_keys = 1\n",
+        plugin(
+            "old",
+            "kv-counter-0-2-0",
+            "grants = [\"kv\"]\ntime_limit = \"5s\"\n[plugin.config]\nlimit = 100\n"
+        ),
+    );
+    let setup = router_with_tenants(
+        &[("acme.toml", acme), ("bravo.toml", bravo)],
+        // The purge runs every second here.
+        "plugin_time_limit = \"5s\"\n\n[kv]\npurge_interval = \"1s\"\n",
+    )
+    .await;
+    let port = setup.router.port;
+    let rcpt = |sender: String, recipient: &'static str| async move {
+        let mut client = TestClient::connect(port).await;
+        assert_eq!(
+            client.command(&format!("MAIL FROM:<{sender}>")).await.code,
+            250
+        );
+        client.command(&format!("RCPT TO:<{recipient}>")).await.text
+    };
+    for n in 1..=3 {
+        let reply = rcpt(format!("s{n}@sender.test"), "x@acme.test").await;
+        assert!(reply.starts_with("250 "), "sender {n}: {reply}");
+    }
+    assert_eq!(
+        rcpt("s4@sender.test".to_string(), "x@acme.test").await,
+        "451 4.3.0 Rate limit unavailable, try again later"
+    );
+    setup
+        .router
+        .log_with(&[
+            "kv write refused: quota of 3 keys reached",
+            "plugin=limit",
+            "tenant=acme",
+        ])
+        .await;
+
+    // bravo's 0.2.0 plugin: its first sender's key fits, the second's traps the plugin.
+    assert!(rcpt("a@sender.test".to_string(), "x@bravo.test")
+        .await
+        .starts_with("250 "));
+    assert_eq!(
+        rcpt("b@sender.test".to_string(), "x@bravo.test").await,
+        "451 4.3.0 plugin old failed, try again later"
+    );
+
+    // The gauges, then the purge: acme's keys expire after a second, and room comes back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = scrape_metrics(setup.metrics_port).await;
+        if page.contains("switchyard_kv_keys{tenant=\"acme\",plugin=\"limit\"} 0")
+            && page.contains("switchyard_kv_keys{tenant=\"bravo\",plugin=\"old\"} 1")
+        {
+            assert!(
+                page.contains("switchyard_kv_bytes{tenant=\"bravo\",plugin=\"old\"} "),
+                "{page}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never purged:\n{page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reply = rcpt("s5@sender.test".to_string(), "x@acme.test").await;
+    assert!(reply.starts_with("250 "), "after the purge: {reply}");
 }

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
+use crate::harness::process::{OutputWithin, COMMAND_LIMIT};
 use crate::harness::router::{free_port, plugin_path, scrape_metrics, stdout, Router};
 use crate::harness::sink::Sink;
 use crate::plugins::{generation, plugin, router_with};
@@ -14,8 +15,7 @@ use crate::plugins::{generation, plugin, router_with};
 fn sha256sum(crate_name: &str) -> String {
     let output = Command::new("sha256sum")
         .arg(plugin_path(crate_name))
-        .output()
-        .expect("sha256sum runs");
+        .output_within(COMMAND_LIMIT);
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .next()
@@ -185,8 +185,7 @@ async fn a_pinned_plugin_with_another_digest_refuses_to_load_and_the_old_generat
     let check = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["check-config"])
         .arg(&config)
-        .output()
-        .expect("check-config");
+        .output_within(COMMAND_LIMIT);
     let said = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success(), "{said}");
     assert!(
@@ -243,6 +242,123 @@ async fn a_pinned_plugin_with_another_digest_refuses_to_load_and_the_old_generat
     );
 }
 
+/// `check-config` of these plugin tables: whether it passed, and what it said.
+fn check_plugins(plugins: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("switchyard.toml");
+    let text = format!(
+        "data_dir = \"{}\"\n{plugins}",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&config, text).expect("config");
+    let check = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("check-config")
+        .arg(&config)
+        .output_within(COMMAND_LIMIT);
+    (
+        check.status.success(),
+        String::from_utf8_lossy(&check.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_plugin_runs_only_pinned_candidates_and_cache_entries_made_from_its_bytes() {
+    let gate = sha256sum("misbehave");
+    let noop = sha256sum("noop");
+    let pinned = |candidate: &str| {
+        plugin(
+            "gate",
+            "misbehave",
+            &format!(
+                "sha256 = \"{gate}\"\ngrants = [\"kv\"]\n{candidate}\n[plugin.config]\nmode = \"seed\"\n"
+            ),
+        )
+    };
+    let noop_path = plugin_path("noop").display().to_string();
+
+    // Unpinned candidates of a pinned plugin are refused, with the reason.
+    for candidate in [
+        format!("shadow = \"{noop_path}\""),
+        format!("canary = {{ path = \"{noop_path}\", percent = 50 }}"),
+    ] {
+        let (passed, said) = check_plugins(&pinned(&candidate));
+        assert!(!passed, "{candidate}: {said}");
+        let kind = if candidate.starts_with("shadow") {
+            "shadow"
+        } else {
+            "canary"
+        };
+        assert!(
+            said.contains(&format!(
+                "plugin `gate` is pinned (sha256), so its {kind} must be pinned too"
+            )),
+            "{said}"
+        );
+    }
+    // A pinned shadow whose file is another: refused like the plugin itself.
+    let wrong = "0".repeat(64);
+    let (passed, said) = check_plugins(&pinned(&format!(
+        "shadow = {{ path = \"{noop_path}\", sha256 = \"{wrong}\" }}"
+    )));
+    assert!(!passed);
+    assert!(
+        said.contains(&format!(
+            "plugin `gate~shadow`: {noop_path} has sha256 {noop}, but the manifest pins {wrong}"
+        )),
+        "{said}"
+    );
+
+    // Pinned both: it runs, and the shadow is asked.
+    let (mut router, _sink) = router_with(&format!(
+        "{}{}",
+        pinned(&format!(
+            "shadow = {{ path = \"{noop_path}\", sha256 = \"{noop}\" }}"
+        )),
+        plugin("other", "noop", "")
+    ))
+    .await;
+    let (reply, _) = rcpt(&router, "victim@switchyard.test").await;
+    assert!(reply.contains("seed"), "{reply}");
+    listing_with(&router, &["gate~shadow  candidate of gate"]).await;
+
+    // Someone who can write the cache swaps compilations: every entry of the gate's becomes a
+    // copy of noop's. At the next start they are refused and compiled again, so the pinned code
+    // still decides.
+    router.terminate();
+    router.wait_exit(Duration::from_secs(20)).await;
+    let cache = router.dir.path().join("plugin-cache");
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .expect("the plugin cache")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cwasm"))
+        .collect();
+    let noop_entry = entries
+        .iter()
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(&noop))
+        })
+        .expect("noop's compilation is cached under its digest")
+        .clone();
+    let mut swapped = 0;
+    for entry in &entries {
+        if *entry != noop_entry {
+            std::fs::copy(&noop_entry, entry).expect("swap");
+            swapped += 1;
+        }
+    }
+    assert!(swapped >= 1, "{entries:?}");
+    router.spawn().await;
+    let (reply, _) = rcpt(&router, "victim@switchyard.test").await;
+    assert!(reply.contains("seed"), "the pinned plugin decides: {reply}");
+    router
+        .log_with(&[
+            "compiled plugin cache entry ignored",
+            "made from other bytes than the component being loaded",
+        ])
+        .await;
+}
+
 /// A new transaction's answer to `RCPT TO:<recipient>`, and how long it took.
 async fn rcpt(router: &Router, recipient: &str) -> (String, Duration) {
     let mut client = TestClient::connect(router.port).await;
@@ -285,6 +401,7 @@ async fn a_looping_plugin_trips_its_breaker_and_is_called_again_after_the_cooldo
         "switchyard_plugin_circuit_open{plugin=\"spinner\",tenant=\"\"} 1",
         "switchyard_plugin_circuit_trips_total{plugin=\"spinner\",tenant=\"\"} 1",
         "switchyard_plugin_skipped_total{plugin=\"spinner\",tenant=\"\"} 1",
+        "switchyard_plugin_failures_total{plugin=\"spinner\",tenant=\"\",kind=\"Timeout\"} 2",
         "switchyard_plugin_call_seconds_bucket{plugin=\"spinner\",tenant=\"\",hook=\"rcpt-to\",le=\"0.5\"} 2",
     ] {
         assert!(page.contains(series), "{series} missing:\n{page}");
@@ -306,7 +423,12 @@ async fn a_shadow_candidate_is_asked_and_counted_but_the_live_verdict_rules() {
         "grants = [\"kv\"]\nshadow = \"{}\"\n[plugin.config]\nmode = \"seed\"\n",
         plugin_path("noop").display()
     );
-    let (router, sink) = router_with(&plugin("gate", "misbehave", &settings)).await;
+    let metrics = free_port();
+    let (router, sink) = router_with(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        plugin("gate", "misbehave", &settings)
+    ))
+    .await;
     let mut client = TestClient::connect(router.port).await;
     assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
     let refused = client.command("RCPT TO:<victim@switchyard.test>").await;
@@ -333,6 +455,14 @@ async fn a_shadow_candidate_is_asked_and_counted_but_the_live_verdict_rules() {
         listing.contains(&format!("sha256={}", sha256sum("noop"))),
         "{listing}"
     );
+    let page = scrape_metrics(metrics).await;
+    for series in [
+        "switchyard_plugin_shadow_total{plugin=\"gate\",hook=\"rcpt-to\",result=\"disagree\"} 1",
+        "switchyard_plugin_shadow_total{plugin=\"gate\",hook=\"rcpt-to\",result=\"agree\"} 1",
+        "switchyard_plugin_shadow_total{plugin=\"gate\",hook=\"data\",result=\"agree\"} 1",
+    ] {
+        assert!(page.contains(series), "{series} missing:\n{page}");
+    }
     // The trace shows both answers, the candidate's marked as agreeing or not.
     let timeline = trace_with(
         &router,

@@ -445,7 +445,11 @@ fn parse_tls_report(message: &str) -> serde_json::Value {
         .expect("stdin")
         .write_all(message.as_bytes())
         .expect("write");
-    let output = child.wait_with_output().expect("tlsrpt_parse.py");
+    let output = crate::harness::process::wait_within(
+        child,
+        crate::harness::process::COMMAND_LIMIT,
+        "tlsrpt_parse.py",
+    );
     serde_json::from_slice(&output.stdout).expect("JSON from tlsrpt_parse.py")
 }
 

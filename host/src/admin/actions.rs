@@ -4,6 +4,8 @@
 
 use super::views::{Bounced, Changed, Held, MessageView};
 use crate::delivery::dsn::{self, DsnRecipient};
+use crate::delivery::observe;
+use crate::plugins::PluginManager;
 use crate::queue::traces::{TraceQuery, TraceRecord, TraceStore};
 use crate::queue::{now_millis, Outcome, Queue, QueueError, QueuedMessage, RecipientResult};
 
@@ -99,10 +101,18 @@ pub async fn delete(queue: &dyn Queue, id: &str) -> Result<(), ActionError> {
 }
 
 /// Fails every pending recipient now and returns the message to its sender (`hostname` signs
-/// the DSN).
-pub async fn bounce(queue: &dyn Queue, hostname: &str, id: &str) -> Result<Bounced, ActionError> {
+/// the DSN). As for any other failure, the message's plugins are asked: the bounce hook for the
+/// DSN's words, and once the failure is recorded the delivery-result hook for each recipient.
+pub async fn bounce(
+    queue: &dyn Queue,
+    hostname: &str,
+    id: &str,
+    plugins: &PluginManager,
+) -> Result<Bounced, ActionError> {
     let (message, owner) = take_from_delivery(queue, id).await?;
     let content = queue.content(id).await?.unwrap_or_default();
+    let set = plugins.set_for_message(&message.meta.tenant, id);
+    let mut run = observe::delivery_run(&set, &message.meta, None);
     let diagnostic = "550 5.0.0 message returned by the administrator".to_string();
     // Recipients that asked not to hear of failures (NOTIFY) are failed without a notice.
     let failed: Vec<DsnRecipient> = message
@@ -130,21 +140,42 @@ pub async fn bounce(queue: &dyn Queue, hostname: &str, id: &str) -> Result<Bounc
             delay_warned: false,
         })
         .collect();
+    let text = if failed.is_empty() {
+        None
+    } else {
+        observe::bounce_text(&mut run, &message.meta, &failed, &content).await
+    };
     let bounce = dsn::build(
         hostname,
         &message.meta,
         &content,
         &failed,
         dsn::Report::Failure,
-        None,
+        text.as_ref(),
     );
     let dsn_id = bounce.as_ref().map(|b| b.meta.id.clone());
+    let reports: Vec<_> = message
+        .recipients
+        .iter()
+        .map(|recipient| {
+            observe::report(
+                &message.meta,
+                &recipient.address,
+                &Outcome::Failed,
+                "none",
+                &diagnostic,
+                recipient.attempts,
+            )
+        })
+        .collect();
     let stale = queue
         .record(&owner, results, bounce.into_iter().collect())
         .await?;
     if stale > 0 {
         return Err(ActionError::Stale(id.to_string()));
     }
+    // Observers hear of the failure once it is recorded, as after a delivery attempt.
+    observe::delivery_results(&mut run, &reports).await;
     Ok(Bounced {
         notified: failed.len(),
         dsn: dsn_id,

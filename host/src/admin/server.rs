@@ -253,7 +253,7 @@ async fn bounce(
     Path(id): Path<String>,
 ) -> Answer<super::views::Bounced> {
     Ok(Json(
-        actions::bounce(state.queue.as_ref(), &state.hostname, &id).await?,
+        actions::bounce(state.queue.as_ref(), &state.hostname, &id, &state.plugins).await?,
     ))
 }
 

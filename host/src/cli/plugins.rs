@@ -84,8 +84,7 @@ async fn replay(config: &Config, directory: &Path) -> anyhow::Result<()> {
         )
         .await?
         .kv;
-        let engine =
-            crate::plugins::new_engine(&std::env::temp_dir().join("switchyard-plugin-cache"))?;
+        let engine = crate::plugins::new_engine()?;
         let services = PluginServices {
             kv: Some(kv),
             ..PluginServices::default()

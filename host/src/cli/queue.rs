@@ -1,6 +1,8 @@
 //! `switchyard queue ...`: through the running server's admin API when it has one and answers,
 //! else on the queue directly. Either way the same actions run and the same lines are printed.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 
 use super::QueueAction;
@@ -8,6 +10,8 @@ use crate::admin::actions;
 use crate::admin::client::{encode, AdminClient};
 use crate::admin::views::{Bounced, Changed, Held, MessageView};
 use crate::config::Config;
+use crate::plugins::compile_cache::CompileCache;
+use crate::plugins::{PluginManager, PluginServices};
 use crate::queue::traces::{TraceQuery, TraceRecord};
 use crate::queue::{now_millis, Opened};
 
@@ -190,10 +194,34 @@ impl Target {
         match self {
             Target::Api(api) => api.post(&format!("/v1/queue/{}/bounce", encode(id))).await,
             Target::Queue(opened) => {
-                Ok(actions::bounce(opened.queue.as_ref(), &config.hostname, id).await?)
+                // No server to ask: the message's plugins are loaded here, so the bounce runs
+                // their bounce and delivery-result hooks as the server would.
+                let plugins = load_plugins(config, opened).await?;
+                Ok(actions::bounce(opened.queue.as_ref(), &config.hostname, id, &plugins).await?)
             }
         }
     }
+}
+
+/// The plugin chains of `config` (global and tenants'), with the queue's kv store, for a command
+/// that runs hooks without a server. Metrics that plugins count here stay in this process.
+async fn load_plugins(config: &Config, opened: &Opened) -> anyhow::Result<Arc<PluginManager>> {
+    use crate::plugins::engine::{new_engine_with, PoolTuning};
+    // A few instances are plenty for one command, and reserve far less address space.
+    let engine = new_engine_with(PoolTuning {
+        instances: 64,
+        pagemap_scan: false,
+    })?;
+    let compile_cache = CompileCache::open(&config.data_dir.join("plugin-cache"), &engine)
+        .ok()
+        .map(Arc::new);
+    let services = PluginServices {
+        kv: Some(opened.kv.clone()),
+        compile_cache,
+        ..PluginServices::default()
+    };
+    let tenants = config.load_tenants()?;
+    Ok(PluginManager::start(engine, &config.plugins, &tenants, services).await?)
 }
 
 /// `/v1/queue/ID/ACTION`, or `/v1/queue/ACTION` for every message.

@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod dkim;
+mod kv;
 mod plugin;
 pub mod rollout;
 pub mod tenant;
@@ -18,10 +19,11 @@ use std::time::Duration;
 
 pub use admin::AdminConfig;
 pub use dkim::{ArcConfig, DkimKeyConfig};
-pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest};
+pub use kv::KvConfig;
+pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest, ShadowConfig};
 use serde::{Deserialize, Serialize};
 pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
-pub use types::{HostPort, ListenerRole, TlsPolicy};
+pub use types::{ClientPrefixes, HostPort, ListenerRole, TlsPolicy};
 
 /// A configuration problem, with the place in the file where it was found.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,8 @@ pub struct Config {
     pub trace: TraceConfig,
     /// Recording sampled transactions for replay.
     pub record: RecordConfig,
+    /// Bounds of the plugins' key-value store.
+    pub kv: KvConfig,
     /// The admin HTTP API (off unless `listen` is set).
     pub admin: AdminConfig,
     pub authentication: AuthenticationConfig,
@@ -121,6 +125,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             trace: TraceConfig::default(),
             record: RecordConfig::default(),
+            kv: KvConfig::default(),
             admin: AdminConfig::default(),
             authentication: AuthenticationConfig::default(),
             submission: SubmissionConfig::default(),
@@ -187,8 +192,14 @@ pub struct SmtpLimits {
     pub max_recipients: usize,
     /// Concurrent sessions over all listeners; more get 421 4.3.2.
     pub max_sessions: usize,
-    /// Concurrent sessions from one client IP address; more get 421 4.7.0.
+    /// Concurrent sessions from one client network (see `client_prefix_v4`/`_v6`); more get
+    /// 421 4.7.0.
     pub max_sessions_per_ip: usize,
+    /// The prefix length an IPv4 client is counted by, wherever a limit keys by client address
+    /// (`max_sessions_per_ip`, the AUTH failure budget): 32, each address, by default.
+    pub client_prefix_v4: u8,
+    /// The same for IPv6 clients: 64 by default, since one host usually holds a whole /64.
+    pub client_prefix_v6: u8,
     /// Longest command line, in bytes including CRLF.
     pub max_command_line: usize,
     /// Longest line of message content, in bytes excluding CRLF (RFC 5321: 998).
@@ -205,6 +216,16 @@ pub struct SmtpLimits {
     pub max_received_headers: usize,
 }
 
+impl SmtpLimits {
+    /// The prefix lengths clients are counted by.
+    pub fn client_prefixes(&self) -> ClientPrefixes {
+        ClientPrefixes {
+            v4: self.client_prefix_v4,
+            v6: self.client_prefix_v6,
+        }
+    }
+}
+
 impl Default for SmtpLimits {
     fn default() -> Self {
         SmtpLimits {
@@ -212,6 +233,8 @@ impl Default for SmtpLimits {
             max_recipients: 1000,
             max_sessions: 1000,
             max_sessions_per_ip: 50,
+            client_prefix_v4: 32,
+            client_prefix_v6: 64,
             max_command_line: 2048,
             max_data_line: 998,
             command_timeout: Duration::from_secs(300),
@@ -545,10 +568,20 @@ impl Default for RecordConfig {
     }
 }
 
+/// `[record]` as it applies now (set at start and at every reload).
+#[derive(Debug, Clone)]
+pub struct RecordSettings {
+    pub directory: PathBuf,
+    /// Hundredths of a percent of the transactions written whatever their outcome.
+    pub basis_points: u32,
+    pub refused: bool,
+    pub bodies: bool,
+}
+
 impl RecordConfig {
     /// What the record sink applies; `None` when recording is off.
-    pub fn settings(&self) -> Option<crate::plugins::record::RecordSettings> {
-        Some(crate::plugins::record::RecordSettings {
+    pub fn settings(&self) -> Option<RecordSettings> {
+        Some(RecordSettings {
             directory: self.directory.clone()?,
             basis_points: (self.percent * 100.0).round().clamp(0.0, 10_000.0) as u32,
             refused: self.refused,
@@ -585,6 +618,20 @@ pub struct SubmissionConfig {
     pub require_auth: bool,
     /// Failed AUTH attempts tolerated per client address across sessions.
     pub auth_failures: AuthFailureLimits,
+    /// Which From: a tenant's authenticated user may write (users of no tenant: any).
+    pub header_from: HeaderFromPolicy,
+}
+
+/// `[submission] header_from`: what the From: header of a tenant user's message may name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeaderFromPolicy {
+    /// Every From: address must be of one of the user's tenant's domains, else `550 5.7.1`:
+    /// the tenant's DKIM key would otherwise sign mail in another's name.
+    #[default]
+    OwnDomains,
+    /// Any From: (a tenant that sends on behalf of its customers' domains).
+    Any,
 }
 
 impl Default for SubmissionConfig {
@@ -593,6 +640,7 @@ impl Default for SubmissionConfig {
             users_file: None,
             require_auth: true,
             auth_failures: AuthFailureLimits::default(),
+            header_from: HeaderFromPolicy::default(),
         }
     }
 }
@@ -716,7 +764,7 @@ impl Config {
         for plugin in &mut config.plugins {
             resolve(&mut plugin.path);
             if let Some(shadow) = &mut plugin.shadow {
-                resolve(shadow);
+                resolve(&mut shadow.path);
             }
             if let Some(canary) = &mut plugin.canary {
                 resolve(&mut canary.path);
@@ -844,6 +892,9 @@ mod tests {
         assert!(message.starts_with("c.toml:2:"), "{message}");
     }
 
+    /// A well-formed pin.
+    const PIN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
     #[test]
     fn bad_candidates_and_record_shares_are_refused_with_a_reason() {
         let plugin = "[[plugin]]\nname = \"gate\"\npath = \"gate.wasm\"\n";
@@ -864,6 +915,22 @@ mod tests {
                 "canary = { path = \"v2.wasm\", percent = 5, sha256 = \"abc\" }\n",
                 "sha256 must be 64 hexadecimal digits",
             ),
+            (
+                &format!("sha256 = \"{PIN}\"\ncanary = {{ path = \"v2.wasm\", percent = 5 }}\n"),
+                "plugin `gate` is pinned (sha256), so its canary must be pinned too: give canary a sha256, the digest of",
+            ),
+            (
+                &format!("sha256 = \"{PIN}\"\nshadow = \"v2.wasm\"\n"),
+                "plugin `gate` is pinned (sha256), so its shadow must be pinned too",
+            ),
+            (
+                &format!("sha256 = \"{PIN}\"\nshadow = {{ path = \"v2.wasm\" }}\n"),
+                "so its shadow must be pinned too",
+            ),
+            (
+                "shadow = { path = \"v2.wasm\", sha256 = \"abc\" }\n",
+                "sha256 must be 64 hexadecimal digits",
+            ),
         ] {
             let message = Config::parse(&format!("{plugin}{extra}"), "c.toml")
                 .expect_err(extra)
@@ -877,6 +944,14 @@ mod tests {
         .expect("a half percent");
         let canary = accepted.plugins[0].canary.as_ref().expect("canary");
         assert_eq!(canary.basis_points(), 50);
+        let pinned = Config::parse(
+            &format!("{plugin}sha256 = \"{PIN}\"\nshadow = {{ path = \"v2.wasm\", sha256 = \"{PIN}\" }}\n"),
+            "c.toml",
+        )
+        .expect("a pinned plugin with a pinned shadow");
+        let shadow = pinned.plugins[0].shadow_manifest().expect("shadow");
+        assert_eq!(shadow.sha256.as_deref(), Some(PIN));
+        assert!(shadow.path.ends_with("v2.wasm"));
         let message = Config::parse("[record]\ndirectory = \"r\"\npercent = 101\n", "c.toml")
             .expect_err("share above 100")
             .to_string();

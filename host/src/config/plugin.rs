@@ -19,7 +19,9 @@ pub struct PluginManifest {
     /// does not load.
     #[serde(default)]
     pub grants: Vec<Grant>,
-    /// CPU time allowed for one hook call (instantiation included on a transaction's first call).
+    /// Wall-clock time allowed for one hook call, the host calls it makes (a DNS lookup, a kv
+    /// write) included; a transaction's first call gets the same budget once more for
+    /// instantiation (and `init`, when the plugin is not pre-initialised).
     #[serde(default = "default_time_limit", with = "humantime_serde")]
     pub time_limit: Duration,
     /// Linear memory the plugin may use, in bytes.
@@ -39,7 +41,7 @@ pub struct PluginManifest {
     pub preinitialize: bool,
     /// The SHA-256 of the component file, in hex: when set, a file with any other digest is
     /// refused at start and at reload (the running generation keeps serving), so the code that
-    /// runs is the code that was reviewed.
+    /// runs is the code that was reviewed. A pinned plugin's shadow and canary must be pinned too.
     #[serde(default)]
     pub sha256: Option<String>,
     /// When the plugin's failures open its circuit: it is then skipped, answering with its
@@ -50,12 +52,48 @@ pub struct PluginManifest {
     /// same config, limits and grants): its answers are recorded in the trace and counted as
     /// agreeing or not, never applied. Global chain only. Relative to the configuration file.
     #[serde(default)]
-    pub shadow: Option<PathBuf>,
+    pub shadow: Option<ShadowConfig>,
     /// A candidate version that decides for a share of the transactions (chosen per
     /// transaction, and kept through that message's delivery), with the same config, limits and
     /// grants and the same kv keys as this one. Not together with `shadow`.
     #[serde(default)]
     pub canary: Option<CanaryConfig>,
+}
+
+/// `shadow = "v2.wasm"` or `shadow = { path = "v2.wasm", sha256 = "..." }`: the candidate run
+/// beside the plugin, and its pinned digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "ShadowForm")]
+pub struct ShadowConfig {
+    /// The candidate component. A relative path is relative to the file that names it.
+    pub path: PathBuf,
+    /// The candidate's pinned digest, as the plugin's own `sha256`.
+    pub sha256: Option<String>,
+}
+
+/// The two ways of writing a shadow.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ShadowForm {
+    Path(PathBuf),
+    Table(ShadowTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowTable {
+    path: PathBuf,
+    #[serde(default)]
+    sha256: Option<String>,
+}
+
+impl From<ShadowForm> for ShadowConfig {
+    fn from(form: ShadowForm) -> ShadowConfig {
+        match form {
+            ShadowForm::Path(path) => ShadowConfig { path, sha256: None },
+            ShadowForm::Table(ShadowTable { path, sha256 }) => ShadowConfig { path, sha256 },
+        }
+    }
 }
 
 /// `canary = { path = "...", percent = 10 }`: the candidate and the share of transactions it
@@ -121,13 +159,14 @@ fn default_breaker_cooldown() -> Duration {
 
 impl PluginManifest {
     /// The manifest of this plugin's shadow candidate, if it has one: the same plugin under the
-    /// name `NAME~shadow` (its own kv keys, log lines and counters), without pin or shadow.
+    /// name `NAME~shadow` (its own kv keys, log lines and counters), pinned by the shadow's own
+    /// `sha256`.
     pub fn shadow_manifest(&self) -> Option<PluginManifest> {
-        let path = self.shadow.clone()?;
+        let shadow = self.shadow.clone()?;
         Some(PluginManifest {
             name: format!("{}~shadow", self.name),
-            path,
-            sha256: None,
+            path: shadow.path,
+            sha256: shadow.sha256,
             shadow: None,
             canary: None,
             ..self.clone()
@@ -149,8 +188,27 @@ impl PluginManifest {
         })
     }
 
-    /// The candidates' settings checked: a percent in (0, 100], not both a shadow and a canary.
+    /// The candidates' settings checked: a percent in (0, 100], not both a shadow and a canary,
+    /// and a pinned plugin's candidates pinned too: otherwise whoever can write the plugin
+    /// directory could run code of their own as the shadow or the canary of a pinned plugin.
     pub fn check_candidates(&self) -> Result<(), String> {
+        let pinned = self.pinned_digest()?.is_some();
+        for (kind, candidate) in [
+            ("shadow", self.shadow_manifest()),
+            ("canary", self.canary_manifest()),
+        ] {
+            let Some(candidate) = candidate else {
+                continue;
+            };
+            if candidate.pinned_digest()?.is_none() && pinned {
+                return Err(format!(
+                    "plugin `{}` is pinned (sha256), so its {kind} must be pinned too: give \
+                     {kind} a sha256, the digest of {}",
+                    self.name,
+                    candidate.path.display()
+                ));
+            }
+        }
         if let Some(canary) = &self.canary {
             if self.shadow.is_some() {
                 return Err(format!(
@@ -163,9 +221,6 @@ impl PluginManifest {
                     "plugin `{}`: canary percent must be above 0 and at most 100, not {}",
                     self.name, canary.percent
                 ));
-            }
-            if let Some(candidate) = self.canary_manifest() {
-                candidate.pinned_digest()?;
             }
         }
         Ok(())

@@ -145,13 +145,20 @@ fn candidate_of(
         });
     }
     if let Some(shadow) = entry.get("shadow") {
-        let path = shadow
-            .as_str()
-            .ok_or_else(|| no_path(CandidateKind::Shadow))?;
+        // `shadow = "PATH"`, or a table with its path and pin.
+        let (path, sha256) = match shadow.as_table_like() {
+            Some(table) => (
+                table.get("path").and_then(Item::as_str),
+                table.get("sha256").and_then(Item::as_str),
+            ),
+            None => (shadow.as_str(), None),
+        };
         return Ok(Candidate {
             kind: CandidateKind::Shadow,
-            path: path.to_string(),
-            sha256: None,
+            path: path
+                .ok_or_else(|| no_path(CandidateKind::Shadow))?
+                .to_string(),
+            sha256: sha256.map(str::to_string),
         });
     }
     Err(RolloutError::NoCandidate {
@@ -176,7 +183,7 @@ hostname = "mx.example.com"
 name = "gate"   # decides at RCPT
 path = "plugins/gate-v1.wasm"
 sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
-canary = { path = "plugins/gate-v2.wasm", percent = 10 }
+canary = { path = "plugins/gate-v2.wasm", percent = 10, sha256 = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc" }
 
 [[plugin]]
 name = "tagger"
@@ -192,7 +199,7 @@ path = "plugins/plain.wasm"
 "#;
 
     #[test]
-    fn promoting_a_canary_makes_it_the_path_and_keeps_the_pin() {
+    fn promoting_a_canary_makes_it_the_path_pinned_to_the_canarys_pin() {
         let text = promote(FILE, "f.toml", "gate", &pin('b')).expect("promote");
         assert!(text.contains("# the router\n"), "{text}");
         assert!(
@@ -201,7 +208,7 @@ path = "plugins/plain.wasm"
         );
         assert!(text.contains("path = \"plugins/gate-v2.wasm\""), "{text}");
         assert!(
-            text.contains(&format!("sha256 = \"{}\"", pin('b'))),
+            text.contains(&format!("sha256 = \"{}\"", pin('c'))),
             "{text}"
         );
         assert!(!text.contains("canary"), "{text}");
@@ -212,21 +219,24 @@ path = "plugins/plain.wasm"
             "{text}"
         );
         let config = crate::config::Config::parse(&text, "f.toml").expect("still a config");
-        assert_eq!(config.plugins[0].sha256.as_deref(), Some(pin('b').as_str()));
+        assert_eq!(config.plugins[0].sha256.as_deref(), Some(pin('c').as_str()));
         assert!(config.plugins[0].canary.is_none());
     }
 
     #[test]
-    fn a_canary_pin_wins_and_an_unpinned_plugin_stays_unpinned() {
-        let pinned = FILE.replace(
-            "percent = 10 }",
-            &format!("percent = 10, sha256 = \"{}\" }}", pin('c')),
-        );
-        let text = promote(&pinned, "f.toml", "gate", &pin('b')).expect("promote");
+    fn a_pinned_plugin_without_a_candidate_pin_is_pinned_to_the_candidates_digest() {
+        // Not a configuration that loads (a pinned plugin's candidates must be pinned), but
+        // the text edit still never leaves a pinned plugin unpinned.
+        let unpinned = FILE.replace(&format!(", sha256 = \"{}\" }}", pin('c')), " }");
+        let text = promote(&unpinned, "f.toml", "gate", &pin('b')).expect("promote");
         assert!(
-            text.contains(&format!("sha256 = \"{}\"", pin('c'))),
+            text.contains(&format!("sha256 = \"{}\"", pin('b'))),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_unpinned_plugin_stays_unpinned() {
         let text = promote(FILE, "f.toml", "tagger", &pin('d')).expect("promote shadow");
         assert!(text.contains("path = \"plugins/tagger-v2.wasm\""), "{text}");
         assert!(!text.contains("shadow"), "{text}");
@@ -240,6 +250,25 @@ path = "plugins/plain.wasm"
                 .and_then(|v| v.as_str()),
             Some("X-Tag")
         );
+    }
+
+    #[test]
+    fn a_pinned_shadow_is_promoted_with_its_own_pin() {
+        let pinned = FILE.replace(
+            "shadow = \"plugins/tagger-v2.wasm\"",
+            &format!(
+                "sha256 = \"{}\"\nshadow = {{ path = \"plugins/tagger-v2.wasm\", sha256 = \"{}\" }}",
+                pin('a'),
+                pin('e')
+            ),
+        );
+        let candidate = candidate(&pinned, "f.toml", "tagger").expect("candidate");
+        assert_eq!(candidate.sha256, Some(pin('e')));
+        let text = promote(&pinned, "f.toml", "tagger", &pin('d')).expect("promote shadow");
+        let config = crate::config::Config::parse(&text, "f.toml").expect("still a config");
+        assert_eq!(config.plugins[1].sha256.as_deref(), Some(pin('e').as_str()));
+        assert!(config.plugins[1].path.ends_with("plugins/tagger-v2.wasm"));
+        assert!(config.plugins[1].shadow.is_none());
     }
 
     #[test]

@@ -58,6 +58,21 @@ pub struct TenantLimits {
     /// Outbound connections carrying the tenant's mail at once: its share of
     /// `delivery.max_connections`, so one tenant's backlog cannot hold every connection.
     pub delivery_connections: usize,
+    /// Keys each of the tenant's plugins may hold in the kv store (a cap, as
+    /// `plugin_memory_limit` is).
+    pub kv_keys: u64,
+    /// Bytes (keys and values) each of the tenant's plugins may hold in the kv store (a cap).
+    pub kv_bytes: u64,
+}
+
+impl TenantLimits {
+    /// The kv quota of each of the tenant's plugins.
+    pub fn kv_quota(&self) -> crate::queue::kv::Quota {
+        crate::queue::kv::Quota {
+            keys: self.kv_keys,
+            bytes: self.kv_bytes,
+        }
+    }
 }
 
 impl Default for TenantLimits {
@@ -74,6 +89,8 @@ impl Default for TenantLimits {
                 .map(|cores| (cores.get() / 2).max(1))
                 .unwrap_or(1),
             delivery_connections: 50,
+            kv_keys: 100_000,
+            kv_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -92,6 +109,8 @@ pub struct LimitOverrides {
     pub plugin_instances: Option<usize>,
     pub plugin_calls_at_once: Option<usize>,
     pub delivery_connections: Option<usize>,
+    pub kv_keys: Option<u64>,
+    pub kv_bytes: Option<u64>,
 }
 
 impl LimitOverrides {
@@ -114,6 +133,8 @@ impl LimitOverrides {
             delivery_connections: self
                 .delivery_connections
                 .unwrap_or(defaults.delivery_connections),
+            kv_keys: self.kv_keys.unwrap_or(defaults.kv_keys),
+            kv_bytes: self.kv_bytes.unwrap_or(defaults.kv_bytes),
         }
     }
 }
@@ -269,14 +290,19 @@ impl TenantConfig {
         };
         if limits.plugin_time_limit > defaults.plugin_time_limit
             || limits.plugin_memory_limit > defaults.plugin_memory_limit
+            || limits.kv_keys > defaults.kv_keys
+            || limits.kv_bytes > defaults.kv_bytes
         {
             return Err(invalid(
                 limits_at,
                 format!(
-                    "limits: plugin_time_limit and plugin_memory_limit may not exceed the \
-                     provider's caps in [tenants.limits] ({} and {} bytes)",
+                    "limits: plugin_time_limit, plugin_memory_limit, kv_keys and kv_bytes may \
+                     not exceed the provider's caps in [tenants.limits] ({}, {} bytes, {} keys \
+                     and {} bytes)",
                     humantime::format_duration(defaults.plugin_time_limit),
-                    defaults.plugin_memory_limit
+                    defaults.plugin_memory_limit,
+                    defaults.kv_keys,
+                    defaults.kv_bytes
                 ),
             ));
         }

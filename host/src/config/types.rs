@@ -5,6 +5,20 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The prefix lengths clients are counted by wherever a limit keys by client address
+/// (`[smtp] client_prefix_v4` / `client_prefix_v6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientPrefixes {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Default for ClientPrefixes {
+    fn default() -> Self {
+        ClientPrefixes { v4: 32, v6: 64 }
+    }
+}
+
 /// A host name or IP address with an optional port: "mail.example.com", "10.0.0.5:2525",
 /// "[2001:db8::1]:25".
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

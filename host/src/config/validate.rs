@@ -157,11 +157,35 @@ fn listeners(config: &Config, problem: &Locate) -> Result<(), Problem> {
 
 /// Session, retry and delivery limits within what the RFCs and the code need.
 fn limits(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    if config.kv.purge_batch == 0 || config.kv.purge_interval.is_zero() {
+        return Err(problem(
+            "[kv]",
+            "kv: purge_batch and purge_interval must be above 0".to_string(),
+        ));
+    }
     let limits = &config.smtp;
     if limits.max_recipients == 0 || limits.max_sessions == 0 || limits.max_sessions_per_ip == 0 {
         return Err(problem(
             "[smtp]",
             "smtp limits must be at least 1".to_string(),
+        ));
+    }
+    if !(1..=32).contains(&limits.client_prefix_v4) {
+        return Err(problem(
+            "client_prefix_v4",
+            format!(
+                "client_prefix_v4 must be from 1 to 32, not {}",
+                limits.client_prefix_v4
+            ),
+        ));
+    }
+    if !(1..=128).contains(&limits.client_prefix_v6) {
+        return Err(problem(
+            "client_prefix_v6",
+            format!(
+                "client_prefix_v6 must be from 1 to 128, not {}",
+                limits.client_prefix_v6
+            ),
         ));
     }
     if limits.max_command_line < 512 {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::client::{Client, ClientError, ConnectOptions, Dane, Envelope};
-use super::credentials::{Credentials, CredentialsFile};
+use super::credentials::{Credentials, SharedCredentials};
 use super::mailbox;
 use super::route::NextHop;
 use super::sts::{Mode as StsMode, MtaSts, Policy as StsPolicy};
@@ -79,7 +79,7 @@ impl Transports {
         config: Arc<Config>,
         dns: Arc<Dns>,
         client_tls: Arc<ClientTls>,
-        credentials: CredentialsFile,
+        credentials: SharedCredentials,
         policies: Arc<dyn PolicyStore>,
     ) -> Transports {
         Transports {
@@ -119,8 +119,8 @@ pub struct SmtpTransport {
     config: Arc<Config>,
     dns: Arc<Dns>,
     client_tls: Arc<ClientTls>,
-    /// Passwords for relays, by host (`[delivery] credentials_file`).
-    credentials: CredentialsFile,
+    /// Passwords for relays, by host (`[delivery] credentials_file`), as last reloaded.
+    credentials: SharedCredentials,
     /// Recipient domains' MTA-STS policies.
     sts: MtaSts,
     /// Where TLS outcomes are counted for TLS reports.
@@ -223,7 +223,11 @@ impl Transport for SmtpTransport {
             tls = TlsPolicy::Require;
         }
         let credentials = match hop {
-            NextHop::Relay { host, .. } => self.credentials.get(&host.host, host.port_or(25)),
+            NextHop::Relay { host, .. } => self
+                .credentials
+                .load()
+                .get(&host.host, host.port_or(25))
+                .cloned(),
             _ => None,
         };
         let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
@@ -245,7 +249,10 @@ impl Transport for SmtpTransport {
             let dane_records = host_dane.as_ref().map(|(_, text)| text.clone());
             for address in &target.addresses {
                 let dane = host_dane.as_ref().map(|(dane, _)| dane.clone());
-                match self.connect(target, *address, tls, credentials, dane).await {
+                match self
+                    .connect(target, *address, tls, credentials.as_ref(), dane)
+                    .await
+                {
                     Ok(mut client) => {
                         if let Some(records) = &dane_records {
                             client.authenticated_host = true;

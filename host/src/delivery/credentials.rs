@@ -38,6 +38,9 @@ pub enum CredentialsError {
     },
 }
 
+/// The credentials file as last loaded, swapped whole by a reload.
+pub type SharedCredentials = std::sync::Arc<arc_swap::ArcSwap<CredentialsFile>>;
+
 /// Every host's credentials.
 #[derive(Debug, Default)]
 pub struct CredentialsFile {

@@ -11,7 +11,7 @@ pub mod credentials;
 pub mod dsn;
 pub mod inbox;
 pub mod mailbox;
-mod observe;
+pub mod observe;
 mod outcome;
 pub mod retry;
 pub mod route;
@@ -30,7 +30,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::plugins::hooks::HookKind;
-use crate::plugins::{PluginManager, PluginRun, PluginSet, RunContext};
+use crate::plugins::{PluginManager, PluginRun, PluginSet};
 use crate::queue::{MessageMeta, Queue, QueuedMessage, RecipientRow};
 use crate::shutdown::Shutdown;
 use crate::tenants::Tenants;
@@ -239,15 +239,7 @@ impl Dispatcher {
         meta: &MessageMeta,
         held: Option<PluginRun>,
     ) -> PluginRun {
-        PluginRun::resume(
-            set,
-            held,
-            RunContext {
-                tenant: meta.tenant.clone(),
-                queue_id: Some(meta.id.clone()),
-                tape: None,
-            },
-        )
+        observe::delivery_run(set, meta, held)
     }
 
     /// Marks recipients as in flight, dropping those that already are.

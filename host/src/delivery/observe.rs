@@ -1,11 +1,31 @@
 //! The delivery-side hooks that observe or decorate: delivery-result (after every attempt) and
 //! bounce (the human-readable part of a DSN).
 
+use std::sync::Arc;
+
 use super::dsn::DsnRecipient;
 use crate::plugins::bindings::types as wit;
 use crate::plugins::hooks::HookKind;
-use crate::plugins::PluginRun;
+use crate::plugins::{PluginRun, PluginSet, RunContext};
 use crate::queue::{MessageMeta, Outcome};
+
+/// The plugin run of a message's delivery stages: the one its transaction left (`held`), or a
+/// new one on `set`.
+pub fn delivery_run(
+    set: &Arc<PluginSet>,
+    meta: &MessageMeta,
+    held: Option<PluginRun>,
+) -> PluginRun {
+    PluginRun::resume(
+        set,
+        held,
+        RunContext {
+            tenant: meta.tenant.clone(),
+            queue_id: Some(meta.id.clone()),
+            tape: None,
+        },
+    )
+}
 
 /// The message facts plugins see.
 pub(super) fn plugin_facts(meta: &MessageMeta) -> wit::MessageFacts {

@@ -174,13 +174,10 @@ async fn bench_with(mut config: Config, tenants: crate::tenants::Tenants) -> Ben
             .await
             .expect("queue"),
     );
-    let engine = new_engine_with(
-        &dir.path().join("cache"),
-        PoolTuning {
-            instances: 8,
-            pagemap_scan: false,
-        },
-    )
+    let engine = new_engine_with(PoolTuning {
+        instances: 8,
+        pagemap_scan: false,
+    })
     .expect("engine");
     let plugins = PluginManager::start(engine, &[], &[], PluginServices::default())
         .await

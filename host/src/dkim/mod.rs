@@ -201,11 +201,9 @@ impl Signer {
 
 /// The domain of the (first) From: address, lower case.
 fn from_domain(message: &[u8]) -> Option<String> {
-    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
-    let address = parsed.from()?.first()?.address()?;
-    let (_, domain) = address.rsplit_once('@')?;
-    let domain = crate::mail::address::domain_key(domain);
-    (!domain.is_empty()).then_some(domain)
+    crate::mail::header::from_domains(message)
+        .into_iter()
+        .next()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::AuthFailureLimits;
 use crate::mail::reply::Reply;
+use crate::net::client_network::{ClientNetwork, ClientPrefixes};
 
 /// Addresses remembered before the table is swept of those with nothing left to remember.
 const SWEEP_ABOVE: usize = 10_000;
@@ -58,12 +59,13 @@ impl Record {
 }
 
 struct Table {
-    records: HashMap<IpAddr, Record>,
+    records: HashMap<ClientNetwork, Record>,
     last_sweep: Option<Instant>,
 }
 
 pub struct AuthBudget {
     limits: AuthFailureLimits,
+    prefixes: ClientPrefixes,
     table: Mutex<Table>,
 }
 
@@ -72,14 +74,15 @@ pub struct AuthBudget {
 pub struct Attempt<'a> {
     budget: &'a AuthBudget,
     /// `None` when the budget does not apply to the address.
-    key: Option<IpAddr>,
+    key: Option<ClientNetwork>,
     ip: IpAddr,
 }
 
 impl AuthBudget {
-    pub fn new(limits: AuthFailureLimits) -> AuthBudget {
+    pub fn new(limits: AuthFailureLimits, prefixes: ClientPrefixes) -> AuthBudget {
         AuthBudget {
             limits,
+            prefixes,
             table: Mutex::new(Table {
                 records: HashMap::new(),
                 last_sweep: None,
@@ -93,20 +96,14 @@ impl AuthBudget {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The key an address is counted under, or `None` when the budget does not apply to it.
-    fn key(&self, ip: IpAddr) -> Option<IpAddr> {
-        let ip = super::limits::canonical(ip);
+    /// The network an address is counted under (an IPv6 /64 by default: one host usually has a
+    /// whole /64 to pick addresses from), or `None` when the budget does not apply to it.
+    fn key(&self, ip: IpAddr) -> Option<ClientNetwork> {
+        let ip = crate::net::client_network::canonical(ip);
         if self.limits.limit == 0 || self.limits.exempt.iter().any(|net| net.contains(&ip)) {
             return None;
         }
-        Some(match ip {
-            // One IPv6 host usually has a whole /64 to pick addresses from.
-            IpAddr::V6(v6) => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(prefix.into())
-            }
-            v4 => v4,
-        })
+        Some(ClientNetwork::of(ip, self.prefixes))
     }
 
     /// `Some(reply)` when `ip` is banned now: the reply to send before closing.
@@ -184,7 +181,7 @@ impl AuthBudget {
     }
 
     /// Ends an attempt: `failed` counts it as a failure and says what that costs.
-    fn finish(&self, key: IpAddr, ip: IpAddr, failed: bool, now: Instant) -> Penalty {
+    fn finish(&self, key: ClientNetwork, ip: IpAddr, failed: bool, now: Instant) -> Penalty {
         let limits = &self.limits;
         let mut table = self.table();
         let Some(record) = table.records.get_mut(&key) else {
@@ -269,13 +266,16 @@ mod tests {
     }
 
     fn budget() -> AuthBudget {
-        AuthBudget::new(AuthFailureLimits {
-            limit: 3,
-            window: Duration::from_secs(60),
-            ban: Duration::from_secs(300),
-            delay: Duration::from_millis(100),
-            exempt: vec!["10.0.0.0/8".parse().expect("net")],
-        })
+        AuthBudget::new(
+            AuthFailureLimits {
+                limit: 3,
+                window: Duration::from_secs(60),
+                ban: Duration::from_secs(300),
+                delay: Duration::from_millis(100),
+                exempt: vec!["10.0.0.0/8".parse().expect("net")],
+            },
+            ClientPrefixes::default(),
+        )
     }
 
     #[test]
@@ -378,13 +378,16 @@ mod tests {
 
     #[test]
     fn huge_settings_do_not_overflow() {
-        let budget = AuthBudget::new(AuthFailureLimits {
-            limit: 1,
-            window: Duration::MAX,
-            ban: Duration::MAX,
-            delay: Duration::MAX,
-            exempt: Vec::new(),
-        });
+        let budget = AuthBudget::new(
+            AuthFailureLimits {
+                limit: 1,
+                window: Duration::MAX,
+                ban: Duration::MAX,
+                delay: Duration::MAX,
+                exempt: Vec::new(),
+            },
+            ClientPrefixes::default(),
+        );
         let ip: IpAddr = "192.0.2.7".parse().expect("ip");
         let now = Instant::now();
         let penalty = fail_at(&budget, ip, now);

@@ -243,6 +243,10 @@ impl Session {
                 return queued;
             }
         }
+        // After the data hooks' edits, before signing: what is checked is what is signed.
+        if let Err(reply) = self.header_from_is_tenants(&content) {
+            return reply;
+        }
         if let Some((signer, tenant)) = self.dkim_signer() {
             match dkim_sign(signer, tenant, &queue_id, content).await {
                 Ok(signed) => content = signed,

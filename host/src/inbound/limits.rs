@@ -1,41 +1,49 @@
-//! Concurrent session limits, in total and per client address.
+//! Concurrent session limits, in total and per client network (an IPv4 address, an IPv6 /64 by
+//! default: see [`crate::net::client_network`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::mail::reply::Reply;
+use crate::net::client_network::{ClientNetwork, ClientPrefixes};
 
 pub struct SessionLimits {
     max_total: usize,
     max_per_ip: usize,
+    prefixes: ClientPrefixes,
     counts: Mutex<Counts>,
 }
 
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HashMap<ClientNetwork, usize>,
 }
 
 /// Holds one session's place; dropping it frees the place.
 pub struct SessionGuard {
     limits: Arc<SessionLimits>,
-    ip: IpAddr,
+    ip: ClientNetwork,
 }
 
 impl SessionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<SessionLimits> {
+    pub fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        prefixes: ClientPrefixes,
+    ) -> Arc<SessionLimits> {
         Arc::new(SessionLimits {
             max_total,
             max_per_ip,
+            prefixes,
             counts: Mutex::new(Counts::default()),
         })
     }
 
     /// Takes a place for a session from `ip`, or says why not (the reply to send before closing).
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<SessionGuard, Reply> {
-        let ip = canonical(ip);
+        let ip = ClientNetwork::of(ip, self.prefixes);
         let mut counts = self
             .counts
             .lock()
@@ -81,21 +89,13 @@ impl Drop for SessionGuard {
     }
 }
 
-/// An IPv4 client seen through an IPv6 socket counts as its IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn per_ip_and_total() {
-        let limits = SessionLimits::new(3, 2);
+        let limits = SessionLimits::new(3, 2, ClientPrefixes::default());
         let a: IpAddr = "192.0.2.1".parse().expect("ip");
         let b: IpAddr = "192.0.2.2".parse().expect("ip");
         let first = limits.enter(a).expect("first");
@@ -108,5 +108,22 @@ mod tests {
         );
         drop(first);
         assert!(limits.enter(b).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let limits = SessionLimits::new(100, 2, ClientPrefixes::default());
+        let ip = |text: &str| -> IpAddr { text.parse().expect("ip") };
+        let _a = limits.enter(ip("2001:db8:1:2::1")).expect("first");
+        let _b = limits.enter(ip("2001:db8:1:2::2")).expect("second");
+        let refused = limits
+            .enter(ip("2001:db8:1:2:ffff::3"))
+            .err()
+            .expect("third");
+        assert_eq!(
+            refused.lines[0],
+            "Too many connections from 2001:db8:1:2::/64, try again later"
+        );
+        assert!(limits.enter(ip("2001:db8:1:3::1")).is_ok(), "another /64");
     }
 }

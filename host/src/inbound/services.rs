@@ -22,7 +22,7 @@ pub struct Services {
     pub authenticator: Option<mail_auth::MessageAuthenticator>,
     /// Present when `[submission] users_file` is set: SMTP AUTH is offered on submission
     /// listeners.
-    pub accounts: Option<Arc<crate::accounts::Accounts>>,
+    pub accounts: Option<crate::accounts::SharedAccounts>,
     /// Failed AUTH attempts per client address, across sessions.
     pub auth_budget: Arc<super::AuthBudget>,
     /// DKIM keys of the global configuration and of each tenant; signs mail of trusted clients.

@@ -12,11 +12,11 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::data_reader::ContentReader;
-use super::limits::canonical;
 use super::services::Services;
 use crate::config::ListenerConfig;
 use crate::mail::address::Mailbox;
 use crate::mail::reply::Reply;
+use crate::net::client_network::canonical;
 use crate::net::conn::Conn;
 use crate::net::line::LineEnd;
 use crate::net::stream::Stream;

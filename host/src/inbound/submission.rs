@@ -207,7 +207,12 @@ impl Session {
         mechanism: Mechanism,
         credentials: Credentials,
     ) -> Result<Reply, Reply> {
-        let Some(accounts) = self.services.accounts.clone() else {
+        let Some(accounts) = self
+            .services
+            .accounts
+            .as_ref()
+            .map(|shared| shared.load_full())
+        else {
             return Ok(Reply::new(454, "4.7.0", "Temporary authentication failure"));
         };
         let services = self.services.clone();

@@ -16,6 +16,7 @@ use crate::plugins::record::{verdict_of, Input, Params};
 use std::sync::Arc;
 
 use super::session::Session;
+use crate::config::HeaderFromPolicy;
 use crate::mail::address::Mailbox;
 use crate::mail::reply::Reply;
 use crate::plugins::chain::Decision;
@@ -107,6 +108,31 @@ impl Session {
             553,
             "5.7.1",
             format!("<{sender}>: Sender address is not one of your domains"),
+        ))
+    }
+
+    /// A tenant user's message must name only the tenant's domains in From: (`[submission]
+    /// header_from = "own-domains"`, the default), since the tenant's DKIM key signs it: the
+    /// envelope check alone lets `MAIL FROM:<me@acme.test>` carry `From: ceo@globex.test`. A
+    /// message without a From: address names no one else, and passes.
+    pub(super) fn header_from_is_tenants(&self, content: &[u8]) -> Result<(), Reply> {
+        let Some(tenant) = &self.auth_tenant else {
+            return Ok(());
+        };
+        if self.config().submission.header_from == HeaderFromPolicy::Any {
+            return Ok(());
+        }
+        let domains = crate::mail::header::from_domains(content);
+        let Some(outside) = domains.iter().find(|domain| !tenant.owns_domain(domain)) else {
+            return Ok(());
+        };
+        tracing::warn!(tenant = %tenant.id, from_domain = %outside, "From: outside the tenant's domains refused");
+        Err(Reply::new(
+            550,
+            "5.7.1",
+            format!(
+                "From: domain {outside} is not one of your domains (header_from = \"own-domains\")"
+            ),
         ))
     }
 

@@ -24,6 +24,23 @@ fn names(content: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
+/// The domains of every address in the message's From: fields, in order, as
+/// [`super::address::domain_key`] compares them. Addresses without a domain are left out; a
+/// message with no From: field, or none that parses, has none.
+pub fn from_domains(content: &[u8]) -> Vec<String> {
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(content) else {
+        return Vec::new();
+    };
+    parsed
+        .header_values(mail_parser::HeaderName::From)
+        .filter_map(|value| value.as_address())
+        .flat_map(|address| address.iter())
+        .filter_map(|addr| addr.address()?.rsplit_once('@'))
+        .map(|(_, domain)| super::address::domain_key(domain))
+        .filter(|domain| !domain.is_empty())
+        .collect()
+}
+
 pub fn count(content: &[u8], name: &str) -> usize {
     names(content)
         .filter(|found| found.eq_ignore_ascii_case(name.as_bytes()))

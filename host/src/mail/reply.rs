@@ -113,8 +113,15 @@ impl Reply {
     }
 }
 
+/// RFC 5321's reply text is printable US-ASCII (4.2, `textstring`): control characters become
+/// spaces ([`super::text::one_line`]) and anything beyond ASCII (a client's own bytes echoed in
+/// an error, a plugin's text) a `?`.
 fn push_text(out: &mut String, text: &str) {
-    out.push_str(&super::text::one_line(text));
+    out.extend(
+        super::text::one_line(text)
+            .chars()
+            .map(|c| if c.is_ascii() { c } else { '?' }),
+    );
 }
 
 /// An RFC 3463 enhanced status code: class.subject.detail.
@@ -136,6 +143,15 @@ impl fmt::Display for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_text_on_the_wire_is_ascii() {
+        let reply = Reply::new(501, "5.5.4", "Bad parameter syntax: Föö=1 \u{1F600}");
+        assert_eq!(
+            reply.to_wire(),
+            "501 5.5.4 Bad parameter syntax: F??=1 ?\r\n"
+        );
+    }
 
     #[test]
     fn text_cannot_inject_reply_lines() {

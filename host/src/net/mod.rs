@@ -1,6 +1,7 @@
 //! Byte streams shared by the SMTP server and client (plain or TLS sockets, read line by line
 //! with bounds), and the DNS resolver every part shares.
 
+pub mod client_network;
 pub mod conn;
 pub mod dane;
 pub mod dns;

@@ -3,7 +3,11 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
-    imports: { default: async },
+    imports: {
+        default: async,
+        // Fails closed: an increment that cannot be counted traps (see `host::kv`).
+        "switchyard:plugin/kv.increment": async | trappable,
+    },
     exports: { default: async },
     with: {
         "switchyard:plugin/message.body": super::host::BodyHandle,

@@ -567,7 +567,7 @@ mod tests {
                 instances: 16,
                 pagemap_scan: false,
             };
-            let engine = new_engine_with(dir.path(), tuning).expect("engine");
+            let engine = new_engine_with(tuning).expect("engine");
             let manager = PluginManager::start(engine, manifests, &[], PluginServices::default())
                 .await
                 .expect("chain loads");

@@ -1,13 +1,11 @@
 //! The wasmtime engine shared by every plugin generation: component model, async calls, the
-//! pooling allocator, epoch interruption for time limits, and the on-disk compilation cache.
+//! pooling allocator and epoch interruption for time limits. (Compilations are cached on disk by
+//! [`super::compile_cache`], not by wasmtime's own cache, whose entries are not checked against
+//! the digest a plugin is pinned to.)
 
-use std::path::Path;
 use std::time::Duration;
 
-use wasmtime::{
-    Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
-    PoolingAllocationConfig,
-};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// The largest linear memory any plugin may be given; `memory_limit` above it is refused.
 pub const MEMORY_CAP: u64 = 128 * 1024 * 1024;
@@ -54,8 +52,8 @@ impl Default for PoolTuning {
     }
 }
 
-pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
-    new_engine_with(cache_dir, PoolTuning::default())
+pub fn new_engine() -> anyhow::Result<Engine> {
+    new_engine_with(PoolTuning::default())
 }
 
 /// [`new_engine`] with another pool.
@@ -71,7 +69,7 @@ pub fn new_engine(cache_dir: &Path) -> anyhow::Result<Engine> {
 /// the kernel, whatever the pages' state. The e2e test `reused_slots_never_show_what_the_last_instance_wrote`
 /// checks that every transaction starts clean (it cannot make a page absent at the right moment,
 /// so it guards the wipe in general, not this case); `docs/benchmarks.md` gives what it costs.
-pub fn new_engine_with(cache_dir: &Path, tuning: PoolTuning) -> anyhow::Result<Engine> {
+pub fn new_engine_with(tuning: PoolTuning) -> anyhow::Result<Engine> {
     let instances = tuning.instances;
     let mut config = Config::new();
     config.wasm_component_model(true);
@@ -108,14 +106,6 @@ pub fn new_engine_with(cache_dir: &Path, tuning: PoolTuning) -> anyhow::Result<E
     config.memory_reservation(MEMORY_CAP);
     config.memory_guard_size(64 * 1024);
     config.memory_reservation_for_growth(0);
-    std::fs::create_dir_all(cache_dir)?;
-    // wasmtime's cache wants an absolute directory.
-    let cache_dir = std::path::absolute(cache_dir)?;
-    let mut cache = CacheConfig::new();
-    cache.with_directory(cache_dir);
-    config.cache(Some(
-        Cache::new(cache).map_err(|e| anyhow::anyhow!("plugin cache: {e}"))?,
-    ));
     let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("plugin engine: {e}"))?;
     start_epoch_ticker(&engine)?;
     Ok(engine)

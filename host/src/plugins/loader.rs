@@ -21,6 +21,7 @@ use super::run::PluginRun;
 use super::store::{new_store, RunContext};
 use super::PluginServices;
 use crate::config::PluginManifest;
+use crate::queue::kv::Quota;
 
 /// Why a plugin did not load. Shown in logs and by `switchyard plugins list`.
 #[derive(Debug, thiserror::Error)]
@@ -106,21 +107,28 @@ impl Compiled {
 /// A pre-initialised component and the hooks its `init` named.
 type Snapshot = (Component, HookSet);
 
-/// Loads `manifest` into the chain of `owner` (a tenant id, `""` for the global chain).
+/// Where a plugin goes: the chain of `owner` (a tenant id, `""` for the global chain), with the
+/// kv quota of each of that chain's plugins.
+pub struct Place<'a> {
+    pub owner: &'a Arc<str>,
+    pub kv_quota: Quota,
+}
+
+/// Loads `manifest` into its place.
 pub async fn load(
     engine: &Engine,
     manifest: &PluginManifest,
-    owner: &Arc<str>,
+    place: &Place<'_>,
     services: &PluginServices,
     compiled: &mut Compiled,
 ) -> Result<Arc<LoadedPlugin>, LoadError> {
-    let mut loaded = load_one(engine, manifest, owner, services, compiled).await?;
+    let mut loaded = load_one(engine, manifest, place, services, compiled).await?;
     if let Some(candidate) = manifest.shadow_manifest() {
-        let shadow = load_one(engine, &candidate, owner, services, compiled).await?;
+        let shadow = load_one(engine, &candidate, place, services, compiled).await?;
         loaded.shadow = Some(Arc::new(shadow));
     }
     if let (Some(candidate), Some(canary)) = (manifest.canary_manifest(), &manifest.canary) {
-        let mut plugin = load_one(engine, &candidate, owner, services, compiled).await?;
+        let mut plugin = load_one(engine, &candidate, place, services, compiled).await?;
         plugin.kv_name = loaded.name.clone();
         loaded.canary = Some(super::canary::Canary {
             plugin: Arc::new(plugin),
@@ -134,10 +142,11 @@ pub async fn load(
 async fn load_one(
     engine: &Engine,
     manifest: &PluginManifest,
-    owner: &Arc<str>,
+    place: &Place<'_>,
     services: &PluginServices,
     compiled: &mut Compiled,
 ) -> Result<LoadedPlugin, LoadError> {
+    let owner = place.owner;
     let plugin = manifest.name.clone();
     if manifest.memory_limit > MEMORY_CAP {
         return Err(LoadError::MemoryCap {
@@ -164,7 +173,7 @@ async fn load_one(
             });
         }
     }
-    let component = compile(engine, &plugin, digest, bytes.clone(), compiled).await?;
+    let component = compile(engine, &plugin, digest, bytes.clone(), services, compiled).await?;
     check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
         ImportError::NotGranted { import, grant } => LoadError::NotGranted {
             plugin: plugin.clone(),
@@ -190,6 +199,7 @@ async fn load_one(
         name: Arc::from(plugin.as_str()),
         kv_name: Arc::from(plugin.as_str()),
         owner: owner.clone(),
+        kv_quota: place.kv_quota,
         digest,
         sha256: Arc::from(hex::encode(digest)),
         pre,
@@ -232,7 +242,10 @@ async fn initialise(
         Some(snapshot) => snapshot.clone(),
         None => {
             let store = new_store(engine, [&*loaded], services, &RunContext::default());
-            let snapshot = match preinit::snapshot(engine, linker, &bytes, loaded, store).await {
+            let cache = services.compile_cache.clone();
+            let snapshot = match preinit::snapshot(engine, cache, linker, &bytes, loaded, store)
+                .await
+            {
                 Ok((snapshot, info)) => match HookSet::from_names(&info.hooks) {
                     Ok(hooks) => Some((snapshot, hooks)),
                     Err(message) => {
@@ -281,27 +294,31 @@ async fn initialise(
     Ok(())
 }
 
-/// The component of `bytes`: compiled once for identical bytes, off the async workers
-/// (compilation is CPU-heavy; wasmtime caches it on disk after the first time).
+/// The component of `bytes` (whose SHA-256 is `digest`): compiled once for identical bytes, off
+/// the async workers (compilation is CPU-heavy), through the disk cache when there is one.
 async fn compile(
     engine: &Engine,
     plugin: &str,
     digest: [u8; 32],
     source: Vec<u8>,
+    services: &PluginServices,
     compiled: &mut Compiled,
 ) -> Result<Component, LoadError> {
     if let Some(component) = compiled.by_digest.get(&digest) {
         return Ok(component.clone());
     }
     let compile_engine = engine.clone();
+    let cache = services.compile_cache.clone();
     let compile_error = |message: String| LoadError::Compile {
         plugin: plugin.to_string(),
         message,
     };
-    let component = tokio::task::spawn_blocking(move || Component::new(&compile_engine, &source))
-        .await
-        .map_err(|error| compile_error(error.to_string()))?
-        .map_err(|error| compile_error(format!("{error:#}")))?;
+    let component = tokio::task::spawn_blocking(move || {
+        super::compile_cache::compile(&compile_engine, cache.as_deref(), &digest, &source)
+    })
+    .await
+    .map_err(|error| compile_error(error.to_string()))?
+    .map_err(|error| compile_error(format!("{error:#}")))?;
     compiled.by_digest.insert(digest, component.clone());
     Ok(component)
 }

@@ -1,7 +1,8 @@
 //! The plugin system: WebAssembly components (WIT package `switchyard:plugin`, in `wit/`) asked
 //! for a decision at every stage of the mail path.
 //!
-//! - [`engine`]: the shared wasmtime engine (pooling allocator, epoch time limits, disk cache).
+//! - [`engine`]: the shared wasmtime engine (pooling allocator, epoch time limits);
+//!   [`compile_cache`]: compilations on disk, keyed and checked by the component's digest.
 //! - [`loader`]: compile, check grants, link, pre-instantiate and validate one plugin.
 //! - [`run`]: per-transaction instances and limited calls; [`chain`]: the chain semantics.
 //! - [`PluginManager`]: the current generation of the global chain and of each tenant's,
@@ -12,6 +13,7 @@ pub mod breaker;
 pub mod calls;
 pub mod canary;
 pub mod chain;
+pub mod compile_cache;
 pub mod engine;
 pub mod hooks;
 pub mod host;
@@ -44,7 +46,7 @@ use plugin::LoadedPlugin;
 pub use run::PluginRun;
 pub use store::RunContext;
 
-/// What host functions reach: the kv store and the resolver.
+/// What host functions reach (the kv store and the resolver), and what loading plugins uses.
 #[derive(Clone, Default)]
 pub struct PluginServices {
     pub kv: Option<Arc<dyn KvStore>>,
@@ -53,6 +55,11 @@ pub struct PluginServices {
     pub traces: trace::TraceSink,
     /// Where sampled transactions' recordings go (`[record]`).
     pub records: record::RecordSink,
+    /// Where compilations are kept between runs; `None` compiles every load afresh.
+    pub compile_cache: Option<Arc<compile_cache::CompileCache>>,
+    /// The kv quota of each plugin of the global chain (`[kv]`); tenants' plugins have their
+    /// tenant's.
+    pub kv_quota: crate::queue::kv::Quota,
 }
 
 /// One chain as loaded at one moment: the global chain, or the global chain followed by one
@@ -532,13 +539,24 @@ fn health(plugin: &LoadedPlugin) -> status::Health {
 
 /// Compiles and initialises the global chain and every tenant's as a server would, without
 /// serving: for `check-config`.
-pub async fn check(manifests: &[PluginManifest], tenants: &[TenantConfig]) -> anyhow::Result<()> {
+/// Compilations go through the server's cache in `cache_dir` when it can be opened, so a
+/// check before a start or reload also saves that start the compiling.
+pub async fn check(
+    manifests: &[PluginManifest],
+    tenants: &[TenantConfig],
+    cache_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     if manifests.is_empty() && tenants.iter().all(|tenant| tenant.plugins.is_empty()) {
         return Ok(());
     }
-    let engine = engine::new_engine(&std::env::temp_dir().join("switchyard-plugin-cache"))?;
-    let manager =
-        PluginManager::start(engine, manifests, tenants, PluginServices::default()).await?;
+    let engine = engine::new_engine()?;
+    let services = PluginServices {
+        compile_cache: compile_cache::CompileCache::open(cache_dir, &engine)
+            .ok()
+            .map(Arc::new),
+        ..PluginServices::default()
+    };
+    let manager = PluginManager::start(engine, manifests, tenants, services).await?;
     let global = manager.current();
     for plugin in &global.plugins {
         eprintln!(
@@ -569,9 +587,13 @@ async fn load_set(
     compiled: &mut loader::Compiled,
 ) -> Result<PluginSet, LoadError> {
     let owner: Arc<str> = Arc::from("");
+    let place = loader::Place {
+        owner: &owner,
+        kv_quota: services.kv_quota,
+    };
     let mut plugins = Vec::with_capacity(manifests.len());
     for manifest in manifests {
-        plugins.push(loader::load(engine, manifest, &owner, services, compiled).await?);
+        plugins.push(loader::load(engine, manifest, &place, services, compiled).await?);
     }
     Ok(PluginSet {
         generation,
@@ -596,10 +618,14 @@ async fn load_tenant(
     compiled: &mut loader::Compiled,
 ) -> Result<TenantChain, LoadError> {
     let owner: Arc<str> = Arc::from(tenant.id.as_str());
+    let place = loader::Place {
+        owner: &owner,
+        kv_quota: tenant.limits.kv_quota(),
+    };
     let mut plugins = Vec::with_capacity(tenant.plugins.len());
     for manifest in &tenant.plugins {
         plugins.push(
-            loader::load(engine, manifest, &owner, services, compiled)
+            loader::load(engine, manifest, &place, services, compiled)
                 .await
                 .map_err(|error| error.in_tenant(&tenant.id))?,
         );

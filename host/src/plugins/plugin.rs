@@ -69,6 +69,9 @@ pub struct LoadedPlugin {
     /// The tenant whose chain it is in (`""`: the global chain). Its kv keys are the owner's,
     /// so two tenants running one plugin under one name never see each other's.
     pub owner: Arc<str>,
+    /// What its kv keys may hold: the owner tenant's `kv_keys`/`kv_bytes`, or `[kv]`'s for the
+    /// global chain.
+    pub kv_quota: crate::queue::kv::Quota,
     /// SHA-256 of the component file: plugins with the same digest share one compiled component.
     pub digest: [u8; 32],
     /// `digest` in hex, made once for traces and listings.

@@ -9,12 +9,16 @@
 //! snapshotted (Wizer refuses some shapes); the loader then falls back to calling `init` in each
 //! instance, which is slower and otherwise the same.
 
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Instance, Lift, Linker, WasmList};
 use wasmtime::{Engine, Store};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::types::PluginInfo;
 use super::bindings::Plugin;
+use super::compile_cache::CompileCache;
 use super::host::HostState;
 use super::plugin::LoadedPlugin;
 use super::store::arm;
@@ -46,6 +50,7 @@ pub enum PreinitError {
 /// the loader need not run `init` a second time to learn them.
 pub async fn snapshot(
     engine: &Engine,
+    cache: Option<Arc<CompileCache>>,
     linker: &Linker<HostState>,
     bytes: &[u8],
     plugin: &LoadedPlugin,
@@ -57,7 +62,7 @@ pub async fn snapshot(
     let (context, instrumented) = wizer
         .instrument_component(bytes)
         .map_err(|error| PreinitError::Instrument(format!("{error:#}")))?;
-    let component = compile(engine, instrumented).await?;
+    let component = compile(engine, cache.clone(), instrumented).await?;
     // The time limit covers instantiation (start functions) and `init`, as in a transaction.
     arm(&mut store, plugin.manifest.time_limit);
     let instance = linker
@@ -90,16 +95,24 @@ pub async fn snapshot(
     if let Some(error) = state.error {
         return Err(PreinitError::Snapshot(error));
     }
-    Ok((compile(engine, snapshot).await?, info))
+    Ok((compile(engine, cache, snapshot).await?, info))
 }
 
-/// Compiles off the async workers (through the engine's disk cache).
-async fn compile(engine: &Engine, bytes: Vec<u8>) -> Result<Component, PreinitError> {
+/// Compiles off the async workers, through the disk cache (keyed by the digest of these bytes:
+/// the instrumented component, or the snapshot).
+async fn compile(
+    engine: &Engine,
+    cache: Option<Arc<CompileCache>>,
+    bytes: Vec<u8>,
+) -> Result<Component, PreinitError> {
     let engine = engine.clone();
-    tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-        .await
-        .map_err(|error| PreinitError::Compile(error.to_string()))?
-        .map_err(|error| PreinitError::Compile(format!("{error:#}")))
+    tokio::task::spawn_blocking(move || {
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        super::compile_cache::compile(&engine, cache.as_deref(), &digest, &bytes)
+    })
+    .await
+    .map_err(|error| PreinitError::Compile(error.to_string()))?
+    .map_err(|error| PreinitError::Compile(format!("{error:#}")))
 }
 
 /// Wizer reads the initialised instance through functions its instrumentation exported. Its

@@ -7,7 +7,6 @@
 //! Transactions are sampled when their plugin run starts (`percent`), and, with `refused =
 //! true`, every transaction is kept in memory until it ends and written if it was refused.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -298,15 +297,7 @@ pub struct Recorder {
     pub sampled: bool,
 }
 
-/// `[record]` as it applies now (set at start and at every reload).
-#[derive(Debug, Clone)]
-pub struct RecordSettings {
-    pub directory: PathBuf,
-    /// Hundredths of a percent of the transactions written whatever their outcome.
-    pub basis_points: u32,
-    pub refused: bool,
-    pub bodies: bool,
-}
+pub use crate::config::RecordSettings;
 
 /// Where finished recordings go: files in `[record] directory`.
 #[derive(Clone, Default)]

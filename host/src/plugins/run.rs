@@ -476,7 +476,15 @@ impl PluginRun {
     /// the run moved to a fresh store.
     fn call_failed(&mut self, index: usize, error: wasmtime::Error) -> PluginFailure {
         let kind = classify(self.store(), &error);
-        let failure = self.failed(index, kind, format!("{error:#}"));
+        // The cause first (a trap's reason, the memory limit it hit): the wasm backtrace that
+        // follows is long, and the message is cut to one bounded line.
+        let cause = error.root_cause().to_string();
+        let whole = format!("{error:#}");
+        let message = match whole.strip_suffix(cause.as_str()) {
+            Some(context) if !cause.is_empty() => format!("{cause}; {context}"),
+            _ => whole,
+        };
+        let failure = self.failed(index, kind, message);
         self.replace_store();
         failure
     }

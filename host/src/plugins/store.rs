@@ -29,6 +29,7 @@ pub(super) fn new_store<'a>(
 ) -> Store<HostState> {
     let state = HostState {
         wasi: None,
+        wasi_stopped: None,
         table: ResourceTable::new(),
         plugins: plugins.into_iter().map(PluginState::of).collect(),
         current: 0,

@@ -15,11 +15,18 @@ use super::QueueError;
 /// One engine's migrations: (version, description, SQL).
 type Steps = &'static [(i64, &'static str, &'static str)];
 
-pub(crate) const SQLITE: Steps = &[(
-    1,
-    "queue",
-    include_str!("../../migrations/sqlite/0001_queue.sql"),
-)];
+pub(crate) const SQLITE: Steps = &[
+    (
+        1,
+        "queue",
+        include_str!("../../migrations/sqlite/0001_queue.sql"),
+    ),
+    (
+        2,
+        "kv usage",
+        include_str!("../../migrations/sqlite/0002_kv_usage.sql"),
+    ),
+];
 
 pub(crate) const POSTGRES: Steps = &[
     (
@@ -36,6 +43,11 @@ pub(crate) const POSTGRES: Steps = &[
         3,
         "traces",
         include_str!("../../migrations/postgres/0003_traces.sql"),
+    ),
+    (
+        4,
+        "kv usage",
+        include_str!("../../migrations/postgres/0004_kv_usage.sql"),
     ),
 ];
 

@@ -56,6 +56,9 @@ pub enum QueueError {
          `switchyard queue migrate` (or start a node of this version)"
     )]
     SchemaTooOld { found: i64, needed: i64 },
+    /// A kv write that would take its owner past its quota; nothing was written.
+    #[error("kv {0}")]
+    OverQuota(String),
     /// The database was migrated by a newer Switchyard than this one.
     #[error(
         "the queue's schema is at version {found}, newer than this Switchyard knows (up to {known}): \
@@ -402,4 +405,8 @@ pub trait Queue: Send + Sync {
 
     /// The newest schema version applied to the database.
     async fn schema_version(&self) -> Result<i64, QueueError>;
+
+    /// Write transactions this process has committed to the queue (each a group of one or more
+    /// writes): group commit makes it fewer than the writes.
+    fn commits(&self) -> u64;
 }

@@ -12,6 +12,7 @@ use super::postgres::PgQueue;
 use super::sqlite::SqliteQueue;
 use super::*;
 use crate::config::{QueueConfig, QueueEngine};
+use crate::queue::kv::Quota;
 
 /// The test server; `scripts/test` starts it where it is down.
 fn database_url() -> String {
@@ -73,6 +74,7 @@ both_engines!(
     enqueue_claim_record_cycle,
     kv_counters_expire_and_are_scoped,
     kv_compare_and_swap_is_atomic,
+    kv_quotas_refuse_growth_and_purges_make_room,
     concurrent_enqueues_share_commits,
     concurrent_claims_never_overlap,
     expired_leases_pass_to_another_node,
@@ -158,7 +160,21 @@ async fn held_recipients_wait_for_release_and_keep_their_message(place: Place) {
         queue.hold(Some("h3"), now_millis()).await.expect("hold"),
         (2, 0)
     );
-    let bounced = crate::admin::actions::bounce(queue.as_ref(), "mx.test", "h3")
+    // No plugins: their hooks are tested end to end (tests/e2e/admin.rs).
+    let engine = crate::plugins::engine::new_engine_with(crate::plugins::engine::PoolTuning {
+        instances: 8,
+        pagemap_scan: false,
+    })
+    .expect("engine");
+    let plugins = crate::plugins::PluginManager::start(
+        engine,
+        &[],
+        &[],
+        crate::plugins::PluginServices::default(),
+    )
+    .await
+    .expect("no plugins");
+    let bounced = crate::admin::actions::bounce(queue.as_ref(), "mx.test", "h3", &plugins)
         .await
         .expect("bounced");
     assert_eq!(bounced.notified, 2);
@@ -387,10 +403,22 @@ async fn enqueue_claim_record_cycle(place: Place) {
 
 async fn kv_counters_expire_and_are_scoped(place: Place) {
     let kv = place.open().await.kv;
-    assert_eq!(kv.increment("t", "p", "k", 1, 60).await.expect("inc"), 1);
-    assert_eq!(kv.increment("t", "p", "k", 2, 60).await.expect("inc"), 3);
     assert_eq!(
-        kv.increment("t", "other", "k", 1, 60).await.expect("inc"),
+        kv.increment("t", "p", "k", 1, 60, Quota::UNLIMITED)
+            .await
+            .expect("inc"),
+        1
+    );
+    assert_eq!(
+        kv.increment("t", "p", "k", 2, 60, Quota::UNLIMITED)
+            .await
+            .expect("inc"),
+        3
+    );
+    assert_eq!(
+        kv.increment("t", "other", "k", 1, 60, Quota::UNLIMITED)
+            .await
+            .expect("inc"),
         1,
         "per plugin"
     );
@@ -398,19 +426,112 @@ async fn kv_counters_expire_and_are_scoped(place: Place) {
         kv.get("t", "p", "k").await.expect("get"),
         Some(b"3".to_vec())
     );
-    kv.set("t", "p", "gone", b"x", Some(0)).await.expect("set");
+    kv.set("t", "p", "gone", b"x", Some(0), Quota::UNLIMITED)
+        .await
+        .expect("set");
     assert_eq!(
         kv.get("t", "p", "gone").await.expect("get"),
         None,
         "expired"
     );
     assert_eq!(
-        kv.increment("t", "p", "gone", 5, 60).await.expect("inc"),
+        kv.increment("t", "p", "gone", 5, 60, Quota::UNLIMITED)
+            .await
+            .expect("inc"),
         5,
         "expired counter restarts"
     );
     kv.delete("t", "p", "k").await.expect("delete");
     assert_eq!(kv.get("t", "p", "k").await.expect("get"), None);
+}
+
+async fn kv_quotas_refuse_growth_and_purges_make_room(place: Place) {
+    use super::kv::{Swap, Usage};
+    let kv = place.open().await.kv;
+    let quota = Quota { keys: 3, bytes: 40 };
+    kv.set("t", "p", "a", b"1234567890", None, quota)
+        .await
+        .expect("10 bytes of value, 11 in all");
+    kv.increment("t", "p", "b", 1, 1, quota)
+        .await
+        .expect("a counter");
+    // Growing an existing value within the quota; then a value past the bytes.
+    kv.set("t", "p", "a", b"12345678901234567890", None, quota)
+        .await
+        .expect("21 + 2 bytes in all");
+    let error = kv
+        .set("t", "p", "c", &[b'x'; 20], None, quota)
+        .await
+        .expect_err("past the bytes");
+    assert_eq!(error.to_string(), "kv quota of 40 bytes reached");
+    // A third key fits; a fourth does not, however small.
+    kv.set("t", "p", "c", b"x", Some(1), quota)
+        .await
+        .expect("third key");
+    let error = kv
+        .increment("t", "p", "d", 1, 60, quota)
+        .await
+        .expect_err("past the keys");
+    assert_eq!(error.to_string(), "kv quota of 3 keys reached");
+    let swap = Swap {
+        key: "d",
+        expected: None,
+        value: b"1",
+        ttl_seconds: None,
+        quota,
+    };
+    assert!(kv.compare_and_swap("t", "p", swap).await.is_err());
+    assert_eq!(
+        kv.get("t", "p", "d").await.expect("get"),
+        None,
+        "nothing written"
+    );
+    // Rewriting what exists, shrinking and deleting stay allowed at the quota.
+    assert_eq!(
+        kv.increment("t", "p", "b", 1, 1, quota).await.expect("inc"),
+        2
+    );
+    kv.set("t", "p", "a", b"1", None, quota)
+        .await
+        .expect("shrink");
+    // Other owners are counted apart.
+    kv.set("t", "q", "d", b"1", None, quota)
+        .await
+        .expect("another plugin");
+    let usage = kv.usage().await.expect("usage");
+    assert_eq!(
+        usage,
+        [
+            Usage {
+                tenant: "t".into(),
+                plugin: "p".into(),
+                keys: 3,
+                bytes: 2 + 2 + 2
+            },
+            Usage {
+                tenant: "t".into(),
+                plugin: "q".into(),
+                keys: 1,
+                bytes: 2
+            },
+        ]
+    );
+    // Once `b` and `c` expire and are purged (in batches), their room is free again.
+    let later = now_millis() + 5_000;
+    assert_eq!(kv.purge_expired(later, 1).await.expect("purge"), 1);
+    assert_eq!(kv.purge_expired(later, 10).await.expect("purge"), 1);
+    assert_eq!(kv.purge_expired(later, 10).await.expect("purge"), 0);
+    kv.increment("t", "p", "d", 1, 60, quota)
+        .await
+        .expect("room again");
+    let usage = kv.usage().await.expect("usage");
+    assert_eq!((usage[0].keys, usage[0].bytes), (2, 2 + 2));
+    // Unlimited (the host's own keys): no check at all.
+    for n in 0..10 {
+        kv.set("", "", &format!("k{n}"), b"v", None, Quota::UNLIMITED)
+            .await
+            .expect("unlimited");
+    }
 }
 
 async fn concurrent_enqueues_share_commits(place: Place) {
@@ -424,10 +545,17 @@ async fn concurrent_enqueues_share_commits(place: Place) {
                 .await
         }));
     }
+    let before = queue.commits();
     for task in tasks {
         task.await.expect("join").expect("enqueue");
     }
     assert_eq!(queue.list().await.expect("list").len(), 200);
+    // 200 writes at once: far fewer commits than writes, or group commit is not grouping.
+    let commits = queue.commits() - before;
+    assert!(
+        (1..=100).contains(&commits),
+        "{commits} commits for 200 enqueues"
+    );
     // A duplicate id fails alone, without failing the rest of its group.
     let (dup, fresh) = tokio::join!(
         queue.enqueue(message("m1", &["b@x.test"]), None),
@@ -703,6 +831,12 @@ async fn sqlite_commits_are_durable_wal_with_full_sync() {
         .await
         .expect("pragma");
     assert_eq!(mode, "wal");
+    // `synchronous` is a setting of each connection, so it is asked of the queue's own: FULL
+    // (2), so a commit is on disk before the 250.
+    let queue = SqliteQueue::open(&path, Duration::ZERO)
+        .await
+        .expect("open again");
+    assert_eq!(queue.synchronous().await.expect("synchronous"), 2);
 }
 
 /// A queue file written before the schema had migrations (no DSN columns, no migration table)
@@ -870,6 +1004,7 @@ async fn kv_compare_and_swap_is_atomic(place: Place) {
         expected,
         value,
         ttl_seconds: None,
+        quota: Quota::UNLIMITED,
     };
     assert!(kv
         .compare_and_swap("t", "p", swap(None, b"1"))
@@ -896,21 +1031,27 @@ async fn kv_compare_and_swap_is_atomic(place: Place) {
         Some(b"2".to_vec())
     );
     // A counter's text compares as its bytes.
-    kv.increment("t", "p", "n", 7, 60).await.expect("inc");
+    kv.increment("t", "p", "n", 7, 60, Quota::UNLIMITED)
+        .await
+        .expect("inc");
     let counter = Swap {
         key: "n",
         expected: Some(b"7"),
         value: b"0",
         ttl_seconds: Some(60),
+        quota: Quota::UNLIMITED,
     };
     assert!(kv.compare_and_swap("t", "p", counter).await.expect("cas"));
     // An expired key counts as missing.
-    kv.set("t", "p", "old", b"x", Some(0)).await.expect("set");
+    kv.set("t", "p", "old", b"x", Some(0), Quota::UNLIMITED)
+        .await
+        .expect("set");
     let revive = Swap {
         key: "old",
         expected: None,
         value: b"y",
         ttl_seconds: None,
+        quota: Quota::UNLIMITED,
     };
     assert!(kv.compare_and_swap("t", "p", revive).await.expect("cas"));
     // Racing from the same value, exactly one wins (two nodes: two opened stores).
@@ -932,6 +1073,7 @@ async fn kv_compare_and_swap_is_atomic(place: Place) {
                     expected: None,
                     value: &value,
                     ttl_seconds: None,
+                    quota: Quota::UNLIMITED,
                 },
             )
             .await

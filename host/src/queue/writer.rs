@@ -3,6 +3,7 @@
 //! of paying one each, and a 250 reply still waits for its own commit. SQLite has one writer
 //! task (one write connection); PostgreSQL several, each committing its own group.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,12 +36,15 @@ struct Request<A: Apply> {
 /// A handle to the writer task.
 pub(crate) struct Writer<A: Apply> {
     sender: mpsc::UnboundedSender<Request<A>>,
+    /// Transactions committed so far (each a group of one or more operations).
+    commits: Arc<AtomicU64>,
 }
 
 impl<A: Apply> Clone for Writer<A> {
     fn clone(&self) -> Self {
         Writer {
             sender: self.sender.clone(),
+            commits: self.commits.clone(),
         }
     }
 }
@@ -53,15 +57,22 @@ impl<A: Apply> Writer<A> {
     pub fn spawn(appliers: Vec<A>, window: Duration) -> Writer<A> {
         let (sender, receiver) = mpsc::unbounded_channel::<Request<A>>();
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let commits = Arc::new(AtomicU64::new(0));
         for mut applier in appliers {
             let receiver = receiver.clone();
+            let commits = commits.clone();
             tokio::spawn(async move {
                 while let Some(batch) = gather(&receiver, window).await {
-                    commit_batch(&mut applier, batch).await;
+                    commit_batch(&mut applier, batch, &commits).await;
                 }
             });
         }
-        Writer { sender }
+        Writer { sender, commits }
+    }
+
+    /// Transactions committed so far: with group commit, fewer than the operations.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     pub async fn submit(&self, op: A::Op) -> Result<A::Output, QueueError> {
@@ -98,6 +109,7 @@ async fn gather<A: Apply>(
 async fn run_transaction<A: Apply>(
     applier: &mut A,
     ops: &[&A::Op],
+    commits: &AtomicU64,
 ) -> Result<Vec<A::Output>, QueueError> {
     applier.begin().await?;
     let outputs = match applier.apply(ops).await {
@@ -111,12 +123,13 @@ async fn run_transaction<A: Apply>(
         applier.rollback().await;
         return Err(error);
     }
+    commits.fetch_add(1, Ordering::Relaxed);
     Ok(outputs)
 }
 
-async fn commit_batch<A: Apply>(applier: &mut A, batch: Vec<Request<A>>) {
+async fn commit_batch<A: Apply>(applier: &mut A, batch: Vec<Request<A>>, commits: &AtomicU64) {
     let ops: Vec<&A::Op> = batch.iter().map(|request| &request.op).collect();
-    match run_transaction(applier, &ops).await {
+    match run_transaction(applier, &ops, commits).await {
         Ok(outputs) => {
             for (request, output) in batch.into_iter().zip(outputs) {
                 let _ = request.reply.send(Ok(output));
@@ -146,7 +159,7 @@ async fn commit_batch<A: Apply>(applier: &mut A, batch: Vec<Request<A>>) {
             // One bad operation must not fail its neighbours: retry each on its own.
             tracing::warn!(%error, operations = batch.len(), "group commit failed; retrying one by one");
             for request in batch {
-                let result = run_transaction(applier, &[&request.op])
+                let result = run_transaction(applier, &[&request.op], commits)
                     .await
                     .map(|mut outputs| outputs.remove(0));
                 let _ = request.reply.send(result);

@@ -1,6 +1,6 @@
 //! A plugin for the host's sandbox tests. At RCPT TO it does what `mode` says to any recipient
 //! whose local part is `victim`: `loop` forever, `alloc` memory without bound, `trap`, tell the
-//! facts of the `session` it was lent, tell the `seed` its `init` drew (a random number: the same in every transaction when the host started
+//! facts of the `session` it was lent, tell the time WASI's wall clock gives (`wasi-clock`), tell the `seed` its `init` drew (a random number: the same in every transaction when the host started
 //! them from one pre-initialised snapshot, a new one when each instance ran `init`), or count in
 //! the kv store (so the component imports `kv`, which a manifest may not grant), or tell how many
 //! times `init` has run with mode `inits` (its `init` counts itself in the kv store).
@@ -84,6 +84,14 @@ impl Plugin for Misbehave {
             ),
             "remember" => AddressDecision::reject(550, "5.7.1", remember()),
             "seed" => AddressDecision::reject(550, "5.7.1", format!("seed {}", self.seed)),
+            // What WASI's wall clock says: the real time only with the `clock` grant.
+            "wasi-clock" => {
+                let since_epoch = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|elapsed| elapsed.as_secs())
+                    .unwrap_or(0);
+                AddressDecision::reject(550, "5.7.1", format!("wasi clock {since_epoch}"))
+            }
             "inits" => {
                 let inits = kv::increment("inits", 0, 3600);
                 AddressDecision::reject(550, "5.7.1", format!("inits {inits}"))

@@ -15,9 +15,17 @@
 //! per_sender = { limit = 100, window_seconds = 3600 }
 //! per_ip = { limit = 1000, window_seconds = 3600 }
 //! reply = "450 4.7.1 Rate limit exceeded, try again later"
+//! ipv4_prefix = 32   # the default: each IPv4 address counts alone
+//! ipv6_prefix = 64   # the default: an IPv6 client counts by its /64
 //! ```
 //!
-//! Each MAIL FROM counts once against both limits; past either, MAIL gets the (4xx) reply.
+//! Each MAIL FROM counts once against both limits; past either, MAIL gets the (4xx) reply. A
+//! count that cannot be made (the store is down, the plugin's kv quota is spent) defers the
+//! mail with `451 4.3.0`: the limit fails closed.
+//! `per_ip` counts client networks, not addresses: an IPv6 host usually holds a whole /64 and
+//! could otherwise take a fresh address for every message.
+
+use std::net::IpAddr;
 
 use serde::Deserialize;
 use switchyard_plugin_sdk::host::{kv, metrics};
@@ -36,12 +44,18 @@ pub struct Config {
     pub per_sender: Option<Limit>,
     pub per_ip: Option<Limit>,
     pub reply: Option<String>,
+    /// The prefix length `per_ip` counts an IPv4 client by (1 to 32; default 32).
+    pub ipv4_prefix: Option<u8>,
+    /// The prefix length `per_ip` counts an IPv6 client by (1 to 128; default 64).
+    pub ipv6_prefix: Option<u8>,
 }
 
 pub struct RateLimit {
     per_sender: Option<Limit>,
     per_ip: Option<Limit>,
     reply: Reply,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
 }
 
 /// Parses "450 4.7.1 text"; only temporary codes make sense for a rate limit.
@@ -49,11 +63,42 @@ pub fn parse_reply(text: &str) -> Result<Reply, String> {
     Reply::parse(text, 400..500)
 }
 
+/// `ip` cut to its prefix: `a.b.c.d/len` or `x:x::/len`, the key `per_ip` counts under. An
+/// address that is not one (the host always gives one) counts as itself.
+pub fn client_network(ip: &str, ipv4_prefix: u8, ipv6_prefix: u8) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(ipv4_prefix))
+                .unwrap_or(0);
+            format!(
+                "{}/{ipv4_prefix}",
+                std::net::Ipv4Addr::from(u32::from(v4) & mask)
+            )
+        }
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => client_network(&v4.to_string(), ipv4_prefix, ipv6_prefix),
+            None => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(ipv6_prefix))
+                    .unwrap_or(0);
+                format!(
+                    "{}/{ipv6_prefix}",
+                    std::net::Ipv6Addr::from(u128::from(v6) & mask)
+                )
+            }
+        },
+        Err(_) => ip.to_string(),
+    }
+}
+
 impl RateLimit {
-    fn exceeded(key: String, limit: Option<Limit>) -> bool {
+    /// Whether `key` is past its limit once this message counts; `Err` when the count cannot
+    /// be made (a store that is down, a spent kv quota).
+    fn exceeded(key: String, limit: Option<Limit>) -> Result<bool, kv::KvError> {
         match limit {
-            Some(limit) => kv::increment(&key, 1, limit.window_seconds) > limit.limit,
-            None => false,
+            Some(limit) => Ok(kv::try_increment(&key, 1, limit.window_seconds)? > limit.limit),
+            None => Ok(false),
         }
     }
 }
@@ -68,6 +113,13 @@ impl Plugin for RateLimit {
                 return Err("limit and window_seconds must be at least 1".to_string());
             }
         }
+        let ipv4_prefix = config.ipv4_prefix.unwrap_or(32);
+        let ipv6_prefix = config.ipv6_prefix.unwrap_or(64);
+        if !(1..=32).contains(&ipv4_prefix) || !(1..=128).contains(&ipv6_prefix) {
+            return Err(
+                "ipv4_prefix must be from 1 to 32 and ipv6_prefix from 1 to 128".to_string(),
+            );
+        }
         let reply = parse_reply(
             config
                 .reply
@@ -78,13 +130,31 @@ impl Plugin for RateLimit {
             per_sender: config.per_sender,
             per_ip: config.per_ip,
             reply,
+            ipv4_prefix,
+            ipv6_prefix,
         })
     }
 
     fn mail_from(&self, session: &Session, sender: &str, _: &[Param]) -> AddressDecision {
-        let by_sender = !sender.is_empty()
-            && Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender);
-        let by_ip = Self::exceeded(format!("ip:{}", session.client_ip()), self.per_ip);
+        let by_sender = if sender.is_empty() {
+            Ok(false)
+        } else {
+            Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender)
+        };
+        let network = client_network(&session.client_ip(), self.ipv4_prefix, self.ipv6_prefix);
+        let by_ip = Self::exceeded(format!("ip:{network}"), self.per_ip);
+        let (by_sender, by_ip) = match (by_sender, by_ip) {
+            (Ok(by_sender), Ok(by_ip)) => (by_sender, by_ip),
+            // Fails closed: a limit that cannot be counted does not let the mail through (the
+            // host has logged why).
+            (Err(_), _) | (_, Err(_)) => {
+                return AddressDecision::tempfail(
+                    451,
+                    "4.3.0",
+                    "Rate limit unavailable, try again later".to_string(),
+                );
+            }
+        };
         if by_sender || by_ip {
             metrics::counter_add("limited_total", 1);
             AddressDecision::tempfail(
@@ -133,6 +203,58 @@ mod tests {
             assert_eq!(host.kv["sender:a@example.com"], b"3");
             assert_eq!(host.counters["limited_total"], 1);
         });
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        assert_eq!(
+            client_network("2001:db8:1:2::1", 32, 64),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            client_network("2001:db8:1:2:ffff:1:2:3", 32, 64),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(client_network("::1", 32, 64), "::/64");
+        assert_eq!(client_network("::1", 32, 128), "::1/128");
+        assert_eq!(client_network("192.0.2.7", 32, 64), "192.0.2.7/32");
+        assert_eq!(client_network("192.0.2.7", 24, 64), "192.0.2.0/24");
+        assert_eq!(client_network("::ffff:192.0.2.7", 32, 64), "192.0.2.7/32");
+
+        // Through the hook: three addresses of one /64 share its count, another /64 has its own.
+        let mut harness =
+            Harness::<RateLimit>::new(r#"{"per_ip": {"limit": 2, "window_seconds": 60}}"#)
+                .expect("config");
+        for (address, expected) in [
+            ("2001:db8:1:2::1", true),
+            ("2001:db8:1:2::2", true),
+            ("2001:db8:1:2:ffff::3", false),
+            ("2001:db8:1:3::1", true),
+        ] {
+            harness.session.client_ip = address.to_string();
+            let passed = harness.mail_from("s@example.com").verdict == Verdict::Continue;
+            assert_eq!(passed, expected, "{address}");
+        }
+        harness.host(|host| assert_eq!(host.kv["ip:2001:db8:1:2::/64"], b"3"));
+        assert!(Harness::<RateLimit>::new(r#"{"ipv6_prefix": 129}"#).is_err());
+    }
+
+    #[test]
+    fn a_count_that_cannot_be_made_defers_the_mail() {
+        let harness =
+            Harness::<RateLimit>::new(r#"{"per_sender": {"limit": 5, "window_seconds": 60}}"#)
+                .expect("config");
+        harness.host(|host| {
+            host.kv_refuses = Some(kv::KvError::QuotaExceeded(
+                "quota of 10 keys reached".to_string(),
+            ))
+        });
+        let refused = harness.mail_from("a@example.com");
+        assert!(
+            matches!(&refused.verdict, Verdict::Tempfail(reply) if reply.code == 451),
+            "{:?}",
+            refused.verdict
+        );
     }
 
     #[test]

@@ -128,7 +128,11 @@ impl TestClient {
         let mut text = String::new();
         loop {
             let mut line = String::new();
-            match self.reader.read_line(&mut line).await {
+            let read =
+                tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+                    .await
+                    .expect("no reply line within 30 s");
+            match read {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }

@@ -2,5 +2,6 @@ pub mod certs;
 pub mod client;
 pub mod dns;
 pub mod peers;
+pub mod process;
 pub mod router;
 pub mod sink;

@@ -1,12 +1,12 @@
 //! Servers that are not Switchyard, from `tests/peers/` (Python, installed by `scripts/test`):
 //! what Switchyard sends is judged by someone else's implementation.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::certs::Issued;
+use super::process::{OutputWithin, COMMAND_LIMIT};
 
 /// The directory of the Python peers.
 pub fn peers_dir() -> PathBuf {
@@ -19,8 +19,7 @@ pub async fn python(args: Vec<String>) -> Vec<String> {
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .args(&args)
-            .output()
-            .expect("run python3")
+            .output_within(COMMAND_LIMIT)
     })
     .await
     .expect("python");
@@ -108,11 +107,7 @@ fn spawn_ready(mut command: Command) -> (Child, u16) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start a python3 peer");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("the peer's first line");
+    let line = super::process::first_line_within(&mut child, COMMAND_LIMIT, "a python3 peer");
     let port = line
         .trim()
         .strip_prefix("ready ")

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::process::{OutputWithin, COMMAND_LIMIT};
+
 pub struct RouterOptions {
     pub dns: Option<SocketAddr>,
     pub delivery_port: u16,
@@ -285,6 +287,11 @@ impl Router {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the router is running").id()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -321,8 +328,7 @@ impl Router {
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
-            .output()
-            .expect("run switchyard tls-reports")
+            .output_within(COMMAND_LIMIT)
     }
 
     /// Runs `switchyard plugins ...` against this router.
@@ -332,8 +338,7 @@ impl Router {
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
-            .output()
-            .expect("run plugins command")
+            .output_within(COMMAND_LIMIT)
     }
 
     /// Runs `switchyard queue ...` against this router's queue.
@@ -343,8 +348,7 @@ impl Router {
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
-            .output()
-            .expect("run queue command")
+            .output_within(COMMAND_LIMIT)
     }
 }
 

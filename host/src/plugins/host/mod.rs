@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::Grant;
 use crate::queue::kv::KvStore;
@@ -33,6 +33,10 @@ pub struct PluginState {
     pub kv_name: Arc<str>,
     /// The tenant whose chain the plugin is in: its kv keys are that tenant's.
     pub owner: Arc<str>,
+    /// What its kv keys may hold.
+    pub kv_quota: crate::queue::kv::Quota,
+    /// Granted `clock`: WASI's clocks tell it the real time.
+    pub clock: bool,
     /// Caps the plugin's linear memories, whichever run's store they are in.
     pub limits: crate::plugins::limits::MemoryBudget,
     /// The plugin's transaction bag.
@@ -46,6 +50,8 @@ impl PluginState {
             name: plugin.name.clone(),
             kv_name: plugin.kv_name.clone(),
             owner: plugin.owner.clone(),
+            kv_quota: plugin.kv_quota,
+            clock: plugin.manifest.grants.contains(&Grant::Clock),
             limits: crate::plugins::limits::MemoryBudget::new(
                 plugin.manifest.memory_limit as usize,
             ),
@@ -70,8 +76,10 @@ pub struct CpuPlace {
 pub struct HostState {
     /// Built on the first WASI call of any plugin of the run: a pre-initialised plugin that
     /// answers its hooks without printing, reading the clock or drawing random numbers never
-    /// needs one, and building it (seeding its random sources) was a noticeable cost.
+    /// needs one, and building it (seeding its random sources) was a noticeable cost. This one
+    /// serves the plugins granted `clock`; `wasi_stopped` the others (see [`clock`]).
     pub wasi: Option<WasiCtx>,
+    pub wasi_stopped: Option<WasiCtx>,
     pub table: ResourceTable,
     pub plugins: Vec<PluginState>,
     /// The index in `plugins` of the plugin being called.
@@ -108,11 +116,22 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        // Nothing preopened, no network, no environment: WASI gives clocks (real ones with the
+        // `clock` grant only) and randomness.
+        let granted = self
+            .plugins
+            .get(self.current)
+            .is_some_and(|plugin| plugin.clock);
+        let tape = self.tape.clone();
+        let ctx = if granted {
+            self.wasi
+                .get_or_insert_with(|| clock::wasi_context(true, tape))
+        } else {
+            self.wasi_stopped
+                .get_or_insert_with(|| clock::wasi_context(false, tape))
+        };
         WasiCtxView {
-            // Nothing preopened, no network, no environment: WASI gives clocks and randomness.
-            ctx: self
-                .wasi
-                .get_or_insert_with(|| WasiCtxBuilder::new().build()),
+            ctx,
             table: &mut self.table,
         }
     }

@@ -606,6 +606,10 @@ impl Queue for PgQueue {
         Ok(())
     }
 
+    fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
     async fn schema_version(&self) -> Result<i64, QueueError> {
         Ok(sqlx::query_scalar(migrations::APPLIED_VERSION)
             .fetch_one(&self.pool)

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::queue::kv::{KvWrite, KvWritten};
+use crate::queue::kv::{over_quota, KvRows, KvWrite, KvWritten, Scope};
 use crate::queue::writer::Apply;
 use crate::queue::{Millis, NewMessage, Outcome, QueueError, RecipientResult, RecipientState};
 
@@ -264,6 +264,9 @@ impl PgWriter {
     /// The plugins' key-value operations. Counters are stored as decimal text, as in the
     /// SQLite engine; an expired one starts again from the delta.
     async fn apply_kv(&mut self, op: &KvWrite) -> Result<KvWritten, QueueError> {
+        if let Some(why) = over_quota(self, op).await? {
+            return Ok(KvWritten::OverQuota(why));
+        }
         let transaction = self.transaction()?;
         match op {
             KvWrite::Set {
@@ -271,6 +274,7 @@ impl PgWriter {
                 key,
                 value,
                 expires_at,
+                ..
             } => {
                 sqlx::query(
                     "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES ($1, $2, $3, $4, $5)
@@ -292,6 +296,7 @@ impl PgWriter {
                 delta,
                 now,
                 expires_at,
+                ..
             } => {
                 let value: i64 = sqlx::query_scalar(
                     "INSERT INTO kv (tenant, plugin, key, value, expires_at)
@@ -321,6 +326,7 @@ impl PgWriter {
                 value,
                 now,
                 expires_at,
+                ..
             } => {
                 // Atomic across nodes: the upsert takes the row lock, and a concurrent UPDATE
                 // re-checks its WHERE on the row another node just wrote (so one of them wins).
@@ -358,6 +364,21 @@ impl PgWriter {
                     .execute(&mut **transaction)
                     .await?;
                 Ok(KvWritten::Done)
+            }
+            KvWrite::Purge { now, limit } => {
+                // Rows another node is writing are left for the next purge, in key order as
+                // every writer locks them.
+                let purged = sqlx::query(
+                    "DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv
+                     WHERE expires_at IS NOT NULL AND expires_at <= $1
+                     ORDER BY tenant, plugin, key LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                )
+                .bind(now)
+                .bind(i64::from(*limit))
+                .execute(&mut **transaction)
+                .await?
+                .rows_affected();
+                Ok(KvWritten::Purged(purged))
             }
         }
     }
@@ -464,5 +485,39 @@ impl Apply for PgWriter {
                 tracing::debug!(%error, "rollback after a failed transaction");
             }
         }
+    }
+}
+
+#[async_trait]
+impl KvRows for PgWriter {
+    async fn row(
+        &mut self,
+        scope: &Scope,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<Millis>)>, QueueError> {
+        let transaction = self.transaction()?;
+        Ok(sqlx::query_as(
+            "SELECT value, expires_at FROM kv WHERE tenant = $1 AND plugin = $2 AND key = $3",
+        )
+        .bind(&scope.0)
+        .bind(&scope.1)
+        .bind(key)
+        .fetch_optional(&mut **transaction)
+        .await?)
+    }
+
+    /// Locks the owner's usage row until the commit, so two nodes growing one owner at once
+    /// check one after the other. (An owner with no row yet has nothing to lock: its first
+    /// writes at once on several nodes may pass the quota by a few keys.)
+    async fn used(&mut self, scope: &Scope) -> Result<(i64, i64), QueueError> {
+        let transaction = self.transaction()?;
+        let used: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT keys, bytes FROM kv_usage WHERE tenant = $1 AND plugin = $2 FOR UPDATE",
+        )
+        .bind(&scope.0)
+        .bind(&scope.1)
+        .fetch_optional(&mut **transaction)
+        .await?;
+        Ok(used.unwrap_or((0, 0)))
     }
 }

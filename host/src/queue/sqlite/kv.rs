@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use super::write::{WriteOp, WriteOutput};
 use super::SqliteQueue;
-use crate::queue::kv::{KvEngine, KvWrite, KvWritten, Scope};
+use crate::queue::kv::{usage_of, KvEngine, KvWrite, KvWritten, Scope, Usage, USAGE_QUERY};
 use crate::queue::{Millis, QueueError};
 
 #[async_trait]
@@ -34,5 +34,10 @@ impl KvEngine for SqliteQueue {
             WriteOutput::Kv(written) => Ok(written),
             _ => Ok(KvWritten::Done),
         }
+    }
+
+    async fn read_usage(&self) -> Result<Vec<Usage>, QueueError> {
+        let rows = sqlx::query_as(USAGE_QUERY).fetch_all(&self.pool).await?;
+        Ok(usage_of(rows))
     }
 }

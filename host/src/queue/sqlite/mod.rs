@@ -66,6 +66,15 @@ impl SqliteQueue {
         })
     }
 
+    /// `PRAGMA synchronous` as the queue's connections have it (they are all opened with the
+    /// write connection's options): 2 is FULL.
+    #[cfg(test)]
+    pub(crate) async fn synchronous(&self) -> Result<i64, QueueError> {
+        Ok(sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn load_recipients(&self, id: &str) -> Result<Vec<RecipientRow>, QueueError> {
         let rows = sqlx::query(&format!(
             "SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ? ORDER BY idx"
@@ -383,6 +392,10 @@ impl Queue for SqliteQueue {
     async fn ping(&self) -> Result<(), QueueError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn commits(&self) -> u64 {
+        self.writer.commits()
     }
 
     async fn schema_version(&self) -> Result<i64, QueueError> {

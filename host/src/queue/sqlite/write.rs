@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
 
-use crate::queue::kv::{KvWrite, KvWritten};
+use crate::queue::kv::{over_quota, KvRows, KvWrite, KvWritten, Scope};
 use crate::queue::rows::{meta_from_row, recipient_from_row, MESSAGE_COLUMNS, RECIPIENT_COLUMNS};
 use crate::queue::writer::Apply;
 use crate::queue::{
@@ -165,14 +165,18 @@ impl SqliteWriter {
         Ok(0)
     }
 
-    /// The plugins' key-value operations.
+    /// The plugins' key-value operations, each checked against its owner's quota first.
     async fn apply_kv(&mut self, op: &KvWrite) -> Result<KvWritten, QueueError> {
+        if let Some(why) = over_quota(self, op).await? {
+            return Ok(KvWritten::OverQuota(why));
+        }
         match op {
             KvWrite::Set {
                 scope,
                 key,
                 value,
                 expires_at,
+                ..
             } => {
                 sqlx::query(
                     "INSERT INTO kv (tenant, plugin, key, value, expires_at) VALUES (?, ?, ?, ?, ?)
@@ -193,6 +197,7 @@ impl SqliteWriter {
                 delta,
                 now,
                 expires_at,
+                ..
             } => {
                 // Counters are stored as decimal text; an expired one starts again from zero.
                 let value: i64 = sqlx::query_scalar(
@@ -222,6 +227,7 @@ impl SqliteWriter {
                 value,
                 now,
                 expires_at,
+                ..
             } => {
                 // Missing or expired: insert, or replace only an expired row. Otherwise: replace
                 // only the row that holds the expected bytes (counters are text: compared as
@@ -260,6 +266,18 @@ impl SqliteWriter {
                     .execute(&mut self.connection)
                     .await?;
                 Ok(KvWritten::Done)
+            }
+            KvWrite::Purge { now, limit } => {
+                let purged = sqlx::query(
+                    "DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv
+                     WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+                )
+                .bind(now)
+                .bind(limit)
+                .execute(&mut self.connection)
+                .await?
+                .rows_affected();
+                Ok(KvWritten::Purged(purged))
             }
         }
     }
@@ -384,5 +402,33 @@ impl Apply for SqliteWriter {
         if let Err(error) = sqlx::query("ROLLBACK").execute(&mut self.connection).await {
             tracing::debug!(%error, "rollback after a failed transaction");
         }
+    }
+}
+
+#[async_trait]
+impl KvRows for SqliteWriter {
+    async fn row(
+        &mut self,
+        scope: &Scope,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<Millis>)>, QueueError> {
+        Ok(sqlx::query_as(
+            "SELECT CAST(value AS BLOB), expires_at FROM kv WHERE tenant = ? AND plugin = ? AND key = ?",
+        )
+        .bind(&scope.0)
+        .bind(&scope.1)
+        .bind(key)
+        .fetch_optional(&mut self.connection)
+        .await?)
+    }
+
+    async fn used(&mut self, scope: &Scope) -> Result<(i64, i64), QueueError> {
+        let used: Option<(i64, i64)> =
+            sqlx::query_as("SELECT keys, bytes FROM kv_usage WHERE tenant = ? AND plugin = ?")
+                .bind(&scope.0)
+                .bind(&scope.1)
+                .fetch_optional(&mut self.connection)
+                .await?;
+        Ok(used.unwrap_or((0, 0)))
     }
 }

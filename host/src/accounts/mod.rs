@@ -1,13 +1,16 @@
 //! The accounts SMTP AUTH accepts: a users file of `name:hash` lines, where the hash is an
 //! argon2 PHC string as `switchyard auth hash` prints it (the format Dovecot and most password
-//! tools write too). Passwords are checked on tokio's blocking pool, because a good password
-//! hash is slow on purpose and must not stall the sessions sharing a worker thread.
+//! tools write too). Passwords are checked on a few threads of their own ([`checker`]), because a
+//! good password hash is slow on purpose and must not stall the sessions sharing a worker
+//! thread, and its memory must stay bounded however many clients try at once.
+
+pub mod checker;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,10 @@ pub enum AccountsError {
     #[error("cannot hash the password: {0}")]
     Hash(String),
 }
+
+/// The accounts of the users file as last loaded: swapped whole by a reload, so a check sees
+/// one file's accounts, old or new.
+pub type SharedAccounts = Arc<arc_swap::ArcSwap<Accounts>>;
 
 /// Name to PHC hash string, as read from the users file.
 #[derive(Debug, Default)]
@@ -75,6 +82,17 @@ impl Accounts {
                     parsed.algorithm
                 )));
             }
+            let memory = argon2::Params::try_from(&parsed)
+                .map_err(|error| {
+                    problem(format!("user `{name}`: bad argon2 parameters ({error})"))
+                })?
+                .m_cost();
+            if memory > checker::MAX_MEMORY_KIB {
+                return Err(problem(format!(
+                    "user `{name}`: argon2 memory cost m={memory} KiB is above the {} KiB a check may use",
+                    checker::MAX_MEMORY_KIB
+                )));
+            }
             if users.insert(name.to_string(), hash.to_string()).is_some() {
                 return Err(problem(format!("user `{name}` is listed twice")));
             }
@@ -92,25 +110,13 @@ impl Accounts {
 
     /// True when `name` exists and `password` is its password. An unknown name costs as much
     /// as a wrong password, so timing does not tell which names exist.
-    pub async fn verify(self: &Arc<Self>, name: &str, password: &str) -> bool {
-        let accounts = self.clone();
-        let (name, password) = (name.to_string(), password.to_string());
-        tokio::task::spawn_blocking(move || {
-            let stored = accounts.users.get(&name);
-            let hash = stored
-                .map(String::as_str)
-                .unwrap_or_else(|| unknown_user_hash());
-            let matches = PasswordHash::new(hash)
-                .map(|parsed| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &parsed)
-                        .is_ok()
-                })
-                .unwrap_or(false);
-            matches && stored.is_some()
-        })
-        .await
-        .unwrap_or(false)
+    pub async fn verify(&self, name: &str, password: &str) -> bool {
+        let stored = self.users.get(name);
+        let hash = stored
+            .map(String::as_str)
+            .unwrap_or_else(|| unknown_user_hash());
+        let matches = checker::check(hash.to_string(), password.to_string()).await;
+        matches && stored.is_some()
     }
 }
 
