@@ -493,3 +493,145 @@ async fn a_route_with_arc_seal_seals_what_it_forwards_and_nothing_else() {
     let plain = data_for("bob@plain.test");
     assert!(!plain.contains("ARC-Seal"), "{plain}");
 }
+
+/// Python's `email` reading a received message: its Content-Transfer-Encoding and its decoded
+/// body.
+async fn decoded(record: &serde_json::Value) -> Vec<String> {
+    python(vec![
+        "-c".to_string(),
+        "import email, email.policy, sys\nm = email.message_from_string(sys.argv[1], policy=email.policy.default)\nprint(m['Content-Transfer-Encoding'])\nprint(m.get_content().rstrip())".to_string(),
+        record["data"].as_str().expect("data").to_string(),
+    ])
+    .await
+}
+
+/// DATA of `content` after `MAIL FROM:<from> PARAMS` and one RCPT: the final reply's text.
+async fn send_with(client: &mut TestClient, mail: &str, to: &str, content: &str) -> String {
+    assert_eq!(client.command(mail).await.code, 250, "{mail}");
+    assert_eq!(client.command(&format!("RCPT TO:<{to}>")).await.code, 250);
+    assert_eq!(client.command("DATA").await.code, 354);
+    client.send(content.as_bytes()).await;
+    client.send(b".\r\n").await;
+    client.reply().await.text
+}
+
+/// A next hop that offers neither 8BITMIME nor SMTPUTF8 (aiosmtpd told not to) gets 8-bit mail
+/// as RFC 6152 requires: converted to 7 bits, a signed message signed after the conversion (so
+/// dkimpy verifies it there), and what cannot be converted returned to its sender with 5.6.3
+/// (8-bit bytes in a header) or 5.6.7 (an address that needs SMTPUTF8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bit_mail_to_a_seven_bit_server_is_converted_signed_after_or_bounced() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (name, text) = keygen(keys.path(), "signer.test", "ed1", "ed25519");
+    let records = BTreeMap::from([(name, text)]);
+    let sink = PySink::start_seven_bit();
+    let router = Router::start(RouterOptions {
+        extra: dkim_entry(keys.path(), "signer.test", "ed1", true),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    let body = "Grüße aus Köln, naïve café.\r\n";
+    // Signed (signer.test has a key): converted before signing.
+    let signed = format!(
+        "From: alice@signer.test\r\nTo: bob@example.test\r\nSubject: signed\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n{body}"
+    );
+    let reply = send_with(
+        &mut client,
+        "MAIL FROM:<alice@signer.test> BODY=8BITMIME",
+        "bob@example.test",
+        &signed,
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    // Not signed (no key for sender.test): converted on the way out.
+    let plain =
+        format!("From: a@sender.test\r\nTo: bob@example.test\r\nSubject: plain\r\n\r\n{body}");
+    let reply = send_with(
+        &mut client,
+        "MAIL FROM:<a@sender.test> BODY=8BITMIME",
+        "bob@example.test",
+        &plain,
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    // 8-bit bytes in a header: cannot be converted, returned with 5.6.3.
+    let header =
+        format!("From: a@sender.test\r\nTo: bob@example.test\r\nSubject: Grüße\r\n\r\n{body}");
+    let reply = send_with(
+        &mut client,
+        "MAIL FROM:<a@sender.test> BODY=8BITMIME",
+        "bob@example.test",
+        &header,
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    // An address that needs SMTPUTF8: returned with 5.6.7.
+    let reply = send_with(
+        &mut client,
+        "MAIL FROM:<a@sender.test> SMTPUTF8",
+        "jürgen@example.test",
+        &plain,
+    )
+    .await;
+    assert!(reply.starts_with("250 "), "{reply}");
+
+    // Two messages and two DSNs (to a@sender.test, through the same next hop).
+    let received = sink.wait_for(4, Duration::from_secs(20)).await;
+    let subject = |record: &serde_json::Value, wanted: &str| {
+        record["data"]
+            .as_str()
+            .is_some_and(|data| data.contains(&format!("\r\nSubject: {wanted}\r\n")))
+    };
+    for record in &received {
+        assert_eq!(record["eight_bit"], false, "7-bit on the wire: {record}");
+        let options = record["mail_options"].as_array().expect("options");
+        let size = record["data"].as_str().map(str::len).unwrap_or(0);
+        assert!(
+            options.iter().all(|option| option
+                .as_str()
+                .is_some_and(|option| option.starts_with("SIZE="))),
+            "no BODY=8BITMIME or SMTPUTF8: {record}"
+        );
+        assert!(size > 0);
+    }
+
+    let signed = received
+        .iter()
+        .find(|r| subject(r, "signed"))
+        .expect("the signed message");
+    assert_eq!(
+        decoded(signed).await,
+        ["quoted-printable", "Grüße aus Köln, naïve café."]
+    );
+    let data = signed["data"].as_str().expect("data").to_string();
+    assert_eq!(
+        dkimpy(&data, &records).await,
+        ["ed1 ed25519-sha256 pass"],
+        "{data}"
+    );
+    let plain = received
+        .iter()
+        .find(|r| subject(r, "plain"))
+        .expect("the unsigned message");
+    assert_eq!(
+        decoded(plain).await,
+        ["quoted-printable", "Grüße aus Köln, naïve café."]
+    );
+
+    let dsns: Vec<&str> = received
+        .iter()
+        .filter(|r| r["mail_from"] == "<>")
+        .filter_map(|r| r["data"].as_str())
+        .collect();
+    assert_eq!(dsns.len(), 2, "{received:?}");
+    assert!(
+        dsns.iter()
+            .any(|dsn| dsn.contains("Status: 5.6.3") && dsn.contains("does not support 8BITMIME")),
+        "{dsns:?}"
+    );
+    // Its delivery-status part names a UTF-8 address, so it travels in base64 here.
+    assert!(dsns.iter().any(|dsn| dsn.contains("553 5.6.7")), "{dsns:?}");
+}

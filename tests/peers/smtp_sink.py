@@ -3,8 +3,11 @@ certificate. Each message it takes is appended to OUT as one JSON line; "ready P
 once it listens.
 
     python3 smtp_sink.py OUT [--cert CERT --key KEY] [--auth USER:PASSWORD] [--port PORT]
+                             [--seven-bit]
 
-With --auth, MAIL needs AUTH (offered over TLS only) with those credentials.
+With --auth, MAIL needs AUTH (offered over TLS only) with those credentials. With --seven-bit it
+offers neither 8BITMIME nor SMTPUTF8 (a server of RFC 821's time), and each record says whether
+the message held any 8-bit byte.
 """
 
 import argparse
@@ -19,8 +22,15 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Recorder:
-    def __init__(self, out):
+    def __init__(self, out, seven_bit=False):
         self.out = out
+        self.seven_bit = seven_bit
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.seven_bit:
+            responses = [line for line in responses if line[4:] not in ("8BITMIME", "SMTPUTF8")]
+        return responses
 
     async def handle_DATA(self, server, session, envelope):
         record = {
@@ -31,6 +41,7 @@ class Recorder:
             "tls": session.ssl is not None,
             "auth": session.auth_data.decode() if isinstance(session.auth_data, bytes) else None,
             "data": envelope.original_content.decode("utf-8", "replace"),
+            "eight_bit": any(byte >= 0x80 for byte in envelope.original_content),
         }
         with open(self.out, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
@@ -44,6 +55,7 @@ def main():
     parser.add_argument("--key")
     parser.add_argument("--auth")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seven-bit", action="store_true")
     args = parser.parse_args()
     auth = {}
     if args.auth:
@@ -69,7 +81,7 @@ def main():
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
     controller = Controller(
-        Recorder(args.out),
+        Recorder(args.out, args.seven_bit),
         hostname="127.0.0.1",
         port=port,
         tls_context=context,

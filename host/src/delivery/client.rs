@@ -134,6 +134,7 @@ pub enum Dane {
 }
 
 /// One mail transaction's envelope.
+#[derive(Clone, Copy)]
 pub struct Envelope<'a> {
     pub sender: &'a str,
     pub recipients: &'a [String],
@@ -437,6 +438,30 @@ impl Client {
         if let Some(reply) = self.cannot_take(envelope) {
             return Ok(vec![reply; envelope.recipients.len()]);
         }
+        // RFC 6152 3: 8-bit content goes to a server without 8BITMIME only converted to 7 bits;
+        // what cannot be converted is returned to its sender.
+        let content = if envelope.eight_bit && !self.capabilities.eight_bit_mime {
+            match crate::mail::seven_bit::seven_bit(content) {
+                Ok(converted) => converted,
+                Err(error) => {
+                    let reply = Reply::new(
+                        554,
+                        "5.6.3",
+                        format!("{} does not support 8BITMIME and {error}", self.peer),
+                    );
+                    return Ok(vec![reply; envelope.recipients.len()]);
+                }
+            }
+        } else {
+            std::borrow::Cow::Borrowed(content)
+        };
+        // SIZE announces what is sent: the converted message, when it was converted.
+        let resized = Envelope {
+            size: content.len() as u64,
+            ..*envelope
+        };
+        let envelope = &resized;
+        let content = content.as_ref();
         let replies = self.exchange(&self.envelope_commands(envelope)).await?;
         let mail_reply = replies[0].clone();
         if !mail_reply.is_positive() {

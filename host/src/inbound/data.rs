@@ -469,19 +469,30 @@ async fn dkim_sign(
     queue_id: &str,
     content: Bytes,
 ) -> Result<Bytes, Reply> {
-    let signing = content.clone();
+    let original = content.clone();
     let owner = tenant.clone();
-    let signed = tokio::task::spawn_blocking(move || signer.sign(&owner, &signing))
-        .await
-        .map_err(|error| error.to_string())
-        .and_then(|signed| signed.map_err(|error| error.to_string()));
+    let signed = tokio::task::spawn_blocking(move || {
+        // RFC 6376 5.3: what is signed is the 7-bit form, so that no hop without 8BITMIME has
+        // to convert it (and break the signature). A message that cannot be converted is signed
+        // as it is.
+        let signing = match crate::mail::seven_bit::seven_bit(&content) {
+            Ok(std::borrow::Cow::Owned(converted)) => Bytes::from(converted),
+            _ => content,
+        };
+        signer
+            .sign(&owner, &signing)
+            .map(|signed| (signed, signing))
+    })
+    .await
+    .map_err(|error| error.to_string())
+    .and_then(|signed| signed.map_err(|error| error.to_string()));
     match signed {
-        Ok(None) => Ok(content),
-        Ok(Some(signed)) => {
+        Ok((None, _)) => Ok(original),
+        Ok((Some(signed), signing)) => {
             tracing::debug!(queue_id = %queue_id, keys = ?signed.keys, "DKIM-signed");
-            let mut out = Vec::with_capacity(signed.headers.len() + content.len());
+            let mut out = Vec::with_capacity(signed.headers.len() + signing.len());
             out.extend_from_slice(signed.headers.as_bytes());
-            out.extend_from_slice(&content);
+            out.extend_from_slice(&signing);
             Ok(Bytes::from(out))
         }
         Err(error) => {

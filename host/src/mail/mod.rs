@@ -7,4 +7,5 @@ pub mod dsn_params;
 pub mod edit;
 pub mod header;
 pub mod reply;
+pub mod seven_bit;
 pub mod text;

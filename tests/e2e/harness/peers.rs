@@ -48,8 +48,18 @@ impl PySink {
         PySink::start_with(tls, None)
     }
 
+    /// A server that offers neither 8BITMIME nor SMTPUTF8; each record's `eight_bit` says
+    /// whether the message held an 8-bit byte.
+    pub fn start_seven_bit() -> PySink {
+        PySink::spawn(None, None, true)
+    }
+
     /// With `auth` (`USER:PASSWORD`), MAIL needs AUTH with those credentials, over TLS only.
     pub fn start_with(tls: Option<&Issued>, auth: Option<&str>) -> PySink {
+        PySink::spawn(tls, auth, false)
+    }
+
+    fn spawn(tls: Option<&Issued>, auth: Option<&str>, seven_bit: bool) -> PySink {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("received.jsonl");
         let mut command = Command::new("python3");
@@ -67,6 +77,9 @@ impl PySink {
         }
         if let Some(auth) = auth {
             command.arg("--auth").arg(auth);
+        }
+        if seven_bit {
+            command.arg("--seven-bit");
         }
         let (child, port) = spawn_ready(command);
         PySink {
