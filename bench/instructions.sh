@@ -34,7 +34,9 @@ for line in sys.stdin:
         print(item["executable"])')
 # Fill the compilation cache first, or the first counted run compiles the plugin and the second
 # does not, and the difference is meaningless. Under valgrind too: it shows the program another
-# CPU, so cranelift's settings, and with them the cache key, differ from a run without it.
+# CPU, so cranelift's settings, and with them the cache key, differ from a run without it. (This
+# is for `hook_call` binaries built before 2026-12-07, which used wasmtime's disk cache; later
+# ones keep no cache and compile in every run, with 0 messages as with N, so it cancels out.)
 HOOK_CALL_MESSAGES=0 "$bench" --bench
 HOOK_CALL_MESSAGES=0 valgrind --tool=none "$bench" --bench 2>/dev/null
 

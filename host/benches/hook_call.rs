@@ -21,9 +21,8 @@ use bytes::Bytes;
 use std::sync::Arc;
 use switchyard::config::{FailurePolicy, PluginManifest};
 
-use switchyard::plugins::bindings::types::{
-    AuthResults, DeliveryReport, DeliveryStatus, Envelope, MessageFacts,
-};
+use switchyard::plugins::bindings::types::{DeliveryReport, DeliveryStatus, MessageFacts};
+use switchyard::plugins::facts::{Auth, Envelope};
 use switchyard::plugins::host::{BodyHandle, SessionFacts};
 use switchyard::plugins::{engine, PluginManager, PluginRun, PluginServices, RunContext};
 
@@ -204,7 +203,7 @@ fn relayed_message() -> Vec<u8> {
 /// What the hooks of one relayed message see (as smtp-source sends it).
 struct Message {
     envelope: Envelope,
-    auth: AuthResults,
+    auth: Auth,
     content: Bytes,
     facts: MessageFacts,
     report: DeliveryReport,
@@ -223,7 +222,7 @@ impl Message {
                 sender: "bench@source.test".to_string(),
                 recipients: vec!["sink@sink.test".to_string()],
             },
-            auth: AuthResults {
+            auth: Auth {
                 spf: "none".to_string(),
                 dkim: "none".to_string(),
                 dmarc: "none".to_string(),

@@ -463,7 +463,10 @@ fn reload_accounts(
         None => Ok(CredentialsFile::default()),
     };
     match fresh {
-        Ok(fresh) => credentials.store(Arc::new(fresh)),
+        Ok(fresh) => {
+            tracing::info!(hosts = fresh.len(), "relay credentials reloaded");
+            credentials.store(Arc::new(fresh));
+        }
         Err(error) => {
             tracing::error!(%error, "credentials file does not load; the previous passwords stay")
         }

@@ -187,6 +187,16 @@ async fn relayed(
     received[0]["data"].as_str().expect("data").to_string()
 }
 
+/// `openssl genpkey` making a 2048-bit RSA key in PKCS#8 (the file follows).
+const GENPKEY_RSA: &[&str] = &[
+    "genpkey",
+    "-algorithm",
+    "RSA",
+    "-pkeyopt",
+    "rsa_keygen_bits:2048",
+    "-out",
+];
+
 /// Runs `openssl ARGS FILE`; panics with what it said unless it succeeds; returns its stdout.
 fn openssl(args: &[&str], file: &Path) -> Vec<u8> {
     openssl_around(args, file, &[])
@@ -253,19 +263,7 @@ async fn keys_made_by_openssl_sign_and_openssl_reads_the_keys_keygen_writes() {
             &["genpkey", "-algorithm", "ed25519", "-out"],
             &[],
         ),
-        (
-            "ossl-rsa8",
-            "rsa",
-            &[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ],
-            &[],
-        ),
+        ("ossl-rsa8", "rsa", GENPKEY_RSA, &[]),
         (
             "ossl-rsa1",
             "rsa",
@@ -634,4 +632,85 @@ async fn eight_bit_mail_to_a_seven_bit_server_is_converted_signed_after_or_bounc
     );
     // Its delivery-status part names a UTF-8 address, so it travels in base64 here.
     assert!(dsns.iter().any(|dsn| dsn.contains("553 5.6.7")), "{dsns:?}");
+}
+
+/// Inbound mail signed by someone else's implementation (dkimpy, with a key OpenSSL made) is
+/// verified: `dkim=pass` in the Authentication-Results the host adds; a copy whose body changed
+/// after signing gets `dkim=neutral (body hash did not verify)` and one whose Subject changed
+/// `dkim=fail`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_mail_signed_by_dkimpy_verifies_and_a_changed_copy_fails() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = keys.path().join("sel.pem");
+    openssl_around(GENPKEY_RSA, &key, &[]);
+    let dns = crate::harness::dns::DnsServer::start().await;
+    dns.txt("sel._domainkey.signed.test", &openssl_record(&key, "rsa"));
+    dns.txt("signed.test", "v=spf1 ip4:127.0.0.1 -all");
+    dns.txt("_dmarc.signed.test", "v=DMARC1; p=reject");
+    let sink = crate::harness::sink::Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        // 127.0.0.1 is not trusted here: its mail is checked like the internet's.
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    let message = keys.path().join("message.eml");
+    let signed = keys.path().join("signed.eml");
+    std::fs::write(
+        &message,
+        "From: alice@signed.test\r\nTo: bob@switchyard.test\r\nSubject: signed by dkimpy\r\n\r\nA body the signature covers.\r\n",
+    )
+    .expect("message");
+    python(vec![
+        "-c".to_string(),
+        "import dkim, sys\nmessage = open(sys.argv[1], 'rb').read()\nsignature = dkim.sign(message, b'sel', b'signed.test', open(sys.argv[2], 'rb').read(), include_headers=[b'from', b'to', b'subject'])\nopen(sys.argv[3], 'wb').write(signature + message)".to_string(),
+        message.display().to_string(),
+        key.display().to_string(),
+        signed.display().to_string(),
+    ])
+    .await;
+    let signed = std::fs::read_to_string(&signed).expect("signed");
+    assert!(signed.starts_with("DKIM-Signature: "), "{signed}");
+    let changed = signed.replace("A body the signature covers.", "A body changed on the way.");
+    let retitled = signed.replace("Subject: signed by dkimpy", "Subject: retitled on the way");
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("alice@signed.test", &["bob@switchyard.test"], &signed)
+        .await;
+    client
+        .send_accepted("alice@signed.test", &["carol@switchyard.test"], &changed)
+        .await;
+    client
+        .send_accepted("alice@signed.test", &["dave@switchyard.test"], &retitled)
+        .await;
+    let received = sink.wait_for(3, Duration::from_secs(15)).await;
+    let results = |recipient: &str| -> String {
+        let message = received
+            .iter()
+            .find(|m| m.rcpt_to.iter().any(|to| to == recipient))
+            .unwrap_or_else(|| panic!("nothing for {recipient}"));
+        message
+            .data
+            .lines()
+            .skip_while(|line| !line.starts_with("Authentication-Results: mx.switchyard.test;"))
+            .take_while(|line| !line.starts_with("Received: "))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let passed = results("bob@switchyard.test");
+    assert!(
+        passed.contains("dkim=pass header.i=@signed.test header.s=sel"),
+        "{passed}"
+    );
+    assert!(passed.contains("dmarc=pass"), "{passed}");
+    // A changed body: mail-auth reports the body hash's mismatch as neutral, with the reason.
+    let changed = results("carol@switchyard.test");
+    assert!(
+        changed.contains("dkim=neutral (body hash did not verify)"),
+        "{changed}"
+    );
+    // A changed signed header: the signature itself fails.
+    let retitled = results("dave@switchyard.test");
+    assert!(retitled.contains("dkim=fail"), "{retitled}");
 }

@@ -219,6 +219,38 @@ async fn a_smarthost_gets_auth_plain_over_tls_only_with_credentials_from_a_file(
     );
     assert!(!log.contains("s3cret"), "a password reached the log");
     assert!(plain.received().is_empty());
+
+    // A password the relay refuses (the file is read again when it changes): deferred with
+    // 4.7.8, never bounced, and the message is not sent without AUTH.
+    std::fs::write(
+        &credentials,
+        format!(
+            "relay.provider.test:{} customer@provider.test:not the password\n",
+            relay.port
+        ),
+    )
+    .expect("write credentials");
+    router
+        .log_with(&["relay credentials reloaded hosts=1"])
+        .await;
+    client
+        .send_accepted(
+            "a@switchyard.test",
+            &["z@provider.test"],
+            &message("refused"),
+        )
+        .await;
+    let log = router.log_with(&["to=<z@provider.test>"]).await;
+    let refused = log
+        .lines()
+        .find(|line| line.contains("to=<z@provider.test>"))
+        .unwrap_or_default();
+    assert!(refused.contains("status=deferred (451 4.7.8 "), "{refused}");
+    assert!(
+        !log.contains("not the password"),
+        "a password reached the log"
+    );
+    assert_eq!(relay.received().len(), 1, "nothing more reached the relay");
 }
 
 fn policy(mode: &str, mx: &str) -> String {

@@ -67,7 +67,8 @@ def main():
                 and data.login.decode() == user
                 and data.password.decode() == password
             )
-            return AuthResult(success=ok, auth_data=data.login if ok else None)
+            # handled=False: aiosmtpd then answers a failure itself (535 5.7.8).
+            return AuthResult(success=ok, handled=False, auth_data=data.login if ok else None)
 
         auth = dict(authenticator=authenticator, auth_required=True, auth_require_tls=True)
     context = None

@@ -179,7 +179,7 @@ impl Session {
     }
 
     async fn accept_message(&mut self, message: Vec<u8>) -> Reply {
-        let envelope = self.wit_envelope();
+        let envelope = self.envelope_facts();
         if self.run.is_some() {
             self.traced_envelope = Some(envelope.clone());
         }

@@ -102,7 +102,7 @@ impl Session {
             self.reply(refusal);
             return Flow::Continue;
         }
-        transaction.params = super::policy::wit_params(&parsed);
+        transaction.params = crate::plugins::facts::Param::from_pairs(&parsed.params);
         self.traced_sender = Some(
             parsed
                 .mailbox

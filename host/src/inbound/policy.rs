@@ -9,10 +9,10 @@ use super::authenticate::AuthVerdicts;
 use super::session::{Greeting, Session};
 use crate::mail::address::{parse_path_argument, Mailbox, PathArgument};
 use crate::mail::reply::Reply;
-use crate::plugins::bindings::types as wit;
 use crate::plugins::chain::{DataDecision, Decision};
+use crate::plugins::facts;
 use crate::plugins::host::{BodyHandle, SessionFacts};
-use crate::plugins::record::{data_verdict_of, verdict_of, Input, Params};
+use crate::plugins::record::{data_verdict_of, verdict_of, Input};
 use crate::plugins::PluginRun;
 use crate::queue::traces::{PendingTrace, StoredCall};
 use base64::Engine as _;
@@ -111,7 +111,7 @@ impl Session {
         let envelope = self
             .traced_envelope
             .take()
-            .unwrap_or_else(|| self.wit_envelope());
+            .unwrap_or_else(|| self.envelope_facts());
         record.message_id = None;
         record.client_ip = self.client_ip.to_string();
         record.sender = self.traced_sender.take().unwrap_or(envelope.sender);
@@ -199,7 +199,7 @@ impl Session {
             .as_ref()
             .map(Mailbox::to_string)
             .unwrap_or_default();
-        let params = wit_params(parsed);
+        let params = facts::Param::from_pairs(&parsed.params);
         let Some(run) = self.plugins()? else {
             return Ok(parsed.mailbox.clone());
         };
@@ -208,7 +208,7 @@ impl Session {
             || Input::MailFrom {
                 session: (*session).clone(),
                 sender: sender.clone(),
-                params: Params::from(params.as_slice()).0,
+                params: params.clone(),
             },
             || verdict_of(&decision, Some(&sender), Some(&rewritten)),
         );
@@ -232,8 +232,8 @@ impl Session {
         parsed: &PathArgument,
     ) -> Result<(Mailbox, bool), Refusal> {
         let session = self.wit_session();
-        let envelope = self.wit_envelope();
-        let params = wit_params(parsed);
+        let envelope = self.envelope_facts();
+        let params = facts::Param::from_pairs(&parsed.params);
         let address = recipient.to_string();
         let Some(run) = self.plugins()? else {
             return Ok((recipient.clone(), false));
@@ -242,9 +242,9 @@ impl Session {
         run.record(
             || Input::RcptTo {
                 session: (*session).clone(),
-                envelope: (&envelope).into(),
+                envelope: envelope.clone(),
                 recipient: address.clone(),
-                params: Params::from(params.as_slice()).0,
+                params: params.clone(),
             },
             || verdict_of(&decision, Some(&address), Some(&rewritten)),
         );
@@ -260,8 +260,9 @@ impl Session {
         Ok((mailbox, accepted))
     }
 
-    pub(super) fn wit_envelope(&self) -> wit::Envelope {
-        wit::Envelope {
+    /// The envelope as the plugins are told it.
+    pub(super) fn envelope_facts(&self) -> facts::Envelope {
+        facts::Envelope {
             sender: self
                 .transaction
                 .sender
@@ -282,14 +283,14 @@ impl Session {
     pub(super) async fn ask_data(
         &mut self,
         queue_id: &str,
-        envelope: wit::Envelope,
+        envelope: facts::Envelope,
         content: &Bytes,
         verdicts: Option<AuthVerdicts>,
     ) -> Option<(DataDecision, Vec<crate::mail::edit::Edit>)> {
         let session = self.wit_session();
         // Empty results when the message was not checked (verification off, a trusted client).
         let verdicts = verdicts.unwrap_or_default();
-        let auth = wit::AuthResults {
+        let auth = facts::Auth {
             spf: verdicts.spf,
             dkim: verdicts.dkim,
             dmarc: verdicts.dmarc,
@@ -312,8 +313,8 @@ impl Session {
             run.record(
                 || Input::Data {
                     session: (*session).clone(),
-                    envelope: (&envelope).into(),
-                    auth: (&auth).into(),
+                    envelope: envelope.clone(),
+                    auth: auth.clone(),
                     content: bodies
                         .then(|| base64::engine::general_purpose::STANDARD.encode(content)),
                 },
@@ -373,17 +374,6 @@ fn refusal(decision: Decision) -> Option<Refusal> {
         Decision::Reject(reply) | Decision::Tempfail(reply) => Some(reply),
         Decision::Continue | Decision::Accept => None,
     }
-}
-
-pub(super) fn wit_params(parsed: &PathArgument) -> Vec<wit::Param> {
-    parsed
-        .params
-        .iter()
-        .map(|(key, value)| wit::Param {
-            key: key.clone(),
-            value: value.clone(),
-        })
-        .collect()
 }
 
 /// A rewritten address must be as valid as one a client sends.

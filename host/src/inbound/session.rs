@@ -34,7 +34,7 @@ pub(super) struct Transaction {
     /// Content received so far by BDAT chunks; `Some` once the first chunk came.
     pub(super) chunks: Option<ContentReader>,
     /// MAIL's parameters, for the tenant's mail-from hooks asked at the first recipient.
-    pub(super) params: Vec<crate::plugins::bindings::types::Param>,
+    pub(super) params: Vec<crate::plugins::facts::Param>,
     /// MAIL's SIZE, 0 when not given.
     pub(super) declared_size: u64,
     /// The sender as the global chain left it, kept while a tenant's mail-from hooks may have
@@ -75,7 +75,7 @@ pub struct Session {
     pub(super) queue_id: Option<String>,
     /// The envelope as DATA began (the transaction is taken apart then), for the trace of a
     /// message refused after it.
-    pub(super) traced_envelope: Option<crate::plugins::bindings::types::Envelope>,
+    pub(super) traced_envelope: Option<crate::plugins::facts::Envelope>,
     /// The sender of the transaction under way as the client gave it, for its trace.
     pub(super) traced_sender: Option<String>,
     /// The tenant of the transaction under way, once its first recipient fixed it (see

@@ -12,7 +12,7 @@
 //! the global one. For inbound mail that is at the first recipient: the tenant's mail-from hooks
 //! are asked then, and their refusal refuses that recipient.
 
-use crate::plugins::record::{verdict_of, Input, Params};
+use crate::plugins::record::{verdict_of, Input};
 use std::sync::Arc;
 
 use super::session::Session;
@@ -266,7 +266,7 @@ impl Session {
             || Input::TenantMailFrom {
                 session: (*session).clone(),
                 sender: sender.clone(),
-                params: Params::from(params.as_slice()).0,
+                params: params.clone(),
             },
             || verdict_of(&decision, Some(&sender), Some(&rewritten)),
         );

@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use super::bindings::types::{
     self as wit, AddressDecision, AuthResults, BounceReport, BounceText, DataVerdict,
-    DeliveryReport, Envelope, MessageFacts, NextHop, Param, Verdict,
+    DeliveryReport, Envelope, MessageFacts, NextHop, Verdict,
 };
+use super::facts;
 use super::hooks::HookKind;
 use super::host::{BodyHandle, HostState, SessionFacts, SessionHandle};
 use super::reply::host_edit;
@@ -260,7 +261,7 @@ impl PluginRun {
         &mut self,
         session: &Arc<SessionFacts>,
         sender: &str,
-        params: &[Param],
+        params: &[facts::Param],
     ) -> (Decision, String) {
         self.mail_from_part(session, sender, params, 0).await
     }
@@ -271,7 +272,7 @@ impl PluginRun {
         &mut self,
         session: &Arc<SessionFacts>,
         sender: &str,
-        params: &[Param],
+        params: &[facts::Param],
     ) -> (Decision, String) {
         let start = self.set.global_len;
         self.mail_from_part(session, sender, params, start).await
@@ -281,10 +282,17 @@ impl PluginRun {
         &mut self,
         session: &Arc<SessionFacts>,
         sender: &str,
-        params: &[Param],
+        params: &[facts::Param],
         start: usize,
     ) -> (Decision, String) {
         let mut sender = sender.to_string();
+        if !self
+            .implementing(HookKind::MailFrom)
+            .any(|index| index >= start)
+        {
+            return (Decision::Continue, sender);
+        }
+        let params = &facts::Param::to_wit(params);
         for index in self
             .implementing(HookKind::MailFrom)
             .filter(move |&index| index >= start)
@@ -308,11 +316,15 @@ impl PluginRun {
     pub async fn rcpt_to(
         &mut self,
         session: &Arc<SessionFacts>,
-        envelope: &Envelope,
+        envelope: &facts::Envelope,
         recipient: &str,
-        params: &[Param],
+        params: &[facts::Param],
     ) -> (Decision, String) {
         let mut recipient = recipient.to_string();
+        if self.implementing(HookKind::RcptTo).next().is_none() {
+            return (Decision::Continue, recipient);
+        }
+        let (envelope, params) = (&envelope.to_wit(), &facts::Param::to_wit(params));
         for index in self.implementing(HookKind::RcptTo) {
             let answer = call_in_session!(
                 self,
@@ -333,11 +345,15 @@ impl PluginRun {
     pub async fn data(
         &mut self,
         session: &Arc<SessionFacts>,
-        envelope: &Envelope,
-        auth: &AuthResults,
+        envelope: &facts::Envelope,
+        auth: &facts::Auth,
         body: &BodyHandle,
     ) -> (DataDecision, Vec<Edit>) {
         let mut edits = Vec::new();
+        if self.implementing(HookKind::Data).next().is_none() {
+            return (DataDecision::Continue, edits);
+        }
+        let (envelope, auth) = (&envelope.to_wit(), &auth.to_wit());
         for index in self.implementing(HookKind::Data) {
             let (result, started) = self.data_answer(index, session, envelope, auth, body).await;
             self.note(index, HookKind::Data, started, None, &result);
@@ -530,7 +546,6 @@ mod tests {
         use crate::config::{FailurePolicy, Grant, PluginManifest};
         use crate::mail::edit::{Edit, Header};
         use crate::mail::reply::Reply;
-        use crate::plugins::bindings::types::{AuthResults, Envelope};
         use crate::plugins::chain::{DataDecision, Decision};
         use crate::plugins::engine::{new_engine_with, PoolTuning};
         use crate::plugins::host::{BodyHandle, SessionFacts};
@@ -590,16 +605,12 @@ mod tests {
             manager.run(RunContext::default())
         }
 
-        fn no_checks() -> AuthResults {
-            AuthResults {
-                spf: String::new(),
-                dkim: String::new(),
-                dmarc: String::new(),
-            }
+        fn no_checks() -> crate::plugins::facts::Auth {
+            crate::plugins::facts::Auth::default()
         }
 
-        fn envelope() -> Envelope {
-            Envelope {
+        fn envelope() -> crate::plugins::facts::Envelope {
+            crate::plugins::facts::Envelope {
                 sender: "s@sender.test".into(),
                 recipients: Vec::new(),
             }

@@ -15,6 +15,7 @@ pub mod canary;
 pub mod chain;
 pub mod compile_cache;
 pub mod engine;
+pub mod facts;
 pub mod hooks;
 pub mod host;
 pub mod limits;

@@ -28,6 +28,9 @@ use super::store::arm;
 /// 18 MB Python (whose toolchain already ships it pre-initialised, so little is left to save).
 pub const MAX_COMPONENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// How long reading an initialised instance's state may take.
+const SNAPSHOT_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Why a plugin could not be pre-initialised (the loader logs it and falls back).
 #[derive(Debug, thiserror::Error)]
 pub enum PreinitError {
@@ -83,6 +86,10 @@ pub async fn snapshot(
     if !store.data().table.is_empty() {
         return Err(PreinitError::HeldHandles);
     }
+    // Reading the state out runs only Wizer's getters, not the plugin's code, and must not be
+    // cut short by `init`'s deadline: a read that fails gives Wizer an empty memory, which it
+    // cannot handle (on a slow or loaded machine, or under valgrind, it did).
+    arm(&mut store, SNAPSHOT_READ_LIMIT);
     let mut state = InstanceState {
         store: &mut store,
         instance,

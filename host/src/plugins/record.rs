@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
-use super::bindings::types as wit;
 use super::chain::{DataDecision, Decision};
 use super::host::SessionFacts;
 use super::run::PluginRun;
@@ -127,24 +126,7 @@ impl Input {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Param {
-    pub key: String,
-    pub value: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Envelope {
-    pub sender: String,
-    pub recipients: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Auth {
-    pub spf: String,
-    pub dkim: String,
-    pub dmarc: String,
-}
+pub use super::facts::{Auth, Envelope, Param};
 
 /// A `dns` lookup and its answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -153,73 +135,6 @@ pub struct DnsAnswer {
     pub kind: String,
     pub name: String,
     pub answer: Result<Vec<String>, String>,
-}
-
-impl From<&[wit::Param]> for Params {
-    fn from(params: &[wit::Param]) -> Params {
-        Params(
-            params
-                .iter()
-                .map(|param| Param {
-                    key: param.key.clone(),
-                    value: param.value.clone(),
-                })
-                .collect(),
-        )
-    }
-}
-
-/// Recorded parameters, convertible both ways.
-pub struct Params(pub Vec<Param>);
-
-impl Params {
-    pub fn to_wit(params: &[Param]) -> Vec<wit::Param> {
-        params
-            .iter()
-            .map(|param| wit::Param {
-                key: param.key.clone(),
-                value: param.value.clone(),
-            })
-            .collect()
-    }
-}
-
-impl From<&wit::Envelope> for Envelope {
-    fn from(envelope: &wit::Envelope) -> Envelope {
-        Envelope {
-            sender: envelope.sender.clone(),
-            recipients: envelope.recipients.clone(),
-        }
-    }
-}
-
-impl Envelope {
-    pub fn to_wit(&self) -> wit::Envelope {
-        wit::Envelope {
-            sender: self.sender.clone(),
-            recipients: self.recipients.clone(),
-        }
-    }
-}
-
-impl From<&wit::AuthResults> for Auth {
-    fn from(auth: &wit::AuthResults) -> Auth {
-        Auth {
-            spf: auth.spf.clone(),
-            dkim: auth.dkim.clone(),
-            dmarc: auth.dmarc.clone(),
-        }
-    }
-}
-
-impl Auth {
-    pub fn to_wit(&self) -> wit::AuthResults {
-        wit::AuthResults {
-            spf: self.spf.clone(),
-            dkim: self.dkim.clone(),
-            dmarc: self.dmarc.clone(),
-        }
-    }
 }
 
 /// A verdict stage's decision, and the address after every rewrite when it changed.

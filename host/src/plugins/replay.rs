@@ -15,9 +15,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use super::host::{BodyHandle, SessionFacts};
-use super::record::{
-    data_verdict_of, verdict_of, Input, Params, Recording, SharedTape, Tape, FORMAT,
-};
+use super::record::{data_verdict_of, verdict_of, Input, Recording, SharedTape, Tape, FORMAT};
 use super::{canary, PluginManager, PluginRun, RunContext};
 
 /// A step whose verdict is not the recorded one.
@@ -167,9 +165,7 @@ async fn ask(
             sender,
             params,
         } => {
-            let (decision, rewritten) = run
-                .mail_from(&session(facts), sender, &Params::to_wit(params))
-                .await;
+            let (decision, rewritten) = run.mail_from(&session(facts), sender, params).await;
             verdict_of(&decision, Some(sender), Some(&rewritten))
         }
         Input::TenantMailFrom {
@@ -177,9 +173,7 @@ async fn ask(
             sender,
             params,
         } => {
-            let (decision, rewritten) = run
-                .tenant_mail_from(&session(facts), sender, &Params::to_wit(params))
-                .await;
+            let (decision, rewritten) = run.tenant_mail_from(&session(facts), sender, params).await;
             verdict_of(&decision, Some(sender), Some(&rewritten))
         }
         Input::RcptTo {
@@ -189,12 +183,7 @@ async fn ask(
             params,
         } => {
             let (decision, rewritten) = run
-                .rcpt_to(
-                    &session(facts),
-                    &envelope.to_wit(),
-                    recipient,
-                    &Params::to_wit(params),
-                )
+                .rcpt_to(&session(facts), envelope, recipient, params)
                 .await;
             verdict_of(&decision, Some(recipient), Some(&rewritten))
         }
@@ -214,8 +203,8 @@ async fn ask(
             let (decision, edits) = run
                 .data(
                     &session(facts),
-                    &envelope.to_wit(),
-                    &auth.to_wit(),
+                    envelope,
+                    auth,
                     &BodyHandle::new(Bytes::from(content)),
                 )
                 .await;
