@@ -714,3 +714,69 @@ async fn inbound_mail_signed_by_dkimpy_verifies_and_a_changed_copy_fails() {
     let retitled = results("dave@switchyard.test");
     assert!(retitled.contains("dkim=fail"), "{retitled}");
 }
+
+/// A tenant's own `[[dkim]]` key signs the tenant's mail, and only that: dkimpy verifies acme's
+/// signature on acme's message, and the same From: in mail of no tenant goes unsigned (the main
+/// file has no key for it, and acme's key is acme's alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_own_key_signs_its_mail_and_no_one_elses() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (name, text) = keygen(keys.path(), "acme.test", "t1", "ed25519");
+    let records = BTreeMap::from([(name, text)]);
+    let tenants = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tenants.path().join("acme.toml"),
+        format!(
+            "domains = [\"acme.test\"]\n\n{}",
+            dkim_entry(keys.path(), "acme.test", "t1", true)
+        ),
+    )
+    .expect("tenant file");
+    let sink = PySink::start(None);
+    let router = Router::start(RouterOptions {
+        extra: format!("[tenants]\ndirectory = \"{}\"\n", tenants.path().display()),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", sink.port), "")
+    })
+    .await;
+    let letter = |to: &str, subject: &str| {
+        format!(
+            "From: news@acme.test\r\nTo: {to}\r\nSubject: {subject}\r\n\
+             Date: Mon, 07 Dec 2026 12:00:00 +0000\r\n\r\nFrom acme.\r\n"
+        )
+    };
+    let mut client = TestClient::connect(router.port).await;
+    // To acme's own domain from a trusted network: acme's mail.
+    client
+        .send_accepted(
+            "news@acme.test",
+            &["team@acme.test"],
+            &letter("team@acme.test", "acme's"),
+        )
+        .await;
+    // To a domain of no tenant: mail of no tenant, whatever its From: says.
+    client
+        .send_accepted(
+            "news@acme.test",
+            &["x@elsewhere.test"],
+            &letter("x@elsewhere.test", "no tenant's"),
+        )
+        .await;
+    let received = sink.wait_for(2, Duration::from_secs(15)).await;
+    let data = |subject: &str| -> String {
+        received
+            .iter()
+            .filter_map(|record| record["data"].as_str())
+            .find(|data| data.contains(&format!("Subject: {subject}\r\n")))
+            .unwrap_or_else(|| panic!("no message {subject}"))
+            .to_string()
+    };
+    let signed = data("acme's");
+    assert_eq!(
+        dkimpy(&signed, &records).await,
+        ["t1 ed25519-sha256 pass"],
+        "{signed}"
+    );
+    let unsigned = data("no tenant's");
+    assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
+    router.log_with(&["tenant=acme"]).await;
+}

@@ -257,6 +257,69 @@ fn policy(mode: &str, mx: &str) -> String {
     format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n")
 }
 
+/// A policy fetch that fails keeps the unexpired cached policy in force (RFC 8461 3.3): the
+/// domain publishes a new policy id, its policy server stops answering, and mail to an MX host
+/// the cached policy does not list is still held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_policy_fetch_keeps_the_cached_mta_sts_policy() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(certs.path(), "web");
+    let mx = PySink::start(Some(&ca.issue(certs.path(), "mx", &["mx.kept.test"])));
+    let web = PolicyServer::start(&ca.issue(certs.path(), "web", &["mta-sts.kept.test"]));
+    web.serve("mta-sts.kept.test", &policy("enforce", "mx.kept.test"));
+    let dns = DnsServer::start().await;
+    dns.mx("kept.test", 10, "mx.kept.test");
+    dns.a("mx.kept.test", Ipv4Addr::LOCALHOST);
+    dns.a("mta-sts.kept.test", Ipv4Addr::LOCALHOST);
+    dns.txt("_mta-sts.kept.test", "v=STSv1; id=first;");
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: mx.port,
+        delivery: format!("ca_file = \"{}\"\n", ca.certificate.display()),
+        extra: format!("[mta_sts]\nhttps_port = {}\nrecheck = \"1s\"\n", web.port),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("a@switchyard.test", &["one@kept.test"], &message("first"))
+        .await;
+    let (_, line) = delivery_lines(&router, &["one@kept.test"]).await;
+    assert!(
+        line("one@kept.test").contains("status=sent"),
+        "{}",
+        line("one@kept.test")
+    );
+
+    // A new id, a server that no longer has the policy, and an MX host the policy never listed.
+    dns.forget("_mta-sts.kept.test");
+    dns.txt("_mta-sts.kept.test", "v=STSv1; id=second;");
+    web.unserve("mta-sts.kept.test");
+    dns.forget("kept.test");
+    dns.mx("kept.test", 10, "mx.elsewhere.test");
+    dns.a("mx.elsewhere.test", Ipv4Addr::LOCALHOST);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client
+        .send_accepted("a@switchyard.test", &["two@kept.test"], &message("second"))
+        .await;
+    let (_, line) = delivery_lines(&router, &["two@kept.test"]).await;
+    let held = line("two@kept.test");
+    assert!(
+        held.contains("status=deferred (451 4.7.5 MTA-STS policy of kept.test (enforce) allows none of its MX hosts (mx.elsewhere.test)"),
+        "{held}"
+    );
+    assert!(
+        web.requests()
+            .iter()
+            .filter(|request| request.starts_with("mta-sts.kept.test "))
+            .count()
+            >= 2,
+        "the new id was fetched (and failed): {:?}",
+        web.requests()
+    );
+    assert_eq!(mx.received().len(), 1, "nothing went to the unlisted host");
+}
+
 /// MTA-STS against policies served by Python's HTTPS server, records from the loopback DNS
 /// server, and aiosmtpd as every MX host (one certificate naming some of them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

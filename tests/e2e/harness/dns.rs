@@ -88,6 +88,11 @@ impl DnsServer {
             .push(rdata);
     }
 
+    /// Forgets every record of `name` (to publish it anew).
+    pub fn forget(&self, name: &str) {
+        self.zone.lock().expect("zone").records.remove(&key(name));
+    }
+
     /// Answers for `name` carry the AD bit from now on: DNSSEC-validated, as far as a client
     /// that trusts its resolver can tell.
     pub fn secure(&self, name: &str) {

@@ -154,6 +154,11 @@ impl PolicyServer {
         std::fs::write(self.dir.path().join(format!("{host}.txt")), policy).expect("write policy");
     }
 
+    /// Stops serving `host`'s policy: its fetches get 404.
+    pub fn unserve(&self, host: &str) {
+        let _ = std::fs::remove_file(self.dir.path().join(format!("{host}.txt")));
+    }
+
     /// The requests so far: "HOST PATH" lines.
     pub fn requests(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.path().join("requests.log"))
