@@ -780,3 +780,58 @@ async fn a_tenants_own_key_signs_its_mail_and_no_one_elses() {
     assert!(!unsigned.contains("DKIM-Signature:"), "{unsigned}");
     router.log_with(&["tenant=acme"]).await;
 }
+
+/// A tenant's own `[arc]` seals the tenant's checked inbound mail with the tenant's key (dkimpy
+/// verifies the seal), and mail of no tenant through the same router is not sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_own_arc_seals_its_inbound_mail_only() {
+    let fixture = ArcFixture::new().await;
+    let (name, text) = keygen(fixture.keys.path(), "acme.test", "arc1", "rsa");
+    let records = BTreeMap::from([(name, text)]);
+    let tenants = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tenants.path().join("acme.toml"),
+        format!(
+            "domains = [\"acme.test\"]\n\n{}[arc]\nseal = true\ndomain = \"acme.test\"\nselector = \"arc1\"\n",
+            dkim_entry(fixture.keys.path(), "acme.test", "arc1", true)
+        ),
+    )
+    .expect("tenant file");
+    let router = Router::start(RouterOptions {
+        dns: Some(fixture.dns.address),
+        // 127.0.0.1 is no relay network here: its mail is checked, so it may be sealed.
+        relay: "domains = [\"switchyard.test\"]\nnetworks = []\n".to_string(),
+        extra: format!("[tenants]\ndirectory = \"{}\"\n", tenants.path().display()),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{}", fixture.sink.port), "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("alice@sender.test", &["bob@acme.test"], &letter("to acme"))
+        .await;
+    client
+        .send_accepted(
+            "alice@sender.test",
+            &["carol@switchyard.test"],
+            &letter("to no tenant"),
+        )
+        .await;
+    let received = fixture.sink.wait_for(2, Duration::from_secs(15)).await;
+    let data = |subject: &str| -> String {
+        received
+            .iter()
+            .filter_map(|record| record["data"].as_str())
+            .find(|data| data.contains(&format!("Subject: {subject}\r\n")))
+            .unwrap_or_else(|| panic!("no message {subject}"))
+            .to_string()
+    };
+    let sealed = data("to acme");
+    assert!(
+        sealed.starts_with("ARC-Seal: i=1; a=rsa-sha256;") && sealed.contains("d=acme.test"),
+        "{sealed}"
+    );
+    let verdict = dkimpy_arc(&sealed, &records).await;
+    assert!(verdict[0].starts_with("pass"), "{verdict:?}\n{sealed}");
+    let unsealed = data("to no tenant");
+    assert!(!unsealed.contains("ARC-Seal:"), "{unsealed}");
+}

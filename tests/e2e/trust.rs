@@ -604,6 +604,11 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
         ("ta.test", 2, ca_digest, true),
         ("wrong.test", 3, vec![0u8; 32], true),
         ("insecure.test", 3, vec![0u8; 32], false),
+        // Validated, but PKIX-EE only: not for SMTP (RFC 7672 3.1.3), so TLS is required and
+        // not authenticated.
+        ("pkix.test", 1, vec![0u8; 32], true),
+        // Validated MX, but its TLSA lookup fails (below): the host is not tried.
+        ("broken.test", 3, vec![0u8; 32], true),
     ] {
         let host = format!("mx.{domain}");
         dns.mx(domain, 10, &host);
@@ -615,6 +620,7 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
             dns.secure(&tlsa);
         }
     }
+    dns.fail(&format!("_{}._tcp.mx.broken.test", mx.port));
     let router = Router::start(RouterOptions {
         dns: Some(dns.address),
         delivery_port: mx.port,
@@ -637,6 +643,8 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
         "b@wrong.test",
         "c@insecure.test",
         "d@ta.test",
+        "e@pkix.test",
+        "f@broken.test",
     ] {
         client
             .send_accepted("s@switchyard.test", &[recipient], &message(recipient))
@@ -649,6 +657,8 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
             "b@wrong.test",
             "c@insecure.test",
             "d@ta.test",
+            "e@pkix.test",
+            "f@broken.test",
         ],
     )
     .await;
@@ -673,7 +683,17 @@ async fn dane_ee_records_authenticate_or_defer_and_unvalidated_ones_are_ignored(
         insecure.contains("tls=unverified") && insecure.contains("status=sent"),
         "{insecure}"
     );
-    let delivered = mx.wait_for(3, Duration::from_secs(10)).await;
+    let pkix = line("e@pkix.test");
+    assert!(
+        pkix.contains("tls=unverified") && pkix.contains("status=sent"),
+        "{pkix}"
+    );
+    let broken = line("f@broken.test");
+    assert!(
+        broken.contains("status=deferred (451 4.7.5 DANE: TLSA lookup for mx.broken.test failed"),
+        "{broken}"
+    );
+    let delivered = mx.wait_for(4, Duration::from_secs(10)).await;
     assert!(delivered
         .iter()
         .all(|message| message["rcpt_tos"][0] != "b@wrong.test"));

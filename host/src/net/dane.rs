@@ -167,6 +167,12 @@ pub async fn tlsa_for(
         timeout,
     )
     .await?;
+    // A lookup that failed (SERVFAIL, REFUSED...) is not an absence of records: for a host
+    // whose MX records were validated, RFC 7672 2.2 forbids trying it without its TLSA answer,
+    // which falling back to "no DANE" would do.
+    if !matches!(answer.code, ResponseCode::NoError | ResponseCode::NXDomain) {
+        return Err(format!("the resolver answered {}", answer.code));
+    }
     if !answer.authentic || answer.records.is_empty() {
         return Ok(TlsaAnswer::Insecure);
     }

@@ -15,6 +15,8 @@ struct Zone {
     records: HashMap<String, Vec<RData>>,
     /// Names whose answers carry the AD bit, as a validating resolver's would.
     secure: std::collections::HashSet<String>,
+    /// Names whose lookups fail (SERVFAIL), as a broken or unreachable zone's do.
+    failing: std::collections::HashSet<String>,
 }
 
 pub struct DnsServer {
@@ -55,6 +57,9 @@ impl DnsServer {
                     let zone = served.lock().expect("zone");
                     response.metadata.authentic_data = zone.secure.contains(&name);
                     match zone.records.get(&name) {
+                        _ if zone.failing.contains(&name) => {
+                            response.metadata.response_code = ResponseCode::ServFail
+                        }
                         None => response.metadata.response_code = ResponseCode::NXDomain,
                         Some(records) => {
                             for rdata in records
@@ -86,6 +91,11 @@ impl DnsServer {
             .entry(key(name))
             .or_default()
             .push(rdata);
+    }
+
+    /// Lookups of `name` fail with SERVFAIL from now on.
+    pub fn fail(&self, name: &str) {
+        self.zone.lock().expect("zone").failing.insert(key(name));
     }
 
     /// Forgets every record of `name` (to publish it anew).
