@@ -568,7 +568,7 @@ port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 context = ssl.create_default_context()
 context.check_hostname = False
 context.verify_mode = ssl.CERT_NONE
-for author in ["CEO <ceo@globex.test>", "someone@elsewhere.example", "Alice <%s>, ceo@globex.test" % user, "Alice <%s>" % user]:
+for author in ["CEO <ceo@globex.test>", "someone@elsewhere.example", "Alice <%s>, ceo@globex.test" % user, "undisclosed:;", "Alice <%s>" % user]:
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = author, "bob@bravo.example", "hello"
     message.set_content("From a tenant's user.")
@@ -595,6 +595,7 @@ for author in ["CEO <ceo@globex.test>", "someone@elsewhere.example", "Alice <%s>
             "550 5.7.1 From: domain globex.test is not one of your domains (header_from = \"own-domains\")",
             "550 5.7.1 From: domain elsewhere.example is not one of your domains (header_from = \"own-domains\")",
             "550 5.7.1 From: domain globex.test is not one of your domains (header_from = \"own-domains\")",
+            "550 5.7.1 From: has no address of your domains (header_from = \"own-domains\")",
             "accepted",
         ]
     );

@@ -1,3 +1,5 @@
+-- Rows written by nodes still running while this migration runs must be counted too.
+LOCK TABLE kv IN SHARE ROW EXCLUSIVE MODE;
 -- What each plugin holds in the kv store, kept by a trigger in the same transaction as the
 -- write, so quotas are checked against exact numbers. Bytes count key and value.
 CREATE TABLE kv_usage (

@@ -87,6 +87,7 @@ async fn replay(config: &Config, directory: &Path) -> anyhow::Result<()> {
         let engine = crate::plugins::new_engine()?;
         let services = PluginServices {
             kv: Some(kv),
+            kv_quota: config.kv.quota(),
             ..PluginServices::default()
         };
         let manager = PluginManager::start(engine, &config.plugins, &tenants, services).await?;

@@ -218,6 +218,7 @@ async fn load_plugins(config: &Config, opened: &Opened) -> anyhow::Result<Arc<Pl
     let services = PluginServices {
         kv: Some(opened.kv.clone()),
         compile_cache,
+        kv_quota: config.kv.quota(),
         ..PluginServices::default()
     };
     let tenants = config.load_tenants()?;

@@ -439,10 +439,19 @@ impl Client {
             return Ok(vec![reply; envelope.recipients.len()]);
         }
         // RFC 6152 3: 8-bit content goes to a server without 8BITMIME only converted to 7 bits;
-        // what cannot be converted is returned to its sender.
-        let content = if envelope.eight_bit && !self.capabilities.eight_bit_mime {
-            match crate::mail::seven_bit::seven_bit(content) {
-                Ok(converted) => converted,
+        // what cannot be converted is returned to its sender. (Off the async workers: a large
+        // message takes a while.)
+        let converted = if envelope.eight_bit && !self.capabilities.eight_bit_mime {
+            let owned = content.to_vec();
+            let converted = tokio::task::spawn_blocking(move || {
+                crate::mail::seven_bit::seven_bit(&owned).map(std::borrow::Cow::into_owned)
+            })
+            .await
+            .unwrap_or(Err(crate::mail::seven_bit::CannotConvert(
+                "the conversion failed",
+            )));
+            match converted {
+                Ok(converted) => Some(converted),
                 Err(error) => {
                     let reply = Reply::new(
                         554,
@@ -453,15 +462,21 @@ impl Client {
                 }
             }
         } else {
-            std::borrow::Cow::Borrowed(content)
+            None
         };
-        // SIZE announces what is sent: the converted message, when it was converted.
+        let content = converted.as_deref().unwrap_or(content);
+        // SIZE is what is sent: the converted message, when it was converted.
         let resized = Envelope {
             size: content.len() as u64,
             ..*envelope
         };
         let envelope = &resized;
-        let content = content.as_ref();
+        if converted.is_some() {
+            // Converted, it may be past the server's SIZE where the original was not.
+            if let Some(reply) = self.cannot_take(envelope) {
+                return Ok(vec![reply; envelope.recipients.len()]);
+            }
+        }
         let replies = self.exchange(&self.envelope_commands(envelope)).await?;
         let mail_reply = replies[0].clone();
         if !mail_reply.is_positive() {

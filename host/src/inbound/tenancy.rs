@@ -114,7 +114,8 @@ impl Session {
     /// A tenant user's message must name only the tenant's domains in From: (`[submission]
     /// header_from = "own-domains"`, the default), since the tenant's DKIM key signs it: the
     /// envelope check alone lets `MAIL FROM:<me@acme.test>` carry `From: ceo@globex.test`. A
-    /// message without a From: address names no one else, and passes.
+    /// message without a From: field names no one else, and passes; one whose From: field
+    /// gives no address with a domain is refused, since no one can tell whose it is.
     pub(super) fn header_from_is_tenants(&self, content: &[u8]) -> Result<(), Reply> {
         let Some(tenant) = &self.auth_tenant else {
             return Ok(());
@@ -123,6 +124,13 @@ impl Session {
             return Ok(());
         }
         let domains = crate::mail::header::from_domains(content);
+        if domains.is_empty() && crate::mail::header::count(content, "From") > 0 {
+            return Err(Reply::new(
+                550,
+                "5.7.1",
+                "From: has no address of your domains (header_from = \"own-domains\")",
+            ));
+        }
         let Some(outside) = domains.iter().find(|domain| !tenant.owns_domain(domain)) else {
             return Ok(());
         };

@@ -48,10 +48,14 @@ pub fn seven_bit(message: &[u8]) -> Result<Cow<'_, [u8]>, CannotConvert> {
             _ if body.is_ascii() => {}
             _ => {
                 let text = matches!(part.body, PartType::Text(_) | PartType::Html(_));
-                let (label, encoded) = if text {
-                    ("quoted-printable", quoted_printable::encode(body))
-                } else {
-                    ("base64", base64_lines(body))
+                // Quoted-printable's soft line breaks can start a line with "--" (a boundary
+                // to the reader) where the original had it mid-line; base64 never can.
+                let quoted = text.then(|| quoted_printable::encode(body));
+                let (label, encoded) = match quoted {
+                    Some(quoted) if memchr::memmem::find(&quoted, b"\n--").is_none() => {
+                        ("quoted-printable", quoted)
+                    }
+                    _ => ("base64", base64_lines(body)),
                 };
                 // A message without MIME headers gets them: its body is text, in UTF-8 or in a
                 // charset nobody named (RFC 1428's unknown-8bit).
@@ -217,6 +221,24 @@ mod tests {
             "{text}"
         );
         assert_eq!(body_text(&converted, 0).trim_end(), "naïve café");
+    }
+
+    #[test]
+    fn text_whose_quoted_form_would_start_a_line_with_dashes_goes_in_base64() {
+        // Quoted, "é" takes six characters: the soft line break falls just before the dashes,
+        // which would then start a line (read as a boundary when one begins so).
+        let line = format!("{}\u{e9}--x marks the spot", "x".repeat(69));
+        let message = format!("MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"sep\"\r\n\r\n--sep\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{line}\r\n--sep--\r\n");
+        let quoted = quoted_printable::encode(line.as_bytes());
+        assert!(
+            memchr::memmem::find(&quoted, b"\n--").is_some(),
+            "the case this test is about: {}",
+            String::from_utf8_lossy(&quoted)
+        );
+        let converted = seven_bit(message.as_bytes()).expect("converts");
+        let text = String::from_utf8(converted.to_vec()).expect("ascii");
+        assert!(text.contains("Content-Transfer-Encoding: base64"), "{text}");
+        assert_eq!(body_text(&converted, 0).trim_end(), line);
     }
 
     #[test]

@@ -6,11 +6,17 @@
 //! if its header names that same digest and its body still has the SHA-256 recorded when it was
 //! written. Anything else (another digest, a truncated or altered body, a build of another
 //! engine) is compiled afresh and the entry replaced. The directory is the server's own
-//! (`data_dir/plugin-cache`, made mode 0700): writing the plugin directory does not reach it.
+//! (`data_dir/plugin-cache`, mode 0700, owned by the server's user; a directory or entry that
+//! another user owns or can write is not used): writing the plugin directory does not reach it.
+//! After a start, entries the start did not use (earlier versions' compilations, snapshots of
+//! an `init` that drew other random numbers) are removed, so the directory does not grow.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -27,22 +33,76 @@ pub struct CompileCache {
     /// Tells builds of different engines (wasmtime version, compiler settings) apart, so that
     /// two of them sharing a directory do not replace each other's entries at every start.
     engine_key: String,
+    /// Entries read or written since the cache was opened: the ones [`CompileCache::prune`]
+    /// keeps.
+    used: Mutex<HashSet<PathBuf>>,
+}
+
+/// Whether `metadata` is this process's user's and no one else can write it.
+fn ours(metadata: &std::fs::Metadata) -> bool {
+    // SAFETY: geteuid reads the process's credentials and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    metadata.uid() == uid && metadata.mode() & 0o022 == 0
 }
 
 impl CompileCache {
-    /// The cache in `dir`, created (mode 0700) if missing.
+    /// The cache in `dir`, created (mode 0700) if missing. Refused when `dir` is not a
+    /// directory of this process's user (a symlink, another user's): its entries are code.
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompileCache> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
+        let metadata = std::fs::symlink_metadata(dir)?;
+        // SAFETY: geteuid reads the process's credentials and cannot fail.
+        if !metadata.is_dir() || metadata.uid() != unsafe { libc::geteuid() } {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory of this user",
+                dir.display()
+            )));
+        }
+        // An existing directory (made before by a laxer umask) is closed to others.
+        if metadata.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(CompileCache {
             dir: dir.to_path_buf(),
             engine_key: format!("{:016x}", hasher.finish()),
+            used: Mutex::new(HashSet::new()),
         })
+    }
+
+    fn note_used(&self, entry: PathBuf) {
+        self.used
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(entry);
+    }
+
+    /// Removes the entries (and unfinished writes) not used since the cache was opened.
+    /// Returns how many it removed.
+    pub fn prune(&self) -> usize {
+        let used = self
+            .used
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for path in entries.filter_map(|entry| entry.ok().map(|entry| entry.path())) {
+            let ours = path
+                .extension()
+                .is_some_and(|extension| extension == "cwasm" || extension == "new");
+            if ours && !used.contains(&path) && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     fn entry(&self, digest: &[u8; 32]) -> PathBuf {
@@ -53,11 +113,15 @@ impl CompileCache {
     /// The cached compilation of the bytes whose SHA-256 is `digest`, if there is a sound one.
     fn load(&self, engine: &Engine, digest: &[u8; 32]) -> Option<Component> {
         let path = self.entry(digest);
-        let entry = std::fs::read(&path).ok()?;
         let refuse = |why: &str| {
             tracing::warn!(entry = %path.display(), why, "compiled plugin cache entry ignored; compiling again");
             None
         };
+        let metadata = std::fs::symlink_metadata(&path).ok()?;
+        if !metadata.is_file() || !ours(&metadata) {
+            return refuse("not a file of this user's that only it can write");
+        }
+        let entry = std::fs::read(&path).ok()?;
         if entry.len() < HEADER || &entry[..MAGIC.len()] != MAGIC {
             return refuse("not an entry of this format");
         }
@@ -74,7 +138,10 @@ impl CompileCache {
         // server writes, and its body is checked against the digest recorded with it; wasmtime
         // itself checks the engine's version and settings in the artifact's header.
         match unsafe { Component::deserialize(engine, body) } {
-            Ok(component) => Some(component),
+            Ok(component) => {
+                self.note_used(path);
+                Some(component)
+            }
             Err(error) => refuse(&format!("{error:#}")),
         }
     }
@@ -103,7 +170,9 @@ impl CompileCache {
         if written.is_err() {
             let _ = std::fs::remove_file(&temporary);
         }
-        written.map_err(|error| format!("{}: {error}", path.display()))
+        written.map_err(|error| format!("{}: {error}", path.display()))?;
+        self.note_used(path);
+        Ok(())
     }
 }
 
@@ -179,6 +248,32 @@ mod tests {
             cache.load(&engine, &digest).is_some(),
             "replaced by a sound entry"
         );
+    }
+
+    #[test]
+    fn entries_not_used_since_opening_are_pruned() {
+        let (dir, engine, cache, bytes, digest) = setup();
+        compile(&engine, Some(&cache), &digest, &bytes).expect("compile");
+        let stale = cache.entry(&[9u8; 32]);
+        std::fs::write(&stale, b"an older build's entry").expect("stale");
+        std::fs::write(dir.path().join("cache/keep.txt"), b"not ours").expect("other");
+        assert_eq!(cache.prune(), 1);
+        assert!(!stale.exists());
+        assert!(cache.entry(&digest).exists(), "the used entry stays");
+        assert!(
+            dir.path().join("cache/keep.txt").exists(),
+            "files it did not make stay"
+        );
+    }
+
+    #[test]
+    fn an_entry_others_can_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, engine, cache, bytes, digest) = setup();
+        compile(&engine, Some(&cache), &digest, &bytes).expect("compile");
+        let entry = cache.entry(&digest);
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(cache.load(&engine, &digest).is_none());
     }
 
     #[test]

@@ -245,6 +245,16 @@ pub(crate) async fn over_quota(
         return Ok(None);
     }
     let row = rows.row(scope, key).await?;
+    // A swap whose precondition does not hold writes nothing: it answers false, not "quota".
+    if let KvWrite::Swap { expected, now, .. } = write {
+        let live = row
+            .as_ref()
+            .filter(|(_, expires_at)| expires_at.is_none_or(|at| at > *now))
+            .map(|(value, _)| value.as_slice());
+        if live != expected.as_deref() {
+            return Ok(None);
+        }
+    }
     let new_len = match write {
         KvWrite::Increment { delta, now, .. } => {
             let live = row

@@ -19,9 +19,11 @@
 //! ipv6_prefix = 64   # the default: an IPv6 client counts by its /64
 //! ```
 //!
-//! Each MAIL FROM counts once against both limits; past either, MAIL gets the (4xx) reply. A
-//! count that cannot be made (the store is down, the plugin's kv quota is spent) defers the
-//! mail with `451 4.3.0`: the limit fails closed.
+//! Each MAIL FROM counts once against both limits (the sender only while the client's network
+//! is within its own); past either, MAIL gets the (4xx) reply. A count that cannot be made
+//! because the store is down defers the mail with `451 4.3.0` (the limit fails closed); one the
+//! plugin's kv quota refuses lets it through and adds one to `uncounted_total`, so that whoever
+//! fills the quota with made-up senders does not stop everyone's mail.
 //! `per_ip` counts client networks, not addresses: an IPv6 host usually holds a whole /64 and
 //! could otherwise take a fresh address for every message.
 
@@ -61,6 +63,24 @@ pub struct RateLimit {
 /// Parses "450 4.7.1 text"; only temporary codes make sense for a rate limit.
 pub fn parse_reply(text: &str) -> Result<Reply, String> {
     Reply::parse(text, 400..500)
+}
+
+/// What a count that could not be made means. A store that is down defers the mail (451): the
+/// limit fails closed. A spent kv quota lets it through, counted in `uncounted_total`: a full
+/// table must not stop everyone's mail, or whoever fills it with made-up senders would. (The host
+/// logs either.)
+fn uncounted(error: kv::KvError) -> AddressDecision {
+    match error {
+        kv::KvError::QuotaExceeded(_) => {
+            metrics::counter_add("uncounted_total", 1);
+            AddressDecision::next()
+        }
+        _ => AddressDecision::tempfail(
+            451,
+            "4.3.0",
+            "Rate limit unavailable, try again later".to_string(),
+        ),
+    }
 }
 
 /// `ip` cut to its prefix: `a.b.c.d/len` or `x:x::/len`, the key `per_ip` counts under. An
@@ -136,26 +156,21 @@ impl Plugin for RateLimit {
     }
 
     fn mail_from(&self, session: &Session, sender: &str, _: &[Param]) -> AddressDecision {
-        let by_sender = if sender.is_empty() {
-            Ok(false)
-        } else {
-            Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender)
-        };
+        // The client's network first: a client past its limit is refused before its sender is
+        // counted, so made-up senders from one network cannot fill the plugin's kv quota.
         let network = client_network(&session.client_ip(), self.ipv4_prefix, self.ipv6_prefix);
-        let by_ip = Self::exceeded(format!("ip:{network}"), self.per_ip);
-        let (by_sender, by_ip) = match (by_sender, by_ip) {
-            (Ok(by_sender), Ok(by_ip)) => (by_sender, by_ip),
-            // Fails closed: a limit that cannot be counted does not let the mail through (the
-            // host has logged why).
-            (Err(_), _) | (_, Err(_)) => {
-                return AddressDecision::tempfail(
-                    451,
-                    "4.3.0",
-                    "Rate limit unavailable, try again later".to_string(),
-                );
+        let limited = match Self::exceeded(format!("ip:{network}"), self.per_ip) {
+            Ok(true) => true,
+            Ok(false) if sender.is_empty() => false,
+            Ok(false) => {
+                match Self::exceeded(format!("sender:{}", sender.to_lowercase()), self.per_sender) {
+                    Ok(limited) => limited,
+                    Err(error) => return uncounted(error),
+                }
             }
+            Err(error) => return uncounted(error),
         };
-        if by_sender || by_ip {
+        if limited {
             metrics::counter_add("limited_total", 1);
             AddressDecision::tempfail(
                 self.reply.code,
@@ -240,14 +255,12 @@ mod tests {
     }
 
     #[test]
-    fn a_count_that_cannot_be_made_defers_the_mail() {
+    fn a_store_that_is_down_defers_and_a_full_quota_lets_mail_through_counted() {
         let harness =
             Harness::<RateLimit>::new(r#"{"per_sender": {"limit": 5, "window_seconds": 60}}"#)
                 .expect("config");
         harness.host(|host| {
-            host.kv_refuses = Some(kv::KvError::QuotaExceeded(
-                "quota of 10 keys reached".to_string(),
-            ))
+            host.kv_refuses = Some(kv::KvError::Unavailable("database down".to_string()))
         });
         let refused = harness.mail_from("a@example.com");
         assert!(
@@ -255,6 +268,44 @@ mod tests {
             "{:?}",
             refused.verdict
         );
+        harness.host(|host| {
+            host.kv_refuses = Some(kv::KvError::QuotaExceeded(
+                "quota of 10 keys reached".to_string(),
+            ))
+        });
+        assert_eq!(
+            harness.mail_from("a@example.com").verdict,
+            Verdict::Continue
+        );
+        harness.host(|host| assert_eq!(host.counters["uncounted_total"], 1));
+    }
+
+    #[test]
+    fn a_network_past_its_limit_adds_no_sender_keys() {
+        let harness =
+            Harness::<RateLimit>::new(r#"{"per_ip": {"limit": 1, "window_seconds": 60}, "per_sender": {"limit": 5, "window_seconds": 60}}"#)
+                .expect("config");
+        assert_eq!(
+            harness.mail_from("a@example.com").verdict,
+            Verdict::Continue
+        );
+        for n in 0..3 {
+            assert!(matches!(
+                harness
+                    .mail_from(&format!("made-up-{n}@example.com"))
+                    .verdict,
+                Verdict::Tempfail(_)
+            ));
+        }
+        harness.host(|host| {
+            assert_eq!(
+                host.kv
+                    .keys()
+                    .filter(|key| key.starts_with("sender:"))
+                    .count(),
+                1
+            )
+        });
     }
 
     #[test]

@@ -31,6 +31,9 @@ impl KvEngine for PgQueue {
     }
 
     async fn write(&self, write: KvWrite) -> Result<KvWritten, QueueError> {
+        if let KvWrite::Purge { now, limit } = write {
+            return self.purge(now, limit).await;
+        }
         match self.writer.submit(WriteOp::Kv(write)).await? {
             WriteOutput::Kv(written) => Ok(written),
             _ => Ok(KvWritten::Done),
@@ -40,5 +43,42 @@ impl KvEngine for PgQueue {
     async fn read_usage(&self) -> Result<Vec<Usage>, QueueError> {
         let rows = sqlx::query_as(USAGE_QUERY).fetch_all(&self.pool).await?;
         Ok(usage_of(rows))
+    }
+}
+
+impl PgQueue {
+    /// One owner's expired keys at a time, in a transaction of its own: the owner's usage row
+    /// first, then its rows in key order, as every writer locks them, so a purge never waits in
+    /// a circle with a writer. Rows another node is writing are left for the next purge.
+    async fn purge(&self, now: Millis, limit: u32) -> Result<KvWritten, QueueError> {
+        let mut transaction = self.pool.begin().await?;
+        let owner: Option<(String, String)> = sqlx::query_as(
+            "SELECT tenant, plugin FROM kv WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some((tenant, plugin)) = owner else {
+            return Ok(KvWritten::Purged(0));
+        };
+        sqlx::query("SELECT 1 FROM kv_usage WHERE tenant = $1 AND plugin = $2 FOR UPDATE")
+            .bind(&tenant)
+            .bind(&plugin)
+            .execute(&mut *transaction)
+            .await?;
+        let purged = sqlx::query(
+            "DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv
+             WHERE tenant = $1 AND plugin = $2 AND expires_at IS NOT NULL AND expires_at <= $3
+             ORDER BY key LIMIT $4 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(&tenant)
+        .bind(&plugin)
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        transaction.commit().await?;
+        Ok(KvWritten::Purged(purged))
     }
 }

@@ -365,21 +365,10 @@ impl PgWriter {
                     .await?;
                 Ok(KvWritten::Done)
             }
-            KvWrite::Purge { now, limit } => {
-                // Rows another node is writing are left for the next purge, in key order as
-                // every writer locks them.
-                let purged = sqlx::query(
-                    "DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv
-                     WHERE expires_at IS NOT NULL AND expires_at <= $1
-                     ORDER BY tenant, plugin, key LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                )
-                .bind(now)
-                .bind(i64::from(*limit))
-                .execute(&mut **transaction)
-                .await?
-                .rows_affected();
-                Ok(KvWritten::Purged(purged))
-            }
+            // Purges run in a transaction of their own (`PgQueue::purge`), never in a group.
+            KvWrite::Purge { .. } => Err(QueueError::Database(
+                "a purge reached the group writer".into(),
+            )),
         }
     }
 }
@@ -459,6 +448,27 @@ impl Apply for PgWriter {
             })
             .collect();
         writes.sort_by(|a, b| a.1.key().cmp(&b.1.key()));
+        // Every kv write changes its owner's usage row (the trigger), and a growing one reads
+        // it FOR UPDATE before its kv row: the group's owners' usage rows are locked first, in
+        // one order, so two groups (or a delete and a growing write) never hold what the other
+        // waits for.
+        let mut owners: Vec<(&str, &str)> = writes
+            .iter()
+            .filter_map(|(_, write)| write.key().map(|(tenant, plugin, _)| (tenant, plugin)))
+            .collect();
+        owners.dedup();
+        if !owners.is_empty() {
+            let (tenants, plugins): (Vec<&str>, Vec<&str>) = owners.into_iter().unzip();
+            sqlx::query(
+                "SELECT 1 FROM kv_usage WHERE (tenant, plugin) IN
+                   (SELECT * FROM UNNEST($1::text[], $2::text[]))
+                 ORDER BY tenant, plugin FOR UPDATE",
+            )
+            .bind(tenants)
+            .bind(plugins)
+            .execute(&mut **self.transaction()?)
+            .await?;
+        }
         for (position, write) in writes {
             outputs[position] = WriteOutput::Kv(self.apply_kv(write).await?);
         }
