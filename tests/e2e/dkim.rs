@@ -536,45 +536,38 @@ async fn eight_bit_mail_to_a_seven_bit_server_is_converted_signed_after_or_bounc
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Transfer-Encoding: 8bit\r\n\r\n{body}"
     );
-    let reply = send_with(
-        &mut client,
-        "MAIL FROM:<alice@signer.test> BODY=8BITMIME",
-        "bob@example.test",
-        &signed,
-    )
-    .await;
-    assert!(reply.starts_with("250 "), "{reply}");
     // Not signed (no key for sender.test): converted on the way out.
     let plain =
         format!("From: a@sender.test\r\nTo: bob@example.test\r\nSubject: plain\r\n\r\n{body}");
-    let reply = send_with(
-        &mut client,
-        "MAIL FROM:<a@sender.test> BODY=8BITMIME",
-        "bob@example.test",
-        &plain,
-    )
-    .await;
-    assert!(reply.starts_with("250 "), "{reply}");
     // 8-bit bytes in a header: cannot be converted, returned with 5.6.3.
     let header =
         format!("From: a@sender.test\r\nTo: bob@example.test\r\nSubject: Grüße\r\n\r\n{body}");
-    let reply = send_with(
-        &mut client,
-        "MAIL FROM:<a@sender.test> BODY=8BITMIME",
-        "bob@example.test",
-        &header,
-    )
-    .await;
-    assert!(reply.starts_with("250 "), "{reply}");
-    // An address that needs SMTPUTF8: returned with 5.6.7.
-    let reply = send_with(
-        &mut client,
-        "MAIL FROM:<a@sender.test> SMTPUTF8",
-        "jürgen@example.test",
-        &plain,
-    )
-    .await;
-    assert!(reply.starts_with("250 "), "{reply}");
+    for (mail, recipient, content) in [
+        (
+            "MAIL FROM:<alice@signer.test> BODY=8BITMIME",
+            "bob@example.test",
+            &signed,
+        ),
+        (
+            "MAIL FROM:<a@sender.test> BODY=8BITMIME",
+            "bob@example.test",
+            &plain,
+        ),
+        (
+            "MAIL FROM:<a@sender.test> BODY=8BITMIME",
+            "bob@example.test",
+            &header,
+        ),
+        // An address that needs SMTPUTF8: returned with 5.6.7.
+        (
+            "MAIL FROM:<a@sender.test> SMTPUTF8",
+            "jürgen@example.test",
+            &plain,
+        ),
+    ] {
+        let reply = send_with(&mut client, mail, recipient, content).await;
+        assert!(reply.starts_with("250 "), "{mail}: {reply}");
+    }
 
     // Two messages and two DSNs (to a@sender.test, through the same next hop).
     let received = sink.wait_for(4, Duration::from_secs(20)).await;
