@@ -11,6 +11,7 @@ mod delivery;
 mod dkim;
 mod dsn;
 mod examples;
+mod filtering;
 mod implicit_tls;
 mod plugins;
 mod rollout;

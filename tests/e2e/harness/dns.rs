@@ -17,6 +17,8 @@ struct Zone {
     secure: std::collections::HashSet<String>,
     /// Names whose lookups fail (SERVFAIL), as a broken or unreachable zone's do.
     failing: std::collections::HashSet<String>,
+    /// Names never answered: the client's lookup times out.
+    silent: std::collections::HashSet<String>,
 }
 
 pub struct DnsServer {
@@ -55,6 +57,9 @@ impl DnsServer {
                 if let Some(query) = request.queries.first() {
                     let name = key(&query.name().to_string());
                     let zone = served.lock().expect("zone");
+                    if zone.silent.contains(&name) {
+                        continue;
+                    }
                     response.metadata.authentic_data = zone.secure.contains(&name);
                     match zone.records.get(&name) {
                         _ if zone.failing.contains(&name) => {
@@ -91,6 +96,11 @@ impl DnsServer {
             .entry(key(name))
             .or_default()
             .push(rdata);
+    }
+
+    /// Lookups of `name` get no answer from now on (they time out).
+    pub fn silence(&self, name: &str) {
+        self.zone.lock().expect("zone").silent.insert(key(name));
     }
 
     /// Lookups of `name` fail with SERVFAIL from now on.
