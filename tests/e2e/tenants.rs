@@ -534,7 +534,7 @@ async fn a_tenants_plugins_keep_to_its_kv_quota_and_expired_keys_are_purged() {
         plugin(
             "limit",
             "rate-limit",
-            "grants = [\"kv\", \"metrics\"]\ntime_limit = \"5s\"\n[plugin.config]\nper_sender = { limit = 100, window_seconds = 1 }\n"
+            "grants = [\"kv\", \"metrics\"]\ntime_limit = \"5s\"\n[plugin.config]\nper_sender = { limit = 100, window_seconds = 3 }\n"
         ),
     );
     let bravo = format!(

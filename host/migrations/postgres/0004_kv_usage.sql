@@ -20,8 +20,7 @@ BEGIN
         ON CONFLICT (tenant, plugin) DO UPDATE
         SET keys = kv_usage.keys + 1, bytes = kv_usage.bytes + excluded.bytes;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- A counter that keeps its length (most increments) leaves the row alone, so writers
-        -- of one plugin's counters do not queue on its usage row.
+        -- A counter that keeps its length (most increments) leaves the row alone.
         IF octet_length(NEW.value) <> octet_length(OLD.value) THEN
             UPDATE kv_usage
             SET bytes = bytes + octet_length(NEW.value) - octet_length(OLD.value)

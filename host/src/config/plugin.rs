@@ -20,7 +20,8 @@ pub struct PluginManifest {
     #[serde(default)]
     pub grants: Vec<Grant>,
     /// Wall-clock time allowed for one hook call, the host calls it makes (a DNS lookup, a kv
-    /// write) included; a transaction's first call gets the same budget once more for
+    /// write) included: a host call is not cut short, but a plugin that gets its answer past the
+    /// limit is stopped there. A transaction's first call gets the same budget once more for
     /// instantiation (and `init`, when the plugin is not pre-initialised).
     #[serde(default = "default_time_limit", with = "humantime_serde")]
     pub time_limit: Duration,

@@ -446,13 +446,15 @@ impl Client {
             let converted = tokio::task::spawn_blocking(move || {
                 crate::mail::seven_bit::seven_bit(&owned).map(std::borrow::Cow::into_owned)
             })
-            .await
-            .unwrap_or(Err(crate::mail::seven_bit::CannotConvert(
-                "the conversion failed",
-            )));
+            .await;
             match converted {
-                Ok(converted) => Some(converted),
-                Err(error) => {
+                Ok(Ok(converted)) => Some(converted),
+                // The conversion task itself failed: nothing is wrong with the message.
+                Err(_) => {
+                    let reply = Reply::new(451, "4.3.0", "the 7-bit conversion failed");
+                    return Ok(vec![reply; envelope.recipients.len()]);
+                }
+                Ok(Err(error)) => {
                     let reply = Reply::new(
                         554,
                         "5.6.3",

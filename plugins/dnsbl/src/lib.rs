@@ -8,11 +8,11 @@
 //! name = "dnsbl"
 //! path = "target/wasm32-wasip2/plugin/dnsbl.wasm"
 //! grants = ["dns", "metrics"]
-//! time_limit = "3s"             # room for the lists' lookups (the host's resolver timeouts)
-//! failure_policy = "continue"   # a list that never answers stops the plugin: let mail in
+//! time_limit = "3s"             # room for the lists' lookups
+//! failure_policy = "continue"   # a list that never answers makes the plugin fail: let mail in
 //! [plugin.config]
 //! threshold = 2
-//! reply = "554 5.7.1 Service unavailable; client [{ip}] listed by {lists}"
+//! reply = "554 5.7.1 Service unavailable; listed by {lists} (client [{ip}])"
 //! [[plugin.config.zones]]
 //! zone = "zen.spamhaus.org"
 //! weight = 2
@@ -29,18 +29,22 @@
 //!
 //! Address lists (`kind = "ip"`, the default) are asked at connect: `d.c.b.a.ZONE` for IPv4,
 //! the 32 reversed nibbles of the address for IPv6. Domain lists are asked at HELO (the name) and
-//! at MAIL FROM (the sender's domain), each adding to the score the connect found. An answer
+//! at MAIL FROM (the sender's domain). Each stage scores its own lists against the threshold
+//! (a session's later transactions start afresh, so nothing is carried from one to the next). An answer
 //! counts when it is an A record in 127.0.0.0/8; with `answers`, only the listed addresses count,
-//! each with its own weight. A lookup that fails counts for nothing: a broken list never refuses
-//! mail. A lookup slower than the plugin's `time_limit` (host calls count towards it) stops the
-//! plugin, and its failure policy answers: give it `failure_policy = "continue"`, as above. Each list that answers adds one to the counter `listed_ZONE` (grant
+//! each with its own weight; answers in 127.255.255.0/24 (the lists' "you may not query" and
+//! "rate limited" codes) never count unless `answers` names them. A lookup that fails counts for
+//! nothing: a broken list never refuses mail. A lookup waits for the host's resolver (its
+//! `[dns] timeout` and attempts); when the plugin gets the answer past its `time_limit` it is
+//! stopped there, and its failure policy answers: give it `failure_policy = "continue"`, as above.
+//! IP literals are not looked up in domain lists. Each list that answers adds one to the counter `listed_ZONE` (grant
 //! `metrics`, the zone's dots and dashes as `_`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Deserialize;
-use switchyard_plugin_sdk::host::{bag, dns, metrics};
+use switchyard_plugin_sdk::host::{dns, metrics};
 use switchyard_plugin_sdk::*;
 
 #[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq, Debug)]
@@ -110,6 +114,17 @@ pub fn query_name(ip: IpAddr, zone: &str) -> String {
     }
 }
 
+/// Whether a list's answer says "listed": an address in 127.0.0.0/8, except 127.255.255.0/24,
+/// which lists use for errors (a public resolver refused, a query limit reached).
+pub fn is_listing(answer: &str) -> bool {
+    answer.starts_with("127.") && !answer.starts_with("127.255.255.")
+}
+
+/// A domain worth asking a domain list about: not an IP literal, bracketed or not.
+fn is_domain(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('[') && name.parse::<IpAddr>().is_err()
+}
+
 /// The counter of a zone: letters, digits and `_`, at most 64 characters.
 pub fn counter_name(zone: &str) -> String {
     let mut name: String = format!("listed_{zone}")
@@ -129,13 +144,10 @@ impl Dnsbl {
         };
         let weight = answers
             .iter()
-            .filter(|answer| answer.starts_with("127."))
-            .map(|answer| {
-                if zone.answers.is_empty() {
-                    zone.weight
-                } else {
-                    zone.answers.get(answer.as_str()).copied().unwrap_or(0.0)
-                }
+            .map(|answer| match zone.answers.get(answer.as_str()) {
+                Some(weight) => *weight,
+                None if zone.answers.is_empty() && is_listing(answer) => zone.weight,
+                None => 0.0,
             })
             .fold(0.0, f64::max);
         if weight != 0.0 {
@@ -148,27 +160,19 @@ impl Dnsbl {
         }
     }
 
-    /// Asks the lists of `kind` about `subject` (looked up as `name_of(zone)`), adds to the
-    /// transaction's score and list names (kept in the bag between hooks), and refuses once the
-    /// score reaches the threshold.
+    /// Asks the lists of `kind` (each about `name_of(zone)`) and refuses when their score
+    /// reaches the threshold.
     fn score(&self, kind: Kind, client: &str, name_of: impl Fn(&str) -> String) -> Verdict {
-        let mut score: f64 = bag::get("score")
-            .and_then(|score| score.parse().ok())
-            .unwrap_or(0.0);
-        let mut lists: Vec<String> = bag::get("lists")
-            .map(|lists| lists.split(' ').map(str::to_string).collect())
-            .unwrap_or_default();
-        lists.retain(|list| !list.is_empty());
+        let mut score = 0.0;
+        let mut lists: Vec<&str> = Vec::new();
         for zone in self.zones.iter().filter(|zone| zone.kind == kind) {
             let weight = Self::weight(zone, &name_of(&zone.zone));
             score += weight;
             if weight > 0.0 {
-                lists.push(zone.zone.clone());
+                lists.push(&zone.zone);
             }
         }
-        bag::set("score", &score.to_string());
-        bag::set("lists", &lists.join(" "));
-        if score >= self.threshold {
+        if !lists.is_empty() && score >= self.threshold {
             let text = self
                 .reply
                 .text
@@ -188,6 +192,12 @@ impl Plugin for Dnsbl {
     fn new(config: Config) -> Result<Self, String> {
         if config.zones.is_empty() {
             return Err("zones: at least one list is needed".to_string());
+        }
+        if config.threshold.is_nan() || config.threshold <= 0.0 {
+            return Err(format!(
+                "threshold must be above 0, not {}",
+                config.threshold
+            ));
         }
         for zone in &config.zones {
             if zone.zone.trim_end_matches('.').is_empty() || zone.weight < 0.0 {
@@ -214,7 +224,7 @@ impl Plugin for Dnsbl {
                 config
                     .reply
                     .as_deref()
-                    .unwrap_or("554 5.7.1 Service unavailable; client [{ip}] listed by {lists}"),
+                    .unwrap_or("554 5.7.1 Service unavailable; listed by {lists} (client [{ip}])"),
                 500..600,
             )?,
         })
@@ -230,8 +240,7 @@ impl Plugin for Dnsbl {
 
     fn helo(&self, session: &Session, name: &str) -> Verdict {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        // An address literal is no domain to look up.
-        if name.is_empty() || name.starts_with('[') {
+        if !is_domain(&name) {
             return Verdict::Continue;
         }
         self.score(Kind::Domain, &session.client_ip(), |zone| {
@@ -243,7 +252,10 @@ impl Plugin for Dnsbl {
         let Some((_, domain)) = sender.rsplit_once('@') else {
             return AddressDecision::next();
         };
-        let domain = domain.to_ascii_lowercase();
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if !is_domain(&domain) {
+            return AddressDecision::next();
+        }
         match self.score(Kind::Domain, &session.client_ip(), |zone| {
             format!("{domain}.{zone}")
         }) {
@@ -277,6 +289,10 @@ mod tests {
             counter_name("zen.spam-haus.org"),
             "listed_zen_spam_haus_org"
         );
+        assert!(
+            is_listing("127.0.0.2") && !is_listing("127.255.255.254") && !is_listing("10.0.0.1")
+        );
+        assert!(is_domain("example.org") && !is_domain("192.0.2.1") && !is_domain("[192.0.2.1]"));
     }
 
     const CONFIG: &str = r#"{
@@ -305,7 +321,7 @@ mod tests {
         let verdict = harness.connect();
         assert!(
             matches!(&verdict, Verdict::Reject(reply) if reply.code == 554
-                && reply.text == "Service unavailable; client [192.0.2.7] listed by bl.test"),
+                && reply.text == "Service unavailable; listed by bl.test (client [192.0.2.7])"),
             "{verdict:?}"
         );
         harness.host(|host| assert_eq!(host.counters["listed_bl_test"], 1));

@@ -52,8 +52,13 @@ impl PgQueue {
     /// a circle with a writer. Rows another node is writing are left for the next purge.
     async fn purge(&self, now: Millis, limit: u32) -> Result<KvWritten, QueueError> {
         let mut transaction = self.pool.begin().await?;
+        // The owner is chosen by its usage row, skipping one a writer holds: a busy owner waits
+        // for the next purge, and the others are purged meanwhile.
         let owner: Option<(String, String)> = sqlx::query_as(
-            "SELECT tenant, plugin FROM kv WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT 1",
+            "SELECT tenant, plugin FROM kv_usage AS usage WHERE EXISTS (SELECT 1 FROM kv
+               WHERE kv.tenant = usage.tenant AND kv.plugin = usage.plugin
+                 AND kv.expires_at IS NOT NULL AND kv.expires_at <= $1)
+             LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .bind(now)
         .fetch_optional(&mut *transaction)
@@ -61,11 +66,6 @@ impl PgQueue {
         let Some((tenant, plugin)) = owner else {
             return Ok(KvWritten::Purged(0));
         };
-        sqlx::query("SELECT 1 FROM kv_usage WHERE tenant = $1 AND plugin = $2 FOR UPDATE")
-            .bind(&tenant)
-            .bind(&plugin)
-            .execute(&mut *transaction)
-            .await?;
         let purged = sqlx::query(
             "DELETE FROM kv WHERE ctid IN (SELECT ctid FROM kv
              WHERE tenant = $1 AND plugin = $2 AND expires_at IS NOT NULL AND expires_at <= $3

@@ -448,10 +448,11 @@ impl Apply for PgWriter {
             })
             .collect();
         writes.sort_by(|a, b| a.1.key().cmp(&b.1.key()));
-        // Every kv write changes its owner's usage row (the trigger), and a growing one reads
-        // it FOR UPDATE before its kv row: the group's owners' usage rows are locked first, in
-        // one order, so two groups (or a delete and a growing write) never hold what the other
-        // waits for.
+        // Most kv writes change their owner's usage row (the trigger; a same-length update does
+        // not), and a growing one reads it FOR UPDATE before its kv row: the group's owners'
+        // usage rows are locked first, in one order, so two groups (or a delete and a growing
+        // write) never hold what the other waits for. The price: one plugin's writes from every
+        // node wait for each other, a group at a time.
         let mut owners: Vec<(&str, &str)> = writes
             .iter()
             .filter_map(|(_, write)| write.key().map(|(tenant, plugin, _)| (tenant, plugin)))
