@@ -6,6 +6,7 @@
 #
 #   N=400 TOP=25 bench/instructions.sh
 #   BENCH=/tmp/hook_call-before N=400 bench/instructions.sh   # a binary kept from another build
+#   HOOK_CALL_TRACE=1 N=400 bench/instructions.sh             # with the decision trace collected
 #
 # It runs `hook_call` in its counting mode (HOOK_CALL_MESSAGES) twice under callgrind, with 0 and
 # with N messages, and divides the difference by N, so that start-up (loading the plugins, taking

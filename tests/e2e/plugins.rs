@@ -815,6 +815,40 @@ async fn a_python_plugin_decides_like_a_rust_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_plugin_decides_like_a_rust_one() {
+    // plugins/js-policy/plugin.js, built by componentize-js: StarlingMonkey inside the component.
+    let settings = "time_limit = \"1s\"\n[plugin.config]\nblocked_recipients = [\"Gone@switchyard.test\"]\ntag = \"checked\"\n";
+    let (router, sink) = router_with(&plugin("js-policy", "js-policy", settings)).await;
+    let mut client = TestClient::connect(router.port).await;
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<gone@switchyard.test>").await.text,
+        "550 5.1.1 recipient gone@switchyard.test is refused (js-policy)"
+    );
+    assert_eq!(client.command("RSET").await.code, 250);
+    client
+        .send_accepted(
+            "s@sender.test",
+            &["b@switchyard.test"],
+            &message("from javascript"),
+        )
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(15)).await;
+    assert!(
+        received[0]
+            .data
+            .contains("X-JS-Policy: checked; subject \"from javascript\"\r\n"),
+        "{}",
+        received[0].data
+    );
+    let listed = String::from_utf8_lossy(&router.plugins(&["list"]).stdout).to_string();
+    assert!(
+        listed.contains("-  js-policy  generation=1") && listed.contains("hooks=[rcpt-to,data]"),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_helo_hooks_refuse_clients_and_delivery_results_are_observed() {
     let sink = sink_refusing_nobody().await;
     let policy = "[plugin.config]\nblocked_networks = [\"127.0.0.66/32\"]\n\

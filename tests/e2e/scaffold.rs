@@ -1,5 +1,6 @@
-//! `switchyard plugins new`: the project it writes passes its own tests natively (the SDK's mock
-//! host), builds as a component, and that component decides in the real router.
+//! `switchyard plugins new`: the project it writes, in each language, passes its own tests
+//! natively (the Rust SDK's mock host, unittest, Node's test runner), builds as a component, and
+//! that component decides in the real router.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,14 +31,10 @@ fn cargo(project: &Path, args: &[&str]) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_rust_plugin_passes_its_tests_builds_and_decides_in_the_router() {
+async fn new_plugins_in_rust_python_and_javascript_pass_their_tests_build_and_decide() {
     let dir = tempfile::tempdir().expect("tempdir");
     let project = dir.path().join("deny-list");
-    let written = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["plugins", "new", "deny-list", "--dir"])
-        .arg(&project)
-        .output_within(COMMAND_LIMIT);
-    assert!(stdout(&written).contains("wrote"));
+    new_project("deny-list", "rust", &project);
 
     let tested = cargo(&project, &["test"]);
     let report = String::from_utf8_lossy(&tested.stdout).into_owned();
@@ -69,23 +66,76 @@ async fn a_new_rust_plugin_passes_its_tests_builds_and_decides_in_the_router() {
         .output_within(COMMAND_LIMIT);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("lower-case letters"));
 
-    let manifest = std::fs::read_to_string(project.join("manifest.toml"))
-        .expect("manifest")
-        .replace(
-            "target/wasm32-wasip2/release/deny_list.wasm",
-            &component.display().to_string(),
-        )
-        .replace("former-employee@example.com", "gone@switchyard.test");
+    // Python and JavaScript, with their own toolchains (componentize-py from PyPI and
+    // componentize-js from npm, both installed by scripts/build-plugins).
+    let python = dir.path().join("py-deny");
+    new_project("py-deny", "python", &python);
+    let tested = run(&python, "./test.sh", &[]);
+    assert!(
+        String::from_utf8_lossy(&tested.stderr).contains("Ran 3 tests"),
+        "{tested:?}"
+    );
+    run(&python, "./build.sh", &[]);
+    let javascript = dir.path().join("js-deny");
+    new_project("js-deny", "js", &javascript);
+    // The npm packages plugins/js-policy installed (the same pinned componentize-js), instead
+    // of another download of them.
+    std::os::unix::fs::symlink(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/js-policy/node_modules"),
+        javascript.join("node_modules"),
+    )
+    .expect("link node_modules");
+    let tested = run(&javascript, "node", &["--test"]);
+    assert!(
+        String::from_utf8_lossy(&tested.stdout).contains("# pass 3"),
+        "{tested:?}"
+    );
+    run(&javascript, "node", &["build.mjs"]);
+
+    // All three in one chain, each refusing its own recipient.
+    let manifest = |project: &Path, component: &Path, gone: &str| {
+        std::fs::read_to_string(project.join("manifest.toml"))
+            .expect("manifest")
+            .lines()
+            .map(|line| {
+                if line.starts_with("path = ") {
+                    format!("path = \"{}\"\ntime_limit = \"2s\"", component.display())
+                } else {
+                    line.replace("former-employee@example.com", gone)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    let chain = [
+        manifest(&project, &component, "gone@switchyard.test"),
+        manifest(
+            &python,
+            &python.join("py_deny.wasm"),
+            "gone-py@switchyard.test",
+        ),
+        manifest(
+            &javascript,
+            &javascript.join("js_deny.wasm"),
+            "gone-js@switchyard.test",
+        ),
+    ]
+    .concat();
     let router = Router::start(RouterOptions {
-        extra: manifest,
+        extra: chain,
         ..RouterOptions::default()
     })
     .await;
     let mut client = TestClient::connect(router.port).await;
     assert_eq!(client.command("MAIL FROM:<s@sender.test>").await.code, 250);
-    let refused = client.command("RCPT TO:<gone@switchyard.test>").await;
-    assert_eq!(refused.code, 550, "{refused:?}");
-    assert!(refused.text.contains("No such user here"), "{refused:?}");
+    for gone in ["gone", "gone-py", "gone-js"] {
+        let refused = client
+            .command(&format!("RCPT TO:<{gone}@switchyard.test>"))
+            .await;
+        assert_eq!(refused.code, 550, "{gone}: {refused:?}");
+        assert!(refused.text.contains("No such user here"), "{refused:?}");
+    }
     assert_eq!(
         client
             .command("RCPT TO:<friend@switchyard.test>")
@@ -93,4 +143,31 @@ async fn a_new_rust_plugin_passes_its_tests_builds_and_decides_in_the_router() {
             .code,
         250
     );
+}
+
+/// `switchyard plugins new NAME --lang LANG --dir DIRECTORY`, which must succeed.
+fn new_project(name: &str, lang: &str, directory: &Path) {
+    let written = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["plugins", "new", name, "--lang", lang, "--dir"])
+        .arg(directory)
+        .output()
+        .expect("run plugins new");
+    assert!(stdout(&written).contains("wrote"));
+}
+
+/// Runs `program ARGS` in `directory`; it must succeed.
+fn run(directory: &Path, program: &str, args: &[&str]) -> std::process::Output {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(directory)
+        .output()
+        .unwrap_or_else(|error| panic!("{program}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} in {}:\n{}\n{}",
+        directory.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }

@@ -1,6 +1,6 @@
 //! The SMTP server side: extensions and every kind of bad input, each with its exact reply.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::client::{message, TestClient};
 use crate::harness::router::{Router, RouterOptions};
@@ -451,8 +451,22 @@ async fn early_talker_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_per_ip_are_limited() {
     let (router, _sink) = router_with_sink("max_sessions_per_ip = 2\n").await;
-    let _first = TestClient::connect(router.port).await;
-    let _second = TestClient::connect(router.port).await;
+    // The harness's readiness probe was a connection from 127.0.0.1 too: until the server has
+    // seen it close, it holds one of the two places. Wait for it to go, then take both.
+    let greeted = |port| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut client = TestClient::connect_raw(port).await;
+            let greeting = client.reply().await;
+            if greeting.code == 220 {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "never greeted: {greeting:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _first = greeted(router.port).await;
+    let _second = greeted(router.port).await;
     let mut third = TestClient::connect_raw(router.port).await;
     assert_eq!(
         third.reply().await.text,

@@ -51,9 +51,8 @@ pub enum PluginsAction {
     /// host) at once.
     New {
         name: String,
-        /// Only `rust` for now.
-        #[arg(long, default_value = "rust")]
-        lang: String,
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: super::scaffold::Lang,
         /// Where to write it (default: ./NAME); must not exist yet, or be empty.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -127,7 +126,7 @@ pub async fn plugins_command(
                 .await?
                 .context("no running server: it has no admin API and no pid file answers")?;
             print!("{}", reloaded.status);
-            if reloaded.failed {
+            if reloaded.any_failure() {
                 bail!("reload failed; the previous generation keeps running");
             }
             Ok(())
@@ -158,15 +157,18 @@ pub async fn plugins_command(
             dir,
             sdk,
         } => {
-            if lang != "rust" {
-                bail!("--lang {lang}: only rust projects can be written for now (see docs/plugin-guide.md for Python)");
-            }
             let directory = dir.unwrap_or_else(|| PathBuf::from(&name));
-            super::scaffold::new_plugin(&name, &directory, sdk.as_deref())?;
-            println!(
-                "wrote {}: `cargo test` there runs its tests; `cargo build --target wasm32-wasip2 --release` builds it",
-                directory.display()
-            );
+            super::scaffold::new_plugin(&name, lang, &directory, sdk.as_deref())?;
+            let how = match lang {
+                super::scaffold::Lang::Rust => {
+                    "`cargo test` runs its tests; `cargo build --target wasm32-wasip2 --release` builds it"
+                }
+                super::scaffold::Lang::Python => "`./test.sh` runs its tests; `./build.sh` builds it",
+                super::scaffold::Lang::Js => {
+                    "`npm install`, then `npm test` runs its tests and `npm run build` builds it"
+                }
+            };
+            println!("wrote {}: {how}", directory.display());
             Ok(())
         }
         PluginsAction::Replay { recording } => {
@@ -182,8 +184,9 @@ enum Change {
     Rollback,
 }
 
-/// Edits the file that declares plugin `name` and has the server reload it. A reload that fails
-/// puts the file back as it was, so file and server agree.
+/// Edits the file that declares plugin `name` and has the server reload it. When the reload of
+/// that file fails (or cannot be asked for), the file is put back as it was and the server
+/// reloads it again, so file and server agree.
 async fn change(
     config_path: Option<&Path>,
     config: &Config,
@@ -199,7 +202,11 @@ async fn change(
     };
     let origin = file.display().to_string();
     let before = std::fs::read_to_string(&file).with_context(|| format!("cannot read {origin}"))?;
-    let candidate = rollout::candidate(&before, &origin, name)?;
+    let action = match change {
+        Change::Promote => "promote",
+        Change::Rollback => "roll back",
+    };
+    let candidate = rollout::candidate(&before, &origin, name, action)?;
     let after = match change {
         Change::Promote => {
             let path = file
@@ -227,22 +234,29 @@ async fn change(
             candidate.path
         ),
     };
-    match reload(config).await? {
-        None => {
-            println!("{done}; no server is running: it takes effect when one starts");
-            Ok(())
-        }
-        Some(reloaded) if reloaded.failed => {
+    let reloaded = match reload(config).await {
+        Ok(reloaded) => reloaded,
+        Err(error) => {
             write_in_place(&file, &before)?;
-            print!("{}", reloaded.status);
-            bail!("the reload failed, so {origin} is back as it was and nothing changed")
+            return Err(error.context(format!(
+                "the server was not reloaded, so {origin} is back as it was"
+            )));
         }
-        Some(reloaded) => {
-            print!("{}", reloaded.status);
-            println!("{done}; reloaded");
-            Ok(())
-        }
+    };
+    let Some(reloaded) = reloaded else {
+        println!("{done}; no server is running: it takes effect when one starts");
+        return Ok(());
+    };
+    print!("{}", reloaded.status);
+    if let Some(error) = reloaded.failure(tenant) {
+        write_in_place(&file, &before)?;
+        // The server keeps what ran before the failed reload; one more makes sure it runs the
+        // file as it is again.
+        let _ = reload(config).await;
+        bail!("the reload failed ({error}), so {origin} is back as it was and nothing changed");
     }
+    println!("{done}; reloaded");
+    Ok(())
 }
 
 /// Refuses to promote a candidate whose file is not the code the server has been running as
@@ -286,40 +300,122 @@ fn tenant_file(config: &Config, id: &str) -> anyhow::Result<PathBuf> {
         .tenants
         .as_ref()
         .context("the configuration has no [tenants] directory")?;
-    let loaded = crate::config::tenant::load_all(tenants, &config.relay.domains)?;
-    loaded
+    // Each file alone: another tenant's broken file does not stop an edit of this one.
+    crate::config::tenant::tenant_files(&tenants.directory)?
         .into_iter()
+        .filter_map(|path| crate::config::TenantConfig::load(&path, &tenants.limits).ok())
         .find(|tenant| tenant.id == id)
         .map(|tenant| tenant.path)
-        .with_context(|| format!("no tenant `{id}` in {}", tenants.directory.display()))
+        .with_context(|| {
+            format!(
+                "no tenant `{id}` loads from {}",
+                tenants.directory.display()
+            )
+        })
 }
 
-/// Replaces `file`'s content at once (a new file renamed over it, with its permissions), so
-/// the server's watcher never reads half of it.
+/// Replaces `file`'s content at once: a new file, with the old one's mode and owner, renamed
+/// over it, so the server's watcher never reads half of it. A symlink (a configuration kept in
+/// a repository) stays a symlink: the file it points to is replaced.
 fn write_in_place(file: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let file = std::fs::canonicalize(file)
+        .with_context(|| format!("cannot resolve {}", file.display()))?;
     let directory = file.parent().unwrap_or(Path::new("."));
     let name = file
         .file_name()
         .with_context(|| format!("{} is not a file", file.display()))?;
-    // Hidden, so the tenants' directory does not take it for a tenant.
-    let temporary = directory.join(format!(".{}.switchyard-new", name.to_string_lossy()));
-    let permissions = std::fs::metadata(file)
-        .with_context(|| format!("cannot read {}", file.display()))?
-        .permissions();
-    let mut out = std::fs::File::create(&temporary)
-        .with_context(|| format!("cannot create {}", temporary.display()))?;
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.sync_all())
-        .with_context(|| format!("cannot write {}", temporary.display()))?;
-    std::fs::set_permissions(&temporary, permissions)?;
-    std::fs::rename(&temporary, file).with_context(|| format!("cannot replace {}", file.display()))
+    let metadata =
+        std::fs::metadata(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    // Hidden, so the tenants' directory does not take it for a tenant; unique, so two commands
+    // at once do not write one file.
+    let temporary = directory.join(format!(
+        ".{}.{}.switchyard-new",
+        name.to_string_lossy(),
+        ulid::Ulid::new()
+    ));
+    let written = (|| -> anyhow::Result<()> {
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(metadata.permissions().mode() & 0o7777)
+            .open(&temporary)
+            .with_context(|| format!("cannot create {}", temporary.display()))?;
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.sync_all())
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        // The server may run as another user than the one editing (sudo): it keeps its file.
+        std::os::unix::fs::chown(&temporary, Some(metadata.uid()), Some(metadata.gid()))
+            .with_context(|| format!("cannot give {} its owner back", temporary.display()))?;
+        std::fs::rename(&temporary, &file)
+            .with_context(|| format!("cannot replace {}", file.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 /// A reload's outcome as the server reported it.
 struct Reloaded {
     status: String,
-    failed: bool,
+    /// Why the global chain did not reload, if it did not.
+    global_error: Option<String>,
+    /// Tenants whose file does not load, and why.
+    tenant_errors: Vec<(String, String)>,
+}
+
+impl Reloaded {
+    fn from_status(status: ChainsStatus) -> Reloaded {
+        Reloaded {
+            global_error: status.last_reload_error.clone(),
+            tenant_errors: status
+                .tenant_errors
+                .iter()
+                .map(|failed| (failed.tenant.clone(), failed.error.clone()))
+                .collect(),
+            status: status.to_text(),
+        }
+    }
+
+    /// The status file's text: `last reload failed: ...` for the global chain, `TENANT  last
+    /// reload failed: ...` for a tenant.
+    fn from_text(status: String) -> Reloaded {
+        let mut reloaded = Reloaded {
+            global_error: None,
+            tenant_errors: Vec::new(),
+            status: String::new(),
+        };
+        for line in status.lines() {
+            if let Some(error) = line.strip_prefix("last reload failed: ") {
+                reloaded.global_error = Some(error.to_string());
+            } else if let Some((tenant, error)) = line.split_once("  last reload failed: ") {
+                reloaded
+                    .tenant_errors
+                    .push((tenant.to_string(), error.to_string()));
+            }
+        }
+        reloaded.status = status;
+        reloaded
+    }
+
+    /// Anything that failed to load.
+    fn any_failure(&self) -> bool {
+        self.global_error.is_some() || !self.tenant_errors.is_empty()
+    }
+
+    /// Why the chain an edit was about (the global one, or `tenant`'s) did not reload.
+    fn failure(&self, tenant: Option<&str>) -> Option<String> {
+        match tenant {
+            None => self.global_error.clone(),
+            Some(tenant) => self
+                .tenant_errors
+                .iter()
+                .find(|(failed, _)| failed == tenant)
+                .map(|(_, error)| error.clone()),
+        }
+    }
 }
 
 /// The running server's plugin status (`None`: no server has written one).
@@ -337,10 +433,7 @@ async fn running_status(config: &Config) -> anyhow::Result<Option<String>> {
 async fn reload(config: &Config) -> anyhow::Result<Option<Reloaded>> {
     if let Some(api) = AdminClient::reach(config).await? {
         let status: ChainsStatus = api.post("/v1/plugins/reload").await?;
-        return Ok(Some(Reloaded {
-            failed: status.last_reload_error.is_some() || !status.tenant_errors.is_empty(),
-            status: status.to_text(),
-        }));
+        return Ok(Some(Reloaded::from_status(status)));
     }
     let status_file = crate::reload::status_path(config);
     let read_status = || std::fs::read_to_string(&status_file).unwrap_or_default();
@@ -371,10 +464,7 @@ async fn reload(config: &Config) -> anyhow::Result<Option<Reloaded>> {
     while std::time::Instant::now() < deadline {
         let status = read_status();
         if attempts(&status).is_some_and(|count| count > before) {
-            return Ok(Some(Reloaded {
-                failed: status.contains("last reload failed"),
-                status,
-            }));
+            return Ok(Some(Reloaded::from_text(status)));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

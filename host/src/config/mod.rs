@@ -358,11 +358,15 @@ mod tests {
         for (extra, expected) in [
             (
                 "canary = { path = \"v2.wasm\", percent = 0 }\n",
-                "canary percent must be above 0 and at most 100, not 0",
+                "canary percent must be from 0.01 to 100, not 0",
+            ),
+            (
+                "canary = { path = \"v2.wasm\", percent = 0.001 }\n",
+                "canary percent must be from 0.01 to 100, not 0.001",
             ),
             (
                 "canary = { path = \"v2.wasm\", percent = 150 }\n",
-                "canary percent must be above 0 and at most 100, not 150",
+                "canary percent must be from 0.01 to 100, not 150",
             ),
             (
                 "shadow = \"v2.wasm\"\ncanary = { path = \"v3.wasm\", percent = 5 }\n",

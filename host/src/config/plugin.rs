@@ -104,7 +104,7 @@ impl From<ShadowForm> for ShadowConfig {
 pub struct CanaryConfig {
     /// The candidate component. A relative path is relative to the file that names it.
     pub path: PathBuf,
-    /// The share of transactions, above 0 and at most 100 (hundredths count: 0.5 is one in
+    /// The share of transactions, from 0.01 to 100 (hundredths count: 0.5 is one in
     /// two hundred).
     pub percent: f64,
     /// The candidate's pinned digest, as the plugin's own `sha256`.
@@ -217,9 +217,9 @@ impl PluginManifest {
                     self.name
                 ));
             }
-            if !(canary.percent > 0.0 && canary.percent <= 100.0) {
+            if !(canary.percent > 0.0 && canary.percent <= 100.0) || canary.basis_points() == 0 {
                 return Err(format!(
-                    "plugin `{}`: canary percent must be above 0 and at most 100, not {}",
+                    "plugin `{}`: canary percent must be from 0.01 to 100, not {}",
                     self.name, canary.percent
                 ));
             }

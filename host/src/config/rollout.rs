@@ -47,11 +47,17 @@ pub struct Candidate {
     pub sha256: Option<String>,
 }
 
-/// The candidate of plugin `name` in `text` (a configuration or tenant file).
-pub fn candidate(text: &str, file: &str, name: &str) -> Result<Candidate, RolloutError> {
+/// The candidate of plugin `name` in `text` (a configuration or tenant file), for `action` (what
+/// an error says was to be done).
+pub fn candidate(
+    text: &str,
+    file: &str,
+    name: &str,
+    action: &'static str,
+) -> Result<Candidate, RolloutError> {
     let mut document = parse(text, file)?;
     let entry = plugin_entry(&mut document, file, name)?;
-    candidate_of(entry, name, "promote")
+    candidate_of(entry, name, action)
 }
 
 /// `text` with plugin `name`'s candidate promoted: its path becomes the plugin's `path`. A
@@ -262,7 +268,7 @@ path = "plugins/plain.wasm"
                 pin('e')
             ),
         );
-        let candidate = candidate(&pinned, "f.toml", "tagger").expect("candidate");
+        let candidate = candidate(&pinned, "f.toml", "tagger", "promote").expect("candidate");
         assert_eq!(candidate.sha256, Some(pin('e')));
         let text = promote(&pinned, "f.toml", "tagger", &pin('d')).expect("promote shadow");
         let config = crate::config::Config::parse(&text, "f.toml").expect("still a config");

@@ -15,7 +15,6 @@ use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::record::{data_verdict_of, verdict_of, Input};
 use crate::plugins::PluginRun;
 use crate::queue::traces::{PendingTrace, StoredCall};
-use base64::Engine as _;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -96,9 +95,6 @@ impl Session {
         self.traced_sender = None;
     }
 
-    /// The calls the transaction's run noted so far, as a record of this client and envelope
-    /// (the envelope as the transaction had it, or as it was when DATA began; the sender as the
-    /// client gave it).
     /// Hands the transaction's recording, if it has one, to be written (when sampled, or
     /// refused and refusals are recorded); the run records on into a new one.
     pub(super) fn finish_recording(&mut self, refused: bool) {
@@ -106,6 +102,9 @@ impl Session {
         self.services.plugins.records().finish(recording, refused);
     }
 
+    /// The calls the transaction's run noted so far, as a record of this client and envelope
+    /// (the envelope as the transaction had it, or as it was when DATA began; the sender as the
+    /// client gave it).
     pub(super) fn take_trace(&mut self) -> Option<PendingTrace> {
         let mut record = self.run.as_mut()?.take_trace("smtp")?;
         let envelope = self
@@ -142,6 +141,7 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
+        run.begin_step();
         let decision = run.connect(&session).await;
         run.record(
             || Input::Connect {
@@ -158,6 +158,7 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
+        run.begin_step();
         let decision = run.helo(&session, name).await;
         run.record(
             || Input::Helo {
@@ -176,6 +177,7 @@ impl Session {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
+        run.begin_step();
         let decision = run.auth(&session, mechanism, identity).await;
         run.record(
             || Input::Auth {
@@ -203,6 +205,7 @@ impl Session {
         let Some(run) = self.plugins()? else {
             return Ok(parsed.mailbox.clone());
         };
+        run.begin_step();
         let (decision, rewritten) = run.mail_from(&session, &sender, &params).await;
         run.record(
             || Input::MailFrom {
@@ -238,6 +241,7 @@ impl Session {
         let Some(run) = self.plugins()? else {
             return Ok((recipient.clone(), false));
         };
+        run.begin_step();
         let (decision, rewritten) = run.rcpt_to(&session, &envelope, &address, &params).await;
         run.record(
             || Input::RcptTo {
@@ -301,6 +305,7 @@ impl Session {
             Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
         };
         run.set_queue_id(queue_id);
+        run.begin_step();
         let (decision, edits) = run
             .data(
                 &session,
@@ -315,8 +320,7 @@ impl Session {
                     session: (*session).clone(),
                     envelope: envelope.clone(),
                     auth: auth.clone(),
-                    content: bodies
-                        .then(|| base64::engine::general_purpose::STANDARD.encode(content)),
+                    content: bodies.then(|| content.clone()),
                 },
                 || data_verdict_of(&decision, &edits),
             );

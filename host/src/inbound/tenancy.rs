@@ -269,6 +269,7 @@ impl Session {
             return Ok(());
         };
         self.transaction.global_sender = self.transaction.sender.clone();
+        run.begin_step();
         let (decision, rewritten) = run.tenant_mail_from(&session, &sender, &params).await;
         run.record(
             || Input::TenantMailFrom {

@@ -263,6 +263,7 @@ impl PluginManager {
         // held share bounds held runs, not the tenant's share, which is for new transactions.
         run.hold = None;
         run.tenant_share = None;
+        run.stop_recording();
         if !run.needed_for(ahead) {
             return None;
         }

@@ -17,6 +17,35 @@ use super::host::SessionFacts;
 use super::run::PluginRun;
 use crate::mail::edit::Edit;
 
+/// Message content in a recording: base64 text.
+mod base64_content {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        content: &Option<bytes::Bytes>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match content {
+            Some(content) => serializer
+                .serialize_some(&base64::engine::general_purpose::STANDARD.encode(content)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<bytes::Bytes>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(deserializer)? else {
+            return Ok(None);
+        };
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(|content| Some(bytes::Bytes::from(content)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// The format of recording files; replay refuses another.
 pub const FORMAT: u32 = 1;
 
@@ -83,8 +112,10 @@ pub enum Input {
         session: SessionFacts,
         envelope: Envelope,
         auth: Auth,
-        /// The message as the data hooks saw it, in base64; none unless `bodies = true`.
-        content: Option<String>,
+        /// The message as the data hooks saw it (base64 in the file; encoded only when written);
+        /// none unless `bodies = true`.
+        #[serde(with = "base64_content")]
+        content: Option<bytes::Bytes>,
     },
     /// The transaction's tenant became known: its chain follows the global one from here.
     EnterTenant {
@@ -206,6 +237,8 @@ pub type SharedTape = Arc<Mutex<Tape>>;
 pub struct Recorder {
     pub id: String,
     pub at: i64,
+    /// When the step under way was asked (see [`PluginRun::begin_step`]).
+    pub step_at: i64,
     pub steps: Vec<Step>,
     pub dns: Vec<DnsAnswer>,
     /// Written whatever its outcome (else only when refused).
@@ -233,9 +266,11 @@ impl RecordSink {
         if !sampled && !settings.refused {
             return None;
         }
+        let now = crate::queue::now_millis();
         Some(Box::new(Recorder {
             id: id.to_string(),
-            at: crate::queue::now_millis(),
+            at: now,
+            step_at: now,
             steps: Vec::new(),
             dns: Vec::new(),
             sampled,
@@ -257,7 +292,11 @@ impl RecordSink {
         let Some(settings) = self.settings.load_full() else {
             return;
         };
-        if recorder.steps.is_empty() {
+        if !recorder
+            .steps
+            .iter()
+            .any(|step| !matches!(step.input, Input::EnterTenant { .. } | Input::LeaveTenant))
+        {
             return;
         }
         let refused = refused || recorder.steps.iter().any(|step| refuses(&step.verdict));
@@ -323,11 +362,20 @@ impl PluginRun {
         self.recorder.is_some()
     }
 
-    /// Records one step (its input built only when recording).
+    /// Notes the time a step is asked, before the chain is: what the `clock` answers on
+    /// replay is what the plugins could have read live.
+    pub fn begin_step(&mut self) {
+        if let Some(recorder) = &mut self.recorder {
+            recorder.step_at = crate::queue::now_millis();
+        }
+    }
+
+    /// Records one step (its input built only when recording), asked at the last
+    /// [`PluginRun::begin_step`].
     pub fn record(&mut self, input: impl FnOnce() -> Input, verdict: impl FnOnce() -> String) {
         if let Some(recorder) = &mut self.recorder {
             recorder.steps.push(Step {
-                at: crate::queue::now_millis(),
+                at: recorder.step_at,
                 input: input(),
                 verdict: verdict(),
             });
@@ -337,11 +385,25 @@ impl PluginRun {
     /// The recording so far, ending it; the run records on into a new one (a transaction cut
     /// by a new greeting starts a new recording, as it starts a new trace).
     pub fn take_recording(&mut self) -> Option<Box<Recorder>> {
+        let tenant = self.tenant().to_string();
         let recorder = self.recorder.as_mut()?;
+        let now = crate::queue::now_millis();
+        // A run already in a tenant's chain (bound at AUTH, which a new greeting keeps) starts
+        // the next recording there, so its replay runs the same chain.
+        let steps = if tenant.is_empty() {
+            Vec::new()
+        } else {
+            vec![Step {
+                at: now,
+                input: Input::EnterTenant { tenant },
+                verdict: String::new(),
+            }]
+        };
         let next = Box::new(Recorder {
             id: recorder.id.clone(),
-            at: crate::queue::now_millis(),
-            steps: Vec::new(),
+            at: now,
+            step_at: now,
+            steps,
             dns: Vec::new(),
             sampled: recorder.sampled,
         });

@@ -11,9 +11,6 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use base64::Engine as _;
-use bytes::Bytes;
-
 use super::host::{BodyHandle, SessionFacts};
 use super::record::{data_verdict_of, verdict_of, Input, Recording, SharedTape, Tape, FORMAT};
 use super::{canary, PluginManager, PluginRun, RunContext};
@@ -193,10 +190,7 @@ async fn ask(
             auth,
             content,
         } => {
-            let Some(content) = content
-                .as_deref()
-                .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
-            else {
+            let Some(content) = content else {
                 return Some(None);
             };
             run.set_queue_id(id);
@@ -205,7 +199,7 @@ async fn ask(
                     &session(facts),
                     envelope,
                     auth,
-                    &BodyHandle::new(Bytes::from(content)),
+                    &BodyHandle::new(content.clone()),
                 )
                 .await;
             data_verdict_of(&decision, &edits)

@@ -225,6 +225,16 @@ impl PluginRun {
         }
     }
 
+    /// Ends recording for good (the run goes on to a message's delivery stages, which are not
+    /// recorded): no steps kept, no lookups noted.
+    pub(super) fn stop_recording(&mut self) {
+        self.recorder = None;
+        self.context.tape = None;
+        if let Some(store) = &mut self.store {
+            store.data_mut().tape = None;
+        }
+    }
+
     /// The run's store, created if it has none yet.
     fn store(&mut self) -> &mut Store<HostState> {
         let PluginRun {

@@ -238,8 +238,9 @@ impl Router {
         self.child = Some(child);
         // A bound, not a timing: the router listens once its plugins are compiled, and the 18 MB
         // Python component alone takes 10 s to compile on a slow machine and over 20 s while the
-        // rest of the suite runs beside it.
-        for _ in 0..1200 {
+        // rest of the suite runs beside it (a chain of Python and JavaScript components, over a
+        // minute). A router that cannot start exits, and is reported at once.
+        for _ in 0..3600 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
@@ -254,7 +255,7 @@ impl Router {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(format!("not listening after 60s; log:\n{}", self.log()))
+        Err(format!("not listening after 180s; log:\n{}", self.log()))
     }
 
     /// Sends SIGTERM: the graceful stop.
