@@ -171,6 +171,16 @@ async fn rsa_and_ed25519_signatures_verify_with_dkimpy_and_a_selector_rotates_li
     );
 }
 
+/// The message among `received` (records of the Python sink) whose Subject is `subject`.
+fn with_subject(received: &[serde_json::Value], subject: &str) -> String {
+    received
+        .iter()
+        .filter_map(|record| record["data"].as_str())
+        .find(|data| data.contains(&format!("Subject: {subject}\r\n")))
+        .unwrap_or_else(|| panic!("no message {subject}"))
+        .to_string()
+}
+
 /// Sends a [`letter`] from `sender` to `recipient` through `router`, which relays it to `sink`,
 /// and returns the message as the sink received it (the first it received).
 async fn relayed(
@@ -755,14 +765,7 @@ async fn a_tenants_own_key_signs_its_mail_and_no_one_elses() {
         )
         .await;
     let received = sink.wait_for(2, Duration::from_secs(15)).await;
-    let data = |subject: &str| -> String {
-        received
-            .iter()
-            .filter_map(|record| record["data"].as_str())
-            .find(|data| data.contains(&format!("Subject: {subject}\r\n")))
-            .unwrap_or_else(|| panic!("no message {subject}"))
-            .to_string()
-    };
+    let data = |subject: &str| with_subject(&received, subject);
     let signed = data("acme's");
     assert_eq!(
         dkimpy(&signed, &records).await,
@@ -810,14 +813,7 @@ async fn a_tenants_own_arc_seals_its_inbound_mail_only() {
         )
         .await;
     let received = fixture.sink.wait_for(2, Duration::from_secs(15)).await;
-    let data = |subject: &str| -> String {
-        received
-            .iter()
-            .filter_map(|record| record["data"].as_str())
-            .find(|data| data.contains(&format!("Subject: {subject}\r\n")))
-            .unwrap_or_else(|| panic!("no message {subject}"))
-            .to_string()
-    };
+    let data = |subject: &str| with_subject(&received, subject);
     let sealed = data("to acme");
     assert!(
         sealed.starts_with("ARC-Seal: i=1; a=rsa-sha256;") && sealed.contains("d=acme.test"),
