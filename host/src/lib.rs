@@ -19,6 +19,7 @@ pub mod net;
 pub mod plugins;
 pub mod queue;
 pub mod reload;
+pub mod scan;
 pub mod serve;
 pub mod shutdown;
 pub mod tenants;

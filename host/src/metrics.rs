@@ -21,7 +21,10 @@
 //! - `queue_messages`, `queue_recipients{state}` (`queued`, `quarantined`, `held`, `leased`) and
 //!   `queue_leased_here`: the queue's counts every 5 s (on a shared queue, the whole queue's,
 //!   as every node sees it, except `queue_leased_here`: this node's leases);
-//! - `queue_available`: 0 from a failed queue write until the database answers again, else 1.
+//! - `queue_available`: 0 from a failed queue write until the database answers again, else 1;
+//! - `scanner_calls_total{scanner,verdict}` (`clean`, `infected`, rspamd's action, or `error`),
+//!   `scanner_errors_total{scanner,error}` (`timeout`, `refused`, `too-large`, `protocol`) and
+//!   `scanner_seconds{scanner}`: the content scanners (see `scan`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +56,14 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<()> {
             &[
                 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ],
+        )
+        .map_err(|error| anyhow::anyhow!("metrics buckets: {error}"))?
+        // Scans: from a clamd answer on loopback to a scanner's longest timeouts.
+        .set_buckets_for_metric(
+            Matcher::Full("switchyard_scanner_seconds".to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ],
         )
         .map_err(|error| anyhow::anyhow!("metrics buckets: {error}"))?

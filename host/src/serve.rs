@@ -374,6 +374,7 @@ fn session_services(
         certificates,
         authenticator,
         accounts,
+        scanners: Arc::new(crate::scan::Scanners::new(&config.scanners)),
         auth_budget: Arc::new(inbound::AuthBudget::new(
             config.submission.auth_failures.clone(),
             config.smtp.client_prefixes(),

@@ -110,6 +110,15 @@ impl<'a> Body<'a> {
         Body(BodySource::Host(body))
     }
 
+    /// The host's handle, when the host lent the message (not in a test).
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn host_body(&self) -> Option<&'a HostBody> {
+        match self.0 {
+            BodySource::Host(body) => Some(body),
+            BodySource::Bytes(_) => None,
+        }
+    }
+
     /// A message made of `content` (headers, a blank line, the body; CRLF line endings).
     pub fn of(content: &'a [u8]) -> Body<'a> {
         Body(BodySource::Bytes(content))

@@ -226,6 +226,31 @@ pub mod dns {
     }
 }
 
+/// What the host's content scanners (rspamd, ClamAV) said about the message the data hook is
+/// deciding on (needs the `scanners` grant; WIT 0.2.3).
+pub mod scanners {
+    pub use crate::bindings::switchyard::plugin::scanners::{
+        ClamavReport, RspamdReport, ScanError, ScanOutcome, ScanResult, Symbol,
+    };
+
+    /// Every applicable scanner's result, in the host's configured order; empty when no scanner
+    /// applies to the message. In a test: the mock host's `scans`.
+    pub fn results(message: &crate::Body<'_>) -> Vec<ScanResult> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            match message.host_body() {
+                Some(body) => crate::bindings::switchyard::plugin::scanners::results(body),
+                None => Vec::new(),
+            }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = message;
+            crate::testing::mock(|m| m.scans.clone())
+        }
+    }
+}
+
 /// The host's clock.
 pub mod clock {
     #[cfg(target_arch = "wasm32")]

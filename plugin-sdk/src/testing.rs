@@ -38,6 +38,8 @@ pub struct MockHost {
     /// Answers to `dns::txt` and `dns::ip`, by kind (`txt`, `ip`) and lower-case name; a name
     /// not here is an error, as an unknown name is.
     pub dns: HashMap<(String, String), Result<Vec<String>, String>>,
+    /// What `scanners::results` answers for any message.
+    pub scans: Vec<crate::host::scanners::ScanResult>,
     /// Lines the plugin logged.
     pub logs: Vec<(Level, String)>,
     pub counters: HashMap<String, u64>,

@@ -20,6 +20,18 @@ fn example_configuration_is_valid() {
 }
 
 #[test]
+fn filtering_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/filtering.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check-config", path])
+        .output_within(COMMAND_LIMIT);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let effective = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(effective.matches("[[scanner]]").count(), 2, "{effective}");
+}
+
+#[test]
 fn tenants_example_is_valid() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),

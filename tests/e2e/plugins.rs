@@ -402,7 +402,7 @@ async fn granted_imports_work_and_ungranted_ones_refuse_to_load() {
         .err()
         .expect("a plugin importing an ungranted interface must not load");
     assert!(
-        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.2`, which its manifest does not grant; add \"kv\" to its grants"),
+        log.contains("plugin `misbehave` imports `switchyard:plugin/kv@0.2.3`, which its manifest does not grant; add \"kv\" to its grants"),
         "{log}"
     );
 }

@@ -290,7 +290,10 @@ fn sha256_hex(path: &std::path::Path) -> String {
 }
 
 /// Runs `switchyard plugins replay` against the configuration at `config`.
-fn replay(recordings: &std::path::Path, config: &std::path::Path) -> std::process::Output {
+pub(crate) fn replay(
+    recordings: &std::path::Path,
+    config: &std::path::Path,
+) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["plugins", "replay", "--recording"])
         .arg(recordings)

@@ -37,7 +37,7 @@ async fn listing_with(router: &Router, wanted: &[&str]) -> String {
 }
 
 /// Polls `queue trace ID` (records are written in batches) until `wanted` all show.
-async fn trace_with(router: &Router, id: &str, wanted: &[&str]) -> String {
+pub(crate) async fn trace_with(router: &Router, id: &str, wanted: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let output = router.queue(&["trace", id]);

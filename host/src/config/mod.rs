@@ -12,6 +12,7 @@ mod kv;
 mod plugin;
 mod queue;
 pub mod rollout;
+mod scanner;
 mod service;
 mod smtp;
 mod submission;
@@ -29,6 +30,7 @@ pub use dkim::{ArcConfig, DkimKeyConfig};
 pub use kv::KvConfig;
 pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest, ShadowConfig};
 pub use queue::{QueueConfig, QueueEngine, RetryConfig};
+pub use scanner::{ScannerAddress, ScannerConfig, ScannerKind};
 use serde::{Deserialize, Serialize};
 pub use service::{
     LogConfig, MetricsConfig, RecordConfig, RecordSettings, ShutdownConfig, TraceConfig,
@@ -91,6 +93,9 @@ pub struct Config {
     /// The plugin chain, in order.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginManifest>,
+    /// Content scanners (rspamd, clamd) asked about each message before the data hooks.
+    #[serde(rename = "scanner")]
+    pub scanners: Vec<ScannerConfig>,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     /// The plugins' decision traces (`switchyard queue trace`).
@@ -136,6 +141,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             routes: Vec::new(),
             plugins: Vec::new(),
+            scanners: Vec::new(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             trace: TraceConfig::default(),

@@ -265,15 +265,17 @@ pub enum Grant {
     Kv,
     Dns,
     Clock,
+    Scanners,
 }
 
 impl Grant {
-    pub const ALL: [Grant; 5] = [
+    pub const ALL: [Grant; 6] = [
         Grant::Log,
         Grant::Metrics,
         Grant::Kv,
         Grant::Dns,
         Grant::Clock,
+        Grant::Scanners,
     ];
 
     /// The WIT interface name, without package.
@@ -284,6 +286,7 @@ impl Grant {
             Grant::Kv => "kv",
             Grant::Dns => "dns",
             Grant::Clock => "clock",
+            Grant::Scanners => "scanners",
         }
     }
 }

@@ -41,7 +41,38 @@ pub fn validate(config: &Config, text: &str) -> Result<(), Problem> {
     dkim(config, &problem)?;
     queue(config, &problem)?;
     admin(config, &problem)?;
+    scanners(config, &problem)?;
     names(config, &problem)
+}
+
+/// Scanners: each usable, named once, on listeners that exist.
+fn scanners(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    let mut names = HashSet::new();
+    for scanner in &config.scanners {
+        if let Some(message) = scanner.problem() {
+            return Err(problem("[[scanner]]", message));
+        }
+        if !names.insert(scanner.name.as_str()) {
+            return Err(problem(
+                "[[scanner]]",
+                format!("two scanners named `{}`", scanner.name),
+            ));
+        }
+        if let Some(unknown) = scanner
+            .listeners
+            .iter()
+            .find(|name| !config.listeners.iter().any(|l| &&l.name == name))
+        {
+            return Err(problem(
+                "[[scanner]]",
+                format!(
+                    "scanner `{}`: no listener is named `{unknown}`",
+                    scanner.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The queue's engine settings: PostgreSQL ones only with that engine, a lease long enough to
@@ -426,6 +457,27 @@ fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
+
+    #[test]
+    fn scanners_are_named_once_and_on_listeners_that_exist() {
+        let scanner = |name: &str, listeners: &str| {
+            format!("[[scanner]]\nname = \"{name}\"\nkind = \"clamav\"\naddress = \"127.0.0.1:3310\"\nlisteners = [{listeners}]\n")
+        };
+        let twice = format!("{}{}", scanner("av", ""), scanner("av", ""));
+        let message = Config::parse(&twice, "c.toml")
+            .expect_err("twice")
+            .to_string();
+        assert!(message.contains("two scanners named `av`"), "{message}");
+        let message = Config::parse(&scanner("av", "\"mx\""), "c.toml")
+            .expect_err("listener")
+            .to_string();
+        assert!(message.contains("no listener is named `mx`"), "{message}");
+        let message = Config::parse(&scanner("a v", ""), "c.toml")
+            .expect_err("name")
+            .to_string();
+        assert!(message.contains("scanner name `a v`"), "{message}");
+        Config::parse(&scanner("av", "\"inbound\""), "c.toml").expect("valid");
+    }
 
     #[test]
     fn duplicate_listener_names_the_second() {

@@ -15,6 +15,7 @@ use crate::plugins::host::{BodyHandle, SessionFacts};
 use crate::plugins::record::{data_verdict_of, verdict_of, Input};
 use crate::plugins::PluginRun;
 use crate::queue::traces::{PendingTrace, StoredCall};
+use crate::scan::ScanResult;
 
 /// A refusal to send instead of the normal reply.
 pub type Refusal = Reply;
@@ -305,13 +306,18 @@ impl Session {
             Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
         };
         run.set_queue_id(queue_id);
+        let scans = self.scan(queue_id, &session, &envelope, content).await;
+        let run = match self.run.as_mut() {
+            Some(run) => run,
+            None => return None,
+        };
         run.begin_step();
         let (decision, edits) = run
             .data(
                 &session,
                 &envelope,
                 &auth,
-                &BodyHandle::new(content.clone()),
+                &BodyHandle::scanned(content.clone(), scans.clone()),
             )
             .await;
         if run.recording() {
@@ -321,11 +327,45 @@ impl Session {
                     envelope: envelope.clone(),
                     auth: auth.clone(),
                     content: bodies.then(|| content.clone()),
+                    scans: scans.to_vec(),
                 },
                 || data_verdict_of(&decision, &edits),
             );
         }
         Some((decision, edits))
+    }
+
+    /// Sends the message to the scanners that apply to it, all at once, and notes their
+    /// results in the transaction's trace.
+    async fn scan(
+        &mut self,
+        queue_id: &str,
+        session: &SessionFacts,
+        envelope: &facts::Envelope,
+        content: &Bytes,
+    ) -> Arc<[ScanResult]> {
+        let scanners = self.services.scanners.clone();
+        let tenant = self.tenant_id();
+        if !scanners.apply_to(&self.listener.name, &tenant) {
+            return Arc::from([]);
+        }
+        let scanned = crate::scan::Envelope {
+            client_ip: session.client_ip.clone(),
+            helo: session.helo.clone(),
+            sender: envelope.sender.clone(),
+            recipients: envelope.recipients.clone(),
+            auth_identity: session.auth_identity.clone(),
+            queue_id: queue_id.to_string(),
+            hostname: self.config().hostname.clone(),
+        };
+        let results: Arc<[ScanResult]> = scanners
+            .scan(&self.listener.name, &tenant, Arc::new(scanned), content)
+            .await
+            .into();
+        if let Some(run) = self.run.as_mut() {
+            run.note_scans(&results);
+        }
+        results
     }
 }
 

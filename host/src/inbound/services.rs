@@ -27,6 +27,8 @@ pub struct Services {
     pub auth_budget: Arc<super::AuthBudget>,
     /// DKIM keys of the global configuration and of each tenant; signs mail of trusted clients.
     pub signer: Arc<crate::dkim::Signer>,
+    /// The content scanners asked about each message before the data hooks.
+    pub scanners: Arc<crate::scan::Scanners>,
     /// The graceful stop: sessions run under it and watch it.
     pub shutdown: crate::shutdown::Shutdown,
 }

@@ -7,6 +7,8 @@ wasmtime::component::bindgen!({
         default: async,
         // Fails closed: an increment that cannot be counted traps (see `host::kv`).
         "switchyard:plugin/kv.increment": async | trappable,
+        // A plugin not granted `scanners` that reads them fails (see `host::scanners`).
+        "switchyard:plugin/scanners.results": async | trappable,
     },
     exports: { default: async },
     with: {

@@ -12,7 +12,7 @@ use super::hooks::HookKind;
 use super::plugin::LoadedPlugin;
 use super::reply::reply_of;
 use crate::queue::now_millis;
-use crate::queue::traces::{StoredCall, TracedPlugin};
+use crate::queue::traces::{StoredCall, TracedPlugin, TracedScan};
 
 /// The calls a run noted since its trace was last taken (each with its absolute time until the
 /// record is taken), and the plugins they name, resolved when each call is noted: a run's set
@@ -25,16 +25,19 @@ pub(super) struct RunTrace {
     seen: Vec<(usize, u16)>,
     /// The last call's subject: the next plugin asked about the same address shares it.
     last_subject: Option<Arc<str>>,
+    /// What the scanners said, before the data hooks.
+    pub(super) scans: Vec<TracedScan>,
 }
 
 impl RunTrace {
     /// The calls noted so far and the plugins they name; the trace starts afresh.
-    pub(super) fn take(&mut self) -> (Vec<StoredCall>, Vec<TracedPlugin>) {
+    pub(super) fn take(&mut self) -> (Vec<StoredCall>, Vec<TracedPlugin>, Vec<TracedScan>) {
         self.seen.clear();
         self.last_subject = None;
         (
             std::mem::take(&mut self.calls),
             std::mem::take(&mut self.plugins),
+            std::mem::take(&mut self.scans),
         )
     }
 

@@ -22,7 +22,7 @@ use super::host::{BodyHandle, HostState, SessionHandle};
 /// A component built against an earlier 0.2.x exports it under its own version, which the
 /// component model's semver rule matches to this one; one of another line fails to load here,
 /// naming this export.
-const HOOKS: &str = "switchyard:plugin/hooks@0.2.2";
+const HOOKS: &str = "switchyard:plugin/hooks@0.2.3";
 
 /// `call_NAME(store, args) -> wasmtime::Result<RESULT>` for one export, like the generated
 /// bindings. A hook without a result (`delivery-result`) has the results `()`, not `((),)`.

@@ -174,17 +174,27 @@ async fn load_one(
         }
     }
     let component = compile(engine, &plugin, digest, bytes.clone(), services, compiled).await?;
-    check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
-        ImportError::NotGranted { import, grant } => LoadError::NotGranted {
-            plugin: plugin.clone(),
-            import,
-            grant: grant.interface().to_string(),
-        },
-        ImportError::Unknown { import } => LoadError::UnknownImport {
-            plugin: plugin.clone(),
-            import,
-        },
-    })?;
+    let called_only =
+        check_imports(engine, &component, &manifest.grants).map_err(|error| match error {
+            ImportError::NotGranted { import, grant } => LoadError::NotGranted {
+                plugin: plugin.clone(),
+                import,
+                grant: grant.interface().to_string(),
+            },
+            ImportError::Unknown { import } => LoadError::UnknownImport {
+                plugin: plugin.clone(),
+                import,
+            },
+        })?;
+    for grant in called_only {
+        tracing::warn!(
+            plugin = %plugin,
+            tenant = %owner,
+            "the plugin can read `{}` but is not granted it: a call fails the plugin (its failure policy answers); add \"{}\" to its grants if its configuration reads it",
+            grant.interface(),
+            grant.interface()
+        );
+    }
     let linker = linker(engine, &manifest.grants).map_err(|error| LoadError::Link {
         plugin: plugin.clone(),
         message: format!("{error:#}"),

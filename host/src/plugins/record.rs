@@ -116,6 +116,9 @@ pub enum Input {
         /// none unless `bodies = true`.
         #[serde(with = "base64_content")]
         content: Option<bytes::Bytes>,
+        /// What the scanners said (replayed as said, never asked again).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scans: Vec<crate::scan::ScanResult>,
     },
     /// The transaction's tenant became known: its chain follows the global one from here.
     EnterTenant {

@@ -189,6 +189,7 @@ async fn ask(
             envelope,
             auth,
             content,
+            scans,
         } => {
             let Some(content) = content else {
                 return Some(None);
@@ -199,7 +200,7 @@ async fn ask(
                     &session(facts),
                     envelope,
                     auth,
-                    &BodyHandle::new(content.clone()),
+                    &BodyHandle::scanned(content.clone(), scans.clone().into()),
                 )
                 .await;
             data_verdict_of(&decision, &edits)

@@ -14,7 +14,7 @@ use super::hooks::HookKind;
 use super::run::{FailureKind, PluginFailure, PluginRun};
 use crate::config::FailurePolicy;
 use crate::queue::now_millis;
-use crate::queue::traces::{PendingTrace, TraceStore};
+use crate::queue::traces::{PendingTrace, TraceStore, TracedScan};
 
 /// Whether runs note their calls: `[trace] enabled`, set at start and at each reload.
 static TRACING: AtomicBool = AtomicBool::new(false);
@@ -155,7 +155,7 @@ impl PluginRun {
     /// message, client, envelope and outcome). `None` when tracing is off for this run.
     pub fn take_trace(&mut self, phase: &'static str) -> Option<PendingTrace> {
         let trace = self.trace.as_mut()?;
-        let (mut calls, plugins) = trace.take();
+        let (mut calls, plugins, scans) = trace.take();
         let at = now_millis();
         for call in &mut calls {
             call.0 -= at;
@@ -170,7 +170,19 @@ impl PluginRun {
             outcome: String::new(),
             plugins,
             calls,
+            scans,
         })
+    }
+
+    /// Notes what the scanners said about the transaction's message, if tracing.
+    pub fn note_scans(&mut self, scans: &[crate::scan::ScanResult]) {
+        if let Some(trace) = &mut self.trace {
+            trace.scans.extend(scans.iter().map(|scan| TracedScan {
+                scanner: scan.scanner.clone(),
+                result: scan.summary(),
+                millis: scan.millis,
+            }));
+        }
     }
 
     /// Whether the run notes its calls for the trace.

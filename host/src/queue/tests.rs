@@ -185,7 +185,7 @@ async fn held_recipients_wait_for_release_and_keep_their_message(place: Place) {
 
 async fn traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_time(place: Place) {
     use super::traces::{
-        PendingTrace, StoredCall, TraceQuery, TraceRecord, TracedCall, TracedPlugin,
+        PendingTrace, StoredCall, TraceQuery, TraceRecord, TracedCall, TracedPlugin, TracedScan,
     };
     use std::borrow::Cow;
     let traces = place.open().await.traces;
@@ -215,6 +215,11 @@ async fn traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_
             None,
             Vec::new(),
         )],
+        scans: vec![TracedScan {
+            scanner: "av".to_string(),
+            result: "clean".to_string(),
+            millis: 3,
+        }],
     };
     let now = now_millis();
     let mut delivery = pending(Some("m1"), now + 5, "", "a@x.test");
@@ -253,6 +258,7 @@ async fn traces_are_kept_by_message_and_refused_ones_found_by_client_sender_and_
                 micros: 42,
                 failure: None,
             }],
+            scans: written[0].scans.clone(),
         }
     );
     assert_eq!(m1[1], written[1].expand());

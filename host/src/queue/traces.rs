@@ -90,6 +90,19 @@ pub struct TraceRecord {
     pub outcome: String,
     pub plugins: Vec<TracedPlugin>,
     pub calls: Vec<TracedCall>,
+    /// What the content scanners said about the message, before the data hooks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scans: Vec<TracedScan>,
+}
+
+/// One scanner's result, in words (`reject, score 1001.50/15.00 (GTUBE)`, `infected: NAME`,
+/// `error (timeout): ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TracedScan {
+    pub scanner: String,
+    pub result: String,
+    /// Time the scan took, in milliseconds.
+    pub millis: u64,
 }
 
 impl TraceRecord {
@@ -184,6 +197,7 @@ pub struct PendingTrace {
     pub outcome: String,
     pub plugins: Vec<TracedPlugin>,
     pub calls: Vec<StoredCall>,
+    pub scans: Vec<TracedScan>,
 }
 
 /// The JSON kept in a record's row (what is not a column of its own).
@@ -197,32 +211,41 @@ struct StoredBody<'a> {
     plugins: Cow<'a, [TracedPlugin]>,
     #[serde(rename = "c")]
     calls: Cow<'a, [StoredCall]>,
+    #[serde(
+        default,
+        rename = "s",
+        skip_serializing_if = "<[TracedScan]>::is_empty"
+    )]
+    scans: Cow<'a, [TracedScan]>,
 }
 
 impl PendingTrace {
-    /// The row's JSON body.
-    pub(super) fn body(&self) -> String {
-        let body = StoredBody {
+    /// What goes into the row's body, borrowed.
+    fn stored_body(&self) -> StoredBody<'_> {
+        StoredBody {
             recipients: Cow::Borrowed(&self.recipients),
             outcome: Cow::Borrowed(&self.outcome),
             plugins: Cow::Borrowed(&self.plugins),
             calls: Cow::Borrowed(&self.calls),
-        };
-        serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_string())
+            scans: Cow::Borrowed(&self.scans),
+        }
+    }
+
+    /// The row's JSON body.
+    pub(super) fn body(&self) -> String {
+        serde_json::to_string(&self.stored_body()).unwrap_or_else(|_| "{}".to_string())
     }
 
     /// The record as it reads back.
     pub fn expand(&self) -> TraceRecord {
+        let body = self.stored_body();
         expand(
             self.message_id.clone(),
             self.at,
             self.phase.to_string(),
             self.client_ip.clone(),
             self.sender.clone(),
-            self.recipients.clone(),
-            self.outcome.clone(),
-            self.plugins.clone(),
-            &self.calls,
+            body,
         )
     }
 }
@@ -238,17 +261,7 @@ pub(super) fn record_of_row(
     body: &str,
 ) -> TraceRecord {
     match serde_json::from_str::<StoredBody>(body) {
-        Ok(body) => expand(
-            message_id,
-            at,
-            phase,
-            client_ip,
-            sender,
-            body.recipients.into_owned(),
-            body.outcome.into_owned(),
-            body.plugins.into_owned(),
-            &body.calls,
-        ),
+        Ok(body) => expand(message_id, at, phase, client_ip, sender, body),
         Err(error) => TraceRecord {
             message_id,
             at,
@@ -259,23 +272,23 @@ pub(super) fn record_of_row(
             outcome: format!("(unreadable trace: {error})"),
             plugins: Vec::new(),
             calls: Vec::new(),
+            scans: Vec::new(),
         },
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The record of a row's columns and its body.
 fn expand(
     message_id: Option<String>,
     at: Millis,
     phase: String,
     client_ip: String,
     sender: String,
-    recipients: Vec<String>,
-    outcome: String,
-    plugins: Vec<TracedPlugin>,
-    calls: &[StoredCall],
+    body: StoredBody<'_>,
 ) -> TraceRecord {
-    let calls = calls
+    let plugins = body.plugins.into_owned();
+    let calls = body
+        .calls
         .iter()
         .map(|call| {
             let plugin = plugins.get(call.plugin());
@@ -300,10 +313,11 @@ fn expand(
         phase,
         client_ip,
         sender,
-        recipients,
-        outcome,
+        recipients: body.recipients.into_owned(),
+        outcome: body.outcome.into_owned(),
         plugins,
         calls,
+        scans: body.scans.into_owned(),
     }
 }
 
@@ -326,6 +340,12 @@ pub fn timeline(records: &[TraceRecord]) -> String {
         }
         out.push_str(&head);
         out.push('\n');
+        for scan in &record.scans {
+            out.push_str(&format!(
+                "  scanner {}: {}  {}ms\n",
+                scan.scanner, scan.result, scan.millis
+            ));
+        }
         for call in &record.calls {
             let mut line = format!("  {}  {:<15} {}", clock(call.at), call.hook, call.plugin);
             if !call.tenant.is_empty() {

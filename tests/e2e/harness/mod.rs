@@ -4,4 +4,5 @@ pub mod dns;
 pub mod peers;
 pub mod process;
 pub mod router;
+pub mod scanners;
 pub mod sink;

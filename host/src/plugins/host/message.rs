@@ -10,22 +10,35 @@ use wasmtime::component::{HasSelf, Linker, Resource};
 use super::HostState;
 use crate::plugins::bindings::switchyard::plugin::{message, types};
 use crate::plugins::bindings::types::Header;
+use crate::scan::ScanResult;
 
 /// The message lent to the data hooks of one chain. The header fields are parsed on the first
 /// `body.headers()` call and shared by every later plugin of the chain: a chain whose plugins
-/// never ask for them never parses them.
+/// never ask for them never parses them. The scanners' results ride with it (read through the
+/// `scanners` interface).
 #[derive(Clone)]
 pub struct BodyHandle {
     content: Bytes,
     headers: Arc<OnceLock<Vec<Header>>>,
+    scans: Arc<[ScanResult]>,
 }
 
 impl BodyHandle {
     pub fn new(content: Bytes) -> BodyHandle {
+        BodyHandle::scanned(content, Arc::from([]))
+    }
+
+    /// The message with what the scanners said about it.
+    pub fn scanned(content: Bytes, scans: Arc<[ScanResult]>) -> BodyHandle {
         BodyHandle {
             content,
             headers: Arc::default(),
+            scans,
         }
+    }
+
+    pub fn scans(&self) -> &[ScanResult] {
+        &self.scans
     }
 
     pub fn content(&self) -> &Bytes {

@@ -11,6 +11,7 @@ mod kv;
 mod log;
 mod message;
 mod metrics;
+mod scanners;
 mod session;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ pub struct PluginState {
     pub kv_quota: crate::queue::kv::Quota,
     /// Granted `clock`: WASI's clocks tell it the real time.
     pub clock: bool,
+    /// Granted `scanners`: it may read the scanners' results.
+    pub scanners: bool,
     /// Caps the plugin's linear memories, whichever run's store they are in.
     pub limits: crate::plugins::limits::MemoryBudget,
     /// The plugin's transaction bag.
@@ -52,6 +55,7 @@ impl PluginState {
             owner: plugin.owner.clone(),
             kv_quota: plugin.kv_quota,
             clock: plugin.manifest.grants.contains(&Grant::Clock),
+            scanners: plugin.manifest.grants.contains(&Grant::Scanners),
             limits: crate::plugins::limits::MemoryBudget::new(
                 plugin.manifest.memory_limit as usize,
             ),
@@ -162,11 +166,14 @@ pub enum ImportError {
 }
 
 /// Refuses a component that imports a host interface it was not granted, naming the interface.
+/// `scanners` is the exception (see [`scanners`]): the grants imported but not granted that
+/// only fail when called are returned, for the loader to warn about.
 pub fn check_imports(
     engine: &Engine,
     component: &Component,
     grants: &[Grant],
-) -> Result<(), ImportError> {
+) -> Result<Vec<Grant>, ImportError> {
+    let mut called_only = Vec::new();
     for (name, _) in component.component_type().imports(engine) {
         let Some(rest) = name.strip_prefix(PACKAGE) else {
             continue; // wasi:* and friends: provided, with nothing granted behind them.
@@ -180,6 +187,7 @@ pub fn check_imports(
             .find(|grant| grant.interface() == interface)
         {
             Some(grant) if grants.contains(&grant) => {}
+            Some(Grant::Scanners) => called_only.push(Grant::Scanners),
             Some(grant) => {
                 return Err(ImportError::NotGranted {
                     import: name.to_string(),
@@ -193,7 +201,7 @@ pub fn check_imports(
             }
         }
     }
-    Ok(())
+    Ok(called_only)
 }
 
 /// A linker with WASI (no files, no network: nothing is preopened or allowed), the always-present
@@ -204,6 +212,8 @@ pub fn linker(engine: &Engine, grants: &[Grant]) -> wasmtime::Result<Linker<Host
     session::link(&mut linker)?;
     message::link(&mut linker)?;
     bag::link(&mut linker)?;
+    // Linked for every plugin; reading it needs the grant (see `scanners`).
+    scanners::link(&mut linker)?;
     for grant in grants {
         match grant {
             Grant::Log => log::link(&mut linker)?,
@@ -211,6 +221,7 @@ pub fn linker(engine: &Engine, grants: &[Grant]) -> wasmtime::Result<Linker<Host
             Grant::Kv => kv::link(&mut linker)?,
             Grant::Dns => dns::link(&mut linker)?,
             Grant::Clock => clock::link(&mut linker)?,
+            Grant::Scanners => {}
         }
     }
     Ok(linker)

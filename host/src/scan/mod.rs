@@ -1,0 +1,296 @@
+//! Content scanners: after DATA (or BDAT's last chunk) and before the data hooks, the message
+//! goes to every `[[scanner]]` that applies to its listener and tenant, all at once, each
+//! bounded by its own timeout. What they answer is handed to the plugins as typed results (the
+//! `scanners` grant); the host itself decides nothing on them. A scanner that fails, is too slow
+//! or is given too large a message is an error result, never "clean".
+//!
+//! The message is sent from the buffer the session already holds (`Bytes` is shared, not
+//! copied): a large message is in memory once however many scanners read it.
+
+mod clamav;
+mod rspamd;
+mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ScannerConfig, ScannerKind};
+
+/// What one scanner said about one message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanResult {
+    /// The scanner's configured name.
+    pub scanner: String,
+    pub outcome: ScanOutcome,
+    /// How long the scan took, in milliseconds (connecting included).
+    #[serde(default)]
+    pub millis: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanOutcome {
+    Rspamd(RspamdVerdict),
+    Clamav(ClamavVerdict),
+    Failed(ScanError),
+}
+
+/// rspamd's answer from `/checkv2`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RspamdVerdict {
+    pub score: f64,
+    pub required_score: f64,
+    /// `no action`, `greylist`, `add header`, `rewrite subject`, `soft reject` or `reject`.
+    pub action: String,
+    /// The symbols that matched, with their scores, highest score first.
+    pub symbols: Vec<Symbol>,
+    /// The text rspamd suggests for the SMTP reply (`messages.smtp_message`), if any.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Header fields rspamd asks to add (its `milter_headers` module: `milter.add_headers`),
+    /// as name and value.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Symbol {
+    pub name: String,
+    pub score: f64,
+}
+
+/// clamd's answer to `zINSTREAM`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClamavVerdict {
+    Clean,
+    /// The signature's name, as clamd reports it (`Eicar-Signature`, `X.UNOFFICIAL`).
+    Infected(String),
+}
+
+/// Why a scanner gave no verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanError {
+    /// No answer within the timeout (in milliseconds).
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+    /// The scanner could not be reached.
+    #[error("cannot connect: {0}")]
+    Refused(String),
+    /// The message is larger than the scanner's `max_size` (in bytes); it was not sent.
+    #[error("message larger than {0} bytes, not scanned")]
+    TooLarge(u64),
+    /// The scanner answered something that is not a verdict, or reported an error of its own.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl ScanError {
+    /// A short name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScanError::Timeout(_) => "timeout",
+            ScanError::Refused(_) => "refused",
+            ScanError::TooLarge(_) => "too-large",
+            ScanError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+impl ScanResult {
+    /// The result in a few words, for the decision trace and logs.
+    pub fn summary(&self) -> String {
+        match &self.outcome {
+            ScanOutcome::Rspamd(verdict) => {
+                let mut text = format!(
+                    "{}, score {:.2}/{:.2}",
+                    verdict.action, verdict.score, verdict.required_score
+                );
+                let top: Vec<&str> = verdict
+                    .symbols
+                    .iter()
+                    .take(5)
+                    .map(|symbol| symbol.name.as_str())
+                    .collect();
+                if !top.is_empty() {
+                    text.push_str(&format!(" ({})", top.join(", ")));
+                }
+                text
+            }
+            ScanOutcome::Clamav(ClamavVerdict::Clean) => "clean".to_string(),
+            ScanOutcome::Clamav(ClamavVerdict::Infected(name)) => format!("infected: {name}"),
+            ScanOutcome::Failed(error) => format!("error ({}): {error}", error.kind()),
+        }
+    }
+
+    /// The verdict's label in `switchyard_scanner_calls_total`.
+    fn verdict_label(&self) -> String {
+        match &self.outcome {
+            ScanOutcome::Rspamd(verdict) => verdict.action.clone(),
+            ScanOutcome::Clamav(ClamavVerdict::Clean) => "clean".to_string(),
+            ScanOutcome::Clamav(ClamavVerdict::Infected(_)) => "infected".to_string(),
+            ScanOutcome::Failed(_) => "error".to_string(),
+        }
+    }
+}
+
+/// What a scanner may be told about the message besides its content (rspamd uses it; clamd
+/// reads only the content).
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    pub client_ip: String,
+    pub helo: Option<String>,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub auth_identity: Option<String>,
+    pub queue_id: String,
+    /// This server's name (rspamd's `MTA-Name`).
+    pub hostname: String,
+}
+
+/// The configured scanners.
+#[derive(Debug, Default)]
+pub struct Scanners {
+    scanners: Vec<Arc<ScannerConfig>>,
+}
+
+impl Scanners {
+    pub fn new(configs: &[ScannerConfig]) -> Scanners {
+        Scanners {
+            scanners: configs.iter().cloned().map(Arc::new).collect(),
+        }
+    }
+
+    /// Whether any scanner applies to mail on `listener` for `tenant`.
+    pub fn apply_to(&self, listener: &str, tenant: &str) -> bool {
+        self.scanners
+            .iter()
+            .any(|scanner| scanner.applies_to(listener, tenant))
+    }
+
+    /// Sends the message to every scanner that applies, at once, and returns their results in
+    /// the order of the configuration.
+    pub async fn scan(
+        &self,
+        listener: &str,
+        tenant: &str,
+        envelope: Arc<Envelope>,
+        content: &Bytes,
+    ) -> Vec<ScanResult> {
+        let mut scans = tokio::task::JoinSet::new();
+        for (index, scanner) in self.scanners.iter().enumerate() {
+            if !scanner.applies_to(listener, tenant) {
+                continue;
+            }
+            let (scanner, envelope, content) = (scanner.clone(), envelope.clone(), content.clone());
+            scans.spawn(async move { (index, scan_one(&scanner, &envelope, content).await) });
+        }
+        let mut results = Vec::with_capacity(scans.len());
+        while let Some(joined) = scans.join_next().await {
+            match joined {
+                Ok(result) => results.push(result),
+                // A scan task cannot panic by design; if one did, its scanner is missing from
+                // the results and the log says so (the plugins see no verdict, not "clean").
+                Err(error) => tracing::error!(%error, "a scanner task failed"),
+            }
+        }
+        results.sort_by_key(|(index, _)| *index);
+        results.into_iter().map(|(_, result)| result).collect()
+    }
+}
+
+/// One scan, bounded by the scanner's timeout and size, counted in the metrics.
+async fn scan_one(scanner: &ScannerConfig, envelope: &Envelope, content: Bytes) -> ScanResult {
+    let started = Instant::now();
+    let outcome = if content.len() as u64 > scanner.max_size {
+        ScanOutcome::Failed(ScanError::TooLarge(scanner.max_size))
+    } else {
+        let scan = async {
+            match scanner.kind {
+                ScannerKind::Rspamd => rspamd::check(&scanner.address, envelope, content)
+                    .await
+                    .map(ScanOutcome::Rspamd),
+                ScannerKind::Clamav => clamav::instream(&scanner.address, &content)
+                    .await
+                    .map(ScanOutcome::Clamav),
+            }
+        };
+        match tokio::time::timeout(scanner.timeout, scan).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => ScanOutcome::Failed(error),
+            Err(_) => ScanOutcome::Failed(ScanError::Timeout(millis(scanner.timeout))),
+        }
+    };
+    let elapsed = started.elapsed();
+    let result = ScanResult {
+        scanner: scanner.name.clone(),
+        outcome,
+        millis: millis(elapsed),
+    };
+    record_metrics(scanner, &result, elapsed);
+    if let ScanOutcome::Failed(error) = &result.outcome {
+        tracing::warn!(scanner = %scanner.name, address = %scanner.address, queue_id = %envelope.queue_id, %error, "scan failed");
+    }
+    result
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn record_metrics(scanner: &ScannerConfig, result: &ScanResult, elapsed: Duration) {
+    let name = scanner.name.clone();
+    metrics::counter!("switchyard_scanner_calls_total", "scanner" => name.clone(), "verdict" => result.verdict_label())
+        .increment(1);
+    metrics::histogram!("switchyard_scanner_seconds", "scanner" => name.clone())
+        .record(elapsed.as_secs_f64());
+    if let ScanOutcome::Failed(error) = &result.outcome {
+        metrics::counter!("switchyard_scanner_errors_total", "scanner" => name, "error" => error.kind())
+            .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ScannerAddress;
+
+    fn scanner(kind: ScannerKind, address: &str, max_size: u64) -> ScannerConfig {
+        ScannerConfig {
+            name: "s".to_string(),
+            kind,
+            address: ScannerAddress::try_from(address.to_string()).expect("address"),
+            timeout: Duration::from_secs(2),
+            max_size,
+            listeners: Vec::new(),
+            tenants: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_size_is_not_sent_and_says_so() {
+        // Nothing listens on the address: a too-large message must not even try to connect.
+        let config = scanner(ScannerKind::Clamav, "127.0.0.1:9", 4);
+        let result = scan_one(&config, &Envelope::default(), Bytes::from_static(b"12345")).await;
+        assert_eq!(result.outcome, ScanOutcome::Failed(ScanError::TooLarge(4)));
+    }
+
+    #[tokio::test]
+    async fn a_scanner_that_is_down_is_an_error_not_clean() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        drop(listener);
+        for kind in [ScannerKind::Clamav, ScannerKind::Rspamd] {
+            let config = scanner(kind, &address, 1024);
+            let result = scan_one(&config, &Envelope::default(), Bytes::from_static(b"x")).await;
+            assert!(
+                matches!(result.outcome, ScanOutcome::Failed(ScanError::Refused(_))),
+                "{kind:?}: {result:?}"
+            );
+        }
+    }
+}
