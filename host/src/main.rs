@@ -60,6 +60,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !tenants.is_empty() {
                 eprintln!("{} tenant file(s) valid", tenants.len());
             }
+            for warning in switchyard::scan::warnings(&config, &tenants) {
+                eprintln!("warning: {warning}");
+            }
             print!("{}", config.to_toml());
             eprintln!("{}: configuration is valid", file.display());
             Ok(())

@@ -75,6 +75,9 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     tokio::spawn(purge_kv(opened.kv.clone(), config.kv.clone()));
     crate::plugins::record::apply(&plugin_services.records, config.record.settings())?;
     let tenant_configs = config.load_tenants()?;
+    for warning in crate::scan::warnings(&config, &tenant_configs) {
+        tracing::warn!("{warning}");
+    }
     let tenants = Arc::new(Tenants::new(
         config.tenants.is_some(),
         tenant_configs.clone(),

@@ -45,7 +45,7 @@ fn errors_name_file_line_and_problem() {
         ("[relay]\nnetworks = [\"10.0.0.0/33\"]\n", "FILE:2:"),
         (
             "[[route]]\ndomain = \"example.com\"\n",
-            "FILE:1:1: missing field `smarthost`",
+            "FILE:2:1: route `example.com`: give one of smarthost (SMTP) and lmtp",
         ),
         (
             "[delivery]\ntls = \"sometimes\"\n",

@@ -204,6 +204,27 @@ async fn clamav_refuses_an_infected_attachment_by_name_and_defers_what_it_cannot
             format!("554 5.7.1 Virus found: {TEST_VIRUS_NAME}").as_str()
         )
     );
+    // BDAT's last chunk is scanned as DATA's end is.
+    assert_eq!(client.command("MAIL FROM:<a@example.com>").await.code, 250);
+    assert_eq!(
+        client.command("RCPT TO:<b@switchyard.test>").await.code,
+        250
+    );
+    let infected = message_with_attachment("chunked", "tool.bin", TEST_VIRUS);
+    let (first, last) = infected.split_at(infected.len() / 2);
+    client
+        .send(format!("BDAT {}\r\n{first}", first.len()).as_bytes())
+        .await;
+    assert_eq!(client.reply().await.code, 250);
+    client
+        .send(format!("BDAT {} LAST\r\n{last}", last.len()).as_bytes())
+        .await;
+    let reply = client.reply().await;
+    assert_eq!(
+        reply.text,
+        format!("554 5.7.1 Virus found: {TEST_VIRUS_NAME}"),
+        "{reply:?}"
+    );
     let clean = message_with_attachment("clean", "notes.txt", b"nothing to see here\n");
     client
         .send_accepted("a@example.com", &["b@switchyard.test"], &clean)
@@ -233,8 +254,8 @@ async fn clamav_refuses_an_infected_attachment_by_name_and_defers_what_it_cannot
     assert_eq!(sink.received().len(), 1, "only the clean message went on");
     let page = scrape_metrics(metrics_port).await;
     for series in [
-        "switchyard_scanner_calls_total{scanner=\"clamav\",verdict=\"infected\"} 1",
-        "switchyard_scanner_calls_total{scanner=\"clamav-local\",verdict=\"infected\"} 1",
+        "switchyard_scanner_calls_total{scanner=\"clamav\",verdict=\"infected\"} 2",
+        "switchyard_scanner_calls_total{scanner=\"clamav-local\",verdict=\"infected\"} 2",
         "switchyard_scanner_calls_total{scanner=\"clamav\",verdict=\"clean\"} 1",
         "switchyard_scanner_errors_total{scanner=\"clamav\",error=\"protocol\"} 1",
     ] {

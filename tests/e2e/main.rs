@@ -12,6 +12,7 @@ mod dkim;
 mod dsn;
 mod examples;
 mod filtering;
+mod handoff;
 mod implicit_tls;
 mod plugins;
 mod rollout;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HostPort, TlsPolicy};
+use super::{Endpoint, HostPort, TlsPolicy};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -131,9 +131,14 @@ impl Default for TlsReportsConfig {
 pub struct RouteConfig {
     /// The recipient domain; "*.example.com" also matches every subdomain.
     pub domain: String,
-    /// Where to send its mail.
-    pub smarthost: HostPort,
-    /// STARTTLS policy towards that host; defaults to `delivery.tls`.
+    /// Where to send its mail by SMTP (one of `smarthost` and `lmtp`).
+    #[serde(default)]
+    pub smarthost: Option<HostPort>,
+    /// Where to hand its mail by LMTP (RFC 2033): a mailbox server's `host:port` or Unix socket
+    /// path (Dovecot's `/run/dovecot/lmtp`), one reply per recipient.
+    #[serde(default)]
+    pub lmtp: Option<Endpoint>,
+    /// STARTTLS policy towards that host (LMTP over TCP too); defaults to `delivery.tls`.
     pub tls: Option<TlsPolicy>,
     /// ARC-seal checked inbound mail with a recipient on this route (forwarded through it),
     /// with the `[arc]` key, even when `[arc] seal` is off.
@@ -146,6 +151,10 @@ pub struct RouteConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MailboxesConfig {
     /// Where a route hook's `mailbox(name)` delivers: the Maildir `root/name/`. In a file,
-    /// relative to the file. Without it such recipients are deferred.
+    /// relative to the file. Without it (and without `lmtp`) such recipients are deferred.
     pub root: Option<PathBuf>,
+    /// Hand a route hook's `mailbox(name)` recipients to this LMTP server (a mailbox server's
+    /// `host:port` or Unix socket path) instead of writing Maildirs: the server files the
+    /// message for the recipient's address.
+    pub lmtp: Option<Endpoint>,
 }

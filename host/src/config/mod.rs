@@ -30,7 +30,7 @@ pub use dkim::{ArcConfig, DkimKeyConfig};
 pub use kv::KvConfig;
 pub use plugin::{BreakerConfig, FailurePolicy, Grant, PluginManifest, ShadowConfig};
 pub use queue::{QueueConfig, QueueEngine, RetryConfig};
-pub use scanner::{ScannerAddress, ScannerConfig, ScannerKind};
+pub use scanner::{ScannerConfig, ScannerKind};
 use serde::{Deserialize, Serialize};
 pub use service::{
     LogConfig, MetricsConfig, RecordConfig, RecordSettings, ShutdownConfig, TraceConfig,
@@ -40,7 +40,7 @@ pub use smtp::{
 };
 pub use submission::{AuthFailureLimits, HeaderFromPolicy, SubmissionConfig};
 pub use tenant::{TenantConfig, TenantLimits, TenantsConfig};
-pub use types::{ClientPrefixes, HostPort, ListenerRole, TlsPolicy};
+pub use types::{ClientPrefixes, Endpoint, HostPort, ListenerRole, TlsPolicy};
 
 /// A configuration problem, with the place in the file where it was found.
 #[derive(Debug, thiserror::Error)]

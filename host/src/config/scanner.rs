@@ -2,10 +2,11 @@
 //! hooks (rspamd over its HTTP protocol, clamd over `zINSTREAM`). Their verdicts are inputs to
 //! the plugins (the `scanners` grant), never decisions of their own.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::Endpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,47 +26,6 @@ impl ScannerKind {
     }
 }
 
-/// Where a scanner listens: `host:port`, or the path of a Unix socket (`/run/clamav/clamd.ctl`,
-/// any value starting with `/`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum ScannerAddress {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl TryFrom<String> for ScannerAddress {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, Self::Error> {
-        if text.starts_with('/') {
-            return Ok(ScannerAddress::Unix(PathBuf::from(text)));
-        }
-        let parsed: super::HostPort = text.parse()?;
-        if parsed.port.is_none() {
-            return Err(format!(
-                "scanner address `{text}`: give host:port, or the path of a Unix socket"
-            ));
-        }
-        Ok(ScannerAddress::Tcp(text))
-    }
-}
-
-impl From<ScannerAddress> for String {
-    fn from(address: ScannerAddress) -> String {
-        address.to_string()
-    }
-}
-
-impl std::fmt::Display for ScannerAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ScannerAddress::Tcp(address) => f.write_str(address),
-            ScannerAddress::Unix(path) => write!(f, "{}", path.display()),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScannerConfig {
@@ -73,14 +33,15 @@ pub struct ScannerConfig {
     /// `-` and `_`.
     pub name: String,
     pub kind: ScannerKind,
-    pub address: ScannerAddress,
+    pub address: Endpoint,
     /// How long one scan may take, connecting included; a scan that takes longer is a
     /// `timeout` result for the plugins (never "clean").
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
-    /// Messages larger than this are not sent; the plugins get a `too-large` result. Keep it at
-    /// or below the scanner's own limit (clamd's `StreamMaxLength`, 25 MiB by default; rspamd's
-    /// `max_message`, 50 MiB).
+    /// Messages larger than this are not sent; the plugins get a `too-large` result. The default
+    /// is the default `[smtp] max_message_size` (25 MiB) and 1 MiB for the header fields the
+    /// host adds. Keep it at or below the scanner's own limit (clamd's `StreamMaxLength`;
+    /// rspamd's `max_message`, 50 MiB).
     #[serde(default = "default_max_size")]
     pub max_size: u64,
     /// The listeners (by name) whose mail is scanned; empty: every listener.
@@ -96,7 +57,7 @@ fn default_timeout() -> Duration {
 }
 
 fn default_max_size() -> u64 {
-    20 * 1024 * 1024
+    26 * 1024 * 1024
 }
 
 impl ScannerConfig {
@@ -145,14 +106,11 @@ mod tests {
     fn addresses_are_host_and_port_or_a_socket_path() {
         let tcp =
             scanner("name = \"r\"\nkind = \"rspamd\"\naddress = \"127.0.0.1:11333\"").expect("tcp");
-        assert_eq!(tcp.address, ScannerAddress::Tcp("127.0.0.1:11333".into()));
+        assert_eq!(tcp.address, Endpoint::Tcp("127.0.0.1:11333".into()));
         assert_eq!(tcp.timeout, Duration::from_secs(15));
         let unix = scanner("name = \"c\"\nkind = \"clamav\"\naddress = \"/run/clamav/clamd.ctl\"")
             .expect("unix");
-        assert_eq!(
-            unix.address,
-            ScannerAddress::Unix("/run/clamav/clamd.ctl".into())
-        );
+        assert_eq!(unix.address, Endpoint::Unix("/run/clamav/clamd.ctl".into()));
         let error = scanner("name = \"c\"\nkind = \"clamav\"\naddress = \"localhost\"")
             .expect_err("no port");
         assert!(error.message().contains("give host:port"), "{error}");

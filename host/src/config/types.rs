@@ -1,6 +1,7 @@
 //! Small configuration value types that validate themselves while being deserialised.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -187,5 +188,46 @@ mod tests {
         assert_eq!(v6.to_string(), "[::1]:25");
         assert!("mx..example".parse::<HostPort>().is_err());
         assert!("mx.example:99999".parse::<HostPort>().is_err());
+    }
+}
+
+/// Where a service listens (a scanner, an LMTP server): `host:port`, or the path of a Unix
+/// socket (any value starting with `/`: `/run/clamav/clamd.ctl`, `/run/dovecot/lmtp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        if text.starts_with('/') {
+            return Ok(Endpoint::Unix(PathBuf::from(text)));
+        }
+        let parsed: HostPort = text.parse()?;
+        if parsed.port.is_none() {
+            return Err(format!(
+                "address `{text}`: give host:port, or the path of a Unix socket"
+            ));
+        }
+        Ok(Endpoint::Tcp(text))
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(address: Endpoint) -> String {
+        address.to_string()
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(address) => f.write_str(address),
+            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+        }
     }
 }

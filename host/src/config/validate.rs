@@ -388,6 +388,15 @@ fn submission(config: &Config, problem: &Locate) -> Result<(), Problem> {
 /// Routes, plugin names and limits, relay domains.
 fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
     for route in &config.routes {
+        if route.smarthost.is_some() == route.lmtp.is_some() {
+            return Err(problem(
+                "domain",
+                format!(
+                    "route `{}`: give one of smarthost (SMTP) and lmtp",
+                    route.domain
+                ),
+            ));
+        }
         let domain = route.domain.trim_start_matches("*.");
         if domain.is_empty() || domain.contains(['@', ' ', '*']) {
             return Err(problem(

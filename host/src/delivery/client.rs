@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::config::TlsPolicy;
+use crate::config::{Endpoint, TlsPolicy};
 use crate::mail::reply::Reply;
 use crate::net::conn::Conn;
 use crate::net::line::LineEnd;
@@ -162,6 +162,25 @@ pub struct Client {
     /// configuration or a route hook, or an MX host an MTA-STS `enforce` policy lists (plain
     /// DNS authenticates no MX record). REQUIRETLS needs it (RFC 8689 4.2.1).
     pub authenticated_host: bool,
+    /// LMTP (RFC 2033): LHLO, and one reply per accepted recipient after the data.
+    lmtp: bool,
+}
+
+/// `connect` within `limit`, its failure a [`ClientError::Connect`] naming `peer`.
+async fn within<T>(
+    limit: Duration,
+    peer: &str,
+    connect: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, ClientError> {
+    let failed = |message: String| ClientError::Connect {
+        peer: peer.to_string(),
+        message,
+    };
+    match tokio::time::timeout(limit, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(error)) => Err(failed(error.to_string())),
+        Err(_) => Err(failed("connection timed out".to_string())),
+    }
 }
 
 impl Client {
@@ -176,32 +195,57 @@ impl Client {
             address.ip(),
             address.port()
         );
-        let tcp = match tokio::time::timeout(options.connect_timeout, TcpStream::connect(address))
-            .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(error)) => {
-                return Err(ClientError::Connect {
-                    peer,
-                    message: error.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(ClientError::Connect {
-                    peer,
-                    message: "connection timed out".to_string(),
-                })
-            }
-        };
+        let tcp = within(options.connect_timeout, &peer, TcpStream::connect(address)).await?;
         let _ = tcp.set_nodelay(true);
+        Client::greet(Stream::Plain(tcp), peer, options, false).await
+    }
+
+    /// Connects to an LMTP server (RFC 2033) over TCP or its Unix socket and greets it with
+    /// LHLO; over TCP, STARTTLS as the policy says where the server offers it.
+    pub async fn connect_lmtp(
+        endpoint: &Endpoint,
+        options: &ConnectOptions<'_>,
+    ) -> Result<Client, ClientError> {
+        let peer = format!("lmtp:{endpoint}");
+        let stream = match endpoint {
+            Endpoint::Tcp(address) => {
+                let tcp = within(
+                    options.connect_timeout,
+                    &peer,
+                    TcpStream::connect(address.as_str()),
+                )
+                .await?;
+                let _ = tcp.set_nodelay(true);
+                Stream::Plain(tcp)
+            }
+            Endpoint::Unix(path) => Stream::Unix(
+                within(
+                    options.connect_timeout,
+                    &peer,
+                    tokio::net::UnixStream::connect(path),
+                )
+                .await?,
+            ),
+        };
+        Client::greet(stream, peer, options, true).await
+    }
+
+    /// Reads the greeting, says EHLO (LHLO) and negotiates TLS and AUTH as `options` say.
+    async fn greet(
+        stream: Stream,
+        peer: String,
+        options: &ConnectOptions<'_>,
+        lmtp: bool,
+    ) -> Result<Client, ClientError> {
         let mut client = Client {
-            conn: Conn::new(Stream::Plain(tcp)),
+            conn: Conn::new(stream),
             capabilities: Capabilities::default(),
             command_timeout: options.command_timeout,
             peer,
             transactions: 0,
             tls: TlsState::None,
             authenticated_host: false,
+            lmtp,
         };
         let greeting = client.read_reply().await?;
         if !greeting.is_positive() {
@@ -294,11 +338,16 @@ impl Client {
     }
 
     async fn hello(&mut self, helo_name: &str) -> Result<(), ClientError> {
-        self.send_line(&format!("EHLO {helo_name}")).await?;
+        let verb = if self.lmtp { "LHLO" } else { "EHLO" };
+        self.send_line(&format!("{verb} {helo_name}")).await?;
         let reply = self.read_reply().await?;
         if reply.is_positive() {
             self.capabilities = Capabilities::from_ehlo(&reply);
             return Ok(());
+        }
+        if self.lmtp {
+            // LMTP has no HELO to fall back to (RFC 2033 4.1).
+            return Err(self.refused(reply));
         }
         // An old server: fall back to HELO and plain SMTP.
         self.send_line(&format!("HELO {helo_name}")).await?;
@@ -381,6 +430,7 @@ impl Client {
             transactions: 0,
             tls: state,
             authenticated_host: self.authenticated_host,
+            lmtp: self.lmtp,
         })
     }
 
@@ -494,16 +544,22 @@ impl Client {
             })
             .collect();
         let data_reply = replies.get(envelope.recipients.len() + 1).cloned();
-        let any_accepted = rcpt_replies.iter().any(Reply::is_positive);
-        let final_data = self.content(data_reply, any_accepted, content).await?;
+        let accepted = rcpt_replies
+            .iter()
+            .filter(|rcpt| rcpt.is_positive())
+            .count();
+        let finals = self.content(data_reply, accepted, content).await?;
+        // LMTP answers each accepted recipient in turn (RFC 2033 4.2); SMTP, once for all.
+        let per_recipient = self.lmtp && accepted > 0 && finals.len() == accepted;
+        let mut next_final = finals.iter();
         Ok(rcpt_replies
             .into_iter()
-            .map(|rcpt| {
-                if rcpt.is_positive() {
-                    final_data.clone()
-                } else {
-                    rcpt
-                }
+            .map(|rcpt| match (rcpt.is_positive(), per_recipient) {
+                (false, _) => rcpt,
+                (true, true) => next_final.next().cloned().unwrap_or_else(|| {
+                    Reply::new(451, "4.4.0", "no reply for this recipient after the data")
+                }),
+                (true, false) => finals[0].clone(),
             })
             .collect())
     }
@@ -626,17 +682,17 @@ impl Client {
         Ok(replies)
     }
 
-    /// After DATA's reply: the content (dot-stuffed) and the final reply, or the reason there
-    /// was none.
+    /// After DATA's reply: the content (dot-stuffed) and the final reply (LMTP: one per
+    /// accepted recipient), or the reason there was none.
     async fn content(
         &mut self,
         data_reply: Option<Reply>,
-        any_accepted: bool,
+        accepted: usize,
         content: &[u8],
-    ) -> Result<Reply, ClientError> {
+    ) -> Result<Vec<Reply>, ClientError> {
         match data_reply {
             Some(reply) if reply.code == 354 => {
-                if any_accepted {
+                if accepted > 0 {
                     let stuffed = dot_stuff(content);
                     self.conn.queue(&stuffed);
                     self.conn.queue(b".\r\n");
@@ -645,15 +701,20 @@ impl Client {
                     self.conn.queue(b".\r\n");
                 }
                 self.flush().await?;
-                self.read_reply().await
+                let count = if self.lmtp { accepted.max(1) } else { 1 };
+                let mut finals = Vec::with_capacity(count);
+                for _ in 0..count {
+                    finals.push(self.read_reply().await?);
+                }
+                Ok(finals)
             }
             Some(reply) => {
                 self.reset().await?;
-                Ok(reply)
+                Ok(vec![reply])
             }
             None => {
                 self.reset().await?;
-                Ok(Reply::new(554, "5.5.1", "no valid recipients"))
+                Ok(vec![Reply::new(554, "5.5.1", "no valid recipients")])
             }
         }
     }

@@ -68,10 +68,12 @@ pub trait Transport: Send + Sync {
     async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply>;
 }
 
-/// The server's transports: SMTP for relays and MX hosts, Maildir for mailboxes.
+/// The server's transports: SMTP for relays and MX hosts, Maildir for mailboxes, LMTP for
+/// mailbox servers.
 pub struct Transports {
     pub smtp: SmtpTransport,
     pub mailbox: MailboxTransport,
+    pub lmtp: super::lmtp::LmtpTransport,
 }
 
 impl Transports {
@@ -93,13 +95,14 @@ impl Transports {
                 ),
                 policies,
                 dns,
-                client_tls,
+                client_tls: client_tls.clone(),
                 credentials,
             },
             mailbox: MailboxTransport {
                 root: config.mailboxes.root.clone(),
                 hostname: config.hostname.clone(),
             },
+            lmtp: super::lmtp::LmtpTransport { config, client_tls },
         }
     }
 }
@@ -108,7 +111,9 @@ impl Transports {
 impl Transport for Transports {
     async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
         match hop {
+            NextHop::Mailbox { .. } if self.lmtp.serves_mailboxes() => self.lmtp.open(hop).await,
             NextHop::Mailbox { .. } => self.mailbox.open(hop).await,
+            NextHop::Lmtp { .. } => self.lmtp.open(hop).await,
             NextHop::Relay { .. } | NextHop::Mx { .. } => self.smtp.open(hop).await,
         }
     }
@@ -140,6 +145,11 @@ impl SmtpTransport {
                 451,
                 "4.3.5",
                 format!("mailbox `{}` is local: no SMTP host", one_line(name)),
+            )),
+            NextHop::Lmtp { endpoint, .. } => Err(Reply::new(
+                451,
+                "4.3.5",
+                format!("lmtp:{endpoint} is not an SMTP host"),
             )),
         }
     }
@@ -184,7 +194,7 @@ impl Transport for SmtpTransport {
         let mut tls = match hop {
             NextHop::Relay { tls, .. } => *tls,
             NextHop::Mx { .. } => self.config.delivery.tls,
-            NextHop::Mailbox { .. } => TlsPolicy::None,
+            NextHop::Mailbox { .. } | NextHop::Lmtp { .. } => TlsPolicy::None,
         };
         let policy = match hop {
             NextHop::Mx { domain } => self.sts.policy_for(&domain_key(domain)).await,

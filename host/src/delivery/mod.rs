@@ -10,6 +10,7 @@ pub mod connect;
 pub mod credentials;
 pub mod dsn;
 pub mod inbox;
+pub mod lmtp;
 pub mod mailbox;
 pub mod observe;
 mod outcome;

@@ -1,6 +1,6 @@
 //! The next hop of a recipient domain: a configured route, the global smarthost, or its MX records.
 
-use crate::config::{Config, HostPort, RouteConfig, TlsPolicy};
+use crate::config::{Config, Endpoint, HostPort, RouteConfig, TlsPolicy};
 use crate::mail::address::domain_key;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,8 +9,11 @@ pub enum NextHop {
     Mx { domain: String },
     /// Send to this host, whatever the domain.
     Relay { host: HostPort, tls: TlsPolicy },
-    /// Write into this local Maildir under `[mailboxes] root` (a route hook's `mailbox(name)`).
+    /// Write into this local Maildir under `[mailboxes] root` (a route hook's `mailbox(name)`),
+    /// or hand it to `[mailboxes] lmtp`.
     Mailbox { name: String },
+    /// Hand to this LMTP server (a `[[route]]`'s `lmtp`).
+    Lmtp { endpoint: Endpoint, tls: TlsPolicy },
 }
 
 impl NextHop {
@@ -20,6 +23,7 @@ impl NextHop {
             NextHop::Mx { domain } => domain.clone(),
             NextHop::Relay { host, .. } => format!("[{host}]"),
             NextHop::Mailbox { name } => format!("mailbox:{name}"),
+            NextHop::Lmtp { endpoint, .. } => format!("lmtp:{endpoint}"),
         }
     }
 }
@@ -45,9 +49,18 @@ pub fn route_for<'a>(config: &'a Config, domain: &str) -> Option<&'a RouteConfig
 pub fn next_hop(config: &Config, domain: &str) -> NextHop {
     let domain = domain_key(domain);
     if let Some(route) = route_for(config, &domain) {
-        return NextHop::Relay {
-            host: route.smarthost.clone(),
-            tls: route.tls.unwrap_or(config.delivery.tls),
+        let tls = route.tls.unwrap_or(config.delivery.tls);
+        return match (&route.smarthost, &route.lmtp) {
+            (_, Some(endpoint)) => NextHop::Lmtp {
+                endpoint: endpoint.clone(),
+                tls,
+            },
+            (Some(host), None) => NextHop::Relay {
+                host: host.clone(),
+                tls,
+            },
+            // Validation requires one of the two; a route without either is no route.
+            (None, None) => NextHop::Mx { domain },
         };
     }
     if let Some(smarthost) = &config.delivery.smarthost {

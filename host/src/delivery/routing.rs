@@ -135,7 +135,8 @@ impl Dispatcher {
                 NextHop::Relay { host, tls }
             }
             RouteDecision::Hop(wit::NextHop::Mailbox(name)) => {
-                if self.config.mailboxes.root.is_none() {
+                let mailboxes = &self.config.mailboxes;
+                if mailboxes.root.is_none() && mailboxes.lmtp.is_none() {
                     // Keep the mail rather than lose it: the operator can add the setting.
                     return Routed::Settled(Reply::new(
                         451,

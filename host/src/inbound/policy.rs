@@ -301,16 +301,14 @@ impl Session {
             dmarc: verdicts.dmarc,
         };
         let bodies = self.services.plugins.records().bodies();
-        let run = match self.plugins() {
-            Ok(run) => run?,
+        match self.plugins() {
+            Ok(Some(run)) => run.set_queue_id(queue_id),
+            Ok(None) => return None,
             Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
-        };
-        run.set_queue_id(queue_id);
+        }
         let scans = self.scan(queue_id, &session, &envelope, content).await;
-        let run = match self.run.as_mut() {
-            Some(run) => run,
-            None => return None,
-        };
+        // The run `plugins()` started is still the transaction's (scanning only notes in it).
+        let run = self.plugin_run();
         run.begin_step();
         let (decision, edits) = run
             .data(

@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 
 pub enum Stream {
     Plain(TcpStream),
+    /// A local socket (an LMTP server's): never upgraded to TLS.
+    Unix(tokio::net::UnixStream),
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// No socket: stands in while the real one is being moved into TLS.
@@ -30,7 +32,7 @@ impl Stream {
     /// The negotiated TLS version and cipher, for Received headers and logs.
     pub fn tls_description(&self) -> Option<String> {
         let (version, suite) = match self {
-            Stream::Plain(_) | Stream::Detached => return None,
+            Stream::Plain(_) | Stream::Unix(_) | Stream::Detached => return None,
             Stream::ServerTls(tls) => {
                 let (_, session) = tls.get_ref();
                 (
@@ -62,6 +64,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -77,6 +80,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -86,6 +90,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Detached => Poll::Ready(Err(detached())),
@@ -95,6 +100,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Detached => Poll::Ready(Ok(())),

@@ -5,7 +5,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{stream, ClamavVerdict, ScanError};
-use crate::config::ScannerAddress;
+use crate::config::Endpoint;
 
 /// Bytes per chunk: clamd reads chunks of any size up to its `StreamMaxLength`.
 const CHUNK: usize = 64 * 1024;
@@ -13,7 +13,7 @@ const CHUNK: usize = 64 * 1024;
 const MAX_REPLY: usize = 4096;
 
 pub(super) async fn instream(
-    address: &ScannerAddress,
+    address: &Endpoint,
     content: &[u8],
 ) -> Result<ClamavVerdict, ScanError> {
     let mut connection = stream::connect(address).await?;

@@ -182,25 +182,78 @@ impl Scanners {
         content: &Bytes,
     ) -> Vec<ScanResult> {
         let mut scans = tokio::task::JoinSet::new();
+        let mut names = std::collections::HashMap::new();
         for (index, scanner) in self.scanners.iter().enumerate() {
             if !scanner.applies_to(listener, tenant) {
                 continue;
             }
-            let (scanner, envelope, content) = (scanner.clone(), envelope.clone(), content.clone());
-            scans.spawn(async move { (index, scan_one(&scanner, &envelope, content).await) });
+            let (task_scanner, envelope, content) =
+                (scanner.clone(), envelope.clone(), content.clone());
+            let task =
+                scans.spawn(async move { scan_one(&task_scanner, &envelope, content).await });
+            names.insert(task.id(), (index, scanner.name.clone()));
         }
         let mut results = Vec::with_capacity(scans.len());
-        while let Some(joined) = scans.join_next().await {
-            match joined {
-                Ok(result) => results.push(result),
-                // A scan task cannot panic by design; if one did, its scanner is missing from
-                // the results and the log says so (the plugins see no verdict, not "clean").
-                Err(error) => tracing::error!(%error, "a scanner task failed"),
-            }
+        while let Some(joined) = scans.join_next_with_id().await {
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                // A scan task cannot panic by design; if one did, its scanner still has a
+                // result: an error, never a missing (and so unseen) verdict.
+                Err(error) => {
+                    tracing::error!(%error, "a scanner task failed");
+                    let scanner = names.get(&error.id()).map(|(_, name)| name.clone());
+                    let result = ScanResult {
+                        scanner: scanner.unwrap_or_default(),
+                        outcome: ScanOutcome::Failed(ScanError::Protocol(format!(
+                            "the scan failed: {error}"
+                        ))),
+                        millis: 0,
+                    };
+                    (error.id(), result)
+                }
+            };
+            let index = names.get(&id).map_or(usize::MAX, |(index, _)| *index);
+            results.push((index, result));
         }
         results.sort_by_key(|(index, _)| *index);
         results.into_iter().map(|(_, result)| result).collect()
     }
+}
+
+/// What `check-config` and the server's start warn about: scanners that no plugin (of the
+/// global chain or a tenant's) is granted to read, which cost every message their time and
+/// decide nothing; and a `max_size` below the largest message accepted, whose larger messages
+/// are never scanned.
+pub fn warnings(
+    config: &crate::config::Config,
+    tenants: &[crate::config::TenantConfig],
+) -> Vec<String> {
+    let mut warnings: Vec<String> = unread_warning(config, tenants).into_iter().collect();
+    for scanner in &config.scanners {
+        if scanner.max_size < config.smtp.max_message_size {
+            warnings.push(format!(
+                "scanner `{}`: max_size {} is below [smtp] max_message_size {}: larger messages are not scanned (a too-large result)",
+                scanner.name, scanner.max_size, config.smtp.max_message_size
+            ));
+        }
+    }
+    warnings
+}
+
+fn unread_warning(
+    config: &crate::config::Config,
+    tenants: &[crate::config::TenantConfig],
+) -> Option<String> {
+    use crate::config::Grant;
+    let granted = |plugins: &[crate::config::PluginManifest]| {
+        plugins
+            .iter()
+            .any(|plugin| plugin.grants.contains(&Grant::Scanners))
+    };
+    let read = granted(&config.plugins) || tenants.iter().any(|tenant| granted(&tenant.plugins));
+    (!config.scanners.is_empty() && !read).then(|| {
+        "scanners are configured ([[scanner]]) but no plugin is granted \"scanners\": every message is scanned and nothing decides on the results".to_string()
+    })
 }
 
 /// One scan, bounded by the scanner's timeout and size, counted in the metrics.
@@ -257,18 +310,46 @@ fn record_metrics(scanner: &ScannerConfig, result: &ScanResult, elapsed: Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ScannerAddress;
+    use crate::config::Endpoint;
 
     fn scanner(kind: ScannerKind, address: &str, max_size: u64) -> ScannerConfig {
         ScannerConfig {
             name: "s".to_string(),
             kind,
-            address: ScannerAddress::try_from(address.to_string()).expect("address"),
+            address: Endpoint::try_from(address.to_string()).expect("address"),
             timeout: Duration::from_secs(2),
             max_size,
             listeners: Vec::new(),
             tenants: None,
         }
+    }
+
+    #[test]
+    fn scanners_that_no_plugin_reads_are_warned_about() {
+        let mut config = crate::config::Config::default();
+        assert_eq!(unread_warning(&config, &[]), None, "no scanners");
+        config
+            .scanners
+            .push(scanner(ScannerKind::Rspamd, "127.0.0.1:11333", 1024));
+        let plugin = |grants: &str| -> crate::config::PluginManifest {
+            toml::from_str(&format!(
+                "name = \"p\"\npath = \"p.wasm\"\ngrants = [{grants}]"
+            ))
+            .expect("manifest")
+        };
+        config.plugins.push(plugin("\"kv\""));
+        assert!(unread_warning(&config, &[]).is_some_and(|w| w.contains("no plugin is granted")));
+        config.plugins.push(plugin("\"scanners\""));
+        assert_eq!(unread_warning(&config, &[]), None);
+        // Its max_size (1 KiB) is below the largest message accepted.
+        let warned = warnings(&config, &[]);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].contains("larger messages are not scanned"),
+            "{warned:?}"
+        );
+        config.scanners[0].max_size = config.smtp.max_message_size;
+        assert!(warnings(&config, &[]).is_empty());
     }
 
     #[tokio::test]

@@ -10,13 +10,13 @@ use serde_json::Value;
 
 use super::clamav::printable;
 use super::{stream, Envelope, RspamdVerdict, ScanError, Symbol};
-use crate::config::ScannerAddress;
+use crate::config::Endpoint;
 
 /// The largest report read: a report lists every symbol with its options, rarely 100 KiB.
 const MAX_REPORT: usize = 4 * 1024 * 1024;
 
 pub(super) async fn check(
-    address: &ScannerAddress,
+    address: &Endpoint,
     envelope: &Envelope,
     content: Bytes,
 ) -> Result<RspamdVerdict, ScanError> {
@@ -25,11 +25,11 @@ pub(super) async fn check(
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(connection))
         .await
         .map_err(protocol)?;
-    // The connection is driven beside the request; it ends when the answer is read (or the
-    // scan is dropped at its timeout, which drops this task's future with it).
-    let driver = tokio::spawn(async move {
+    // The connection is driven beside the request, and stopped when the answer is read or the
+    // scan is given up (its timeout drops this future, and the guard with it).
+    let _driver = AbortOnDrop(tokio::spawn(async move {
         let _ = connection.await;
-    });
+    }));
     let request = request(envelope, content)?;
     let answered = async {
         let response = sender.send_request(request).await.map_err(protocol)?;
@@ -48,8 +48,16 @@ pub(super) async fn check(
         parse_report(&body)
     }
     .await;
-    driver.abort();
     answered
+}
+
+/// Stops a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn request(envelope: &Envelope, content: Bytes) -> Result<hyper::Request<Full<Bytes>>, ScanError> {
@@ -66,7 +74,15 @@ fn request(envelope: &Envelope, content: Bytes) -> Result<hyper::Request<Full<By
             headers.append(HeaderName::from_static(name), value);
         }
     };
-    add("from", &envelope.sender);
+    // The null sender as Postfix's milter protocol gives it, so rspamd sees a bounce.
+    add(
+        "from",
+        if envelope.sender.is_empty() {
+            "<>"
+        } else {
+            envelope.sender.as_str()
+        },
+    );
     for recipient in &envelope.recipients {
         add("rcpt", recipient);
     }

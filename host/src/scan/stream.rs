@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ScanError;
-use crate::config::ScannerAddress;
+use crate::config::Endpoint;
 
 /// A byte stream either way.
 pub(super) trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -11,10 +11,10 @@ pub(super) trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
 /// Connects to `address`; a failure is [`ScanError::Refused`] naming the address.
-pub(super) async fn connect(address: &ScannerAddress) -> Result<Box<dyn Connection>, ScanError> {
+pub(super) async fn connect(address: &Endpoint) -> Result<Box<dyn Connection>, ScanError> {
     let refused = |error: std::io::Error| ScanError::Refused(format!("{address}: {error}"));
     Ok(match address {
-        ScannerAddress::Tcp(address) => {
+        Endpoint::Tcp(address) => {
             let stream = tokio::net::TcpStream::connect(address.as_str())
                 .await
                 .map_err(refused)?;
@@ -22,7 +22,7 @@ pub(super) async fn connect(address: &ScannerAddress) -> Result<Box<dyn Connecti
             let _ = stream.set_nodelay(true);
             Box::new(stream)
         }
-        ScannerAddress::Unix(path) => Box::new(
+        Endpoint::Unix(path) => Box::new(
             tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(refused)?,

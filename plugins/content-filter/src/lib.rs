@@ -16,22 +16,26 @@
 //!   { header = "To", contains = "old-list@", action = "remove-recipient", address = "old-list@example.com" },
 //!   # On the host's scanners (`[[scanner]]`; the plugin needs the "scanners" grant):
 //!   { virus = true, action = "reject", reply = "554 5.7.1 Virus found: {virus}" },
-//!   { scanner_error = true, action = "tempfail", reply = "451 4.7.1 Cannot scan the message now ({scanner_error})" },
+//!   { scanner_error = ["timeout", "refused", "protocol"], action = "tempfail", reply = "451 4.7.1 Cannot scan the message now ({scanner_error})" },
+//!   { scanner_error = ["too-large"], action = "add-header", name = "X-Scanned", value = "no, too large" },
 //!   { rspamd_action = "reject", action = "reject", reply = "550 5.7.1 Spam: {rspamd_message}" },
 //!   { rspamd_action = "add header", action = "add-header", name = "X-Spam", value = "Yes, score={rspamd_score}" },
-//!   { rspamd_score = 0.0, action = "add-rspamd-headers" },
+//!   { always = true, action = "add-rspamd-headers" },
 //! ]
 //! ```
 //!
 //! A rule matches when all its conditions hold (`header` + `contains`, case-insensitive substring;
 //! `attachment`, a file extension of any attachment; `spf`/`dkim`/`dmarc`, the host's result;
 //! `always`; and on the scanners' results: `virus` (ClamAV found one), `scanner_error` (a
-//! scanner gave no verdict: down, too slow, message too large, a protocol error), `rspamd_score`
-//! (rspamd's score is at least this), `rspamd_action` (rspamd recommends this action),
-//! `rspamd_symbol` (this symbol matched); `scanner` narrows them to one scanner by name).
-//! Edits (`add-header`, `remove-header`, `add-rspamd-headers`, the header fields rspamd asked to
-//! add, and `add-recipient`/`remove-recipient`, which change the envelope like Postfix's
-//! `recipient_bcc_maps`) apply and evaluation goes on; any other action decides and stops.
+//! scanner gave no verdict: `true` for any error, or a list of the kinds that count:
+//! `timeout`, `refused`, `too-large`, `protocol`), `rspamd_score` (rspamd's score is at least
+//! this), `rspamd_action` (rspamd recommends this action), `rspamd_symbol` (this symbol
+//! matched); `scanner` narrows them to one scanner by name, and without it the `rspamd_*`
+//! conditions read the first rspamd scanner's report). Edits (`add-header`, `remove-header`,
+//! `add-rspamd-headers`, which puts in the header fields rspamd asked to add, replacing any of
+//! the same names the message arrived with, and `add-recipient`/`remove-recipient`, which change
+//! the envelope like Postfix's `recipient_bcc_maps`) apply and evaluation goes on; any other
+//! action decides and stops.
 //!
 //! A reply, quarantine reason or header value may name what the scanners said: `{virus}` (the
 //! signature), `{rspamd_score}`, `{rspamd_action}`, `{rspamd_message}` (rspamd's reply text, or
@@ -58,9 +62,9 @@ pub struct Rule {
     /// ClamAV found a virus.
     #[serde(default)]
     pub virus: bool,
-    /// A scanner gave no verdict.
+    /// A scanner gave no verdict (of these kinds).
     #[serde(default)]
-    pub scanner_error: bool,
+    pub scanner_error: ErrorKinds,
     /// rspamd's score is at least this.
     pub rspamd_score: Option<f64>,
     /// rspamd recommends this action ("reject", "add header"...).
@@ -79,6 +83,52 @@ pub struct Rule {
     pub value: Option<String>,
     /// For add-recipient/remove-recipient.
     pub address: Option<String>,
+}
+
+/// `scanner_error = true` (any error) or a list of kinds.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(untagged)]
+pub enum ErrorKinds {
+    Any(bool),
+    Kinds(Vec<String>),
+    #[default]
+    #[serde(skip)]
+    Unset,
+}
+
+const ERROR_KINDS: &[&str] = &["timeout", "refused", "too-large", "protocol"];
+
+/// rspamd's actions (its `action` in a report).
+const RSPAMD_ACTIONS: &[&str] = &[
+    "no action",
+    "greylist",
+    "add header",
+    "rewrite subject",
+    "soft reject",
+    "reject",
+];
+
+impl ErrorKinds {
+    fn wanted(&self) -> bool {
+        matches!(self, ErrorKinds::Any(true) | ErrorKinds::Kinds(_))
+    }
+
+    fn counts(&self, error: &ScanError) -> bool {
+        match self {
+            ErrorKinds::Any(any) => *any,
+            ErrorKinds::Kinds(kinds) => kinds.iter().any(|kind| kind == error_kind(error)),
+            ErrorKinds::Unset => false,
+        }
+    }
+}
+
+fn error_kind(error: &ScanError) -> &'static str {
+    match error {
+        ScanError::Timeout(_) => "timeout",
+        ScanError::Refused(_) => "refused",
+        ScanError::TooLarge(_) => "too-large",
+        ScanError::Protocol(_) => "protocol",
+    }
 }
 
 #[derive(Deserialize)]
@@ -175,10 +225,12 @@ impl Scans {
         })
     }
 
-    /// The first scanner that gave no verdict, and why, in words.
-    fn error(&self, scanner: Option<&str>) -> Option<String> {
+    /// The first scanner that gave no verdict of the kinds counted, and why, in words.
+    fn error(&self, scanner: Option<&str>, kinds: &ErrorKinds) -> Option<String> {
         self.find(scanner, |result| match &result.outcome {
-            ScanOutcome::Error(error) => Some(format!("{}: {}", result.scanner, error_text(error))),
+            ScanOutcome::Error(error) if kinds.counts(error) => {
+                Some(format!("{}: {}", result.scanner, error_text(error)))
+            }
             _ => None,
         })
     }
@@ -221,18 +273,40 @@ fn fill(text: &str, scans: Option<&Scans>, scanner: Option<&str>) -> String {
                 .map(|report| report.message.as_deref().unwrap_or(&report.action))
                 .unwrap_or_default(),
         )
-        .replace("{scanner_error}", &scans.error(scanner).unwrap_or_default());
+        .replace(
+            "{scanner_error}",
+            &scans
+                .error(scanner, &ErrorKinds::Any(true))
+                .unwrap_or_default(),
+        );
     filled
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
 
+/// The names `fill` replaces.
+const PLACEHOLDERS: &[&str] = &[
+    "{virus}",
+    "{rspamd_score}",
+    "{rspamd_action}",
+    "{rspamd_message}",
+    "{scanner_error}",
+];
+
 impl Rule {
+    /// Whether the rule's reply, reason or header value names what the scanners said.
+    fn names_scans(&self) -> bool {
+        [&self.reply, &self.reason, &self.value]
+            .into_iter()
+            .flatten()
+            .any(|text| PLACEHOLDERS.iter().any(|name| text.contains(name)))
+    }
+
     /// Whether the rule looks at the scanners' results.
     fn reads_scanners(&self) -> bool {
         self.virus
-            || self.scanner_error
+            || self.scanner_error.wanted()
             || self.rspamd_score.is_some()
             || self.rspamd_action.is_some()
             || self.rspamd_symbol.is_some()
@@ -245,7 +319,10 @@ impl Rule {
         let rspamd = scans.rspamd(scanner);
         let checks = [
             (self.virus, scans.virus(scanner).is_some()),
-            (self.scanner_error, scans.error(scanner).is_some()),
+            (
+                self.scanner_error.wanted(),
+                scans.error(scanner, &self.scanner_error).is_some(),
+            ),
             (
                 self.rspamd_score.is_some(),
                 rspamd
@@ -374,6 +451,29 @@ impl Plugin for ContentFilter {
                     rule.action
                 ));
             }
+            if let Some(action) = rule
+                .rspamd_action
+                .as_deref()
+                .filter(|action| !RSPAMD_ACTIONS.contains(&action.to_ascii_lowercase().as_str()))
+            {
+                return Err(format!(
+                    "rule {}: rspamd has no action `{action}` (expected one of {})",
+                    index + 1,
+                    RSPAMD_ACTIONS.join(", ")
+                ));
+            }
+            if let ErrorKinds::Kinds(kinds) = &rule.scanner_error {
+                if let Some(kind) = kinds
+                    .iter()
+                    .find(|kind| !ERROR_KINDS.contains(&kind.as_str()))
+                {
+                    return Err(format!(
+                        "rule {}: no scanner error is `{kind}` (expected {})",
+                        index + 1,
+                        ERROR_KINDS.join(", ")
+                    ));
+                }
+            }
             if rule.scanner.is_some() && !rule.reads_scanners() {
                 return Err(format!(
                     "rule {}: `scanner` narrows scanner conditions; the rule has none",
@@ -405,6 +505,9 @@ impl Plugin for ContentFilter {
             if !self.matches(rule, &mut message) {
                 continue;
             }
+            if rule.names_scans() {
+                message.scans();
+            }
             let scanner = rule.scanner.as_deref();
             let fill = |text: &str| fill(text, message.scans.as_ref(), scanner);
             let name = rule.name.clone().unwrap_or_default();
@@ -425,6 +528,18 @@ impl Plugin for ContentFilter {
                         .and_then(|scans| scans.rspamd(scanner))
                         .map(|report| report.headers.clone())
                         .unwrap_or_default();
+                    // rspamd's fields replace any of the same names the message arrived with (a
+                    // sender's forged X-Spam-Status), as rspamd's milter does.
+                    let mut removed: Vec<String> = Vec::new();
+                    for field in &fields {
+                        if !removed
+                            .iter()
+                            .any(|name| name.eq_ignore_ascii_case(&field.name))
+                        {
+                            edits = edits.remove_header(&field.name);
+                            removed.push(field.name.clone());
+                        }
+                    }
                     for field in fields {
                         edits = edits.add_header(&field.name, field.value);
                     }
@@ -510,11 +625,12 @@ mod tests {
 
         const POLICY: &str = r#"{"rules":[
             {"virus":true,"action":"reject","reply":"554 5.7.1 Virus found: {virus}"},
-            {"scanner_error":true,"action":"tempfail","reply":"451 4.7.1 Cannot scan now ({scanner_error})"},
+            {"scanner_error":["timeout","refused","protocol"],"action":"tempfail","reply":"451 4.7.1 Cannot scan now ({scanner_error})"},
+            {"scanner_error":["too-large"],"action":"add-header","name":"X-Scanned","value":"no ({scanner_error})"},
             {"rspamd_action":"reject","action":"reject","reply":"550 5.7.1 Spam: {rspamd_message}"},
             {"rspamd_symbol":"BAYES_SPAM","scanner":"rspamd","action":"quarantine","reason":"bayes {rspamd_score}"},
             {"rspamd_score":6.0,"action":"add-header","name":"X-Spam","value":"Yes, score={rspamd_score}"},
-            {"rspamd_score":-1000.0,"action":"add-rspamd-headers"}
+            {"always":true,"action":"add-rspamd-headers"}
         ]}"#;
 
         fn rspamd(score: f64, action: &str, symbols: &[&str]) -> ScanResult {
@@ -613,6 +729,53 @@ mod tests {
                     ("X-Spamd-Result".to_string(), "default: [7.5]".to_string())
                 ]
             );
+            assert!(
+                decision
+                    .edits
+                    .contains(&Edit::RemoveHeader("X-Spamd-Result".to_string())),
+                "rspamd's fields replace the arriving ones: {:?}",
+                decision.edits
+            );
+        }
+
+        #[test]
+        fn a_message_too_large_to_scan_is_marked_not_deferred() {
+            let decision = decide(vec![clamav(ScanOutcome::Error(ScanError::TooLarge(100)))]);
+            assert_eq!(decision.verdict, DataVerdict::Continue);
+            assert_eq!(
+                decision.edits,
+                [Edit::AddHeader(Header {
+                    name: "X-Scanned".to_string(),
+                    value: "no (clamav: message larger than 100 bytes)".to_string()
+                })]
+            );
+        }
+
+        #[test]
+        fn placeholders_are_filled_whatever_rule_matched_first() {
+            let harness = Harness::<ContentFilter>::new(
+                r#"{"rules":[{"header":"Subject","contains":"hi","action":"reject","reply":"550 5.7.1 score {rspamd_score}"}]}"#,
+            )
+            .expect("policy");
+            mock(|host| host.scans = vec![rspamd(3.5, "no action", &[])]);
+            let envelope = Envelope {
+                sender: "a@example.com".to_string(),
+                recipients: vec!["b@example.org".to_string()],
+            };
+            let decision = harness.data(&envelope, "Subject: hi\r\n\r\nbody\r\n");
+            assert_eq!(reply_of(&decision), "550 5.7.1 score 3.50");
+        }
+
+        #[test]
+        fn unknown_actions_and_error_kinds_are_refused() {
+            for rules in [
+                r#"[{"rspamd_action":"add_header","action":"reject"}]"#,
+                r#"[{"scanner_error":["slow"],"action":"reject"}]"#,
+            ] {
+                let config: Config =
+                    serde_json::from_str(&format!(r#"{{"rules":{rules}}}"#)).expect("json");
+                assert!(ContentFilter::new(config).is_err(), "{rules}");
+            }
         }
 
         #[test]

@@ -1,6 +1,8 @@
 pub mod certs;
 pub mod client;
+pub mod daemon;
 pub mod dns;
+pub mod dovecot;
 pub mod peers;
 pub mod process;
 pub mod router;

@@ -9,11 +9,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::daemon::Daemon;
 use super::router::free_port;
 
 /// How long a scanner may take to start answering (rspamd needs a few seconds on 2 cores).
@@ -25,62 +25,6 @@ pub const TEST_VIRUS_NAME: &str = "Switchyard.Test.Virus.UNOFFICIAL";
 
 /// GTUBE: rspamd answers `reject` to a message carrying it.
 pub const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
-
-/// A server in its own process group, stopped (with every worker it forked) on drop.
-struct Daemon {
-    child: Child,
-    what: &'static str,
-}
-
-impl Daemon {
-    fn spawn(command: &mut Command, what: &'static str, log: &Path) -> Daemon {
-        let output = std::fs::File::create(log).expect("log file");
-        let errors = output.try_clone().expect("log file");
-        let child = command
-            .stdin(Stdio::null())
-            // Both write their log to standard output in the foreground: a file never fills
-            // up as an unread pipe would.
-            .stdout(output)
-            .stderr(errors)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!("cannot start {what} (scripts/test installs it from Debian's packages): {error}")
-            });
-        Daemon { child, what }
-    }
-
-    /// Panics, with the log, if the server has exited.
-    fn check_running(&mut self, log: &Path) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("{} exited ({status}) while starting:\n{log}", self.what);
-        }
-    }
-
-    fn stop(&mut self) {
-        let group = -(self.child.id() as i32);
-        // SAFETY: kill(2) on the process group this daemon leads; no memory is involved.
-        unsafe { libc::kill(group, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Whatever is left of the group (rspamd's workers outlive a killed main process).
-        // SAFETY: as above.
-        unsafe { libc::kill(group, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// One request and its whole answer, on a fresh connection, within a few seconds.
 fn exchange(address: &str, request: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -25,11 +25,8 @@ impl wit::Host for HostState {
                 self.plugin().name
             )));
         }
-        Ok(self
-            .table
-            .get(&message)
-            .map(|body| body.scans().iter().map(to_wit).collect())
-            .unwrap_or_default())
+        let body = self.table.get(&message)?;
+        Ok(body.scans().iter().map(to_wit).collect())
     }
 }
 
