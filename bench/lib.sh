@@ -83,7 +83,9 @@ run() {
   local port=$1 size=$2; shift 2
   local start accepted done
   start=$(now)
-  smtp-source -s "$SESSIONS" -l "$size" -m "$N" -f bench@source.test -t sink@sink.test "127.0.0.1:$port"
+  # PACE (seconds): each session waits that long between messages, for a fixed offered rate
+  # (about SESSIONS/PACE messages per second) instead of as fast as the server takes them.
+  smtp-source -s "$SESSIONS" ${PACE:+-w "$PACE"} -l "$size" -m "$N" -f bench@source.test -t sink@sink.test "127.0.0.1:$port"
   accepted=$(now)
   until "$@"; do sleep 0.05; done
   done=$(now)

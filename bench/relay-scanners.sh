@@ -9,12 +9,20 @@
 # files in a temporary folder, rspamd with only its normal worker and a short list of domain
 # endings, clamd with a one-signature database of our own (nothing can be downloaded here).
 #
-#   N=2000 SESSIONS=20 SIZE=1024 ROUNDS=3 bench/relay-scanners.sh
+# Two loads: saturated (SESSIONS sessions sending as fast as each server takes mail), where the
+# scanners set the rate; and paced (PACED_SESSIONS sessions each sending one message a second,
+# the same offered rate for every server, below what any of them can take). A server's CPU per
+# message depends on its rate (group commit and batching amortise less at a lower rate), so
+# Switchyard's own cost of scanning is the paced comparison.
+#
+#   N=2000 SESSIONS=20 SIZE=1024 ROUNDS=3 PACED_SESSIONS=150 PACED_N=1500 bench/relay-scanners.sh
 set -euo pipefail
 N=${N:-2000}
 SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-1024}
 ROUNDS=${ROUNDS:-3}
+PACED_SESSIONS=${PACED_SESSIONS:-150}
+PACED_N=${PACED_N:-1500}
 RSPAMD_PORT=${RSPAMD_PORT:-2811}
 CLAMD_PORT=${CLAMD_PORT:-2812}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -130,27 +138,39 @@ group_ticks() {
 }
 per_message() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / N )); }
 
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE B, $(nproc) cores, $ROUNDS rounds"
-echo "| round | server | delivered/s | Switchyard CPU µs/msg | rspamd CPU µs/msg | clamd CPU µs/msg |"
-echo "| --- | --- | --- | --- | --- | --- |"
-declare -A cpus rates
-for round in $(seq "$ROUNDS"); do
-  port=2631
-  for name in none rspamd_only clamd_only both; do
-    r_before=$(group_ticks "$rspamd_group")
-    c_before=$(group_ticks "$clamd_group")
-    read -r delivered cpu <<<"$(measure "$name" "$port")"
-    r_cpu=$(per_message $(( $(group_ticks "$rspamd_group") - r_before )))
-    c_cpu=$(per_message $(( $(group_ticks "$clamd_group") - c_before )))
-    cpus[$name]+="$cpu "
-    rates[$name]+="$delivered "
-    echo "| $round | $name | $delivered | $cpu | $r_cpu | $c_cpu |"
-    port=$((port + 1))
-  done
-done
 median_of() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-echo
+
+# rounds LABEL: ROUNDS rounds of every server, a table row each, then the medians.
+rounds() {
+  local label=$1 round name port delivered cpu r_before c_before r_cpu c_cpu
+  declare -A cpus=() rates=()
+  echo "# $label: $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS${PACE:+ each waiting ${PACE}s between messages} size=$SIZE B, $(nproc) cores, $ROUNDS rounds"
+  echo "| round | server | delivered/s | Switchyard CPU µs/msg | rspamd CPU µs/msg | clamd CPU µs/msg |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  for round in $(seq "$ROUNDS"); do
+    port=2631
+    for name in none rspamd_only clamd_only both; do
+      r_before=$(group_ticks "$rspamd_group")
+      c_before=$(group_ticks "$clamd_group")
+      read -r delivered cpu <<<"$(measure "$name" "$port")"
+      r_cpu=$(per_message $(( $(group_ticks "$rspamd_group") - r_before )))
+      c_cpu=$(per_message $(( $(group_ticks "$clamd_group") - c_before )))
+      cpus[$name]+="$cpu "
+      rates[$name]+="$delivered "
+      echo "| $round | $name | $delivered | $cpu | $r_cpu | $c_cpu |"
+      port=$((port + 1))
+    done
+  done
+  echo
+  for name in none rspamd_only clamd_only both; do
+    # shellcheck disable=SC2086
+    echo "$label, $name: median $(median_of ${rates[$name]}) delivered/s, Switchyard $(median_of ${cpus[$name]}) µs CPU per message"
+  done
+  echo
+}
+
+rounds saturated
+N=$PACED_N SESSIONS=$PACED_SESSIONS PACE=1 rounds paced
 for name in none rspamd_only clamd_only both; do
-  # shellcheck disable=SC2086
-  echo "$name: median $(median_of ${rates[$name]}) delivered/s, Switchyard $(median_of ${cpus[$name]}) µs CPU per message; sent $(sent_count "$name") / $((N * ROUNDS))"
+  echo "sent by $name: $(sent_count "$name") / $(( (N + PACED_N) * ROUNDS ))"
 done

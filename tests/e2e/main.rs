@@ -17,6 +17,7 @@ mod implicit_tls;
 mod plugins;
 mod rollout;
 mod scaffold;
+mod shaping;
 mod shutdown;
 mod smtp_in;
 mod smuggling;

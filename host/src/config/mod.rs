@@ -14,6 +14,7 @@ mod queue;
 pub mod rollout;
 mod scanner;
 mod service;
+mod shaping;
 mod smtp;
 mod submission;
 pub mod tenant;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 pub use service::{
     LogConfig, MetricsConfig, RecordConfig, RecordSettings, ShutdownConfig, TraceConfig,
 };
+pub use shaping::{Rate, ShapingConfig};
 pub use smtp::{
     AuthenticationConfig, CertificateFiles, ListenerConfig, RelayConfig, SmtpLimits, TlsFiles,
 };
@@ -90,6 +92,9 @@ pub struct Config {
     /// Per-domain next hops that override MX lookup.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// How mail goes to each destination: connections, messages per connection, rate.
+    #[serde(rename = "shaping")]
+    pub shaping: Vec<ShapingConfig>,
     /// The plugin chain, in order.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginManifest>,
@@ -140,6 +145,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             delivery: DeliveryConfig::default(),
             routes: Vec::new(),
+            shaping: Vec::new(),
             plugins: Vec::new(),
             scanners: Vec::new(),
             log: LogConfig::default(),

@@ -387,6 +387,18 @@ fn submission(config: &Config, problem: &Locate) -> Result<(), Problem> {
 
 /// Routes, plugin names and limits, relay domains.
 fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
+    let mut shaped = HashSet::new();
+    for rule in &config.shaping {
+        if let Some(message) = rule.problem() {
+            return Err(problem("[[shaping]]", message));
+        }
+        if !shaped.insert(rule.domain.to_ascii_lowercase()) {
+            return Err(problem(
+                "[[shaping]]",
+                format!("two shaping rules for `{}`", rule.domain),
+            ));
+        }
+    }
     for route in &config.routes {
         if route.smarthost.is_some() == route.lmtp.is_some() {
             return Err(problem(

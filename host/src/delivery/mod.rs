@@ -18,6 +18,7 @@ pub mod retry;
 pub mod route;
 mod routing;
 mod scanner;
+pub mod shaping;
 pub mod sts;
 #[cfg(test)]
 mod tests;
@@ -73,6 +74,8 @@ impl Drop for Share {
 
 struct Destination {
     hop: NextHop,
+    /// Its shaping rule, chosen when it gets its first job.
+    rule: Arc<shaping::Rule>,
     /// Jobs waiting, one queue per tenant (`""`: mail of no tenant), served in turn: a tenant
     /// with thousands of messages for a destination does not hold up another's few.
     queues: HashMap<String, VecDeque<Job>>,
@@ -82,9 +85,10 @@ struct Destination {
 }
 
 impl Destination {
-    fn new(hop: NextHop) -> Destination {
+    fn new(hop: NextHop, rule: shaping::Rule) -> Destination {
         Destination {
             hop,
+            rule: Arc::new(rule),
             queues: HashMap::new(),
             turn: VecDeque::new(),
             workers: 0,
@@ -159,6 +163,8 @@ pub struct Dispatcher {
     transport: Arc<dyn Transport>,
     plugins: Arc<PluginManager>,
     connections: Arc<Semaphore>,
+    /// Each destination's rule and pace.
+    shaper: shaping::Shaper,
     /// Each tenant's share of `connections` (`delivery_connections`), so one tenant's backlog
     /// cannot hold every outbound connection.
     tenant_connections: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
@@ -182,6 +188,7 @@ impl Dispatcher {
             tenant_connections: Mutex::new(HashMap::new()),
             tenants,
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
+            shaper: shaping::Shaper::new(config.clone()),
             config,
             queue,
             transport,
@@ -268,14 +275,14 @@ impl Dispatcher {
                 .1
                 .push(recipient);
         }
-        let limit = self.config.delivery.max_connections_per_destination;
         let mut spawn = Vec::new();
         let mut state = self.state();
         for (key, (hop, recipients)) in by_hop {
-            let destination = state
-                .destinations
-                .entry(key.clone())
-                .or_insert_with(|| Destination::new(hop));
+            let destination = state.destinations.entry(key.clone()).or_insert_with(|| {
+                let rule = self.shaper.rule_for(&hop);
+                Destination::new(hop, rule)
+            });
+            let limit = destination.rule.connections;
             destination.push(Job {
                 meta: meta.clone(),
                 content: content.clone(),
@@ -303,7 +310,7 @@ impl Dispatcher {
     /// Tenants take turns, each within its share of connections (`delivery_connections`): a
     /// tenant whose share is in use is passed over, and when only such tenants have jobs left the
     /// worker stops and the destination is parked until one of them gives a place back.
-    fn next_job(self: &Arc<Self>, key: &str) -> Option<(NextHop, Job)> {
+    fn next_job(self: &Arc<Self>, key: &str) -> Option<(NextHop, Arc<shaping::Rule>, Job)> {
         let mut state = self.state();
         let stopping = self.shutdown.is_stopping();
         let mut blocked = Vec::new();
@@ -314,7 +321,7 @@ impl Dispatcher {
             destination.pop(|tenant| self.take_share(tenant), &mut blocked)
         };
         match job {
-            Some(job) => Some((destination.hop.clone(), job)),
+            Some(job) => Some((destination.hop.clone(), destination.rule.clone(), job)),
             None => {
                 destination.workers -= 1;
                 if destination.workers == 0 && destination.waiting() == 0 {
@@ -348,7 +355,6 @@ impl Dispatcher {
 
     /// `tenant` gave a place back: the destinations parked for want of one get a worker again.
     fn unpark(self: &Arc<Self>, tenant: &str) {
-        let limit = self.config.delivery.max_connections_per_destination;
         let keys = {
             let mut state = self.state();
             match state.parked.remove(tenant) {
@@ -361,7 +367,8 @@ impl Dispatcher {
                 let mut state = self.state();
                 match state.destinations.get_mut(&key) {
                     Some(destination)
-                        if destination.workers < limit && destination.waiting() > 0 =>
+                        if destination.workers < destination.rule.connections
+                            && destination.waiting() > 0 =>
                     {
                         destination.workers += 1;
                         true
@@ -393,7 +400,7 @@ impl Dispatcher {
         loop {
             // The job comes with its place in its tenant's share (see `next_job`); a tenant
             // without one never makes a worker wait, so another tenant's jobs go first.
-            let Some((hop, job)) = self.next_job(&key) else {
+            let Some((hop, rule, job)) = self.next_job(&key) else {
                 return;
             };
             let Ok(permit) = self.connections.clone().acquire_owned().await else {
@@ -408,7 +415,7 @@ impl Dispatcher {
             match self.transport.open(&hop).await {
                 Err(reply) => self.unreachable(&key, job, reply).await,
                 Ok(connection) => {
-                    if !self.send_over(&key, connection, job).await {
+                    if !self.send_over(&key, &rule, connection, job).await {
                         // No job was left: this worker is no longer counted.
                         return;
                     }
@@ -458,18 +465,21 @@ impl Dispatcher {
         }
     }
 
-    /// Sends `job`, then further jobs of the destination, over one connection, up to
-    /// `max_messages_per_connection`. Returns false when the destination had no job left (the
-    /// worker then stops), true when the worker should open a new connection for the rest.
+    /// Sends `job`, then further jobs of the destination, over one connection, up to the
+    /// rule's messages per connection and at its rate. Returns false when the destination had
+    /// no job left (the worker then stops), true when the worker should open a new connection
+    /// for the rest.
     async fn send_over(
         self: &Arc<Self>,
         key: &str,
+        rule: &shaping::Rule,
         mut connection: Box<dyn Connection>,
         job: Job,
     ) -> bool {
-        let max_messages = self.config.delivery.max_messages_per_connection;
+        let max_messages = rule.messages_per_connection;
         let mut job = Some(job);
         while let Some(current) = job.take() {
+            self.shaper.pace(key, rule).await;
             if !self.deliver(connection.as_mut(), current).await {
                 // The connection broke: nothing more goes over it, and no QUIT either.
                 return true;
@@ -477,7 +487,7 @@ impl Dispatcher {
             if connection.sent() >= max_messages {
                 break;
             }
-            job = self.next_job(key).map(|(_, job)| job);
+            job = self.next_job(key).map(|(_, _, job)| job);
             if job.is_none() {
                 connection.close().await;
                 return false;

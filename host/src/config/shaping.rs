@@ -1,0 +1,143 @@
+//! `[[shaping]]`: how mail goes to a destination: connections at once, messages per connection,
+//! and a rate. The `[delivery]` caps (`max_connections_per_destination`,
+//! `max_messages_per_connection`) are the defaults every rule starts from.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A rate: `N/s`, `N/m` or `N/h` (messages per second, minute or hour).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The time between two messages at this rate.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count.max(1)
+    }
+}
+
+impl TryFrom<String> for Rate {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let invalid = || format!("rate `{text}`: write N/s, N/m or N/h with N above 0");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let count: u32 = count.trim().parse().map_err(|_| invalid())?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(invalid()),
+        };
+        if count == 0 {
+            return Err(invalid());
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl From<Rate> for String {
+    fn from(rate: Rate) -> String {
+        let unit = match rate.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        format!("{}/{unit}", rate.count)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapingConfig {
+    /// The recipient domain the rule is for: `example.com`, `*.example.com` (the domain and its
+    /// subdomains), or `*` (every destination). The most specific rule that matches applies.
+    pub domain: String,
+    /// Connections open at once to the destination (default: `[delivery]
+    /// max_connections_per_destination`).
+    pub connections: Option<usize>,
+    /// Messages sent over one connection before it is closed (default: `[delivery]
+    /// max_messages_per_connection`).
+    pub messages_per_connection: Option<usize>,
+    /// Messages sent to the destination at most, spread evenly (one every `per / N`), so a
+    /// backlog drains at the rate, not in bursts. None: as fast as the connections go.
+    pub rate: Option<Rate>,
+}
+
+impl ShapingConfig {
+    /// What is wrong with this rule on its own, if anything.
+    pub fn problem(&self) -> Option<String> {
+        let pattern = self.domain.trim_start_matches("*.");
+        let valid =
+            self.domain == "*" || (!pattern.is_empty() && !pattern.contains(['@', ' ', '*', '/']));
+        if !valid {
+            return Some(format!(
+                "shaping: domain `{}`: a domain, *.domain or *",
+                self.domain
+            ));
+        }
+        if self.connections == Some(0) || self.messages_per_connection == Some(0) {
+            return Some(format!(
+                "shaping `{}`: connections and messages_per_connection must be above 0",
+                self.domain
+            ));
+        }
+        None
+    }
+
+    /// How well the rule matches `domain` (lower case, no trailing dot): `None` when it does
+    /// not; a more specific match ranks higher.
+    pub fn rank(&self, domain: &str) -> Option<(u8, usize)> {
+        let pattern = self.domain.to_ascii_lowercase();
+        if pattern == "*" {
+            return Some((0, 0));
+        }
+        match pattern.strip_prefix("*.") {
+            Some(parent) if domain == parent || domain.ends_with(&format!(".{parent}")) => {
+                Some((1, parent.len()))
+            }
+            Some(_) => None,
+            None => (domain == pattern).then_some((2, pattern.len())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_counts_per_second_minute_or_hour() {
+        let rate = Rate::try_from("10/s".to_string()).expect("rate");
+        assert_eq!(rate.interval(), Duration::from_millis(100));
+        let rate = Rate::try_from("120/m".to_string()).expect("rate");
+        assert_eq!(rate.interval(), Duration::from_millis(500));
+        assert_eq!(String::from(rate), "120/m");
+        for bad in ["0/s", "10", "10/d", "x/s"] {
+            assert!(Rate::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_most_specific_rule_ranks_first() {
+        let rule = |domain: &str| ShapingConfig {
+            domain: domain.to_string(),
+            connections: None,
+            messages_per_connection: None,
+            rate: None,
+        };
+        let exact = rule("mail.example.com");
+        let wildcard = rule("*.example.com");
+        let any = rule("*");
+        assert!(exact.rank("mail.example.com") > wildcard.rank("mail.example.com"));
+        assert!(wildcard.rank("mail.example.com") > any.rank("mail.example.com"));
+        assert_eq!(exact.rank("example.org"), None);
+        assert!(wildcard.rank("example.com").is_some());
+        assert!(rule("a b").problem().is_some());
+    }
+}
