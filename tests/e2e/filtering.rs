@@ -225,6 +225,9 @@ async fn clamav_refuses_an_infected_attachment_by_name_and_defers_what_it_cannot
         format!("554 5.7.1 Virus found: {TEST_VIRUS_NAME}"),
         "{reply:?}"
     );
+    // clamd closes the sessions left idle past its IdleTimeout (2 s here): the next scan
+    // opens a new one instead of failing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let clean = message_with_attachment("clean", "notes.txt", b"nothing to see here\n");
     client
         .send_accepted("a@example.com", &["b@switchyard.test"], &clean)

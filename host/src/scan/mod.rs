@@ -155,13 +155,36 @@ pub struct Envelope {
 /// The configured scanners.
 #[derive(Debug, Default)]
 pub struct Scanners {
-    scanners: Vec<Arc<ScannerConfig>>,
+    scanners: Vec<Arc<Scanner>>,
+}
+
+/// One scanner: its configuration, and its connections kept for the next scan.
+#[derive(Debug)]
+struct Scanner {
+    config: ScannerConfig,
+    clamd_sessions: clamav::Sessions,
+}
+
+impl std::ops::Deref for Scanner {
+    type Target = ScannerConfig;
+
+    fn deref(&self) -> &ScannerConfig {
+        &self.config
+    }
 }
 
 impl Scanners {
     pub fn new(configs: &[ScannerConfig]) -> Scanners {
         Scanners {
-            scanners: configs.iter().cloned().map(Arc::new).collect(),
+            scanners: configs
+                .iter()
+                .map(|config| {
+                    Arc::new(Scanner {
+                        config: config.clone(),
+                        clamd_sessions: clamav::Sessions::default(),
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -257,7 +280,7 @@ fn unread_warning(
 }
 
 /// One scan, bounded by the scanner's timeout and size, counted in the metrics.
-async fn scan_one(scanner: &ScannerConfig, envelope: &Envelope, content: Bytes) -> ScanResult {
+async fn scan_one(scanner: &Scanner, envelope: &Envelope, content: Bytes) -> ScanResult {
     let started = Instant::now();
     let outcome = if content.len() as u64 > scanner.max_size {
         ScanOutcome::Failed(ScanError::TooLarge(scanner.max_size))
@@ -267,9 +290,11 @@ async fn scan_one(scanner: &ScannerConfig, envelope: &Envelope, content: Bytes) 
                 ScannerKind::Rspamd => rspamd::check(&scanner.address, envelope, content)
                     .await
                     .map(ScanOutcome::Rspamd),
-                ScannerKind::Clamav => clamav::instream(&scanner.address, &content)
-                    .await
-                    .map(ScanOutcome::Clamav),
+                ScannerKind::Clamav => {
+                    clamav::instream(&scanner.address, &scanner.clamd_sessions, &content)
+                        .await
+                        .map(ScanOutcome::Clamav)
+                }
             }
         };
         match tokio::time::timeout(scanner.timeout, scan).await {
@@ -312,7 +337,14 @@ mod tests {
     use super::*;
     use crate::config::Endpoint;
 
-    fn scanner(kind: ScannerKind, address: &str, max_size: u64) -> ScannerConfig {
+    fn scanner(kind: ScannerKind, address: &str, max_size: u64) -> Scanner {
+        Scanner {
+            config: scanner_config(kind, address, max_size),
+            clamd_sessions: clamav::Sessions::default(),
+        }
+    }
+
+    fn scanner_config(kind: ScannerKind, address: &str, max_size: u64) -> ScannerConfig {
         ScannerConfig {
             name: "s".to_string(),
             kind,
@@ -330,7 +362,7 @@ mod tests {
         assert_eq!(unread_warning(&config, &[]), None, "no scanners");
         config
             .scanners
-            .push(scanner(ScannerKind::Rspamd, "127.0.0.1:11333", 1024));
+            .push(scanner_config(ScannerKind::Rspamd, "127.0.0.1:11333", 1024));
         let plugin = |grants: &str| -> crate::config::PluginManifest {
             toml::from_str(&format!(
                 "name = \"p\"\npath = \"p.wasm\"\ngrants = [{grants}]"

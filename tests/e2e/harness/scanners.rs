@@ -140,7 +140,7 @@ pub struct Clamd {
 
 impl Clamd {
     /// Starts clamd with a database that knows [`TEST_VIRUS`], streams up to `max_stream`
-    /// bytes, and waits until it answers.
+    /// bytes, closes sessions idle for 2 s, and waits until it answers.
     pub fn start(max_stream: &str) -> Clamd {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
@@ -160,7 +160,7 @@ impl Clamd {
             format!(
                 "Foreground yes\nTCPSocket {port}\nTCPAddr 127.0.0.1\nLocalSocket {}\n\
                  DatabaseDirectory {}\nTemporaryDirectory {}\nPidFile {}\nLogFile {}\n\
-                 StreamMaxLength {max_stream}\nMaxThreads 4\nSelfCheck 0\n",
+                 StreamMaxLength {max_stream}\nMaxThreads 4\nSelfCheck 0\nIdleTimeout 2\n",
                 socket.display(),
                 root.join("db").display(),
                 root.join("tmp").display(),
