@@ -1,7 +1,8 @@
 //! Delivery, the outbound wing: everything after the 250. The dispatcher (this file) keeps the
 //! recipients in flight, groups them by next hop (`routing.rs`), and runs a bounded number of
-//! connection workers per destination, each sending one job after another over a connection that
-//! a [`connect::Transport`] opened (SMTP or Maildir). `outcome.rs` turns each attempt's replies
+//! connection workers per destination (its `shaping.rs` rule: connections, messages per
+//! connection, rate), each sending one job after another over a connection that a
+//! [`connect::Transport`] opened (SMTP, LMTP or Maildir). `outcome.rs` turns each attempt's replies
 //! into delivered, deferred (with a retry time) or failed (with a DSN). `inbox.rs` is the door
 //! in from the SMTP sessions; `scanner.rs` the door in from the queue.
 
