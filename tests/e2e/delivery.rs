@@ -73,6 +73,63 @@ async fn recipients_split_across_domains_with_mx_fallback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mx_with_only_an_ipv6_address_gets_its_mail_over_ipv6() {
+    let (dns, port) = setup().await;
+    dns.mx("v6only.test", 10, "mx.v6only.test");
+    dns.aaaa("mx.v6only.test", std::net::Ipv6Addr::LOCALHOST);
+    let receiver = Sink::start(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port, None).await;
+    let router = router(&dns, port).await;
+    let mut client = TestClient::connect(router.port).await;
+    let reply = client
+        .send_mail("s@sender.test", &["r@v6only.test"], &message("over ipv6"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    let received = receiver.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(received[0].rcpt_to, ["r@v6only.test"]);
+    router
+        .log_with(&[
+            &format!("to=<r@v6only.test>, relay=mx.v6only.test[::1]:{port}"),
+            "status=sent (250 2.0.0 accepted)",
+        ])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_mx_falls_back_to_the_other_family_when_the_first_refuses() {
+    let (dns, port) = setup().await;
+    // IPv4 first (the default): nothing listens at its A address, its AAAA address takes it.
+    dns.mx("dual.test", 10, "mx.dual.test");
+    dns.a("mx.dual.test", ip(31));
+    dns.aaaa("mx.dual.test", std::net::Ipv6Addr::LOCALHOST);
+    let receiver = Sink::start(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port, None).await;
+    let router = router(&dns, port).await;
+    let mut client = TestClient::connect(router.port).await;
+    let reply = client
+        .send_mail("s@sender.test", &["r@dual.test"], &message("fallback"))
+        .await;
+    assert_eq!(reply.code, 250, "{reply:?}");
+    receiver.wait_for(1, Duration::from_secs(15)).await;
+    router
+        .log_with(&[&format!("to=<r@dual.test>, relay=mx.dual.test[::1]:{port}")])
+        .await;
+    // Told to prefer IPv6, a router goes there first: nothing is tried at the A address.
+    let router = Router::start(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: port,
+        dns_settings: "address_preference = \"ipv6\"\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    client
+        .send_accepted("s@sender.test", &["r@dual.test"], &message("ipv6 first"))
+        .await;
+    receiver.wait_for(2, Duration::from_secs(15)).await;
+    let log = router.log();
+    assert!(!log.contains("127.0.0.31"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temporary_failure_is_retried_until_delivered() {
     let (dns, port) = setup().await;
     dns.mx("retry.test", 10, "mx.retry.test");

@@ -16,6 +16,20 @@ pub struct DnsConfig {
     /// Time allowed for one query.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Which addresses of a host with both are tried first (Postfix's
+    /// `smtp_address_preference`): `ipv4`, `ipv6`, or `any` (as the resolver gives them). The
+    /// other family follows when every address of the first fails to connect.
+    pub address_preference: AddressPreference,
+}
+
+/// The address family tried first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressPreference {
+    #[default]
+    Ipv4,
+    Ipv6,
+    Any,
 }
 
 impl Default for DnsConfig {
@@ -23,6 +37,7 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout: Duration::from_secs(5),
+            address_preference: AddressPreference::default(),
         }
     }
 }

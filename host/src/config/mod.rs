@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 pub use admin::AdminConfig;
 pub use delivery::{
-    DeliveryConfig, DnsConfig, MailboxesConfig, MtaStsConfig, RouteConfig, TlsReportsConfig,
+    AddressPreference, DeliveryConfig, DnsConfig, MailboxesConfig, MtaStsConfig, RouteConfig,
+    TlsReportsConfig,
 };
 pub use dkim::{ArcConfig, DkimKeyConfig};
 pub use kv::KvConfig;

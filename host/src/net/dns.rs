@@ -25,6 +25,8 @@ pub struct Dns {
     /// else those of /etc/resolv.conf.
     validating: Vec<SocketAddr>,
     timeout: std::time::Duration,
+    /// Which family of a host's addresses is tried first.
+    preference: crate::config::AddressPreference,
 }
 
 impl Dns {
@@ -32,6 +34,9 @@ impl Dns {
         let mut options = ResolverOpts::default();
         options.timeout = config.timeout;
         options.attempts = 2;
+        // A and AAAA both: a host reachable over one family only is reached, and a host with
+        // both falls back to the other family when the first fails to connect.
+        options.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
         let mut validating = Vec::new();
         for server in &config.nameservers {
             if let Ok(ip) = server.host.parse::<IpAddr>() {
@@ -65,6 +70,7 @@ impl Dns {
             resolver,
             validating,
             timeout: config.timeout,
+            preference: config.address_preference,
         })
     }
 
@@ -222,8 +228,18 @@ impl Dns {
         };
         match self.resolver.lookup_ip(name.as_str()).await {
             Ok(lookup) => {
-                let addresses: Vec<SocketAddr> =
+                let mut addresses: Vec<SocketAddr> =
                     lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                // Stable: within a family, the resolver's order stays.
+                match self.preference {
+                    crate::config::AddressPreference::Ipv4 => {
+                        addresses.sort_by_key(|address| address.is_ipv6())
+                    }
+                    crate::config::AddressPreference::Ipv6 => {
+                        addresses.sort_by_key(|address| address.is_ipv4())
+                    }
+                    crate::config::AddressPreference::Any => {}
+                }
                 if addresses.is_empty() {
                     Err(Reply::new(
                         550,

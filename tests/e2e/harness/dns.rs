@@ -1,12 +1,12 @@
 //! A real DNS server on loopback (UDP), answering from a table, for MX tests.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX};
+use hickory_proto::rr::rdata::{A, AAAA, MX};
 use hickory_proto::rr::{Name, RData, Record};
 use tokio::net::UdpSocket;
 
@@ -144,6 +144,10 @@ impl DnsServer {
 
     pub fn a(&self, name: &str, ip: Ipv4Addr) {
         self.add(name, RData::A(A(ip)));
+    }
+
+    pub fn aaaa(&self, name: &str, ip: Ipv6Addr) {
+        self.add(name, RData::AAAA(AAAA(ip)));
     }
 
     pub fn txt(&self, name: &str, text: &str) {

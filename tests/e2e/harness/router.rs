@@ -9,6 +9,8 @@ use super::process::{OutputWithin, COMMAND_LIMIT};
 
 pub struct RouterOptions {
     pub dns: Option<SocketAddr>,
+    /// More lines for the [dns] section (the name server and timeout are set already).
+    pub dns_settings: String,
     pub delivery_port: u16,
     pub greeting_delay: &'static str,
     /// The listener's role: "inbound" or "submission".
@@ -33,6 +35,7 @@ impl Default for RouterOptions {
     fn default() -> Self {
         RouterOptions {
             dns: None,
+            dns_settings: String::new(),
             delivery_port: 25,
             greeting_delay: "0s",
             role: "inbound",
@@ -178,7 +181,7 @@ impl Router {
              [[listener]]\nname = \"{role}\"\nrole = \"{role}\"\naddress = \"127.0.0.1:{port}\"\ngreeting_delay = \"{delay}\"\n\n\
              [smtp]\n{smtp}\n[relay]\n{relay}\n\
              [queue]\n{scan}{queue}\n[retry]\n{retry}\n\
-             [dns]\n{nameservers}timeout = \"2s\"\n\n\
+             [dns]\n{nameservers}timeout = \"2s\"\n{dns_settings}\n\
              {authentication}\
              [delivery]\nport = {delivery_port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"10s\"\n{delivery}\n{extra}\n",
             dir = dir.path().display(),
@@ -197,6 +200,7 @@ impl Router {
             delivery_port = options.delivery_port,
             delivery = options.delivery,
             extra = options.extra,
+            dns_settings = options.dns_settings,
         );
         let config_path = dir.path().join("switchyard.toml");
         std::fs::write(&config_path, config).expect("write config");
