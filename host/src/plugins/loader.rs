@@ -186,8 +186,10 @@ async fn load_one(
                 import,
             },
         })?;
+    // Noted, not warned: a plugin such as content-filter imports `scanners` whether or not its
+    // configuration reads it, and a read without the grant fails loudly where it happens.
     for grant in called_only {
-        tracing::warn!(
+        tracing::info!(
             plugin = %plugin,
             tenant = %owner,
             "the plugin can read `{}` but is not granted it: a call fails the plugin (its failure policy answers); add \"{}\" to its grants if its configuration reads it",

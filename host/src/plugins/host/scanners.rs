@@ -5,7 +5,7 @@
 //! `content-filter` reads the results only when its configuration has rules on them, and one
 //! configured without such rules loads and runs without the grant, as it did before 0.2.3. A
 //! plugin that does read them without the grant fails closed (the call traps and the plugin's
-//! failure policy answers), and the loader warns about such a plugin when it loads.
+//! failure policy answers), and the loader notes such a plugin in the log when it loads.
 
 use wasmtime::component::{HasSelf, Linker, Resource};
 
