@@ -105,3 +105,20 @@ measure() {
 }
 
 sent_count() { grep -c 'status=sent' "$work/$1.log"; }
+
+# compare_rounds "NAME PORT" "NAME PORT": ROUNDS rounds of both servers in turn, a table row per
+# round with each delivered rate and CPU per message, and the second's rate over the first's.
+compare_rounds() {
+  local round row server delivered cpu rates
+  for round in $(seq "$ROUNDS"); do
+    row="| $round"
+    rates=()
+    for server in "$1" "$2"; do
+      # shellcheck disable=SC2086
+      read -r delivered cpu <<<"$(measure $server)"
+      rates+=("$delivered")
+      row+=" | $delivered | $cpu"
+    done
+    echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
+  done
+}

@@ -39,16 +39,7 @@ fi
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) N=$N sessions=$SESSIONS size=$SIZE, five noop plugins, $COMPARE"
 echo "| round | ${labels[0]} delivered/s | CPU µs/msg | ${labels[1]} delivered/s | CPU µs/msg | ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for round in $(seq "$ROUNDS"); do
-  row="| $round"
-  rates=()
-  for server in "off 2625" "on 2626"; do
-    read -r delivered cpu <<<"$(measure $server)"
-    rates+=("$delivered")
-    row+=" | $delivered | $cpu"
-  done
-  echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
-done
+compare_rounds "off 2625" "on 2626"
 # The traces written: one smtp, one route and one delivery record per message (after the
 # writer's last batch, which it gathers for 250 ms).
 sleep 1

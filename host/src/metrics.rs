@@ -25,6 +25,10 @@
 //! - `scanner_calls_total{scanner,verdict}` (`clean`, `infected`, rspamd's action, or `error`),
 //!   `scanner_errors_total{scanner,error}` (`timeout`, `refused`, `too-large`, `protocol`) and
 //!   `scanner_seconds{scanner}`: the content scanners (see `scan`).
+//! - `backoff_steps_total{rule}`: back-offs begun or cut a step deeper, by `[[shaping]]` rule
+//!   (`[delivery]` without one), and every 5 s by rule: `shaping_destinations`,
+//!   `shaping_backoffs` (destinations backing off), `shaping_connections_open` and
+//!   `shaping_waiting` (messages waiting in memory) (see `delivery::status`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

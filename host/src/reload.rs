@@ -12,6 +12,9 @@
 //! - `[submission] users_file` or `[delivery] credentials_file` changed (or the configuration
 //!   file): the accounts AUTH accepts and the relays' passwords are read again; a file that does
 //!   not load keeps the previous accounts, logged. New users log in without a restart.
+//! - The configuration file changed: delivery's `[[shaping]]` rules (and the `[delivery]` caps
+//!   they default to) are swapped in; each destination goes by its new rule from its next
+//!   message, back-offs in force included.
 //! - SIGHUP does all of it: the global chain, the account files and every tenant file.
 //!
 //! Also keeps the status file that `switchyard plugins list` prints.
@@ -223,6 +226,8 @@ fn absolute(path: &Path) -> PathBuf {
 /// What the reload loop works on.
 pub struct Reloader {
     pub plugins: Arc<PluginManager>,
+    /// Takes the reloaded `[[shaping]]` rules.
+    pub dispatcher: Arc<crate::delivery::Dispatcher>,
     pub tenants: Arc<Tenants>,
     pub config_path: Option<PathBuf>,
     pub config: Arc<Config>,
@@ -273,6 +278,7 @@ pub async fn run(reloader: Reloader) {
         accounts,
         credentials,
         plugins: manager,
+        dispatcher,
         tenants,
         config_path,
         config,
@@ -353,7 +359,7 @@ pub async fn run(reloader: Reloader) {
                     Ok(loaded) => loaded,
                 };
                 if plan.global {
-                    // The plugin chains, tracing on or off and the DKIM keys change live; the
+                    // The plugin chains, tracing on or off, the DKIM keys and the shaping rules change live; the
                     // rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
                     crate::plugins::trace::set_tracing(loaded.trace.enabled);
@@ -363,6 +369,7 @@ pub async fn run(reloader: Reloader) {
                         tracing::error!(%error, "recording stays as it was");
                     }
                     reload_certificates(certificates.as_deref(), &loaded);
+                    dispatcher.reload_shaping(Arc::new(loaded.clone()));
                     match KeySet::load(&loaded.dkim).and_then(|keys| keys.with_sealer(&loaded.arc)) {
                         Ok(keys) => {
                             tracing::info!(keys = keys.keys().len(), "DKIM keys reloaded");

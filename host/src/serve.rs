@@ -149,8 +149,9 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     tokio::spawn(run_lease_renewal(dispatcher.clone(), node_id.clone()));
     if config.metrics.listen.is_some() {
         tokio::spawn(report_queue_stats(queue.clone(), node_id.clone()));
+        tokio::spawn(crate::delivery::report_destinations(dispatcher.clone()));
     }
-    let scanner = tokio::spawn(run_scanner(dispatcher, node_id));
+    let scanner = tokio::spawn(run_scanner(dispatcher.clone(), node_id));
     if tenants.enabled() {
         tokio::spawn(count_queued_bytes(queue.clone(), tenants.clone()));
     }
@@ -160,6 +161,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             queue: queue.clone(),
             traces: opened.traces.clone(),
             plugins: services.plugins.clone(),
+            dispatcher: dispatcher.clone(),
             reload,
             hostname: config.hostname.clone(),
             tokens_file: config.admin.tokens_file.clone().unwrap_or_default(),
@@ -168,6 +170,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     }
     tokio::spawn(crate::reload::run(crate::reload::Reloader {
         plugins: services.plugins.clone(),
+        dispatcher,
         tenants,
         config_path,
         config: config.clone(),

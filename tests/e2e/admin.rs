@@ -14,10 +14,10 @@ use crate::harness::router::{free_port, stdout, Router, RouterOptions};
 use crate::harness::sink::Sink;
 use crate::plugins::plugin;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
+pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// A plain HTTP/1.1 request; returns the status and the body.
-async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect to the admin API");
@@ -45,7 +45,7 @@ async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16,
 
 /// A router with the admin API on, whose deliveries go to 127.0.0.1:`smarthost` (where nothing
 /// may listen yet: messages then stay queued, retried every hour).
-async fn router_with_api(smarthost: u16, extra: &str) -> (Router, u16, tempfile::TempDir) {
+pub async fn router_with_api(smarthost: u16, extra: &str) -> (Router, u16, tempfile::TempDir) {
     let secrets = tempfile::tempdir().expect("tempdir");
     let tokens = secrets.path().join("tokens");
     std::fs::write(&tokens, format!("# operators\n{TOKEN}\n")).expect("tokens");
@@ -96,7 +96,7 @@ async fn every_route_of_the_openapi_document_is_served_and_other_methods_are_not
     let (_, document) = http(api, "GET", "/v1/openapi.json", None).await;
     let document: serde_json::Value = serde_json::from_str(&document).expect("JSON");
     let paths = document["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 14, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 16, "{:?}", paths.keys());
     // Actions that end the message go last.
     let mut operations: Vec<(String, String)> = paths
         .iter()
@@ -114,7 +114,9 @@ async fn every_route_of_the_openapi_document_is_served_and_other_methods_are_not
         )
     });
     for (path, method) in &operations {
-        let concrete = path.replace("{id}", &id);
+        let concrete = path
+            .replace("{id}", &id)
+            .replace("{destination}", "elsewhere.test");
         let (status, body) = http(api, method, &concrete, Some(TOKEN)).await;
         let documented = &document["paths"][path][method.to_lowercase()]["responses"];
         assert!(

@@ -33,6 +33,8 @@ pub struct AdminState {
     pub queue: Arc<dyn Queue>,
     pub traces: Arc<dyn TraceStore>,
     pub plugins: Arc<PluginManager>,
+    /// Delivery's destinations: their shaping and back-offs.
+    pub dispatcher: Arc<crate::delivery::Dispatcher>,
     pub reload: ReloadHandle,
     /// Signs the DSNs of `bounce`.
     pub hostname: String,
@@ -78,6 +80,11 @@ pub fn routes(state: AdminState) -> Router {
         .route("/v1/queue/{id}/hold", post(hold))
         .route("/v1/queue/{id}/release", post(release))
         .route("/v1/queue/{id}/bounce", post(bounce))
+        .route("/v1/destinations", get(destinations))
+        .route(
+            "/v1/destinations/{destination}/backoff",
+            axum::routing::delete(cancel_backoff),
+        )
         .route("/v1/traces", get(refused))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/reload", post(reload))
@@ -261,6 +268,25 @@ async fn delete(State(state): State<AdminState>, Path(id): Path<String>) -> Resp
     match actions::delete(state.queue.as_ref(), &id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => ApiError::Action(error).into_response(),
+    }
+}
+
+async fn destinations(State(state): State<AdminState>) -> Json<Vec<super::views::DestinationView>> {
+    Json(state.dispatcher.destinations())
+}
+
+/// Ends a destination's back-off at once: 204, or 404 when none is in force.
+async fn cancel_backoff(
+    State(state): State<AdminState>,
+    Path(destination): Path<String>,
+) -> Response {
+    if state.dispatcher.cancel_backoff(&destination) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        failure(
+            StatusCode::NOT_FOUND,
+            &format!("no back-off in force for {destination}"),
+        )
     }
 }
 

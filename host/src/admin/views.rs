@@ -112,3 +112,51 @@ pub struct Bounced {
 pub struct ErrorView {
     pub error: String,
 }
+
+/// One destination of this node's delivery: its rule, connections, pace and back-off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DestinationView {
+    /// The destination: a recipient domain, `[host:port]` for a relay, `lmtp:...` or
+    /// `mailbox:...`.
+    pub destination: String,
+    /// The `[[shaping]]` rule that applies (its domain pattern); `null`: the `[delivery]`
+    /// defaults alone.
+    pub rule: Option<String>,
+    pub connections_limit: usize,
+    /// Connections sending now, and connections idle (kept open for the next message).
+    pub connections_open: usize,
+    pub connections_idle: usize,
+    pub messages_per_connection: usize,
+    /// The rule's rate (`10/s`), if it has one.
+    pub rate_limit: Option<String>,
+    /// Messages per second allowed now: the back-off's cut rate while one is in force, else
+    /// the rule's; `null`: not limited.
+    pub rate_allowed: Option<f64>,
+    /// Messages per second sent to it over the back-off window.
+    pub rate_sending: f64,
+    /// The next send time already given out, when it is still to come (Unix ms).
+    pub next_slot: Option<Millis>,
+    /// Messages waiting in this node's memory for a connection to it, and their recipients
+    /// (recipients waiting for their retry time are in the queue, not here).
+    pub waiting_messages: usize,
+    pub waiting_recipients: usize,
+    pub backoff: Option<BackoffView>,
+}
+
+/// A back-off in force: the destination answered "slow down" in bulk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackoffView {
+    /// Steps cut: the rate is the rule's (or the rate sent at) × factor^level, at least the
+    /// floor.
+    pub level: u32,
+    /// Messages per second allowed while it lasts.
+    pub rate: f64,
+    /// Unix ms: when it began, when its current step ends (the rate then comes back one step),
+    /// and when the rate is back in full if nothing triggers it again.
+    pub began: Millis,
+    pub step_ends: Millis,
+    pub ends: Millis,
+    /// The replies counted since it began, and the last few of them (oldest first).
+    pub triggers: u64,
+    pub reasons: Vec<String>,
+}

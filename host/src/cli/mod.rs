@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+mod destinations;
 mod plugins;
 mod queue;
 mod scaffold;
@@ -74,6 +75,19 @@ pub enum QueueAction {
         /// Only this tenant's messages (`-` for mail of no tenant).
         #[arg(long)]
         tenant: Option<String>,
+        /// One line per destination instead: its shaping rule, connections, rate and back-off
+        /// (from the running server; without one, queued recipients by recipient domain).
+        #[arg(long, conflicts_with = "tenant")]
+        by_destination: bool,
+    },
+    /// The back-offs in force (destinations that answered "slow down" in bulk) and why; with
+    /// `--cancel`, end one at once.
+    Backoff {
+        /// Only this destination (as `queue list --by-destination` names it).
+        destination: Option<String>,
+        /// End the destination's back-off now: its rule's rate applies again.
+        #[arg(long, requires = "destination")]
+        cancel: bool,
     },
     /// A message's envelope, recipients and content.
     Show { id: String },

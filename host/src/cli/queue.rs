@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-use super::QueueAction;
+use super::{destinations, QueueAction};
 use crate::admin::actions;
 use crate::admin::client::{encode, AdminClient};
 use crate::admin::views::{Bounced, Changed, Held, MessageView};
@@ -35,7 +35,39 @@ pub async fn queue_command(config: &Config, action: QueueAction) -> anyhow::Resu
     };
     match action {
         QueueAction::Migrate => {}
-        QueueAction::List { tenant } => print_list(&target.list(tenant.as_deref()).await?),
+        QueueAction::List {
+            by_destination: true,
+            ..
+        } => match &target {
+            Target::Api(api) => destinations::print(&api.get::<Vec<_>>("/v1/destinations").await?),
+            Target::Queue(_) => destinations::print_offline(&target.list(None).await?),
+        },
+        QueueAction::List { tenant, .. } => print_list(&target.list(tenant.as_deref()).await?),
+        QueueAction::Backoff {
+            destination,
+            cancel,
+        } => {
+            let Target::Api(api) = &target else {
+                bail!(
+                    "back-offs live in the running server, and it does not answer on its admin \
+                     API ([admin] listen)"
+                );
+            };
+            match (destination, cancel) {
+                (Some(destination), true) => {
+                    api.delete(&format!(
+                        "/v1/destinations/{}/backoff",
+                        encode(&destination)
+                    ))
+                    .await?;
+                    println!("back-off of {destination} cancelled: its rule's rate applies again");
+                }
+                (destination, _) => destinations::print_backoffs(
+                    &api.get::<Vec<_>>("/v1/destinations").await?,
+                    destination.as_deref(),
+                ),
+            }
+        }
         QueueAction::Show { id } => print_show(&target.show(&id).await?),
         QueueAction::Trace { id, json } => print_traces(&target.trace(&id).await?, json)?,
         QueueAction::Traces {

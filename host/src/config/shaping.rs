@@ -67,6 +67,32 @@ pub struct ShapingConfig {
     /// Messages sent to the destination at most, spread evenly (one every `per / N`), so a
     /// backlog drains at the rate, not in bursts. None: as fast as the connections go.
     pub rate: Option<Rate>,
+    /// How long a connection with nothing more to send stays open for the destination's next
+    /// message (default `0s`: closed at once).
+    #[serde(default, with = "humantime_serde::option")]
+    pub idle_timeout: Option<Duration>,
+    /// Idle connections kept open at most for the destination (default: `connections`); idle
+    /// and busy ones together never exceed `connections`.
+    pub idle_connections: Option<usize>,
+    /// The replies from the destination that count toward an automatic back-off: a reply code
+    /// (`421`), an enhanced status (`4.7.28`), or a text found in the reply (any case). Only
+    /// temporary (4xx) replies the destination itself sent count, never this host's own.
+    /// Default `["421"]`; `[]` turns automatic back-off off for the rule.
+    pub backoff_on: Option<Vec<String>>,
+    /// How many such replies within `backoff_window` start a back-off, or cut a back-off in
+    /// force one step further (default 5).
+    pub backoff_after: Option<u32>,
+    /// The window the replies are counted in (default 1 minute).
+    #[serde(default, with = "humantime_serde::option")]
+    pub backoff_window: Option<Duration>,
+    /// Each step of a back-off multiplies the rate by this (default 0.5). The rate cut is the
+    /// rule's `rate`, or without one the rate the destination was being sent at.
+    pub backoff_factor: Option<f64>,
+    /// The rate a back-off never cuts below (default `10/m`).
+    pub backoff_floor: Option<Rate>,
+    /// How long each step lasts: after it, the rate is restored one step (default 5 minutes).
+    #[serde(default, with = "humantime_serde::option")]
+    pub backoff_period: Option<Duration>,
 }
 
 impl ShapingConfig {
@@ -84,6 +110,35 @@ impl ShapingConfig {
         if self.connections == Some(0) || self.messages_per_connection == Some(0) {
             return Some(format!(
                 "shaping `{}`: connections and messages_per_connection must be above 0",
+                self.domain
+            ));
+        }
+        if let Some(factor) = self.backoff_factor {
+            if !(factor > 0.0 && factor < 1.0) {
+                return Some(format!(
+                    "shaping `{}`: backoff_factor {factor} must be above 0 and below 1",
+                    self.domain
+                ));
+            }
+        }
+        if self.backoff_after == Some(0)
+            || self.backoff_window == Some(Duration::ZERO)
+            || self.backoff_period == Some(Duration::ZERO)
+        {
+            return Some(format!(
+                "shaping `{}`: backoff_after, backoff_window and backoff_period must be above 0",
+                self.domain
+            ));
+        }
+        if let Some(entry) = self
+            .backoff_on
+            .iter()
+            .flatten()
+            .find(|entry| entry.trim().is_empty() || entry.starts_with('5'))
+        {
+            return Some(format!(
+                "shaping `{}`: backoff_on `{entry}`: give a 4xx code, an enhanced status or a \
+                 reply text (a permanent 5xx reply never means \"slow down\")",
                 self.domain
             ));
         }
@@ -130,6 +185,14 @@ mod tests {
             connections: None,
             messages_per_connection: None,
             rate: None,
+            idle_timeout: None,
+            idle_connections: None,
+            backoff_on: None,
+            backoff_after: None,
+            backoff_window: None,
+            backoff_factor: None,
+            backoff_floor: None,
+            backoff_period: None,
         };
         let exact = rule("mail.example.com");
         let wildcard = rule("*.example.com");
@@ -139,5 +202,17 @@ mod tests {
         assert_eq!(exact.rank("example.org"), None);
         assert!(wildcard.rank("example.com").is_some());
         assert!(rule("a b").problem().is_some());
+        let factor = ShapingConfig {
+            backoff_factor: Some(1.5),
+            ..rule("x.test")
+        };
+        assert!(factor
+            .problem()
+            .is_some_and(|p| p.contains("backoff_factor")));
+        let permanent = ShapingConfig {
+            backoff_on: Some(vec!["550".to_string()]),
+            ..rule("x.test")
+        };
+        assert!(permanent.problem().is_some_and(|p| p.contains("5xx")));
     }
 }

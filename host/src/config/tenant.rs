@@ -58,6 +58,10 @@ pub struct TenantLimits {
     /// Outbound connections carrying the tenant's mail at once: its share of
     /// `delivery.max_connections`, so one tenant's backlog cannot hold every connection.
     pub delivery_connections: usize,
+    /// The part of any destination's rate (a `[[shaping]]` rate, or a back-off's) the tenant's
+    /// mail may use, in percent: 100 lets it use the whole rate when no other tenant sends
+    /// there. Tenants with less take turns with others in proportion.
+    pub destination_rate_percent: u32,
     /// Keys each of the tenant's plugins may hold in the kv store (a cap, as
     /// `plugin_memory_limit` is).
     pub kv_keys: u64,
@@ -89,6 +93,7 @@ impl Default for TenantLimits {
                 .map(|cores| (cores.get() / 2).max(1))
                 .unwrap_or(1),
             delivery_connections: 50,
+            destination_rate_percent: 100,
             kv_keys: 100_000,
             kv_bytes: 64 * 1024 * 1024,
         }
@@ -109,6 +114,7 @@ pub struct LimitOverrides {
     pub plugin_instances: Option<usize>,
     pub plugin_calls_at_once: Option<usize>,
     pub delivery_connections: Option<usize>,
+    pub destination_rate_percent: Option<u32>,
     pub kv_keys: Option<u64>,
     pub kv_bytes: Option<u64>,
 }
@@ -133,6 +139,9 @@ impl LimitOverrides {
             delivery_connections: self
                 .delivery_connections
                 .unwrap_or(defaults.delivery_connections),
+            destination_rate_percent: self
+                .destination_rate_percent
+                .unwrap_or(defaults.destination_rate_percent),
             kv_keys: self.kv_keys.unwrap_or(defaults.kv_keys),
             kv_bytes: self.kv_bytes.unwrap_or(defaults.kv_bytes),
         }
@@ -319,6 +328,15 @@ impl TenantConfig {
             return Err(invalid(
                 limits_at,
                 "limits must be at least 1 (plugin_memory_limit at least 1 MiB)".to_string(),
+            ));
+        }
+        if !(1..=100).contains(&limits.destination_rate_percent) {
+            return Err(invalid(
+                limits_at,
+                format!(
+                    "destination_rate_percent {} must be from 1 to 100",
+                    limits.destination_rate_percent
+                ),
             ));
         }
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();

@@ -724,6 +724,20 @@ impl Client {
         self.read_reply().await.map(|_| ())
     }
 
+    /// Whether the session still answers: RSET, and a 250 within a few seconds (Postfix checks
+    /// a cached connection the same way before it reuses it).
+    pub async fn still_open(&mut self) -> bool {
+        const CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+        let answered = async {
+            self.send_line("RSET").await?;
+            self.read_reply().await
+        };
+        matches!(
+            tokio::time::timeout(CHECK, answered).await,
+            Ok(Ok(reply)) if reply.code == 250
+        )
+    }
+
     /// Ends the session politely.
     pub async fn quit(mut self) {
         if self.send_line("QUIT").await.is_ok() {

@@ -45,6 +45,38 @@ pub struct Sent {
     pub intact: bool,
     /// The next hop took the DSN parameters (it offers DSN): success and delay notices are its.
     pub dsn_passed: bool,
+    /// The replies are the next hop's own (not this host's: a connection lost, a Maildir that
+    /// could not be written); only those may slow a destination down (`backoff.rs`).
+    pub from_peer: bool,
+}
+
+/// Why a connection to a next hop could not be opened.
+#[derive(Debug, Clone)]
+pub struct OpenFailure {
+    /// The reply for every recipient that was to go there (a 4xx defers them, a 5xx fails
+    /// them).
+    pub reply: Reply,
+    /// The next hop said it (its greeting, or its answer to EHLO, STARTTLS or AUTH), rather
+    /// than this host concluding it (no address, no answer, a certificate that did not check).
+    pub from_peer: bool,
+}
+
+impl From<Reply> for OpenFailure {
+    fn from(reply: Reply) -> OpenFailure {
+        OpenFailure {
+            reply,
+            from_peer: false,
+        }
+    }
+}
+
+impl From<&ClientError> for OpenFailure {
+    fn from(error: &ClientError) -> OpenFailure {
+        OpenFailure {
+            reply: error.reply(),
+            from_peer: matches!(error, ClientError::Refused { .. }),
+        }
+    }
 }
 
 /// An open way to a next hop, carrying one message after another.
@@ -57,15 +89,20 @@ pub trait Connection: Send {
     /// What protects it, for the delivery log line (`tls=`).
     fn tls(&self) -> TlsState;
     async fn send(&mut self, message: &Outgoing<'_>) -> Sent;
+    /// Whether a connection that sat idle can still carry a message (an SMTP server may have
+    /// closed it meanwhile): checked before it is used again, so that a closed one costs a
+    /// new connection, never a deferred message.
+    async fn reusable(&mut self) -> bool {
+        true
+    }
     /// Ends it politely (SMTP QUIT).
     async fn close(self: Box<Self>);
 }
 
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Opens a connection to `hop`. An `Err` is the reply for every recipient that was to go
-    /// there (a 4xx defers them, a 5xx fails them).
-    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply>;
+    /// Opens a connection to `hop`.
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure>;
 }
 
 /// The server's transports: SMTP for relays and MX hosts, Maildir for mailboxes, LMTP for
@@ -109,7 +146,7 @@ impl Transports {
 
 #[async_trait]
 impl Transport for Transports {
-    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure> {
         match hop {
             NextHop::Mailbox { .. } if self.lmtp.serves_mailboxes() => self.lmtp.open(hop).await,
             NextHop::Mailbox { .. } => self.mailbox.open(hop).await,
@@ -189,7 +226,7 @@ impl SmtpTransport {
 
 #[async_trait]
 impl Transport for SmtpTransport {
-    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure> {
         let mut targets = self.targets(hop).await?;
         let mut tls = match hop {
             NextHop::Relay { tls, .. } => *tls,
@@ -228,7 +265,8 @@ impl Transport for SmtpTransport {
                         "MTA-STS policy of {domain} (enforce) allows none of its MX hosts ({})",
                         listed.join(", ")
                     ),
-                ));
+                )
+                .into());
             }
             tls = TlsPolicy::Require;
         }
@@ -240,12 +278,12 @@ impl Transport for SmtpTransport {
                 .cloned(),
             _ => None,
         };
-        let mut last_error = Reply::new(451, "4.4.1", "no host to connect to");
+        let mut last_error = OpenFailure::from(Reply::new(451, "4.4.1", "no host to connect to"));
         for target in &targets {
             let host_dane = match dane_for(&target.name) {
                 Some(Ok(host_dane)) => Some(host_dane.clone()),
                 Some(Err(reply)) => {
-                    last_error = reply.clone();
+                    last_error = reply.clone().into();
                     continue;
                 }
                 None => None,
@@ -306,7 +344,7 @@ impl Transport for SmtpTransport {
                             self.count_outcome(counted, Err((result, error.to_string())));
                         }
                         tracing::info!(%error, "connection attempt failed; trying the next host");
-                        last_error = error.reply();
+                        last_error = OpenFailure::from(&error);
                     }
                 }
             }
@@ -473,13 +511,19 @@ impl Connection for Client {
                 replies,
                 intact: true,
                 dsn_passed,
+                from_peer: true,
             },
             Err(error) => Sent {
                 replies: vec![error.reply(); message.recipients.len()],
                 intact: false,
                 dsn_passed,
+                from_peer: matches!(error, ClientError::Refused { .. }),
             },
         }
+    }
+
+    async fn reusable(&mut self) -> bool {
+        self.still_open().await
     }
 
     async fn close(self: Box<Self>) {
@@ -495,9 +539,9 @@ pub struct MailboxTransport {
 
 #[async_trait]
 impl Transport for MailboxTransport {
-    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure> {
         let NextHop::Mailbox { name } = hop else {
-            return Err(Reply::new(451, "4.3.5", "not a mailbox"));
+            return Err(Reply::new(451, "4.3.5", "not a mailbox").into());
         };
         let Some(root) = self.root.clone() else {
             // Keep the mail rather than lose it: the operator can add the setting.
@@ -508,7 +552,8 @@ impl Transport for MailboxTransport {
                     "mailbox `{}`: no [mailboxes] root is configured",
                     one_line(name)
                 ),
-            ));
+            )
+            .into());
         };
         Ok(Box::new(MailboxConnection {
             root,
@@ -573,6 +618,7 @@ impl Connection for MailboxConnection {
             replies,
             intact: true,
             dsn_passed: false,
+            from_peer: false,
         }
     }
 

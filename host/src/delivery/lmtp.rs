@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::client::{Client, ConnectOptions};
-use super::connect::{Connection, Transport};
+use super::connect::{Connection, OpenFailure, Transport};
 use super::route::NextHop;
 use crate::config::{Config, Endpoint, TlsPolicy};
 use crate::mail::reply::Reply;
@@ -25,7 +25,7 @@ impl LmtpTransport {
         self.config.mailboxes.lmtp.is_some()
     }
 
-    async fn connect(&self, endpoint: &Endpoint, tls: TlsPolicy) -> Result<Client, Reply> {
+    async fn connect(&self, endpoint: &Endpoint, tls: TlsPolicy) -> Result<Client, OpenFailure> {
         let delivery = &self.config.delivery;
         let server_name = match endpoint {
             Endpoint::Tcp(address) => address
@@ -51,21 +51,21 @@ impl LmtpTransport {
         };
         Client::connect_lmtp(endpoint, &options)
             .await
-            .map_err(|error| error.reply())
+            .map_err(|error| OpenFailure::from(&error))
     }
 }
 
 #[async_trait]
 impl Transport for LmtpTransport {
-    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+    async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure> {
         let (endpoint, tls) = match hop {
             NextHop::Lmtp { endpoint, tls } => (endpoint, *tls),
             NextHop::Mailbox { .. } => match &self.config.mailboxes.lmtp {
                 Some(endpoint) => (endpoint, self.config.delivery.tls),
-                None => return Err(Reply::new(451, "4.3.5", "no [mailboxes] lmtp is set")),
+                None => return Err(Reply::new(451, "4.3.5", "no [mailboxes] lmtp is set").into()),
             },
             NextHop::Mx { .. } | NextHop::Relay { .. } => {
-                return Err(Reply::new(451, "4.3.5", "not an LMTP next hop"))
+                return Err(Reply::new(451, "4.3.5", "not an LMTP next hop").into())
             }
         };
         let client = self.connect(endpoint, tls).await?;

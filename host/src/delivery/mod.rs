@@ -6,10 +6,12 @@
 //! into delivered, deferred (with a retry time) or failed (with a DSN). `inbox.rs` is the door
 //! in from the SMTP sessions; `scanner.rs` the door in from the queue.
 
+pub mod backoff;
 pub mod client;
 pub mod connect;
 pub mod credentials;
 pub mod dsn;
+mod idle;
 pub mod inbox;
 pub mod lmtp;
 pub mod mailbox;
@@ -20,6 +22,7 @@ pub mod route;
 mod routing;
 mod scanner;
 pub mod shaping;
+mod status;
 pub mod sts;
 #[cfg(test)]
 mod tests;
@@ -42,6 +45,14 @@ use outcome::Attempt;
 use route::NextHop;
 
 pub use scanner::{run_lease_renewal, run_scanner};
+pub use status::report_destinations;
+
+/// A destination as a worker sends to it: its key, next hop and rule.
+struct Lane {
+    key: String,
+    hop: NextHop,
+    rule: Arc<shaping::Rule>,
+}
 
 /// Recipients of one message that go to one destination.
 struct Job {
@@ -75,8 +86,10 @@ impl Drop for Share {
 
 struct Destination {
     hop: NextHop,
-    /// Its shaping rule, chosen when it gets its first job.
+    /// Its shaping rule, chosen when it gets its first job and again after a reload.
     rule: Arc<shaping::Rule>,
+    /// The shaper's generation `rule` is of.
+    rule_generation: u64,
     /// Jobs waiting, one queue per tenant (`""`: mail of no tenant), served in turn: a tenant
     /// with thousands of messages for a destination does not hold up another's few.
     queues: HashMap<String, VecDeque<Job>>,
@@ -86,10 +99,11 @@ struct Destination {
 }
 
 impl Destination {
-    fn new(hop: NextHop, rule: shaping::Rule) -> Destination {
+    fn new(hop: NextHop, rule: shaping::Rule, rule_generation: u64) -> Destination {
         Destination {
             hop,
             rule: Arc::new(rule),
+            rule_generation,
             queues: HashMap::new(),
             turn: VecDeque::new(),
             workers: 0,
@@ -141,6 +155,23 @@ impl Destination {
         None
     }
 
+    /// Puts the tenant whose next send time comes first (`next`: `None` for one that may send
+    /// now) at the head of the turn, the first in turn among equals: a tenant waiting for its
+    /// part of a rate does not make a worker wait while another tenant could send sooner.
+    fn prefer_soonest(&mut self, next: impl Fn(&str) -> Option<tokio::time::Instant>) {
+        let soonest = self
+            .turn
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, tenant)| next(tenant))
+            .map(|(position, _)| position);
+        if let Some(position) = soonest.filter(|position| *position > 0) {
+            if let Some(tenant) = self.turn.remove(position) {
+                self.turn.push_front(tenant);
+            }
+        }
+    }
+
     fn drain(&mut self) -> Vec<Job> {
         self.turn.clear();
         self.queues.drain().flat_map(|(_, jobs)| jobs).collect()
@@ -156,6 +187,8 @@ struct State {
     /// (message id, recipient index) of every recipient held in memory, so a scan never hands out
     /// one that is already being worked on.
     in_flight: HashSet<(String, i64)>,
+    /// Connections open now, by destination (those with none are left out).
+    open: HashMap<String, usize>,
 }
 
 pub struct Dispatcher {
@@ -166,6 +199,8 @@ pub struct Dispatcher {
     connections: Arc<Semaphore>,
     /// Each destination's rule and pace.
     shaper: shaping::Shaper,
+    /// Connections with nothing to send, kept open for their destination's next message.
+    idle: Arc<idle::IdlePool>,
     /// Each tenant's share of `connections` (`delivery_connections`), so one tenant's backlog
     /// cannot hold every outbound connection.
     tenant_connections: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
@@ -190,6 +225,7 @@ impl Dispatcher {
             tenants,
             connections: Arc::new(Semaphore::new(config.delivery.max_connections)),
             shaper: shaping::Shaper::new(config.clone()),
+            idle: Arc::default(),
             config,
             queue,
             transport,
@@ -280,8 +316,9 @@ impl Dispatcher {
         let mut state = self.state();
         for (key, (hop, recipients)) in by_hop {
             let destination = state.destinations.entry(key.clone()).or_insert_with(|| {
+                let generation = self.shaper.generation();
                 let rule = self.shaper.rule_for(&hop);
-                Destination::new(hop, rule)
+                Destination::new(hop, rule, generation)
             });
             let limit = destination.rule.connections;
             destination.push(Job {
@@ -311,18 +348,35 @@ impl Dispatcher {
     /// Tenants take turns, each within its share of connections (`delivery_connections`): a
     /// tenant whose share is in use is passed over, and when only such tenants have jobs left the
     /// worker stops and the destination is parked until one of them gives a place back.
-    fn next_job(self: &Arc<Self>, key: &str) -> Option<(NextHop, Arc<shaping::Rule>, Job)> {
+    fn next_job(self: &Arc<Self>, key: &str) -> Option<(Lane, Job)> {
         let mut state = self.state();
         let stopping = self.shutdown.is_stopping();
         let mut blocked = Vec::new();
         let destination = state.destinations.get_mut(key)?;
+        let generation = self.shaper.generation();
+        if destination.rule_generation != generation {
+            // The rules were reloaded: the destination's next message goes by its new one.
+            destination.rule = Arc::new(self.shaper.rule_for(&destination.hop));
+            destination.rule_generation = generation;
+        }
         let job = if stopping {
             None
         } else {
+            destination.prefer_soonest(|tenant| {
+                self.rate_share(tenant)
+                    .and_then(|_| self.shaper.tenant_next(key, tenant))
+            });
             destination.pop(|tenant| self.take_share(tenant), &mut blocked)
         };
         match job {
-            Some(job) => Some((destination.hop.clone(), destination.rule.clone(), job)),
+            Some(job) => Some((
+                Lane {
+                    key: key.to_string(),
+                    hop: destination.hop.clone(),
+                    rule: destination.rule.clone(),
+                },
+                job,
+            )),
             None => {
                 destination.workers -= 1;
                 if destination.workers == 0 && destination.waiting() == 0 {
@@ -352,6 +406,19 @@ impl Dispatcher {
             tenant: tenant.to_string(),
             dispatcher: Arc::downgrade(self),
         }))
+    }
+
+    /// The part of destinations' rates `tenant` is held to (`destination_rate_percent`), when
+    /// it is held to less than the whole.
+    fn rate_share<'a>(&self, tenant: &'a str) -> Option<shaping::TenantShare<'a>> {
+        if tenant.is_empty() {
+            return None;
+        }
+        let percent = self.tenants.get(tenant)?.limits.destination_rate_percent;
+        (percent < 100).then(|| shaping::TenantShare {
+            tenant,
+            part: f64::from(percent) / 100.0,
+        })
     }
 
     /// `tenant` gave a place back: the destinations parked for want of one get a worker again.
@@ -401,7 +468,7 @@ impl Dispatcher {
         loop {
             // The job comes with its place in its tenant's share (see `next_job`); a tenant
             // without one never makes a worker wait, so another tenant's jobs go first.
-            let Some((hop, rule, job)) = self.next_job(&key) else {
+            let Some((lane, job)) = self.next_job(&key) else {
                 return;
             };
             let Ok(permit) = self.connections.clone().acquire_owned().await else {
@@ -413,10 +480,23 @@ impl Dispatcher {
                 self.forget(&job);
                 continue;
             }
-            match self.transport.open(&hop).await {
-                Err(reply) => self.unreachable(&key, job, reply).await,
+            let opened = match self.reuse_idle(&key).await {
+                Some(connection) => Ok(connection),
+                None => self.transport.open(&lane.hop).await,
+            };
+            match opened {
+                Err(failure) => {
+                    if failure.from_peer {
+                        let replies = std::slice::from_ref(&failure.reply);
+                        self.shaper.observe(&key, &lane.hop, &lane.rule, replies);
+                    }
+                    self.unreachable(&key, job, failure.reply).await
+                }
                 Ok(connection) => {
-                    if !self.send_over(&key, &rule, connection, job).await {
+                    self.count_open(&key, 1);
+                    let more = self.send_over(lane, connection, job).await;
+                    self.count_open(&key, -1);
+                    if !more {
                         // No job was left: this worker is no longer counted.
                         return;
                     }
@@ -472,35 +552,94 @@ impl Dispatcher {
     /// for the rest.
     async fn send_over(
         self: &Arc<Self>,
-        key: &str,
-        rule: &shaping::Rule,
+        mut lane: Lane,
         mut connection: Box<dyn Connection>,
         job: Job,
     ) -> bool {
-        let max_messages = rule.messages_per_connection;
         let mut job = Some(job);
         while let Some(current) = job.take() {
-            self.shaper.pace(key, rule).await;
-            if !self.deliver(connection.as_mut(), current).await {
+            let share = self.rate_share(&current.meta.tenant);
+            self.shaper
+                .pace(&lane.key, &lane.hop, &lane.rule, share)
+                .await;
+            if !self.deliver(&lane, connection.as_mut(), current).await {
                 // The connection broke: nothing more goes over it, and no QUIT either.
                 return true;
             }
-            if connection.sent() >= max_messages {
+            if connection.sent() >= lane.rule.messages_per_connection {
                 break;
             }
-            job = self.next_job(key).map(|(_, _, job)| job);
-            if job.is_none() {
-                connection.close().await;
-                return false;
+            match self.next_job(&lane.key) {
+                Some((next_lane, next)) => {
+                    lane = next_lane;
+                    job = Some(next);
+                }
+                None => {
+                    self.park_or_close(&lane, connection).await;
+                    return false;
+                }
             }
         }
         connection.close().await;
         true
     }
 
+    /// An idle connection to `key` that still answers, if one is parked (those that do not
+    /// are dropped).
+    async fn reuse_idle(&self, key: &str) -> Option<Box<dyn Connection>> {
+        loop {
+            let mut connection = self.idle.take(key)?;
+            if connection.reusable().await {
+                return Some(connection);
+            }
+            tracing::debug!(destination = %key, "an idle connection no longer answers; dropped");
+        }
+    }
+
+    /// Parks a connection with nothing more to send for the destination's next message, when
+    /// the rule keeps idle connections and there is room (idle and busy ones together within
+    /// `connections`); otherwise closes it.
+    async fn park_or_close(&self, lane: &Lane, connection: Box<dyn Connection>) {
+        let rule = &lane.rule;
+        let busy = self
+            .state()
+            .destinations
+            .get(&lane.key)
+            .map(|destination| destination.workers)
+            .unwrap_or_default();
+        let room = rule
+            .idle_connections
+            .min(rule.connections.saturating_sub(busy));
+        let spent = connection.sent() >= rule.messages_per_connection;
+        let refused = if spent {
+            Some(connection)
+        } else {
+            self.idle.park(
+                &lane.key,
+                connection,
+                rule.idle_timeout,
+                room,
+                &self.shutdown,
+            )
+        };
+        if let Some(connection) = refused {
+            connection.close().await;
+        }
+    }
+
+    /// Counts a connection to `key` opened (1) or closed (-1).
+    fn count_open(&self, key: &str, change: isize) {
+        let mut state = self.state();
+        let open = state.open.entry(key.to_string()).or_default();
+        *open = open.saturating_add_signed(change);
+        if *open == 0 {
+            state.open.remove(key);
+        }
+    }
+
     /// Sends one job over an open connection and records the results. Returns false when the
     /// connection broke.
-    async fn deliver(&self, connection: &mut dyn Connection, mut job: Job) -> bool {
+    async fn deliver(&self, lane: &Lane, connection: &mut dyn Connection, mut job: Job) -> bool {
         let Some(content) = self.content_of(&mut job).await else {
             return true;
         };
@@ -517,6 +656,10 @@ impl Dispatcher {
             })
             .await;
         let dsn_passed = sent.dsn_passed;
+        if sent.from_peer {
+            self.shaper
+                .observe(&lane.key, &lane.hop, &lane.rule, &sent.replies);
+        }
         let attempts = job
             .recipients
             .iter()

@@ -1,16 +1,31 @@
 //! Traffic shaping: each destination's rule (`[[shaping]]`, on the `[delivery]` caps as
-//! defaults) and its pace. A rate is kept by handing out send times one interval apart: the
-//! next message to a destination may go at the later of now and the slot after the last one
-//! given, so a backlog drains at the rate, evenly, and messages that wait do not bunch up.
+//! defaults), its pace and its back-off (`backoff.rs`). A rate is kept by handing out send
+//! times one interval apart: the next message to a destination may go at the later of now and
+//! the slot after the last one given, so a backlog drains at the rate, evenly, and messages
+//! that wait do not bunch up. A back-off in force replaces the rule's rate with its cut one.
+//!
+//! The rules are swapped at a reload; destinations pick the new rule up with their next
+//! message, and back-offs in force are measured against it from then on.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
+use super::backoff::{per_second, BackoffRule, Change, InForce, Watch};
 use super::route::NextHop;
 use crate::config::{Config, Rate};
+use crate::mail::reply::Reply;
+
+/// Connections with nothing to send are closed at once unless a rule keeps them: a kept one
+/// goes on to the host it was opened to, under the credentials and policies of then.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::ZERO;
+
+/// Destinations kept in memory without a back-off or a recent message are forgotten past this.
+const PACES_KEPT: usize = 10_000;
 
 /// What applies to one destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,34 +35,117 @@ pub struct Rule {
     pub connections: usize,
     pub messages_per_connection: usize,
     pub rate: Option<Rate>,
+    /// How long, and how many, connections with nothing to send stay open (`idle.rs`).
+    pub idle_timeout: Duration,
+    pub idle_connections: usize,
+    pub backoff: BackoffRule,
 }
 
-/// Every destination's rule and pace.
+/// One destination's pace: its next send time and what its replies have been.
+struct Pace {
+    hop: NextHop,
+    next_slot: Option<Instant>,
+    /// The next send time of each tenant held to a part of the rate.
+    tenant_slots: HashMap<String, Instant>,
+    watch: Watch,
+}
+
+impl Pace {
+    fn new(hop: &NextHop) -> Pace {
+        Pace {
+            hop: hop.clone(),
+            next_slot: None,
+            tenant_slots: HashMap::new(),
+            watch: Watch::default(),
+        }
+    }
+
+    /// Messages per second allowed now: the back-off's, else the rule's.
+    fn allowed(&self, rule: &Rule) -> Option<f64> {
+        self.watch.rate(&rule.backoff).or(rule.rate.map(per_second))
+    }
+}
+
+/// A tenant held to a part of each destination's rate.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantShare<'a> {
+    pub tenant: &'a str,
+    /// The part, above 0 and below 1.
+    pub part: f64,
+}
+
+/// A destination's pace and back-off as the admin API shows them.
+#[derive(Debug, Clone)]
+pub struct PaceStatus {
+    pub key: String,
+    pub hop: NextHop,
+    /// Messages per second allowed now (the back-off's, else the rule's), if limited.
+    pub allowed: Option<f64>,
+    /// Messages per second sent over the back-off window.
+    pub sending: f64,
+    /// The next send time still to come, if one is.
+    pub next_slot: Option<SystemTime>,
+    pub backoff: Option<BackoffStatus>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackoffStatus {
+    pub level: u32,
+    pub rate: f64,
+    pub began: SystemTime,
+    /// When the current step ends (one step back then).
+    pub step_ends: SystemTime,
+    /// When the rate is back in full, if nothing triggers it again.
+    pub ends: SystemTime,
+    pub triggers: u64,
+    pub reasons: Vec<String>,
+}
+
+/// Every destination's rule, pace and back-off.
 pub struct Shaper {
-    config: Arc<Config>,
-    /// The next free send time of each paced destination, by its key.
-    next_slot: Mutex<HashMap<String, Instant>>,
+    config: ArcSwap<Config>,
+    /// Bumped at each reload: destinations holding an older rule fetch theirs again.
+    generation: AtomicU64,
+    paces: Mutex<HashMap<String, Pace>>,
 }
 
 impl Shaper {
     pub fn new(config: Arc<Config>) -> Shaper {
         Shaper {
-            config,
-            next_slot: Mutex::new(HashMap::new()),
+            config: ArcSwap::new(config),
+            generation: AtomicU64::new(0),
+            paces: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes the rules of a reloaded configuration.
+    pub fn reload(&self, config: Arc<Config>) {
+        self.config.store(config);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The rules' generation (see [`Shaper::reload`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn paces(&self) -> MutexGuard<'_, HashMap<String, Pace>> {
+        self.paces
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The rule for `hop`: the most specific `[[shaping]]` whose domain matches its
     /// destination (an MX destination's domain; `*` alone for relays, LMTP and mailboxes),
     /// its unset values from `[delivery]`.
     pub fn rule_for(&self, hop: &NextHop) -> Rule {
-        let delivery = &self.config.delivery;
+        let config = self.config.load();
+        let delivery = &config.delivery;
         let domain = match hop {
             NextHop::Mx { domain } => Some(domain.as_str()),
             _ => None,
         };
-        let rule = self
-            .config
+        let rule = config
             .shaping
             .iter()
             .filter_map(|rule| {
@@ -69,33 +167,185 @@ impl Shaper {
                 .and_then(|rule| rule.messages_per_connection)
                 .unwrap_or(delivery.max_messages_per_connection),
             rate: rule.and_then(|rule| rule.rate),
+            idle_timeout: rule
+                .and_then(|rule| rule.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            idle_connections: rule
+                .and_then(|rule| rule.idle_connections.or(rule.connections))
+                .unwrap_or(delivery.max_connections_per_destination),
+            backoff: BackoffRule::of(rule),
         }
     }
 
-    /// Waits for the destination's next send time under `rule`'s rate (at once without one).
-    pub async fn pace(&self, key: &str, rule: &Rule) {
-        let Some(rate) = rule.rate else {
-            return;
-        };
-        let slot = self.take_slot(key, rate.interval());
-        tokio::time::sleep_until(slot).await;
+    /// Waits for the destination's next send time: under its back-off's rate while one is in
+    /// force, else under `rule`'s rate (at once without one). A tenant held to a `share` of
+    /// the rate first waits for its own next time, at that part of the rate; only then does
+    /// it take the destination's, so a tenant waiting for its turn holds no one else up.
+    pub async fn pace(
+        &self,
+        key: &str,
+        hop: &NextHop,
+        rule: &Rule,
+        share: Option<TenantShare<'_>>,
+    ) {
+        if let Some(share) = share {
+            if let Some(slot) = self.take_tenant_slot(key, hop, rule, share) {
+                tokio::time::sleep_until(slot).await;
+            }
+        }
+        if let Some(slot) = self.take_slot(key, hop, rule) {
+            tokio::time::sleep_until(slot).await;
+        }
     }
 
-    /// The send time given to the next message of `key`, one `interval` after the last.
-    fn take_slot(&self, key: &str, interval: Duration) -> Instant {
+    /// The tenant's next send time at its part of the destination's rate; `None` when nothing
+    /// limits the rate.
+    fn take_tenant_slot(
+        &self,
+        key: &str,
+        hop: &NextHop,
+        rule: &Rule,
+        share: TenantShare<'_>,
+    ) -> Option<Instant> {
         let now = Instant::now();
-        let mut slots = self
-            .next_slot
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Forget destinations idle for a while: the map holds only those being paced.
-        if slots.len() > 10_000 {
-            slots.retain(|_, next| *next > now);
-        }
-        let next = slots.entry(key.to_string()).or_insert(now);
+        let mut paces = self.paces();
+        let pace = paces
+            .entry(key.to_string())
+            .or_insert_with(|| Pace::new(hop));
+        pace.watch.refresh(&rule.backoff, now);
+        let allowed = pace.allowed(rule)? * share.part;
+        let interval = Duration::from_secs_f64(1.0 / allowed.max(1e-6));
+        let next = pace
+            .tenant_slots
+            .entry(share.tenant.to_string())
+            .or_insert(now);
         let slot = (*next).max(now);
         *next = slot + interval;
-        slot
+        Some(slot)
+    }
+
+    /// `tenant`'s next send time to `key`, when it is still to come (a destination's workers
+    /// take the tenant whose time comes first).
+    pub fn tenant_next(&self, key: &str, tenant: &str) -> Option<Instant> {
+        let now = Instant::now();
+        self.paces()
+            .get(key)
+            .and_then(|pace| pace.tenant_slots.get(tenant).copied())
+            .filter(|next| *next > now)
+    }
+
+    /// The send time given to the next message of `key`, one interval after the last; `None`
+    /// when nothing limits the rate. Counts the message as sent.
+    fn take_slot(&self, key: &str, hop: &NextHop, rule: &Rule) -> Option<Instant> {
+        let now = Instant::now();
+        let mut paces = self.paces();
+        if paces.len() > PACES_KEPT {
+            self.forget_idle(&mut paces, now);
+        }
+        let pace = paces
+            .entry(key.to_string())
+            .or_insert_with(|| Pace::new(hop));
+        pace.watch.refresh(&rule.backoff, now);
+        pace.watch.count_sent(&rule.backoff, now);
+        let interval = match pace.watch.rate(&rule.backoff) {
+            Some(cut) => Duration::from_secs_f64(1.0 / cut.max(1e-6)),
+            None => rule.rate?.interval(),
+        };
+        let slot = pace.next_slot.unwrap_or(now).max(now);
+        pace.next_slot = Some(slot + interval);
+        Some(slot)
+    }
+
+    /// Forgets the destinations with nothing in force and nothing sent lately.
+    fn forget_idle(&self, paces: &mut HashMap<String, Pace>, now: Instant) {
+        paces.retain(|_, pace| {
+            let rule = self.rule_for(&pace.hop);
+            pace.tenant_slots.retain(|_, next| *next > now);
+            pace.next_slot.is_some_and(|next| next > now)
+                || !pace.tenant_slots.is_empty()
+                || !pace.watch.idle(&rule.backoff, now)
+        });
+    }
+
+    /// Counts the destination's replies to one transaction (or to a connection attempt):
+    /// the first "slow down" among them counts once. Only replies the destination sent may be
+    /// passed here.
+    pub fn observe(&self, key: &str, hop: &NextHop, rule: &Rule, replies: &[Reply]) {
+        if !rule.backoff.enabled() {
+            return;
+        }
+        let Some(reply) = replies.iter().find(|reply| rule.backoff.matches(reply)) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut paces = self.paces();
+        let pace = paces
+            .entry(key.to_string())
+            .or_insert_with(|| Pace::new(hop));
+        let change = pace.watch.reply(&rule.backoff, rule.rate, reply, now);
+        drop(paces);
+        if let Change::Cut { level, rate } = change {
+            let rule_name = rule
+                .source
+                .clone()
+                .unwrap_or_else(|| "[delivery]".to_string());
+            metrics::counter!("switchyard_backoff_steps_total", "rule" => rule_name.clone())
+                .increment(1);
+            tracing::warn!(
+                destination = %key,
+                rule = %rule_name,
+                level,
+                rate = %format!("{rate:.3}/s"),
+                period = ?rule.backoff.period,
+                last_reply = %reply,
+                "destination asks to slow down: rate cut"
+            );
+        }
+    }
+
+    /// Ends the back-off in force for `key` (an operator's decision); `None` when none was.
+    pub fn cancel(&self, key: &str) -> Option<InForce> {
+        let mut paces = self.paces();
+        let cancelled = paces.get_mut(key)?.watch.cancel();
+        if cancelled.is_some() {
+            tracing::info!(destination = %key, "back-off cancelled by the operator");
+        }
+        cancelled
+    }
+
+    /// The pace and back-off of every destination kept (each brought up to date first).
+    pub fn statuses(&self) -> Vec<PaceStatus> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |instant: Instant| {
+            let ahead = instant.saturating_duration_since(now);
+            wall + ahead
+        };
+        let mut paces = self.paces();
+        paces
+            .iter_mut()
+            .map(|(key, pace)| {
+                let rule = self.rule_for(&pace.hop);
+                pace.watch.refresh(&rule.backoff, now);
+                let backoff = pace.watch.backoff.as_ref().map(|backoff| BackoffStatus {
+                    level: backoff.level,
+                    rate: backoff.rate(&rule.backoff),
+                    began: backoff.began,
+                    step_ends: at(backoff.step_ends),
+                    ends: at(backoff.ends(&rule.backoff)),
+                    triggers: backoff.triggers,
+                    reasons: backoff.reasons.iter().cloned().collect(),
+                });
+                PaceStatus {
+                    key: key.clone(),
+                    hop: pace.hop.clone(),
+                    allowed: pace.allowed(&rule),
+                    sending: pace.watch.sending_rate(&rule.backoff, now),
+                    next_slot: pace.next_slot.filter(|next| *next > now).map(at),
+                    backoff,
+                }
+            })
+            .collect()
     }
 }
 
@@ -138,12 +388,22 @@ mod tests {
     #[tokio::test]
     async fn slots_are_one_interval_apart_and_never_in_the_past() {
         let shaper = Shaper::new(config(""));
-        let interval = Duration::from_millis(100);
+        let hop = NextHop::Mx {
+            domain: "d.test".to_string(),
+        };
+        let rule = |count: u32| Rule {
+            rate: Some(Rate {
+                count,
+                per: Duration::from_secs(1),
+            }),
+            ..shaper.rule_for(&hop)
+        };
+        let (tenth, quick) = (rule(10), rule(1000));
         let before = Instant::now();
-        let first = shaper.take_slot("d", interval);
+        let first = shaper.take_slot("d", &hop, &tenth).expect("a slot");
         assert!(first >= before && first <= Instant::now());
         let gaps: Vec<Duration> = (1..4)
-            .map(|_| shaper.take_slot("d", interval) - first)
+            .map(|_| shaper.take_slot("d", &hop, &tenth).expect("a slot") - first)
             .collect();
         assert_eq!(
             gaps,
@@ -151,13 +411,12 @@ mod tests {
             "a backlog is spread evenly"
         );
         // Another destination has its own pace.
-        assert!(shaper.take_slot("e", interval) <= Instant::now());
+        assert!(shaper.take_slot("e", &hop, &tenth).expect("a slot") <= Instant::now());
         // Once the slots given have passed, a message goes at once.
-        let quick = Duration::from_millis(1);
-        shaper.take_slot("f", quick);
+        shaper.take_slot("f", &hop, &quick);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let at = Instant::now();
-        let slot = shaper.take_slot("f", quick);
+        let slot = shaper.take_slot("f", &hop, &quick).expect("a slot");
         assert!(
             slot >= at && slot <= Instant::now(),
             "an idle destination sends at once"

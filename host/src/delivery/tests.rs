@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::connect::{Connection, Outgoing, Sent, Transport};
+use super::connect::{Connection, OpenFailure, Outgoing, Sent, Transport};
 use super::inbox::{Accepted, Inbox};
 use super::route::NextHop;
 use super::Dispatcher;
@@ -63,13 +63,16 @@ struct ScriptedConnection {
 
 #[async_trait]
 impl Transport for ScriptedTransport {
-    async fn open(&self, _hop: &NextHop) -> Result<Box<dyn Connection>, Reply> {
+    async fn open(&self, _hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure> {
         let delay = self.script().open_delay;
         tokio::time::sleep(delay).await;
         let mut script = self.script();
         script.tried += 1;
         if let Some(reply) = &script.unreachable {
-            return Err(reply.clone());
+            return Err(OpenFailure {
+                reply: reply.clone(),
+                from_peer: true,
+            });
         }
         script.opened += 1;
         Ok(Box::new(ScriptedConnection {
@@ -127,6 +130,7 @@ impl Connection for ScriptedConnection {
                 ],
                 intact: false,
                 dsn_passed: false,
+                from_peer: false,
             };
         }
         let replies = message
@@ -144,6 +148,7 @@ impl Connection for ScriptedConnection {
             replies,
             intact: true,
             dsn_passed: false,
+            from_peer: true,
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Sink {
     connections: Arc<Mutex<Connections>>,
     /// How long to wait before answering the end of DATA: keeps deliveries under way.
     data_delay: Duration,
+    /// Told to close every session waiting for a command (as a server that times clients out).
+    hang_up: Arc<tokio::sync::Notify>,
 }
 
 /// Connection counts, to check reuse and per-destination limits.
@@ -61,6 +63,7 @@ impl Sink {
             rcpt_attempts: Arc::new(Mutex::new(0)),
             connections: Arc::new(Mutex::new(Connections::default())),
             data_delay,
+            hang_up: Arc::new(tokio::sync::Notify::new()),
         };
         let served = sink.clone();
         tokio::spawn(async move {
@@ -93,7 +96,11 @@ impl Sink {
         let mut line = String::new();
         loop {
             line.clear();
-            match reader.read_line(&mut line).await {
+            let read = tokio::select! {
+                read = reader.read_line(&mut line) => read,
+                _ = self.hang_up.notified() => return,
+            };
+            match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -178,6 +185,12 @@ impl Sink {
         } else {
             connections.open -= 1;
         }
+    }
+
+    /// Closes every session waiting for a command, without a reply (a server that timed its
+    /// clients out).
+    pub fn drop_connections(&self) {
+        self.hang_up.notify_waiters();
     }
 
     pub fn connections(&self) -> Connections {
