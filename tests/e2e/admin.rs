@@ -46,17 +46,27 @@ pub async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (
 /// A router with the admin API on, whose deliveries go to 127.0.0.1:`smarthost` (where nothing
 /// may listen yet: messages then stay queued, retried every hour).
 pub async fn router_with_api(smarthost: u16, extra: &str) -> (Router, u16, tempfile::TempDir) {
+    router_with_api_and(RouterOptions {
+        extra: extra.to_string(),
+        ..RouterOptions::relaying_to(format!("127.0.0.1:{smarthost}"), "")
+    })
+    .await
+}
+
+/// Like [`router_with_api`], with the router's other options (their `extra` keeps its lines).
+pub async fn router_with_api_and(options: RouterOptions) -> (Router, u16, tempfile::TempDir) {
     let secrets = tempfile::tempdir().expect("tempdir");
     let tokens = secrets.path().join("tokens");
     std::fs::write(&tokens, format!("# operators\n{TOKEN}\n")).expect("tokens");
     let api = free_port();
     let router = Router::start(RouterOptions {
         extra: format!(
-            "{extra}\n[admin]\nlisten = \"127.0.0.1:{api}\"\ntokens_file = \"{}\"\n",
+            "{}\n[admin]\nlisten = \"127.0.0.1:{api}\"\ntokens_file = \"{}\"\n",
+            options.extra,
             tokens.display()
         ),
         retry: "intervals = [\"1h\"]\n".to_string(),
-        ..RouterOptions::relaying_to(format!("127.0.0.1:{smarthost}"), "")
+        ..options
     })
     .await;
     (router, api, secrets)

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admin::{http, router_with_api, TOKEN};
+use crate::admin::{http, router_with_api, router_with_api_and, TOKEN};
 use crate::harness::client::{message, TestClient};
+use crate::harness::dns::DnsServer;
 use crate::harness::router::{Router, RouterOptions};
 use crate::harness::sink::{Rule, Sink};
 
@@ -394,4 +395,68 @@ async fn two_tenants_sending_to_one_destination_share_its_rate_by_their_parts() 
     );
     acme.await.expect("acme's messages accepted");
     bravo.await.expect("bravo's messages accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_whose_mx_hosts_one_rule_names_share_its_rate() {
+    let dns = DnsServer::start().await;
+    let port = crate::harness::router::free_port();
+    let address = std::net::Ipv4Addr::new(127, 0, 0, 41);
+    for (domain, host) in [
+        ("one.test", "one-test.mx.provider.test"),
+        ("two.test", "two-test.mx.provider.test"),
+        ("other.test", "mx.other.test"),
+    ] {
+        dns.mx(domain, 10, host);
+        dns.a(host, address);
+    }
+    let sink = Sink::start(std::net::IpAddr::V4(address), port, None).await;
+    let (router, api, _secrets) = router_with_api_and(RouterOptions {
+        dns: Some(dns.address),
+        delivery_port: port,
+        extra: "[[shaping]]\nmx = \"*.provider.test\"\nrate = \"10/s\"\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    // Interleaved: other.test's ten go in among the first thirty.
+    for n in 0..20 {
+        let others: &[&str] = if n < 10 { &["r@other.test"] } else { &[] };
+        for to in ["r@one.test", "r@two.test"].iter().chain(others) {
+            client
+                .send_accepted("s@sender.test", &[to], &message(&format!("{to} {n}")))
+                .await;
+        }
+    }
+    let received = sink.wait_for(50, Duration::from_secs(30)).await;
+    // The two domains share the provider's 10/s: their 40 messages take about 3.9 s, not
+    // the 1.9 s they would each at 10/s; the third domain is not held to it.
+    let arrivals: Vec<Instant> = received.iter().map(|m| m.arrived).collect();
+    let provider: Vec<Instant> = received
+        .iter()
+        .filter(|m| m.rcpt_to[0] != "r@other.test")
+        .map(|m| m.arrived)
+        .collect();
+    let took = provider[39] - provider[0];
+    assert!(
+        took >= Duration::from_millis(3500),
+        "40 messages to two domains at the provider's 10/s took {took:?}"
+    );
+    let other_last = received
+        .iter()
+        .filter(|m| m.rcpt_to[0] == "r@other.test")
+        .map(|m| m.arrived)
+        .max()
+        .expect("other.test's messages");
+    assert!(
+        other_last < provider[15],
+        "other.test waited for the provider's pace: {arrivals:?}"
+    );
+    let (_, body) = http(api, "GET", "/v1/destinations", Some(TOKEN)).await;
+    let all: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+    let site = all
+        .iter()
+        .find(|d| d["destination"] == "mx:*.provider.test")
+        .unwrap_or_else(|| panic!("the site is listed: {body}"));
+    assert_eq!(site["rate_limit"], "10/s", "{site}");
 }

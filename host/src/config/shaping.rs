@@ -57,7 +57,12 @@ impl From<Rate> for String {
 pub struct ShapingConfig {
     /// The recipient domain the rule is for: `example.com`, `*.example.com` (the domain and its
     /// subdomains), or `*` (every destination). The most specific rule that matches applies.
+    #[serde(default)]
     pub domain: String,
+    /// Instead of `domain`: the MX host names the rule is for (`mx.example.net`, or
+    /// `*.mail.protection.outlook.com`). Every recipient domain whose MX hosts it matches shares
+    /// the rule's rate and back-off: the provider's, whatever domain the mail is for.
+    pub mx: Option<String>,
     /// Connections open at once to the destination (default: `[delivery]
     /// max_connections_per_destination`).
     pub connections: Option<usize>,
@@ -96,28 +101,59 @@ pub struct ShapingConfig {
 }
 
 impl ShapingConfig {
+    /// The rule's name: its domain, or `mx:PATTERN`.
+    pub fn name(&self) -> String {
+        match &self.mx {
+            Some(mx) => format!("mx:{}", mx.to_ascii_lowercase()),
+            None => self.domain.clone(),
+        }
+    }
+
     /// What is wrong with this rule on its own, if anything.
     pub fn problem(&self) -> Option<String> {
+        if let Some(mx) = &self.mx {
+            let host = mx.trim_start_matches("*.");
+            if !self.domain.is_empty() {
+                return Some(format!(
+                    "shaping: `domain = \"{}\"` and `mx = \"{mx}\"`: a rule is for one or the other",
+                    self.name()
+                ));
+            }
+            if host.is_empty() || !host.contains('.') || host.contains(['@', ' ', '*', '/']) {
+                return Some(format!(
+                    "shaping: mx `{mx}`: a host name or *.domain (`*.mail.protection.outlook.com`)"
+                ));
+            }
+            return self.settings_problem();
+        }
+        if self.domain.is_empty() {
+            return Some("shaping: every rule needs a `domain` or an `mx`".to_string());
+        }
         let pattern = self.domain.trim_start_matches("*.");
         let valid =
             self.domain == "*" || (!pattern.is_empty() && !pattern.contains(['@', ' ', '*', '/']));
         if !valid {
             return Some(format!(
                 "shaping: domain `{}`: a domain, *.domain or *",
-                self.domain
+                self.name()
             ));
         }
+        self.settings_problem()
+    }
+
+    /// What is wrong with the rule's settings, whatever it matches.
+    fn settings_problem(&self) -> Option<String> {
         if self.connections == Some(0) || self.messages_per_connection == Some(0) {
             return Some(format!(
                 "shaping `{}`: connections and messages_per_connection must be above 0",
-                self.domain
+                self.name()
             ));
         }
         if let Some(factor) = self.backoff_factor {
             if !(factor > 0.0 && factor < 1.0) {
                 return Some(format!(
                     "shaping `{}`: backoff_factor {factor} must be above 0 and below 1",
-                    self.domain
+                    self.name()
                 ));
             }
         }
@@ -127,7 +163,7 @@ impl ShapingConfig {
         {
             return Some(format!(
                 "shaping `{}`: backoff_after, backoff_window and backoff_period must be above 0",
-                self.domain
+                self.name()
             ));
         }
         if let Some(entry) = self
@@ -139,7 +175,7 @@ impl ShapingConfig {
             return Some(format!(
                 "shaping `{}`: backoff_on `{entry}`: give a 4xx code, an enhanced status or a \
                  reply text (a permanent 5xx reply never means \"slow down\")",
-                self.domain
+                self.name()
             ));
         }
         None
@@ -148,6 +184,9 @@ impl ShapingConfig {
     /// How well the rule matches `domain` (lower case, no trailing dot): `None` when it does
     /// not; a more specific match ranks higher.
     pub fn rank(&self, domain: &str) -> Option<(u8, usize)> {
+        if self.mx.is_some() {
+            return None;
+        }
         let pattern = self.domain.to_ascii_lowercase();
         if pattern == "*" {
             return Some((0, 0));
@@ -159,6 +198,17 @@ impl ShapingConfig {
             Some(_) => None,
             None => (domain == pattern).then_some((2, pattern.len())),
         }
+    }
+
+    /// How well an `mx` rule matches a destination whose MX hosts are `hosts` (lower case, no
+    /// trailing dot): `None` when it names none of them; a longer pattern ranks higher.
+    pub fn mx_rank(&self, hosts: &[String]) -> Option<usize> {
+        let pattern = self.mx.as_deref()?.to_ascii_lowercase();
+        let matches = |host: &String| match pattern.strip_prefix("*.") {
+            Some(parent) => host.ends_with(&format!(".{parent}")),
+            None => *host == pattern,
+        };
+        hosts.iter().any(matches).then_some(pattern.len())
     }
 }
 
@@ -182,6 +232,7 @@ mod tests {
     fn the_most_specific_rule_ranks_first() {
         let rule = |domain: &str| ShapingConfig {
             domain: domain.to_string(),
+            mx: None,
             connections: None,
             messages_per_connection: None,
             rate: None,
@@ -214,5 +265,25 @@ mod tests {
             ..rule("x.test")
         };
         assert!(permanent.problem().is_some_and(|p| p.contains("5xx")));
+        let provider = ShapingConfig {
+            mx: Some("*.protection.outlook.com".to_string()),
+            ..rule("")
+        };
+        assert_eq!(provider.problem(), None);
+        assert_eq!(
+            provider.rank("example.com"),
+            None,
+            "an mx rule matches no domain"
+        );
+        let hosts = ["example-com.mail.protection.outlook.com".to_string()];
+        assert!(provider.mx_rank(&hosts).is_some());
+        assert_eq!(provider.mx_rank(&["mx.example.com".to_string()]), None);
+        let both = ShapingConfig {
+            mx: Some("mx.example.net".to_string()),
+            ..rule("example.com")
+        };
+        assert!(both
+            .problem()
+            .is_some_and(|p| p.contains("one or the other")));
     }
 }

@@ -392,10 +392,10 @@ fn names(config: &Config, problem: &Locate) -> Result<(), Problem> {
         if let Some(message) = rule.problem() {
             return Err(problem("[[shaping]]", message));
         }
-        if !shaped.insert(rule.domain.to_ascii_lowercase()) {
+        if !shaped.insert(rule.name().to_ascii_lowercase()) {
             return Err(problem(
                 "[[shaping]]",
-                format!("two shaping rules for `{}`", rule.domain),
+                format!("two shaping rules for `{}`", rule.name()),
             ));
         }
     }

@@ -103,6 +103,11 @@ pub trait Connection: Send {
 pub trait Transport: Send + Sync {
     /// Opens a connection to `hop`.
     async fn open(&self, hop: &NextHop) -> Result<Box<dyn Connection>, OpenFailure>;
+
+    /// The names of `hop`'s MX hosts, for shaping rules by MX host (none for other hops).
+    async fn mx_hosts(&self, _hop: &NextHop) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The server's transports: SMTP for relays and MX hosts, Maildir for mailboxes, LMTP for
@@ -152,6 +157,13 @@ impl Transport for Transports {
             NextHop::Mailbox { .. } => self.mailbox.open(hop).await,
             NextHop::Lmtp { .. } => self.lmtp.open(hop).await,
             NextHop::Relay { .. } | NextHop::Mx { .. } => self.smtp.open(hop).await,
+        }
+    }
+
+    async fn mx_hosts(&self, hop: &NextHop) -> Vec<String> {
+        match hop {
+            NextHop::Mx { domain } => self.smtp.dns.mx_names(domain).await,
+            _ => Vec::new(),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Delivery, the outbound wing: everything after the 250. The dispatcher (this file) keeps the
 //! recipients in flight, groups them by next hop (`routing.rs`), and runs a bounded number of
 //! connection workers per destination (its `shaping.rs` rule: connections, messages per
-//! connection, rate), each sending one job after another over a connection that a
-//! [`connect::Transport`] opened (SMTP, LMTP or Maildir). `outcome.rs` turns each attempt's replies
+//! connection, rate, and the `backoff.rs` cut when the destination asks to slow down), each
+//! sending one job after another over a connection that a [`connect::Transport`] opened (SMTP,
+//! LMTP or Maildir), or one `idle.rs` kept open since the last. `status.rs` is what the admin
+//! API shows of it. `outcome.rs` turns each attempt's replies
 //! into delivered, deferred (with a retry time) or failed (with a DSN). `inbox.rs` is the door
 //! in from the SMTP sessions; `scanner.rs` the door in from the queue.
 
@@ -47,11 +49,13 @@ use route::NextHop;
 pub use scanner::{run_lease_renewal, run_scanner};
 pub use status::report_destinations;
 
-/// A destination as a worker sends to it: its key, next hop and rule.
+/// A destination as a worker sends to it: its key, next hop and rule, and the key of the pace
+/// it goes by (its own, or its site's when an `mx` rule applies).
 struct Lane {
     key: String,
     hop: NextHop,
     rule: Arc<shaping::Rule>,
+    pace: String,
 }
 
 /// Recipients of one message that go to one destination.
@@ -374,6 +378,7 @@ impl Dispatcher {
                     key: key.to_string(),
                     hop: destination.hop.clone(),
                     rule: destination.rule.clone(),
+                    pace: key.to_string(),
                 },
                 job,
             )),
@@ -468,9 +473,10 @@ impl Dispatcher {
         loop {
             // The job comes with its place in its tenant's share (see `next_job`); a tenant
             // without one never makes a worker wait, so another tenant's jobs go first.
-            let Some((lane, job)) = self.next_job(&key) else {
+            let Some((mut lane, job)) = self.next_job(&key) else {
                 return;
             };
+            self.find_site(&mut lane).await;
             let Ok(permit) = self.connections.clone().acquire_owned().await else {
                 return;
             };
@@ -488,7 +494,8 @@ impl Dispatcher {
                 Err(failure) => {
                     if failure.from_peer {
                         let replies = std::slice::from_ref(&failure.reply);
-                        self.shaper.observe(&key, &lane.hop, &lane.rule, replies);
+                        self.shaper
+                            .observe(&lane.pace, &lane.hop, &lane.rule, replies);
                     }
                     self.unreachable(&key, job, failure.reply).await
                 }
@@ -560,7 +567,7 @@ impl Dispatcher {
         while let Some(current) = job.take() {
             let share = self.rate_share(&current.meta.tenant);
             self.shaper
-                .pace(&lane.key, &lane.hop, &lane.rule, share)
+                .pace(&lane.pace, &lane.hop, &lane.rule, share)
                 .await;
             if !self.deliver(&lane, connection.as_mut(), current).await {
                 // The connection broke: nothing more goes over it, and no QUIT either.
@@ -570,7 +577,8 @@ impl Dispatcher {
                 break;
             }
             match self.next_job(&lane.key) {
-                Some((next_lane, next)) => {
+                Some((mut next_lane, next)) => {
+                    self.find_site(&mut next_lane).await;
                     lane = next_lane;
                     job = Some(next);
                 }
@@ -627,6 +635,24 @@ impl Dispatcher {
         }
     }
 
+    /// Applies an `mx` rule to an MX destination whose MX hosts it names (the lookup is the
+    /// resolver's, cached): the destination then goes by the rule and shares its site's pace.
+    async fn find_site(&self, lane: &mut Lane) {
+        if !matches!(lane.hop, NextHop::Mx { .. }) || !self.shaper.has_mx_rules() {
+            return;
+        }
+        let hosts = self.transport.mx_hosts(&lane.hop).await;
+        if let Some(rule) = self.shaper.rule_for_site(&lane.hop, &hosts) {
+            lane.pace = rule.source.clone().unwrap_or_else(|| lane.key.clone());
+            let rule = Arc::new(rule);
+            let mut state = self.state();
+            if let Some(destination) = state.destinations.get_mut(&lane.key) {
+                destination.rule = rule.clone();
+            }
+            lane.rule = rule;
+        }
+    }
+
     /// Counts a connection to `key` opened (1) or closed (-1).
     fn count_open(&self, key: &str, change: isize) {
         let mut state = self.state();
@@ -658,7 +684,7 @@ impl Dispatcher {
         let dsn_passed = sent.dsn_passed;
         if sent.from_peer {
             self.shaper
-                .observe(&lane.key, &lane.hop, &lane.rule, &sent.replies);
+                .observe(&lane.pace, &lane.hop, &lane.rule, &sent.replies);
         }
         let attempts = job
             .recipients

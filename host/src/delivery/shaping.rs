@@ -30,8 +30,12 @@ const PACES_KEPT: usize = 10_000;
 /// What applies to one destination.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
-    /// The `[[shaping]]` domain it came from (`None`: the `[delivery]` defaults alone).
+    /// The `[[shaping]]` rule it came from, by name (its domain, or `mx:PATTERN`); `None`: the
+    /// `[delivery]` defaults alone.
     pub source: Option<String>,
+    /// The rule is for MX host names: every destination it applies to shares one pace and
+    /// back-off, kept under the rule's name.
+    pub site: bool,
     pub connections: usize,
     pub messages_per_connection: usize,
     pub rate: Option<Rate>,
@@ -44,18 +48,25 @@ pub struct Rule {
 /// One destination's pace: its next send time and what its replies have been.
 struct Pace {
     hop: NextHop,
+    /// The `mx` rule whose site this is, by name (`None`: a destination of its own).
+    site: Option<String>,
     next_slot: Option<Instant>,
     /// The next send time of each tenant held to a part of the rate.
     tenant_slots: HashMap<String, Instant>,
+    /// How many times a back-off has cut the rate: a send time given before the last cut is
+    /// not kept.
+    cuts: u64,
     watch: Watch,
 }
 
 impl Pace {
-    fn new(hop: &NextHop) -> Pace {
+    fn new(hop: &NextHop, rule: &Rule) -> Pace {
         Pace {
             hop: hop.clone(),
+            site: rule.source.clone().filter(|_| rule.site),
             next_slot: None,
             tenant_slots: HashMap::new(),
+            cuts: 0,
             watch: Watch::default(),
         }
     }
@@ -79,6 +90,8 @@ pub struct TenantShare<'a> {
 pub struct PaceStatus {
     pub key: String,
     pub hop: NextHop,
+    /// The rule that applies now.
+    pub rule: Rule,
     /// Messages per second allowed now (the back-off's, else the rule's), if limited.
     pub allowed: Option<f64>,
     /// Messages per second sent over the back-off window.
@@ -140,43 +153,96 @@ impl Shaper {
     /// its unset values from `[delivery]`.
     pub fn rule_for(&self, hop: &NextHop) -> Rule {
         let config = self.config.load();
-        let delivery = &config.delivery;
         let domain = match hop {
             NextHop::Mx { domain } => Some(domain.as_str()),
             _ => None,
         };
+        let rule = best_domain_rule(&config, domain).map(|(_, rule)| rule);
+        build_rule(&config, rule)
+    }
+
+    /// Whether any rule is for MX host names (`mx = ...`): only then are an MX destination's
+    /// hosts looked up before its rule is chosen.
+    pub fn has_mx_rules(&self) -> bool {
+        self.config
+            .load()
+            .shaping
+            .iter()
+            .any(|rule| rule.mx.is_some())
+    }
+
+    /// The rule of an MX destination whose MX hosts are `hosts`, when an `mx` rule matches one
+    /// of them and no rule names the domain itself (`*` aside: a provider's rule is more
+    /// specific than the catch-all). `None`: [`Shaper::rule_for`] applies.
+    pub fn rule_for_site(&self, hop: &NextHop, hosts: &[String]) -> Option<Rule> {
+        let NextHop::Mx { domain } = hop else {
+            return None;
+        };
+        let config = self.config.load();
+        if best_domain_rule(&config, Some(domain)).is_some_and(|(rank, _)| rank.0 > 0) {
+            return None;
+        }
         let rule = config
             .shaping
             .iter()
-            .filter_map(|rule| {
-                let rank = match domain {
-                    Some(domain) => rule.rank(domain)?,
-                    None if rule.domain == "*" => (0, 0),
-                    None => return None,
-                };
-                Some((rank, rule))
-            })
+            .filter_map(|rule| Some((rule.mx_rank(hosts)?, rule)))
             .max_by_key(|(rank, _)| *rank)
-            .map(|(_, rule)| rule);
-        Rule {
-            source: rule.map(|rule| rule.domain.clone()),
-            connections: rule
-                .and_then(|rule| rule.connections)
-                .unwrap_or(delivery.max_connections_per_destination),
-            messages_per_connection: rule
-                .and_then(|rule| rule.messages_per_connection)
-                .unwrap_or(delivery.max_messages_per_connection),
-            rate: rule.and_then(|rule| rule.rate),
-            idle_timeout: rule
-                .and_then(|rule| rule.idle_timeout)
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            idle_connections: rule
-                .and_then(|rule| rule.idle_connections.or(rule.connections))
-                .unwrap_or(delivery.max_connections_per_destination),
-            backoff: BackoffRule::of(rule),
-        }
+            .map(|(_, rule)| rule)?;
+        Some(build_rule(&config, Some(rule)))
     }
 
+    /// The rule of a site as the configuration has it now (`None`: the rule is gone).
+    fn rule_for_mx(&self, source: &str) -> Option<Rule> {
+        let config = self.config.load();
+        let rule = config.shaping.iter().find(|rule| rule.name() == source)?;
+        Some(build_rule(&config, Some(rule)))
+    }
+}
+
+/// The most specific rule naming `domain` (`None` for a relay, LMTP or mailbox destination:
+/// only `*` names those), with its rank.
+fn best_domain_rule<'a>(
+    config: &'a Config,
+    domain: Option<&str>,
+) -> Option<((u8, usize), &'a crate::config::ShapingConfig)> {
+    config
+        .shaping
+        .iter()
+        .filter_map(|rule| {
+            let rank = match domain {
+                Some(domain) => rule.rank(domain)?,
+                None if rule.domain == "*" => (0, 0),
+                None => return None,
+            };
+            Some((rank, rule))
+        })
+        .max_by_key(|(rank, _)| *rank)
+}
+
+/// `rule` on the `[delivery]` caps as defaults (those alone without a rule).
+fn build_rule(config: &Config, rule: Option<&crate::config::ShapingConfig>) -> Rule {
+    let delivery = &config.delivery;
+    Rule {
+        source: rule.map(|rule| rule.name()),
+        site: rule.is_some_and(|rule| rule.mx.is_some()),
+        connections: rule
+            .and_then(|rule| rule.connections)
+            .unwrap_or(delivery.max_connections_per_destination),
+        messages_per_connection: rule
+            .and_then(|rule| rule.messages_per_connection)
+            .unwrap_or(delivery.max_messages_per_connection),
+        rate: rule.and_then(|rule| rule.rate),
+        idle_timeout: rule
+            .and_then(|rule| rule.idle_timeout)
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        idle_connections: rule
+            .and_then(|rule| rule.idle_connections.or(rule.connections))
+            .unwrap_or(delivery.max_connections_per_destination),
+        backoff: BackoffRule::of(rule),
+    }
+}
+
+impl Shaper {
     /// Waits for the destination's next send time: under its back-off's rate while one is in
     /// force, else under `rule`'s rate (at once without one). A tenant held to a `share` of
     /// the rate first waits for its own next time, at that part of the rate; only then does
@@ -193,9 +259,24 @@ impl Shaper {
                 tokio::time::sleep_until(slot).await;
             }
         }
-        if let Some(slot) = self.take_slot(key, hop, rule) {
+        let mut counted = false;
+        // A send time given before a back-off cut the rate is not kept: the message waits for
+        // one at the cut rate, as those reserved after the cut do.
+        while let Some((slot, cuts)) = self.take_slot(key, hop, rule, !counted) {
+            counted = true;
             tokio::time::sleep_until(slot).await;
+            if self.cuts(key) == cuts {
+                return;
+            }
         }
+    }
+
+    /// How many times `key`'s rate has been cut so far.
+    fn cuts(&self, key: &str) -> u64 {
+        self.paces()
+            .get(key)
+            .map(|pace| pace.cuts)
+            .unwrap_or_default()
     }
 
     /// The tenant's next send time at its part of the destination's rate; `None` when nothing
@@ -211,7 +292,7 @@ impl Shaper {
         let mut paces = self.paces();
         let pace = paces
             .entry(key.to_string())
-            .or_insert_with(|| Pace::new(hop));
+            .or_insert_with(|| Pace::new(hop, rule));
         pace.watch.refresh(&rule.backoff, now);
         let allowed = pace.allowed(rule)? * share.part;
         let interval = Duration::from_secs_f64(1.0 / allowed.max(1e-6));
@@ -234,9 +315,16 @@ impl Shaper {
             .filter(|next| *next > now)
     }
 
-    /// The send time given to the next message of `key`, one interval after the last; `None`
-    /// when nothing limits the rate. Counts the message as sent.
-    fn take_slot(&self, key: &str, hop: &NextHop, rule: &Rule) -> Option<Instant> {
+    /// The send time given to the next message of `key`, one interval after the last, with
+    /// the count of the rate's cuts it was given under; `None` when nothing limits the rate.
+    /// Counts the message as sent when `count`.
+    fn take_slot(
+        &self,
+        key: &str,
+        hop: &NextHop,
+        rule: &Rule,
+        count: bool,
+    ) -> Option<(Instant, u64)> {
         let now = Instant::now();
         let mut paces = self.paces();
         if paces.len() > PACES_KEPT {
@@ -244,22 +332,24 @@ impl Shaper {
         }
         let pace = paces
             .entry(key.to_string())
-            .or_insert_with(|| Pace::new(hop));
+            .or_insert_with(|| Pace::new(hop, rule));
         pace.watch.refresh(&rule.backoff, now);
-        pace.watch.count_sent(&rule.backoff, now);
+        if count {
+            pace.watch.count_sent(&rule.backoff, now);
+        }
         let interval = match pace.watch.rate(&rule.backoff) {
             Some(cut) => Duration::from_secs_f64(1.0 / cut.max(1e-6)),
             None => rule.rate?.interval(),
         };
         let slot = pace.next_slot.unwrap_or(now).max(now);
         pace.next_slot = Some(slot + interval);
-        Some(slot)
+        Some((slot, pace.cuts))
     }
 
     /// Forgets the destinations with nothing in force and nothing sent lately.
     fn forget_idle(&self, paces: &mut HashMap<String, Pace>, now: Instant) {
         paces.retain(|_, pace| {
-            let rule = self.rule_for(&pace.hop);
+            let rule = self.rule_of(pace);
             pace.tenant_slots.retain(|_, next| *next > now);
             pace.next_slot.is_some_and(|next| next > now)
                 || !pace.tenant_slots.is_empty()
@@ -281,8 +371,14 @@ impl Shaper {
         let mut paces = self.paces();
         let pace = paces
             .entry(key.to_string())
-            .or_insert_with(|| Pace::new(hop));
+            .or_insert_with(|| Pace::new(hop, rule));
         let change = pace.watch.reply(&rule.backoff, rule.rate, reply, now);
+        if let Change::Cut { .. } = change {
+            // The send times given at the old rate are void (see `pace`): spacing starts again
+            // from now, at the cut rate.
+            pace.cuts += 1;
+            pace.next_slot = None;
+        }
         drop(paces);
         if let Change::Cut { level, rate } = change {
             let rule_name = rule
@@ -301,6 +397,14 @@ impl Shaper {
                 "destination asks to slow down: rate cut"
             );
         }
+    }
+
+    /// The rule a pace goes by now: its site's, or its destination's.
+    fn rule_of(&self, pace: &Pace) -> Rule {
+        pace.site
+            .as_deref()
+            .and_then(|site| self.rule_for_mx(site))
+            .unwrap_or_else(|| self.rule_for(&pace.hop))
     }
 
     /// Ends the back-off in force for `key` (an operator's decision); `None` when none was.
@@ -325,7 +429,7 @@ impl Shaper {
         paces
             .iter_mut()
             .map(|(key, pace)| {
-                let rule = self.rule_for(&pace.hop);
+                let rule = self.rule_of(pace);
                 pace.watch.refresh(&rule.backoff, now);
                 let backoff = pace.watch.backoff.as_ref().map(|backoff| BackoffStatus {
                     level: backoff.level,
@@ -339,6 +443,7 @@ impl Shaper {
                 PaceStatus {
                     key: key.clone(),
                     hop: pace.hop.clone(),
+                    rule: rule.clone(),
                     allowed: pace.allowed(&rule),
                     sending: pace.watch.sending_rate(&rule.backoff, now),
                     next_slot: pace.next_slot.filter(|next| *next > now).map(at),
@@ -400,10 +505,10 @@ mod tests {
         };
         let (tenth, quick) = (rule(10), rule(1000));
         let before = Instant::now();
-        let first = shaper.take_slot("d", &hop, &tenth).expect("a slot");
+        let first = shaper.take_slot("d", &hop, &tenth, true).expect("a slot").0;
         assert!(first >= before && first <= Instant::now());
         let gaps: Vec<Duration> = (1..4)
-            .map(|_| shaper.take_slot("d", &hop, &tenth).expect("a slot") - first)
+            .map(|_| shaper.take_slot("d", &hop, &tenth, true).expect("a slot").0 - first)
             .collect();
         assert_eq!(
             gaps,
@@ -411,12 +516,12 @@ mod tests {
             "a backlog is spread evenly"
         );
         // Another destination has its own pace.
-        assert!(shaper.take_slot("e", &hop, &tenth).expect("a slot") <= Instant::now());
+        assert!(shaper.take_slot("e", &hop, &tenth, true).expect("a slot").0 <= Instant::now());
         // Once the slots given have passed, a message goes at once.
-        shaper.take_slot("f", &hop, &quick);
+        shaper.take_slot("f", &hop, &quick, true);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let at = Instant::now();
-        let slot = shaper.take_slot("f", &hop, &quick).expect("a slot");
+        let slot = shaper.take_slot("f", &hop, &quick, true).expect("a slot").0;
         assert!(
             slot >= at && slot <= Instant::now(),
             "an idle destination sends at once"

@@ -32,10 +32,14 @@ impl Dispatcher {
             .filter_map(|key| {
                 let pace = paces.get(key);
                 let destination = state.destinations.get(key);
-                let hop = destination
-                    .map(|destination| &destination.hop)
-                    .or(pace.map(|pace| &pace.hop))?;
-                let rule = self.shaper.rule_for(hop);
+                // A destination goes by the rule its workers found (an `mx` rule's, when one
+                // applies); a pace alone (a site's, or a destination with nothing waiting) by
+                // the rule it is measured against now.
+                let rule = match (destination, pace) {
+                    (Some(destination), _) => (*destination.rule).clone(),
+                    (None, Some(pace)) => pace.rule.clone(),
+                    (None, None) => return None,
+                };
                 let (waiting_messages, waiting_recipients) = destination
                     .map(|destination| {
                         let jobs = destination.queues.values().flatten();

@@ -103,6 +103,29 @@ impl Dns {
         })
     }
 
+    /// The names of a domain's MX hosts (lower case, no trailing dot), for shaping rules by MX
+    /// host; none when the lookup fails or finds none (the rule by domain applies then).
+    pub async fn mx_names(&self, domain: &str) -> Vec<String> {
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::MX(mx) => Some(
+                        mx.exchange
+                            .to_string()
+                            .trim_end_matches('.')
+                            .to_ascii_lowercase(),
+                    ),
+                    _ => None,
+                })
+                .filter(|name| !name.is_empty())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// A domain's mail hosts, best first. An `Err` is the reply to record for every recipient
     /// behind it: 5xx when the domain cannot receive mail, 4xx when DNS failed.
     pub async fn mx_targets(&self, domain: &str, port: u16) -> Result<Vec<Target>, Reply> {

@@ -14,6 +14,8 @@ pub struct Received {
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
     pub data: String,
+    /// When the end of its data came.
+    pub arrived: std::time::Instant,
 }
 
 /// How the sink answers RCPT TO and the end of DATA.
@@ -92,6 +94,7 @@ impl Sink {
             mail_from: String::new(),
             rcpt_to: Vec::new(),
             data: String::new(),
+            arrived: std::time::Instant::now(),
         };
         let mut line = String::new();
         loop {
@@ -148,6 +151,7 @@ impl Sink {
                         data.push_str(unstuffed);
                     }
                     current.data = data;
+                    current.arrived = std::time::Instant::now();
                     // Kept even if the client hangs up meanwhile, as most servers do (the
                     // duplicate of RFC 1047 when the client then sends it again).
                     tokio::time::sleep(self.data_delay).await;
