@@ -292,9 +292,17 @@ async fn an_idle_connection_is_reused_within_its_time_and_closed_after_it() {
     let key = format!("[{}]", sink.address);
     let mut client = TestClient::connect(router.port).await;
     send_one(&mut client, &sink, "first", 1).await;
-    // Delivered, nothing more to send: the connection stays open, idle.
-    let entry = destination(api, &key).await.expect("listed");
-    assert_eq!(entry["connections_idle"], 1, "{entry}");
+    // Delivered, nothing more to send: the connection stays open, idle (parked once the
+    // worker has recorded the delivery, just after the sink's 250).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let entry = destination(api, &key).await.expect("listed");
+        if entry["connections_idle"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never idle: {entry}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(sink.connections().open, 1);
     send_one(&mut client, &sink, "second", 2).await;
     assert_eq!(
@@ -399,22 +407,44 @@ async fn two_tenants_sending_to_one_destination_share_its_rate_by_their_parts() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domains_whose_mx_hosts_one_rule_names_share_its_rate() {
+    let rule = "[[shaping]]\nmx = \"*.provider.test\"\nrate = \"10/s\"\n";
+    let hosts = [
+        &["one-test.mx.provider.test"][..],
+        &["two-test.mx.provider.test"],
+    ];
+    two_domains_share_one_pace(rule, hosts, "mx:*.provider.test").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_with_the_same_mx_hosts_share_a_rate_kept_by_mx_set() {
+    // other.test has a rule of its own, without a rate.
+    let rule = "[[shaping]]\ndomain = \"*\"\nrate = \"10/s\"\nby_mx_set = true\n\n\
+                [[shaping]]\ndomain = \"other.test\"\n";
+    let set = &["mx1.shared.test", "mx2.shared.test"][..];
+    two_domains_share_one_pace(rule, [set, set], "site:mx1.shared.test,mx2.shared.test").await;
+}
+
+/// Mail for one.test and two.test (with MX hosts `hosts`), paced by `rule` at 10/s shared,
+/// shown as destination `site`, and mail for other.test, which the shared pace must not hold.
+async fn two_domains_share_one_pace(rule: &str, hosts: [&[&str]; 2], site: &str) {
     let dns = DnsServer::start().await;
     let port = crate::harness::router::free_port();
     let address = std::net::Ipv4Addr::new(127, 0, 0, 41);
-    for (domain, host) in [
-        ("one.test", "one-test.mx.provider.test"),
-        ("two.test", "two-test.mx.provider.test"),
-        ("other.test", "mx.other.test"),
+    for (domain, hosts) in [
+        ("one.test", hosts[0]),
+        ("two.test", hosts[1]),
+        ("other.test", &["mx.other.test"][..]),
     ] {
-        dns.mx(domain, 10, host);
-        dns.a(host, address);
+        for (n, host) in hosts.iter().enumerate() {
+            dns.mx(domain, 10 * (n as u16 + 1), host);
+            dns.a(host, address);
+        }
     }
     let sink = Sink::start(std::net::IpAddr::V4(address), port, None).await;
     let (router, api, _secrets) = router_with_api_and(RouterOptions {
         dns: Some(dns.address),
         delivery_port: port,
-        extra: "[[shaping]]\nmx = \"*.provider.test\"\nrate = \"10/s\"\n".to_string(),
+        extra: rule.to_string(),
         ..RouterOptions::default()
     })
     .await;
@@ -429,7 +459,7 @@ async fn domains_whose_mx_hosts_one_rule_names_share_its_rate() {
         }
     }
     let received = sink.wait_for(50, Duration::from_secs(30)).await;
-    // The two domains share the provider's 10/s: their 40 messages take about 3.9 s, not
+    // The two domains share the 10/s: their 40 messages take about 3.9 s, not
     // the 1.9 s they would each at 10/s; the third domain is not held to it.
     let arrivals: Vec<Instant> = received.iter().map(|m| m.arrived).collect();
     let provider: Vec<Instant> = received
@@ -440,7 +470,7 @@ async fn domains_whose_mx_hosts_one_rule_names_share_its_rate() {
     let took = provider[39] - provider[0];
     assert!(
         took >= Duration::from_millis(3500),
-        "40 messages to two domains at the provider's 10/s took {took:?}"
+        "40 messages to two domains at a shared 10/s took {took:?}"
     );
     let other_last = received
         .iter()
@@ -450,13 +480,13 @@ async fn domains_whose_mx_hosts_one_rule_names_share_its_rate() {
         .expect("other.test's messages");
     assert!(
         other_last < provider[15],
-        "other.test waited for the provider's pace: {arrivals:?}"
+        "other.test waited for the shared pace: {arrivals:?}"
     );
     let (_, body) = http(api, "GET", "/v1/destinations", Some(TOKEN)).await;
     let all: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
     let site = all
         .iter()
-        .find(|d| d["destination"] == "mx:*.provider.test")
+        .find(|d| d["destination"] == site)
         .unwrap_or_else(|| panic!("the site is listed: {body}"));
     assert_eq!(site["rate_limit"], "10/s", "{site}");
 }

@@ -72,6 +72,11 @@ pub struct ShapingConfig {
     /// Messages sent to the destination at most, spread evenly (one every `per / N`), so a
     /// backlog drains at the rate, not in bursts. None: as fast as the connections go.
     pub rate: Option<Rate>,
+    /// Destinations this rule applies to whose MX hosts are the same set share one pace and
+    /// back-off (`site:HOST,HOST`): the domains a provider hosts on the same servers count as
+    /// one, without naming the provider (default false).
+    #[serde(default)]
+    pub by_mx_set: bool,
     /// How long a connection with nothing more to send stays open for the destination's next
     /// message (default `0s`: closed at once).
     #[serde(default, with = "humantime_serde::option")]
@@ -233,6 +238,7 @@ mod tests {
         let rule = |domain: &str| ShapingConfig {
             domain: domain.to_string(),
             mx: None,
+            by_mx_set: false,
             connections: None,
             messages_per_connection: None,
             rate: None,

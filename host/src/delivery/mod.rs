@@ -636,12 +636,21 @@ impl Dispatcher {
     }
 
     /// Applies an `mx` rule to an MX destination whose MX hosts it names (the lookup is the
-    /// resolver's, cached): the destination then goes by the rule and shares its site's pace.
+    /// resolver's, cached): the destination then goes by the rule and shares its site's pace;
+    /// under a `by_mx_set` rule, it shares the pace of the destinations with the same MX hosts.
     async fn find_site(&self, lane: &mut Lane) {
-        if !matches!(lane.hop, NextHop::Mx { .. }) || !self.shaper.has_mx_rules() {
+        if !matches!(lane.hop, NextHop::Mx { .. }) || !self.shaper.goes_by_mx() {
             return;
         }
-        let hosts = self.transport.mx_hosts(&lane.hop).await;
+        let mut hosts = self.transport.mx_hosts(&lane.hop).await;
+        if hosts.is_empty() {
+            return;
+        }
+        if lane.rule.by_mx_set {
+            hosts.sort();
+            hosts.dedup();
+            lane.pace = format!("site:{}", hosts.join(","));
+        }
         if let Some(rule) = self.shaper.rule_for_site(&lane.hop, &hosts) {
             lane.pace = rule.source.clone().unwrap_or_else(|| lane.key.clone());
             let rule = Arc::new(rule);

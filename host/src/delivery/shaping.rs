@@ -36,6 +36,8 @@ pub struct Rule {
     /// The rule is for MX host names: every destination it applies to shares one pace and
     /// back-off, kept under the rule's name.
     pub site: bool,
+    /// Destinations with the same MX hosts share one pace and back-off (`site:HOSTS`).
+    pub by_mx_set: bool,
     pub connections: usize,
     pub messages_per_connection: usize,
     pub rate: Option<Rate>,
@@ -161,14 +163,14 @@ impl Shaper {
         build_rule(&config, rule)
     }
 
-    /// Whether any rule is for MX host names (`mx = ...`): only then are an MX destination's
-    /// hosts looked up before its rule is chosen.
-    pub fn has_mx_rules(&self) -> bool {
-        self.config
-            .load()
+    /// Whether any rule goes by MX hosts (`mx = ...`, `by_mx_set`): only then are an MX
+    /// destination's hosts looked up before its pace is chosen.
+    pub fn goes_by_mx(&self) -> bool {
+        let config = self.config.load();
+        config
             .shaping
             .iter()
-            .any(|rule| rule.mx.is_some())
+            .any(|rule| rule.mx.is_some() || rule.by_mx_set)
     }
 
     /// The rule of an MX destination whose MX hosts are `hosts`, when an `mx` rule matches one
@@ -225,6 +227,7 @@ fn build_rule(config: &Config, rule: Option<&crate::config::ShapingConfig>) -> R
     Rule {
         source: rule.map(|rule| rule.name()),
         site: rule.is_some_and(|rule| rule.mx.is_some()),
+        by_mx_set: rule.is_some_and(|rule| rule.by_mx_set),
         connections: rule
             .and_then(|rule| rule.connections)
             .unwrap_or(delivery.max_connections_per_destination),
