@@ -12,6 +12,8 @@
 //! - `[submission] users_file` or `[delivery] credentials_file` changed (or the configuration
 //!   file): the accounts AUTH accepts and the relays' passwords are read again; a file that does
 //!   not load keeps the previous accounts, logged. New users log in without a restart.
+//! - The configuration file changed: the `[[scanner]]` entries are swapped in for the scans that
+//!   start from then on.
 //! - The configuration file changed: delivery's `[[shaping]]` rules (and the `[delivery]` caps
 //!   they default to) are swapped in; each destination goes by its new rule from its next
 //!   message, back-offs in force included.
@@ -228,6 +230,8 @@ pub struct Reloader {
     pub plugins: Arc<PluginManager>,
     /// Takes the reloaded `[[shaping]]` rules.
     pub dispatcher: Arc<crate::delivery::Dispatcher>,
+    /// Takes the reloaded `[[scanner]]` entries.
+    pub scanners: Arc<crate::scan::Scanners>,
     pub tenants: Arc<Tenants>,
     pub config_path: Option<PathBuf>,
     pub config: Arc<Config>,
@@ -279,6 +283,7 @@ pub async fn run(reloader: Reloader) {
         credentials,
         plugins: manager,
         dispatcher,
+        scanners,
         tenants,
         config_path,
         config,
@@ -359,8 +364,8 @@ pub async fn run(reloader: Reloader) {
                     Ok(loaded) => loaded,
                 };
                 if plan.global {
-                    // The plugin chains, tracing on or off, the DKIM keys and the shaping rules change live; the
-                    // rest needs a restart.
+                    // The plugin chains, tracing on or off, the DKIM keys, the shaping rules and
+                    // the scanners change live; the rest needs a restart.
                     let _ = manager.reload(&loaded.plugins).await;
                     crate::plugins::trace::set_tracing(loaded.trace.enabled);
                     if let Err(error) =
@@ -370,6 +375,8 @@ pub async fn run(reloader: Reloader) {
                     }
                     reload_certificates(certificates.as_deref(), &loaded);
                     dispatcher.reload_shaping(Arc::new(loaded.clone()));
+                    scanners.reload(&loaded.scanners);
+                    tracing::info!(scanners = loaded.scanners.len(), "scanners reloaded");
                     match KeySet::load(&loaded.dkim).and_then(|keys| keys.with_sealer(&loaded.arc)) {
                         Ok(keys) => {
                             tracing::info!(keys = keys.keys().len(), "DKIM keys reloaded");

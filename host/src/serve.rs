@@ -171,6 +171,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     tokio::spawn(crate::reload::run(crate::reload::Reloader {
         plugins: services.plugins.clone(),
         dispatcher,
+        scanners: services.scanners.clone(),
         tenants,
         config_path,
         config: config.clone(),

@@ -421,3 +421,47 @@ async fn a_replay_decides_on_the_recorded_verdicts_without_asking_the_scanner_ag
         String::from_utf8_lossy(&changed.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_entry_edited_at_a_reload_applies_to_the_next_message() {
+    // At first the entry names a port where nothing listens: mail is deferred.
+    let down = format!("127.0.0.1:{}", free_port());
+    let (router, sink) =
+        scanning_router(&scanner("clamav", "clamav", &down, ""), free_port()).await;
+    let mut client = TestClient::connect(router.port).await;
+    let reply = client
+        .send_mail("a@example.com", &["b@switchyard.test"], &message("before"))
+        .await;
+    assert_eq!(reply.code, 451, "{reply:?}");
+    // The operator points it at the running clamd and reloads: no restart.
+    let clamd = tokio::task::spawn_blocking(|| Clamd::start("1M"))
+        .await
+        .expect("clamd");
+    let config = std::fs::read_to_string(&router.config_path).expect("config");
+    std::fs::write(&router.config_path, config.replace(&down, &clamd.address)).expect("edit");
+    let reloaded = router.plugins(&["reload"]);
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    router.log_with(&["scanners reloaded scanners=1"]).await;
+    let infected = message_with_attachment("infected", "tool.bin", TEST_VIRUS);
+    let reply = client
+        .send_mail("a@example.com", &["b@switchyard.test"], &infected)
+        .await;
+    assert_eq!(
+        reply.text,
+        format!("554 5.7.1 Virus found: {TEST_VIRUS_NAME}"),
+        "{reply:?}"
+    );
+    client
+        .send_accepted("a@example.com", &["b@switchyard.test"], &message("after"))
+        .await;
+    let received = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        received[0].data.contains("Subject: after"),
+        "{}",
+        received[0].data
+    );
+}

@@ -152,10 +152,10 @@ pub struct Envelope {
     pub hostname: String,
 }
 
-/// The configured scanners.
+/// The configured scanners, swapped whole at a reload.
 #[derive(Debug, Default)]
 pub struct Scanners {
-    scanners: Vec<Arc<Scanner>>,
+    scanners: arc_swap::ArcSwap<Vec<Arc<Scanner>>>,
 }
 
 /// One scanner: its configuration, and its connections kept for the next scan.
@@ -175,22 +175,41 @@ impl std::ops::Deref for Scanner {
 
 impl Scanners {
     pub fn new(configs: &[ScannerConfig]) -> Scanners {
-        Scanners {
-            scanners: configs
-                .iter()
-                .map(|config| {
-                    Arc::new(Scanner {
-                        config: config.clone(),
-                        clamd_sessions: clamav::Sessions::default(),
+        let scanners = Scanners::default();
+        scanners.reload(configs);
+        scanners
+    }
+
+    /// Takes the `[[scanner]]` entries of a reloaded configuration: scans that start from now
+    /// on use them (those under way finish with the scanners they began with). A scanner whose
+    /// entry did not change keeps its open clamd sessions.
+    pub fn reload(&self, configs: &[ScannerConfig]) {
+        let running = self.scanners.load_full();
+        let same = |a: &ScannerConfig, b: &ScannerConfig| {
+            serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+        };
+        let scanners = configs
+            .iter()
+            .map(|config| {
+                running
+                    .iter()
+                    .find(|scanner| same(&scanner.config, config))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Scanner {
+                            config: config.clone(),
+                            clamd_sessions: clamav::Sessions::default(),
+                        })
                     })
-                })
-                .collect(),
-        }
+            })
+            .collect();
+        self.scanners.store(Arc::new(scanners));
     }
 
     /// Whether any scanner applies to mail on `listener` for `tenant`.
     pub fn apply_to(&self, listener: &str, tenant: &str) -> bool {
         self.scanners
+            .load()
             .iter()
             .any(|scanner| scanner.applies_to(listener, tenant))
     }
@@ -206,7 +225,8 @@ impl Scanners {
     ) -> Vec<ScanResult> {
         let mut scans = tokio::task::JoinSet::new();
         let mut names = std::collections::HashMap::new();
-        for (index, scanner) in self.scanners.iter().enumerate() {
+        let scanners = self.scanners.load_full();
+        for (index, scanner) in scanners.iter().enumerate() {
             if !scanner.applies_to(listener, tenant) {
                 continue;
             }
