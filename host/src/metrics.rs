@@ -3,6 +3,9 @@
 //!
 //! Series, all prefixed `switchyard_`:
 //! - `smtp_sessions_total{listener}`: sessions started (refused ones included);
+//! - `smtp_refused_total{listener,reason}`: sessions refused at connect (`auth_ban`, `memory`);
+//! - `resident_bytes` and `memory_pressure` (1 while new sessions are refused for memory, see
+//!   `inbound::memory`);
 //! - `messages_accepted_total{tenant}`: messages that got their 250 (committed to the queue);
 //! - `deliveries_total{status,tenant}`: attempt outcomes per recipient, `sent`, `deferred`,
 //!   `bounced` or `expired`, as in the delivery log line;

@@ -387,8 +387,33 @@ fn session_services(
             config.smtp.client_prefixes(),
         )),
         signer,
+        memory: memory_guard(config)?,
         shutdown: shutdown.clone(),
     })
+}
+
+/// The soft limit on resident memory, started; `None` (logged) when it is a percentage of a
+/// total that cannot be read.
+fn memory_guard(config: &Config) -> anyhow::Result<Option<Arc<inbound::memory::MemoryGuard>>> {
+    let available = inbound::memory::available_bytes();
+    let limit = config
+        .smtp
+        .memory_limit_bytes(available)
+        .map_err(anyhow::Error::msg)?;
+    match limit {
+        Some(limit) => {
+            tracing::info!(
+                limit,
+                available,
+                "new sessions are refused above this resident memory"
+            );
+            Ok(Some(inbound::memory::MemoryGuard::start(limit)))
+        }
+        None => {
+            tracing::warn!("the memory this process may use is unknown: [smtp] memory_limit as a percentage is off");
+            Ok(None)
+        }
+    }
 }
 
 /// The global DKIM keys and every tenant's.

@@ -630,3 +630,119 @@ async fn help_rset_and_vrfy_answer_as_documented() {
         vec!["kept@switchyard.test".to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_its_memory_limit_the_server_refuses_new_sessions_with_421() {
+    // A limit below what any process holds: every new session is refused, politely, and the
+    // server says why in its log.
+    let router = Router::start(RouterOptions {
+        smtp: "memory_limit = \"1MiB\"\n".to_string(),
+        ..RouterOptions::default()
+    })
+    .await;
+    for _ in 0..3 {
+        let mut client = TestClient::connect_raw(router.port).await;
+        assert_eq!(
+            client.reply().await.text,
+            "421 4.3.2 Too busy (memory is short), try again later"
+        );
+    }
+    router
+        .log_with(&["resident memory above [smtp] memory_limit"])
+        .await;
+}
+
+/// The server's resident memory, from `/proc`.
+fn resident_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: u64 = line[6..]
+        .split_whitespace()
+        .next()
+        .and_then(|value| value.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sessions_holding_data_meets_421_at_the_memory_limit_and_admission_returns() {
+    // The limit: what the server holds when idle, and 48 MiB more.
+    let mut router = Router::start(RouterOptions::default()).await;
+    let idle = resident_of(router.pid());
+    router.terminate();
+    router.wait_exit(Duration::from_secs(10)).await;
+    let config = std::fs::read_to_string(&router.config_path).expect("config");
+    let limit = idle + (48 << 20);
+    let config = config.replacen(
+        "[smtp]\n",
+        &format!(
+            "[smtp]\nmemory_limit = \"{limit}\"\nmax_sessions = 5000\nmax_sessions_per_ip = 5000\n"
+        ),
+        1,
+    );
+    std::fs::write(&router.config_path, config).expect("config");
+    router.spawn().await;
+    // Sessions each inside DATA with 256 KiB of a message sent, until one is refused.
+    let chunk = format!("{}\r\n", "x".repeat(998)).repeat(256);
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() < 2000,
+            "never refused; resident {}",
+            resident_of(router.pid())
+        );
+        let mut client = TestClient::connect_raw(router.port).await;
+        let greeting = client.reply().await;
+        if greeting.code == 421 {
+            break greeting;
+        }
+        assert_eq!(greeting.code, 220, "{greeting:?}");
+        client.command("EHLO flood.test").await;
+        client.command("MAIL FROM:<s@sender.test>").await;
+        client.command("RCPT TO:<r@switchyard.test>").await;
+        assert_eq!(client.command("DATA").await.code, 354);
+        client.send(b"Subject: held\r\n\r\n").await;
+        client.send(chunk.as_bytes()).await;
+        held.push(client);
+    };
+    assert_eq!(
+        refused.text,
+        "421 4.3.2 Too busy (memory is short), try again later"
+    );
+    eprintln!(
+        "refused after {} sessions at {} bytes resident (idle {idle}, limit {limit})",
+        held.len(),
+        resident_of(router.pid())
+    );
+    assert!(
+        held.len() >= 20,
+        "refused too early: {} sessions",
+        held.len()
+    );
+    // The sessions under way are still served.
+    let mut first = held.remove(0);
+    first.send(b".\r\n").await;
+    assert_eq!(first.reply().await.code, 250);
+    // When they are gone and the memory with them, new sessions are greeted again.
+    drop(first);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = TestClient::connect_raw(router.port).await;
+        if client.reply().await.code == 220 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused at {} bytes resident (limit {limit})",
+            resident_of(router.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    router
+        .log_with(&["resident memory back below [smtp] memory_limit"])
+        .await;
+}

@@ -64,9 +64,47 @@ pub struct SmtpLimits {
     pub max_errors: u32,
     /// More Received headers than this is a mail loop: 554 5.4.6.
     pub max_received_headers: usize,
+    /// Resident memory above which new sessions get 421 4.3.2 (sessions under way go on):
+    /// `75%` of what the process may use (its cgroup's limit, else the machine's), or bytes
+    /// (`2GiB`, `512MiB`, `1048576`).
+    pub memory_limit: String,
 }
 
 impl SmtpLimits {
+    /// `memory_limit` in bytes, a percentage taken of `available` (`Ok(None)`: a percentage,
+    /// and what the process may use is not known).
+    pub fn memory_limit_bytes(&self, available: Option<u64>) -> Result<Option<u64>, String> {
+        let text = self.memory_limit.trim();
+        let invalid = || {
+            format!(
+                "smtp.memory_limit `{text}`: a percentage from 1 to 100 (`75%`) or a size (`2GiB`, `512MiB`, `1048576`)"
+            )
+        };
+        if let Some(percent) = text.strip_suffix('%') {
+            let percent: u64 = percent.trim().parse().map_err(|_| invalid())?;
+            if !(1..=100).contains(&percent) {
+                return Err(invalid());
+            }
+            return Ok(available.map(|available| available / 100 * percent));
+        }
+        let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+            Some(at) => text.split_at(at),
+            None => (text, ""),
+        };
+        let scale: u64 = match unit.trim() {
+            "" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return Err(invalid()),
+        };
+        let number: u64 = number.parse().map_err(|_| invalid())?;
+        match number.checked_mul(scale) {
+            Some(0) | None => Err(invalid()),
+            Some(bytes) => Ok(Some(bytes)),
+        }
+    }
+
     /// The prefix lengths clients are counted by.
     pub fn client_prefixes(&self) -> ClientPrefixes {
         ClientPrefixes {
@@ -91,6 +129,7 @@ impl Default for SmtpLimits {
             data_timeout: Duration::from_secs(600),
             max_errors: 20,
             max_received_headers: 50,
+            memory_limit: "75%".to_string(),
         }
     }
 }
@@ -152,5 +191,29 @@ pub struct AuthenticationConfig {
 impl Default for AuthenticationConfig {
     fn default() -> Self {
         AuthenticationConfig { verify: true }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_limit_is_a_share_of_what_may_be_used_or_a_size() {
+        let limit = |text: &str, available: Option<u64>| {
+            SmtpLimits {
+                memory_limit: text.to_string(),
+                ..SmtpLimits::default()
+            }
+            .memory_limit_bytes(available)
+        };
+        assert_eq!(limit("75%", Some(1000)), Ok(Some(750)));
+        assert_eq!(limit("75%", None), Ok(None));
+        assert_eq!(limit("512MiB", None), Ok(Some(512 << 20)));
+        assert_eq!(limit("2GiB", None), Ok(Some(2 << 30)));
+        assert_eq!(limit("1048576", None), Ok(Some(1 << 20)));
+        for bad in ["150%", "0%", "0", "12 MB", "lots", ""] {
+            assert!(limit(bad, Some(1000)).is_err(), "{bad}");
+        }
     }
 }

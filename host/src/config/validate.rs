@@ -195,6 +195,9 @@ fn limits(config: &Config, problem: &Locate) -> Result<(), Problem> {
         ));
     }
     let limits = &config.smtp;
+    if let Err(message) = limits.memory_limit_bytes(Some(1 << 30)) {
+        return Err(problem("memory_limit", message));
+    }
     if limits.max_recipients == 0 || limits.max_sessions == 0 || limits.max_sessions_per_ip == 0 {
         return Err(problem(
             "[smtp]",

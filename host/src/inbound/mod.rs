@@ -9,6 +9,7 @@ mod data;
 mod data_reader;
 mod envelope;
 mod limits;
+pub mod memory;
 mod policy;
 mod sasl;
 pub mod services;
@@ -76,6 +77,21 @@ pub async fn serve(
         };
         if let Some(reply) = banned {
             metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "auth_ban").increment(1);
+            tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
+            services.shutdown.spawn_session(refuse(stream, reply));
+            continue;
+        }
+        if services
+            .memory
+            .as_ref()
+            .is_some_and(|memory| memory.pressed())
+        {
+            metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "memory").increment(1);
+            let reply = crate::mail::reply::Reply::new(
+                421,
+                "4.3.2",
+                "Too busy (memory is short), try again later",
+            );
             tracing::info!(listener = %listener.name, client = %peer, reply = %reply, "connection refused");
             services.shutdown.spawn_session(refuse(stream, reply));
             continue;

@@ -29,6 +29,10 @@ pub struct Services {
     pub signer: Arc<crate::dkim::Signer>,
     /// The content scanners asked about each message before the data hooks.
     pub scanners: Arc<crate::scan::Scanners>,
+    /// The soft limit on resident memory (`[smtp] memory_limit`): new sessions are refused
+    /// above it. `None` when what the process may use is not known and the limit is a
+    /// percentage of it.
+    pub memory: Option<std::sync::Arc<super::memory::MemoryGuard>>,
     /// The graceful stop: sessions run under it and watch it.
     pub shutdown: crate::shutdown::Shutdown,
 }

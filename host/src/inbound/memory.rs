@@ -1,0 +1,153 @@
+//! Admission under memory pressure: a soft limit on the process's resident memory (`[smtp]
+//! memory_limit`, by default 75 % of what it may use, as KumoMTA does), above which new sessions
+//! get `421 4.3.2` instead of a greeting, so that a connection flood ends in polite refusals,
+//! not in the kernel's OOM killer taking the process and every session with it. Sessions under
+//! way go on. Admission comes back once the memory is a tenth below the limit again, so the
+//! refusals do not flap around it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the resident memory is read.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether new sessions are admitted, from the resident memory against the limit.
+#[derive(Debug)]
+pub struct MemoryGuard {
+    limit: u64,
+    pressed: AtomicBool,
+    resident: AtomicU64,
+}
+
+impl MemoryGuard {
+    /// A guard at `limit` bytes, checked once now and then every 250 ms while the returned
+    /// guard (or a clone of it) lives. Must run inside the tokio runtime.
+    pub fn start(limit: u64) -> Arc<MemoryGuard> {
+        let guard = Arc::new(MemoryGuard::new(limit));
+        if let Some(resident) = resident_bytes() {
+            guard.update(resident);
+        }
+        let watched = Arc::downgrade(&guard);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(guard) = watched.upgrade() else {
+                    return;
+                };
+                if let Some(resident) = resident_bytes() {
+                    guard.update(resident);
+                }
+            }
+        });
+        guard
+    }
+
+    fn new(limit: u64) -> MemoryGuard {
+        MemoryGuard {
+            limit,
+            pressed: AtomicBool::new(false),
+            resident: AtomicU64::new(0),
+        }
+    }
+
+    /// True while new sessions are refused.
+    pub fn pressed(&self) -> bool {
+        self.pressed.load(Ordering::Relaxed)
+    }
+
+    /// Takes a reading of the resident memory; says so in the log when admission changes.
+    fn update(&self, resident: u64) {
+        self.resident.store(resident, Ordering::Relaxed);
+        metrics::gauge!("switchyard_resident_bytes").set(resident as f64);
+        let was = self.pressed();
+        let now = if was {
+            resident >= self.limit / 10 * 9
+        } else {
+            resident > self.limit
+        };
+        if now == was {
+            return;
+        }
+        self.pressed.store(now, Ordering::Relaxed);
+        metrics::gauge!("switchyard_memory_pressure").set(f64::from(u8::from(now)));
+        if now {
+            tracing::warn!(
+                resident,
+                limit = self.limit,
+                "resident memory above [smtp] memory_limit: new sessions get 421 until it is a tenth below"
+            );
+        } else {
+            tracing::info!(
+                resident,
+                limit = self.limit,
+                "resident memory back below [smtp] memory_limit: new sessions admitted"
+            );
+        }
+    }
+}
+
+/// The process's resident memory (`VmRSS`), if `/proc` tells it.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kibibytes(&status, "VmRSS:")
+}
+
+/// The memory this process may use: its cgroup's limit (v2 `memory.max`, else v1), or the
+/// machine's, whichever is lower; `None` when neither can be read.
+pub fn available_bytes() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| kibibytes(&meminfo, "MemTotal:"));
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|path| std::fs::read_to_string(path).ok())
+    // "max", or a v1 "no limit" of nearly 2^63, parse to nothing or to more than the machine.
+    .find_map(|text| text.trim().parse::<u64>().ok());
+    match (machine, cgroup) {
+        (Some(machine), Some(cgroup)) => Some(machine.min(cgroup)),
+        (machine, cgroup) => machine.or(cgroup),
+    }
+}
+
+/// The value of a `Name:   123 kB` line, in bytes.
+fn kibibytes(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with(name))?;
+    let value: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+    value.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_refused_above_the_limit_and_admitted_a_tenth_below_it() {
+        let guard = MemoryGuard::new(1000);
+        guard.update(900);
+        assert!(!guard.pressed());
+        guard.update(1001);
+        assert!(guard.pressed(), "above the limit");
+        guard.update(950);
+        assert!(guard.pressed(), "not yet a tenth below: no flapping");
+        guard.update(899);
+        assert!(!guard.pressed(), "a tenth below: admitted again");
+    }
+
+    #[test]
+    fn proc_readings_are_bytes() {
+        assert_eq!(
+            kibibytes("Name:\tx\nVmRSS:\t  2048 kB\n", "VmRSS:"),
+            Some(2048 * 1024)
+        );
+        assert_eq!(kibibytes("VmRSS:\n", "VmRSS:"), None);
+        let resident = resident_bytes().expect("this process's VmRSS");
+        let available = available_bytes().expect("the machine's memory");
+        assert!(resident > 0 && resident < available);
+    }
+}
