@@ -490,3 +490,33 @@ async fn two_domains_share_one_pace(rule: &str, hosts: [&[&str]; 2], site: &str)
         .unwrap_or_else(|| panic!("the site is listed: {body}"));
     assert_eq!(site["rate_limit"], "10/s", "{site}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_time_seconds_away_is_waited_for_without_a_connection() {
+    // 20/m: a message every 3 s. The connection is not kept open for that long.
+    let sink = Sink::start("127.0.0.1".parse().expect("ip"), 0, None).await;
+    let router = Router::start(RouterOptions {
+        extra: "[[shaping]]\ndomain = \"*\"\nrate = \"20/m\"\n".to_string(),
+        ..RouterOptions::relaying_to(sink.address, "")
+    })
+    .await;
+    let mut client = TestClient::connect(router.port).await;
+    for n in 0..3 {
+        client
+            .send_accepted(
+                "s@sender.test",
+                &["r@elsewhere.test"],
+                &message(&format!("slow {n}")),
+            )
+            .await;
+    }
+    let first = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(first.len(), 1);
+    // Between the sends the sink has no connection from the router.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sink.connections().open, 0, "{:?}", sink.connections());
+    let all = sink.wait_for(3, Duration::from_secs(15)).await;
+    let gap = all[2].arrived - all[1].arrived;
+    assert!(gap >= Duration::from_millis(2700), "{gap:?}");
+    assert_eq!(sink.connections().total, 3, "one connection per message");
+}

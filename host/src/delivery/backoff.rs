@@ -29,6 +29,8 @@ pub struct BackoffRule {
     pub factor: f64,
     pub floor: Rate,
     pub period: Duration,
+    /// The rule's own rate: what a back-off cuts, as the rule says now (after a reload too).
+    pub rate: Option<Rate>,
 }
 
 impl BackoffRule {
@@ -54,6 +56,7 @@ impl BackoffRule {
             period: rule
                 .and_then(|rule| rule.backoff_period)
                 .unwrap_or(Duration::from_secs(300)),
+            rate: rule.and_then(|rule| rule.rate),
         }
     }
 
@@ -116,10 +119,12 @@ pub struct InForce {
 }
 
 impl InForce {
-    /// Messages per second allowed now.
+    /// Messages per second allowed now: the rule's rate (or the rate sent at before, for a
+    /// rule without one) cut `level` times, never below the floor, nor above what it cuts.
     pub fn rate(&self, rule: &BackoffRule) -> f64 {
+        let base = rule.rate.map(per_second).unwrap_or(self.base);
         let level = i32::try_from(self.level).unwrap_or(i32::MAX);
-        (self.base * rule.factor.powi(level)).max(rule.floor_per_second())
+        (base * rule.factor.powi(level)).max(rule.floor_per_second().min(base))
     }
 
     /// When the rate is back to what it was, if nothing triggers it again.
@@ -229,13 +234,7 @@ impl Watch {
             backoff.reasons = self.recent.clone();
         }
         self.hits.push_back(now);
-        while self
-            .hits
-            .front()
-            .is_some_and(|hit| now.saturating_duration_since(*hit) > rule.window)
-        {
-            self.hits.pop_front();
-        }
+        self.forget_old_hits(rule, now);
         if self.hits.len() < rule.after as usize {
             return Change::Nothing;
         }
@@ -244,7 +243,10 @@ impl Watch {
         let base = match (&self.backoff, configured) {
             (Some(backoff), _) => backoff.base,
             (None, Some(rate)) => per_second(rate),
-            (None, None) => self.sent.per_second(now, rule.window),
+            // Nothing measured (the replies came at connect): the floor is what it cuts to.
+            (None, None) => Some(self.sent.per_second(now, rule.window))
+                .filter(|rate| *rate > 0.0)
+                .unwrap_or(rule.floor_per_second()),
         };
         let backoff = self.backoff.get_or_insert_with(|| InForce {
             level: 0,
@@ -302,9 +304,20 @@ impl Watch {
         self.backoff.take()
     }
 
+    fn forget_old_hits(&mut self, rule: &BackoffRule, now: Instant) {
+        while self
+            .hits
+            .front()
+            .is_some_and(|hit| now.saturating_duration_since(*hit) > rule.window)
+        {
+            self.hits.pop_front();
+        }
+    }
+
     /// Nothing worth keeping: no back-off, no replies counted, nothing sent lately.
     pub fn idle(&mut self, rule: &BackoffRule, now: Instant) -> bool {
         self.refresh(rule, now);
+        self.forget_old_hits(rule, now);
         self.backoff.is_none() && self.hits.is_empty() && self.sent.idle(now, rule.window)
     }
 }
@@ -324,6 +337,7 @@ mod tests {
                 per: Duration::from_secs(1),
             },
             period: Duration::from_secs(60),
+            rate: None,
         }
     }
 
@@ -408,6 +422,38 @@ mod tests {
         };
         watch.refresh(&off, later);
         assert!(watch.backoff.is_none(), "a rule without back-off ends it");
+    }
+
+    #[test]
+    fn the_rule_as_it_is_now_bounds_the_cut_rate_and_the_floor_never_raises_it() {
+        let mut rule = rule();
+        rule.rate = rate(16);
+        let mut watch = Watch::default();
+        let now = Instant::now();
+        let busy = Reply::new(421, "4.3.2", "busy");
+        watch.reply(&rule, rule.rate, &busy, now);
+        watch.reply(&rule, rule.rate, &busy, now);
+        assert_eq!(watch.rate(&rule), Some(8.0));
+        // A reload lowers the rule's rate: the back-off cuts that, not the old one.
+        rule.rate = rate(4);
+        assert_eq!(watch.rate(&rule), Some(2.0));
+        // A rule slower than the floor is never sped up by its back-off.
+        rule.rate = Some(Rate {
+            count: 30,
+            per: Duration::from_secs(60),
+        });
+        assert_eq!(watch.rate(&rule), Some(0.5));
+    }
+
+    #[test]
+    fn old_replies_are_forgotten_so_an_idle_destination_can_be() {
+        let rule = rule();
+        let mut watch = Watch::default();
+        let start = Instant::now();
+        watch.reply(&rule, None, &Reply::new(421, "4.3.2", "busy"), start);
+        assert!(!watch.idle(&rule, start), "a reply counted");
+        let later = start + rule.window * 3;
+        assert!(watch.idle(&rule, later), "the reply is out of the window");
     }
 
     #[test]

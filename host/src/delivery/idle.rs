@@ -51,7 +51,7 @@ impl IdlePool {
         room: usize,
         shutdown: &Shutdown,
     ) -> Option<Box<dyn Connection>> {
-        if timeout.is_zero() || shutdown.is_stopping() {
+        if timeout.is_zero() || room == 0 || shutdown.is_stopping() {
             return Some(connection);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

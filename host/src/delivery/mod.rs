@@ -49,6 +49,20 @@ use route::NextHop;
 pub use scanner::{run_lease_renewal, run_scanner};
 pub use status::report_destinations;
 
+/// The longest a connection is kept open waiting for its next message's send time: longer
+/// waits are made without a connection (a server's idle timeout is often 30 s to 5 min).
+const HOLD_FOR_SEND_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a worker does after a connection.
+enum AfterConnection {
+    /// The destination has no job left: the worker stops.
+    NoJobs,
+    /// Open (or take) another connection for the jobs left.
+    Reopen,
+    /// Wait for this job's send time without a connection, then open one for it.
+    Wait(Box<(Lane, Job)>),
+}
+
 /// A destination as a worker sends to it: its key, next hop and rule, and the key of the pace
 /// it goes by (its own, or its site's when an `mx` rule applies).
 struct Lane {
@@ -94,6 +108,9 @@ struct Destination {
     rule: Arc<shaping::Rule>,
     /// The shaper's generation `rule` is of.
     rule_generation: u64,
+    /// The key of the pace it goes by, once its site is known (`find_site`): its own key, or
+    /// its site's.
+    pace: Option<String>,
     /// Jobs waiting, one queue per tenant (`""`: mail of no tenant), served in turn: a tenant
     /// with thousands of messages for a destination does not hold up another's few.
     queues: HashMap<String, VecDeque<Job>>,
@@ -108,6 +125,7 @@ impl Destination {
             hop,
             rule: Arc::new(rule),
             rule_generation,
+            pace: None,
             queues: HashMap::new(),
             turn: VecDeque::new(),
             workers: 0,
@@ -116,6 +134,16 @@ impl Destination {
 
     fn waiting(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Puts a job taken too early back at the head of its tenant's queue.
+    fn push_front(&mut self, job: Job) {
+        let tenant = job.meta.tenant.clone();
+        let queue = self.queues.entry(tenant.clone()).or_default();
+        if queue.is_empty() {
+            self.turn.push_front(tenant);
+        }
+        queue.push_front(job);
     }
 
     fn push(&mut self, job: Job) {
@@ -362,13 +390,16 @@ impl Dispatcher {
             // The rules were reloaded: the destination's next message goes by its new one.
             destination.rule = Arc::new(self.shaper.rule_for(&destination.hop));
             destination.rule_generation = generation;
+            destination.pace = None;
         }
         let job = if stopping {
             None
         } else {
+            let pace = destination.pace.clone();
+            let pace = pace.as_deref().unwrap_or(key);
             destination.prefer_soonest(|tenant| {
                 self.rate_share(tenant)
-                    .and_then(|_| self.shaper.tenant_next(key, tenant))
+                    .and_then(|_| self.shaper.tenant_next(pace, tenant))
             });
             destination.pop(|tenant| self.take_share(tenant), &mut blocked)
         };
@@ -378,7 +409,7 @@ impl Dispatcher {
                     key: key.to_string(),
                     hop: destination.hop.clone(),
                     rule: destination.rule.clone(),
-                    pace: key.to_string(),
+                    pace: destination.pace.clone().unwrap_or_else(|| key.to_string()),
                 },
                 job,
             )),
@@ -470,13 +501,31 @@ impl Dispatcher {
     /// One connection worker: opens a connection to the destination and sends jobs over it until
     /// none is left.
     async fn work(self: Arc<Self>, key: String) {
+        // A job whose send time was too far off to keep its connection open for (`send_over`).
+        let mut carried: Option<(Lane, Job)> = None;
         loop {
             // The job comes with its place in its tenant's share (see `next_job`); a tenant
             // without one never makes a worker wait, so another tenant's jobs go first.
-            let Some((mut lane, job)) = self.next_job(&key) else {
-                return;
+            let (lane, job) = match carried.take() {
+                Some(carried) => carried,
+                None => {
+                    let Some((mut lane, job)) = self.next_job(&key) else {
+                        return;
+                    };
+                    self.find_site(&mut lane).await;
+                    match self.over_site_limit(&lane, job) {
+                        Ok(job) => (lane, job),
+                        // More workers than an `mx` rule allows: this one stops.
+                        Err(()) => return,
+                    }
+                }
             };
-            self.find_site(&mut lane).await;
+            // The send time is waited for before a connection is taken or opened: a worker
+            // waiting for a cut rate holds neither a socket nor one of `max_connections`.
+            let share = self.rate_share(&job.meta.tenant);
+            self.shaper
+                .pace(&lane.pace, &lane.hop, &lane.rule, share)
+                .await;
             let Ok(permit) = self.connections.clone().acquire_owned().await else {
                 return;
             };
@@ -501,11 +550,13 @@ impl Dispatcher {
                 }
                 Ok(connection) => {
                     self.count_open(&key, 1);
-                    let more = self.send_over(lane, connection, job).await;
+                    let after = self.send_over(lane, connection, job).await;
                     self.count_open(&key, -1);
-                    if !more {
+                    match after {
                         // No job was left: this worker is no longer counted.
-                        return;
+                        AfterConnection::NoJobs => return,
+                        AfterConnection::Reopen => {}
+                        AfterConnection::Wait(waiting) => carried = Some(*waiting),
                     }
                 }
             }
@@ -562,16 +613,27 @@ impl Dispatcher {
         mut lane: Lane,
         mut connection: Box<dyn Connection>,
         job: Job,
-    ) -> bool {
+    ) -> AfterConnection {
+        // The first job's send time has come already (see `work`).
         let mut job = Some(job);
+        let mut paced = true;
         while let Some(current) = job.take() {
-            let share = self.rate_share(&current.meta.tenant);
-            self.shaper
-                .pace(&lane.pace, &lane.hop, &lane.rule, share)
-                .await;
+            if !paced {
+                if self.shaper.wait_ahead(&lane.pace) > HOLD_FOR_SEND_TIME {
+                    // Too long to keep the connection (and its permit) waiting: the worker
+                    // waits without them, and opens or takes one again when the time comes.
+                    self.park_or_close(&lane, connection).await;
+                    return AfterConnection::Wait(Box::new((lane, current)));
+                }
+                let share = self.rate_share(&current.meta.tenant);
+                self.shaper
+                    .pace(&lane.pace, &lane.hop, &lane.rule, share)
+                    .await;
+            }
+            paced = false;
             if !self.deliver(&lane, connection.as_mut(), current).await {
                 // The connection broke: nothing more goes over it, and no QUIT either.
-                return true;
+                return AfterConnection::Reopen;
             }
             if connection.sent() >= lane.rule.messages_per_connection {
                 break;
@@ -584,12 +646,35 @@ impl Dispatcher {
                 }
                 None => {
                     self.park_or_close(&lane, connection).await;
-                    return false;
+                    return AfterConnection::NoJobs;
                 }
             }
         }
         connection.close().await;
-        true
+        AfterConnection::Reopen
+    }
+
+    /// `job` back when the worker is within its destination's `connections` under the rule
+    /// its site gave it; else the job goes back to the head of its tenant's queue, the worker
+    /// is no longer counted, and `Err`. (A destination's first workers are started under its
+    /// domain rule, before its MX hosts are known.)
+    fn over_site_limit(&self, lane: &Lane, mut job: Job) -> Result<Job, ()> {
+        let share = {
+            let mut state = self.state();
+            let Some(destination) = state.destinations.get_mut(&lane.key) else {
+                return Ok(job);
+            };
+            if destination.workers <= lane.rule.connections {
+                return Ok(job);
+            }
+            let share = job.share.take();
+            destination.workers -= 1;
+            destination.push_front(job);
+            share
+        };
+        // Given back outside the lock: dropping a place wakes parked destinations.
+        drop(share);
+        Err(())
     }
 
     /// An idle connection to `key` that still answers, if one is parked (those that do not
@@ -644,21 +729,27 @@ impl Dispatcher {
         }
         let mut hosts = self.transport.mx_hosts(&lane.hop).await;
         if hosts.is_empty() {
+            // The lookup failed: the destination keeps what it went by.
             return;
         }
-        if lane.rule.by_mx_set {
+        // From the domain's own rule each time: MX records change, and a site's rule must not
+        // outlive the match.
+        let mut rule = self.shaper.rule_for(&lane.hop);
+        lane.pace = lane.key.clone();
+        if rule.by_mx_set {
             hosts.sort();
             hosts.dedup();
             lane.pace = format!("site:{}", hosts.join(","));
         }
-        if let Some(rule) = self.shaper.rule_for_site(&lane.hop, &hosts) {
-            lane.pace = rule.source.clone().unwrap_or_else(|| lane.key.clone());
-            let rule = Arc::new(rule);
-            let mut state = self.state();
-            if let Some(destination) = state.destinations.get_mut(&lane.key) {
-                destination.rule = rule.clone();
-            }
-            lane.rule = rule;
+        if let Some(site) = self.shaper.rule_for_site(&lane.hop, &hosts) {
+            lane.pace = site.source.clone().unwrap_or_else(|| lane.key.clone());
+            rule = site;
+        }
+        lane.rule = Arc::new(rule);
+        let mut state = self.state();
+        if let Some(destination) = state.destinations.get_mut(&lane.key) {
+            destination.rule = lane.rule.clone();
+            destination.pace = Some(lane.pace.clone());
         }
     }
 

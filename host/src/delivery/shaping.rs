@@ -122,6 +122,8 @@ pub struct Shaper {
     /// Bumped at each reload: destinations holding an older rule fetch theirs again.
     generation: AtomicU64,
     paces: Mutex<HashMap<String, Pace>>,
+    /// The size of `paces` past which idle entries are swept.
+    prune_at: std::sync::atomic::AtomicUsize,
 }
 
 impl Shaper {
@@ -130,6 +132,7 @@ impl Shaper {
             config: ArcSwap::new(config),
             generation: AtomicU64::new(0),
             paces: Mutex::new(HashMap::new()),
+            prune_at: std::sync::atomic::AtomicUsize::new(PACES_KEPT),
         }
     }
 
@@ -274,6 +277,16 @@ impl Shaper {
         }
     }
 
+    /// How long from now until the next send time of `key` that is not yet given out.
+    pub fn wait_ahead(&self, key: &str) -> Duration {
+        let now = Instant::now();
+        self.paces()
+            .get(key)
+            .and_then(|pace| pace.next_slot)
+            .map(|next| next.saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+
     /// How many times `key`'s rate has been cut so far.
     fn cuts(&self, key: &str) -> u64 {
         self.paces()
@@ -330,8 +343,12 @@ impl Shaper {
     ) -> Option<(Instant, u64)> {
         let now = Instant::now();
         let mut paces = self.paces();
-        if paces.len() > PACES_KEPT {
+        if paces.len() > self.prune_at.load(Ordering::Relaxed) {
             self.forget_idle(&mut paces, now);
+            // Not again before the map has doubled: a sweep takes every entry, and what is in
+            // use cannot be forgotten.
+            self.prune_at
+                .store((paces.len() * 2).max(PACES_KEPT), Ordering::Relaxed);
         }
         let pace = paces
             .entry(key.to_string())
@@ -376,11 +393,11 @@ impl Shaper {
             .entry(key.to_string())
             .or_insert_with(|| Pace::new(hop, rule));
         let change = pace.watch.reply(&rule.backoff, rule.rate, reply, now);
-        if let Change::Cut { .. } = change {
+        if let Change::Cut { rate, .. } = change {
             // The send times given at the old rate are void (see `pace`): spacing starts again
-            // from now, at the cut rate.
+            // one interval of the cut rate from now.
             pace.cuts += 1;
-            pace.next_slot = None;
+            pace.next_slot = Some(now + Duration::from_secs_f64(1.0 / rate.max(1e-6)));
         }
         drop(paces);
         if let Change::Cut { level, rate } = change {
