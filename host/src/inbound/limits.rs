@@ -41,6 +41,14 @@ impl SessionLimits {
         })
     }
 
+    /// Sessions open now.
+    pub fn total(&self) -> usize {
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .total
+    }
+
     /// Takes a place for a session from `ip`, or says why not (the reply to send before closing).
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<SessionGuard, Reply> {
         let ip = ClientNetwork::of(ip, self.prefixes);

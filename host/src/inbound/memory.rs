@@ -2,8 +2,9 @@
 //! memory_limit`, by default 75 % of what it may use, as KumoMTA does), above which new sessions
 //! get `421 4.3.2` instead of a greeting, so that a connection flood ends in polite refusals,
 //! not in the kernel's OOM killer taking the process and every session with it. Sessions under
-//! way go on. Admission comes back once the memory is a tenth below the limit again, so the
-//! refusals do not flap around it.
+//! way go on. Admission comes back once the memory is a tenth below the limit again (so the
+//! refusals do not flap around it), or once half the sessions open when the refusals began are
+//! gone (see [`MemoryGuard::admits`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub struct MemoryGuard {
     limit: u64,
     pressed: AtomicBool,
     resident: AtomicU64,
+    /// The sessions open when new ones were first refused in this spell (0: none refused).
+    sessions_at_refusal: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryGuard {
@@ -50,12 +53,34 @@ impl MemoryGuard {
             limit,
             pressed: AtomicBool::new(false),
             resident: AtomicU64::new(0),
+            sessions_at_refusal: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// True while new sessions are refused.
+    /// True while the resident memory is above the limit (and not yet a tenth below it).
     pub fn pressed(&self) -> bool {
         self.pressed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new session may start, with `sessions` open now. Above the limit it may not,
+    /// until the sessions open when the refusals began are down to half: what stays resident
+    /// after they are gone (the plugin pool's warm slots, the allocator's free lists) is not
+    /// theirs, and refusing on until it is given back would refuse for good.
+    pub fn admits(&self, sessions: usize) -> bool {
+        if !self.pressed() {
+            self.sessions_at_refusal.store(0, Ordering::Relaxed);
+            return true;
+        }
+        let at_refusal = match self.sessions_at_refusal.load(Ordering::Relaxed) {
+            0 => {
+                let at_refusal = sessions.max(1);
+                self.sessions_at_refusal
+                    .store(at_refusal, Ordering::Relaxed);
+                at_refusal
+            }
+            at_refusal => at_refusal,
+        };
+        sessions * 2 < at_refusal
     }
 
     /// Takes a reading of the resident memory; says so in the log when admission changes.
@@ -137,6 +162,20 @@ mod tests {
         assert!(guard.pressed(), "not yet a tenth below: no flapping");
         guard.update(899);
         assert!(!guard.pressed(), "a tenth below: admitted again");
+    }
+
+    #[test]
+    fn above_the_limit_sessions_are_admitted_again_once_half_of_those_open_are_gone() {
+        let guard = MemoryGuard::new(1000);
+        guard.update(2000);
+        assert!(!guard.admits(40), "refused, with 40 sessions open");
+        assert!(!guard.admits(25));
+        assert!(
+            guard.admits(19),
+            "the sessions' memory is gone: what stays is not theirs"
+        );
+        guard.update(100);
+        assert!(guard.admits(500), "below the limit");
     }
 
     #[test]

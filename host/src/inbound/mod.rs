@@ -84,7 +84,7 @@ pub async fn serve(
         if services
             .memory
             .as_ref()
-            .is_some_and(|memory| memory.pressed())
+            .is_some_and(|memory| !memory.admits(limits.total()))
         {
             metrics::counter!("switchyard_smtp_refused_total", "listener" => listener.name.clone(), "reason" => "memory").increment(1);
             let reply = crate::mail::reply::Reply::new(
