@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::queue::clock;
 use crate::admin::views::{BackoffView, DestinationView, MessageView};
 use crate::mail::address::domain_key;
 
@@ -107,10 +108,4 @@ pub fn print_offline(messages: &[MessageView]) {
 
 fn number(value: f64) -> String {
     format!("{value:.2}")
-}
-
-fn clock(at: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(at)
-        .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_default()
 }

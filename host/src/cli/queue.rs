@@ -277,7 +277,8 @@ pub(super) async fn open_existing(config: &Config) -> anyhow::Result<Opened> {
         .with_context(|| format!("opening the queue {location}"))
 }
 
-fn clock(at: i64) -> String {
+/// A Unix-millisecond time as the CLI prints it (UTC).
+pub(super) fn clock(at: i64) -> String {
     chrono::DateTime::from_timestamp_millis(at)
         .map(|time| time.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
