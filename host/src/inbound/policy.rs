@@ -357,7 +357,7 @@ impl Session {
             hostname: self.config().hostname.clone(),
         };
         let results: Arc<[ScanResult]> = scanners
-            .scan(&self.listener.name, &tenant, Arc::new(scanned), content)
+            .scan(&self.listener.name, &tenant, &scanned, content)
             .await
             .into();
         if let Some(run) = self.run.as_mut() {

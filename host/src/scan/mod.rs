@@ -216,51 +216,40 @@ impl Scanners {
 
     /// Sends the message to every scanner that applies, at once, and returns their results in
     /// the order of the configuration.
+    ///
+    /// The scans run in the caller's task, polled together: no task is spawned, and a scanner's
+    /// answer wakes the session waiting for it directly rather than a task that then wakes it.
     pub async fn scan(
         &self,
         listener: &str,
         tenant: &str,
-        envelope: Arc<Envelope>,
+        envelope: &Envelope,
         content: &Bytes,
     ) -> Vec<ScanResult> {
-        let mut scans = tokio::task::JoinSet::new();
-        let mut names = std::collections::HashMap::new();
         let scanners = self.scanners.load_full();
-        for (index, scanner) in scanners.iter().enumerate() {
-            if !scanner.applies_to(listener, tenant) {
-                continue;
-            }
-            let (task_scanner, envelope, content) =
-                (scanner.clone(), envelope.clone(), content.clone());
-            let task =
-                scans.spawn(async move { scan_one(&task_scanner, &envelope, content).await });
-            names.insert(task.id(), (index, scanner.name.clone()));
-        }
-        let mut results = Vec::with_capacity(scans.len());
-        while let Some(joined) = scans.join_next_with_id().await {
-            let (id, result) = match joined {
-                Ok((id, result)) => (id, result),
-                // A scan task cannot panic by design; if one did, its scanner still has a
-                // result: an error, never a missing (and so unseen) verdict.
-                Err(error) => {
-                    tracing::error!(%error, "a scanner task failed");
-                    let scanner = names.get(&error.id()).map(|(_, name)| name.clone());
-                    let result = ScanResult {
-                        scanner: scanner.unwrap_or_default(),
-                        outcome: ScanOutcome::Failed(ScanError::Protocol(format!(
-                            "the scan failed: {error}"
-                        ))),
-                        millis: 0,
-                    };
-                    (error.id(), result)
-                }
-            };
-            let index = names.get(&id).map_or(usize::MAX, |(index, _)| *index);
-            results.push((index, result));
-        }
-        results.sort_by_key(|(index, _)| *index);
-        results.into_iter().map(|(_, result)| result).collect()
+        let scans = scanners
+            .iter()
+            .filter(|scanner| scanner.applies_to(listener, tenant))
+            .map(|scanner| guarded(scanner, envelope, content.clone()));
+        futures_util::future::join_all(scans).await
     }
+}
+
+/// One scan whose panic, should one ever happen, is its scanner's error result: never a missing
+/// (and so unseen) verdict, and never the session's end.
+async fn guarded(scanner: &Scanner, envelope: &Envelope, content: Bytes) -> ScanResult {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(scan_one(scanner, envelope, content))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(scanner = %scanner.name, "a scan panicked");
+            ScanResult {
+                scanner: scanner.name.clone(),
+                outcome: ScanOutcome::Failed(ScanError::Protocol("the scan failed".to_string())),
+                millis: 0,
+            }
+        })
 }
 
 /// What `check-config` and the server's start warn about: scanners that no plugin (of the

@@ -25,13 +25,8 @@ pub(super) async fn check(
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(connection))
         .await
         .map_err(protocol)?;
-    // The connection is driven beside the request, and stopped when the answer is read or the
-    // scan is given up (its timeout drops this future, and the guard with it).
-    let _driver = AbortOnDrop(tokio::spawn(async move {
-        let _ = connection.await;
-    }));
     let request = request(envelope, content)?;
-    let answered = async {
+    let exchange = async {
         let response = sender.send_request(request).await.map_err(protocol)?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_REPORT)
@@ -46,17 +41,18 @@ pub(super) async fn check(
             )));
         }
         parse_report(&body)
-    }
-    .await;
-    answered
-}
-
-/// Stops a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    };
+    // The connection is driven in this task beside the exchange, not by a task of its own: it
+    // ends when rspamd closes it after its answer (its normal worker does not keep connections),
+    // and a failure of it reaches the exchange as an error. It is dropped, closed, with the
+    // exchange: once the report is read, or when the scan's timeout gives up on it.
+    let driven = async {
+        let _ = connection.await;
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    tokio::select! {
+        answered = exchange => answered,
+        never = driven => match never {},
     }
 }
 
