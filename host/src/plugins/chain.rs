@@ -111,7 +111,7 @@ macro_rules! answer {
         let result = match $run.instance($index).await {
             Err(failure) => Err(failure),
             Ok((store, hooks)) => {
-                arm(store, limit);
+                let _running = arm(store, limit);
                 let result = hooks.$method(store, $($arg),*).await;
                 $run.finish($index, $hook, started, result)
             }
@@ -131,7 +131,7 @@ macro_rules! answer_in_session {
             Ok((store, hooks)) => {
                 let result = match lend(store, SessionHandle(Arc::clone($session))) {
                     Ok(handle) => {
-                        arm(store, limit);
+                        let _running = arm(store, limit);
                         let result = hooks
                             .$method(store, borrow(&handle), $($arg),*)
                             .await;
@@ -433,7 +433,7 @@ impl PluginRun {
         });
         let result = match lent {
             Ok((body, lent_session)) => {
-                arm(store, limit);
+                let _running = arm(store, limit);
                 let result = hooks
                     .call_data(store, borrow(&lent_session), envelope, auth, borrow(&body))
                     .await;

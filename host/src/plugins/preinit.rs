@@ -67,14 +67,15 @@ pub async fn snapshot(
         .map_err(|error| PreinitError::Instrument(format!("{error:#}")))?;
     let component = compile(engine, cache.clone(), instrumented).await?;
     // The time limit covers instantiation (start functions) and `init`, as in a transaction.
-    arm(&mut store, plugin.manifest.time_limit);
+    let running = arm(&mut store, plugin.manifest.time_limit);
     let instance = linker
         .instantiate_async(&mut store, &component)
         .await
         .map_err(|error| PreinitError::Instantiate(format!("{error:#}")))?;
     let bindings = Plugin::new(&mut store, &instance)
         .map_err(|error| PreinitError::Instantiate(format!("{error:#}")))?;
-    arm(&mut store, plugin.manifest.time_limit);
+    drop(running);
+    let running = arm(&mut store, plugin.manifest.time_limit);
     let info = bindings
         .switchyard_plugin_hooks()
         .call_init(&mut store, &plugin.config_json)
@@ -89,7 +90,8 @@ pub async fn snapshot(
     // Reading the state out runs only Wizer's getters, not the plugin's code, and must not be
     // cut short by `init`'s deadline: a read that fails gives Wizer an empty memory, which it
     // cannot handle (on a slow or loaded machine, or under valgrind, it did).
-    arm(&mut store, SNAPSHOT_READ_LIMIT);
+    drop(running);
+    let _running = arm(&mut store, SNAPSHOT_READ_LIMIT);
     let mut state = InstanceState {
         store: &mut store,
         instance,

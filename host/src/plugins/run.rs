@@ -363,14 +363,15 @@ impl PluginRun {
     ) -> Result<HookSet, String> {
         let mut store = new_store(plugin.pre.engine(), [plugin], services, &context);
         // The time limit covers instantiation (start functions) and `init`, as in a transaction.
-        arm(&mut store, plugin.manifest.time_limit);
+        let running = arm(&mut store, plugin.manifest.time_limit);
         let instance = plugin
             .pre
             .instantiate_async(&mut store)
             .await
             .map_err(|error| format!("cannot instantiate: {error:#}"))?;
         let hooks = Hooks::new(instance, plugin.indices.clone());
-        arm(&mut store, plugin.manifest.time_limit);
+        drop(running);
+        let _running = arm(&mut store, plugin.manifest.time_limit);
         let info = hooks
             .call_init(&mut store, &plugin.config_json)
             .await
@@ -424,7 +425,7 @@ impl PluginRun {
             None => {
                 let plugin = self.set.plugins[index].clone();
                 let store = self.store();
-                arm(store, plugin.manifest.time_limit);
+                let _running = arm(store, plugin.manifest.time_limit);
                 let created = async {
                     let instance = plugin.pre.instantiate_async(&mut *store).await?;
                     let hooks = Hooks::new(instance, plugin.indices.clone());

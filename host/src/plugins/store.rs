@@ -56,8 +56,10 @@ pub(super) fn new_store<'a>(
     store
 }
 
-/// Starts the clock for one call.
-pub(super) fn arm(store: &mut Store<HostState>, limit: Duration) {
+/// Starts the clock for one call. The call is counted as running (the epoch ticks every
+/// millisecond) until the returned guard is dropped: keep it for the whole call.
+pub(super) fn arm(store: &mut Store<HostState>, limit: Duration) -> super::engine::CallRunning {
     store.data_mut().deadline = Instant::now() + limit;
     store.set_epoch_deadline(1);
+    super::engine::CallRunning::start()
 }
