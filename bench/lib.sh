@@ -11,9 +11,15 @@ ensure_postfix_tools() {
   fi
 }
 
+# build_switchyard: the plugins and a release server, or BIN (a server built before, to compare).
 build_switchyard() {
-  (cd "$root" && ./scripts/build-plugins >/dev/null && cargo build --release --bin switchyard -q)
-  bin="$root/target/release/switchyard"
+  (cd "$root" && ./scripts/build-plugins >/dev/null)
+  if [ -n "${BIN:-}" ]; then
+    bin=$BIN
+  else
+    (cd "$root" && cargo build --release --bin switchyard -q)
+    bin="$root/target/release/switchyard"
+  fi
 }
 
 # Postfix as a plain relay to the sink (its logs go to syslog, which may not run: less work for
@@ -53,7 +59,7 @@ address = "127.0.0.1:$port"
 greeting_delay = "0s"
 
 [smtp]
-max_sessions_per_ip = 200
+max_sessions_per_ip = ${MAX_SESSIONS_PER_IP:-200}
 
 [delivery]
 smarthost = "127.0.0.1:$SINK_PORT"
@@ -121,4 +127,22 @@ compare_rounds() {
     done
     echo "$row | $(awk -v a="${rates[0]}" -v b="${rates[1]}" 'BEGIN { printf "%.3f", b/a }') |"
   done
+}
+
+# scanner_policy: content-filter with the common policy on the scanners' results (granted
+# `scanners`), as the scanner benchmarks run it.
+scanner_policy() {
+  cat <<TOML
+[[plugin]]
+name = "content-filter"
+path = "$root/target/wasm32-wasip2/plugin/content_filter.wasm"
+grants = ["scanners"]
+[plugin.config]
+rules = [
+  { virus = true, action = "reject", reply = "554 5.7.1 Virus found: {virus}" },
+  { scanner_error = true, action = "tempfail", reply = "451 4.7.1 Cannot scan the message now" },
+  { rspamd_action = "reject", action = "reject", reply = "550 5.7.1 Refused as spam: {rspamd_message}" },
+  { rspamd_action = "add header", action = "add-header", name = "X-Spam", value = "Yes" },
+]
+TOML
 }

@@ -123,7 +123,9 @@ impl ContentReader {
     pub fn new(framing: Framing, max_size: u64, max_line: usize) -> ContentReader {
         ContentReader {
             framing,
-            content: Vec::with_capacity(8 * 1024),
+            // Small until content arrives (a session held inside DATA holds only this), then
+            // doubled as it grows.
+            content: Vec::with_capacity(1024),
             faults: Faults::default(),
             max_size,
             max_line,

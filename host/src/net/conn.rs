@@ -4,13 +4,15 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::input::Input;
 use super::line::{Framer, Line, LineReader};
 use super::stream::Stream;
 
 pub struct Conn {
-    reader: BufReader<Stream>,
+    stream: Stream,
+    input: Input,
     out: Vec<u8>,
     /// How long sending one buffer of replies (or a body) may take in all: a peer that stops
     /// reading (its window full of our replies) is dropped instead of pinning the session forever.
@@ -28,7 +30,8 @@ const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 impl Conn {
     pub fn new(stream: Stream) -> Conn {
         Conn {
-            reader: BufReader::with_capacity(64 * 1024, stream),
+            stream,
+            input: Input::default(),
             out: Vec::with_capacity(1024),
             write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
@@ -41,7 +44,7 @@ impl Conn {
 
     /// Writes all of `bytes` within the write timeout.
     async fn write_timed(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let stream = self.reader.get_mut();
+        let stream = &mut self.stream;
         let write = async {
             stream.write_all(bytes).await?;
             stream.flush().await
@@ -56,29 +59,29 @@ impl Conn {
     }
 
     pub fn stream(&self) -> &Stream {
-        self.reader.get_ref()
+        &self.stream
     }
 
     /// True when the peer has sent bytes we have not read yet.
     pub fn has_buffered_input(&self) -> bool {
-        !self.reader.buffer().is_empty()
+        !self.input.buffered().is_empty()
     }
 
     /// The stream, for a TLS upgrade. Buffered input is dropped: a caller must have refused it.
     pub fn into_stream(self) -> Stream {
-        self.reader.into_inner()
+        self.stream
     }
 
     /// Feeds the peer's bytes to `framer` until its frame is complete (`true`) or the peer
     /// closes the connection first (`false`). Bytes after the frame stay buffered.
     pub async fn read_frame(&mut self, framer: &mut impl Framer) -> io::Result<bool> {
         loop {
-            let available = self.reader.fill_buf().await?;
+            let available = self.input.fill(&mut self.stream).await?;
             if available.is_empty() {
                 return Ok(false);
             }
             let (consumed, complete) = framer.feed(available);
-            self.reader.consume(consumed);
+            self.input.consume(consumed);
             if complete {
                 return Ok(true);
             }
@@ -128,7 +131,7 @@ impl Conn {
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let timeout = self.write_timeout;
-        let _ = tokio::time::timeout(timeout, self.reader.get_mut().shutdown()).await;
+        let _ = tokio::time::timeout(timeout, self.stream.shutdown()).await;
     }
 
     /// [`Conn::shutdown`], then reads and discards what the peer still sends, briefly: a socket
@@ -140,10 +143,11 @@ impl Conn {
         self.shutdown().await;
         let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
         let mut scratch = [0u8; 4096];
-        let mut discarded = 0;
+        let mut discarded = self.input.buffered().len();
+        self.input.discard();
         while discarded < LINGER_BYTES {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(LINGER_IDLE.min(left), self.reader.read(&mut scratch)).await
+            match tokio::time::timeout(LINGER_IDLE.min(left), self.stream.read(&mut scratch)).await
             {
                 Ok(Ok(read)) if read > 0 => discarded += read,
                 _ => return,

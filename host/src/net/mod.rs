@@ -5,6 +5,7 @@ pub mod client_network;
 pub mod conn;
 pub mod dane;
 pub mod dns;
+pub mod input;
 pub mod line;
 pub mod stream;
 pub mod tls;
