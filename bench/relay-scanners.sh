@@ -95,21 +95,6 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 
-policy() {
-  cat <<TOML
-[[plugin]]
-name = "content-filter"
-path = "$root/target/wasm32-wasip2/plugin/content_filter.wasm"
-grants = ["scanners"]
-[plugin.config]
-rules = [
-  { virus = true, action = "reject", reply = "554 5.7.1 Virus found: {virus}" },
-  { scanner_error = true, action = "tempfail", reply = "451 4.7.1 Cannot scan the message now" },
-  { rspamd_action = "reject", action = "reject", reply = "550 5.7.1 Refused as spam: {rspamd_message}" },
-  { rspamd_action = "add header", action = "add-header", name = "X-Spam", value = "Yes" },
-]
-TOML
-}
 rspamd_scanner="[[scanner]]
 name = \"rspamd\"
 kind = \"rspamd\"
@@ -120,14 +105,14 @@ name = \"clamav\"
 kind = \"clamav\"
 address = \"127.0.0.1:$CLAMD_PORT\"
 "
-start_switchyard none 2631 "$(policy)"
+start_switchyard none 2631 "$(scanner_policy)"
 start_switchyard rspamd_only 2632 "$rspamd_scanner
-$(policy)"
+$(scanner_policy)"
 start_switchyard clamd_only 2633 "$clamd_scanner
-$(policy)"
+$(scanner_policy)"
 start_switchyard both 2634 "$rspamd_scanner
 $clamd_scanner
-$(policy)"
+$(scanner_policy)"
 
 group_ticks() {
   local total=0 pid
