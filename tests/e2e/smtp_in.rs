@@ -817,3 +817,68 @@ async fn after_a_flood_through_plugins_sessions_are_admitted_though_the_pool_kee
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_memory_pressure_a_new_plugin_run_waits_then_is_deferred_or_starts_when_admission_returns(
+) {
+    let chain = format!(
+        "[[plugin]]\nname = \"noop\"\npath = \"{}\"\n",
+        crate::harness::router::plugin_path("noop").display()
+    );
+    let mut router = Router::start(RouterOptions {
+        extra: chain,
+        ..RouterOptions::default()
+    })
+    .await;
+    restart_with_memory_limit(&mut router, 48 << 20).await;
+    // A session admitted before the flood, its first transaction done: its next transaction
+    // needs a new plugin run.
+    let mut early = TestClient::connect(router.port).await;
+    early
+        .send_accepted("s@sender.test", &["r@switchyard.test"], &message("before"))
+        .await;
+    let (held, refused) = flood_until_refused(&router).await;
+    assert_eq!(refused.code, 421, "{refused:?}");
+    // While new sessions are refused, the new run waits, then the transaction is deferred.
+    let started = Instant::now();
+    let reply = early.command("MAIL FROM:<s@sender.test>").await;
+    let waited = started.elapsed();
+    assert_eq!(
+        reply.text,
+        "451 4.3.2 Too busy (memory is short), try again later"
+    );
+    assert!(
+        (Duration::from_millis(4500)..Duration::from_secs(15)).contains(&waited),
+        "deferred after {waited:?}"
+    );
+    // It waits again; the flood's sessions go and a new client is admitted (by the sessions'
+    // count: the plugin pool keeps its memory): the waiting run starts.
+    let waiting = tokio::spawn(async move {
+        let reply = early.command("MAIL FROM:<s@sender.test>").await;
+        (early, reply)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let mut client = TestClient::connect_raw(router.port).await;
+        if client.reply().await.code == 220 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "admission did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut early, reply) = waiting.await.expect("the waiting session");
+    assert_eq!(reply.code, 250, "{reply:?}");
+    assert_eq!(early.command("RCPT TO:<r@switchyard.test>").await.code, 250);
+    assert_eq!(early.command("DATA").await.code, 354);
+    early.send(message("after").as_bytes()).await;
+    early.send(b".\r\n").await;
+    assert_eq!(early.reply().await.code, 250);
+    router
+        .log_with(&[
+            "memory is short: a new plugin run waits",
+            "memory is still short: the transaction is deferred",
+        ])
+        .await;
+}

@@ -4,7 +4,10 @@
 //! not in the kernel's OOM killer taking the process and every session with it. Sessions under
 //! way go on. Admission comes back once the memory is a tenth below the limit again (so the
 //! refusals do not flap around it), or once half the sessions open when the refusals began are
-//! gone (see [`MemoryGuard::admits`]).
+//! gone (see [`MemoryGuard::admits`]). While new sessions are refused, a session's new plugin
+//! run (a transaction's instances, which take memory) waits for admission to come back, a few
+//! seconds at most, and its transaction is deferred if it does not (see
+//! [`MemoryGuard::runs_may_start`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +24,9 @@ pub struct MemoryGuard {
     resident: AtomicU64,
     /// The sessions open when new ones were first refused in this spell (0: none refused).
     sessions_at_refusal: std::sync::atomic::AtomicUsize,
+    /// Admission came back in this spell by the sessions' count, the memory still above the
+    /// limit.
+    readmitted: AtomicBool,
 }
 
 impl MemoryGuard {
@@ -54,6 +60,7 @@ impl MemoryGuard {
             pressed: AtomicBool::new(false),
             resident: AtomicU64::new(0),
             sessions_at_refusal: std::sync::atomic::AtomicUsize::new(0),
+            readmitted: AtomicBool::new(false),
         }
     }
 
@@ -80,7 +87,17 @@ impl MemoryGuard {
             }
             at_refusal => at_refusal,
         };
-        sessions * 2 < at_refusal
+        let admitted = sessions * 2 < at_refusal;
+        if admitted {
+            self.readmitted.store(true, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    /// Whether a session's new plugin run may start: unless new sessions are being refused,
+    /// by the same rule as [`MemoryGuard::admits`] (read, not counted as a refusal).
+    pub fn runs_may_start(&self) -> bool {
+        !self.pressed() || self.readmitted.load(Ordering::Relaxed)
     }
 
     /// Takes a reading of the resident memory; says so in the log when admission changes.
@@ -97,6 +114,7 @@ impl MemoryGuard {
             return;
         }
         self.pressed.store(now, Ordering::Relaxed);
+        self.readmitted.store(false, Ordering::Relaxed);
         metrics::gauge!("switchyard_memory_pressure").set(f64::from(u8::from(now)));
         if now {
             tracing::warn!(
@@ -167,15 +185,24 @@ mod tests {
     #[test]
     fn above_the_limit_sessions_are_admitted_again_once_half_of_those_open_are_gone() {
         let guard = MemoryGuard::new(1000);
+        assert!(guard.runs_may_start());
         guard.update(2000);
+        assert!(!guard.runs_may_start(), "plugin runs wait while refusing");
         assert!(!guard.admits(40), "refused, with 40 sessions open");
         assert!(!guard.admits(25));
+        assert!(!guard.runs_may_start());
         assert!(
             guard.admits(19),
             "the sessions' memory is gone: what stays is not theirs"
         );
+        assert!(guard.runs_may_start(), "runs start again with admission");
         guard.update(100);
         assert!(guard.admits(500), "below the limit");
+        guard.update(2000);
+        assert!(
+            !guard.runs_may_start(),
+            "a new spell of pressure waits again"
+        );
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! decision into what the session does. Without plugins every answer is "continue".
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::authenticate::AuthVerdicts;
+use super::memory::MemoryGuard;
 use super::session::{Greeting, Session};
 use crate::mail::address::{parse_path_argument, Mailbox, PathArgument};
 use crate::mail::reply::Reply;
@@ -44,7 +46,9 @@ impl Session {
 
     /// The plugin run of the current transaction, on the chain of its tenant (when known).
     /// `Ok(None)` when no plugin is configured for it; `Err` when the tenant's limits refuse it.
-    fn plugins(&mut self) -> Result<Option<&mut PluginRun>, Refusal> {
+    /// Under memory pressure a new run first waits for admission to come back
+    /// ([`wait_for_memory`]).
+    async fn plugins(&mut self) -> Result<Option<&mut PluginRun>, Refusal> {
         if self.run.is_none() {
             let global_empty = self.services.plugins.current().is_empty();
             match self.current_tenant().cloned() {
@@ -57,6 +61,7 @@ impl Session {
                 None if global_empty => return Ok(None),
                 None => {}
             }
+            wait_for_memory(self.services.memory.as_deref()).await?;
         }
         Ok(Some(self.plugin_run()))
     }
@@ -138,9 +143,14 @@ impl Session {
     /// The connect hook: `Some(reply)` refuses the session.
     pub(super) async fn ask_connect(&mut self) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = match self.plugins() {
+        let run = match self.plugins().await {
             Ok(run) => run?,
-            Err(refused) => return Some(refused),
+            // Before the greeting only a memory refusal can come (no tenant is known yet), and
+            // a refusal there is 421, the server closing (RFC 5321 3.8).
+            Err(mut refused) => {
+                refused.code = 421;
+                return Some(refused);
+            }
         };
         run.begin_step();
         let decision = run.connect(&session).await;
@@ -155,7 +165,7 @@ impl Session {
 
     pub(super) async fn ask_helo(&mut self, name: &str) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = match self.plugins() {
+        let run = match self.plugins().await {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
@@ -174,7 +184,7 @@ impl Session {
     /// The auth hook, after the host checked the password: `Some(reply)` refuses the identity.
     pub(super) async fn ask_auth(&mut self, mechanism: &str, identity: &str) -> Option<Refusal> {
         let session = self.wit_session();
-        let run = match self.plugins() {
+        let run = match self.plugins().await {
             Ok(run) => run?,
             Err(refused) => return Some(refused),
         };
@@ -203,7 +213,7 @@ impl Session {
             .map(Mailbox::to_string)
             .unwrap_or_default();
         let params = facts::Param::from_pairs(&parsed.params);
-        let Some(run) = self.plugins()? else {
+        let Some(run) = self.plugins().await? else {
             return Ok(parsed.mailbox.clone());
         };
         run.begin_step();
@@ -239,7 +249,7 @@ impl Session {
         let envelope = self.envelope_facts();
         let params = facts::Param::from_pairs(&parsed.params);
         let address = recipient.to_string();
-        let Some(run) = self.plugins()? else {
+        let Some(run) = self.plugins().await? else {
             return Ok((recipient.clone(), false));
         };
         run.begin_step();
@@ -301,7 +311,7 @@ impl Session {
             dmarc: verdicts.dmarc,
         };
         let bodies = self.services.plugins.records().bodies();
-        match self.plugins() {
+        match self.plugins().await {
             Ok(Some(run)) => run.set_queue_id(queue_id),
             Ok(None) => return None,
             Err(refused) => return Some((DataDecision::Tempfail(refused), Vec::new())),
@@ -365,6 +375,38 @@ impl Session {
         }
         results
     }
+}
+
+/// How long a new plugin run waits for memory before its transaction is deferred.
+const RUN_WAITS_FOR_MEMORY: Duration = Duration::from_secs(5);
+
+/// While new sessions are refused for memory, a new plugin run (the transaction's instances,
+/// which take memory) waits for admission to come back, [`RUN_WAITS_FOR_MEMORY`] at most; then
+/// its transaction gets `451 4.3.2`. Counted in `switchyard_plugin_runs_waiting_total{outcome}`.
+async fn wait_for_memory(memory: Option<&MemoryGuard>) -> Result<(), Refusal> {
+    let Some(memory) = memory.filter(|memory| !memory.runs_may_start()) else {
+        return Ok(());
+    };
+    tracing::info!("memory is short: a new plugin run waits until new sessions are admitted again");
+    let deadline = tokio::time::Instant::now() + RUN_WAITS_FOR_MEMORY;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if memory.runs_may_start() {
+            metrics::counter!("switchyard_plugin_runs_waiting_total", "outcome" => "started")
+                .increment(1);
+            return Ok(());
+        }
+    }
+    metrics::counter!("switchyard_plugin_runs_waiting_total", "outcome" => "deferred").increment(1);
+    tracing::warn!(
+        waited = ?RUN_WAITS_FOR_MEMORY,
+        "memory is still short: the transaction is deferred (451 4.3.2) instead of starting its plugins"
+    );
+    Err(Reply::new(
+        451,
+        "4.3.2",
+        "Too busy (memory is short), try again later",
+    ))
 }
 
 /// How a transaction that queued nothing ended: its last reply when given (with the plugin
