@@ -782,10 +782,9 @@ async fn a_flood_of_sessions_holding_data_meets_421_at_the_memory_limit_and_admi
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_flood_through_plugins_sessions_are_admitted_though_the_pool_keeps_memory() {
-    // The plugin pool keeps its warm slots resident after the flood: the memory does not come
-    // back under the limit, and admission must come back all the same.
+/// A router with the noop plugin on every hook and `[smtp] memory_limit` 48 MiB above its
+/// idle memory.
+async fn noop_chain_with_memory_limit() -> Router {
     let chain = format!(
         "[[plugin]]\nname = \"noop\"\npath = \"{}\"\n",
         crate::harness::router::plugin_path("noop").display()
@@ -796,6 +795,14 @@ async fn after_a_flood_through_plugins_sessions_are_admitted_though_the_pool_kee
     })
     .await;
     restart_with_memory_limit(&mut router, 48 << 20).await;
+    router
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_flood_through_plugins_sessions_are_admitted_though_the_pool_keeps_memory() {
+    // The plugin pool keeps its warm slots resident after the flood: the memory does not come
+    // back under the limit, and admission must come back all the same.
+    let router = noop_chain_with_memory_limit().await;
     let (held, refused) = flood_until_refused(&router).await;
     assert_eq!(refused.code, 421, "{refused:?}");
     drop(held);
@@ -821,16 +828,7 @@ async fn after_a_flood_through_plugins_sessions_are_admitted_though_the_pool_kee
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_memory_pressure_a_new_plugin_run_waits_then_is_deferred_or_starts_when_admission_returns(
 ) {
-    let chain = format!(
-        "[[plugin]]\nname = \"noop\"\npath = \"{}\"\n",
-        crate::harness::router::plugin_path("noop").display()
-    );
-    let mut router = Router::start(RouterOptions {
-        extra: chain,
-        ..RouterOptions::default()
-    })
-    .await;
-    restart_with_memory_limit(&mut router, 48 << 20).await;
+    let router = noop_chain_with_memory_limit().await;
     // A session admitted before the flood, its first transaction done: its next transaction
     // needs a new plugin run.
     let mut early = TestClient::connect(router.port).await;
