@@ -2,7 +2,8 @@
 # Memory per SMTP session: SESSIONS sessions opened by a client on loopback and held at one
 # point (after EHLO; after MAIL and RCPT; inside DATA with a first line sent), a fresh release
 # server for each point, without plugins and with the example chain (examples/switchyard.toml's
-# five plugins). The server's resident, anonymous and proportional memory (VmRSS, RssAnon from
+# five plugins), and Postfix (POSTFIX=, empty, leaves it out) the same way. The server's
+# resident, anonymous and proportional memory (VmRSS, RssAnon from
 # /proc/PID/status, Pss from smaps_rollup) before the sessions open and once they are all held,
 # divided by SESSIONS.
 #
@@ -66,27 +67,68 @@ async def main():
 asyncio.run(main())
 PY
 
+# memory PID...: the processes' VmRSS, RssAnon and Pss summed, in KiB.
+memory() {
+  local rss=0 anon=0 prop=0 pid
+  for pid in "$@"; do
+    rss=$((rss + $(kib VmRSS "$pid"))); anon=$((anon + $(kib RssAnon "$pid"))); prop=$((prop + $(pss "$pid")))
+  done
+  echo "$rss $anon $prop"
+}
+
+# Postfix's processes (master, and the smtpd serving each session), by their executables.
+postfix_pids() {
+  local pid
+  for pid in $(pgrep -f '^(/usr/lib/postfix/sbin/|smtpd|qmgr|pickup|anvil|tlsmgr)' || true); do
+    case $(readlink "/proc/$pid/exe" 2>/dev/null) in /usr/lib/postfix/sbin/*) echo "$pid" ;; esac
+  done
+}
+
+# row SERVER POINT PORT PIDS_COMMAND: holds SESSIONS sessions at POINT against the server on
+# PORT and prints the table row; PIDS_COMMAND lists the server's processes.
+row() {
+  local server=$1 point=$2 port=$3 pids=$4 before after
+  sleep 1
+  before=$(memory $($pids))
+  coproc HOLD { python3 "$work/hold.py" "$port" "$SESSIONS" "$point"; }
+  read -r held <&"${HOLD[0]}" || true
+  if [ "${held:-}" != held ]; then echo "the client could not hold $SESSIONS sessions at $point on $server" >&2; exit 1; fi
+  sleep 1
+  after=$(memory $($pids))
+  eval "exec ${HOLD[1]}>&-"
+  wait "$HOLD_PID" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  awk -v s="$server" -v p="$point" -v n="$SESSIONS" -v b="$before" -v a="$after" 'BEGIN {
+    split(b, x, " "); split(a, y, " ")
+    printf "| %s | %s | %.1f | %.1f | %.1f | %.0f |\n", s, p, (y[1] - x[1]) * 1.024 / n,
+      (y[2] - x[2]) * 1.024 / n, (y[3] - x[3]) * 1.024 / n, n * 1048576 / (y[3] - x[3])
+  }'
+}
+
+switchyard_pid() { echo "$server_pid"; }
+
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $SESSIONS sessions, a fresh server per point"
-echo "| server | point | resident KB/session | anonymous KB/session | proportional KB/session |"
-echo "| --- | --- | --- | --- | --- |"
+echo "| server | point | resident KB/session | anonymous KB/session | proportional KB/session | sessions per GiB (proportional) |"
+echo "| --- | --- | --- | --- | --- | --- |"
 for chain in none example; do
   for point in ehlo rcpt data; do
     extra=""
     [ "$chain" = example ] && extra=$(example_chain)
     rm -rf "$work/server-data"
     MAX_SESSIONS_PER_IP=$((SESSIONS + 10)) start_switchyard server "$PORT" "$extra"
-    sleep 1
-    rss0=$(kib VmRSS "$server_pid"); anon0=$(kib RssAnon "$server_pid"); pss0=$(pss "$server_pid")
-    coproc HOLD { python3 "$work/hold.py" "$PORT" "$SESSIONS" "$point"; }
-    read -r held <&"${HOLD[0]}" || true
-    if [ "${held:-}" != held ]; then echo "the client could not hold $SESSIONS sessions at $point:" >&2; tail -5 "$work/server.log" >&2; exit 1; fi
-    sleep 1
-    rss1=$(kib VmRSS "$server_pid"); anon1=$(kib RssAnon "$server_pid"); pss1=$(pss "$server_pid")
-    eval "exec ${HOLD[1]}>&-"
-    wait "$HOLD_PID" 2>/dev/null || true
+    row "switchyard, $chain" "$point" "$PORT" switchyard_pid
     kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
-    awk -v c="$chain" -v p="$point" -v r=$((rss1 - rss0)) -v a=$((anon1 - anon0)) \
-      -v s=$((pss1 - pss0)) -v n="$SESSIONS" \
-      'BEGIN { printf "| %s | %s | %.1f | %.1f | %.1f |\n", c, p, r * 1.024 / n, a * 1.024 / n, s * 1.024 / n }'
   done
 done
+if [ -n "${POSTFIX:-1}" ]; then
+  # Postfix as the other benchmarks run it, allowed a process per session; a fresh start per
+  # point. Its per-session cost is an smtpd process each.
+  ensure_postfix_tools
+  for point in ehlo rcpt data; do
+    start_postfix_relay
+    postconf -e "default_process_limit = $((SESSIONS + 50))" "smtpd_client_connection_count_limit = 0"
+    postfix reload >/dev/null 2>&1
+    row postfix "$point" 25 postfix_pids
+    postfix stop >/dev/null 2>&1 || true
+  done
+fi
