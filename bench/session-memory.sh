@@ -120,7 +120,7 @@ for chain in none example; do
     kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
   done
 done
-if [ -n "${POSTFIX:-1}" ]; then
+if [ -n "${POSTFIX-1}" ]; then
   # Postfix as the other benchmarks run it, allowed a process per session; a fresh start per
   # point. Its per-session cost is an smtpd process each.
   ensure_postfix_tools

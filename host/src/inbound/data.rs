@@ -45,7 +45,10 @@ impl Session {
             return Ok(flow);
         }
         let (message, faults) = reader.finish();
-        Ok(self.end_of_content(message, faults).await)
+        // Boxed, as in BDAT: what follows the content (authentication, scanners, the data hooks,
+        // signing, the queue) is the largest state of a session and is held only while it runs,
+        // not while the content is read.
+        Ok(Box::pin(self.end_of_content(message, faults)).await)
     }
 
     pub(super) async fn bdat(&mut self, argument: &str) -> std::io::Result<Flow> {
@@ -103,7 +106,8 @@ impl Session {
         if !message.is_empty() && !message.ends_with(b"\r\n") {
             message.extend_from_slice(b"\r\n");
         }
-        Ok(self.end_of_content(message, faults).await)
+        // Boxed: see `data`.
+        Ok(Box::pin(self.end_of_content(message, faults)).await)
     }
 
     /// Reads message content with `framer` within `data_timeout`: `None` once it is all in,

@@ -238,7 +238,10 @@ impl Session {
                 LineEnd::Crlf => match std::str::from_utf8(&line.bytes) {
                     Ok(text) => {
                         let text = text.to_string();
-                        self.command(&text).await?
+                        // Boxed: a command's state (DATA's is the largest) lives on the heap
+                        // while it runs, not inline in every session's task, so a session
+                        // waiting for its next command holds only what it needs to wait.
+                        Box::pin(self.command(&text)).await?
                     }
                     Err(_) => self.error(Reply::new(500, "5.5.2", "Command is not valid UTF-8")),
                 },
