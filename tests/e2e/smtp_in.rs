@@ -866,7 +866,13 @@ async fn under_memory_pressure_a_new_plugin_run_waits_then_is_deferred_or_starts
         assert!(Instant::now() < deadline, "admission did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (mut early, reply) = waiting.await.expect("the waiting session");
+    let (mut early, mut reply) = waiting.await.expect("the waiting session");
+    if reply.code == 451 {
+        // On a slow machine the flood's end may outlast the wait: admission is back now, so
+        // the next transaction's run starts at once.
+        eprintln!("the wait ended before admission came back: {reply:?}");
+        reply = early.command("MAIL FROM:<s@sender.test>").await;
+    }
     assert_eq!(reply.code, 250, "{reply:?}");
     assert_eq!(early.command("RCPT TO:<r@switchyard.test>").await.code, 250);
     assert_eq!(early.command("DATA").await.code, 354);
